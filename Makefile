@@ -1,0 +1,40 @@
+# The two commands: `make run` (default benchmark) and `make test` (whole suite).
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch==2.13.0 satisfies the project's `torch>=2.6`: a CPU build where a local wheel
+# exists, the ordinary (CUDA) build from the registry elsewhere. Override to choose another.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install lint clean-results leaderboard
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Default benchmark: every method in conf/method/ at sequence lengths 256-2048, on the GPU
+# when there is one, then the leaderboard (terminal + results/local/leaderboard.md).
+run: $(STAMP)
+	$(VENV)/bin/attnbench -m 'method=glob(*)' experiment=default
+	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+leaderboard: $(STAMP)
+	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
+
+clean-results:
+	rm -rf results/local

@@ -1,0 +1,176 @@
+"""The contract every attention method follows (see DESIGN.md, "The method contract").
+
+    o = method(q, k, v, causal=False, key_padding_mask=None)
+        q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention)
+        key_padding_mask: [B, Tk] bool, True for a real key, False for padding
+    c = method.cost(tq, tk, causal)   # Cost(flops, density, kv_bytes), per batch element
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from methods import masks
+
+
+class AttentionInputError(ValueError):
+    """The inputs (or the request) do not fit what the method can compute."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The shared budget axis of sparse and low-rank methods, per batch element.
+
+    flops:    floating-point operations of the work the method must do (2 per multiply-add).
+    density:  the fraction of dense attention's work that is done: for sparse methods the
+              fraction of allowed (query, key) pairs that are computed, for low-rank methods
+              their FLOPs over dense attention's FLOPs (causal and not alike).
+    kv_bytes: bytes of key/value state the method keeps (a decoder's cache), in bf16.
+    """
+
+    flops: float
+    density: float
+    kv_bytes: float
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def dense_flops(num_heads: int, head_dim: int, tq: int, tk: int, causal: bool) -> float:
+    """FLOPs of exact attention: QK^T and PV, 2 * 2 * pairs * D per head."""
+    pairs = masks.causal_pairs(tq, tk) if causal else tq * tk
+    return 4.0 * num_heads * pairs * head_dim
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D] (each KV head serves n_rep query heads)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def masked_attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    """Exact softmax attention restricted to ``mask`` (True = allowed), in fp32.
+
+    The definition every sparse reference reduces to. Rows with no allowed key give zeros.
+    q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask broadcastable to [B, H, Tq, Tk].
+    """
+    H, D = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = p.nan_to_num(0.0)  # fully masked rows
+    return torch.matmul(p, v.to(dt)).to(q.dtype)  # [B, H, Tq, D]
+
+
+class AttentionMethod(nn.Module):
+    """Base class of every method. Subclasses implement ``attend`` and ``cost``.
+
+    Class attributes say what the method is; ``impls`` lists its implementations, the
+    first being ``reference`` (pure PyTorch, the definition of the method).
+    """
+
+    name: str = "base"
+    supports_causal: bool = True
+    supports_noncausal: bool = True
+    trainable: bool = False  # has parameters that must be trained
+    training_free: bool = True  # can replace attention in a trained model
+    exact: bool = False  # equals softmax attention
+    impls: tuple[str, ...] = ("reference",)
+
+    def __init__(
+        self,
+        num_heads: int = 8,
+        head_dim: int = 64,
+        max_seq_len: int | None = None,
+        num_kv_heads: int | None = None,
+        impl: str = "reference",
+    ):
+        super().__init__()
+        if impl not in self.impls:
+            raise ValueError(
+                f"{type(self).__name__}: unknown impl {impl!r}; this method has {list(self.impls)}"
+            )
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.max_seq_len = max_seq_len
+        self.impl = impl
+        self.last_density: float | None = None  # data-dependent methods set it on each call
+
+    # ---- what a record says about the run -------------------------------------------
+    @property
+    def real_kernel(self) -> bool:
+        """Whether the work the method skips is really skipped by the running implementation."""
+        return self.impl != "reference"
+
+    def describe(self, q, k, v, causal: bool, key_padding_mask=None) -> dict:
+        """Implementation details worth recording (e.g. which SDPA backend ran)."""
+        return {}
+
+    def hyperparameters(self) -> dict:
+        return {}
+
+    # ---- the contract -----------------------------------------------------------------
+    def forward(self, q, k, v, causal: bool = False, key_padding_mask=None):
+        self.check_inputs(q, k, v, causal, key_padding_mask)
+        return self.attend(q, k, v, causal, key_padding_mask)
+
+    def attend(self, q, k, v, causal, key_padding_mask):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cost(self, tq: int, tk: int, causal: bool) -> Cost:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
+        cls = type(self).__name__
+        for n, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise AttentionInputError(f"{cls}: {n} must be [B, H, T, D], got shape {tuple(t.shape)}")
+        B, H, tq, D = q.shape
+        if k.shape != v.shape:
+            raise AttentionInputError(f"{cls}: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+        if k.shape[0] != B:
+            raise AttentionInputError(f"{cls}: batch size of q ({B}) and k ({k.shape[0]}) differ")
+        if k.shape[-1] != D:
+            raise AttentionInputError(f"{cls}: head dim of q ({D}) and k ({k.shape[-1]}) differ")
+        if H % k.shape[1]:
+            raise AttentionInputError(
+                f"{cls}: Hkv={k.shape[1]} key/value heads must divide H={H} query heads"
+            )
+        if H != self.num_heads:
+            raise AttentionInputError(f"{cls}: built for num_heads={self.num_heads}, got q with H={H}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise AttentionInputError(f"{cls}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        if causal and not self.supports_causal:
+            raise AttentionInputError(f"{cls} is not causal: causal=True is not supported")
+        if not causal and not self.supports_noncausal:
+            raise AttentionInputError(f"{cls} is causal only: causal=False is not supported")
+        if self.max_seq_len is not None and k.shape[2] > self.max_seq_len:
+            raise AttentionInputError(
+                f"{cls}: sequence length {k.shape[2]} exceeds max_seq_len={self.max_seq_len}"
+            )
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, k.shape[2]):
+                raise AttentionInputError(
+                    f"{cls}: key_padding_mask must be bool [B, Tk] = [{B}, {k.shape[2]}], "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise AttentionInputError naming every input holding NaN or Inf (one sync each)."""
+    bad = []
+    for name, t in tensors.items():
+        n = int((~torch.isfinite(t)).sum())
+        if n:
+            bad.append(f"{name} has {n} NaN/Inf values")
+    if bad:
+        raise AttentionInputError("non-finite inputs: " + "; ".join(bad))

@@ -1,0 +1,100 @@
+"""Named mask functions, combined with `and_masks` / `or_masks` (attention-gym style).
+
+A mask function has FlexAttention's ``mask_mod`` signature ``(b, h, q_idx, kv_idx) -> bool``
+and works on broadcastable index tensors, so the same closure serves the dense references
+(`materialize`) and the block-sparse paths (`torch.nn.attention.flex_attention`).
+
+Causal masks are end-aligned: with ``Tq`` queries and ``Tk`` keys, query ``i`` sits at
+position ``Tk - Tq + i`` (prefill of the last ``Tq`` tokens over a cache of ``Tk``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def full() -> MaskMod:
+    def full_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= 0) & (kv_idx >= 0)  # all True, broadcast to the index shapes
+
+    return full_mask
+
+
+def causal(offset: int = 0) -> MaskMod:
+    """Query ``q_idx`` (at position ``q_idx + offset``) sees keys at or before it."""
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return causal_mask
+
+
+def sliding_window(window: int, offset: int = 0) -> MaskMod:
+    """Keys less than ``window`` positions before the query (the query itself included)."""
+
+    def window_mask(b, h, q_idx, kv_idx):
+        return (q_idx + offset - kv_idx) < window
+
+    return window_mask
+
+
+def key_padding(key_padding_mask: torch.Tensor) -> MaskMod:
+    """``key_padding_mask``: [B, Tk] bool, True for a real key, False for padding."""
+
+    def padding_mask(b, h, q_idx, kv_idx):
+        return key_padding_mask[b, kv_idx]
+
+    return padding_mask
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    def and_mask(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    return and_mask
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    def or_mask(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+
+    return or_mask
+
+
+def materialize(mod: MaskMod, B: int, H: int, tq: int, tk: int, device=None) -> torch.Tensor:
+    """Evaluate a mask function on the full grid: a [B, H, Tq, Tk] bool tensor."""
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    q = torch.arange(tq, device=device).view(1, 1, tq, 1)
+    k = torch.arange(tk, device=device).view(1, 1, 1, tk)
+    return mod(b, h, q, k).expand(B, H, tq, tk)
+
+
+def attention_mask(
+    B: int, H: int, tq: int, tk: int, causal_: bool, key_padding_mask=None, device=None
+) -> torch.Tensor | None:
+    """The [B, H|1, Tq, Tk] bool mask of plain (dense) attention, or None when all is allowed."""
+    mods = []
+    if causal_:
+        mods.append(causal(tk - tq))
+    if key_padding_mask is not None:
+        mods.append(key_padding(key_padding_mask))
+    if not mods:
+        return None
+    return materialize(and_masks(*mods), B, 1, tq, tk, device=device)
+
+
+def causal_pairs(tq: int, tk: int) -> int:
+    """Number of (query, key) pairs an end-aligned causal mask allows."""
+    if tq <= tk:
+        return tq * (tk - tq) + tq * (tq + 1) // 2
+    return tk * (tk + 1) // 2  # queries before the first key see nothing

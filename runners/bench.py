@@ -1,0 +1,99 @@
+"""Latency and peak-memory measurement (DESIGN.md, "Measuring").
+
+GPU: every shape is warmed up first, then ``triton.testing.do_bench`` gives p20/p50/p80;
+peak memory is ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the bytes
+allocated before the call. CPU: a fixed thread count, ``time.perf_counter`` over repeats;
+peak memory is the growth of the process's resident set (``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``), or None where the kernel does not allow that.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def _quantiles(samples: list[float]) -> dict:
+    t = torch.tensor(samples, dtype=torch.float64)
+    qs = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return {"p20": qs[0], "p50": qs[1], "p80": qs[2]}
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 7, rep_ms: int = 100) -> dict:
+    """p20/p50/p80 latency of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if is_cuda(device):
+        import triton.testing
+
+        qs = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES))
+        return {"p20": qs[0], "p50": qs[1], "p80": qs[2], "timer": "triton.do_bench"}
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {**_quantiles(samples), "timer": "perf_counter"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(fn: Callable[[], object], device) -> tuple[int | None, str]:
+    """Peak memory of one call of ``fn`` above what was allocated before it, and how it
+    was measured."""
+    if is_cuda(device):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak), "cuda.max_memory_allocated"
+    try:
+        before = _status_kb("VmRSS")
+        if not _reset_hwm():
+            return None, "unavailable"
+        out = fn()
+        peak = _status_kb("VmHWM") - before
+        del out
+        return max(int(peak), 0), "rss_high_water"
+    except (OSError, KeyError):
+        return None, "unavailable"
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    )

@@ -1,0 +1,31 @@
+"""The ``attnbench`` command: a thin Hydra wrapper around ``runners.run(cfg)``.
+
+    attnbench method=nystrom runner.seq_lens=[1024,4096]
+    attnbench -m method=dense,performer impl=reference,sdpa
+"""
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from methods import CONF_DIR
+from runners import run
+
+log = logging.getLogger("attnbench")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    recs = run(cfg)
+    for r in recs:
+        lat = r.latency_ms.get("forward", {}).get("p50")
+        lat = f"{lat:.3f} ms" if lat is not None else "-"
+        log.info("%s T=%s %s: %s forward p50 %s%s", r.method, r.seq_len, r.impl, r.status, lat,
+                 f" ({r.error})" if r.error else "")
+    log.info("%d record(s) appended to %s", len(recs), cfg.store)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The run record and the JSONL results store (DESIGN.md, "The run record").
+
+Appends are atomic: one ``os.write`` of a whole line under an exclusive ``flock``, then
+``fsync``; a half-written line left by a killed writer is skipped (with a warning) on read,
+and the next append starts on a fresh line so it never glues onto the fragment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "error", "failed_correctness", "skipped")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunRecord:
+    # identity
+    run_id: str
+    time: str
+    git_commit: str | None
+    config: dict
+    seed: int
+    # what ran
+    method: str
+    method_params: dict
+    impl: str
+    real_kernel: bool
+    model: str
+    task: str
+    runner: str
+    seq_len: int | None
+    batch_size: int | None
+    dtype: str
+    device: str
+    env: dict
+    causal: bool | None = None
+    # outcome
+    status: str = "ok"
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)  # phase -> {p20, p50, p80}
+    peak_mem_bytes: dict = field(default_factory=dict)  # phase -> bytes above the inputs
+    cost: dict | None = None
+    correctness: dict | None = None
+    train: dict | None = None
+    details: dict = field(default_factory=dict)  # backend names, measuring methods, ...
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+def run_id(config: dict, **extra) -> str:
+    """Hash of everything that shapes a result: the resolved config (without where it is
+    stored or whether it was forced) plus per-record keys such as the sequence length."""
+    cfg = {k: v for k, v in config.items() if k not in ("store",)}
+    if isinstance(cfg.get("runner"), dict):
+        cfg["runner"] = {k: v for k, v in cfg["runner"].items() if k != "force"}
+    blob = json.dumps({"config": cfg, **extra}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        )
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device) -> dict:
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if str(device).startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def append(store: str | os.PathLike, record: RunRecord | dict) -> None:
+    """Append one record as one line, atomically with respect to other writers."""
+    line = record.to_json() if isinstance(record, RunRecord) else json.dumps(record, sort_keys=True)
+    data = (line + "\n").encode()
+    path = Path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size:  # a killed writer may have left a fragment: start on a fresh line
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read(store: str | os.PathLike) -> list[dict]:
+    """All complete records in a store; partial or corrupt lines are skipped with a warning."""
+    path = Path(store)
+    if not path.exists():
+        return []
+    out, bad = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or "run_id" not in rec:
+                    raise ValueError("not a run record")
+                out.append(rec)
+            except ValueError:
+                bad.append(n)
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} partial or corrupt line(s) (line {', '.join(map(str, bad[:5]))})",
+            stacklevel=2,
+        )
+    return out
+
+
+def done_ids(store: str | os.PathLike) -> set[str]:
+    """run_ids that already have an ``ok`` record."""
+    return {r["run_id"] for r in read(store) if r.get("status") == "ok"}

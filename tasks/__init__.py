@@ -1,0 +1,1 @@
+"""Tasks: data (generated or loaded, cached) and metrics."""
