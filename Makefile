@@ -25,7 +25,7 @@ install: $(STAMP)
 # when there is one, then the leaderboard (terminal + results/local/leaderboard.md).
 run: $(STAMP)
 	$(VENV)/bin/attnbench -m 'method=glob(*)' experiment=default
-	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
+	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md --plot results/local/latency_memory.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 leaderboard: $(STAMP)
-	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
+	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md --plot results/local/latency_memory.png
 
 clean-results:
 	rm -rf results/local

@@ -1,0 +1,1 @@
+"""Analysis: run records -> pandas, leaderboard tables and plots."""

@@ -1,0 +1,42 @@
+"""Load run records into a flat pandas DataFrame (one row per record)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from runners import records as store
+
+COLUMNS = ["run_id", "time", "method", "impl", "real_kernel", "model", "task", "runner",
+           "seq_len", "batch_size", "dtype", "device", "causal", "status", "error", "seed"]
+
+
+def _flat(rec: dict) -> dict:
+    row = {c: rec.get(c) for c in COLUMNS}
+    row["gpu"] = (rec.get("env") or {}).get("gpu")
+    row["backend"] = (rec.get("details") or {}).get("backend")
+    for k, v in (rec.get("metrics") or {}).items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            row[f"metric.{k}"] = v
+    for phase, q in (rec.get("latency_ms") or {}).items():
+        for k, v in q.items():
+            row[f"latency.{phase}.{k}"] = v
+    for phase, v in (rec.get("peak_mem_bytes") or {}).items():
+        row[f"mem.{phase}"] = v
+    for k, v in (rec.get("cost") or {}).items():
+        row[f"cost.{k}"] = v
+    corr = rec.get("correctness") or {}
+    row["correctness.passed"] = corr.get("passed")
+    row["correctness.max_rel_err"] = corr.get("max_rel_err")
+    for k, v in (rec.get("train") or {}).items():
+        row[f"train.{k}"] = v
+    row["method_params"] = rec.get("method_params")
+    return row
+
+
+def load(*stores, latest: bool = True) -> pd.DataFrame:
+    """All records of the given JSONL stores; with ``latest``, one row per run_id (the
+    newest record: a forced re-run replaces the old result)."""
+    rows = [_flat(r) for s in stores for r in store.read(s)]
+    df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
+    if latest and len(df):
+        df = df.sort_values("time", kind="stable").drop_duplicates("run_id", keep="last")
+    return df.reset_index(drop=True)

@@ -1,0 +1,59 @@
+"""Shared fixtures: compose the real Hydra configs with tiny overrides."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from methods import CONF_DIR, available
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(2)
+
+# Small settings under which every method and runner finishes in seconds on a CPU.
+TINY = [
+    "device=cpu",
+    "dtype=float32",
+    "model.num_heads=2",
+    "model.num_kv_heads=2",
+    "model.head_dim=16",
+    "runner.seq_lens=[64,96]",
+    "runner.warmup=1",
+    "runner.repeats=2",
+    "runner.gate_len=32",
+]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return str(tmp_path / "records.jsonl")
+
+
+@pytest.fixture
+def compose_cfg(store):
+    """compose_cfg(*overrides) -> the composed config, writing to a temporary store."""
+
+    def _compose(*overrides, tiny=True):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=[*(TINY if tiny else []), f"store={store}", *overrides],
+            )
+
+    return _compose
+
+
+@pytest.fixture(params=available())
+def method_name(request):
+    return request.param
+
+
+def seeded_qkv(B=2, H=4, Hkv=2, T=63, D=16, tk=None, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tk = T if tk is None else tk
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, tk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, tk, D, generator=g, dtype=dtype)
+    return q, k, v

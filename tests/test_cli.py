@@ -1,0 +1,53 @@
+"""The attnbench command (Hydra app): single runs, multiruns, errors, the leaderboard."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runners.records import read
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = [sys.executable, "-m", "runners.cli"]
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    flags = [a for a in args if a.startswith("-")]
+    args = [a for a in args if not a.startswith("-")]
+    return subprocess.run([*EXE, *flags, *TINY, f"store={tmp_path}/r.jsonl",
+                           f"hydra.run.dir={tmp_path}/h", f"hydra.sweep.dir={tmp_path}/m", *args],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_multirun_impl_sweep(tmp_path):
+    p = _run(["-m", "method=dense", "impl=reference,sdpa"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    recs = read(tmp_path / "r.jsonl")
+    assert sorted((r["impl"], r["seq_len"]) for r in recs) == [
+        ("reference", 64), ("reference", 96), ("sdpa", 64), ("sdpa", 96)]
+    assert all(r["status"] == "ok" for r in recs)
+
+
+def test_unknown_method_on_the_command_line(tmp_path):
+    p = _run(["method=nope"], tmp_path)
+    assert p.returncode != 0
+    assert "nope" in p.stderr and "dense" in p.stderr  # Hydra lists the available options
+
+
+def test_leaderboard_command(tmp_path):
+    assert _run(["-m", "impl=reference,sdpa"], tmp_path).returncode == 0
+    out = tmp_path / "lb.md"
+    p = subprocess.run([sys.executable, "-m", "analysis.leaderboard", "--store",
+                        str(tmp_path / "r.jsonl"), "--out", str(out), "--plot",
+                        str(tmp_path / "lat.png")], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    text = out.read_text()
+    assert "| dense    | reference" in text and "| dense    | sdpa" in text
+    assert (tmp_path / "lat.png").stat().st_size > 1000
+
+
+def test_leaderboard_without_store_says_so(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "analysis.leaderboard", "--store",
+                        str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and "no results store" in p.stderr

@@ -1,0 +1,135 @@
+"""Every method in conf/method/ through methods.load and through run(cfg)."""
+import pytest
+import torch
+
+import methods
+from methods.base import AttentionInputError, AttentionMethod
+from runners import run
+from runners.records import read
+from tests.conftest import seeded_qkv
+
+
+def _forward(m, causal, T=63):
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16, dtype=torch.float32)
+    return m(q, k, v, causal=causal), q
+
+
+def test_method_loads_and_follows_contract(method_name):
+    m = methods.load(method_name, num_heads=4, head_dim=16, num_kv_heads=2, max_seq_len=256)
+    assert isinstance(m, AttentionMethod)
+    assert m.impls[0] == "reference" and m.impl in m.impls
+    assert type(m).__module__ == f"methods.{method_name}", "method file must be named as its config"
+    for causal in (False, True):
+        supported = m.supports_causal if causal else m.supports_noncausal
+        if not supported:
+            with pytest.raises(AttentionInputError, match="causal"):
+                _forward(m, causal)
+            continue
+        out, q = _forward(m, causal)
+        assert out.shape == q.shape and torch.isfinite(out).all()
+        c = m.cost(63, 63, causal)
+        assert c.flops > 0 and 0 < c.density <= 1.0 + 1e-9 and c.kv_bytes > 0
+
+
+def test_method_runs_through_runner(method_name, compose_cfg, store):
+    cfg = compose_cfg(f"method={method_name}", "runner.causal=" + (
+        "true" if not methods.load(method_name).supports_noncausal else "false"))
+    recs = run(cfg)
+    assert [r.seq_len for r in recs] == [64, 96]
+    assert all(r.status == "ok" for r in recs), [r.error for r in recs]
+    stored = read(store)
+    assert len(stored) == 2
+    r = stored[-1]
+    assert r["method"] == method_name
+    assert r["latency_ms"]["forward"]["p50"] > 0
+    assert set(r["latency_ms"]["forward"]) == {"p20", "p50", "p80"}
+    assert 0 <= r["metrics"]["rel_err_random"] and -1 <= r["metrics"]["cos_random"] <= 1
+    assert r["cost"]["flops"] > 0 and r["correctness"]["passed"]
+    assert r["env"]["torch"] == torch.__version__
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown method 'nope'.*dense"):
+        methods.load("nope")
+
+
+def test_unknown_hyperparameter_is_named():
+    with pytest.raises(ValueError, match="no hyperparameter 'windw'"):
+        methods.load("dense", windw=3)
+
+
+def test_bad_impl_is_named():
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        methods.load("dense", impl="cuda")
+
+
+@pytest.mark.parametrize(
+    "shapes,match",
+    [
+        (((1, 4, 8, 16), (1, 4, 8, 32), (1, 4, 8, 32)), "head dim"),
+        (((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), "must divide"),
+        (((1, 4, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), "differ in shape"),
+        (((4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), r"\[B, H, T, D\]"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "num_heads=4"),
+    ],
+)
+def test_bad_shapes_are_named(shapes, match):
+    m = methods.load("dense", num_heads=4, head_dim=16)
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(AttentionInputError, match=match):
+        m(q, k, v)
+
+
+def test_bad_padding_mask_is_named():
+    m = methods.load("dense", num_heads=2, head_dim=8)
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(AttentionInputError, match="key_padding_mask"):
+        m(q, q, q, key_padding_mask=torch.ones(1, 8))
+
+
+def test_nan_inputs_are_flagged_in_the_record_and_the_sweep_goes_on(compose_cfg, store, monkeypatch):
+    from tasks import fidelity
+
+    real = fidelity.random_qkv
+
+    def poisoned(B, H, Hkv, T, D, device, dtype, seed):
+        q, k, v = real(B, H, Hkv, T, D, device, dtype, seed)
+        if T == 64:
+            q[0, 0, 3, 1] = float("nan")
+            v[0, 0, 5, 0] = float("inf")
+        return q, k, v
+
+    monkeypatch.setattr(fidelity, "random_qkv", poisoned)
+    recs = run(compose_cfg())
+    assert [r.status for r in recs] == ["error", "ok"]
+    assert "q has 1 NaN/Inf" in recs[0].error and "v has 1 NaN/Inf" in recs[0].error
+    assert [r["status"] for r in read(store)] == ["error", "ok"]
+
+
+def test_bad_method_config_becomes_an_error_record(compose_cfg, store):
+    recs = run(compose_cfg("method.backend=tpu"))
+    assert recs[0].status == "error" and "unknown backend 'tpu'" in recs[0].error
+    assert read(store)[0]["status"] == "error"
+
+
+def test_failed_correctness_gate_skips_timing(compose_cfg, store, monkeypatch):
+    from methods.dense import Dense
+
+    real = Dense.attend
+
+    def wrong(self, q, k, v, causal, kpm):
+        out = real(self, q, k, v, causal, kpm)
+        return out if self.impl == "reference" else out + 0.1
+
+    monkeypatch.setattr(Dense, "attend", wrong)
+    recs = run(compose_cfg())
+    assert all(r.status == "failed_correctness" for r in recs)
+    assert all(r.latency_ms == {} for r in recs)
+    assert recs[0].correctness["max_rel_err"] > 0.01
+
+
+def test_impl_shorthand_and_skip_done(compose_cfg, store):
+    recs = run(compose_cfg("impl=reference"))
+    assert recs[0].impl == "reference" and recs[0].correctness["checked"] is False
+    assert run(compose_cfg("impl=reference")) == []  # ok records exist: skipped
+    assert len(run(compose_cfg("impl=reference", "runner.force=true"))) == 2
