@@ -25,9 +25,10 @@ class Cost:
     """The shared budget axis of sparse and low-rank methods, per batch element.
 
     flops:    floating-point operations of the work the method must do (2 per multiply-add).
-    density:  the fraction of dense attention's work that is done: for sparse methods the
-              fraction of allowed (query, key) pairs that are computed, for low-rank methods
-              their FLOPs over dense attention's FLOPs (causal and not alike).
+    density:  the share of dense attention's work that is done: for sparse methods the
+              fraction of allowed (query, key) pairs that are computed (at most 1), for
+              low-rank methods their FLOPs over dense attention's FLOPs (causal and not
+              alike), which exceeds 1 at lengths where they do more work than dense.
     kv_bytes: bytes of key/value state the method keeps (a decoder's cache), in bf16.
     """
 

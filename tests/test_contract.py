@@ -28,7 +28,7 @@ def test_method_loads_and_follows_contract(method_name):
         out, q = _forward(m, causal)
         assert out.shape == q.shape and torch.isfinite(out).all()
         c = m.cost(63, 63, causal)
-        assert c.flops > 0 and 0 < c.density <= 1.0 + 1e-9 and c.kv_bytes > 0
+        assert c.flops > 0 and c.density > 0 and c.kv_bytes > 0
 
 
 def test_method_runs_through_runner(method_name, compose_cfg, store):
