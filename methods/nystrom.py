@@ -13,6 +13,10 @@ A^+ is the iterative Moore-Penrose pseudo-inverse (Razavi et al. 2014), in fp32:
     Z_0 = A^T / (max_j sum_i |A_ij| * max_i sum_j |A_ij|)   (per batch and head)
     Z_{k+1} = Z_k (13 I - A Z_k (15 I - A Z_k (7 I - A Z_k))) / 4
 
+Deviation: the convolution's weights start at zero (the paper's code uses PyTorch's default
+init), so an untrained Nystromformer measures the Nystrom approximation itself rather than
+a random convolution of V; training learns the skip from there.
+
 Lengths not divisible by m: segments of s = ceil(T / m) tokens, ceil(T / s) landmarks, the
 last segment averaging only its real tokens (padding with a mask, no assert). With m = T
 every token is its own landmark and the result is exact softmax attention. Padded keys
@@ -70,6 +74,7 @@ class Nystrom(AttentionMethod):
         if conv_kernel:
             self.conv = nn.Conv2d(self.num_heads, self.num_heads, (conv_kernel, 1),
                                   padding=(conv_kernel // 2, 0), groups=self.num_heads, bias=False)
+            nn.init.zeros_(self.conv.weight)  # the skip starts at zero and is learned (see note)
         else:
             self.conv = None
             self.training_free = True

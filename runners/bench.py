@@ -66,6 +66,17 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim(0)``), so that a later call
+    reusing them shows up as growth of the resident set."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_bytes(fn: Callable[[], object], device) -> tuple[int | None, str]:
     """Peak memory of one call of ``fn`` above what was allocated before it, and how it
     was measured."""
@@ -78,6 +89,7 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> tuple[int | None, str
         peak = torch.cuda.max_memory_allocated(device) - before
         del out
         return int(peak), "cuda.max_memory_allocated"
+    _malloc_trim()
     try:
         before = _status_kb("VmRSS")
         if not _reset_hwm():
