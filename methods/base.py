@@ -166,6 +166,51 @@ class AttentionMethod(nn.Module):
                 )
 
 
+class SparseMethod(AttentionMethod):
+    """A method defined by which (query, key) pairs each query attends to, exactly.
+
+    Subclasses give ``mask_mod(q, k, causal)``: a mask function (see ``methods.masks``), which
+    may depend on the data (indices chosen from q and k). ``impl=reference`` materialises it
+    and runs exact masked attention (true quality, not true speed); ``impl=flex`` runs
+    FlexAttention with the block mask built from the same function (blocks that are wholly
+    masked are skipped on the GPU). Every call sets ``last_density``: the fraction of the
+    allowed (causal) pairs that the running implementation computes.
+    """
+
+    impls = ("reference", "flex")
+    flex_block_size = 128
+
+    def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _ran_compiled(self) -> bool:
+        return getattr(self, "_compiled", False)
+
+    @property
+    def real_kernel(self) -> bool:
+        return self.impl == "flex" and self._ran_compiled()
+
+    def attend(self, q, k, v, causal, key_padding_mask):
+        B, H, tq, _ = q.shape
+        tk = k.shape[2]
+        mod = self.mask_mod(q, k, causal)
+        if causal:
+            mod = masks.and_masks(mod, masks.causal(tk - tq))
+        if key_padding_mask is not None:
+            mod = masks.and_masks(mod, masks.key_padding(key_padding_mask))
+        pairs = float(B * H * (masks.causal_pairs(tq, tk) if causal else tq * tk))
+        if self.impl == "reference":
+            mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
+            self.last_density = float(mask.sum()) / pairs
+            return masked_attention(q, k, v, mask)
+        from methods.kernels import flex
+
+        bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
+        self.last_density = min(1.0, flex.block_density(bm, pairs))
+        out, self._compiled = flex.attention(q, k, v, bm)
+        return out
+
+
 def check_finite(**tensors: torch.Tensor) -> None:
     """Raise AttentionInputError naming every input holding NaN or Inf (one sync each)."""
     bad = []

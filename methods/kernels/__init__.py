@@ -1,0 +1,1 @@
+"""Fast paths: FlexAttention wrappers and Triton kernels, each tested against a reference."""

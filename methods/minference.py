@@ -1,0 +1,282 @@
+"""MInference-style training-free sparse prefill: A-shape, vertical-slash, block-sparse.
+
+Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic
+Sparse Attention" (NeurIPS 2024), Sec. 3 and Alg. 1-3. Causal (prefill) only.
+
+a_shape         the first ``num_sink`` keys plus a local window of ``window`` keys
+vertical_slash  the indices are estimated online from the last ``last_q`` queries: their
+                causal attention is summed per key column (verticals) and per diagonal
+                (slashes); the ``vertical_size`` top columns and ``slash_size`` top
+                diagonals are kept, the first ``num_sink`` columns and the ``window``
+                nearest diagonals always among them (as MInference forces its first
+                columns and last diagonals)
+block_sparse    q and k are mean-pooled over blocks of ``block_size``; each query block keeps
+                its ``top_k_blocks`` best key blocks (itself always among them)
+searched        each head uses the pattern and budget stored for it in ``pattern_file``,
+                written by the offline search below (``search_patterns``)
+
+The offline search takes calibration q, k and, for each head, picks among candidate
+patterns and budgets the one that keeps the most attention mass with a density within the
+budget. Decode steps (one query) fall back to dense attention: ``last_fallback`` says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from methods import masks
+from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
+
+PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
+A, VS, BS = range(3)
+
+
+class MInference(SparseMethod):
+    name = "minference"
+    supports_noncausal = False
+    training_free = True
+
+    def __init__(self, pattern: str = "vertical_slash", num_sink: int = 64, window: int = 512,
+                 vertical_size: int = 256, slash_size: int = 512, block_size: int = 64,
+                 top_k_blocks: int = 16, last_q: int = 64, pattern_file: str | None = None,
+                 impl: str = "flex", **structural):
+        super().__init__(impl=impl, **structural)
+        if pattern not in (*PATTERNS, "searched"):
+            raise ValueError(f"MInference: pattern must be one of {[*PATTERNS, 'searched']}, got {pattern!r}")
+        self.pattern = pattern
+        H = self.num_heads
+        heads = [dict(pattern=pattern, num_sink=num_sink, window=window, vertical_size=vertical_size,
+                      slash_size=slash_size, top_k_blocks=top_k_blocks)] * H
+        if pattern == "searched":
+            if not pattern_file:
+                raise ValueError("MInference: pattern=searched needs pattern_file (see search_patterns)")
+            heads = load_patterns(pattern_file, H)
+        self.heads = heads
+        self.block_size, self.last_q = block_size, last_q
+        self.last_fallback: str | None = None
+
+    def hyperparameters(self) -> dict:
+        return {"pattern": self.pattern, "heads": self.heads, "block_size": self.block_size,
+                "last_q": self.last_q}
+
+    def _per_head(self, key, device):
+        return torch.tensor([h.get(key, 0) for h in self.heads], device=device)
+
+    # ---- index building -----------------------------------------------------------------
+    def vertical_slash_sets(self, q, k):
+        """[B, H, Tk] bool verticals (by key index) and slashes (by offset i - j)."""
+        B, H, tq, D = q.shape
+        tk = k.shape[2]
+        lq = min(self.last_q, tq)
+        kk = repeat_kv(k, H // k.shape[1])
+        s = (q[:, :, -lq:].float() @ kk.float().transpose(-1, -2)) / math.sqrt(D)  # [B, H, lq, Tk]
+        pos = torch.arange(tk - lq, tk, device=q.device).view(lq, 1)
+        kidx = torch.arange(tk, device=q.device).view(1, tk)
+        s = s.masked_fill(kidx > pos, float("-inf"))
+        p = torch.softmax(s, -1)
+        vert = p.sum(2)  # [B, H, Tk]
+        off = (pos - kidx).clamp_min(0).expand(lq, tk)  # diagonal of each entry
+        slash = torch.zeros(B, H, tk, device=q.device).scatter_add_(
+            2, off.reshape(1, 1, -1).expand(B, H, -1), p.reshape(B, H, -1))
+        sink, win = self._per_head("num_sink", q.device), self._per_head("window", q.device)
+        ar = torch.arange(tk, device=q.device).view(1, 1, tk)
+        vert = vert.masked_fill(ar < sink.view(1, H, 1), float("inf"))
+        slash = slash.masked_fill(ar < win.view(1, H, 1), float("inf"))
+        nv, ns = self._per_head("vertical_size", q.device), self._per_head("slash_size", q.device)
+        return _top_per_head(vert, nv), _top_per_head(slash, ns)
+
+    def block_layout(self, q, k):
+        """[B, H, nq, nk] bool: the top_k_blocks key blocks of each query block."""
+        B, H, tq, D = q.shape
+        tk, bs = k.shape[2], self.block_size
+        nq, nk = math.ceil(tq / bs), math.ceil(tk / bs)
+        kk = repeat_kv(k, H // k.shape[1]).float()
+        pq = _pool(q.float(), bs)  # [B, H, nq, D]
+        pk = _pool(kk, bs)  # [B, H, nk, D]
+        s = pq @ pk.transpose(-1, -2)  # [B, H, nq, nk]
+        qb = torch.arange(nq, device=q.device).view(nq, 1) + (nk - nq)
+        kb = torch.arange(nk, device=q.device).view(1, nk)
+        s = s.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
+        lay = torch.zeros_like(s, dtype=torch.bool)
+        for h in range(H):  # per-head budget
+            n = min(int(self.heads[h].get("top_k_blocks", 0)), nk)
+            if n:
+                top = s[:, h].topk(n, dim=-1).indices
+                lay[:, h].scatter_(-1, top, True)
+        return lay & (kb <= qb)
+
+    def mask_mod(self, q, k, causal):
+        H, dev = q.shape[1], q.device
+        kinds = {h["pattern"] for h in self.heads}
+        pid = torch.tensor([PATTERNS.index(h["pattern"]) for h in self.heads], device=dev)
+        off, bs = k.shape[2] - q.shape[2], self.block_size
+        sink, win = self._per_head("num_sink", dev), self._per_head("window", dev)
+        isv = iss = lay = None
+        if "vertical_slash" in kinds:
+            isv, iss = self.vertical_slash_sets(q, k)
+        if "block_sparse" in kinds:
+            lay = self.block_layout(q, k)
+        nqb = math.ceil(q.shape[2] / bs)
+        nkb = math.ceil(k.shape[2] / bs)
+
+        def minference_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            out = (pid[h] == A) & ((kv_idx < sink[h]) | (d < win[h]))
+            if isv is not None:
+                dd = d.clamp(0, k.shape[2] - 1)
+                out = out | ((pid[h] == VS) & (isv[b, h, kv_idx] | iss[b, h, dd]))
+            if lay is not None:
+                qb = (q_idx + off) // bs - (nkb - nqb)
+                out = out | ((pid[h] == BS) & lay[b, h, qb, kv_idx // bs])
+            return out
+
+        return minference_mask
+
+    def attend(self, q, k, v, causal, key_padding_mask):
+        if q.shape[2] == 1:  # decode step: dense
+            self.last_fallback, self.last_density = "dense", 1.0
+            mask = masks.attention_mask(q.shape[0], q.shape[1], 1, k.shape[2], causal,
+                                        key_padding_mask, q.device)
+            return masked_attention(q, k, v, mask)
+        self.last_fallback = None
+        return super().attend(q, k, v, causal, key_padding_mask)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        """Budgeted density: the most pairs the budgets allow, averaged over heads."""
+        dense_pairs = masks.causal_pairs(tq, tk)
+        pairs = 0.0
+        for h in self.heads:
+            if h["pattern"] == "a_shape":
+                n = _ashape_pairs(tq, tk, h["num_sink"], h["window"])
+            elif h["pattern"] == "vertical_slash":
+                n = min(dense_pairs, tq * (h["vertical_size"] + h["slash_size"]))
+            else:
+                n = min(dense_pairs, tq * h["top_k_blocks"] * self.block_size)
+            pairs += n / len(self.heads)
+        index = 0.0
+        if any(h["pattern"] == "vertical_slash" for h in self.heads):
+            index += 2.0 * min(self.last_q, tq) * tk * self.head_dim
+        return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index),
+                    density=pairs / dense_pairs,
+                    kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+def _top_per_head(score, n_per_head):
+    B, H, T = score.shape
+    out = torch.zeros_like(score, dtype=torch.bool)
+    for h in range(H):
+        n = min(int(n_per_head[h]), T)
+        if n:
+            out[:, h].scatter_(-1, score[:, h].topk(n, dim=-1).indices, True)
+    return out
+
+
+def _pool(x, bs):
+    B, H, T, D = x.shape
+    n = math.ceil(T / bs)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, n * bs - T))
+    cnt = torch.nn.functional.pad(torch.ones(T, device=x.device), (0, n * bs - T)).view(n, bs).sum(-1)
+    return xp.view(B, H, n, bs, D).sum(3) / cnt.view(1, 1, n, 1)
+
+
+def _ashape_pairs(tq, tk, sink, window):
+    n, off = 0, tk - tq
+    for i in range(tq):
+        p = i + off
+        local = min(window, p + 1)
+        n += local + max(0, min(sink, p + 1 - local))
+    return n
+
+
+# ---- offline per-head pattern search ------------------------------------------------------
+DEFAULT_CANDIDATES = (
+    [dict(pattern="a_shape", num_sink=s, window=w) for s in (16, 64) for w in (128, 256, 512, 1024)]
+    + [dict(pattern="vertical_slash", num_sink=16, window=16, vertical_size=v, slash_size=s)
+       for v in (64, 256, 1024) for s in (128, 512, 1024)]
+    + [dict(pattern="block_sparse", top_k_blocks=n) for n in (2, 4, 8, 16, 32)]
+)
+
+
+@torch.no_grad()
+def search_patterns(q, k, budget: float, candidates=DEFAULT_CANDIDATES, block_size: int = 64,
+                    last_q: int = 64) -> list[dict]:
+    """For each head, the candidate keeping the most causal attention mass (recall) with a
+    density at most ``budget``; q: [B, H, T, D], k: [B, Hkv, T, D] calibration inputs."""
+    B, H, T, D = q.shape
+    exact = torch.softmax(
+        (q.float() @ repeat_kv(k, H // k.shape[1]).float().transpose(-1, -2) / math.sqrt(D)).masked_fill(
+            ~masks.materialize(masks.causal(0), 1, 1, T, T, q.device), float("-inf")), -1)
+    pairs = masks.causal_pairs(T, T)
+    best = [None] * H
+    for cand in candidates:
+        m = MInference(pattern=cand["pattern"], block_size=block_size, last_q=last_q, impl="reference",
+                       num_heads=H, head_dim=D, num_kv_heads=k.shape[1],
+                       **{kk: vv for kk, vv in cand.items() if kk != "pattern"})
+        mod = masks.and_masks(m.mask_mod(q, k, True), masks.causal(0))
+        mask = masks.materialize(mod, B, H, T, T, q.device)
+        density = mask.float().sum((0, 2, 3)) / (B * pairs)  # [H]
+        recall = (exact * mask).sum(-1).mean((0, 2))  # [H]
+        for h in range(H):
+            if density[h] <= budget and (best[h] is None or recall[h] > best[h]["recall"]):
+                best[h] = {**cand, "recall": float(recall[h]), "density": float(density[h])}
+    for h in range(H):
+        if best[h] is None:
+            raise ValueError(f"no candidate pattern fits the budget {budget} for head {h}")
+    return best
+
+
+def save_patterns(path, heads: list[dict], **meta) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"version": 1, "num_heads": len(heads), **meta, "heads": heads}, indent=1))
+
+
+def load_patterns(path, num_heads: int) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"MInference pattern file {path} does not exist; write one with "
+                                f"`python -m methods.minference --out {path}`")
+    data = json.loads(p.read_text())
+    heads = data.get("heads", [])
+    if len(heads) != num_heads:
+        raise ValueError(f"pattern file {path} has {len(heads)} heads, the model has {num_heads}")
+    for h in heads:
+        if h.get("pattern") not in PATTERNS:
+            raise ValueError(f"pattern file {path}: unknown pattern {h.get('pattern')!r}")
+    defaults = dict(num_sink=0, window=0, vertical_size=0, slash_size=0, top_k_blocks=0)
+    return [{**defaults, **h} for h in heads]
+
+
+def main(argv=None) -> int:
+    """Search per-head patterns on calibration inputs and write the JSON pattern file."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=0.1, help="largest density per head")
+    ap.add_argument("--calibration", help="a torch file with {'q': ..., 'k': ...} [B, H, T, D]")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--num-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.calibration:
+        d = torch.load(args.calibration)
+        q, k, source = d["q"], d["k"], args.calibration
+    else:  # the fidelity task's structured inputs: a few dominant keys per query
+        from tasks.fidelity import structured_qkv
+
+        q, k, _ = structured_qkv(1, args.num_heads, args.num_heads, args.seq_len, args.head_dim,
+                                 "cpu", torch.float32, args.seed, causal=True)
+        source = f"fidelity structured inputs, T={args.seq_len}, seed={args.seed}"
+    heads = search_patterns(q, k, args.budget)
+    save_patterns(args.out, heads, budget=args.budget, calibration=source)
+    for i, h in enumerate(heads):
+        print(f"head {i}: {h['pattern']:<15} density {h['density']:.3f} recall {h['recall']:.3f}")
+    print(f"patterns written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

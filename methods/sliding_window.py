@@ -1,0 +1,53 @@
+"""Sliding-window attention: each query attends to the ``window`` nearest keys.
+
+causal:      keys j with 0 <= i - j < window (the query itself and window - 1 before it)
+non-causal:  keys j with |i - j| < window (window - 1 on each side)
+
+The simplest sparse baseline (Longformer's local attention, Mistral's sliding window). With
+window >= the sequence length it is exact attention.
+"""
+from __future__ import annotations
+
+from methods import masks
+from methods.base import Cost, SparseMethod, dense_flops
+
+
+class SlidingWindow(SparseMethod):
+    name = "sliding_window"
+
+    def __init__(self, window: int = 512, **structural):
+        super().__init__(**structural)
+        if window < 1:
+            raise ValueError(f"SlidingWindow: window must be >= 1, got {window}")
+        self.window = window
+
+    def hyperparameters(self) -> dict:
+        return {"window": self.window}
+
+    def mask_mod(self, q, k, causal):
+        off, w = k.shape[2] - q.shape[2], self.window
+
+        def window_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d < w) & (d > -w)
+
+        return window_mask
+
+    def pairs(self, tq: int, tk: int, causal: bool) -> int:
+        """Allowed (query, key) pairs, counted in closed form."""
+        off, w, n = tk - tq, self.window, 0
+        for i in range(tq):  # O(T): cheap next to any attention at that length
+            p = i + off
+            lo, hi = max(0, p - w + 1), (p if causal else min(tk - 1, p + w - 1))
+            n += max(0, min(hi, tk - 1) - lo + 1)
+        return n
+
+    def cost(self, tq, tk, causal) -> Cost:
+        pairs = self.pairs(tq, tk, causal)
+        dense_pairs = masks.causal_pairs(tq, tk) if causal else tq * tk
+        return Cost(flops=4.0 * self.num_heads * pairs * self.head_dim,
+                    density=pairs / dense_pairs,
+                    kv_bytes=2.0 * self.num_kv_heads * min(tk, self.window) * self.head_dim * 2)
+
+
+__all__ = ["SlidingWindow", "dense_flops"]
