@@ -42,8 +42,8 @@ def method_name(cfg: DictConfig) -> str:
 
         return HydraConfig.get().runtime.choices["method"]
     except Exception:  # noqa: BLE001 - outside a Hydra app (tests call run(cfg) directly)
-        target = str(cfg.method.get("_target_", "unknown"))
-        return cfg.method.get("name", target.rsplit(".", 1)[-1].lower())
+        target = str(cfg.method.get("_target_", "unknown.unknown"))
+        return target.split(".")[-2]  # methods.<name>.<Class>: a method file is named as its config
 
 
 def build_method(cfg: DictConfig, **structural) -> methods.AttentionMethod:
