@@ -199,12 +199,13 @@ class SparseMethod(AttentionMethod):
         if key_padding_mask is not None:
             mod = masks.and_masks(mod, masks.key_padding(key_padding_mask))
         pairs = float(B * H * (masks.causal_pairs(tq, tk) if causal else tq * tk))
-        if self.impl == "reference":
+        from methods.kernels import flex
+
+        if self.impl == "reference" or not flex.usable(q, k, v):
+            self._compiled = False
             mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
             self.last_density = float(mask.sum()) / pairs
             return masked_attention(q, k, v, mask)
-        from methods.kernels import flex
-
         bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
         self.last_density = min(1.0, flex.block_density(bm, pairs))
         out, self._compiled = flex.attention(q, k, v, bm)

@@ -40,6 +40,12 @@ def block_density(bm, pairs: float) -> float:
     return float(n) * bq * bk / pairs
 
 
+def usable(q, k, v) -> bool:
+    """Eager FlexAttention has no CPU backward: there, with gradients, use the dense mask."""
+    return q.device.type == "cuda" or not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 def attention(q, k, v, bm, scale=None) -> tuple[torch.Tensor, bool]:
     """flex_attention(q, k, v) under block mask ``bm``; returns (output, ran_compiled)."""
     from torch.nn.attention.flex_attention import flex_attention

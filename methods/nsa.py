@@ -1,0 +1,165 @@
+"""NSA-style Native Sparse Attention: compressed, selected and sliding-window branches.
+
+Yuan et al., "Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse
+Attention" (2025), Sec. 3.3 (Eq. 5-12). Causal only.
+
+compressed  blocks of ``compress_block`` keys taken every ``compress_stride`` tokens are
+            compressed to one key and one value each by a learned MLP (with an intra-block
+            position embedding); query t attends to the blocks that end at or before t.
+selected    the compressed attention probabilities are summed over the heads of a GQA group
+            and over the compressed blocks overlapping each selection block of
+            ``block_size`` keys (Eq. 9-10); the ``num_selected`` best blocks visible to the
+            query are kept, the first block and the two local blocks always among them; the
+            query attends to their tokens (causally).
+window      the ``window`` most recent keys.
+out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head.
+
+impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
+selected and window branches with FlexAttention block masks (the compressed branch is
+T x T/stride and is computed directly in both).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from methods import masks
+from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
+
+
+class NSA(SparseMethod):
+    name = "nsa"
+    supports_noncausal = False
+    trainable = True
+    training_free = False
+
+    def __init__(self, block_size: int = 64, num_selected: int = 16, window: int = 512,
+                 compress_block: int = 32, compress_stride: int = 16, query_chunk: int = 4096,
+                 impl: str = "flex", **structural):
+        super().__init__(impl=impl, **structural)
+        if min(block_size, num_selected, window, compress_block, compress_stride) < 1:
+            raise ValueError("NSA: block_size, num_selected, window, compress_block, compress_stride >= 1")
+        if compress_stride > compress_block:
+            raise ValueError("NSA: compress_stride must not exceed compress_block (blocks would skip keys)")
+        self.block_size, self.num_selected, self.window = block_size, num_selected, window
+        self.compress_block, self.compress_stride, self.query_chunk = compress_block, compress_stride, query_chunk
+        D, l = self.head_dim, compress_block
+        self.pos_k = nn.Parameter(torch.zeros(l, D))
+        self.pos_v = nn.Parameter(torch.zeros(l, D))
+        self.comp_k = nn.Linear(l * D, D, bias=False)
+        self.comp_v = nn.Linear(l * D, D, bias=False)
+        with torch.no_grad():  # start as block means (the MLP then learns from there)
+            mean = torch.eye(D).repeat(1, l) / l  # [D, l*D]
+            self.comp_k.weight.copy_(mean)
+            self.comp_v.weight.copy_(mean)
+        self.gate = nn.Linear(D, 3)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.flex_block_size = 128 if block_size % 128 == 0 else block_size
+
+    def hyperparameters(self) -> dict:
+        return {"block_size": self.block_size, "num_selected": self.num_selected, "window": self.window,
+                "compress_block": self.compress_block, "compress_stride": self.compress_stride}
+
+    # ---- compressed branch ------------------------------------------------------------------
+    def compress(self, x, pos, lin):
+        """[B, Hkv, T, D] -> [B, Hkv, n_cmp, D]: one vector per block (stride d, length l)."""
+        l, d = self.compress_block, self.compress_stride
+        T = x.shape[2]
+        if T < l:
+            return x.new_zeros(*x.shape[:2], 0, x.shape[-1])
+        blocks = x.unfold(2, l, d).transpose(-1, -2)  # [B, Hkv, n, l, D]
+        blocks = blocks + pos.to(x.dtype)
+        return blocks.flatten(-2) @ lin.weight.to(x.dtype).T  # [B, Hkv, n, D]
+
+    def _compressed(self, q, k, v):
+        """o_cmp and the selection-block importance (summed over each GQA group), chunked
+        over queries so that memory stays O(chunk x T / stride)."""
+        B, H, T, D = q.shape
+        Hkv, rep = k.shape[1], H // k.shape[1]
+        l, d, bs = self.compress_block, self.compress_stride, self.block_size
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        kc = repeat_kv(self.compress(k.to(dt), self.pos_k, self.comp_k), rep)  # [B, H, n, D]
+        vc = repeat_kv(self.compress(v.to(dt), self.pos_v, self.comp_v), rep)
+        n, nsel = kc.shape[2], math.ceil(T / bs)
+        ends = torch.arange(n, device=q.device) * d + l - 1  # last key of each compressed block
+        starts = torch.arange(n, device=q.device) * d
+        sel_lo = torch.arange(nsel, device=q.device) * bs
+        overlap = ((starts.view(n, 1) < sel_lo.view(1, nsel) + bs)
+                   & (ends.view(n, 1) >= sel_lo.view(1, nsel))).to(dt)  # [n, nsel]
+        outs, imps = [], []
+        for a in range(0, T, self.query_chunk):
+            b = min(a + self.query_chunk, T)
+            t = torch.arange(a, b, device=q.device).view(-1, 1)
+            s = (q[:, :, a:b].to(dt) @ kc.transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
+            p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
+            outs.append(p @ vc)
+            grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
+            imps.append(grp @ overlap)  # [B, Hkv, c, nsel]
+        return torch.cat(outs, 2), torch.cat(imps, 2)
+
+    def select(self, importance, T):
+        """[B, Hkv, T, nsel] importance -> bool of the chosen blocks per query."""
+        bs = self.block_size
+        nsel = importance.shape[-1]
+        t = torch.arange(T, device=importance.device).view(T, 1)
+        j = torch.arange(nsel, device=importance.device).view(1, nsel)
+        cur = t // bs
+        forced = (j == 0) | (j == cur) | (j == cur - 1)
+        score = importance.masked_fill(forced, float("inf")).masked_fill(j > cur, float("-inf"))
+        top = score.topk(min(self.num_selected, nsel), dim=-1).indices
+        chosen = torch.zeros_like(importance, dtype=torch.bool).scatter_(-1, top, True)
+        return chosen & (j <= cur)  # [B, Hkv, T, nsel]
+
+    # ---- the three branches -------------------------------------------------------------------
+    def attend(self, q, k, v, causal, key_padding_mask):
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("NSA: queries and keys must have the same length (prefill/training)")
+        B, H, T, D = q.shape
+        rep = H // k.shape[1]
+        o_cmp, imp = self._compressed(q, k, v)
+        chosen = self.select(imp, T)  # [B, Hkv, T, nsel]
+        bs, w = self.block_size, self.window
+
+        def selected_mask(b, h, q_idx, kv_idx):
+            return chosen[b, h // rep, q_idx, kv_idx // bs] & (kv_idx <= q_idx)
+
+        def window_mask(b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx < w) & (kv_idx <= q_idx)
+
+        mods = [selected_mask, window_mask]
+        if key_padding_mask is not None:
+            mods = [masks.and_masks(m, masks.key_padding(key_padding_mask)) for m in mods]
+        pairs = float(B * H * masks.causal_pairs(T, T))
+        from methods.kernels import flex
+
+        if self.impl == "reference" or not flex.usable(q, k, v):
+            self._compiled = False
+            ms = [masks.materialize(m, B, H, T, T, q.device) for m in mods]
+            o_slc, o_win = (masked_attention(q, k, v, m) for m in ms)
+            self.last_density = float(ms[0].sum() + ms[1].sum()) / pairs
+        else:
+            bms = [flex.block_mask(m, B, H, T, T, q.device, self.flex_block_size) for m in mods]
+            (o_slc, c1), (o_win, c2) = (flex.attention(q, k, v, bm) for bm in bms)
+            self._compiled = c1 and c2
+            self.last_density = sum(flex.block_density(bm, pairs) for bm in bms)
+        g = torch.sigmoid(self.gate(q.to(self.gate.weight.dtype))).to(o_cmp.dtype)  # [B, H, T, 3]
+        out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.to(o_cmp.dtype) + g[..., 2:3] * o_win.to(o_cmp.dtype)
+        return out.to(q.dtype)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        """Budgeted: selected blocks plus window per query (at most all visible keys), plus the
+        compressed branch, against causal dense attention."""
+        bs, n_sel, w = self.block_size, self.num_selected, self.window
+        pairs = 0
+        for t in range(tk - tq, tk):
+            vis = t + 1
+            pairs += min(vis, n_sel * bs) + min(vis, w)
+        n_cmp = max(0, (tk - self.compress_block) // self.compress_stride + 1)
+        cmp_pairs = tq * n_cmp / 2  # about half the compressed blocks are visible on average
+        dense_pairs = masks.causal_pairs(tq, tk)
+        flops = 4.0 * self.num_heads * self.head_dim * (pairs + cmp_pairs)
+        return Cost(flops=flops, density=(pairs + cmp_pairs) / dense_pairs,
+                    kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
