@@ -193,20 +193,25 @@ def _ashape_pairs(tq, tk, sink, window):
 
 
 # ---- offline per-head pattern search ------------------------------------------------------
-DEFAULT_CANDIDATES = (
-    [dict(pattern="a_shape", num_sink=s, window=w) for s in (16, 64) for w in (128, 256, 512, 1024)]
-    + [dict(pattern="vertical_slash", num_sink=16, window=16, vertical_size=v, slash_size=s)
-       for v in (64, 256, 1024) for s in (128, 512, 1024)]
-    + [dict(pattern="block_sparse", top_k_blocks=n) for n in (2, 4, 8, 16, 32)]
-)
+def default_candidates(T: int, block_size: int = 64) -> list[dict]:
+    """Candidate patterns and budgets, sized as fractions of the calibration length."""
+    frac = lambda f: max(1, int(T * f))  # noqa: E731
+    nb = max(1, T // block_size)
+    return (
+        [dict(pattern="a_shape", num_sink=frac(1 / 256), window=frac(f)) for f in (1 / 32, 1 / 16, 1 / 8, 1 / 4)]
+        + [dict(pattern="vertical_slash", num_sink=frac(1 / 256), window=frac(1 / 256), vertical_size=frac(v),
+                slash_size=frac(s)) for v in (1 / 64, 1 / 16, 1 / 8) for s in (1 / 32, 1 / 16, 1 / 8)]
+        + [dict(pattern="block_sparse", top_k_blocks=max(1, int(nb * f))) for f in (1 / 32, 1 / 16, 1 / 8, 1 / 4)]
+    )
 
 
 @torch.no_grad()
-def search_patterns(q, k, budget: float, candidates=DEFAULT_CANDIDATES, block_size: int = 64,
+def search_patterns(q, k, budget: float, candidates=None, block_size: int = 64,
                     last_q: int = 64) -> list[dict]:
     """For each head, the candidate keeping the most causal attention mass (recall) with a
     density at most ``budget``; q: [B, H, T, D], k: [B, Hkv, T, D] calibration inputs."""
     B, H, T, D = q.shape
+    candidates = default_candidates(T, block_size) if candidates is None else candidates
     exact = torch.softmax(
         (q.float() @ repeat_kv(k, H // k.shape[1]).float().transpose(-1, -2) / math.sqrt(D)).masked_fill(
             ~masks.materialize(masks.causal(0), 1, 1, T, T, q.device), float("-inf")), -1)

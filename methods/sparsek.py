@@ -127,11 +127,9 @@ class SparseK(AttentionMethod):
                 counted += int((m > 0).sum())
                 outs.append(_weighted_softmax(s, m) @ repeat_kv(v, rep).to(dt))
             else:
-                outs.append(self._gather_chunk(qc, k, v, idx, wsel, rows, key_padding_mask, rep, dt, scale))
-                counted += int((wsel > 0).sum()) * rep
-        win_pairs = sum(min(self.window, i + off + 1) for i in range(tq))
-        if self.impl == "gather":
-            counted += B * H * win_pairs
+                o, n = self._gather_chunk(qc, k, v, idx, wsel, rows, key_padding_mask, rep, dt, scale)
+                outs.append(o)
+                counted += n
         self.last_density = counted / float(B * H * masks.causal_pairs(tq, tk))
         return torch.cat(outs, 2).to(q.dtype)
 
@@ -153,7 +151,8 @@ class SparseK(AttentionMethod):
         vall = repeat_kv(torch.cat([vs, vw], 3).flatten(3), rep).view(B, Hkv * rep, c, kk + w, D)
         m = repeat_kv(torch.cat([wsel, wok.to(dt)], -1), rep)  # [B, H, c, k + w]
         s = (qc.unsqueeze(-2) @ kall.transpose(-1, -2)).squeeze(-2) * scale  # [B, H, c, k + w]
-        return (_weighted_softmax(s, m).unsqueeze(-2) @ vall).squeeze(-2)
+        count = int((m > 0).sum())  # pairs really attended (selected with weight > 0, window)
+        return (_weighted_softmax(s, m).unsqueeze(-2) @ vall).squeeze(-2), count
 
     def cost(self, tq, tk, causal) -> Cost:
         off = tk - tq

@@ -1,0 +1,271 @@
+"""Sparse methods: exact with a full budget, fast paths equal references, densities, bad input."""
+import json
+
+import pytest
+import torch
+
+import methods
+from methods import masks
+from methods.base import AttentionInputError, masked_attention
+from methods.minference import load_patterns, main as minference_main, search_patterns
+from methods.sparsek import sparsek
+from tests.conftest import seeded_qkv
+
+F64 = torch.float64
+T = 63  # odd: not a multiple of any block size
+
+
+def exact(q, k, v, causal):
+    mask = masks.attention_mask(q.shape[0], 1, q.shape[2], k.shape[2], causal, None)
+    return masked_attention(q, k, v, mask)
+
+
+def _nsa_selection_only(m):
+    with torch.no_grad():  # gates: compressed 0, selected 1, window 0
+        m.gate.bias.copy_(torch.tensor([-float("inf"), float("inf"), -float("inf")]))
+    return m
+
+
+FULL_BUDGET = {  # (method, kwargs covering everything, causal settings)
+    "sliding_window": (dict(window=T), (False, True)),
+    "bigbird": (dict(block_size=8, num_window_blocks=2 * 8 + 1, num_random_blocks=0), (False, True)),
+    "minference-a_shape": (dict(pattern="a_shape", num_sink=0, window=T), (True,)),
+    "minference-vertical_slash": (dict(pattern="vertical_slash", vertical_size=T, slash_size=1), (True,)),
+    "minference-block_sparse": (dict(pattern="block_sparse", block_size=8, top_k_blocks=8), (True,)),
+    "nsa": (dict(block_size=8, num_selected=8, window=4, compress_block=8, compress_stride=4), (True,)),
+    "sparsek": (dict(k=T, window=3), (True,)),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_BUDGET))
+def test_full_budget_is_exact_attention(case):
+    name = case.split("-")[0]
+    kw, settings = FULL_BUDGET[case]
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16)
+    for impl in methods.load(name, **kw).impls:
+        m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl=impl, **kw).double()
+        if name == "nsa":
+            _nsa_selection_only(m)
+        for causal in settings:
+            torch.testing.assert_close(m(q, k, v, causal=causal), exact(q, k, v, causal),
+                                       rtol=1e-9, atol=1e-10)
+
+
+SMALL = {  # budgets that really drop pairs at T = 63
+    "sliding_window": dict(window=9),
+    "bigbird": dict(block_size=8, num_window_blocks=3, num_global_blocks=2, num_random_blocks=1),
+    "minference": dict(pattern="vertical_slash", num_sink=2, window=4, vertical_size=6, slash_size=6),
+    "minference-a": dict(pattern="a_shape", num_sink=4, window=8),
+    "minference-b": dict(pattern="block_sparse", block_size=8, top_k_blocks=2),
+    "nsa": dict(block_size=8, num_selected=2, window=8, compress_block=8, compress_stride=4),
+    "sparsek": dict(k=5, window=6, query_chunk=10),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_path_equals_reference_on_cpu(case, dtype):
+    name = case.split("-")[0]
+    probe = methods.load(name, **SMALL[case])
+    fast_impl = probe.impls[1]
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16, dtype=torch.float32)
+    kpm = torch.ones(2, T, dtype=torch.bool)
+    kpm[1, 50:] = False
+    for causal in (False, True):
+        if not (probe.supports_causal if causal else probe.supports_noncausal):
+            continue
+        for pad in (None, kpm):
+            m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl=fast_impl, **SMALL[case])
+            ref = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl="reference", **SMALL[case])
+            ref.load_state_dict(m.state_dict())
+            with torch.no_grad():
+                got = m(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, key_padding_mask=pad)
+                want = ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, key_padding_mask=pad)
+            tol = 2e-3 if dtype == torch.float16 else 1e-5
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+            if m.last_density is not None and fast_impl == "gather":
+                assert m.last_density == pytest.approx(ref.last_density)
+
+
+DEFAULTS_4K = ["sliding_window", "bigbird", "minference", "nsa", "sparsek"]
+
+
+@pytest.mark.parametrize("name", DEFAULTS_4K)
+def test_default_budgets_at_4k_are_sparse_and_counted(name):
+    n = 4096
+    m = methods.load(name, num_heads=2, num_kv_heads=2, head_dim=16, impl="reference")
+    causal = not m.supports_noncausal or name == "bigbird"
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=n, D=16, dtype=torch.float32)
+    with torch.no_grad():
+        m(q, k, v, causal=causal)
+    budget = m.cost(n, n, causal).density
+    assert budget < 0.75, (name, budget)
+    assert 0 < m.last_density <= budget + 1e-6, (name, m.last_density, budget)
+    if name in ("sliding_window", "bigbird", "sparsek"):  # data-independent: the budget is the count
+        assert m.last_density == pytest.approx(budget, rel=1e-6)
+
+
+def test_sliding_window_density_is_a_count_of_the_mask():
+    m = methods.load("sliding_window", num_heads=1, head_dim=8, window=5, impl="reference")
+    q = torch.randn(1, 1, 20, 8)
+    for causal in (False, True):
+        m(q, q, q, causal=causal)
+        i = torch.arange(20)
+        d = i[:, None] - i[None, :]
+        allowed = (d.abs() < 5) & ((d >= 0) if causal else True)
+        dense = 210 if causal else 400
+        assert m.last_density == pytest.approx(float(allowed.sum()) / dense)
+        assert m.cost(20, 20, causal).density == pytest.approx(float(allowed.sum()) / dense)
+
+
+# ---- BigBird --------------------------------------------------------------------------
+def test_bigbird_random_blocks_fixed_in_eval_and_train_and_differ_by_head():
+    m = methods.load("bigbird", num_heads=4, head_dim=8, block_size=4, num_random_blocks=2)
+    lay_train = m.train().layout(16, 16, False).clone()
+    m._layouts.clear()
+    lay_eval = m.eval().layout(16, 16, False)
+    assert torch.equal(lay_train, lay_eval)
+    assert not all(torch.equal(lay_eval[0], lay_eval[h]) for h in range(1, 4))
+    other = methods.load("bigbird", num_heads=4, head_dim=8, block_size=4, num_random_blocks=2, seed=1)
+    assert not torch.equal(other.layout(16, 16, False), lay_eval)
+    # every non-global query block has window + global + its random blocks
+    row = lay_eval[0, 5]
+    assert int(row.sum()) == 3 + 2 + 2
+
+
+def test_bigbird_causal_keeps_only_past_blocks():
+    m = methods.load("bigbird", num_heads=2, head_dim=8, block_size=4, num_random_blocks=2)
+    lay = m.layout(16, 16, True)
+    assert not torch.triu(lay, diagonal=1).any()
+
+
+def test_block_larger_than_the_sequence():
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=50, D=8)
+    for name, kw in [("bigbird", dict(block_size=128)), ("minference", dict(pattern="block_sparse", block_size=128)),
+                     ("nsa", dict(block_size=128, compress_block=64, compress_stride=32))]:
+        m = methods.load(name, num_heads=2, head_dim=8, impl="reference", **kw).double()
+        if name == "nsa":
+            _nsa_selection_only(m)
+        torch.testing.assert_close(m(q, k, v, causal=True), exact(q, k, v, True))
+
+
+@pytest.mark.parametrize("name", ["minference", "nsa", "sparsek"])
+def test_causal_only_methods_refuse_non_causal(name):
+    m = methods.load(name, num_heads=2, head_dim=8)
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(AttentionInputError, match="causal only"):
+        m(q, q, q, causal=False)
+
+
+# ---- MInference ------------------------------------------------------------------------
+def test_minference_decode_falls_back_to_dense():
+    m = methods.load("minference", num_heads=2, head_dim=8, vertical_size=2, slash_size=2)
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=1, tk=40, D=8, dtype=torch.float32)
+    out = m(q, k, v, causal=True)
+    assert m.last_fallback == "dense"
+    torch.testing.assert_close(out, exact(q, k, v, True))
+
+
+def test_vertical_slash_finds_planted_columns_and_diagonals():
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 16
+    q = torch.randn(1, 1, n, d, generator=g) * 0.1
+    k = torch.randn(1, 1, n, d, generator=g) * 0.1
+    k[0, 0, 100] = q[0, 0, -64:].mean(0) * 400  # a key every late query attends to
+    m = methods.load("minference", num_heads=1, head_dim=d, num_sink=1, window=1, vertical_size=3,
+                     slash_size=2, impl="reference")
+    isv, iss = m.vertical_slash_sets(q, k)
+    assert isv[0, 0, 100] and isv[0, 0, 0]  # planted column and the forced sink
+    assert iss[0, 0, 0]  # the forced nearest diagonal
+
+
+def test_pattern_search_respects_budget_and_round_trips(tmp_path):
+    from tasks.fidelity import structured_qkv
+
+    q, k, v = structured_qkv(1, 3, 3, 256, 16, "cpu", torch.float32, 0, causal=True)
+    cands = [dict(pattern="a_shape", num_sink=4, window=w) for w in (16, 64)] + [
+        dict(pattern="vertical_slash", num_sink=4, window=4, vertical_size=vv, slash_size=16) for vv in (8, 32)] + [
+        dict(pattern="block_sparse", top_k_blocks=b) for b in (1, 2)]
+    heads = search_patterns(q, k, budget=0.4, candidates=cands, block_size=32)
+    assert len(heads) == 3 and all(h["density"] <= 0.4 for h in heads)
+    assert all(0 < h["recall"] <= 1 for h in heads)
+    path = tmp_path / "p.json"
+    assert minference_main(["--out", str(path), "--budget", "0.3", "--seq-len", "256", "--num-heads", "2",
+                            "--head-dim", "16"]) == 0
+    data = json.loads(path.read_text())
+    assert data["num_heads"] == 2 and len(load_patterns(path, 2)) == 2
+    m = methods.load("minference", pattern="searched", pattern_file=str(path), num_heads=2, head_dim=16,
+                     impl="reference")
+    q2, k2, v2 = seeded_qkv(B=1, H=2, Hkv=2, T=256, D=16, dtype=torch.float32)
+    assert torch.isfinite(m(q2, k2, v2, causal=True)).all()
+    with pytest.raises(ValueError, match="has 2 heads, the model has 4"):
+        methods.load("minference", pattern="searched", pattern_file=str(path), num_heads=4)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        methods.load("minference", pattern="searched", pattern_file=str(tmp_path / "none.json"))
+
+
+# ---- SparseK operator ------------------------------------------------------------------
+def test_sparsek_operator_is_a_capped_simplex_projection():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(5, 30, generator=g, dtype=F64) * 2
+    for k in (1, 3.5, 10, 30):
+        p = sparsek(u, k)
+        assert ((p >= 0) & (p <= 1)).all()
+        torch.testing.assert_close(p.sum(-1), torch.full((5,), float(k), dtype=F64))
+    valid = torch.rand(5, 30, generator=g) > 0.3
+    p = sparsek(u, 4, valid)
+    assert (p[~valid] == 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.minimum(valid.sum(-1).to(F64), torch.tensor(4.0, dtype=F64)))
+    # the projection is the closest point of the set: no feasible perturbation is closer
+    p = sparsek(u[:1], 3)
+    for _ in range(50):
+        d = torch.randn(30, generator=g, dtype=F64) * 0.05
+        d -= d.mean()
+        alt = p[0] + d
+        if ((alt >= 0) & (alt <= 1)).all():
+            assert (alt - u[0]).norm() >= (p[0] - u[0]).norm() - 1e-12
+
+
+def test_sparsek_operator_gradcheck():
+    u = torch.randn(3, 12, dtype=F64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, 9:] = False
+    assert torch.autograd.gradcheck(lambda x: sparsek(x, 4, valid), (u,), eps=1e-6, atol=1e-5)
+
+
+def test_sparsek_trains_end_to_end_through_the_soft_mask():
+    m = methods.load("sparsek", num_heads=2, head_dim=8, k=4, window=3).double()
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=30, D=8)
+    m(q, k, v, causal=True).pow(2).sum().backward()
+    assert m.score.weight.grad is not None and m.score.weight.grad.abs().sum() > 0
+
+
+def test_nsa_gradients_reach_every_branch():
+    m = methods.load("nsa", num_heads=2, head_dim=8, block_size=8, num_selected=2, window=8,
+                     compress_block=8, compress_stride=4).double()
+    q, k, v = (t.requires_grad_() for t in seeded_qkv(B=1, H=2, Hkv=1, T=40, D=8))
+    m(q, k, v, causal=True).pow(2).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ---- GPU, bf16 -------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(SMALL))
+def test_fast_path_equals_reference_on_gpu_bf16(case):
+    name = case.split("-")[0]
+    probe = methods.load(name, **SMALL[case])
+    n = 1000
+    q, k, v = (t.cuda().bfloat16() for t in seeded_qkv(B=1, H=4, Hkv=2, T=n, D=64, dtype=torch.float32))
+    kw = {**SMALL[case]}
+    m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=64, impl=probe.impls[1], **kw).cuda()
+    ref = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=64, impl="reference", **kw).cuda()
+    ref.load_state_dict(m.state_dict())
+    causal = probe.supports_causal
+    with torch.no_grad():
+        got, want = m(q, k, v, causal=causal), ref(q, k, v, causal=causal)
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    assert err < 3e-2, err
+    if probe.impls[1] == "flex":
+        assert m.real_kernel
