@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
     out: list[records.RunRecord] = []
     try:
         method = build_method(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
-                              max_seq_len=max(seq_lens)).to(device).eval()
+                              max_seq_len=max(*seq_lens, int(cfg.runner.gate_len))).to(device).eval()
     except Exception as exc:  # noqa: BLE001 - a bad config is a record, not a crashed sweep
         rec = base_record(cfg, device, dtype, status="error", error=f"{type(exc).__name__}: {exc}")
         records.append(cfg.store, rec)

@@ -17,6 +17,11 @@ _COMPILED = None
 def _compiled_flex():
     global _COMPILED
     if _COMPILED is None:
+        import torch._dynamo.config as dc
+
+        for knob in ("cache_size_limit", "recompile_limit"):  # one compile per shape and mask kind
+            if hasattr(dc, knob):
+                setattr(dc, knob, max(getattr(dc, knob), 256))
         from torch.nn.attention.flex_attention import flex_attention
 
         _COMPILED = torch.compile(flex_attention, dynamic=False)

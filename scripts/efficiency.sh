@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Efficiency suite: every method's fast path against SDPA (default backend, and flash),
+# forward, bf16, B=1, H=32, D=128, causal (4k-128k) and non-causal (4k-64k).
+#   bash scripts/efficiency.sh [STORE] [extra Hydra overrides...]
+# Writes records to STORE (default results/efficiency/records.jsonl), then the leaderboard
+# (results/efficiency/leaderboard.md) and the latency/memory figures (results/figures/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STORE=${1:-results/efficiency/records.jsonl}
+shift || true
+AB=${ATTNBENCH:-attnbench}
+run() { $AB "$@" store="$STORE" || echo "attnbench $* failed (its records say why)"; }
+
+run -m method=dense,sliding_window,bigbird,nsa,performer,sparsek experiment=efficiency/causal "$@"
+run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse experiment=efficiency/causal "$@"
+run -m method=dense method.backend=flash experiment=efficiency/causal "$@"
+run -m method=dense,sliding_window,bigbird,performer,linformer,nystrom experiment=efficiency/noncausal "$@"
+run -m method=dense method.backend=flash experiment=efficiency/noncausal "$@"
+
+FIGDIR=${FIGDIR:-results/figures}
+${PYTHON:-python} -m analysis.leaderboard --store "$STORE" --out "$(dirname "$STORE")/leaderboard.md" \
+    --plot "$FIGDIR/efficiency.png"
