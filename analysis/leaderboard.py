@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.records import load
+from analysis.records import load, variants
 
 BASELINE = "dense"
 
@@ -30,19 +30,22 @@ def _cell(row, col, fmt):
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows: method (and impl); columns: fidelity at the longest length, forward latency
     per length, peak memory and speedup over dense at the longest length."""
-    df = df[df["runner"] == "kernel"]
+    df = df[df["runner"] == "kernel"].copy()
+    df["label"] = variants(df)
     lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
     if not lens:
         return pd.DataFrame()
     tmax = lens[-1]
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
+    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
+    dense = dense[auto] if auto.any() else dense  # the default backend: PyTorch's fastest
     base = dense.set_index("seq_len")["latency.forward.p50"].to_dict()
     rows = []
-    for (method, impl), g in df.groupby(["method", "impl"], sort=True):
+    for (label, impl), g in df.groupby(["label", "impl"], sort=True):
         by_len = {int(r["seq_len"]): r for _, r in g.iterrows() if pd.notna(r["seq_len"])}
         last = by_len.get(tmax)
-        row = {"method": method, "impl": impl,
+        row = {"method": label, "impl": impl,
                "real kernel": "yes" if g["real_kernel"].all() else "no"}
         row["rel err (random)"] = _cell(last, "metric.rel_err_random", "{:.3f}")
         row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")

@@ -20,16 +20,19 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Forward latency and peak memory against sequence length, log-log, one line per
     method and impl, dense in black. Failed and OOM points are left out, and marked with
     an x at the bottom of the axis so that a missing point is never read as a small one."""
-    df = df[df["runner"] == "kernel"]
+    from analysis.records import variants
+
+    df = df[df["runner"] == "kernel"].copy()
+    df["label"] = variants(df)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (method, impl), g in df.groupby(["method", "impl"]):
+    for (method, label, impl), g in df.groupby(["method", "label", "impl"]):
         g = g.sort_values("seq_len")
         ok = g[g["status"] == "ok"]
         style = {"color": "black", "linewidth": 2.2} if method == BASELINE else {}
-        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], "o-", label=_label(method, impl), **style)
+        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], "o-", label=_label(label, impl), **style)
         if "mem.forward" in ok:
             m = ok.dropna(subset=["mem.forward"])
-            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, "o-", label=_label(method, impl), **style)
+            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, "o-", label=_label(label, impl), **style)
         bad = g[g["status"] != "ok"]
         for ax in axes:
             if len(bad):

@@ -40,3 +40,21 @@ def load(*stores, latest: bool = True) -> pd.DataFrame:
     if latest and len(df):
         df = df.sort_values("time", kind="stable").drop_duplicates("run_id", keep="last")
     return df.reset_index(drop=True)
+
+
+def variants(df: pd.DataFrame) -> pd.Series:
+    """A label per row: the method, plus its hyperparameters that differ between the rows
+    of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``)."""
+    import json
+
+    params = df["method_params"].apply(lambda p: p if isinstance(p, dict) else {})
+    labels = df["method"].astype(str).copy()
+    for method, idx in df.groupby("method").groups.items():
+        ps = params.loc[idx]
+        keys = sorted({k for p in ps for k in p})
+        varying = [k for k in keys if k != "impl" and
+                   len({json.dumps(p.get(k), sort_keys=True, default=str) for p in ps}) > 1]
+        for i in idx:
+            extra = " ".join(f"{k}={params.loc[i].get(k)}" for k in varying)
+            labels.loc[i] = f"{method} {extra}".strip()
+    return labels

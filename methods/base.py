@@ -178,7 +178,8 @@ class SparseMethod(AttentionMethod):
     """
 
     impls = ("reference", "flex")
-    flex_block_size = 128
+    flex_block_size = 128  # FlexAttention's tile: blocks of the pattern are masked inside it
+    static_mask = False  # True when the mask depends only on the shape: its block mask is cached
 
     def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -206,7 +207,15 @@ class SparseMethod(AttentionMethod):
             mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
             self.last_density = float(mask.sum()) / pairs
             return masked_attention(q, k, v, mask)
-        bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
+        key = (B, H, tq, tk, causal, str(q.device))
+        cache = self.__dict__.setdefault("_block_masks", {})
+        if self.static_mask and key_padding_mask is None and key in cache:
+            bm = cache[key]
+        else:
+            bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
+            if self.static_mask and key_padding_mask is None:
+                cache.clear()  # one shape at a time: block masks of long sequences are large
+                cache[key] = bm
         self.last_density = min(1.0, flex.block_density(bm, pairs))
         out, self._compiled = flex.attention(q, k, v, bm)
         return out

@@ -26,6 +26,7 @@ from methods.base import Cost, SparseMethod
 
 class BigBird(SparseMethod):
     name = "bigbird"
+    static_mask = True
 
     def __init__(self, block_size: int = 64, num_window_blocks: int = 3, num_global_blocks: int = 2,
                  num_random_blocks: int = 3, seed: int = 0, impl: str = "flex", **structural):
@@ -34,7 +35,6 @@ class BigBird(SparseMethod):
             raise ValueError("BigBird: block_size, num_window_blocks >= 1; global, random >= 0")
         self.block_size, self.num_window_blocks = block_size, num_window_blocks
         self.num_global_blocks, self.num_random_blocks, self.seed = num_global_blocks, num_random_blocks, seed
-        self.flex_block_size = 128 if block_size % 128 == 0 else block_size
         self._layouts: dict = {}
 
     def hyperparameters(self) -> dict:

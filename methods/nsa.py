@@ -57,7 +57,6 @@ class NSA(SparseMethod):
         self.gate = nn.Linear(D, 3)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
-        self.flex_block_size = 128 if block_size % 128 == 0 else block_size
 
     def hyperparameters(self) -> dict:
         return {"block_size": self.block_size, "num_selected": self.num_selected, "window": self.window,

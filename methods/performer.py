@@ -142,21 +142,29 @@ class Performer(AttentionMethod):
         return num, den
 
     def _causal_chunked(self, fq, fk, vv):
-        """Chunks of C queries: masked exact products inside, running state (S, z) across."""
+        """Chunks of C tokens, all at once: exact masked products inside each chunk, and the
+        exclusive prefix sum of the chunks' states (S, z) across them. Memory is linear in T."""
         tq, tk, C = fq.shape[2], fk.shape[2], self.chunk_size
         off = tk - tq
-        s = fk[:, :, :off].transpose(-1, -2) @ vv[:, :, :off]  # [B, H, m, D] keys before the queries
-        z = fk[:, :, :off].sum(-2)  # [B, H, m]
-        nums, dens = [], []
-        for a in range(0, tq, C):
-            b = min(a + C, tq)
-            q_c, k_c, v_c = fq[:, :, a:b], fk[:, :, off + a:off + b], vv[:, :, off + a:off + b]
-            att = torch.tril(q_c @ k_c.transpose(-1, -2))  # [B, H, c, c], causal inside
-            nums.append(q_c @ s + att @ v_c)
-            dens.append((q_c @ z.unsqueeze(-1)) + att.sum(-1, keepdim=True))
-            s = s + k_c.transpose(-1, -2) @ v_c
-            z = z + k_c.sum(-2)
-        return torch.cat(nums, 2), torch.cat(dens, 2)
+        s0 = fk[:, :, :off].transpose(-1, -2) @ vv[:, :, :off]  # [B, H, m, D] keys before the queries
+        z0 = fk[:, :, :off].sum(-2)  # [B, H, m]
+        n = math.ceil(tq / C)
+        pad = n * C - tq
+
+        def chunks(x):  # [B, H, tq, f] -> [B, H, n, C, f] (zero padded: adds nothing)
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+            return x.view(*x.shape[:2], n, C, x.shape[-1])
+
+        qc, kc, vc = chunks(fq), chunks(fk[:, :, off:]), chunks(vv[:, :, off:])
+        s = kc.transpose(-1, -2) @ vc  # [B, H, n, m, D] state of each chunk
+        z = kc.sum(-2)  # [B, H, n, m]
+        s = torch.cumsum(s, 2) - s + s0.unsqueeze(2)  # states of everything before each chunk
+        z = torch.cumsum(z, 2) - z + z0.unsqueeze(2)
+        att = torch.tril(qc @ kc.transpose(-1, -2))  # [B, H, n, C, C], causal inside
+        num = qc @ s + att @ vc  # [B, H, n, C, D]
+        den = (qc * z.unsqueeze(-2)).sum(-1, keepdim=True) + att.sum(-1, keepdim=True)
+        flat = lambda x: x.reshape(*x.shape[:2], n * C, x.shape[-1])[:, :, :tq]  # noqa: E731
+        return flat(num), flat(den)
 
     def cost(self, tq, tk, causal) -> Cost:
         m, d, h = self.num_features, self.head_dim, self.num_heads

@@ -14,6 +14,7 @@ from methods.base import Cost, SparseMethod, dense_flops
 
 class SlidingWindow(SparseMethod):
     name = "sliding_window"
+    static_mask = True
 
     def __init__(self, window: int = 512, **structural):
         super().__init__(**structural)

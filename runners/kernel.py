@@ -124,6 +124,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
             rec.status = "oom" if bench.is_oom(exc) else "error"
             rec.error = f"{type(exc).__name__}: {exc}"
             log.warning("T=%d: %s", T, rec.error)
+        rec.real_kernel = method.real_kernel  # known once the implementation has run
         records.append(cfg.store, rec)
         out.append(rec)
         gc.collect()
