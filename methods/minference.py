@@ -56,6 +56,7 @@ class MInference(SparseMethod):
                 raise ValueError("MInference: pattern=searched needs pattern_file (see search_patterns)")
             heads = load_patterns(pattern_file, H)
         self.heads = heads
+        self.static_mask = all(h["pattern"] == "a_shape" for h in heads)  # no index building
         self.block_size, self.last_q = block_size, last_q
         self.last_fallback: str | None = None
 
