@@ -24,7 +24,7 @@ install: $(STAMP)
 # Default benchmark: every method in conf/method/ at sequence lengths 256-2048, on the GPU
 # when there is one, then the leaderboard (terminal + results/local/leaderboard.md).
 run: $(STAMP)
-	$(VENV)/bin/attnbench -m 'method=glob(*)' experiment=default
+	$(VENV)/bin/attnbench -m 'method=glob(*)' runner.causal=false,true experiment=default
 	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md --plot results/local/latency_memory.png
 
 test: $(STAMP)

@@ -24,15 +24,17 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
 
     df = df[df["runner"] == "kernel"].copy()
     df["label"] = variants(df)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for (method, label, impl), g in df.groupby(["method", "label", "impl"]):
         g = g.sort_values("seq_len")
         ok = g[g["status"] == "ok"]
         style = {"color": "black", "linewidth": 2.2} if method == BASELINE else {}
-        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], "o-", label=_label(label, impl), **style)
+        if method == BASELINE and label != BASELINE and "backend=auto" not in label:
+            style["linestyle"] = "--"  # dense with a forced backend: dashed beside the default
+        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], marker="o", label=_label(label, impl), **{"linestyle": "-", **style})
         if "mem.forward" in ok:
             m = ok.dropna(subset=["mem.forward"])
-            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, "o-", label=_label(label, impl), **style)
+            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, marker="o", label=_label(label, impl), **{"linestyle": "-", **style})
         bad = g[g["status"] != "ok"]
         for ax in axes:
             if len(bad):
@@ -45,10 +47,13 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    handles, names = axes[0].get_legend_handles_labels()
+    ncol = min(4, max(1, len(names)))
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    rows = -(-len(names) // ncol)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -14,8 +14,9 @@ Gradients reach the scoring network through p (the operator's Jacobian on its fr
 With k and the window covering every key it is exact attention.
 
 impl=reference  soft mask materialised [B, H, T, T]
-impl=gather     per chunk of queries, the k selected keys are gathered: memory grows with
-                k + window per query, not with the square of the length
+impl=gather     per chunk of queries, the k selected keys are gathered and the window is a
+                contiguous slab of keys: memory grows with k + window per query (and the
+                chunk), not with the square of the length
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class SparseKOp(torch.autograd.Function):
     """p = clip(u - tau, 0, 1), sum p = k, over the entries where ``valid`` (rows of u)."""
 
     @staticmethod
-    def forward(ctx, u, valid, k: float, iters: int = 64):
+    def forward(ctx, u, valid, k: float):
         dt = u.dtype
+        iters = 64 if dt == torch.float64 else 30  # halves the bracket to below the dtype's precision
         u = u.masked_fill(~valid, 0.0)
         n = valid.sum(-1, keepdim=True).to(dt)  # visible count per row
         big = torch.finfo(dt).max / 4
@@ -96,7 +98,7 @@ class SparseK(AttentionMethod):
             cand = cand & kpm[:, None, None, :]
         uu = u.unsqueeze(2).expand(-1, -1, len(rows), -1)  # [B, Hkv, c, T]
         p = sparsek(uu, self.k, cand)  # [B, Hkv, c, T]
-        kk = min(self.k, tk)
+        kk = min(self.k, max(1, tk - self.window))  # no more than there can be candidates
         top = uu.masked_fill(~cand, float("-inf")).topk(kk, dim=-1)
         ok = torch.isfinite(top.values)
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
@@ -134,25 +136,28 @@ class SparseK(AttentionMethod):
         return torch.cat(outs, 2).to(q.dtype)
 
     def _gather_chunk(self, qc, k, v, idx, wsel, rows, kpm, rep, dt, scale):
+        """Selected keys are gathered ([c, k, D] per head); the window is the contiguous slab of
+        keys (rows[0] - window, rows[-1]] shared by the chunk, masked to each query's band."""
         B, Hkv, c, kk = idx.shape
         D, w = k.shape[-1], self.window
-        kd, vd = k.to(dt), v.to(dt)
-        gi = idx.unsqueeze(-1).expand(-1, -1, -1, -1, D).reshape(B, Hkv, c * kk, D)
-        ks = torch.gather(kd, 2, gi).view(B, Hkv, c, kk, D)  # [B, Hkv, c, k, D]
-        vs = torch.gather(vd, 2, gi).view(B, Hkv, c, kk, D)
-        wpos = rows.view(c, 1) - torch.arange(w - 1, -1, -1, device=rows.device).view(1, w)  # [c, w]
-        wok = (wpos >= 0).view(1, 1, c, w).expand(B, Hkv, c, w)
+        gi = idx.reshape(B, Hkv, c * kk, 1).expand(-1, -1, -1, D)
+        ks = repeat_kv(torch.gather(k, 2, gi).to(dt).view(B, Hkv, c * kk, D), rep)  # [B, H, c*k, D]
+        vs = repeat_kv(torch.gather(v, 2, gi).to(dt).view(B, Hkv, c * kk, D), rep)
+        H = Hkv * rep
+        s_sel = (qc.unsqueeze(-2) @ ks.view(B, H, c, kk, D).transpose(-1, -2)).squeeze(-2) * scale  # [B, H, c, k]
+        lo, hi = max(0, int(rows[0]) - w + 1), int(rows[-1]) + 1
+        kw, vw = repeat_kv(k[:, :, lo:hi].to(dt), rep), repeat_kv(v[:, :, lo:hi].to(dt), rep)  # slab
+        pos = torch.arange(lo, hi, device=qc.device).view(1, -1)
+        band = (pos <= rows.view(-1, 1)) & (pos > rows.view(-1, 1) - w)  # [c, slab]
+        band = band.view(1, 1, c, -1)
         if kpm is not None:
-            wok = wok & torch.gather(kpm, 1, wpos.clamp_min(0).view(1, -1).expand(B, -1)).view(B, 1, c, w)
-        wi = wpos.clamp_min(0).reshape(1, 1, c * w, 1).expand(B, Hkv, -1, D)
-        kw = torch.gather(kd, 2, wi).view(B, Hkv, c, w, D)
-        vw = torch.gather(vd, 2, wi).view(B, Hkv, c, w, D)
-        kall = repeat_kv(torch.cat([ks, kw], 3).flatten(3), rep).view(B, Hkv * rep, c, kk + w, D)
-        vall = repeat_kv(torch.cat([vs, vw], 3).flatten(3), rep).view(B, Hkv * rep, c, kk + w, D)
-        m = repeat_kv(torch.cat([wsel, wok.to(dt)], -1), rep)  # [B, H, c, k + w]
-        s = (qc.unsqueeze(-2) @ kall.transpose(-1, -2)).squeeze(-2) * scale  # [B, H, c, k + w]
+            band = band & kpm[:, None, None, lo:hi]
+        s_win = (qc @ kw.transpose(-1, -2)) * scale  # [B, H, c, slab]
+        m = torch.cat([repeat_kv(wsel, rep), band.to(dt).expand(B, H, -1, -1)], -1)
+        p = _weighted_softmax(torch.cat([s_sel, s_win], -1), m)
+        out = (p[..., :kk].unsqueeze(-2) @ vs.view(B, H, c, kk, D)).squeeze(-2) + p[..., kk:] @ vw
         count = int((m > 0).sum())  # pairs really attended (selected with weight > 0, window)
-        return (_weighted_softmax(s, m).unsqueeze(-2) @ vall).squeeze(-2), count
+        return out, count
 
     def cost(self, tq, tk, causal) -> Cost:
         off = tk - tq

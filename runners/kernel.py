@@ -109,6 +109,9 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         log.error("could not build the method: %s", rec.error)
         return [rec]
 
+    if not (method.supports_causal if causal else method.supports_noncausal):
+        log.info("%s does not support causal=%s: nothing to run", rec_name(cfg), causal)
+        return out  # a sweep over both settings runs each method where it applies
     backward = method.trainable if cfg.runner.backward == "auto" else bool(cfg.runner.backward)
     bar = tqdm(seq_lens, desc=f"{rec_name(cfg)}", unit="len", leave=False)
     for T in bar:

@@ -81,6 +81,10 @@ def now() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of the project (``-dirty`` when tracked files changed); where the tree is a copy
+    without .git (a remote GPU machine), the ``ATTNBENCH_GIT_COMMIT`` the launcher exported."""
+    if os.environ.get("ATTNBENCH_GIT_COMMIT"):
+        return os.environ["ATTNBENCH_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5

@@ -48,6 +48,11 @@ def test_method_runs_through_runner(method_name, compose_cfg, store):
     assert r["env"]["torch"] == torch.__version__
 
 
+def test_unsupported_setting_writes_nothing(compose_cfg, store):
+    assert run(compose_cfg("method=linformer", "runner.causal=true")) == []
+    assert read(store) == []
+
+
 def test_unknown_method_lists_known_ones():
     with pytest.raises(ValueError, match="unknown method 'nope'.*dense"):
         methods.load("nope")
