@@ -51,3 +51,21 @@ def test_leaderboard_without_store_says_so(tmp_path):
     p = subprocess.run([sys.executable, "-m", "analysis.leaderboard", "--store",
                         str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 1 and "no results store" in p.stderr
+
+
+def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store):
+    from runners import run
+    from runners.records import read as read_store
+
+    exps = sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
+                  for p in (ROOT / "conf/experiment").rglob("*.yaml"))
+    assert {"default", "efficiency/causal", "efficiency/noncausal", "efficiency/smoke"} <= set(exps)
+    for e in exps:
+        first = (ROOT / "conf/experiment" / f"{e}.yaml").read_text().splitlines()
+        assert any(line.startswith("# attnbench") for line in first[:3]), f"{e}: run command on top"
+        # the GPU suites at CPU size: the tiny overrides come after the experiment's
+        cfg = compose_cfg(f"experiment={e}", "device=cpu", "dtype=float32", "model.num_heads=2",
+                          "model.num_kv_heads=2", "model.head_dim=16", "runner.seq_lens=[64]",
+                          "task.max_len=64", "runner.force=true", f"store={store}")
+        assert run(cfg)[0].status == "ok"
+    assert len(read_store(store)) == len(exps)

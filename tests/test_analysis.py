@@ -1,0 +1,60 @@
+"""Leaderboard and plots on fixture records, failed and OOM runs included."""
+import json
+
+import pandas as pd
+
+from analysis.leaderboard import kernel_table, render
+from analysis.plots import latency_memory
+from analysis.records import load, variants
+from runners import records
+
+
+def _rec(method, T, status="ok", ms=1.0, params=None, impl="sdpa", causal=False, **kw):
+    return {"run_id": f"{method}-{json.dumps(params)}-{T}-{causal}", "time": "2026-01-01T00:00:00",
+            "method": method, "impl": impl, "real_kernel": True, "model": "attn_op", "task": "fidelity",
+            "runner": "kernel", "seq_len": T, "batch_size": 1, "dtype": "float32", "device": "cpu",
+            "causal": causal, "status": status, "error": None if status == "ok" else "boom",
+            "seed": 0, "method_params": params or {}, "env": {}, "details": {},
+            "metrics": {"rel_err_random": 0.1} if status == "ok" else {},
+            "latency_ms": {"forward": {"p20": ms, "p50": ms, "p80": ms}} if status == "ok" else {},
+            "peak_mem_bytes": {"forward": 2**20} if status == "ok" else {},
+            "cost": {"flops": 1.0, "density": 0.5, "kv_bytes": 1.0} if status == "ok" else None, **kw}
+
+
+def _store(tmp_path, recs):
+    path = tmp_path / "r.jsonl"
+    for r in recs:
+        records.append(path, r)
+    return path
+
+
+def test_failed_and_oom_runs_show_their_status_not_zeros(tmp_path):
+    path = _store(tmp_path, [
+        _rec("dense", 256, ms=2.0, params={"backend": "auto"}), _rec("dense", 512, ms=8.0, params={"backend": "auto"}),
+        _rec("dense", 512, ms=16.0, params={"backend": "flash"}),
+        _rec("nsa", 256, ms=1.0, impl="flex"), _rec("nsa", 512, status="oom", impl="flex"),
+        _rec("bigbird", 256, status="failed_correctness", impl="flex"),
+    ])
+    table = kernel_table(load(path))
+    rows = {r["method"]: r for _, r in table.iterrows()}
+    assert set(rows) == {"dense backend=auto", "dense backend=flash", "nsa", "bigbird"}
+    assert rows["nsa"]["fwd ms @512"] == "oom" and rows["nsa"]["fwd ms @256"] == "1.000"
+    assert rows["bigbird"]["fwd ms @256"] == "failed_correctness"
+    assert rows["dense backend=flash"]["speedup @512"] == "0.50x"  # against the default backend
+    assert rows["dense backend=auto"]["speedup @512"] == "1.00x"
+    assert "oom" in render(load(path))
+    png = latency_memory(load(path), tmp_path / "f.png", "fixture")
+    assert png.stat().st_size > 1000
+
+
+def test_latest_record_per_run_id_wins(tmp_path):
+    a = _rec("dense", 256, ms=2.0)
+    b = {**a, "time": "2026-01-02T00:00:00", "latency_ms": {"forward": {"p20": 3, "p50": 3, "p80": 3}}}
+    df = load(_store(tmp_path, [a, b]))
+    assert len(df) == 1 and df["latency.forward.p50"].iloc[0] == 3
+
+
+def test_variants_name_only_what_differs():
+    df = pd.DataFrame({"method": ["m", "m", "d"],
+                       "method_params": [{"pattern": "a", "w": 1}, {"pattern": "b", "w": 1}, {"x": 1}]})
+    assert list(variants(df)) == ["m pattern=a", "m pattern=b", "d"]
