@@ -108,6 +108,7 @@ def environment(device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "host": platform.node(),
+        "pid": os.getpid(),
         "cpu_threads": torch.get_num_threads(),
     }
     try:

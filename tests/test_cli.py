@@ -69,3 +69,15 @@ def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store):
                           "task.max_len=64", "runner.force=true", f"store={store}")
         assert run(cfg)[0].status == "ok"
     assert len(read_store(store)) == len(exps)
+
+
+def test_parallel_jobs_append_to_one_store(tmp_path):
+    """Four jobs in two worker processes at once: every record arrives whole, none twice."""
+    p = _run(["-m", "hydra/launcher=local", "method=dense,performer,nystrom,sliding_window",
+              "runner.seq_lens=[64,96,128]"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    recs = read(tmp_path / "r.jsonl")
+    assert sorted((r["method"], r["seq_len"]) for r in recs) == sorted(
+        (m, t) for m in ("dense", "performer", "nystrom", "sliding_window") for t in (64, 96, 128))
+    assert len({r["run_id"] for r in recs}) == 12
+    assert len({r["env"].get("pid") for r in recs}) >= 2, "the jobs ran in separate processes"
