@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from runners.records import RunRecord
 
-RUNNERS = ("kernel",)
+RUNNERS = ("kernel", "train")
 
 
 def run(cfg: DictConfig) -> list[RunRecord]:
@@ -15,4 +15,8 @@ def run(cfg: DictConfig) -> list[RunRecord]:
         from runners import kernel
 
         return kernel.run(cfg)
+    if name == "train":
+        from runners import train
+
+        return train.run(cfg)
     raise ValueError(f"unknown runner {name!r}; known runners: {', '.join(RUNNERS)}")

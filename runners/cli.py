@@ -21,8 +21,9 @@ def main(cfg: DictConfig) -> None:
     recs = run(cfg)
     for r in recs:
         lat = r.latency_ms.get("forward", {}).get("p50")
-        lat = f"{lat:.3f} ms" if lat is not None else "-"
-        log.info("%s T=%s %s: %s forward p50 %s%s", r.method, r.seq_len, r.impl, r.status, lat,
+        what = f"forward p50 {lat:.3f} ms" if lat is not None else ", ".join(
+            f"{k} {v:.4g}" for k, v in r.metrics.items() if isinstance(v, float))
+        log.info("%s T=%s %s: %s %s%s", r.method, r.seq_len, r.impl, r.status, what,
                  f" ({r.error})" if r.error else "")
     log.info("%d record(s) appended to %s", len(recs), cfg.store)
 

@@ -1,0 +1,1 @@
+"""Models that combine an attention method (one instance per layer) with a task."""

@@ -1,0 +1,177 @@
+"""runner=train: train a model with an attention method on a task, evaluate, record.
+
+AdamW with linear warmup then linear (or cosine) decay; bf16 autocast on the GPU; evaluation
+on the validation split every ``eval_every`` steps and the best model kept; the test split
+evaluated with the best model at the end; a checkpoint every ``ckpt_every`` steps from which
+an interrupted run resumes (model, optimiser, schedule, step, random states: the resumed run
+follows the same path as an uninterrupted one); a progress bar; one record with accuracy,
+steps, tokens and wall time. Deterministic on the CPU for a fixed seed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from runners import bench, records
+from runners.context import base_record, method_cfg, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, r) -> float:
+    warm, total = int(r.warmup_steps), int(r.steps)
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * frac)) if r.decay == "cosine" else max(0.0, 1 - frac)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The examples of a step: epoch permutations seeded by (seed, epoch), so any step's
+    batch is known without replaying the ones before it (what resuming relies on)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size, device, amp, max_batches=None) -> float:
+    model.eval()
+    x, y = split[0], split[1]
+    correct = total = 0
+    for b, a in enumerate(range(0, len(y), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        xb = _to(x[a:a + batch_size], device)
+        with amp:
+            logits = model(*xb) if isinstance(xb, tuple) else model(xb)
+        correct += int((logits.argmax(-1).cpu() == y[a:a + batch_size]).sum())
+        total += len(y[a:a + batch_size])
+    model.train()
+    return correct / max(1, total)
+
+
+def _to(x, device):
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+
+
+def _take(x, idx):
+    return tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+
+
+def run(cfg: DictConfig) -> list[records.RunRecord]:
+    r = cfg.runner
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(int(r.cpu_threads))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(int(cfg.seed))
+    rec = base_record(cfg, device, dtype, seq_len=int(cfg.task.max_len))
+    if not r.force and rec.run_id in records.done_ids(cfg.store):
+        log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+        return []
+    ckdir = Path(r.checkpoint_dir) / rec.run_id
+    try:
+        data = get_method(cfg.task.loader)(cfg.task)
+        model_kw = OmegaConf.to_container(cfg.model, resolve=True)
+        model = get_method(r.model_class)(method_cfg(cfg), vocab_size=data["vocab_size"],
+                                          num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
+                                          pad_id=data["pad_id"], cls_id=data.get("cls_id"), **model_kw).to(device)
+        rec.causal = model.causal
+        _train(cfg, model, data, device, dtype, ckdir, rec)
+    except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
+        rec.status = "oom" if bench.is_oom(exc) else "error"
+        rec.error = f"{type(exc).__name__}: {exc}"
+        log.error("training failed: %s", rec.error)
+    rec.time = records.now()
+    records.append(cfg.store, rec)
+    return [rec]
+
+
+def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
+    r = cfg.runner
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(r.lr), weight_decay=float(r.weight_decay),
+                            betas=tuple(r.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, r))
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
+           else torch.autocast("cpu", enabled=False))
+    state = {"step": 0, "best_val": -1.0, "wall_s": 0.0, "tokens": 0, "losses": []}
+    last = ckdir / "last.pt"
+    if r.resume and last.exists():
+        ck = torch.load(last, weights_only=False, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        torch.set_rng_state(ck["rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        state = ck["state"]
+        rec.details["resumed_from_step"] = state["step"]
+        log.info("resumed from %s at step %d", last, state["step"])
+
+    def save(path, extra=None):
+        ckdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "state": state, **(extra or {})}, tmp)
+        os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+    x, y = data["train"]
+    n, bs, steps = len(y), int(r.batch_size), int(r.steps)
+    model.train()
+    bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step")
+    t0 = time.perf_counter()
+    while state["step"] < steps:
+        step = state["step"]
+        idx = batch_indices(n, bs, step, int(cfg.seed))
+        xb, yb = _to(_take(x, idx), device), y[idx].to(device)
+        with amp:
+            logits = model(*xb) if isinstance(xb, tuple) else model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if r.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, float(r.grad_clip))
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        state["tokens"] += int(bs * (x[0].shape[1] if isinstance(x, tuple) else x.shape[1]))
+        lv = loss.item()
+        state["losses"].append(lv)
+        bar.update()
+        bar.set_postfix(loss=f"{lv:.3f}")
+        if state["step"] % int(r.eval_every) == 0 or state["step"] == steps:
+            acc = evaluate(model, data["val"], int(r.eval_batch_size), device, amp, r.eval_batches)
+            bar.set_postfix(loss=f"{lv:.3f}", val=f"{acc:.3f}")
+            if acc > state["best_val"]:
+                state["best_val"] = acc
+                torch.save(model.state_dict(), ckdir.mkdir(parents=True, exist_ok=True) or ckdir / "best.pt")
+        if state["step"] % int(r.ckpt_every) == 0 or state["step"] == steps:
+            state["wall_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save(last)
+    bar.close()
+    state["wall_s"] += time.perf_counter() - t0
+    if (ckdir / "best.pt").exists():
+        model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=False, map_location=device))
+    test_acc = evaluate(model, data["test"], int(r.eval_batch_size), device, amp)
+    rec.metrics.update({"val_acc": state["best_val"], "test_acc": test_acc,
+                        "final_train_loss": state["losses"][-1] if state["losses"] else None})
+    rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],
+                 "loss_curve": state["losses"][:: max(1, len(state["losses"]) // 200)]}
+    rec.details["checkpoint"] = str(ckdir / "best.pt")
+    rec.real_kernel = bool(model.blocks[0].attn.method.real_kernel)  # known once it has run
