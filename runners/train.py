@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
@@ -69,15 +70,35 @@ def _take(x, idx):
     return tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
 
 
+def distributed(device) -> tuple[int, int]:
+    """(rank, world size); under ``torchrun`` the process group is started here (NCCL on
+    GPUs, gloo on the CPU) and each rank takes the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
 def run(cfg: DictConfig) -> list[records.RunRecord]:
     r = cfg.runner
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    rank, world = distributed(device)
     dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(int(r.cpu_threads))
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(int(cfg.seed))
     rec = base_record(cfg, device, dtype, seq_len=int(cfg.task.max_len))
+    if world > 1:
+        rec.details["world_size"] = world
+        if int(r.batch_size) % world:
+            raise ValueError(f"runner.batch_size={r.batch_size} (the global batch) must divide "
+                             f"evenly over {world} processes")
     if not r.force and rec.run_id in records.done_ids(cfg.store):
         log.info("an ok record with run_id %s exists; skipped", rec.run_id)
         return []
@@ -89,19 +110,27 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
                                           num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
                                           pad_id=data["pad_id"], cls_id=data.get("cls_id"), **model_kw).to(device)
         rec.causal = model.causal
-        _train(cfg, model, data, device, dtype, ckdir, rec)
+        _train(cfg, model, data, device, dtype, ckdir, rec, rank, world)
     except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
         rec.status = "oom" if bench.is_oom(exc) else "error"
         rec.error = f"{type(exc).__name__}: {exc}"
         log.error("training failed: %s", rec.error)
+        if world > 1:
+            raise  # the other ranks wait in a collective: end them all
+    if rank != 0:
+        return []
     rec.time = records.now()
     records.append(cfg.store, rec)
     return [rec]
 
 
-def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
+def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, world: int = 1) -> None:
     r = cfg.runner
     params = [p for p in model.parameters() if p.requires_grad]
+    net = model
+    if world > 1:  # each rank computes its share of the global batch; gradients are averaged
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=float(r.lr), weight_decay=float(r.weight_decay),
                             betas=tuple(r.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, r))
@@ -122,6 +151,8 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
         log.info("resumed from %s at step %d", last, state["step"])
 
     def save(path, extra=None):
+        if rank != 0:
+            return
         ckdir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -133,14 +164,15 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
     x, y = data["train"]
     n, bs, steps = len(y), int(r.batch_size), int(r.steps)
     model.train()
-    bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step")
+    bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step",
+               disable=rank != 0 or None)
     t0 = time.perf_counter()
     while state["step"] < steps:
         step = state["step"]
-        idx = batch_indices(n, bs, step, int(cfg.seed))
+        idx = batch_indices(n, bs, step, int(cfg.seed)).chunk(world)[rank]  # this rank's share
         xb, yb = _to(_take(x, idx), device), y[idx].to(device)
         with amp:
-            logits = model(*xb) if isinstance(xb, tuple) else model(xb)
+            logits = net(*xb) if isinstance(xb, tuple) else net(xb)
             loss = F.cross_entropy(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,11 +182,15 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
         sched.step()
         state["step"] += 1
         state["tokens"] += int(bs * (x[0].shape[1] if isinstance(x, tuple) else x.shape[1]))
-        lv = loss.item()
+        lv = loss.detach()
+        if world > 1:  # the global batch's mean loss, as one process would see it
+            dist.all_reduce(lv)
+            lv = lv / world
+        lv = lv.item()
         state["losses"].append(lv)
         bar.update()
         bar.set_postfix(loss=f"{lv:.3f}")
-        if state["step"] % int(r.eval_every) == 0 or state["step"] == steps:
+        if (state["step"] % int(r.eval_every) == 0 or state["step"] == steps) and rank == 0:
             acc = evaluate(model, data["val"], int(r.eval_batch_size), device, amp, r.eval_batches)
             bar.set_postfix(loss=f"{lv:.3f}", val=f"{acc:.3f}")
             if acc > state["best_val"]:
@@ -164,7 +200,11 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec) -> None:
             state["wall_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             save(last)
+            if world > 1:
+                dist.barrier()
     bar.close()
+    if rank != 0:
+        return
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
         model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=False, map_location=device))
