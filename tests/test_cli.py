@@ -53,21 +53,29 @@ def test_leaderboard_without_store_says_so(tmp_path):
     assert p.returncode == 1 and "no results store" in p.stderr
 
 
-def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store):
+def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store, tmp_path, monkeypatch):
     from runners import run
     from runners.records import read as read_store
 
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
     exps = sorted(p.relative_to(ROOT / "conf/experiment").with_suffix("").as_posix()
                   for p in (ROOT / "conf/experiment").rglob("*.yaml"))
-    assert {"default", "efficiency/causal", "efficiency/noncausal", "efficiency/smoke"} <= set(exps)
+    assert {"default", "efficiency/causal", "efficiency/noncausal", "efficiency/smoke",
+            "lra/listops", "lra/listops-smoke"} <= set(exps)
+    small = {  # each experiment at CPU size: the overrides come after the experiment's own
+        "kernel": ["model.num_heads=2", "model.num_kv_heads=2", "model.head_dim=16",
+                   "runner.seq_lens=[64]", "task.max_len=64"],
+        "train": ["task.num_train=32", "task.num_val=16", "task.num_test=16", "task.min_length=4",
+                  "task.max_length=40", "task.max_depth=2", "task.max_args=3", "task.max_len=48",
+                  "runner.steps=2", "runner.batch_size=8", f"runner.checkpoint_dir={tmp_path}/ck"],
+    }
     for e in exps:
         first = (ROOT / "conf/experiment" / f"{e}.yaml").read_text().splitlines()
         assert any(line.startswith("# attnbench") for line in first[:3]), f"{e}: run command on top"
-        # the GPU suites at CPU size: the tiny overrides come after the experiment's
-        cfg = compose_cfg(f"experiment={e}", "device=cpu", "dtype=float32", "model.num_heads=2",
-                          "model.num_kv_heads=2", "model.head_dim=16", "runner.seq_lens=[64]",
-                          "task.max_len=64", "runner.force=true", f"store={store}")
-        assert run(cfg)[0].status == "ok"
+        kind = compose_cfg(f"experiment={e}", tiny=False).runner.name
+        cfg = compose_cfg(f"experiment={e}", "device=cpu", "dtype=float32", *small[kind],
+                          "runner.force=true", f"store={store}", tiny=False)
+        assert run(cfg)[0].status == "ok", e
     assert len(read_store(store)) == len(exps)
 
 
@@ -81,3 +89,30 @@ def test_parallel_jobs_append_to_one_store(tmp_path):
         (m, t) for m in ("dense", "performer", "nystrom", "sliding_window") for t in (64, 96, 128))
     assert len({r["run_id"] for r in recs}) == 12
     assert len({r["env"].get("pid") for r in recs}) >= 2, "the jobs ran in separate processes"
+
+
+def test_oom_in_one_of_six_parallel_jobs_is_recorded_and_summarised(tmp_path):
+    """A real out-of-memory error (a 32 GiB allocation on a 24 GiB machine) in one job."""
+    lens = "[64],[72],[80],[88],[96],[268435456]"
+    p = _run(["-m", "hydra/launcher=local", f"runner.seq_lens={lens}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    recs = read(tmp_path / "r.jsonl")
+    assert sorted(r["status"] for r in recs) == ["ok"] * 5 + ["oom"]
+    oom = next(r for r in recs if r["status"] == "oom")
+    assert oom["seq_len"] == 268435456 and "allocate" in oom["error"]
+    assert "sweep summary: 6 jobs; records: 5 ok, 1 oom" in p.stderr + p.stdout
+    assert (tmp_path / "leaderboard.md").exists()
+
+
+def test_rerun_of_an_interrupted_sweep_runs_only_what_is_missing(tmp_path):
+    first = _run(["-m", "method=dense,performer", "runner.seq_lens=[64]"], tmp_path)
+    assert first.returncode == 0
+    # a killed sweep: the second method's record never came; a failed record stays failed
+    store = tmp_path / "r.jsonl"
+    lines = store.read_text().splitlines()
+    store.write_text(lines[0] + "\n")
+    again = _run(["-m", "method=dense,performer,nystrom", "runner.seq_lens=[64]"], tmp_path)
+    assert again.returncode == 0
+    recs = read(store)
+    assert sorted(r["method"] for r in recs) == ["dense", "nystrom", "performer"]  # no duplicate
+    assert "1 job(s) skipped" in again.stderr + again.stdout
