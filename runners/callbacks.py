@@ -19,11 +19,16 @@ log = logging.getLogger("attnbench")
 JOB_FILE = "attnbench_job.json"
 
 
-def write_job_summary(output_dir, recs) -> None:
+def write_job_summary(output_dir, recs, started: float) -> None:
+    import os
+    import time
+
     statuses = [r.status for r in recs]
     Path(output_dir, JOB_FILE).write_text(json.dumps({
         "statuses": statuses, "skipped": not statuses,
-        "errors": [r.error for r in recs if r.error]}))
+        "errors": [r.error for r in recs if r.error], "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started": started, "ended": time.time()}))
 
 
 def summarize(sweep_dir) -> dict:

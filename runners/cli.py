@@ -18,6 +18,9 @@ log = logging.getLogger("attnbench")
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    import time
+
+    started = time.time()
     recs = run(cfg)
     for r in recs:
         lat = r.latency_ms.get("forward", {}).get("p50")
@@ -30,7 +33,7 @@ def main(cfg: DictConfig) -> None:
 
     from runners.callbacks import write_job_summary
 
-    write_job_summary(HydraConfig.get().runtime.output_dir, recs)
+    write_job_summary(HydraConfig.get().runtime.output_dir, recs, started)
 
 
 if __name__ == "__main__":

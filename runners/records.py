@@ -109,6 +109,7 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "host": platform.node(),
         "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cpu_threads": torch.get_num_threads(),
     }
     try:

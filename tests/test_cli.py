@@ -116,3 +116,22 @@ def test_rerun_of_an_interrupted_sweep_runs_only_what_is_missing(tmp_path):
     recs = read(store)
     assert sorted(r["method"] for r in recs) == ["dense", "nystrom", "performer"]  # no duplicate
     assert "1 job(s) skipped" in again.stderr + again.stdout
+
+
+def test_gpu_pool_gives_each_job_its_own_device_in_a_fresh_process(tmp_path):
+    """On the CPU the pool hands out device ids [0, 1] as it would GPUs."""
+    import json
+
+    p = _run(["-m", "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[0,1]",
+              "method=dense,performer,nystrom,sliding_window", "runner.seq_lens=[64]"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    jobs = [json.loads(f.read_text()) for f in (tmp_path / "m").glob("*/attnbench_job.json")]
+    assert len(jobs) == 4 and all(j["statuses"] == ["ok"] for j in jobs)
+    assert len({j["pid"] for j in jobs}) == 4, "a fresh process per job"
+    assert {j["cuda_visible_devices"] for j in jobs} <= {"0", "1"}
+    for a in jobs:
+        overlapping = [b for b in jobs if b is not a and b["started"] < a["ended"] and a["started"] < b["ended"]]
+        assert len(overlapping) <= 1, "at most two jobs at a time"
+        assert all(b["cuda_visible_devices"] != a["cuda_visible_devices"] for b in overlapping)
+    recs = read(tmp_path / "r.jsonl")
+    assert {r["env"]["cuda_visible_devices"] for r in recs} <= {"0", "1"}
