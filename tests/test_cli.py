@@ -135,3 +135,21 @@ def test_gpu_pool_gives_each_job_its_own_device_in_a_fresh_process(tmp_path):
         assert all(b["cuda_visible_devices"] != a["cuda_visible_devices"] for b in overlapping)
     recs = read(tmp_path / "r.jsonl")
     assert {r["env"]["cuda_visible_devices"] for r in recs} <= {"0", "1"}
+
+
+def test_two_job_sweep_through_submitit_local(tmp_path):
+    p = _run(["-m", "hydra/launcher=cluster_local", "method=dense,performer", "runner.seq_lens=[64]"],
+             tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = read(tmp_path / "r.jsonl")
+    assert sorted(r["method"] for r in recs) == ["dense", "performer"]
+    assert all(r["status"] == "ok" for r in recs)
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    p = subprocess.run([*EXE, "-m", "hydra/launcher=cluster", "hydra.launcher.partition=gpu",
+                        "--cfg", "hydra", "-p", "hydra.launcher"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    for key in ("partition: gpu", "gpus_per_node: 1", "array_parallelism: 64", "timeout_min: 120",
+                "SlurmLauncher"):
+        assert key in p.stdout
