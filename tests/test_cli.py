@@ -147,7 +147,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path):
 
 
 def test_slurm_launcher_config_composes(tmp_path):
-    p = subprocess.run([*EXE, "-m", "hydra/launcher=cluster", "hydra.launcher.partition=gpu",
+    p = subprocess.run([*EXE, "hydra/launcher=cluster", "hydra.launcher.partition=gpu",
                         "--cfg", "hydra", "-p", "hydra.launcher"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     for key in ("partition: gpu", "gpus_per_node: 1", "array_parallelism: 64", "timeout_min: 120",
