@@ -29,6 +29,9 @@ def main(cfg: DictConfig) -> None:
         log.info("%s T=%s %s: %s %s%s", r.method, r.seq_len, r.impl, r.status, what,
                  f" ({r.error})" if r.error else "")
     log.info("%d record(s) appended to %s", len(recs), cfg.store)
+    from runners.logger import log_records
+
+    log_records(cfg, recs)
     from hydra.core.hydra_config import HydraConfig
 
     from runners.callbacks import write_job_summary

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from runners.records import read
 from tests.conftest import TINY
 
@@ -11,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXE = [sys.executable, "-m", "runners.cli"]
 
 
-def _run(args, tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+def _run(args, tmp_path, env_extra=None):
+    env = {**os.environ, "TQDM_DISABLE": "1", **(env_extra or {})}
     flags = [a for a in args if a.startswith("-")]
     args = [a for a in args if not a.startswith("-")]
     return subprocess.run([*EXE, *flags, *TINY, f"store={tmp_path}/r.jsonl",
@@ -153,3 +155,24 @@ def test_slurm_launcher_config_composes(tmp_path):
     for key in ("partition: gpu", "gpus_per_node: 1", "array_parallelism: 64", "timeout_min: 120",
                 "SlurmLauncher"):
         assert key in p.stdout
+
+
+def test_wandb_logger_offline_leaves_a_run_directory_with_the_metrics(tmp_path):
+    import json
+
+    pytest.importorskip("wandb")
+    env_extra = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    p = _run(["logger=wandb", f"logger.dir={tmp_path}"], tmp_path, env_extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()  # history records: keys and JSON values as plain protobuf strings
+    for key in (b"metrics/rel_err_random", b"latency_ms/forward/p50", b"cost/flops", b"records"):
+        assert key in data
+    rec = read(tmp_path / "r.jsonl")[0]
+    assert json.dumps(rec["metrics"]["rel_err_random"]).encode() in data
+
+
+def test_without_a_logger_nothing_is_tracked(tmp_path):
+    p = _run([], tmp_path)
+    assert p.returncode == 0 and not (tmp_path / "wandb").exists()
