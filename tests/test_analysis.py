@@ -58,3 +58,12 @@ def test_variants_name_only_what_differs():
     df = pd.DataFrame({"method": ["m", "m", "d"],
                        "method_params": [{"pattern": "a", "w": 1}, {"pattern": "b", "w": 1}, {"x": 1}]})
     assert list(variants(df)) == ["m pattern=a", "m pattern=b", "d"]
+
+
+def test_readme_results_tables_are_up_to_date():
+    from analysis import readme
+
+    assert readme.main(["--check"]) == 0, "run `python -m analysis.readme`"
+    text = (readme.ROOT / "README.md").read_text()
+    stale = text.replace("| sliding_window ", "| sliding_windoww ", 1)
+    assert readme.render_readme(stale) == text  # regenerating restores the committed tables
