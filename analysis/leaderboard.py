@@ -63,6 +63,37 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
+    """The efficiency length of each method, as the CAB benchmark defines it: the shortest
+    measured sequence length at which it is faster than dense attention (forward p50) and
+    the shortest at which it needs less memory ("> T" when it never does up to the longest
+    length measured)."""
+    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")].copy()
+    if df.empty:
+        return pd.DataFrame()
+    df["label"] = variants(df)
+    dense = df[(df["method"] == BASELINE) & (df["impl"] != "reference")]
+    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
+    dense = dense[auto] if auto.any() else dense
+    t_base = dense.set_index("seq_len")["latency.forward.p50"].to_dict()
+    m_base = dense.set_index("seq_len")["mem.forward"].to_dict() if "mem.forward" in dense else {}
+    rows = []
+    for (label, impl), g in df[df["method"] != BASELINE].groupby(["label", "impl"]):
+        g = g.sort_values("seq_len")
+        lens = [int(t) for t in g["seq_len"]]
+
+        def first(col, base):
+            for _, r in g.iterrows():
+                t = int(r["seq_len"])
+                if t in base and pd.notna(r.get(col)) and r[col] < base[t]:
+                    return str(t)
+            return f"> {max(lens)}"
+
+        rows.append({"method": label, "impl": impl, "faster from": first("latency.forward.p50", t_base),
+                     "leaner from": first("mem.forward", m_base)})
+    return pd.DataFrame(rows)
+
+
 def settings(df: pd.DataFrame):
     """(title, sub-frame) per (device/gpu, dtype, causal) setting of kernel records."""
     df = df[df["runner"] == "kernel"].copy()
@@ -75,6 +106,10 @@ def render(df: pd.DataFrame) -> str:
     parts = []
     for title, g in settings(df):
         parts.append(f"### {title}\n\n" + kernel_table(g).to_markdown(index=False, disable_numparse=True) + "\n")
+        eff = efficiency_lengths(g)
+        if not eff.empty:
+            parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
+                         + eff.to_markdown(index=False, disable_numparse=True) + "\n")
     return "\n".join(parts) if parts else "(no kernel records)\n"
 
 
@@ -83,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--store", nargs="+", default=["results/local/records.jsonl"])
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--plot", default=None, help="also save the latency/memory plot (PNG) here")
+    ap.add_argument("--pareto", default=None, help="also save quality against cost (PNG) here")
     args = ap.parse_args(argv)
     missing = [s for s in args.store if not Path(s).exists()]
     if missing:
@@ -104,6 +140,14 @@ def main(argv=None) -> int:
             p = p if i == 0 else p.with_name(f"{p.stem}-{i}{p.suffix}")
             latency_memory(g, p, title)
             print(f"latency/memory plot ({title}) written to {p}")
+    if args.pareto:
+        from analysis.plots import quality_vs_cost
+
+        for i, (title, g) in enumerate(settings(df)):
+            p = Path(args.pareto)
+            p = p if i == 0 else p.with_name(f"{p.stem}-{i}{p.suffix}")
+            quality_vs_cost(g, p, title)
+            print(f"quality/cost plot ({title}) written to {p}")
     return 0
 
 

@@ -59,3 +59,46 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (lower is better)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for x2, y2 in points)]
+
+
+def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "metric.rel_err_structured",
+                    cost: str = "latency.forward.p50", seq_len: int | None = None) -> Path:
+    """Each method's output error against its forward latency at one length (the longest
+    with records by default), log-log, the Pareto front (nothing is both faster and more
+    accurate) drawn as a line; dense in black."""
+    from analysis.records import variants
+
+    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")].copy()
+    df["label"] = variants(df)
+    seq_len = seq_len or int(df["seq_len"].max())
+    df = df[(df["seq_len"] == seq_len)].dropna(subset=[quality, cost])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pts = [(float(r[cost]), max(float(r[quality]), 1e-4)) for _, r in df.iterrows()]
+    front = pareto_front(pts)
+    for i, (_, r) in enumerate(df.iterrows()):
+        dense = r["method"] == BASELINE
+        ax.scatter(*pts[i], s=60, color="black" if dense else None, marker="*" if i in front else "o",
+                   label=f"{r['label']} ({r['impl']})", zorder=3)
+    fx = sorted(pts[i] for i in front)
+    if fx:
+        ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="grey", ls="--", lw=1,
+                label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"forward latency at {seq_len} tokens, p50 (ms)")
+    ax.set_ylabel("relative error against exact attention (structured inputs)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

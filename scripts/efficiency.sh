@@ -26,4 +26,4 @@ fi
 
 FIGDIR=${FIGDIR:-results/figures}
 ${PYTHON:-python} -m analysis.leaderboard --store "$STORE" --out "$(dirname "$STORE")/leaderboard.md" \
-    --plot "$FIGDIR/efficiency.png"
+    --plot "$FIGDIR/efficiency.png" --pareto "$FIGDIR/efficiency-pareto.png"

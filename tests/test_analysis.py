@@ -67,3 +67,48 @@ def test_readme_results_tables_are_up_to_date():
     text = (readme.ROOT / "README.md").read_text()
     stale = text.replace("| sliding_window ", "| sliding_windoww ", 1)
     assert readme.render_readme(stale) == text  # regenerating restores the committed tables
+
+
+def test_reproduce_compares_ours_with_theirs(tmp_path):
+    from analysis.reproduce import main as reproduce_main
+    from analysis.reproduce import table
+
+    (tmp_path / "s").mkdir()
+    lra = _rec("dense", 2000, runner="train", task="lra/listops")
+    lra["metrics"] = {"test_acc": 0.362}
+    eff = [_rec("dense", 4096, ms=10.0, params={"backend": "auto"}, causal=True),
+           _rec("nsa", 4096, ms=2.0, impl="flex", causal=True)]
+    for r in [lra]:
+        records.append(tmp_path / "s/lra.jsonl", r)
+    for r in eff:
+        records.append(tmp_path / "s/eff.jsonl", r)
+    entries = [
+        {"id": "a", "metric": "acc", "value": 36.37, "tolerance": 1.0, "source": "x",
+         "ours": {"store": "s/lra.jsonl", "method": "dense", "task": "lra/listops", "metric": "test_acc", "scale": 100}},
+        {"id": "b", "metric": "speedup", "value": 9.0, "tolerance": 2.0, "source": "y",
+         "ours": {"store": "s/eff.jsonl", "method": "nsa", "seq_len": 4096, "causal": True, "speedup": True}},
+        {"id": "c", "metric": "acc", "value": 18.0, "tolerance": 1.0, "source": "z",
+         "ours": {"store": "s/lra.jsonl", "method": "performer", "task": "lra/listops", "metric": "test_acc"}},
+    ]
+    t = table(entries, tmp_path).set_index("id")
+    assert t.loc["a", "ours"] == "36.20" and t.loc["a", "within"] == "yes"
+    assert t.loc["b", "ours"] == "5.00" and t.loc["b", "within"] == "no" and t.loc["b", "difference"] == "-4.00"
+    assert t.loc["c", "ours"] == "not run" and t.loc["c", "within"] == "-"
+    assert reproduce_main([]) == 0  # the committed data file against the committed records
+
+
+def test_efficiency_length_and_pareto(tmp_path):
+    from analysis.leaderboard import efficiency_lengths
+    from analysis.plots import pareto_front, quality_vs_cost
+
+    recs = []
+    for T, d_ms, s_ms in ((256, 1.0, 2.0), (512, 4.0, 3.0), (1024, 16.0, 6.0)):
+        recs.append(_rec("dense", T, ms=d_ms, params={"backend": "auto"}))
+        recs.append(_rec("sliding_window", T, ms=s_ms, impl="flex"))
+    recs.append(_rec("slowpoke", 1024, ms=100.0, impl="flex"))
+    df = load(_store(tmp_path, recs))
+    eff = efficiency_lengths(df).set_index("method")
+    assert eff.loc["sliding_window", "faster from"] == "512"
+    assert eff.loc["slowpoke", "faster from"] == "> 1024"
+    assert pareto_front([(1, 5), (2, 1), (3, 3), (1, 6)]) == [0, 1]
+    assert quality_vs_cost(df, tmp_path / "p.png", "fixture").stat().st_size > 1000
