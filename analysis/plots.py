@@ -76,6 +76,9 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
 
     df = df[(df["runner"] == "kernel") & (df["status"] == "ok")].copy()
     df["label"] = variants(df)
+    missing = [c for c in (quality, cost) if c not in df.columns]
+    if missing:
+        raise ValueError(f"no records carry {', '.join(missing)}")
     seq_len = seq_len or int(df["seq_len"].max())
     df = df[(df["seq_len"] == seq_len)].dropna(subset=[quality, cost])
     fig, ax = plt.subplots(figsize=(7, 5))

@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from analysis.leaderboard import kernel_table, render
 from analysis.plots import latency_memory
@@ -111,4 +112,7 @@ def test_efficiency_length_and_pareto(tmp_path):
     assert eff.loc["sliding_window", "faster from"] == "512"
     assert eff.loc["slowpoke", "faster from"] == "> 1024"
     assert pareto_front([(1, 5), (2, 1), (3, 3), (1, 6)]) == [0, 1]
-    assert quality_vs_cost(df, tmp_path / "p.png", "fixture").stat().st_size > 1000
+    png = quality_vs_cost(df, tmp_path / "p.png", "fixture", quality="metric.rel_err_random")
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no records carry metric.rel_err_structured"):
+        quality_vs_cost(df, tmp_path / "q.png")
