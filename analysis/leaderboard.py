@@ -94,6 +94,37 @@ def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+
+
+def lra_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
+    records, with the average over the tasks present; a failed run shows its status, a task
+    not run shows "-" (the newest record of each method and task counts)."""
+    df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
+    if df.empty:
+        return pd.DataFrame()
+    df["label"] = variants(df)
+    rows = []
+    for label, g in df.groupby("label", sort=True):
+        row, accs = {"method": label}, []
+        for t in LRA_TASKS:
+            r = g[g["task"] == f"lra/{t}"].sort_values("time")
+            if r.empty:
+                row[t] = "-"
+                continue
+            r = r.iloc[-1]
+            if r["status"] != "ok":
+                row[t] = r["status"]
+                continue
+            acc = 100 * float(r["metric.test_acc"])
+            accs.append(acc)
+            row[t] = f"{acc:.2f}"
+        row["avg"] = f"{sum(accs) / len(accs):.2f}" if accs else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def settings(df: pd.DataFrame):
     """(title, sub-frame) per (device/gpu, dtype, causal) setting of kernel records."""
     df = df[df["runner"] == "kernel"].copy()
@@ -104,13 +135,16 @@ def settings(df: pd.DataFrame):
 
 def render(df: pd.DataFrame) -> str:
     parts = []
+    lra = lra_table(df)
+    if not lra.empty:
+        parts.append("### Long Range Arena, test accuracy (%)\n\n" + lra.to_markdown(index=False, disable_numparse=True) + "\n")
     for title, g in settings(df):
         parts.append(f"### {title}\n\n" + kernel_table(g).to_markdown(index=False, disable_numparse=True) + "\n")
         eff = efficiency_lengths(g)
         if not eff.empty:
             parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
                          + eff.to_markdown(index=False, disable_numparse=True) + "\n")
-    return "\n".join(parts) if parts else "(no kernel records)\n"
+    return "\n".join(parts) if parts else "(no records)\n"
 
 
 def main(argv=None) -> int:

@@ -116,3 +116,26 @@ def test_efficiency_length_and_pareto(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="no records carry metric.rel_err_structured"):
         quality_vs_cost(df, tmp_path / "q.png")
+
+
+def test_notebooks_run_on_fixture_records(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from analysis.readme import ROOT
+
+    recs = [_rec("dense", 256, ms=1.0, params={"backend": "auto"}), _rec("nsa", 256, status="oom", impl="flex"),
+            _rec("sliding_window", 256, ms=0.5, impl="flex")]
+    for r in recs:
+        r["metrics"]["rel_err_structured"] = 0.1 if r["status"] == "ok" else None
+    store = _store(tmp_path, recs)
+    monkeypatch.setenv("ATTNBENCH_STORE", str(store))
+    monkeypatch.setenv("ATTNBENCH_FIGS", str(tmp_path / "figs"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    notebooks = sorted((ROOT / "analysis/notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(tmp_path)}}).execute()
+        outputs = "".join(str(o) for c in nb.cells for o in c.get("outputs", []))
+        assert "3 records" in outputs and "oom" in outputs
+    assert len(list((tmp_path / "figs").glob("*.png"))) >= 2
