@@ -18,13 +18,67 @@ from analysis.records import load, variants
 BASELINE = "dense"
 
 
-def _cell(row, col, fmt):
-    if row is None:
+def bootstrap_ci(values, level: float = 0.95, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and the percentile bootstrap confidence interval of the mean."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = rng.choice(v, size=(n, len(v)), replace=True).mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def _cell(rows, col, fmt, scale: float = 1.0):
+    """One value, or over several seeds "mean ± half-width of the 95% bootstrap interval";
+    a run that did not succeed shows its status."""
+    if rows is None or (isinstance(rows, list) and not rows):
         return "-"
-    if row["status"] != "ok":
-        return row["status"]
-    v = row.get(col)
-    return "-" if v is None or pd.isna(v) else fmt.format(v)
+    rows = rows if isinstance(rows, list) else [rows]
+    bad = [r["status"] for r in rows if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    vals = [r.get(col) for r in rows]
+    vals = [float(v) * scale for v in vals if v is not None and not pd.isna(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    m, lo, hi = bootstrap_ci(vals)
+    return f"{fmt.format(m)} ± {fmt.format((hi - lo) / 2)}"
+
+
+LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
+HIGHER_BETTER = ("speedup", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
+
+
+def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
+    """Mark the best value of each column (lowest error, latency and memory; highest speedup
+    and accuracy): **bold** in markdown, \\textbf in LaTeX."""
+    if style == "none" or table.empty:
+        return table
+    out = table.copy()
+    wrap = (lambda x: f"**{x}**") if style == "md" else (lambda x: f"\\textbf{{{x}}}")
+
+    def num(x):
+        try:
+            return float(str(x).split()[0].rstrip("x"))
+        except ValueError:
+            return None
+
+    for col in table.columns:
+        low = col.startswith(LOWER_BETTER)
+        if not (low or col.startswith(HIGHER_BETTER)):
+            continue
+        vals = {i: num(v) for i, v in table[col].items()}
+        vals = {i: v for i, v in vals.items() if v is not None}
+        if len(vals) < 2:
+            continue
+        best = min(vals.values()) if low else max(vals.values())
+        for i, v in vals.items():
+            if v == best:
+                out.loc[i, col] = wrap(table.loc[i, col])
+    return out
 
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -40,10 +94,13 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
     dense = dense[auto] if auto.any() else dense  # the default backend: PyTorch's fastest
-    base = dense.set_index("seq_len")["latency.forward.p50"].to_dict()
+    base = dense.groupby("seq_len")["latency.forward.p50"].mean().to_dict()
     rows = []
     for (label, impl), g in df.groupby(["label", "impl"], sort=True):
-        by_len = {int(r["seq_len"]): r for _, r in g.iterrows() if pd.notna(r["seq_len"])}
+        by_len: dict[int, list] = {}
+        for _, r in g.iterrows():  # several seeds of one length: mean and bootstrap interval
+            if pd.notna(r["seq_len"]):
+                by_len.setdefault(int(r["seq_len"]), []).append(r)
         last = by_len.get(tmax)
         row = {"method": label, "impl": impl,
                "real kernel": "yes" if g["real_kernel"].all() else "no"}
@@ -52,12 +109,12 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         for t in lens:
             row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
         row[f"bwd ms @{tmax}"] = _cell(last, "latency.backward.p50", "{:.3f}")
-        row[f"peak MiB @{tmax}"] = "-" if last is None or last["status"] != "ok" else (
-            "-" if pd.isna(last.get("mem.forward")) else f"{last['mem.forward'] / 2**20:.1f}")
+        row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
         row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
         sp = "-"
-        if last is not None and last["status"] == "ok" and tmax in base:
-            sp = f"{base[tmax] / last['latency.forward.p50']:.2f}x"
+        if last and all(r["status"] == "ok" for r in last) and tmax in base:
+            p50 = sum(r["latency.forward.p50"] for r in last) / len(last)
+            sp = f"{base[tmax] / p50:.2f}x"
         row[f"speedup @{tmax}"] = sp
         rows.append(row)
     return pd.DataFrame(rows)
@@ -133,13 +190,34 @@ def settings(df: pd.DataFrame):
         yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}", g
 
 
-def render(df: pd.DataFrame) -> str:
+def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, table) of every leaderboard table the records allow."""
+    out = []
+    lra = lra_table(df)
+    if not lra.empty:
+        out.append(("Long Range Arena, test accuracy (%)", lra))
+    for title, g in settings(df):
+        out.append((title, kernel_table(g)))
+    return out
+
+
+def render(df: pd.DataFrame, fmt: str = "md") -> str:
+    """The leaderboard as markdown (best values in bold), LaTeX or CSV."""
+    if fmt in ("csv", "latex"):
+        parts = []
+        for title, t in tables(df):
+            if fmt == "csv":
+                parts.append(f"# {title}\n" + t.to_csv(index=False))
+            else:
+                parts.append(f"% {title}\n" + mark_best(t, "latex").to_latex(index=False, escape=False))
+        return "\n".join(parts)
     parts = []
     lra = lra_table(df)
     if not lra.empty:
-        parts.append("### Long Range Arena, test accuracy (%)\n\n" + lra.to_markdown(index=False, disable_numparse=True) + "\n")
+        parts.append("### Long Range Arena, test accuracy (%)\n\n"
+                     + mark_best(lra).to_markdown(index=False, disable_numparse=True) + "\n")
     for title, g in settings(df):
-        parts.append(f"### {title}\n\n" + kernel_table(g).to_markdown(index=False, disable_numparse=True) + "\n")
+        parts.append(f"### {title}\n\n" + mark_best(kernel_table(g)).to_markdown(index=False, disable_numparse=True) + "\n")
         eff = efficiency_lengths(g)
         if not eff.empty:
             parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
@@ -150,7 +228,7 @@ def render(df: pd.DataFrame) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", nargs="+", default=["results/local/records.jsonl"])
-    ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--out", default=None, help="also write the table here (format by suffix: .md, .csv, .tex)")
     ap.add_argument("--plot", default=None, help="also save the latency/memory plot (PNG) here")
     ap.add_argument("--pareto", default=None, help="also save quality against cost (PNG) here")
     args = ap.parse_args(argv)
@@ -163,8 +241,10 @@ def main(argv=None) -> int:
     text = render(df)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fmt = {".csv": "csv", ".tex": "latex"}.get(out.suffix, "md")
+        out.write_text(text if fmt == "md" else render(df, fmt))
         print(f"leaderboard written to {args.out}")
     if args.plot:
         from analysis.plots import latency_memory

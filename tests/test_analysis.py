@@ -139,3 +139,24 @@ def test_notebooks_run_on_fixture_records(tmp_path, monkeypatch):
         outputs = "".join(str(o) for c in nb.cells for o in c.get("outputs", []))
         assert "3 records" in outputs and "oom" in outputs
     assert len(list((tmp_path / "figs").glob("*.png"))) >= 2
+
+
+def test_seeds_give_mean_and_bootstrap_interval_and_best_is_marked(tmp_path):
+    from analysis.leaderboard import bootstrap_ci, mark_best, render
+
+    recs = [_rec("dense", 256, ms=2.0, params={"backend": "auto"})]
+    for seed, ms in enumerate((1.0, 1.2, 0.8)):
+        r = _rec("sliding_window", 256, ms=ms, impl="flex")
+        r["run_id"] += f"-s{seed}"
+        r["seed"] = seed
+        recs.append(r)
+    df = load(_store(tmp_path, recs))
+    t = kernel_table(df).set_index("method")
+    cell = t.loc["sliding_window", "fwd ms @256"]
+    assert cell.startswith("1.000 ± ")
+    m, lo, hi = bootstrap_ci([1.0, 1.2, 0.8])
+    assert m == pytest.approx(1.0) and 0.8 <= lo < 1.0 < hi <= 1.2
+    marked = mark_best(kernel_table(df)).set_index("method")
+    assert marked.loc["sliding_window", "fwd ms @256"].startswith("**1.000")
+    assert marked.loc["sliding_window", "speedup @256"] == "**2.00x**"
+    assert "\\\\textbf{" in render(df, "latex") and "sliding_window,flex" in render(df, "csv")
