@@ -159,4 +159,4 @@ def test_seeds_give_mean_and_bootstrap_interval_and_best_is_marked(tmp_path):
     marked = mark_best(kernel_table(df)).set_index("method")
     assert marked.loc["sliding_window", "fwd ms @256"].startswith("**1.000")
     assert marked.loc["sliding_window", "speedup @256"] == "**2.00x**"
-    assert "\\\\textbf{" in render(df, "latex") and "sliding_window,flex" in render(df, "csv")
+    assert "\\textbf{" in render(df, "latex") and "sliding_window,flex" in render(df, "csv")
