@@ -105,3 +105,28 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def needle_heatmap(cells, path, title: str = "") -> Path:
+    """Needle-in-a-haystack accuracy, depth (rows) x context length (columns), from a list of
+    {"length", "depth", "score"} cells (one record's metrics.cells); failed cells are absent."""
+    df = pd.DataFrame(cells)
+    piv = df.pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(piv.columns), 1.2 + 0.5 * len(piv.index)))
+    im = ax.imshow(piv.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(piv.columns)), [str(c) for c in piv.columns])
+    ax.set_yticks(range(len(piv.index)), [f"{d:.0%}" for d in piv.index])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            v = piv.values[i, j]
+            ax.text(j, i, "-" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="exact-match accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
