@@ -246,22 +246,16 @@ def main(argv=None) -> int:
         fmt = {".csv": "csv", ".tex": "latex"}.get(out.suffix, "md")
         out.write_text(text if fmt == "md" else render(df, fmt))
         print(f"leaderboard written to {args.out}")
-    if args.plot:
-        from analysis.plots import latency_memory
+    from analysis.plots import latency_memory, quality_vs_cost
 
-        for i, (title, g) in enumerate(settings(df)):
-            p = Path(args.plot)
-            p = p if i == 0 else p.with_name(f"{p.stem}-{i}{p.suffix}")
-            latency_memory(g, p, title)
-            print(f"latency/memory plot ({title}) written to {p}")
-    if args.pareto:
-        from analysis.plots import quality_vs_cost
-
-        for i, (title, g) in enumerate(settings(df)):
-            p = Path(args.pareto)
-            p = p if i == 0 else p.with_name(f"{p.stem}-{i}{p.suffix}")
-            quality_vs_cost(g, p, title)
-            print(f"quality/cost plot ({title}) written to {p}")
+    for base, draw, what in ((args.plot, latency_memory, "latency/memory"),
+                             (args.pareto, quality_vs_cost, "quality/cost")):
+        if not base:
+            continue
+        for i, (title, g) in enumerate(settings(df)):  # one figure per setting: F, F-1, F-2, ...
+            p = Path(base) if i == 0 else Path(base).with_name(f"{Path(base).stem}-{i}{Path(base).suffix}")
+            draw(g, p, title)
+            print(f"{what} plot ({title}) written to {p}")
     return 0
 
 

@@ -12,6 +12,14 @@ import pandas as pd  # noqa: E402
 BASELINE = "dense"
 
 
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _label(method, impl):
     return f"{method} ({impl})"
 
@@ -54,11 +62,7 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
         fig.suptitle(title)
     rows = -(-len(names) // ncol)
     fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -100,11 +104,7 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def needle_heatmap(cells, path, title: str = "") -> Path:
@@ -125,8 +125,4 @@ def needle_heatmap(cells, path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="exact-match accuracy")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
