@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from runners.records import RunRecord
 
-RUNNERS = ("kernel", "train")
+RUNNERS = ("kernel", "train", "evaluate")
 
 
 def run(cfg: DictConfig) -> list[RunRecord]:
@@ -19,4 +19,8 @@ def run(cfg: DictConfig) -> list[RunRecord]:
         from runners import train
 
         return train.run(cfg)
+    if name == "evaluate":
+        from runners import evaluate
+
+        return evaluate.run(cfg)
     raise ValueError(f"unknown runner {name!r}; known runners: {', '.join(RUNNERS)}")

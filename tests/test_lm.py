@@ -96,3 +96,32 @@ def test_lm_smoke_trains_with_every_causal_method(compose_cfg, tmp_path, monkeyp
     assert rec.status == "ok", rec.error
     assert math.isfinite(rec.metrics["test_ppl"]) and rec.metrics["test_bpb"] > 0
     assert rec.train["tokens"] == 6 * 8 * 65
+
+
+def test_needle_grid_on_a_trained_checkpoint_with_methods_swapped_in(compose_cfg, tmp_path, monkeypatch):
+    from analysis.plots import needle_heatmap
+
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    train = compose_cfg("experiment=lm/shakespeare-smoke", "task.max_len=256", "runner.steps=4",
+                        f"runner.checkpoint_dir={tmp_path}/ck", f"store={tmp_path}/t.jsonl", tiny=False)
+    trained = run(train)[0]
+    assert trained.status == "ok"
+    ckpt = trained.details["checkpoint"]
+    for name, kw in [("dense", []), ("minference", ["method.pattern=a_shape", "method.num_sink=4", "method.window=32"]),
+                     ("sliding_window", ["method.window=64"])]:
+        cfg = compose_cfg("experiment=lm/needle-smoke", f"method={name}", *kw, f"runner.checkpoint={ckpt}",
+                          f"store={tmp_path}/e.jsonl", tiny=False)
+        rec = run(cfg)[0]
+        assert rec.status == "ok", rec.error
+        assert rec.details["missing_keys"] == [] and rec.details["checkpoint"] == ckpt
+        cells = rec.metrics["cells"]
+        assert {(c["length"], c["depth"]) for c in cells} == {(L, d) for L in (160, 240) for d in (0.0, 0.5, 1.0)}
+        assert all(c["score"] in (0.0, 1.0) for c in cells)
+        assert rec.details["decode_fallback"] == (None if name == "dense" else "dense")
+    assert needle_heatmap(cells, tmp_path / "h.png", "fixture").stat().st_size > 1000
+
+
+def test_needle_prompt_longer_than_the_window_is_an_error_record(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=lm/needle-smoke", "task.lengths=[300]", f"store={tmp_path}/e.jsonl", tiny=False)
+    rec = run(cfg)[0]
+    assert rec.status == "error" and "does not fit the model's window" in rec.error

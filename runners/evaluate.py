@@ -1,0 +1,84 @@
+"""runner=evaluate: a trained language model, with any method swapped in, on a generation
+task (task=needle), one record per run with every cell of the grid.
+
+The checkpoint (``runner.checkpoint``, a ``best.pt`` of the training runner) is loaded into
+the model built with the configured method: training-free methods replace the attention of
+a model trained with another one; parameters the new method has and the checkpoint lacks
+keep their initialisation, and the record lists them. Without a checkpoint the model is
+randomly initialised (for tests of the pipeline only; the record says so).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from runners import bench, records
+from runners.context import base_record, method_cfg, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg, device):
+    kw = OmegaConf.to_container(cfg.model, resolve=True)
+    model = get_method(cfg.runner.model_class)(method_cfg(cfg), vocab_size=256, num_classes=256,
+                                                max_len=int(cfg.runner.max_len), **kw).to(device).eval()
+    info = {"checkpoint": cfg.runner.checkpoint}
+    if cfg.runner.checkpoint:
+        state = torch.load(cfg.runner.checkpoint, map_location=device, weights_only=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        info.update(missing_keys=list(missing), unexpected_keys=list(unexpected))
+    else:
+        info["note"] = "random initialisation (no checkpoint): a pipeline test, not a result"
+    return model, info
+
+
+def run(cfg: DictConfig) -> list[records.RunRecord]:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(int(cfg.runner.cpu_threads))
+    rec = base_record(cfg, device, dtype, seq_len=max(int(x) for x in cfg.task.lengths), causal=True)
+    if not cfg.runner.force and rec.run_id in records.done_ids(cfg.store):
+        log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+        return []
+    try:
+        model, info = build_model(cfg, device)
+        rec.details.update(info)
+        rec.metrics.update(get_method(cfg.task.evaluator)(model, cfg, device, dtype))
+        rec.details["decode_fallback"] = getattr(model, "decode_fallback", None)
+        first = model.blocks[0]
+        rec.real_kernel = bool((first.method if hasattr(first, "method") else first.attn.method).real_kernel)
+    except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
+        rec.status = "oom" if bench.is_oom(exc) else "error"
+        rec.error = f"{type(exc).__name__}: {exc}"
+        log.error("evaluation failed: %s", rec.error)
+    records.append(cfg.store, rec)
+    return [rec]
+
+
+def needle(model, cfg, device, dtype) -> dict:
+    """Every (length, depth) cell of the needle grid, ``task.samples`` prompts each."""
+    from tasks import needle as nd
+    from tasks.perplexity import documents
+
+    t = cfg.task
+    filler = "\n\n".join(documents(OmegaConf.create({"source": t.corpus}))["test"])
+    tok = nd.ByteTokenizer()
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
+           else torch.autocast("cpu", enabled=False))
+    cells = []
+    grid = [(int(L), float(d)) for L in t.lengths for d in t.depths]
+    for i, (L, d) in enumerate(tqdm(grid, desc="needle", unit="cell")):
+        hits = []
+        for s in range(int(t.samples)):
+            p = nd.make_prompt(tok, filler, L, d, seed=int(cfg.seed) * 1_000_003 + i * 1000 + s,
+                               window=model.max_len - int(cfg.runner.max_new_tokens))
+            with amp:
+                out = model.generate(torch.tensor([p.ids], device=device), int(cfg.runner.max_new_tokens))
+            hits.append(nd.score(tok, out[0].tolist(), p.answer))
+        cells.append({"length": L, "depth": d, "score": sum(hits) / len(hits)})
+    return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells)}
