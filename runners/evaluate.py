@@ -82,3 +82,28 @@ def needle(model, cfg, device, dtype) -> dict:
             hits.append(nd.score(tok, out[0].tolist(), p.answer))
         cells.append({"length": L, "depth": d, "score": sum(hits) / len(hits)})
     return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells)}
+
+
+def ruler(model, cfg, device, dtype) -> dict:
+    """Each task of the RULER-like suite at each length, ``task.samples`` prompts each."""
+    from tasks import ruler as rl
+    from tasks.needle import ByteTokenizer
+    from tasks.perplexity import documents
+
+    t = cfg.task
+    filler = "\n\n".join(documents(OmegaConf.create({"source": t.corpus}))["test"])
+    tok = ByteTokenizer()
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
+           else torch.autocast("cpu", enabled=False))
+    cells = []
+    grid = [(name, int(L)) for name in t.tasks for L in t.lengths]
+    for i, (name, L) in enumerate(tqdm(grid, desc="ruler", unit="cell")):
+        scores = []
+        for s in range(int(t.samples)):
+            smp = rl.make_sample(tok, filler, name, L, seed=int(cfg.seed) * 1_000_003 + i * 1000 + s,
+                                 window=model.max_len - int(cfg.runner.max_new_tokens))
+            with amp:
+                out = model.generate(torch.tensor([smp.ids], device=device), int(cfg.runner.max_new_tokens))
+            scores.append(rl.string_match_all(tok.decode(out[0].tolist()), smp.answers))
+        cells.append({"task": name, "length": L, "score": sum(scores) / len(scores)})
+    return {"cells": cells, "average": sum(c["score"] for c in cells) / len(cells)}

@@ -1,0 +1,112 @@
+"""A RULER-like suite (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your
+Long-Context Language Models?"), synthetic and seeded, sized with the model's tokenizer.
+
+niah_single      one key-value needle in filler text; answer its value
+niah_multikey    several needles with different keys; answer the value of one
+niah_multivalue  one key with several values; answer all of them
+niah_multiquery  several needles; answer the values of several keys
+vt               variable tracking: a chain of assignments VAR X2 = X1 ... from one value;
+                 answer every variable that holds it
+cwe              common-words extraction: a numbered word list in which a few words recur;
+                 answer the most common ones
+fwe              frequent-words extraction: Zipf-distributed coded words; answer the 3 most frequent
+
+Every prompt is exactly ``length`` tokens (content, then filler text to the length, then the
+question, all in token space); a prompt longer than the model's window is an error. Scores
+are RULER's string match: the fraction of reference strings found in the output ("all").
+QA tasks are not included: they need SQuAD/HotpotQA, which are not available offline here.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+WORDS = ("apple bridge candle desert engine forest garden harbor island jacket kettle ladder meadow "
+         "needle orange pencil quarry river saddle tunnel umbrella valley window yellow zebra anchor "
+         "basket cactus dragon eagle falcon glacier hammer igloo jungle koala lantern mirror").split()
+
+
+@dataclass
+class Sample:
+    task: str
+    ids: list[int]
+    answers: list[str]
+    length: int
+
+
+def _key(rng):
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+
+
+def _num(rng):
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def _content(task, rng):
+    """(pieces to scatter in the haystack, question, answers)."""
+    if task.startswith("niah"):
+        n_keys = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 1, "niah_multiquery": 4}[task]
+        keys = [_key(rng) for _ in range(n_keys)]
+        vals = {k: [_num(rng) for _ in range(4 if task == "niah_multivalue" else 1)] for k in keys}
+        pieces = [f" One of the special magic numbers for {k} is: {v}. " for k in keys for v in vals[k]]
+        asked = keys[:1] if task in ("niah_single", "niah_multikey", "niah_multivalue") else keys[:2]
+        q = (f" What are all the special magic numbers for {', '.join(asked)} mentioned in the text?"
+             f" The special magic numbers for {', '.join(asked)} mentioned in the text are:")
+        return pieces, q, [v for k in asked for v in vals[k]]
+    if task == "vt":
+        value, chain = _num(rng), [f"X{rng.randrange(10, 99)}{i}" for i in range(5)]
+        pieces = [f" VAR {chain[0]} = {value}. "] + [f" VAR {b} = {a}. " for a, b in zip(chain, chain[1:])]
+        q = (f" Find all variables that are assigned the value {value} in the text above."
+             f" Answer: the variables assigned the value {value} are:")
+        return pieces, q, chain
+    if task == "cwe":
+        common = rng.sample(WORDS, 3)
+        rare = [w for w in WORDS if w not in common]
+        words = common * 12 + [rng.choice(rare) for _ in range(40)]
+        rng.shuffle(words)
+        pieces = [" " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) + " "]
+        q = " What are the 3 most common words in the numbered list above? Answer: the top 3 words are:"
+        return pieces, q, common
+    if task == "fwe":
+        vocab = [_key(rng)[:5] for _ in range(20)]
+        weights = [1 / (r + 1) ** 1.5 for r in range(len(vocab))]
+        words = rng.choices(vocab, weights=weights, k=300)
+        top = [w for w, _ in Counter(words).most_common(3)]
+        pieces = [" .... " + " ".join(words) + " .... "]
+        q = " What are the 3 most frequently appeared coded words in the text above? Answer: they are:"
+        return pieces, q, top
+    raise ValueError(f"unknown RULER task {task!r}; tasks: {', '.join(TASKS)}")
+
+
+def make_sample(tokenizer, filler: str, task: str, length: int, seed: int, window: int | None = None) -> Sample:
+    if window is not None and length > window:
+        raise ValueError(f"a {length}-token prompt does not fit the model's window of {window}")
+    rng = random.Random(seed)
+    pieces, question, answers = _content(task, rng)
+    piece_ids = [tokenizer.encode(p) for p in pieces]
+    q_ids = tokenizer.encode(question)
+    n_fill = length - sum(map(len, piece_ids)) - len(q_ids)
+    if n_fill < 0:
+        raise ValueError(f"{task}: length {length} is shorter than its content "
+                         f"({length - n_fill} tokens)")
+    stream = tokenizer.encode(filler)
+    if len(stream) < n_fill:
+        raise ValueError(f"the filler text has {len(stream)} tokens, {n_fill} are needed")
+    off = rng.randrange(0, len(stream) - n_fill + 1)
+    hay = stream[off: off + n_fill]
+    cuts = sorted(rng.randrange(0, n_fill + 1) for _ in piece_ids)  # where each piece goes
+    ids, prev = [], 0
+    for c, p in zip(cuts, piece_ids):
+        ids += hay[prev:c] + p
+        prev = c
+    ids += hay[prev:] + q_ids
+    assert len(ids) == length
+    return Sample(task=task, ids=ids, answers=answers, length=length)
+
+
+def string_match_all(output: str, answers: list[str]) -> float:
+    """RULER's metric: the fraction of the reference strings found in the output."""
+    out = output.lower()
+    return sum(a.lower() in out for a in answers) / len(answers)
