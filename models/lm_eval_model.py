@@ -1,0 +1,35 @@
+"""An lm-eval model, ``attnbench``: a Hugging Face causal LM with its attention through any
+attnbench method, so that any lm-eval task runs with any method.
+
+    python -m models.lm_eval_model --model attnbench \\
+        --model_args pretrained=PATH,method=minference,method.pattern=a_shape --tasks TASKS
+(the same arguments as ``lm_eval``; this entry point registers the model first). Method
+hyperparameters are ``method.<name>=<value>`` model arguments.
+"""
+from __future__ import annotations
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from models import hf
+
+
+@register_model("attnbench")
+class AttnbenchLM(HFLM):
+    def __init__(self, pretrained, method: str = "dense", **kwargs):
+        hf.register()
+        spec = {"name": method}
+        for k in [k for k in kwargs if k.startswith("method.")]:
+            spec[k.split(".", 1)[1]] = kwargs.pop(k)
+        super().__init__(pretrained=pretrained, attn_implementation=hf.NAME, **kwargs)
+        self.model.config.attnbench_method = spec
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
