@@ -182,6 +182,36 @@ def lra_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ruler_table(store) -> pd.DataFrame:
+    """RULER-like scores (%): one row per method, one column per task and length, and the
+    average (the newest ok record of each method)."""
+    from runners import records as rs
+
+    rows = []
+    recs = [r for r in rs.read(store) if r.get("task") == "ruler" and r.get("status") == "ok"]
+    for r in sorted(recs, key=lambda r: r["time"]):
+        row = {"method": r["method"] + "".join(f" {k}={v}" for k, v in r["method_params"].items()
+                                                if k in ("pattern", "window"))}
+        for c in r["metrics"]["cells"]:
+            row[f"{c['task']} @{c['length']}"] = f"{100 * c['score']:.1f}"
+        row["avg"] = f"{100 * r['metrics']['average']:.1f}"
+        rows = [x for x in rows if x["method"] != row["method"]] + [row]
+    return pd.DataFrame(rows)
+
+
+def needle_cells(store) -> dict[str, list]:
+    """The needle grid of each method's newest ok record: {label: cells}."""
+    from runners import records as rs
+
+    out = {}
+    for r in sorted(rs.read(store), key=lambda r: r["time"]):
+        if r.get("task") == "needle" and r.get("status") == "ok":
+            label = r["method"] + "".join(f"-{r['method_params'][k]}" for k in ("pattern",)
+                                          if k in r["method_params"])
+            out[label] = r["metrics"]["cells"]
+    return out
+
+
 def settings(df: pd.DataFrame):
     """(title, sub-frame) per (device/gpu, dtype, causal) setting of kernel records."""
     df = df[df["runner"] == "kernel"].copy()

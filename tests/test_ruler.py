@@ -65,3 +65,17 @@ def test_suite_runs_through_the_evaluate_runner(compose_cfg, tmp_path):
     assert rec.status == "ok", rec.error
     assert [c["task"] for c in rec.metrics["cells"]] == ["niah_single", "vt", "cwe"]
     assert all(0.0 <= c["score"] <= 1.0 for c in rec.metrics["cells"])
+
+
+def test_needle_and_ruler_figures_from_records(compose_cfg, tmp_path):
+    from analysis.figures import main as figures
+
+    store = f"store={tmp_path}/r.jsonl"
+    run(compose_cfg("experiment=lm/ruler-smoke", "task.tasks=[niah_single,vt]", store, tiny=False))
+    run(compose_cfg("experiment=lm/needle-smoke", store, tiny=False))
+    assert figures(["needle", "--store", f"{tmp_path}/r.jsonl", "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "needle-dense.png").stat().st_size > 1000
+    assert figures(["ruler", "--store", f"{tmp_path}/r.jsonl", "--out", str(tmp_path / "ruler.md")]) == 0
+    text = (tmp_path / "ruler.md").read_text()
+    assert "niah_single @2048" in text and "vt @2048" in text and "avg" in text
+    assert figures(["ruler", "--store", f"{tmp_path}/none.jsonl", "--out", str(tmp_path / "x.md")]) == 1
