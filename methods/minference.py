@@ -111,7 +111,7 @@ class MInference(SparseMethod):
         return lay & (kb <= qb)
 
     def mask_mod(self, q, k, causal):
-        H, dev = q.shape[1], q.device
+        dev = q.device
         kinds = {h["pattern"] for h in self.heads}
         pid = torch.tensor([PATTERNS.index(h["pattern"]) for h in self.heads], device=dev)
         off, bs = k.shape[2] - q.shape[2], self.block_size

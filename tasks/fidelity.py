@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import masked_attention, repeat_kv
+from methods.base import repeat_kv
 
 
 def random_qkv(B, H, Hkv, T, D, device, dtype, seed: int):
@@ -80,5 +80,4 @@ def evaluate(method, task_cfg, B, H, Hkv, T, D, device, dtype, seed, causal) -> 
     return metrics
 
 
-__all__ = ["random_qkv", "structured_qkv", "exact", "errors", "max_rel_err", "evaluate",
-           "masked_attention"]
+__all__ = ["random_qkv", "structured_qkv", "exact", "errors", "max_rel_err", "evaluate"]
