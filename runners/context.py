@@ -28,6 +28,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on the GPU when the run is bf16; a no-op context otherwise."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def attention_method(model):
+    """The attention method of a model's first layer (LRA encoder or decoder LM)."""
+    first = model.blocks[0]
+    return first.method if hasattr(first, "method") else first.attn.method
+
+
 def method_cfg(cfg: DictConfig) -> DictConfig:
     """The method config, with the top-level ``impl`` shorthand applied."""
     m = cfg.method

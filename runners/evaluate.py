@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from runners import bench, records
-from runners.context import base_record, method_cfg, resolve_device, resolve_dtype
+from runners.context import (attention_method, autocast, base_record, method_cfg, resolve_device,
+                             resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         rec.details.update(info)
         rec.metrics.update(get_method(cfg.task.evaluator)(model, cfg, device, dtype))
         rec.details["decode_fallback"] = getattr(model, "decode_fallback", None)
-        first = model.blocks[0]
-        rec.real_kernel = bool((first.method if hasattr(first, "method") else first.attn.method).real_kernel)
+        rec.real_kernel = bool(attention_method(model).real_kernel)
     except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
         rec.status = "oom" if bench.is_oom(exc) else "error"
         rec.error = f"{type(exc).__name__}: {exc}"
@@ -60,16 +60,21 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
     return [rec]
 
 
+def _filler_and_tokenizer(cfg):
+    """The filler text (the corpus' test documents) and the byte tokenizer of our LMs."""
+    from tasks.needle import ByteTokenizer
+    from tasks.perplexity import documents
+
+    return "\n\n".join(documents(OmegaConf.create({"source": cfg.task.corpus}))["test"]), ByteTokenizer()
+
+
 def needle(model, cfg, device, dtype) -> dict:
     """Every (length, depth) cell of the needle grid, ``task.samples`` prompts each."""
     from tasks import needle as nd
-    from tasks.perplexity import documents
 
     t = cfg.task
-    filler = "\n\n".join(documents(OmegaConf.create({"source": t.corpus}))["test"])
-    tok = nd.ByteTokenizer()
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
-           else torch.autocast("cpu", enabled=False))
+    filler, tok = _filler_and_tokenizer(cfg)
+    amp = autocast(device, dtype)
     cells = []
     grid = [(int(L), float(d)) for L in t.lengths for d in t.depths]
     for i, (L, d) in enumerate(tqdm(grid, desc="needle", unit="cell")):
@@ -87,14 +92,10 @@ def needle(model, cfg, device, dtype) -> dict:
 def ruler(model, cfg, device, dtype) -> dict:
     """Each task of the RULER-like suite at each length, ``task.samples`` prompts each."""
     from tasks import ruler as rl
-    from tasks.needle import ByteTokenizer
-    from tasks.perplexity import documents
 
     t = cfg.task
-    filler = "\n\n".join(documents(OmegaConf.create({"source": t.corpus}))["test"])
-    tok = ByteTokenizer()
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
-           else torch.autocast("cpu", enabled=False))
+    filler, tok = _filler_and_tokenizer(cfg)
+    amp = autocast(device, dtype)
     cells = []
     grid = [(name, int(L)) for name in t.tasks for L in t.lengths]
     for i, (name, L) in enumerate(tqdm(grid, desc="ruler", unit="cell")):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from methods.base import check_finite
 from runners import bench, records
-from runners.context import base_record, build_method, resolve_device, resolve_dtype
+from runners.context import base_record, build_method, method_name, resolve_device, resolve_dtype
 from tasks import fidelity
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,10 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         return [rec]
 
     if not (method.supports_causal if causal else method.supports_noncausal):
-        log.info("%s does not support causal=%s: nothing to run", rec_name(cfg), causal)
+        log.info("%s does not support causal=%s: nothing to run", method_name(cfg), causal)
         return out  # a sweep over both settings runs each method where it applies
     backward = method.trainable if cfg.runner.backward == "auto" else bool(cfg.runner.backward)
-    bar = tqdm(seq_lens, desc=f"{rec_name(cfg)}", unit="len", leave=False)
+    bar = tqdm(seq_lens, desc=f"{method_name(cfg)}", unit="len", leave=False)
     for T in bar:
         bar.set_postfix(T=T)
         rec = base_record(cfg, device, dtype, seq_len=T, causal=causal,
@@ -135,8 +135,3 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
             torch.cuda.empty_cache()
     return out
 
-
-def rec_name(cfg) -> str:
-    from runners.context import method_name
-
-    return method_name(cfg)

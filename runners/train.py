@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from runners import bench, records
-from runners.context import base_record, method_cfg, resolve_device, resolve_dtype
+from runners.context import (attention_method, autocast, base_record, method_cfg, resolve_device,
+                             resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     opt = torch.optim.AdamW(params, lr=float(r.lr), weight_decay=float(r.weight_decay),
                             betas=tuple(r.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, r))
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16
-           else torch.autocast("cpu", enabled=False))
+    amp = autocast(device, dtype)
     state = {"step": 0, "best_val": -float("inf"), "wall_s": 0.0, "tokens": 0, "losses": []}
     last = ckdir / "last.pt"
     if r.resume and last.exists():
@@ -243,6 +243,4 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],
                  "loss_curve": state["losses"][:: max(1, len(state["losses"]) // 200)]}
     rec.details["checkpoint"] = str(ckdir / "best.pt")
-    first = model.blocks[0]
-    method = first.method if hasattr(first, "method") else first.attn.method
-    rec.real_kernel = bool(method.real_kernel)  # known once it has run
+    rec.real_kernel = bool(attention_method(model).real_kernel)  # known once it has run
