@@ -173,13 +173,17 @@ class SparseMethod(AttentionMethod):
     may depend on the data (indices chosen from q and k). ``impl=reference`` materialises it
     and runs exact masked attention (true quality, not true speed); ``impl=flex`` runs
     FlexAttention with the block mask built from the same function (blocks that are wholly
-    masked are skipped on the GPU). Every call sets ``last_density``: the fraction of the
-    allowed (causal) pairs that the running implementation computes.
+    masked are skipped on the GPU). Methods with a Triton plan (``triton_attend``) also offer
+    ``impl=triton``: the kernels of ``methods.kernels.block_sparse`` visit only the listed
+    tiles (prefill, Tq == Tk, forward; elsewhere, and under autograd, it runs the flex path).
+    Every call sets ``last_density``: the fraction of the allowed (causal) pairs that the
+    running implementation computes.
     """
 
     impls = ("reference", "flex")
     flex_block_size = 128  # FlexAttention's tile: blocks of the pattern are masked inside it
     static_mask = False  # True when the mask depends only on the shape: its block mask is cached
+    last_path: str | None = None  # the path the last call took: reference, flex or triton
 
     def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -189,9 +193,34 @@ class SparseMethod(AttentionMethod):
 
     @property
     def real_kernel(self) -> bool:
-        return self.impl == "flex" and self._ran_compiled()
+        return self.impl in ("flex", "triton") and self._ran_compiled()
+
+    def triton_attend(self, q, k, v, causal, key_padding_mask):  # pragma: no cover - abstract
+        """The Triton path: returns (output, pairs computed), or None where it does not apply."""
+        return None
+
+    def _try_triton(self, q, k, v, causal, key_padding_mask, attend=None):
+        """Run ``attend`` (default ``triton_attend``) where the Triton path applies, else None."""
+        from methods.kernels import block_sparse
+
+        if self.impl != "triton" or not block_sparse.usable(q) or q.shape[2] != k.shape[2]:
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return None  # forward-only kernels: training takes the flex path (it has a backward)
+        res = (attend or self.triton_attend)(q, k, v, causal, key_padding_mask)
+        if res is None:
+            return None
+        out, work = res
+        self.last_path = "triton"
+        B, H, tq, _ = q.shape
+        self.last_density = min(1.0, work / float(B * H * (masks.causal_pairs(tq, tq) if causal else tq * tq)))
+        self._compiled = q.is_cuda  # the interpreter runs the same kernel, but is no speed test
+        return out
 
     def attend(self, q, k, v, causal, key_padding_mask):
+        out = self._try_triton(q, k, v, causal, key_padding_mask)
+        if out is not None:
+            return out
         B, H, tq, _ = q.shape
         tk = k.shape[2]
         mod = self.mask_mod(q, k, causal)
@@ -202,7 +231,8 @@ class SparseMethod(AttentionMethod):
         pairs = float(B * H * (masks.causal_pairs(tq, tk) if causal else tq * tk))
         from methods.kernels import flex
 
-        if self.impl == "reference" or not flex.usable(q, k, v):
+        self.last_path = "reference" if self.impl == "reference" or not flex.usable(q, k, v) else "flex"
+        if self.last_path == "reference":
             self._compiled = False
             mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
             self.last_density = float(mask.sum()) / pairs

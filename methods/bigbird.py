@@ -27,6 +27,7 @@ from methods.base import Cost, SparseMethod
 class BigBird(SparseMethod):
     name = "bigbird"
     static_mask = True
+    impls = ("reference", "flex", "triton")
 
     def __init__(self, block_size: int = 64, num_window_blocks: int = 3, num_global_blocks: int = 2,
                  num_random_blocks: int = 3, seed: int = 0, impl: str = "flex", **structural):
@@ -87,6 +88,21 @@ class BigBird(SparseMethod):
             return lay[h, qb, kv_idx // bs]
 
         return bigbird_mask
+
+    def triton_attend(self, q, k, v, causal, key_padding_mask):
+        from methods.kernels import block_sparse as bsk
+
+        bs, T = self.block_size, q.shape[2]
+        n = math.ceil(T / bs)
+        key = (n, causal, str(q.device))
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            plans.clear()
+            plans[key] = bsk.layout_to_lists(self.layout(n, n, causal).to(q.device).unsqueeze(0))
+        idx, cnt = plans[key]  # [1, H, nq, m]
+        out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bs, block_n=bs, causal=causal,
+                                         key_padding_mask=key_padding_mask)
+        return out, bsk.tile_work(cnt, bs, bs, q.shape[0], q.shape[1])
 
     def cost(self, tq, tk, causal) -> Cost:
         bs = self.block_size

@@ -22,6 +22,7 @@ budget. Decode steps (one query) fall back to dense attention: ``last_fallback``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from pathlib import Path
@@ -39,6 +40,8 @@ class MInference(SparseMethod):
     name = "minference"
     supports_noncausal = False
     training_free = True
+
+    impls = ("reference", "flex", "triton")
 
     def __init__(self, pattern: str = "vertical_slash", num_sink: int = 64, window: int = 512,
                  vertical_size: int = 256, slash_size: int = 512, block_size: int = 64,
@@ -136,6 +139,62 @@ class MInference(SparseMethod):
             return out
 
         return minference_mask
+
+    vs_block = 64  # square tile of the vertical-slash kernel
+
+    def triton_attend(self, q, k, v, causal, key_padding_mask):
+        """Each pattern's kernel on the heads that use it (A-shape and block-sparse through the
+        block-sparse kernel, vertical-slash through its own)."""
+        from methods.kernels import block_sparse as bsk
+
+        if key_padding_mask is not None:
+            return None  # prefill of padded batches: the flex path
+        B, H, T, D = q.shape
+        rep = H // k.shape[1]
+        kinds = [h["pattern"] for h in self.heads]
+        out, work = torch.zeros_like(q), 0.0
+        for kind in PATTERNS:
+            hs = [i for i, p in enumerate(kinds) if p == kind]
+            if not hs:
+                continue
+            sub = len(hs) < H  # a searched mix: this pattern's heads on their own
+            qs, ks, vs = q, k, v
+            if sub:
+                qs = q[:, hs]
+                ks, vs = (repeat_kv(x, rep)[:, hs] for x in (k, v))
+            heads = [self.heads[i] for i in hs]
+            if kind == "a_shape":
+                bm, bn = 128, 64
+                win = torch.tensor([h["window"] for h in heads])
+                sink = torch.tensor([h["num_sink"] for h in heads])
+                lay = bsk.window_layout(T, T, bm, bn, True, win, torch.full_like(win, bsk.BIG), sink, q.device)
+                idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
+                o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bm, block_n=bn, causal=True,
+                                               win_l=win, sink=sink)
+                work += bsk.tile_work(cnt, bm, bn, B, len(hs))
+            elif kind == "block_sparse":
+                bs = self.block_size
+                m = self if not sub else self._subset(hs)
+                idx, cnt = bsk.layout_to_lists(m.block_layout(qs, ks))
+                o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bs, block_n=bs, causal=True)
+                work += bsk.tile_work(cnt, bs, bs, B, len(hs))
+            else:
+                m = self if not sub else self._subset(hs)
+                vert, slash = m.vertical_slash_sets(qs, ks)
+                plan = bsk.vertical_slash_plan(vert, slash, self.vs_block)
+                o = bsk.vertical_slash_attention(qs, ks, vs, vert, slash, self.vs_block, plan=plan)
+                work += bsk.vertical_slash_work(plan)
+            if sub:
+                out[:, hs] = o
+            else:
+                out = o
+        return out, work
+
+    def _subset(self, hs):
+        """This method restricted to heads ``hs`` (for a searched mix of patterns)."""
+        m = copy.copy(self)
+        m.heads, m.num_heads, m.num_kv_heads = [self.heads[i] for i in hs], len(hs), len(hs)
+        return m
 
     def attend(self, q, k, v, causal, key_padding_mask):
         if q.shape[2] == 1:  # decode step: dense

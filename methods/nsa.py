@@ -15,8 +15,10 @@ window      the ``window`` most recent keys.
 out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head.
 
 impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
-selected and window branches with FlexAttention block masks (the compressed branch is
-T x T/stride and is computed directly in both).
+selected and window branches with FlexAttention block masks; impl=triton runs them with the
+kernels of ``methods.kernels.block_sparse`` (the selection kernel serves all query heads of a
+GQA group at once, as in the paper). The compressed branch is T x T/stride and is computed
+directly in all three.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
 
 class NSA(SparseMethod):
     name = "nsa"
+    impls = ("reference", "flex", "triton")
     supports_noncausal = False
     trainable = True
     training_free = False
@@ -74,8 +77,8 @@ class NSA(SparseMethod):
         return blocks.flatten(-2) @ lin.weight.to(x.dtype).T  # [B, Hkv, n, D]
 
     def _compressed(self, q, k, v):
-        """o_cmp and the selection-block importance (summed over each GQA group), chunked
-        over queries so that memory stays O(chunk x T / stride)."""
+        """o_cmp and the selected blocks, from the selection-block importance (summed over each
+        GQA group), chunked over queries so that memory stays O(chunk x T / stride)."""
         B, H, T, D = q.shape
         Hkv, rep = k.shape[1], H // k.shape[1]
         l, d, bs = self.compress_block, self.compress_stride, self.block_size
@@ -83,34 +86,61 @@ class NSA(SparseMethod):
         kc = repeat_kv(self.compress(k.to(dt), self.pos_k, self.comp_k), rep)  # [B, H, n, D]
         vc = repeat_kv(self.compress(v.to(dt), self.pos_v, self.comp_v), rep)
         n, nsel = kc.shape[2], math.ceil(T / bs)
+        mt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt  # the two big products
+        kc_m, vc_m = kc.to(mt), vc.to(mt)
         ends = torch.arange(n, device=q.device) * d + l - 1  # last key of each compressed block
-        starts = torch.arange(n, device=q.device) * d
-        sel_lo = torch.arange(nsel, device=q.device) * bs
-        overlap = ((starts.view(n, 1) < sel_lo.view(1, nsel) + bs)
-                   & (ends.view(n, 1) >= sel_lo.view(1, nsel))).to(dt)  # [n, nsel]
+        first, last = (torch.arange(n, device=q.device) * d) // bs, ends // bs  # selection blocks hit
         outs, imps = [], []
         for a in range(0, T, self.query_chunk):
             b = min(a + self.query_chunk, T)
             t = torch.arange(a, b, device=q.device).view(-1, 1)
-            s = (q[:, :, a:b].to(dt) @ kc.transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
+            s = (q[:, :, a:b].to(mt) @ kc_m.transpose(-1, -2)).to(dt) / math.sqrt(D)  # [B, H, c, n]
             p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
-            outs.append(p @ vc)
+            outs.append((p.to(mt) @ vc_m).to(dt))
             grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
-            imps.append(grp @ overlap)  # [B, Hkv, c, nsel]
+            imp = grp.new_zeros(B, Hkv, b - a, nsel)
+            for o in range(int((last - first).max()) + 1 if n else 0):  # Eq. 9: overlapping blocks
+                hit = first + o <= last
+                imp.index_add_(-1, (first + o)[hit], grp[..., hit])
+            imps.append(self.select(imp, a))  # [B, Hkv, c, n]
         return torch.cat(outs, 2), torch.cat(imps, 2)
 
-    def select(self, importance, T):
-        """[B, Hkv, T, nsel] importance -> bool of the chosen blocks per query."""
+    def select(self, importance, t0: int = 0):
+        """[B, Hkv, c, nsel] importance of queries t0 .. t0 + c - 1 -> their chosen blocks:
+        [B, Hkv, c, n] block indices (-1 where fewer than n blocks are visible)."""
         bs = self.block_size
-        nsel = importance.shape[-1]
-        t = torch.arange(T, device=importance.device).view(T, 1)
+        c, nsel = importance.shape[-2:]
+        t = torch.arange(t0, t0 + c, device=importance.device).view(c, 1)
         j = torch.arange(nsel, device=importance.device).view(1, nsel)
         cur = t // bs
         forced = (j == 0) | (j == cur) | (j == cur - 1)
         score = importance.masked_fill(forced, float("inf")).masked_fill(j > cur, float("-inf"))
         top = score.topk(min(self.num_selected, nsel), dim=-1).indices
-        chosen = torch.zeros_like(importance, dtype=torch.bool).scatter_(-1, top, True)
-        return chosen & (j <= cur)  # [B, Hkv, T, nsel]
+        return torch.where(top <= cur, top, -1)
+
+    @staticmethod
+    def chosen_mask(sel, nsel):
+        """[B, Hkv, T, n] block indices -> [B, Hkv, T, nsel] bool."""
+        dump = torch.where(sel < 0, nsel, sel)  # -1 goes to an extra column, dropped
+        out = torch.zeros(*sel.shape[:-1], nsel + 1, dtype=torch.bool, device=sel.device)
+        return out.scatter_(-1, dump, True)[..., :nsel]
+
+    def _triton_branches(self, sel, q, k, v, causal, key_padding_mask):
+        """(o_slc, o_win) through the Triton kernels, and the pairs they compute."""
+        from methods.kernels import block_sparse as bsk
+
+        if key_padding_mask is not None:
+            return None  # padded batches: the flex path
+        T = q.shape[2]
+        o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
+        bm, bn = 128, 64
+        w = torch.tensor([self.window])
+        lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), q.device)
+        idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
+        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=True, win_l=w)
+        rep = q.shape[1] // k.shape[1]
+        work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])
+        return (o_slc, o_win), work
 
     # ---- the three branches -------------------------------------------------------------------
     def attend(self, q, k, v, causal, key_padding_mask):
@@ -118,8 +148,13 @@ class NSA(SparseMethod):
             raise ValueError("NSA: queries and keys must have the same length (prefill/training)")
         B, H, T, D = q.shape
         rep = H // k.shape[1]
-        o_cmp, imp = self._compressed(q, k, v)
-        chosen = self.select(imp, T)  # [B, Hkv, T, nsel]
+        o_cmp, sel = self._compressed(q, k, v)  # sel: [B, Hkv, T, n]
+        triton = self._try_triton(q, k, v, causal, key_padding_mask,
+                                  attend=lambda *a: self._triton_branches(sel, *a))
+        if triton is not None:
+            o_slc, o_win = triton
+            return self._combine(q, o_cmp, o_slc, o_win)
+        chosen = self.chosen_mask(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel]
         bs, w = self.block_size, self.window
 
         def selected_mask(b, h, q_idx, kv_idx):
@@ -134,7 +169,8 @@ class NSA(SparseMethod):
         pairs = float(B * H * masks.causal_pairs(T, T))
         from methods.kernels import flex
 
-        if self.impl == "reference" or not flex.usable(q, k, v):
+        self.last_path = "reference" if self.impl == "reference" or not flex.usable(q, k, v) else "flex"
+        if self.last_path == "reference":
             self._compiled = False
             ms = [masks.materialize(m, B, H, T, T, q.device) for m in mods]
             o_slc, o_win = (masked_attention(q, k, v, m) for m in ms)
@@ -144,6 +180,9 @@ class NSA(SparseMethod):
             (o_slc, c1), (o_win, c2) = (flex.attention(q, k, v, bm) for bm in bms)
             self._compiled = c1 and c2
             self.last_density = sum(flex.block_density(bm, pairs) for bm in bms)
+        return self._combine(q, o_cmp, o_slc, o_win)
+
+    def _combine(self, q, o_cmp, o_slc, o_win):
         g = torch.sigmoid(self.gate(q.to(self.gate.weight.dtype))).to(o_cmp.dtype)  # [B, H, T, 3]
         out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.to(o_cmp.dtype) + g[..., 2:3] * o_win.to(o_cmp.dtype)
         return out.to(q.dtype)

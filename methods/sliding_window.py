@@ -4,9 +4,12 @@ causal:      keys j with 0 <= i - j < window (the query itself and window - 1 be
 non-causal:  keys j with |i - j| < window (window - 1 on each side)
 
 The simplest sparse baseline (Longformer's local attention, Mistral's sliding window). With
-window >= the sequence length it is exact attention.
+window >= the sequence length it is exact attention. impl=triton visits only the key tiles
+that the window reaches (``methods.kernels.block_sparse``).
 """
 from __future__ import annotations
+
+import torch
 
 from methods import masks
 from methods.base import Cost, SparseMethod, dense_flops
@@ -15,6 +18,9 @@ from methods.base import Cost, SparseMethod, dense_flops
 class SlidingWindow(SparseMethod):
     name = "sliding_window"
     static_mask = True
+
+    impls = ("reference", "flex", "triton")
+    triton_tiles = (128, 64)  # query x key tile of the Triton path
 
     def __init__(self, window: int = 512, **structural):
         super().__init__(**structural)
@@ -33,6 +39,22 @@ class SlidingWindow(SparseMethod):
             return (d < w) & (d > -w)
 
         return window_mask
+
+    def triton_attend(self, q, k, v, causal, key_padding_mask):
+        from methods.kernels import block_sparse as bsk
+
+        T, (bm, bn) = q.shape[2], self.triton_tiles
+        w = torch.tensor([self.window])
+        key = (T, causal, str(q.device))
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            plans.clear()
+            lay = bsk.window_layout(T, T, bm, bn, causal, w, w, torch.tensor([0]), q.device)
+            plans[key] = bsk.layout_to_lists(lay.unsqueeze(0))  # [1, 1, nq, m]: shared
+        idx, cnt = plans[key]
+        out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
+                                         win_l=w, win_r=w, key_padding_mask=key_padding_mask)
+        return out, bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])
 
     def pairs(self, tq: int, tk: int, causal: bool) -> int:
         """Allowed (query, key) pairs, counted in closed form."""

@@ -2,7 +2,9 @@
 # Efficiency suite: every method's fast path against SDPA (default backend, and flash),
 # forward, bf16, B=1, H=32, D=128, causal (4k-128k) and non-causal (4k-64k).
 #   bash scripts/efficiency.sh [STORE] [extra Hydra overrides...]
-#   PART=causal|noncausal bash scripts/efficiency.sh ...   (one half; default both)
+#   PART=causal|noncausal|triton bash scripts/efficiency.sh ...   (one part; default all)
+# The sparse methods run twice: FlexAttention block masks (impl=flex, the baseline with the
+# same mask) and attnbench's Triton kernels (impl=triton, methods/kernels/block_sparse.py).
 # Writes records to STORE (default results/efficiency/records.jsonl), then the leaderboard
 # (results/efficiency/leaderboard.md) and the latency/memory figures (results/figures/).
 set -euo pipefail
@@ -12,16 +14,22 @@ shift || true
 AB=${ATTNBENCH:-attnbench}
 run() { $AB "$@" store="$STORE" || echo "attnbench $* failed (its records say why)"; }
 
-if [ "${PART:-all}" != noncausal ]; then
+if [ "${PART:-all}" = all ] || [ "${PART}" = causal ]; then
 run -m method=dense,sliding_window,bigbird,nsa,performer experiment=efficiency/causal "$@"
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse experiment=efficiency/causal "$@"
 run -m method=dense method.backend=flash experiment=efficiency/causal "$@"
 # SparseK's gather path is a PyTorch loop over query chunks (no kernel yet): short lengths only
 run -m method=sparsek experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
 fi
-if [ "${PART:-all}" != causal ]; then
+if [ "${PART:-all}" = all ] || [ "${PART}" = noncausal ]; then
 run -m method=dense,sliding_window,bigbird,performer,linformer,nystrom experiment=efficiency/noncausal "$@"
 run -m method=dense method.backend=flash experiment=efficiency/noncausal "$@"
+fi
+if [ "${PART:-all}" = all ] || [ "${PART}" = triton ]; then
+run -m method=sliding_window,bigbird,nsa method.impl=triton experiment=efficiency/causal "$@"
+run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
+    experiment=efficiency/causal "$@"
+run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/noncausal "$@"
 fi
 
 FIGDIR=${FIGDIR:-results/figures}

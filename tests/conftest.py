@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from methods import CONF_DIR, available
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter (before triton.jit runs)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from methods import CONF_DIR, available  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(2)

@@ -1,0 +1,347 @@
+"""Triton kernels that skip masked work: block-sparse attention, vertical-slash, NSA selection.
+
+All three are FlashAttention-style forwards (online softmax in fp32, exp2) over lists of
+what each query tile visits, with the exact element mask applied inside a visited tile, so
+each computes the same function as its method's dense-mask reference.
+
+block_sparse_attention   query tile i visits the key tiles ``idx[b, h, i, :cnt[b, h, i]]``;
+                         inside, keys are kept when causal (end-aligned), within a window
+                         (``-win_r < q - k < win_l``) or a sink (``k < sink``), and not padded.
+                         Serves sliding window, BigBird, MInference A-shape and block-sparse,
+                         and NSA's window branch.
+vertical_slash_attention causal; pair (q, k) is kept when column k is a vertical or diagonal
+                         q - k a slash. Phase A visits the key tiles that slashes cross (with
+                         the element mask), phase B gathers the vertical columns outside them.
+nsa_selected_attention   each token attends to its selected key blocks (causally); one
+                         program serves all query heads of a GQA group, which share the blocks.
+
+The references are ``methods.base.masked_attention`` with the matching masks (tests compare).
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+
+LOG2E = 1.4426950408889634
+BIG = 2**30  # "no window"
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors (CUDA, or the CPU interpreter)."""
+    if triton is None:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale):
+        """One tile: scores q @ k ([M, D] x [D, N]) under ``ok``, folded into (acc, m, l)."""
+        s = tl.dot(q, k) * qk_scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _block_sparse_fwd(
+        Q, K, V, O, IDX, CNT, HMAP, WL, WR, SINK, KPM,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        sib, sih, siq, scb, sch, skpb,
+        HP, REP, TQ, TK, OFFSET, NQT, qk_scale,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+    ):
+        # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
+        qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
+        bh = tl.program_id(1)
+        b, hp = bh // HP, bh % HP  # hp: program head (index into IDX/CNT/HMAP/WL/WR/SINK)
+        h = tl.load(HMAP + hp)
+        hk = h // REP
+        wl, wr, sink = tl.load(WL + hp), tl.load(WR + hp), tl.load(SINK + hp)
+        offs_m = qt * BLOCK_M + tl.arange(0, TILE_M)
+        qin = (tl.arange(0, TILE_M) < BLOCK_M) & (offs_m < TQ)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                    mask=qin[:, None], other=0.0)
+        pos = offs_m + OFFSET  # query positions among the keys
+        m_i = tl.full([TILE_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([TILE_M], tl.float32)
+        acc = tl.zeros([TILE_M, D], tl.float32)
+        n = tl.load(CNT + b * scb + hp * sch + qt)
+        for j in range(0, n):
+            kt = tl.load(IDX + b * sib + hp * sih + qt * siq + j)
+            offs_n = kt * BLOCK_N + tl.arange(0, TILE_N)
+            kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
+            k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
+                        mask=kin[None, :], other=0.0)
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
+                        mask=kin[:, None], other=0.0)
+            dq = pos[:, None] - offs_n[None, :]
+            ok = kin[None, :] & (((dq < wl) & (dq > -wr)) | (offs_n[None, :] < sink))
+            if CAUSAL:
+                ok = ok & (dq >= 0)
+            if HAS_KPM:
+                ok = ok & (tl.load(KPM + b * skpb + offs_n, mask=kin, other=0) != 0)[None, :]
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=qin[:, None])
+
+    @triton.jit
+    def _vertical_slash_fwd(
+        Q, K, V, O, VBIT, SBIT, DELTA, DCNT, VCOL, VCNT, BDIAG,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        sbb, sbh, sdb, sdh, sdq, svcb, svch, svnb, svnh, sgb, sgh,
+        H, REP, T, NQT, qk_scale,
+        BLOCK: tl.constexpr, D: tl.constexpr,
+    ):
+        qt = NQT - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        offs_m = qt * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                    mask=offs_m[:, None] < T, other=0.0)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, D], tl.float32)
+        kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
+        # phase A: the key tiles crossed by a slash (tile qt - delta), exact element mask
+        n = tl.load(DCNT + b * sdb + h * sdh + qt)
+        for j in range(0, n):
+            kt = qt - tl.load(DELTA + b * sdb + h * sdh + j * sdq)
+            offs_n = kt * BLOCK + tl.arange(0, BLOCK)
+            kin = offs_n < T
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=kin[None, :], other=0.0)
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=kin[:, None], other=0.0)
+            dq = offs_m[:, None] - offs_n[None, :]
+            causal = (dq >= 0) & kin[None, :]
+            sl = tl.load(SBIT + b * sbb + h * sbh + dq, mask=causal, other=0)
+            vt = tl.load(VBIT + b * sbb + h * sbh + offs_n, mask=kin, other=0)
+            ok = causal & ((sl != 0) | (vt != 0)[None, :])
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+        # phase B: vertical columns at or before the tile's last query, outside phase A tiles
+        nv = tl.load(VCNT + b * svnb + h * svnh + qt)
+        for j0 in range(0, nv, BLOCK):
+            jj = j0 + tl.arange(0, BLOCK)
+            live = jj < nv
+            col = tl.load(VCOL + b * svcb + h * svch + jj, mask=live, other=0)
+            in_a = tl.load(BDIAG + b * sgb + h * sgh + qt - col // BLOCK, mask=live, other=1)
+            k = tl.load(kbase + col[None, :] * skt + offs_d[:, None], mask=live[None, :], other=0.0)
+            v = tl.load(vbase + col[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
+            ok = (live & (in_a == 0))[None, :] & (offs_m[:, None] >= col[None, :])
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+    @triton.jit
+    def _nsa_selected_fwd(
+        Q, K, V, O, SEL,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, ssb, ssh, sst,
+        HKV, G, NSEL, qk_scale,
+        BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr, D: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        bhk = tl.program_id(1)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = hk * G + offs_g
+        gin = offs_g < G
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :],
+                    mask=gin[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for j in range(0, NSEL):
+            blk = tl.load(SEL + b * ssb + hk * ssh + t * sst + j)
+            offs_n = blk * BS + tl.arange(0, TILE_S)  # blk = -1 (no block): all negative
+            kin = (tl.arange(0, TILE_S) < BS) & (offs_n >= 0) & (offs_n <= t)  # causal
+            k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
+                        mask=kin[None, :], other=0.0)
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
+                        mask=kin[:, None], other=0.0)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, kin[None, :], qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + heads[:, None] * soh + t * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=gin[:, None])
+
+
+def _check(q, k, v):
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two head dim >= 16, got {D}")
+    return (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
+def _tile(n: int) -> int:
+    """The power-of-two tile (at least 16, for tl.dot) that holds ``n``."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _num_warps(block_m: int, D: int) -> int:
+    return 8 if block_m * D >= 128 * 128 else 4
+
+
+# ---- plans: what each query tile visits -------------------------------------------------
+def layout_to_lists(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., nq, nk] bool -> (idx [..., nq, max] int32 of the kept key tiles, cnt [..., nq])."""
+    nk = layout.shape[-1]
+    ar = torch.arange(nk, device=layout.device, dtype=torch.int32)
+    keyed = torch.where(layout, ar, torch.full_like(ar, nk))
+    cnt = layout.sum(-1, dtype=torch.int32)
+    width = max(1, int(cnt.max()) if cnt.numel() else 1)
+    idx = keyed.sort(-1).values[..., :width].contiguous()
+    return idx, cnt.contiguous()
+
+
+def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) -> torch.Tensor:
+    """[P, nq, nk] bool: the key tiles holding a pair that the window/sink/causal mask keeps
+    (per program head p, from its win_l, win_r, sink: [P] int tensors)."""
+    off = tk - tq
+    nq, nk = math.ceil(tq / block_m), math.ceil(tk / block_n)
+    qs = torch.arange(nq, device=device).view(1, nq, 1) * block_m + off
+    qe = torch.minimum(qs + block_m - 1, torch.full_like(qs, tq - 1 + off))
+    ks = torch.arange(nk, device=device).view(1, 1, nk) * block_n
+    ke = torch.clamp(ks + block_n - 1, max=tk - 1)
+    wl, wr, sk = (x.to(device).view(-1, 1, 1) for x in (win_l, win_r, sink))
+    dmin, dmax = qs - ke, qe - ks  # range of q - k over the tile pair
+    if causal:
+        dmin = dmin.clamp_min(0)
+    inside = (dmin <= dmax) & (dmin < wl) & (dmax > -wr)
+    sinks = (ks < sk) & ((ks <= qe) if causal else True)
+    return inside | sinks
+
+
+def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
+                           sink=None, heads=None, key_padding_mask=None, out=None, scale=None):
+    """Attention over the key tiles listed per query tile (see the module docstring).
+
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, P|1, nq, m] and cnt [B|1, P|1, nq] for
+    the P program heads ``heads`` (default all H); win_l, win_r, sink: [P] ints (default none).
+    Writes the heads it runs into ``out`` (allocated when None) and returns it.
+    """
+    q, k, v = _check(q, k, v)
+    B, H, tq, D = q.shape
+    tk = k.shape[2]
+    dev = q.device
+    heads = torch.arange(H, device=dev, dtype=torch.int32) if heads is None else heads.to(dev, torch.int32)
+    P = heads.numel()
+    full = lambda x, val: (torch.full((P,), val, dtype=torch.int32, device=dev) if x is None  # noqa: E731
+                           else x.to(dev, torch.int32).expand(P).contiguous())
+    win_l, win_r, sink = full(win_l, BIG), full(win_r, BIG), full(sink, 0)
+    out = torch.zeros_like(q) if out is None else out
+    nqt = math.ceil(tq / block_m)
+    kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else cnt
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    sb = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731 - plans shared by the batch
+    sh = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731 - and by the heads
+    _block_sparse_fwd[(nqt, B * P)](
+        q, k, v, out, idx, cnt, heads, win_l, win_r, sink, kpm,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
+        kpm.stride(0) if key_padding_mask is not None else 0,
+        P, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
+        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, num_warps=_num_warps(block_m, D), num_stages=2,
+    )
+    return out
+
+
+def tile_work(cnt: torch.Tensor, block_m: int, block_n: int, B: int, P: int) -> float:
+    """(query, key) pairs a block-sparse launch computes: visited tiles x tile area."""
+    return float(cnt.sum()) * block_m * block_n * (B // cnt.shape[0]) * (P // cnt.shape[1])
+
+
+def vertical_slash_plan(vert: torch.Tensor, slash: torch.Tensor, block: int) -> dict:
+    """Index sets -> what each query tile visits. vert, slash: [B, H, T] bool (key columns;
+    diagonals q - k). Tiles are square (``block``), so whether a slash crosses tile pair
+    (i, j) depends on i - j only: ``bdiag[b, h, i - j]``."""
+    B, H, T = vert.shape
+    nt = math.ceil(T / block)
+    dev = vert.device
+    cs = torch.nn.functional.pad(slash.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    delta = torch.arange(nt, device=dev)
+    lo = (delta * block - (block - 1)).clamp(0, T)
+    hi = (delta * block + block).clamp(0, T)  # exclusive
+    bdiag = (cs[..., hi] - cs[..., lo]) > 0  # [B, H, nt]
+    bdiag[..., 0] |= True  # the diagonal tile: always visited (it holds q - k = 0)
+    dsort = torch.where(bdiag, delta, torch.full_like(delta, nt)).sort(-1).values.to(torch.int32)
+    qt = torch.arange(nt, device=dev, dtype=torch.int32)
+    dcnt = torch.searchsorted(dsort.contiguous(), qt.expand(B, H, nt).contiguous(), right=True).to(torch.int32)
+    cols = torch.where(vert, torch.arange(T, device=dev), torch.full_like(vert, T, dtype=torch.long))
+    nvert = int(vert.sum(-1).max()) if vert.numel() else 0
+    vcol = cols.sort(-1).values[..., :max(nvert, 1)].to(torch.int32).contiguous()
+    last = torch.clamp(qt * block + block - 1, max=T - 1).expand(B, H, nt).contiguous()
+    vcnt = torch.searchsorted(vcol, last, right=True).to(torch.int32)
+    return dict(delta=dsort.contiguous(), dcnt=dcnt.contiguous(), vcol=vcol, vcnt=vcnt.contiguous(),
+                bdiag=bdiag.to(torch.uint8).contiguous(), block=block)
+
+
+def vertical_slash_work(plan: dict) -> float:
+    """(query, key) pairs the kernel computes: visited tiles, and gathered chunks of columns."""
+    bl = plan["block"]
+    a = float(plan["dcnt"].sum()) * bl * bl
+    chunks = torch.div(plan["vcnt"] + bl - 1, bl, rounding_mode="floor")
+    return a + float(chunks.sum()) * bl * bl
+
+
+def vertical_slash_attention(q, k, v, vert, slash, block: int = 64, plan=None, scale=None):
+    """Causal attention over the pairs (q, k) with vert[k] or slash[q - k]; Tq == Tk."""
+    q, k, v = _check(q, k, v)
+    B, H, T, D = q.shape
+    if k.shape[2] != T:
+        raise ValueError("vertical_slash_attention: prefill only (Tq == Tk)")
+    plan = vertical_slash_plan(vert, slash, block) if plan is None else plan
+    vb, sbit = vert.to(torch.uint8).contiguous(), slash.to(torch.uint8).contiguous()
+    out = torch.zeros_like(q)
+    nt = math.ceil(T / block)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    d, vc, vn, g = plan["delta"], plan["vcol"], plan["vcnt"], plan["bdiag"]
+    _vertical_slash_fwd[(nt, B * H)](
+        q, k, v, out, vb, sbit, d, plan["dcnt"], vc, vn, g,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        vb.stride(0), vb.stride(1), d.stride(0), d.stride(1), d.stride(2),
+        vc.stride(0), vc.stride(1), vn.stride(0), vn.stride(1), g.stride(0), g.stride(1),
+        H, H // k.shape[1], T, nt, scale * LOG2E,
+        BLOCK=block, D=D, num_warps=_num_warps(block, D), num_stages=2,
+    )
+    return out
+
+
+def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None):
+    """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
+    by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n]."""
+    q, k, v = _check(q, k, v)
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    sel = sel.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _nsa_selected_fwd[(T, B * Hkv)](
+        q, k, v, out, sel,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sel.stride()[:3],
+        Hkv, G, sel.shape[-1], scale * LOG2E,
+        BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,146 @@
+"""Side-by-side timings against peer kernels (flash-linear-attention 0.6.0), on the GPU.
+
+    python scripts/peers.py --out results/efficiency/peers.jsonl [--lens 16384 65536]
+
+Two comparisons the GPU-performance issue asks for, forward, bf16, each row timed in this
+run with runners.bench (triton.testing.do_bench, p20/p50/p80) after a warm-up:
+
+linear   H=32, D=128, causal: fla ``chunk_linear_attn`` (q, k of width D), attnbench's
+         Performer (impl=chunked) with m=128 features (the same state size D x D as fla)
+         and with its default m=256, and SDPA (cuDNN) for scale.
+nsa      the NSA paper's shape: 64 query heads, 4 KV heads, D=128, blocks of 64, 16 selected,
+         window 512: attnbench NSA impl=triton (all three branches, index building included),
+         fla ``parallel_nsa`` (compression + selection; its window branch needs flash_attn,
+         which the image lacks) plus a 512-token window through attnbench's block-sparse
+         kernel, and SDPA causal (cuDNN) with grouped-query attention.
+
+Each row is one JSON line (name, shape, length, latency, peak memory, error); a markdown
+table is printed at the end. fla missing or failing is recorded as an error row.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import methods  # noqa: E402
+from runners import bench  # noqa: E402
+
+
+def _time(fn):
+    with torch.no_grad():
+        lat = bench.time_ms(fn, "cuda", warmup=3, rep_ms=100)
+        mem, _ = bench.peak_memory_bytes(fn, "cuda")
+    lat.pop("timer")
+    return lat, mem
+
+
+def linear_rows(T, H=32, D=128):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    rows = []
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    rows.append(("SDPA causal (cuDNN)", sdpa))
+    for m in (128, 256):
+        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl="chunked").cuda()
+        rows.append((f"attnbench Performer m={m} (chunked)", lambda p=perf: p(q, k, v, causal=True)))
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # fla: [B, T, H, D]
+        kw = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
+        rows.append(("fla chunk_linear_attn", lambda: chunk_linear_attn(qt, kt, vt, normalize=True, **kw)))
+    except Exception as exc:  # noqa: BLE001 - a missing peer is a row saying so
+        rows.append(("fla chunk_linear_attn", exc))
+    return rows, dict(H=H, Hkv=H, D=D)
+
+
+def nsa_rows(T, H=64, Hkv=4, D=128):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, Hkv, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    rows = [("SDPA causal (cuDNN), GQA", lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True))]
+    nsa = methods.load("nsa", num_heads=H, num_kv_heads=Hkv, head_dim=D, impl="triton").cuda().to(torch.bfloat16)
+    rows.append(("attnbench NSA (triton, 3 branches)", lambda: nsa(q, k, v, causal=True)))
+    from methods.kernels import block_sparse as bsk
+
+    w = torch.tensor([512])
+    lay = bsk.window_layout(T, T, 128, 64, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), "cuda")
+    idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
+    window = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=128, block_n=64,  # noqa: E731
+                                                causal=True, win_l=w)
+    rows.append(("attnbench window 512 (triton)", window))
+    try:
+        from fla.ops.nsa import parallel_nsa
+
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, T, H, D]
+        gates = [torch.rand(1, T, H, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        params = inspect.signature(parallel_nsa).parameters
+        kw = dict(g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2], block_size=64, window_size=0)
+        kw["block_counts" if "block_counts" in params else "S"] = 16
+        if "head_first" in params:
+            kw["head_first"] = False
+
+        def fla_nsa():
+            return parallel_nsa(qt, kt, vt, **kw)
+
+        rows.append(("fla parallel_nsa (cmp + slc)", fla_nsa))
+        rows.append(("fla parallel_nsa + attnbench window", lambda: (fla_nsa(), window())))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(("fla parallel_nsa (cmp + slc)", exc))
+    return rows, dict(H=H, Hkv=Hkv, D=D)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/efficiency/peers.jsonl")
+    ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--linear-lens", type=int, nargs="+", default=[16384, 65536, 131072])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/peers.py times GPU kernels: no CUDA device here")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+        import fla
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except ImportError as exc:
+        env["fla"] = f"missing: {exc}"
+    table = []
+    for suite, lens, build in (("linear", args.linear_lens, linear_rows), ("nsa", args.lens, nsa_rows)):
+        for T in lens:
+            rows, shape = build(T)
+            for name, fn in rows:
+                rec = dict(suite=suite, name=name, seq_len=T, **shape, env=env, error=None)
+                if isinstance(fn, Exception):
+                    rec["error"] = f"{type(fn).__name__}: {fn}"
+                else:
+                    try:
+                        rec["latency_ms"], rec["peak_mem_bytes"] = _time(fn)
+                    except Exception as exc:  # noqa: BLE001
+                        rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                p50 = rec.get("latency_ms", {}).get("p50")
+                table.append(f"| {suite} | {name} | {T} | "
+                             + (f"{p50:.3f}" if p50 is not None else rec["error"][:80]) + " |")
+                print(table[-1], flush=True)
+            torch.cuda.empty_cache()
+    print("\n| suite | kernel | T | p50 ms |\n|---|---|---|---|\n" + "\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

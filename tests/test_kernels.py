@@ -1,0 +1,161 @@
+"""Triton kernels (methods/kernels/block_sparse.py) against masked exact attention.
+
+On the CPU they run in Triton's interpreter (fp32/fp16, small shapes; conftest sets
+TRITON_INTERPRET=1 when there is no GPU), on the GPU in bf16 at head dim 128.
+"""
+import math
+
+import pytest
+import torch
+
+from methods.base import masked_attention
+from methods.kernels import block_sparse as bsk
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _inputs(B, H, Hkv, T, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, T, D, generator=g).to(device, dtype) for n in (H, Hkv, Hkv)]
+
+
+def _check(out, ref, dtype):
+    err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+    assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype], err
+
+
+def _grid(T, device):
+    qi = torch.arange(T, device=device).view(T, 1)
+    ki = torch.arange(T, device=device).view(1, T)
+    return qi, ki, qi - ki
+
+
+def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0):
+    B, H, Hkv = 2, 4, 2
+    q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    lay = (torch.rand(B, H, math.ceil(T / bm), math.ceil(T / bn), generator=g) < 0.4).to(device)
+    wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 20, 5, 10**6], [10**6, 20, 5, 3], [0, 0, 4, 2]))
+    kpm = torch.ones(B, T, dtype=torch.bool, device=device)
+    kpm[1, T - 15:] = False
+    idx, cnt = bsk.layout_to_lists(lay)
+    out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
+                                     win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm)
+    qi, ki, d = _grid(T, device)
+    h = lambda x: x.view(1, H, 1, 1)  # noqa: E731
+    mask = lay[:, :, qi // bm, ki // bn] & (((d < h(wl)) & (d > -h(wr))) | (ki < h(sink))) & kpm[:, None, None]
+    if causal:
+        mask = mask & (d >= 0)
+    return out, masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("blocks", [(8, 8), (16, 32)])  # 8: a pattern block inside a 16-tile
+def test_block_sparse_kernel_cpu(dtype, causal, blocks):
+    out, ref = block_sparse_case(dtype, "cpu", 63, 16, *blocks, causal)
+    _check(out, ref, dtype)
+
+
+def test_window_layout_covers_exactly_the_tiles_with_kept_pairs():
+    T, bm, bn = 70, 16, 8
+    w, sink = torch.tensor([9]), torch.tensor([3])
+    for causal in (False, True):
+        lay = bsk.window_layout(T, T, bm, bn, causal, w, w, sink, "cpu")[0]
+        qi, ki, d = _grid(T, "cpu")
+        mask = ((d < 9) & (d > -9)) | (ki < 3)
+        if causal:
+            mask &= d >= 0
+        want = torch.zeros_like(lay)
+        for i, j in mask.nonzero().tolist():
+            want[i // bm, j // bn] = True
+        assert torch.equal(lay, want)
+
+
+def vertical_slash_case(dtype, device, T, D, block, seed=0):
+    B, H, Hkv = 2, 4, 2
+    q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    vert = (torch.rand(B, H, T, generator=g) < 0.1).to(device)
+    slash = (torch.rand(B, H, T, generator=g) < 0.1).to(device)
+    out = bsk.vertical_slash_attention(q, k, v, vert, slash, block=block)
+    qi, ki, d = _grid(T, device)
+    mask = (vert[:, :, None, :] | slash[:, :, d.clamp(min=0)]) & (d >= 0)
+    return out, masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_vertical_slash_kernel_cpu(dtype):
+    out, ref = vertical_slash_case(dtype, "cpu", 75, 16, 16)
+    _check(out, ref, dtype)
+
+
+def test_vertical_slash_work_counts_visited_tiles():
+    T, bl = 64, 16
+    vert = torch.zeros(1, 1, T, dtype=torch.bool)
+    slash = torch.zeros(1, 1, T, dtype=torch.bool)
+    slash[..., 0] = True  # the main diagonal only: the 4 diagonal tiles
+    plan = bsk.vertical_slash_plan(vert, slash, bl)
+    assert bsk.vertical_slash_work(plan) == 4 * bl * bl
+    vert[..., 1] = True  # one column, gathered by all 4 query tiles (masked in the first,
+    plan = bsk.vertical_slash_plan(vert, slash, bl)  # where phase A covers it): a chunk each
+    assert bsk.vertical_slash_work(plan) == (4 + 4) * bl * bl
+
+
+def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0):
+    B = 2
+    q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
+    nblk = math.ceil(T / bs)
+    g = torch.Generator().manual_seed(seed + 1)
+    sel = torch.stack([torch.randperm(nblk, generator=g)[:n] for _ in range(B * Hkv * T)]).view(B, Hkv, T, n)
+    cur = torch.arange(T).view(1, 1, T, 1) // bs
+    sel = torch.where(sel <= cur, sel, -1).to(device)
+    out = bsk.nsa_selected_attention(q, k, v, sel, bs)
+    from methods.nsa import NSA
+
+    chosen = NSA.chosen_mask(sel, nblk).repeat_interleave(H // Hkv, 1)  # [B, H, T, nblk]
+    qi, ki, d = _grid(T, device)
+    mask = chosen[..., torch.arange(T, device=device) // bs] & (d >= 0)
+    return out, masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("bs", [8, 16])
+def test_nsa_selection_kernel_cpu(dtype, bs):
+    out, ref = nsa_case(dtype, "cpu", 61, 16, bs, 3)
+    _check(out, ref, dtype)
+
+
+def test_kernels_refuse_a_head_dim_they_cannot_tile():
+    q, k, v = _inputs(1, 2, 2, 16, 24, torch.float32, "cpu")
+    idx, cnt = bsk.layout_to_lists(torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, causal=False)
+
+
+# ---- GPU, bf16, head dim 128 ----------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 64), (50, 50)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_kernel_gpu_bf16(blocks, causal):
+    out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, *blocks, causal)
+    _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_vertical_slash_kernel_gpu_bf16():
+    out, ref = vertical_slash_case(torch.bfloat16, "cuda", 1000, 128, 64)
+    _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("heads", [(4, 2), (32, 2)])  # a GQA group of 2 and of 16 query heads
+def test_nsa_selection_kernel_gpu_bf16(heads):
+    out, ref = nsa_case(torch.bfloat16, "cuda", 1000, 128, 64, 16, *heads)
+    _check(out, ref, torch.bfloat16)
