@@ -233,7 +233,8 @@ def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) 
 
 
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
-                           sink=None, heads=None, key_padding_mask=None, out=None, scale=None):
+                           sink=None, heads=None, key_padding_mask=None, out=None, scale=None,
+                           num_warps=None, num_stages=2):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, P|1, nq, m] and cnt [B|1, P|1, nq] for
@@ -262,7 +263,8 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
         kpm.stride(0) if key_padding_mask is not None else 0,
         P, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, num_warps=_num_warps(block_m, D), num_stages=2,
+        TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D,
+        num_warps=num_warps or _num_warps(block_m, D), num_stages=num_stages,
     )
     return out
 

@@ -1,0 +1,65 @@
+"""Throughput of the block-sparse kernel on the H200 by tile shape and launch settings.
+
+    python scripts/tune_block_sparse.py [--lens 16384 65536] [--out F.jsonl]
+
+Causal attention with every key tile at or before the diagonal listed (so the work is that
+of dense causal attention, the kernel's worst case), B=1, H=32, D=128, bf16; and the same
+for a sliding window of 512 (the sparse case). Useful TFLOP/s = FLOPs of the kept pairs
+(4 * pairs * D per head) over the p50 time; cuDNN SDPA is timed alongside.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods import masks  # noqa: E402
+from methods.kernels import block_sparse as bsk  # noqa: E402
+from runners import bench  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    H, D = 32, 128
+    rows = []
+    for T in args.lens:
+        q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4.0 * H * D * masks.causal_pairs(T, T)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
+        rows.append(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
+        print(rows[-1], flush=True)
+        for (bm, bn), warps, stages in itertools.product(((128, 64), (128, 128), (64, 64)), (4, 8), (2, 3)):
+            for case, win in (("causal", bsk.BIG), ("window512", 512)):
+                w = torch.tensor([win])
+                lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), "cuda")
+                idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
+                fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn,  # noqa: E731
+                                                        causal=True, win_l=w, num_warps=warps, num_stages=stages)
+                try:
+                    t = bench.time_ms(fn, "cuda", 3, rep_ms=100)["p50"]
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    print(T, case, bm, bn, warps, stages, type(exc).__name__, str(exc)[:120], flush=True)
+                    continue
+                pairs = masks.causal_pairs(T, T) if case == "causal" else sum(min(i + 1, win) for i in range(T))
+                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}", ms=t,
+                                 tflops=4.0 * H * D * pairs / t / 1e9))
+                print(rows[-1], flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
