@@ -164,7 +164,7 @@ class MInference(SparseMethod):
                 ks, vs = (repeat_kv(x, rep)[:, hs] for x in (k, v))
             heads = [self.heads[i] for i in hs]
             if kind == "a_shape":
-                bm, bn = 128, 64
+                bm, bn = 64, 64
                 win = torch.tensor([h["window"] for h in heads])
                 sink = torch.tensor([h["num_sink"] for h in heads])
                 lay = bsk.window_layout(T, T, bm, bn, True, win, torch.full_like(win, bsk.BIG), sink, q.device)

@@ -133,7 +133,7 @@ class NSA(SparseMethod):
             return None  # padded batches: the flex path
         T = q.shape[2]
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
-        bm, bn = 128, 64
+        bm, bn = 64, 64
         w = torch.tensor([self.window])
         lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), q.device)
         idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))

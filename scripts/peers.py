@@ -48,7 +48,7 @@ def linear_rows(T, H=32, D=128):
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     rows.append(("SDPA causal (cuDNN)", sdpa))
     for m in (128, 256):
-        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl="chunked").cuda()
+        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl="chunked", max_seq_len=T).cuda()
         rows.append((f"attnbench Performer m={m} (chunked)", lambda p=perf: p(q, k, v, causal=True)))
     try:
         from fla.ops.linear_attn import chunk_linear_attn
@@ -67,14 +67,14 @@ def nsa_rows(T, H=64, Hkv=4, D=128):
     k, v = (torch.randn(1, Hkv, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     rows = [("SDPA causal (cuDNN), GQA", lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=True))]
-    nsa = methods.load("nsa", num_heads=H, num_kv_heads=Hkv, head_dim=D, impl="triton").cuda().to(torch.bfloat16)
+    nsa = methods.load("nsa", num_heads=H, num_kv_heads=Hkv, head_dim=D, impl="triton", max_seq_len=T).cuda().to(torch.bfloat16)
     rows.append(("attnbench NSA (triton, 3 branches)", lambda: nsa(q, k, v, causal=True)))
     from methods.kernels import block_sparse as bsk
 
     w = torch.tensor([512])
-    lay = bsk.window_layout(T, T, 128, 64, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), "cuda")
+    lay = bsk.window_layout(T, T, 64, 64, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), "cuda")
     idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
-    window = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=128, block_n=64,  # noqa: E731
+    window = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=64, block_n=64,  # noqa: E731
                                                 causal=True, win_l=w)
     rows.append(("attnbench window 512 (triton)", window))
     try:

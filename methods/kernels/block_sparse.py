@@ -46,7 +46,8 @@ if triton is not None:
 
     @triton.jit
     def _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale):
-        """One tile: scores q @ k ([M, D] x [D, N]) under ``ok``, folded into (acc, m, l)."""
+        """One tile: scores q @ k ([M, D] x [D, N]) under ``ok`` (True: no mask), folded into
+        (acc, m, l)."""
         s = tl.dot(q, k) * qk_scale
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -85,19 +86,29 @@ if triton is not None:
         n = tl.load(CNT + b * scb + hp * sch + qt)
         for j in range(0, n):
             kt = tl.load(IDX + b * sib + hp * sih + qt * siq + j)
-            offs_n = kt * BLOCK_N + tl.arange(0, TILE_N)
-            kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
-            k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
-                        mask=kin[None, :], other=0.0)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
-                        mask=kin[:, None], other=0.0)
-            dq = pos[:, None] - offs_n[None, :]
-            ok = kin[None, :] & (((dq < wl) & (dq > -wr)) | (offs_n[None, :] < sink))
+            k0 = kt * BLOCK_N
+            offs_n = k0 + tl.arange(0, TILE_N)
+            k_ptrs = K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None]
+            v_ptrs = V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :]
+            # a tile wholly inside the mask skips the element mask (most tiles of long rows)
+            dmin, dmax = qt * BLOCK_M + OFFSET - (k0 + BLOCK_N - 1), qt * BLOCK_M + BLOCK_M - 1 + OFFSET - k0
+            inside = (k0 + BLOCK_N <= TK) & (((dmax < wl) & (dmin > -wr)) | (k0 + BLOCK_N <= sink))
             if CAUSAL:
-                ok = ok & (dq >= 0)
-            if HAS_KPM:
-                ok = ok & (tl.load(KPM + b * skpb + offs_n, mask=kin, other=0) != 0)[None, :]
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+                inside = inside & (dmin >= 0)
+            if (TILE_N == BLOCK_N) and (not HAS_KPM) and inside:
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, tl.load(k_ptrs), tl.load(v_ptrs),
+                                                     True, qk_scale)
+            else:
+                kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
+                k = tl.load(k_ptrs, mask=kin[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=kin[:, None], other=0.0)
+                dq = pos[:, None] - offs_n[None, :]
+                ok = kin[None, :] & (((dq < wl) & (dq > -wr)) | (offs_n[None, :] < sink))
+                if CAUSAL:
+                    ok = ok & (dq >= 0)
+                if HAS_KPM:
+                    ok = ok & (tl.load(KPM + b * skpb + offs_n, mask=kin, other=0) != 0)[None, :]
+                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=qin[:, None])
@@ -234,7 +245,7 @@ def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) 
 
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
                            sink=None, heads=None, key_padding_mask=None, out=None, scale=None,
-                           num_warps=None, num_stages=2):
+                           num_warps=None, num_stages=3):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, P|1, nq, m] and cnt [B|1, P|1, nq] for
@@ -325,7 +336,7 @@ def vertical_slash_attention(q, k, v, vert, slash, block: int = 64, plan=None, s
         vb.stride(0), vb.stride(1), d.stride(0), d.stride(1), d.stride(2),
         vc.stride(0), vc.stride(1), vn.stride(0), vn.stride(1), g.stride(0), g.stride(1),
         H, H // k.shape[1], T, nt, scale * LOG2E,
-        BLOCK=block, D=D, num_warps=_num_warps(block, D), num_stages=2,
+        BLOCK=block, D=D, num_warps=_num_warps(block, D), num_stages=3,
     )
     return out
 
