@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tasks.cache import cached
 
@@ -54,10 +56,17 @@ def load(cfg) -> dict:
     key = {"task": "perplexity", "source": cfg.source, "subset": cfg.get("subset"),
            "files": list(cfg.get("data_files") or []), "max_len": int(cfg.max_len)}
 
+    episodes = int(cfg.get("needle_episodes") or 0)
+    if episodes:
+        key["needle_episodes"] = episodes
+
     def build():
-        d = {s: byte_stream(v) for s, v in documents(cfg).items()}
+        docs = documents(cfg)
+        d = {s: byte_stream(v) for s, v in docs.items()}
         n = int(cfg.max_len) + 1
         tr = d["train"][: (len(d["train"]) // n) * n].view(-1, n)
+        if episodes:
+            tr = torch.cat([tr, needle_episodes("\n\n".join(docs["train"]), episodes, n, int(cfg.get("seed", 0)))])
         return {"train": tr, "val": d["val"], "test": d["test"]}
 
     data = cached("perplexity", key, build)
@@ -65,6 +74,30 @@ def load(cfg) -> dict:
     return {"kind": "lm", "train": (data["train"], torch.zeros(n_tr, dtype=torch.long)),
             "val": data["val"], "test": data["test"], "vocab_size": 256, "num_classes": 256,
             "pad_id": None, "cls_id": None}
+
+
+ANSWER_BYTES = 9  # " 1234567.": the needle's values have seven digits
+
+
+def needle_episodes(text: str, count: int, n: int, seed: int = 0) -> torch.Tensor:
+    """[count, n] byte windows, each a needle-in-a-haystack prompt on training text (the
+    needle at a uniform depth, the question at the end) followed by its answer: retrieval
+    practice mixed into language modelling, so that the needle and RULER evaluations of the
+    trained LM measure the attention method, not an LM that never learned to look back.
+    The evaluation prompts use other keys and values, and the test documents as filler."""
+    from tasks.needle import ByteTokenizer, make_prompt
+
+    tok, rng = ByteTokenizer(), random.Random(seed + 7_777)
+    out = torch.empty(count, n, dtype=torch.uint8)
+    for i in tqdm(range(count), desc="needle episodes", unit="ep", leave=False):
+        a = rng.randrange(0, max(1, len(text) - 2 * n))
+        hay = text[a: a + 2 * n]  # ample filler: make_prompt takes n - needle - answer tokens
+        p = make_prompt(tok, hay, n - ANSWER_BYTES, rng.random(), seed=rng.randrange(2**31))
+        ids = p.ids + tok.encode(f" {p.answer}.")
+        if len(ids) != n:
+            raise AssertionError(f"needle episode of {len(ids)} bytes, expected {n}")
+        out[i] = torch.tensor(ids, dtype=torch.uint8)
+    return out
 
 
 @torch.no_grad()

@@ -125,3 +125,20 @@ def test_needle_prompt_longer_than_the_window_is_an_error_record(compose_cfg, tm
     cfg = compose_cfg("experiment=lm/needle-smoke", "task.lengths=[300]", f"store={tmp_path}/e.jsonl", tiny=False)
     rec = run(cfg)[0]
     assert rec.status == "error" and "does not fit the model's window" in rec.error
+
+
+def test_needle_episodes_are_prompts_followed_by_their_answers():
+    from tasks.needle import ByteTokenizer
+    from tasks.perplexity import needle_episodes
+
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 40
+    eps = needle_episodes(text, 3, 600, seed=1)
+    assert eps.shape == (3, 600) and eps.dtype == torch.uint8
+    tok = ByteTokenizer()
+    for row in eps:
+        s = tok.decode(row.tolist())
+        key = s.split("What is the special magic number for ")[1].split("?")[0]
+        value = s.split(f"The special magic number for {key} is ")[1].split(".")[0]
+        assert s.endswith(f"The special magic number for {key} is {value}.")
+        assert len(value) == 7 and value.isdigit()
+    assert not torch.equal(eps[0], eps[1])

@@ -144,3 +144,11 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path):
     assert rec["train"]["steps"] == 60
     assert json.dumps(rec["train"]["loss_curve"]) == json.dumps(want["train"]["loss_curve"])
     assert rec["metrics"]["test_acc"] == want["metrics"]["test_acc"]
+
+
+def test_listops_data_does_not_depend_on_the_worker_count():
+    kw = dict(min_length=4, max_length=60, max_depth=3, max_args=4)
+    from tasks.lra.listops import SHARD
+
+    n = SHARD + 7  # two shards
+    assert listops.generate(n, seed=3, workers=1, **kw) == listops.generate(n, seed=3, workers=2, **kw)

@@ -7,10 +7,13 @@ when its length (digits + one token per operator + one closing bracket) lies str
 between min_length and max_length (500 and 2000). The label is the tree's value (10
 classes). Sequences are the tokens without LRA's printed parentheses, which repeat what
 the brackets already say, so a sequence's token count is its length and fits the 2000-token
-window whole. Splits 96k/2k/2k, each from its own seed; cached on disk.
+window whole. Splits 96k/2k/2k, each from its own seed, generated in parallel shards of
+2000 (each seeded alone: the data does not depend on the worker count); cached on disk.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 
 import torch
@@ -63,17 +66,41 @@ def tokens(tree) -> list[str]:
     return [op, *(t for a in args for t in tokens(a)), END]
 
 
-def generate(n: int, seed: int, min_length=500, max_length=2000, max_depth=10, max_args=10,
-             desc: str = "listops"):
-    """n (token list, label) pairs, deterministic for a seed."""
+SHARD = 2000  # sequences per generation shard: shards are seeded alone, so any worker count
+#               gives the same data
+
+
+def _shard(args):
+    n, seed, min_length, max_length, max_depth, max_args = args
     rng = random.Random(seed)
     out = []
+    while len(out) < n:
+        tree, length = generate_tree(rng, 1, max_depth, max_args)
+        if min_length < length < max_length:
+            out.append((tokens(tree), evaluate(tree)))
+    return out
+
+
+def generate(n: int, seed: int, min_length=500, max_length=2000, max_depth=10, max_args=10,
+             desc: str = "listops", workers: int | None = None):
+    """n (token list, label) pairs, deterministic for a seed: shards of SHARD sequences, shard
+    i seeded by (seed, i), generated in parallel over ``workers`` processes (default: CPUs)."""
+    jobs = [(min(SHARD, n - a), seed * 100_003 + i, min_length, max_length, max_depth, max_args)
+            for i, a in enumerate(range(0, n, SHARD))]
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    out = []
     with tqdm(total=n, desc=desc, unit="seq", leave=False) as bar:
-        while len(out) < n:
-            tree, length = generate_tree(rng, 1, max_depth, max_args)
-            if min_length < length < max_length:
-                out.append((tokens(tree), evaluate(tree)))
-                bar.update()
+        if workers <= 1:
+            results = map(_shard, jobs)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results = pool.imap(_shard, jobs)
+        for part in results:
+            out.extend(part)
+            bar.update(len(part))
+        if workers > 1:
+            pool.close()
+            pool.join()
     return out
 
 
