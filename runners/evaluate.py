@@ -75,7 +75,7 @@ def needle(model, cfg, device, dtype) -> dict:
     t = cfg.task
     filler, tok = _filler_and_tokenizer(cfg)
     amp = autocast(device, dtype)
-    cells = []
+    cells, examples = [], []
     grid = [(int(L), float(d)) for L in t.lengths for d in t.depths]
     for i, (L, d) in enumerate(tqdm(grid, desc="needle", unit="cell")):
         hits = []
@@ -85,8 +85,11 @@ def needle(model, cfg, device, dtype) -> dict:
             with amp:
                 out = model.generate(torch.tensor([p.ids], device=device), int(cfg.runner.max_new_tokens))
             hits.append(nd.score(tok, out[0].tolist(), p.answer))
+            if s == 0:  # what the model answered, for reading the record
+                examples.append({"length": L, "depth": d, "answer": p.answer,
+                                 "generated": tok.decode(out[0].tolist())})
         cells.append({"length": L, "depth": d, "score": sum(hits) / len(hits)})
-    return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells)}
+    return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells), "examples": examples}
 
 
 def ruler(model, cfg, device, dtype) -> dict:
