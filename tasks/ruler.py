@@ -9,7 +9,8 @@ vt               variable tracking: a chain of assignments VAR X2 = X1 ... from 
                  answer every variable that holds it
 cwe              common-words extraction: a numbered word list in which a few words recur;
                  answer the most common ones
-fwe              frequent-words extraction: Zipf-distributed coded words; answer the 3 most frequent
+fwe              frequent-words extraction: Zipf-distributed coded words (about half the prompt,
+                 as RULER scales them with the length); answer the 3 most frequent
 
 Every prompt is exactly ``length`` tokens (content, then filler text to the length, then the
 question, all in token space); a prompt longer than the model's window is an error. Scores
@@ -44,7 +45,7 @@ def _num(rng):
     return str(rng.randrange(1_000_000, 10_000_000))
 
 
-def _content(task, rng):
+def _content(task, rng, length):
     """(pieces to scatter in the haystack, question, answers)."""
     if task.startswith("niah"):
         n_keys = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 1, "niah_multiquery": 4}[task]
@@ -72,7 +73,7 @@ def _content(task, rng):
     if task == "fwe":
         vocab = [_key(rng)[:5] for _ in range(20)]
         weights = [1 / (r + 1) ** 1.5 for r in range(len(vocab))]
-        words = rng.choices(vocab, weights=weights, k=300)
+        words = rng.choices(vocab, weights=weights, k=max(40, length // 12))  # half the prompt
         top = [w for w, _ in Counter(words).most_common(3)]
         pieces = [" .... " + " ".join(words) + " .... "]
         q = " What are the 3 most frequently appeared coded words in the text above? Answer: they are:"
@@ -84,7 +85,7 @@ def make_sample(tokenizer, filler: str, task: str, length: int, seed: int, windo
     if window is not None and length > window:
         raise ValueError(f"a {length}-token prompt does not fit the model's window of {window}")
     rng = random.Random(seed)
-    pieces, question, answers = _content(task, rng)
+    pieces, question, answers = _content(task, rng, length)
     piece_ids = [tokenizer.encode(p) for p in pieces]
     q_ids = tokenizer.encode(question)
     n_fill = length - sum(map(len, piece_ids)) - len(q_ids)

@@ -79,3 +79,18 @@ def test_needle_and_ruler_figures_from_records(compose_cfg, tmp_path):
     text = (tmp_path / "ruler.md").read_text()
     assert "niah_single @2048" in text and "vt @2048" in text and "avg" in text
     assert figures(["ruler", "--store", f"{tmp_path}/none.jsonl", "--out", str(tmp_path / "x.md")]) == 1
+
+
+def test_every_task_fits_the_configured_lengths_of_a_byte_level_lm():
+    """The lengths in conf/task/ruler.yaml hold every task's content, with room for the answer
+    within the model's 4096-token window (a GPU run failed on both before they did)."""
+    from omegaconf import OmegaConf
+
+    from methods import CONF_DIR
+
+    cfg = OmegaConf.load(CONF_DIR / "task" / "ruler.yaml")
+    filler = "To be, or not to be, that is the question. " * 400
+    for L in cfg.lengths:
+        assert L + 12 <= 4096
+        for task in cfg.tasks:
+            assert len(ruler.make_sample(ByteTokenizer(), filler, task, int(L), seed=1).ids) == L
