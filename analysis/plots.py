@@ -24,25 +24,40 @@ def _label(method, impl):
     return f"{method} ({impl})"
 
 
+def _method_colours(df: pd.DataFrame) -> dict:
+    """One colour per method variant (its implementations share it), dense in black."""
+    others = sorted(set(df.loc[df["method"] != BASELINE, "label"]))
+    cmap = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
+    return {**{lab: cmap(i % cmap.N) for i, lab in enumerate(others)},
+            **{lab: "black" for lab in set(df.loc[df["method"] == BASELINE, "label"])}}
+
+
 def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Forward latency and peak memory against sequence length, log-log, one line per
-    method and impl, dense in black. Failed and OOM points are left out, and marked with
+    method and impl (one colour per method, FlexAttention paths dashed), dense in black. Failed and OOM points are left out, and marked with
     an x at the bottom of the axis so that a missing point is never read as a small one."""
     from analysis.records import variants
 
     df = df[df["runner"] == "kernel"].copy()
     df["label"] = variants(df)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    color = _method_colours(df)
     for (method, label, impl), g in df.groupby(["method", "label", "impl"]):
         g = g.sort_values("seq_len")
         ok = g[g["status"] == "ok"]
-        style = {"color": "black", "linewidth": 2.2} if method == BASELINE else {}
-        if method == BASELINE and label != BASELINE and "backend=auto" not in label:
-            style["linestyle"] = "--"  # dense with a forced backend: dashed beside the default
-        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], marker="o", label=_label(label, impl), **{"linestyle": "-", **style})
+        if method == BASELINE:
+            style = {"color": "black", "linewidth": 2.2}
+            if label != BASELINE and "backend=auto" not in label:
+                style["linestyle"] = "--"  # dense with a forced backend: dashed beside the default
+        else:  # the same method's implementations share its colour: FlexAttention dashed
+            style = {"color": color[label]}
+            if impl == "flex":
+                style.update(linestyle="--", marker="^")
+        style = {"linestyle": "-", "marker": "o", **style}
+        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], label=_label(label, impl), **style)
         if "mem.forward" in ok:
             m = ok.dropna(subset=["mem.forward"])
-            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, marker="o", label=_label(label, impl), **{"linestyle": "-", **style})
+            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, label=_label(label, impl), **style)
         bad = g[g["status"] != "ok"]
         for ax in axes:
             if len(bad):
@@ -88,9 +103,11 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = [(float(r[cost]), max(float(r[quality]), 1e-4)) for _, r in df.iterrows()]
     front = pareto_front(pts)
+    color = _method_colours(df)
     for i, (_, r) in enumerate(df.iterrows()):
-        dense = r["method"] == BASELINE
-        ax.scatter(*pts[i], s=60, color="black" if dense else None, marker="*" if i in front else "o",
+        flex = r["impl"] == "flex"  # FlexAttention paths hollow, beside the method's own colour
+        ax.scatter(*pts[i], s=70 if i in front else 50, marker="*" if i in front else ("^" if flex else "o"),
+                   facecolors="none" if flex else color[r["label"]], edgecolors=color[r["label"]],
                    label=f"{r['label']} ({r['impl']})", zorder=3)
     fx = sorted(pts[i] for i in front)
     if fx:
