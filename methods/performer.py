@@ -21,6 +21,8 @@ it is redrawn every ``redraw_interval`` forward calls (0 = never).
 impl=reference  non-causal as above; causal through explicit prefix sums [B, H, T, m, D]
 impl=chunked    causal in chunks of ``chunk_size``: exact masked products inside a chunk,
                 a running state across chunks (the same function in O(T) memory)
+impl=triton     the same chunked recurrence in one Triton kernel that keeps the state on chip
+                (``methods.kernels.linear_attn``; forward, Tq == Tk; else the chunked path)
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Performer(AttentionMethod):
     name = "performer"
     trainable = True  # trained models adapt to the feature map (it has no weights of its own)
     training_free = False
-    impls = ("reference", "chunked")
+    impls = ("reference", "chunked", "triton")
 
     def __init__(self, num_features: int = 256, kernel: str = "softmax", orthogonal: bool = True,
                  redraw_interval: int = 0, feature_seed: int = 0, chunk_size: int = 64,
@@ -127,9 +129,22 @@ class Performer(AttentionMethod):
             den = fq @ fk.sum(-2).unsqueeze(-1)  # [B, H, Tq, 1]
         elif self.impl == "reference":
             num, den = self._causal_prefix(fq, fk, vv)
+        elif self.impl == "triton" and self._triton_ok(q, k):
+            from methods.kernels.linear_attn import causal_linear_attention
+
+            half = q.dtype in (torch.float16, torch.bfloat16)  # features in the inputs' dtype there
+            cast = (lambda x: x.to(q.dtype)) if half else (lambda x: x)  # noqa: E731
+            num, den = causal_linear_attention(cast(fq), cast(fk), cast(vv), chunk=self.chunk_size)
         else:
             num, den = self._causal_chunked(fq, fk, vv)
         return (num / den.clamp_min(1e-30)).to(q.dtype)
+
+    def _triton_ok(self, q, k) -> bool:
+        """The kernel serves prefill (Tq == Tk) forward passes; training takes the chunked path."""
+        from methods.kernels.linear_attn import usable
+
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        return usable(q) and q.shape[2] == k.shape[2] and not grad and self.chunk_size in (16, 32, 64, 128)
 
     def _causal_prefix(self, fq, fk, vv):
         """Prefix sums S_i = sum_{j<=i} phi(k_j) v_j^T (end-aligned when Tq < Tk)."""

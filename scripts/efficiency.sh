@@ -26,7 +26,7 @@ run -m method=dense,sliding_window,bigbird,performer,linformer,nystrom experimen
 run -m method=dense method.backend=flash experiment=efficiency/noncausal "$@"
 fi
 if [ "${PART:-all}" = all ] || [ "${PART}" = triton ]; then
-run -m method=sliding_window,bigbird,nsa method.impl=triton experiment=efficiency/causal "$@"
+run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment=efficiency/causal "$@"
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal "$@"
 run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/noncausal "$@"

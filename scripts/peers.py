@@ -6,8 +6,8 @@ Two comparisons the GPU-performance issue asks for, forward, bf16, each row time
 run with runners.bench (triton.testing.do_bench, p20/p50/p80) after a warm-up:
 
 linear   H=32, D=128, causal: fla ``chunk_linear_attn`` (q, k of width D), attnbench's
-         Performer (impl=chunked) with m=128 features (the same state size D x D as fla)
-         and with its default m=256, and SDPA (cuDNN) for scale.
+         Performer (impl=chunked and impl=triton, feature maps included) with m=128 features
+         (the same state size D x D as fla) and its default m=256, and SDPA (cuDNN) for scale.
 nsa      the NSA paper's shape: 64 query heads, 4 KV heads, D=128, blocks of 64, 16 selected,
          window 512: attnbench NSA impl=triton (all three branches, index building included),
          fla ``parallel_nsa`` (compression + selection; its window branch needs flash_attn,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,9 +48,9 @@ def linear_rows(T, H=32, D=128):
     rows = []
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     rows.append(("SDPA causal (cuDNN)", sdpa))
-    for m in (128, 256):
-        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl="chunked", max_seq_len=T).cuda()
-        rows.append((f"attnbench Performer m={m} (chunked)", lambda p=perf: p(q, k, v, causal=True)))
+    for m, impl in itertools.product((128, 256), ("chunked", "triton")):
+        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl=impl, max_seq_len=T).cuda()
+        rows.append((f"attnbench Performer m={m} ({impl})", lambda p=perf: p(q, k, v, causal=True)))
     try:
         from fla.ops.linear_attn import chunk_linear_attn
 
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/efficiency/peers.jsonl")
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--linear-lens", type=int, nargs="+", default=[16384, 65536, 131072])
+    ap.add_argument("--suites", nargs="+", default=["linear", "nsa"], choices=["linear", "nsa"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scripts/peers.py times GPU kernels: no CUDA device here")
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
         env["fla"] = f"missing: {exc}"
     table = []
     for suite, lens, build in (("linear", args.linear_lens, linear_rows), ("nsa", args.lens, nsa_rows)):
+        if suite not in args.suites:
+            continue
         for T in lens:
             rows, shape = build(T)
             for name, fn in rows:

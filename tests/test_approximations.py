@@ -80,6 +80,22 @@ def test_causal_performer_equals_masked_feature_attention(kernel, tq, tk):
         torch.testing.assert_close(fast(q, k, v, causal=True), want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_performer_triton_path_equals_the_reference(dtype, tol):
+    """impl=triton (Triton's interpreter here) against impl=reference, GQA and padding included."""
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=63, D=16, dtype=torch.float32)
+    kpm = torch.ones(2, 63, dtype=torch.bool)
+    kpm[1, 50:] = False
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, num_features=24)
+    fast = methods.load("performer", impl="triton", **kw)
+    ref = methods.load("performer", impl="reference", **kw)
+    for pad in (None, kpm):
+        with torch.no_grad():
+            got = fast(q.to(dtype), k.to(dtype), v.to(dtype), causal=True, key_padding_mask=pad)
+            want = ref(q, k, v, causal=True, key_padding_mask=pad)
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 def test_performer_gqa_and_padding():
     q, k, v = seeded_qkv(B=2, H=4, Hkv=1, T=33, D=16)
     m = methods.load("performer", num_heads=4, head_dim=16, num_features=64)
