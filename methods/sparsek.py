@@ -16,7 +16,10 @@ With k and the window covering every key it is exact attention.
 impl=reference  soft mask materialised [B, H, T, T]
 impl=gather     per chunk of queries, the k selected keys are gathered and the window is a
                 contiguous slab of keys: memory grows with k + window per query (and the
-                chunk), not with the square of the length
+                chunk), not with the square of the length. Without gradients the threshold
+                search sorts the chunk's shared candidates once and bisects with binary
+                searches (no pass over [chunk, T] per step); with gradients it runs the
+                operator on full rows (its backward needs each row's free set)
 """
 from __future__ import annotations
 
@@ -103,6 +106,75 @@ class SparseK(AttentionMethod):
         ok = torch.isfinite(top.values)
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
 
+    @torch.no_grad()
+    def _soft_mask_rows_fast(self, u, rows, tk, kpm):
+        """The same (idx, weight, valid) as ``_soft_mask_rows``, without a [c, T] pass per
+        bisection step: the candidates shared by the chunk (j <= rows[0] - window) are sorted
+        once, so each row's sum_j clip(u_j - tau, 0, 1) is two binary searches on them plus
+        its own newer candidates (fewer than c); the top-k come from the sorted shared part and
+        the newer candidates. Forward only (the gradient needs every row's free set)."""
+        B, Hkv, T = u.shape
+        w, c, dt = self.window, len(rows), u.dtype
+        lim = rows - w  # [c]: the last candidate of each row
+        base = int(lim[0]) + 1  # shared candidates: j < base
+        big = torch.finfo(dt).max / 4
+        shared = u[..., :max(base, 0)]
+        ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :max(base, 0)].expand_as(shared)
+        sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
+        L = sv.shape[-1]
+        n_sh = ok_sh.sum(-1, keepdim=True)  # [B, Hkv, 1] valid shared candidates (the last n_sh)
+        cs = torch.nn.functional.pad(torch.where(sv > -big, sv, 0.0).cumsum(-1), (1, 0))
+        hi_j = int(lim[-1]) + 1
+        new = u[..., max(base, 0):max(hi_j, 0)]  # [B, Hkv, m]: newer candidates
+        jn = torch.arange(max(base, 0), max(hi_j, 0), device=u.device)
+        ok_new = (jn.view(1, -1) <= lim.view(-1, 1)).view(1, 1, c, -1)  # [1, 1, c, m]
+        if kpm is not None:
+            ok_new = ok_new & kpm[:, None, None, max(base, 0):max(hi_j, 0)]
+        newc = new.unsqueeze(2)  # [B, Hkv, 1, m]
+
+        def f(tau):  # [B, Hkv, c] -> sum over each row's candidates of clip(u - tau, 0, 1)
+            a = torch.searchsorted(sv, tau.contiguous(), right=True)  # entries <= tau
+            b = torch.searchsorted(sv, (tau + 1).contiguous(), right=False)  # entries < tau + 1
+            out = (L - b) + (cs.gather(-1, b) - cs.gather(-1, a)) - tau * (b - a)
+            return out + ((newc - tau.unsqueeze(-1)).clamp(0, 1) * ok_new).sum(-1)
+
+        n = n_sh + ok_new.sum(-1)  # [B, Hkv, c] candidates per row
+        if L:
+            mn_sh = torch.where(n_sh > 0, sv.gather(-1, (L - n_sh).clamp(max=L - 1)), big)  # [B, Hkv, 1]
+            mx_sh = torch.where(n_sh > 0, sv[..., -1:], -big)
+        else:
+            mn_sh, mx_sh = u.new_full((B, Hkv, 1), big), u.new_full((B, Hkv, 1), -big)
+        lo, hi = mn_sh.expand(-1, -1, c), mx_sh.expand(-1, -1, c)
+        if new.shape[-1]:
+            lo = torch.minimum(lo, torch.where(ok_new, newc, big).amin(-1))
+            hi = torch.maximum(hi, torch.where(ok_new, newc, -big).amax(-1))
+        lo = lo - 1.0
+        kk = torch.clamp(n.to(dt), max=float(self.k))
+        for _ in range(64 if dt == torch.float64 else 30):  # as SparseKOp: bisection on tau
+            mid = (lo + hi) / 2
+            more = f(mid) > kk
+            lo, hi = torch.where(more, mid, lo), torch.where(more, hi, mid)
+        tau = torch.where(n <= self.k, lo, (lo + hi) / 2)
+        # top-k of each row: the shared part's best (sorted) and the row's newer candidates
+        kk_top = min(self.k, max(1, tk - w))
+        take = min(kk_top, sv.shape[-1])
+        top_sh_v = sv[..., sv.shape[-1] - take:].flip(-1) if take else sv[..., :0]
+        top_sh_i = order[..., order.shape[-1] - take:].flip(-1) if take else order[..., :0]
+        top_sh_ok = top_sh_v > -big
+        pool_v = torch.cat([top_sh_v.unsqueeze(2).expand(-1, -1, c, -1).masked_fill(~top_sh_ok.unsqueeze(2), -float("inf")),
+                            newc.expand(-1, -1, c, -1).masked_fill(~ok_new, -float("inf"))], -1)
+        pool_i = torch.cat([top_sh_i.unsqueeze(2).expand(-1, -1, c, -1),
+                            jn.view(1, 1, 1, -1).expand(B, Hkv, c, -1)], -1)
+        if pool_v.shape[-1] < kk_top:  # fewer candidates than k anywhere: pad with empty slots
+            padn = kk_top - pool_v.shape[-1]
+            pool_v = torch.nn.functional.pad(pool_v, (0, padn), value=-float("inf"))
+            pool_i = torch.nn.functional.pad(pool_i, (0, padn), value=0)
+        top = pool_v.topk(kk_top, dim=-1)
+        idx = pool_i.gather(-1, top.indices)
+        ok = torch.isfinite(top.values)
+        wsel = ((top.values - tau.unsqueeze(-1)).clamp(0, 1) * ok).nan_to_num(0.0)
+        return idx, wsel.to(dt), ok
+
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, tq, D = q.shape
         tk, rep = k.shape[2], H // k.shape[1]
@@ -115,7 +187,9 @@ class SparseK(AttentionMethod):
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
             rows = torch.arange(a, b, device=q.device) + off
-            idx, wsel, ok = self._soft_mask_rows(u, rows, tk, key_padding_mask)  # [B, Hkv, c, k']
+            fast = self.impl == "gather" and not (torch.is_grad_enabled() and u.requires_grad)
+            select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
+            idx, wsel, ok = select(u, rows, tk, key_padding_mask)  # [B, Hkv, c, k']
             qc = q[:, :, a:b].to(dt)
             if self.impl == "reference":
                 m = torch.zeros(B, k.shape[1], b - a, tk, dtype=dt, device=q.device)

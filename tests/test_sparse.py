@@ -272,3 +272,27 @@ def test_fast_path_equals_reference_on_gpu_bf16(case):
         assert err < 3e-2, (impl, err)
         if impl in ("flex", "triton"):
             assert m.real_kernel, impl
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sparsek_fast_selection_equals_the_full_one(padded):
+    """The gather path's forward selection (sorted shared candidates, binary searches) gives
+    the same keys and weights as the full row-wise bisection, chunk by chunk."""
+    T, w, c = 300, 16, 64
+    m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=20, window=w, query_chunk=c)
+    _, k, _ = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16, dtype=torch.float32)
+    kpm = None
+    if padded:
+        kpm = torch.ones(2, T, dtype=torch.bool)
+        kpm[1, 200:] = False
+    u = m.scores(k).float()
+
+    def dense(sel):
+        idx, wsel, ok = sel
+        return torch.zeros(*idx.shape[:-1], T).scatter_add_(-1, idx, wsel * ok)
+
+    for r0 in (0, w // 2, w + 3, 150, T - c):  # no candidates yet, a few, many
+        rows = torch.arange(r0, min(r0 + c, T))
+        want = dense(m._soft_mask_rows(u, rows, T, kpm))
+        got = dense(m._soft_mask_rows_fast(u, rows, T, kpm))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
