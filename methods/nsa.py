@@ -15,10 +15,12 @@ window      the ``window`` most recent keys.
 out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head.
 
 impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
-selected and window branches with FlexAttention block masks; impl=triton runs them with the
-kernels of ``methods.kernels.block_sparse`` (the selection kernel serves all query heads of a
-GQA group at once, as in the paper). The compressed branch is T x T/stride and is computed
-directly in all three.
+selected and window branches with FlexAttention block masks; impl=triton runs all three with the
+kernels of ``methods.kernels.block_sparse``: the compressed attention with its log-sum-exp,
+then the selection-block importance recomputed from it (no [T, T/stride] tensor in memory),
+the selection (one program per token serves all query heads of a GQA group, as in the
+paper) and the window. The reference and flex paths compute the compressed branch in
+PyTorch, in chunks of queries.
 """
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ class NSA(SparseMethod):
         for a in range(0, T, self.query_chunk):
             b = min(a + self.query_chunk, T)
             t = torch.arange(a, b, device=q.device).view(-1, 1)
-            s = (q[:, :, a:b].to(mt) @ kc_m.transpose(-1, -2)).to(dt) / math.sqrt(D)  # [B, H, c, n]
+            # scores of the half-precision operands, summed in fp32 (as the Triton path does)
+            s = (q[:, :, a:b].to(dt) @ kc_m.to(dt).transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
             p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
             outs.append((p.to(mt) @ vc_m).to(dt))
             grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
@@ -125,22 +128,29 @@ class NSA(SparseMethod):
         out = torch.zeros(*sel.shape[:-1], nsel + 1, dtype=torch.bool, device=sel.device)
         return out.scatter_(-1, dump, True)[..., :nsel]
 
-    def _triton_branches(self, sel, q, k, v, causal, key_padding_mask):
-        """(o_slc, o_win) through the Triton kernels, and the pairs they compute."""
+    def _triton_branches(self, q, k, v, causal, key_padding_mask):
+        """All three branches through Triton kernels: the compressed attention and the
+        selection-block importance, the selected blocks, the window. Returns (out, pairs)."""
         from methods.kernels import block_sparse as bsk
 
         if key_padding_mask is not None:
             return None  # padded batches: the flex path
-        T = q.shape[2]
+        B, H, T, D = q.shape
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        kc = self.compress(k.to(dt), self.pos_k, self.comp_k).to(q.dtype)  # [B, Hkv, n, D]
+        vc = self.compress(v.to(dt), self.pos_v, self.comp_v).to(q.dtype)
+        o_cmp, imp = bsk.nsa_compressed(q, kc, vc, self.block_size, self.compress_block, self.compress_stride)
+        sel = self.select(imp)  # [B, Hkv, T, n]
+        del imp
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
         w = torch.tensor([self.window])
         lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), q.device)
         idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
         o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=True, win_l=w)
-        rep = q.shape[1] // k.shape[1]
-        work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])
-        return (o_slc, o_win), work
+        rep = H // k.shape[1]
+        work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
+        return self._combine(q, o_cmp.to(dt), o_slc, o_win), work
 
     # ---- the three branches -------------------------------------------------------------------
     def attend(self, q, k, v, causal, key_padding_mask):
@@ -148,12 +158,10 @@ class NSA(SparseMethod):
             raise ValueError("NSA: queries and keys must have the same length (prefill/training)")
         B, H, T, D = q.shape
         rep = H // k.shape[1]
+        out = self._try_triton(q, k, v, causal, key_padding_mask, attend=self._triton_branches)
+        if out is not None:
+            return out
         o_cmp, sel = self._compressed(q, k, v)  # sel: [B, Hkv, T, n]
-        triton = self._try_triton(q, k, v, causal, key_padding_mask,
-                                  attend=lambda *a: self._triton_branches(sel, *a))
-        if triton is not None:
-            o_slc, o_win = triton
-            return self._combine(q, o_cmp, o_slc, o_win)
         chosen = self.chosen_mask(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel]
         bs, w = self.block_size, self.window
 

@@ -186,3 +186,37 @@ def test_causal_linear_kernel_cpu(dtype, shape):
 def test_causal_linear_kernel_gpu_bf16(M):
     out, ref = linear_case(torch.bfloat16, "cuda", 1000, M, 128, 64)
     _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_nsa_compressed_kernels_cpu(dtype):
+    nsa_compressed_case(dtype, "cpu", 77, 16, 8, 8, 4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_nsa_compressed_kernels_gpu_bf16():
+    nsa_compressed_case(torch.bfloat16, "cuda", 3000, 128, 64, 32, 16, H=32, Hkv=2)
+
+
+def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
+    """o_cmp and the selection-block importance against a dense PyTorch computation."""
+    B = 1
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, T, D, generator=g).to(device, dtype)
+    n = (T - cl) // cs + 1
+    kc, vc = (torch.randn(B, Hkv, n, D, generator=g).to(device, dtype) for _ in range(2))
+    o, imp = bsk.nsa_compressed(q, kc, vc, bs, cl, cs)
+    t = torch.arange(T, device=device).view(T, 1)
+    ends = torch.arange(n, device=device) * cs + cl - 1
+    vis = ends.view(1, n) <= t  # [T, n]
+    kk, vv = (x.float().repeat_interleave(H // Hkv, 1) for x in (kc, vc))
+    s = (q.float() @ kk.transpose(-1, -2)) / math.sqrt(D)
+    p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)  # [B, H, T, n]
+    _check(o, p @ vv, dtype)
+    nsel = math.ceil(T / bs)
+    starts = torch.arange(n, device=device) * cs
+    lo = torch.arange(nsel, device=device) * bs
+    overlap = ((starts.view(n, 1) < lo.view(1, nsel) + bs) & (ends.view(n, 1) >= lo.view(1, nsel))).float()
+    want = p.view(B, Hkv, H // Hkv, T, n).sum(2) @ overlap  # [B, Hkv, T, nsel]
+    torch.testing.assert_close(imp, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)

@@ -358,3 +358,118 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None):
         BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=4, num_stages=2,
     )
     return out
+
+
+# ---- NSA's compressed branch -------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _nsa_cmp_fwd(
+        Q, KC, VC, O, LSE,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
+        H, REP, T, NC, CL, CS, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        """o_cmp and the log-sum-exp (base 2) of each query over the compressed blocks that end
+        at or before it (block i ends at i * CS + CL - 1)."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                    mask=offs_m[:, None] < T, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
+        n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)  # blocks any row sees
+        for j0 in range(0, n_vis, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(KC + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
+                        mask=offs_n[None, :] < NC, other=0.0)
+            v = tl.load(VC + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :],
+                        mask=offs_n[:, None] < NC, other=0.0)
+            ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & (offs_n[None, :] < NC)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=offs_m < T)
+
+    @triton.jit
+    def _nsa_importance(
+        Q, KC, LSE, IMP,
+        sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
+        HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
+    ):
+        """imp[t, s] = sum over the group's heads and the compressed blocks i overlapping
+        selection block s of p[t, i] (Eq. 9-10), p recomputed from the log-sum-exp. A program
+        owns its rows, so it accumulates into them without atomics."""
+        qt = tl.program_id(0)
+        bhk = tl.program_id(1)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        offs_s = tl.arange(0, NS)
+        last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
+        n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
+        for j0 in range(0, n_vis, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(KC + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
+                        mask=offs_n[None, :] < NC, other=0.0)
+            ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & (offs_n[None, :] < NC)
+            p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for g in range(0, G):
+                h = hk * G + g
+                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                            mask=offs_m[:, None] < T, other=0.0)
+                lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < T, other=float("inf"))
+                s = tl.dot(q, k) * qk_scale
+                p += tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            # the selection blocks this tile touches: s0 .. s0 + NS - 1
+            s0 = (j0 * CS) // BS
+            first = (offs_n * CS) // BS - s0
+            final = (offs_n * CS + CL - 1) // BS - s0
+            sel = offs_s[None, :] + s0
+            hit = (offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])
+            contrib = tl.dot(p, hit.to(p.dtype), input_precision="ieee")  # [BLOCK_M, NS]
+            ptrs = IMP + b * sib + hk * sih + offs_m[:, None] * sit + sel
+            live = (offs_m[:, None] < T) & (sel < NSEL)
+            tl.store(ptrs, tl.load(ptrs, mask=live, other=0.0) + contrib, mask=live)
+
+
+def nsa_compressed(q, kc, vc, block_size: int, compress_block: int, compress_stride: int, scale=None):
+    """NSA's compressed branch and the selection-block importance, by two Triton kernels.
+
+    q [B, H, T, D]; kc, vc [B, Hkv, n, D] (compressed keys and values, in q's dtype).
+    Returns o_cmp [B, H, T, D] (q's dtype) and importance [B, Hkv, T, ceil(T / block_size)]
+    (fp32), the same quantities as ``methods.nsa.NSA._compressed`` computes in PyTorch."""
+    q, kc, vc = _check(q, kc, vc)
+    B, H, T, D = q.shape
+    Hkv, n = kc.shape[1], kc.shape[2]
+    nsel = math.ceil(T / block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    bm, bn = 64, 64
+    nt = math.ceil(T / bm)
+    _nsa_cmp_fwd[(nt, B * H)](
+        q, kc, vc, out, lse,
+        *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
+        H, H // Hkv, T, n, compress_block, compress_stride, scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=4, num_stages=2,
+    )
+    imp = torch.zeros(B, Hkv, T, nsel, device=q.device, dtype=torch.float32)
+    span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
+    ns = _tile(span // block_size + 2)
+    _nsa_importance[(nt, B * Hkv)](
+        q, kc, lse, imp,
+        *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
+        Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=4, num_stages=2,
+    )
+    return out, imp
