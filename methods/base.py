@@ -175,7 +175,8 @@ class SparseMethod(AttentionMethod):
     FlexAttention with the block mask built from the same function (blocks that are wholly
     masked are skipped on the GPU). Methods with a Triton plan (``triton_attend``) also offer
     ``impl=triton``: the kernels of ``methods.kernels.block_sparse`` visit only the listed
-    tiles (prefill, Tq == Tk, forward; elsewhere, and under autograd, it runs the flex path).
+    tiles (Tq == Tk; elsewhere, and under autograd where a method's kernels have no backward,
+    it runs the flex path).
     Every call sets ``last_density``: the fraction of the allowed (causal) pairs that the
     running implementation computes.
     """
@@ -184,6 +185,7 @@ class SparseMethod(AttentionMethod):
     flex_block_size = 128  # FlexAttention's tile: blocks of the pattern are masked inside it
     static_mask = False  # True when the mask depends only on the shape: its block mask is cached
     last_path: str | None = None  # the path the last call took: reference, flex or triton
+    triton_backward = False  # whether the Triton path has a backward (else training takes flex)
 
     def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -205,7 +207,7 @@ class SparseMethod(AttentionMethod):
 
         if self.impl != "triton" or not block_sparse.usable(q) or q.shape[2] != k.shape[2]:
             return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if not self.triton_backward and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return None  # forward-only kernels: training takes the flex path (it has a backward)
         res = (attend or self.triton_attend)(q, k, v, causal, key_padding_mask)
         if res is None:

@@ -28,6 +28,7 @@ class BigBird(SparseMethod):
     name = "bigbird"
     static_mask = True
     impls = ("reference", "flex", "triton")
+    triton_backward = True  # the block-sparse kernel has one
 
     def __init__(self, block_size: int = 64, num_window_blocks: int = 3, num_global_blocks: int = 2,
                  num_random_blocks: int = 3, seed: int = 0, impl: str = "flex", **structural):

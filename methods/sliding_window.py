@@ -20,6 +20,7 @@ class SlidingWindow(SparseMethod):
     static_mask = True
 
     impls = ("reference", "flex", "triton")
+    triton_backward = True  # the block-sparse kernel has one
     triton_tiles = (64, 64)  # query x key tile of the Triton path (scripts/tune_block_sparse.py)
 
     def __init__(self, window: int = 512, **structural):

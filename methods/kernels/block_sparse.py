@@ -60,12 +60,12 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDX, CNT, HMAP, WL, WR, SINK, KPM,
+        Q, K, V, O, IDX, CNT, HMAP, WL, WR, SINK, KPM, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         sib, sih, siq, scb, sch, skpb,
         HP, REP, TQ, TK, OFFSET, NQT, qk_scale,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
+        TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr = False,
     ):
         # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
         qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
@@ -112,6 +112,9 @@ if triton is not None:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=qin[:, None])
+        if STORE_LSE:  # base-2 log-sum-exp of each row, for the backward (inf: nothing kept)
+            lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + (b * HP + hp) * TQ + offs_m, lse, mask=qin)
 
     @triton.jit
     def _vertical_slash_fwd(
@@ -245,7 +248,7 @@ def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) 
 
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
                            sink=None, heads=None, key_padding_mask=None, out=None, scale=None,
-                           num_warps=None, num_stages=3):
+                           num_warps=None, num_stages=3, lse=None):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, P|1, nq, m] and cnt [B|1, P|1, nq] for
@@ -267,14 +270,21 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     sb = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731 - plans shared by the batch
     sh = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731 - and by the heads
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        from methods.kernels.block_sparse_bwd import BlockSparseAttention
+
+        if P != H or out is not None and out.requires_grad:
+            raise ValueError("block_sparse_attention: gradients need all heads in one call")
+        return BlockSparseAttention.apply(q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r,
+                                          sink, key_padding_mask, scale)
     _block_sparse_fwd[(nqt, B * P)](
-        q, k, v, out, idx, cnt, heads, win_l, win_r, sink, kpm,
+        q, k, v, out, idx, cnt, heads, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
         kpm.stride(0) if key_padding_mask is not None else 0,
         P, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D,
+        TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, STORE_LSE=lse is not None,
         num_warps=num_warps or _num_warps(block_m, D), num_stages=num_stages,
     )
     return out
