@@ -2,7 +2,7 @@
 # Efficiency suite: every method's fast path against SDPA (default backend, and flash),
 # forward, bf16, B=1, H=32, D=128, causal (4k-128k) and non-causal (4k-64k).
 #   bash scripts/efficiency.sh [STORE] [extra Hydra overrides...]
-#   PART=causal|noncausal|triton bash scripts/efficiency.sh ...   (one part; default all)
+#   PART=causal|noncausal|triton|backward bash scripts/efficiency.sh ...   (one part; default all)
 # The sparse methods run twice: FlexAttention block masks (impl=flex, the baseline with the
 # same mask) and attnbench's Triton kernels (impl=triton, methods/kernels/block_sparse.py).
 # Writes records to STORE (default results/efficiency/records.jsonl), then the leaderboard
@@ -30,6 +30,11 @@ run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal "$@"
 run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/noncausal "$@"
+fi
+if [ "${PART:-all}" = all ] || [ "${PART}" = backward ]; then  # forward + backward, trainable paths
+run -m method=dense runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
+run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=true \
+    experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
 
 FIGDIR=${FIGDIR:-results/figures}
