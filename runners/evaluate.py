@@ -30,7 +30,15 @@ def build_model(cfg, device):
     info = {"checkpoint": cfg.runner.checkpoint}
     if cfg.runner.checkpoint:
         state = torch.load(cfg.runner.checkpoint, map_location=device, weights_only=False)
+        if isinstance(state, dict) and "model" in state and "opt" in state:  # a training state
+            state = state["model"]
         missing, unexpected = model.load_state_dict(state, strict=False)
+        # only the swapped-in method's own parameters may be new (e.g. a Performer's projection)
+        lost = [k for k in missing if ".method." not in k]
+        if lost or unexpected:
+            raise ValueError(f"checkpoint {cfg.runner.checkpoint} does not fit the model "
+                             f"(model={cfg.model.get('name')}): missing {lost[:5]}"
+                             f"{'...' if len(lost) > 5 else ''}, unexpected {list(unexpected)[:5]}")
         info.update(missing_keys=list(missing), unexpected_keys=list(unexpected))
     else:
         info["note"] = "random initialisation (no checkpoint): a pipeline test, not a result"

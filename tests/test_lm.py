@@ -1,5 +1,6 @@
 """Decoder LM, strided perplexity, the Shakespeare corpus, LM training with every method."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,14 @@ def test_needle_grid_on_a_trained_checkpoint_with_methods_swapped_in(compose_cfg
         assert all(c["score"] in (0.0, 1.0) for c in cells)
         assert rec.details["decode_fallback"] == (None if name == "dense" else "dense")
     assert needle_heatmap(cells, tmp_path / "h.png", "fixture").stat().st_size > 1000
+    # the training state (last.pt) loads as its model; a checkpoint of another shape is an error
+    last = str(Path(ckpt).with_name("last.pt"))
+    rec = run(compose_cfg("experiment=lm/needle-smoke", f"runner.checkpoint={last}", f"store={tmp_path}/e.jsonl",
+                          "runner.force=true", tiny=False))[0]
+    assert rec.status == "ok" and rec.details["missing_keys"] == []
+    rec = run(compose_cfg("experiment=lm/needle-smoke", f"runner.checkpoint={ckpt}", "model.depth=3",
+                          f"store={tmp_path}/e.jsonl", tiny=False))[0]
+    assert rec.status == "error" and "does not fit the model" in rec.error
 
 
 def test_needle_prompt_longer_than_the_window_is_an_error_record(compose_cfg, tmp_path):
