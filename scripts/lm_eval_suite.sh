@@ -3,9 +3,12 @@
 # mixed into its training windows (task.needle_episodes: retrieval practice, so that the
 # evaluations measure the attention methods, not an LM that never learned to look back), then
 # evaluate each training-free method swapped into it on the needle grid and the RULER-like
-# suite, all evaluations at once (GPU).
+# suite, all evaluations at once (GPU). Then each trainable method (TRAINABLE, default
+# performer nsa sparsek) is trained with the same recipe and budget and evaluated the same way.
 #   bash scripts/lm_eval_suite.sh [STORE] [extra training overrides...]
 #   CKDIR=... (checkpoints; default results/lm/checkpoints)  STEPS=... (default 3000)
+#   TRAINABLE="" to skip the trainable methods; EVAL_ARGS="..." extra overrides of the evaluations
+#   FIGDIR=..., RULER_OUT=... where the figures and the table go
 # -> needle heatmaps in results/figures/needle-*.png, the RULER table in results/lm/ruler.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,25 +19,44 @@ PY=${PYTHON:-python}
 CKDIR=${CKDIR:-results/lm/checkpoints}
 LOGS=${LOGS:-$(dirname "$STORE")/logs}
 mkdir -p "$LOGS"
-$AB experiment=lm/shakespeare method=dense task.max_len=4096 task.needle_episodes=8000 \
-    runner.steps="${STEPS:-3000}" store="$STORE" runner.checkpoint_dir="$CKDIR" "$@"
-CKPT=$($PY - "$STORE" <<'PY'
+RECIPE=(experiment=lm/shakespeare task.max_len=4096 task.needle_episodes=8000 runner.steps="${STEPS:-3000}"
+        store="$STORE" runner.checkpoint_dir="$CKDIR")
+
+checkpoint() {  # the newest ok training record's checkpoint for method $1
+    $PY - "$STORE" "$1" <<'PY'
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if '"perplexity"' in l]
-print([r for r in recs if r["status"] == "ok"][-1]["details"]["checkpoint"])
+ok = [r for r in recs if r["status"] == "ok" and r["method"] == sys.argv[2] and r["runner"] == "train"]
+print(ok[-1]["details"]["checkpoint"] if ok else "")
 PY
-)
-METHODS=("method=dense" "method=sliding_window method.impl=triton"
-         "method=minference method.pattern=a_shape method.impl=triton"
-         "method=minference method.pattern=vertical_slash method.impl=triton"
-         "method=minference method.pattern=block_sparse method.impl=triton")
-for task in needle ruler; do
-    for m in "${METHODS[@]}"; do
-        # shellcheck disable=SC2086
-        $AB runner=evaluate task=$task model=lm runner.checkpoint="$CKPT" store="$STORE" $m \
-            > "$LOGS/$task-${m//[ =.]/_}.log" 2>&1 || echo "$task $m failed (its record and log say why)" &
+}
+
+evaluate() {  # evaluate the checkpoint $1 with each method setting that follows, both tasks, at once
+    local ckpt=$1
+    shift
+    for task in needle ruler; do
+        for m in "$@"; do
+            # shellcheck disable=SC2086
+            $AB runner=evaluate task=$task model=lm runner.checkpoint="$ckpt" store="$STORE" $m ${EVAL_ARGS:-} \
+                > "$LOGS/$task-${m//[ =.]/_}.log" 2>&1 || echo "$task $m failed (its record and log say why)" &
+        done
     done
+    wait
+}
+
+$AB method=dense "${RECIPE[@]}" "$@"
+CKPT=$(checkpoint dense)
+[ -n "$CKPT" ] || { echo "the dense LM did not train (see $STORE)"; exit 1; }
+evaluate "$CKPT" "method=dense" "method=sliding_window method.impl=triton" \
+    "method=minference method.pattern=a_shape method.impl=triton" \
+    "method=minference method.pattern=vertical_slash method.impl=triton" \
+    "method=minference method.pattern=block_sparse method.impl=triton"
+
+for m in ${TRAINABLE-performer nsa sparsek}; do
+    $AB method="$m" "${RECIPE[@]}" "$@" || echo "training with $m failed (its record says why)"
+    CKPT=$(checkpoint "$m")
+    [ -n "$CKPT" ] && evaluate "$CKPT" "method=$m"
 done
-wait
-$PY -m analysis.figures needle --store "$STORE" --out results/figures
-$PY -m analysis.figures ruler --store "$STORE" --out results/lm/ruler.md
+
+$PY -m analysis.figures needle --store "$STORE" --out "${FIGDIR:-results/figures}"
+$PY -m analysis.figures ruler --store "$STORE" --out "${RULER_OUT:-results/lm/ruler.md}"
