@@ -165,20 +165,11 @@ class MInference(SparseMethod):
             heads = [self.heads[i] for i in hs]
             if kind == "a_shape":  # data-independent: the tile lists are cached per length
                 bm, bn = 64, 64
-                win = torch.tensor([h["window"] for h in heads])
-                sink = torch.tensor([h["num_sink"] for h in heads])
-                plans = self.__dict__.setdefault("_plans", {})
-                key = (T, tuple(hs), str(q.device))
-                if key not in plans:
-                    shared = bool((win == win[0]).all() and (sink == sink[0]).all())  # one list for all
-                    w, sk = (win[:1], sink[:1]) if shared else (win, sink)
-                    lay = bsk.window_layout(T, T, bm, bn, True, w, torch.full_like(w, bsk.BIG), sk, q.device)
-                    if len(plans) > 8:
-                        plans.clear()
-                    plans[key] = bsk.layout_to_lists(lay.unsqueeze(0))
-                idx, cnt = plans[key]
+                win = tuple(h["window"] for h in heads)
+                sink = tuple(h["num_sink"] for h in heads)
+                idx, cnt = bsk.window_lists(T, bm, bn, True, win, (bsk.BIG,) * len(win), sink, str(q.device))
                 o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bm, block_n=bn, causal=True,
-                                               win_l=win, sink=sink)
+                                               win_l=torch.tensor(win), sink=torch.tensor(sink))
                 work += bsk.tile_work(cnt, bm, bn, B, len(hs))
             elif kind == "block_sparse":
                 bs = self.block_size

@@ -144,10 +144,9 @@ class NSA(SparseMethod):
         del imp
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
-        w = torch.tensor([self.window])
-        lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), q.device)
-        idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
-        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=True, win_l=w)
+        idx, cnt = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
+        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=True,
+                                           win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
         return self._combine(q, o_cmp.to(dt), o_slc, o_win), work

@@ -44,17 +44,11 @@ class SlidingWindow(SparseMethod):
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 
-        T, (bm, bn) = q.shape[2], self.triton_tiles
-        w = torch.tensor([self.window])
-        key = (T, causal, str(q.device))
-        plans = self.__dict__.setdefault("_plans", {})
-        if key not in plans:
-            plans.clear()
-            lay = bsk.window_layout(T, T, bm, bn, causal, w, w, torch.tensor([0]), q.device)
-            plans[key] = bsk.layout_to_lists(lay.unsqueeze(0))  # [1, 1, nq, m]: shared
-        idx, cnt = plans[key]
+        T, (bm, bn), w = q.shape[2], self.triton_tiles, self.window
+        idx, cnt = bsk.window_lists(T, bm, bn, causal, (w,), (w,), (0,), str(q.device))
         out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
-                                         win_l=w, win_r=w, key_padding_mask=key_padding_mask)
+                                         win_l=torch.tensor([w]), win_r=torch.tensor([w]),
+                                         key_padding_mask=key_padding_mask)
         return out, bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])
 
     def pairs(self, tq: int, tk: int, causal: bool) -> int:

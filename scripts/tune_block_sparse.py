@@ -45,8 +45,7 @@ def main(argv=None) -> int:
         for bm, bn, warps, stages in CONFIGS:
             for case, win in (("causal", bsk.BIG), ("window512", 512)):
                 w = torch.tensor([win])
-                lay = bsk.window_layout(T, T, bm, bn, True, w, torch.tensor([bsk.BIG]), torch.tensor([0]), "cuda")
-                idx, cnt = bsk.layout_to_lists(lay.unsqueeze(0))
+                idx, cnt = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
                 fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn,  # noqa: E731
                                                         causal=True, win_l=w, num_warps=warps, num_stages=stages)
                 try:

@@ -20,6 +20,7 @@ Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -60,20 +61,19 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDX, CNT, HMAP, WL, WR, SINK, KPM, LSE,
+        Q, K, V, O, IDX, CNT, WL, WR, SINK, KPM, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         sib, sih, siq, scb, sch, skpb,
-        HP, REP, TQ, TK, OFFSET, NQT, qk_scale,
+        H, REP, TQ, TK, OFFSET, NQT, qk_scale,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr = False,
     ):
         # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
         qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
         bh = tl.program_id(1)
-        b, hp = bh // HP, bh % HP  # hp: program head (index into IDX/CNT/HMAP/WL/WR/SINK)
-        h = tl.load(HMAP + hp)
+        b, h = bh // H, bh % H
         hk = h // REP
-        wl, wr, sink = tl.load(WL + hp), tl.load(WR + hp), tl.load(SINK + hp)
+        wl, wr, sink = tl.load(WL + h), tl.load(WR + h), tl.load(SINK + h)
         offs_m = qt * BLOCK_M + tl.arange(0, TILE_M)
         qin = (tl.arange(0, TILE_M) < BLOCK_M) & (offs_m < TQ)
         offs_d = tl.arange(0, D)
@@ -83,9 +83,9 @@ if triton is not None:
         m_i = tl.full([TILE_M], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE_M], tl.float32)
         acc = tl.zeros([TILE_M, D], tl.float32)
-        n = tl.load(CNT + b * scb + hp * sch + qt)
+        n = tl.load(CNT + b * scb + h * sch + qt)
         for j in range(0, n):
-            kt = tl.load(IDX + b * sib + hp * sih + qt * siq + j)
+            kt = tl.load(IDX + b * sib + h * sih + qt * siq + j)
             k0 = kt * BLOCK_N
             offs_n = k0 + tl.arange(0, TILE_N)
             k_ptrs = K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None]
@@ -114,7 +114,7 @@ if triton is not None:
                  out.to(O.dtype.element_ty), mask=qin[:, None])
         if STORE_LSE:  # base-2 log-sum-exp of each row, for the backward (inf: nothing kept)
             lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-            tl.store(LSE + (b * HP + hp) * TQ + offs_m, lse, mask=qin)
+            tl.store(LSE + bh * TQ + offs_m, lse, mask=qin)
 
     @triton.jit
     def _vertical_slash_fwd(
@@ -246,25 +246,34 @@ def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) 
     return inside | sinks
 
 
+@functools.lru_cache(maxsize=16)
+def window_lists(T: int, block_m: int, block_n: int, causal: bool, win_l: tuple, win_r: tuple,
+                 sink: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile lists ([1, H|1, nq, m], cached) of a window/sink pattern over T tokens: one
+    list when every head has the same window and sink, one per head otherwise."""
+    if len(set(zip(win_l, win_r, sink))) == 1:
+        win_l, win_r, sink = win_l[:1], win_r[:1], sink[:1]
+    lay = window_layout(T, T, block_m, block_n, causal, *(torch.tensor(x) for x in (win_l, win_r, sink)),
+                        device)
+    return layout_to_lists(lay.unsqueeze(0))
+
+
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
-                           sink=None, heads=None, key_padding_mask=None, out=None, scale=None,
-                           num_warps=None, num_stages=3, lse=None):
+                           sink=None, key_padding_mask=None, scale=None, num_warps=None, num_stages=3,
+                           lse=None):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
-    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, P|1, nq, m] and cnt [B|1, P|1, nq] for
-    the P program heads ``heads`` (default all H); win_l, win_r, sink: [P] ints (default none).
-    Writes the heads it runs into ``out`` (allocated when None) and returns it.
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, H|1, nq, m] and cnt [B|1, H|1, nq];
+    win_l, win_r, sink: [H|1] ints (default: no window, no sink). ``lse`` [B, H, Tq] fp32, when
+    given, receives each row's base-2 log-sum-exp (for the backward).
     """
     q, k, v = _check(q, k, v)
     B, H, tq, D = q.shape
     tk = k.shape[2]
     dev = q.device
-    heads = torch.arange(H, device=dev, dtype=torch.int32) if heads is None else heads.to(dev, torch.int32)
-    P = heads.numel()
-    full = lambda x, val: (torch.full((P,), val, dtype=torch.int32, device=dev) if x is None  # noqa: E731
-                           else x.to(dev, torch.int32).expand(P).contiguous())
+    full = lambda x, val: (torch.full((H,), val, dtype=torch.int32, device=dev) if x is None  # noqa: E731
+                           else x.to(dev, torch.int32).expand(H).contiguous())
     win_l, win_r, sink = full(win_l, BIG), full(win_r, BIG), full(sink, 0)
-    out = torch.zeros_like(q) if out is None else out
     nqt = math.ceil(tq / block_m)
     kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else cnt
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -273,16 +282,15 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         from methods.kernels.block_sparse_bwd import BlockSparseAttention
 
-        if P != H or out is not None and out.requires_grad:
-            raise ValueError("block_sparse_attention: gradients need all heads in one call")
         return BlockSparseAttention.apply(q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r,
                                           sink, key_padding_mask, scale)
-    _block_sparse_fwd[(nqt, B * P)](
-        q, k, v, out, idx, cnt, heads, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
+    out = torch.empty_like(q)
+    _block_sparse_fwd[(nqt, B * H)](
+        q, k, v, out, idx, cnt, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
         kpm.stride(0) if key_padding_mask is not None else 0,
-        P, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
+        H, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, STORE_LSE=lse is not None,
         num_warps=num_warps or _num_warps(block_m, D), num_stages=num_stages,
