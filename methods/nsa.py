@@ -78,6 +78,12 @@ class NSA(SparseMethod):
         blocks = blocks + pos.to(x.dtype)
         return blocks.flatten(-2) @ lin.weight.to(x.dtype).T  # [B, Hkv, n, D]
 
+    def compressed_kv(self, k, v):
+        """The compressed keys and values [B, Hkv, n, D], in fp32 (fp64 for fp64 inputs)."""
+        dt = torch.float64 if k.dtype == torch.float64 else torch.float32
+        return (self.compress(k.to(dt), self.pos_k, self.comp_k),
+                self.compress(v.to(dt), self.pos_v, self.comp_v))
+
     def _compressed(self, q, k, v):
         """o_cmp and the selected blocks, from the selection-block importance (summed over each
         GQA group), chunked over queries so that memory stays O(chunk x T / stride)."""
@@ -85,11 +91,10 @@ class NSA(SparseMethod):
         Hkv, rep = k.shape[1], H // k.shape[1]
         l, d, bs = self.compress_block, self.compress_stride, self.block_size
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        kc = repeat_kv(self.compress(k.to(dt), self.pos_k, self.comp_k), rep)  # [B, H, n, D]
-        vc = repeat_kv(self.compress(v.to(dt), self.pos_v, self.comp_v), rep)
+        kc, vc = (repeat_kv(x, rep) for x in self.compressed_kv(k, v))  # [B, H, n, D]
         n, nsel = kc.shape[2], math.ceil(T / bs)
         mt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt  # the two big products
-        kc_m, vc_m = kc.to(mt), vc.to(mt)
+        kc_s, vc_m = kc.to(mt).to(dt), vc.to(mt)  # scores: half-precision keys, summed in fp32
         ends = torch.arange(n, device=q.device) * d + l - 1  # last key of each compressed block
         first, last = (torch.arange(n, device=q.device) * d) // bs, ends // bs  # selection blocks hit
         outs, imps = [], []
@@ -97,7 +102,7 @@ class NSA(SparseMethod):
             b = min(a + self.query_chunk, T)
             t = torch.arange(a, b, device=q.device).view(-1, 1)
             # scores of the half-precision operands, summed in fp32 (as the Triton path does)
-            s = (q[:, :, a:b].to(dt) @ kc_m.to(dt).transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
+            s = (q[:, :, a:b].to(dt) @ kc_s.transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
             p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
             outs.append((p.to(mt) @ vc_m).to(dt))
             grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
@@ -137,8 +142,7 @@ class NSA(SparseMethod):
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        kc = self.compress(k.to(dt), self.pos_k, self.comp_k).to(q.dtype)  # [B, Hkv, n, D]
-        vc = self.compress(v.to(dt), self.pos_v, self.comp_v).to(q.dtype)
+        kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
         o_cmp, imp = bsk.nsa_compressed(q, kc, vc, self.block_size, self.compress_block, self.compress_stride)
         sel = self.select(imp)  # [B, Hkv, T, n]
         del imp
