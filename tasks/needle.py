@@ -24,6 +24,7 @@ class ByteTokenizer:
 
 
 NEEDLE = "The special magic number for {key} is {value}."
+VALUE_DIGITS = 7  # needle values: seven-digit numbers
 QUESTION = " What is the special magic number for {key}? The special magic number for {key} is"
 
 
@@ -44,7 +45,7 @@ def make_prompt(tokenizer, filler: str, length: int, depth: float, seed: int, wi
         raise ValueError(f"a {length}-token prompt does not fit the model's window of {window}")
     rng = random.Random(seed)
     key = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-    value = str(rng.randrange(1_000_000, 10_000_000))
+    value = str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS))
     needle = tokenizer.encode(" " + NEEDLE.format(key=key, value=value) + " ")
     question = tokenizer.encode(QUESTION.format(key=key))
     n_hay = length - len(needle) - len(question)

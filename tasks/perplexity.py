@@ -76,23 +76,20 @@ def load(cfg) -> dict:
             "pad_id": None, "cls_id": None}
 
 
-ANSWER_BYTES = 9  # " 1234567.": the needle's values have seven digits
-
-
 def needle_episodes(text: str, count: int, n: int, seed: int = 0) -> torch.Tensor:
     """[count, n] byte windows, each a needle-in-a-haystack prompt on training text (the
     needle at a uniform depth, the question at the end) followed by its answer: retrieval
     practice mixed into language modelling, so that the needle and RULER evaluations of the
     trained LM measure the attention method, not an LM that never learned to look back.
     The evaluation prompts use other keys and values, and the test documents as filler."""
-    from tasks.needle import ByteTokenizer, make_prompt
+    from tasks.needle import VALUE_DIGITS, ByteTokenizer, make_prompt
 
     tok, rng = ByteTokenizer(), random.Random(seed + 7_777)
     out = torch.empty(count, n, dtype=torch.uint8)
     for i in tqdm(range(count), desc="needle episodes", unit="ep", leave=False):
         a = rng.randrange(0, max(1, len(text) - 2 * n))
         hay = text[a: a + 2 * n]  # ample filler: make_prompt takes n - needle - answer tokens
-        p = make_prompt(tok, hay, n - ANSWER_BYTES, rng.random(), seed=rng.randrange(2**31))
+        p = make_prompt(tok, hay, n - VALUE_DIGITS - 2, rng.random(), seed=rng.randrange(2**31))  # " value."
         ids = p.ids + tok.encode(f" {p.answer}.")
         if len(ids) != n:
             raise AssertionError(f"needle episode of {len(ids)} bytes, expected {n}")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from methods.kernels.block_sparse import LOG2E, _block_sparse_fwd, _num_warps, _tile, layout_to_lists, triton
+from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lists, triton
 
 if triton is not None:
     import triton.language as tl
@@ -171,4 +171,4 @@ class BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, *([None] * 10)
 
 
-__all__ = ["BlockSparseAttention", "_block_sparse_fwd", "transpose_lists"]
+__all__ = ["BlockSparseAttention", "transpose_lists"]
