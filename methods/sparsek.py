@@ -116,20 +116,19 @@ class SparseK(AttentionMethod):
         B, Hkv, T = u.shape
         w, c, dt = self.window, len(rows), u.dtype
         lim = rows - w  # [c]: the last candidate of each row
-        base = int(lim[0]) + 1  # shared candidates: j < base
+        s0, s1 = max(int(lim[0]) + 1, 0), max(int(lim[-1]) + 1, 0)  # shared: j < s0; newer: s0 <= j < s1
         big = torch.finfo(dt).max / 4
-        shared = u[..., :max(base, 0)]
-        ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :max(base, 0)].expand_as(shared)
+        shared = u[..., :s0]
+        ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :s0].expand_as(shared)
         sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
         L = sv.shape[-1]
         n_sh = ok_sh.sum(-1, keepdim=True)  # [B, Hkv, 1] valid shared candidates (the last n_sh)
         cs = torch.nn.functional.pad(torch.where(sv > -big, sv, 0.0).cumsum(-1), (1, 0))
-        hi_j = int(lim[-1]) + 1
-        new = u[..., max(base, 0):max(hi_j, 0)]  # [B, Hkv, m]: newer candidates
-        jn = torch.arange(max(base, 0), max(hi_j, 0), device=u.device)
+        new = u[..., s0:s1]  # [B, Hkv, m]: newer candidates
+        jn = torch.arange(s0, s1, device=u.device)
         ok_new = (jn.view(1, -1) <= lim.view(-1, 1)).view(1, 1, c, -1)  # [1, 1, c, m]
         if kpm is not None:
-            ok_new = ok_new & kpm[:, None, None, max(base, 0):max(hi_j, 0)]
+            ok_new = ok_new & kpm[:, None, None, s0:s1]
         newc = new.unsqueeze(2)  # [B, Hkv, 1, m]
 
         def f(tau):  # [B, Hkv, c] -> sum over each row's candidates of clip(u - tau, 0, 1)
@@ -157,9 +156,8 @@ class SparseK(AttentionMethod):
         tau = torch.where(n <= self.k, lo, (lo + hi) / 2)
         # top-k of each row: the shared part's best (sorted) and the row's newer candidates
         kk_top = min(self.k, max(1, tk - w))
-        take = min(kk_top, sv.shape[-1])
-        top_sh_v = sv[..., sv.shape[-1] - take:].flip(-1) if take else sv[..., :0]
-        top_sh_i = order[..., order.shape[-1] - take:].flip(-1) if take else order[..., :0]
+        take = min(kk_top, L)
+        top_sh_v, top_sh_i = sv[..., L - take:].flip(-1), order[..., L - take:].flip(-1)
         top_sh_ok = top_sh_v > -big
         pool_v = torch.cat([top_sh_v.unsqueeze(2).expand(-1, -1, c, -1).masked_fill(~top_sh_ok.unsqueeze(2), -float("inf")),
                             newc.expand(-1, -1, c, -1).masked_fill(~ok_new, -float("inf"))], -1)
