@@ -119,7 +119,10 @@ def environment(device) -> dict:
     except ImportError:
         env["triton"] = None
     if str(device).startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["gpu_uuid"] = str(getattr(props, "uuid", "")) or None  # which physical GPU ran it
+        env["gpus_visible"] = torch.cuda.device_count()  # 1 under gpu_pool: the job saw only its own
     return env
 
 

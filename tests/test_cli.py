@@ -148,16 +148,20 @@ def test_gpu_pool_gives_each_job_its_own_device_in_a_fresh_process(tmp_path):
     p = _run(["-m", "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[0,1]",
               "method=dense,performer,nystrom,sliding_window", "runner.seq_lens=[64]"], tmp_path)
     assert p.returncode == 0, p.stderr
-    jobs = [json.loads(f.read_text()) for f in (tmp_path / "m").glob("*/attnbench_job.json")]
-    assert len(jobs) == 4 and all(j["statuses"] == ["ok"] for j in jobs)
-    assert len({j["pid"] for j in jobs}) == 4, "a fresh process per job"
-    assert {j["cuda_visible_devices"] for j in jobs} <= {"0", "1"}
-    for a in jobs:
-        overlapping = [b for b in jobs if b is not a and b["started"] < a["ended"] and a["started"] < b["ended"]]
-        assert len(overlapping) <= 1, "at most two jobs at a time"
-        assert all(b["cuda_visible_devices"] != a["cuda_visible_devices"] for b in overlapping)
+    from analysis.multi_gpu import jobs, max_concurrency, overlaps, sweep_report
+
+    js = jobs(tmp_path / "m")
+    assert len(js) == 4 and all(j["statuses"] == ["ok"] for j in js)
+    assert len({j["pid"] for j in js}) == 4, "a fresh process per job"
+    assert {j["cuda_visible_devices"] for j in js} <= {"0", "1"}
+    assert max_concurrency(js) <= 2, "at most two jobs at a time"
+    dev = {j["job"]: j["cuda_visible_devices"] for j in js}
+    for a, others in overlaps(js).items():
+        assert all(dev[b] != dev[a] for b in others), "overlapping jobs on different devices"
     recs = read(tmp_path / "r.jsonl")
     assert {r["env"]["cuda_visible_devices"] for r in recs} <= {"0", "1"}
+    table, alone = sweep_report(tmp_path / "m", tmp_path / "r.jsonl")
+    assert table.count("\n| ") == 4 and not alone, "no GPU here: the records name none, so not shown alone"
 
 
 def test_two_job_sweep_through_submitit_local(tmp_path):

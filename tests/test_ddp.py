@@ -34,3 +34,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     assert two["train"]["tokens"] == one["train"]["tokens"]
     assert two["train"]["loss_curve"] == pytest.approx(one["train"]["loss_curve"], rel=1e-4, abs=1e-5)
     assert two["metrics"]["test_acc"] == pytest.approx(one["metrics"]["test_acc"], abs=1 / 64)
+    from analysis.multi_gpu import ddp_report
+
+    table, ok = ddp_report(tmp_path / "one.jsonl", tmp_path / "two.jsonl", tol=1e-4)
+    assert ok and "| processes | 1 | 2 |" in table
