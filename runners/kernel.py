@@ -70,7 +70,10 @@ def _measure(rec, method, cfg, shape, T, device, dtype, causal, backward) -> Non
 
     if backward:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        out = method(qg, kg, vg, causal=causal)
+        # the backward is timed on one graph, retained (compiled FlexAttention donates its
+        # buffers to a backward that runs once unless told not to)
+        with _no_donated_buffers():
+            out = method(qg, kg, vg, causal=causal)
         grad = torch.randn_like(out)
         bwd = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
         rec.latency_ms["backward"] = bench.time_ms(bwd, device, r.warmup, r.repeats, r.rep_ms)
@@ -82,6 +85,13 @@ def _measure(rec, method, cfg, shape, T, device, dtype, causal, backward) -> Non
             o.backward(grad)
 
         rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
+
+
+def _no_donated_buffers():
+    import contextlib
+
+    cfg = torch._functorch.config
+    return cfg.patch(donated_buffer=False) if hasattr(cfg, "donated_buffer") else contextlib.nullcontext()
 
 
 def run(cfg: DictConfig) -> list[records.RunRecord]:

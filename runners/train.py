@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         torch.set_num_threads(int(r.cpu_threads))
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(int(cfg.seed))
-    rec = base_record(cfg, device, dtype, seq_len=int(cfg.task.max_len))
+    rec = base_record(cfg, device, dtype, seq_len=int(cfg.task.max_len), batch_size=int(r.batch_size))
     if world > 1:
         rec.details["world_size"] = world
         if int(r.batch_size) % world:

@@ -57,8 +57,9 @@ def load(cfg) -> dict:
            "files": list(cfg.get("data_files") or []), "max_len": int(cfg.max_len)}
 
     episodes = int(cfg.get("needle_episodes") or 0)
+    needles = int(cfg.get("needles_per_episode") or 1)
     if episodes:
-        key["needle_episodes"] = episodes
+        key.update(needle_episodes=episodes, needles_per_episode=needles, episode_format=2)
 
     def build():
         docs = documents(cfg)
@@ -66,7 +67,8 @@ def load(cfg) -> dict:
         n = int(cfg.max_len) + 1
         tr = d["train"][: (len(d["train"]) // n) * n].view(-1, n)
         if episodes:
-            tr = torch.cat([tr, needle_episodes("\n\n".join(docs["train"]), episodes, n, int(cfg.get("seed", 0)))])
+            tr = torch.cat([tr, needle_episodes("\n\n".join(docs["train"]), episodes, n, int(cfg.get("seed", 0)),
+                                                 needles)])
         return {"train": tr, "val": d["val"], "test": d["test"]}
 
     data = cached("perplexity", key, build)
@@ -76,24 +78,47 @@ def load(cfg) -> dict:
             "pad_id": None, "cls_id": None}
 
 
-def needle_episodes(text: str, count: int, n: int, seed: int = 0) -> torch.Tensor:
-    """[count, n] byte windows, each a needle-in-a-haystack prompt on training text (the
-    needle at a uniform depth, the question at the end) followed by its answer: retrieval
-    practice mixed into language modelling, so that the needle and RULER evaluations of the
-    trained LM measure the attention method, not an LM that never learned to look back.
-    The evaluation prompts use other keys and values, and the test documents as filler."""
-    from tasks.needle import VALUE_DIGITS, ByteTokenizer, make_prompt
+def needle_episodes(text: str, count: int, n: int, seed: int = 0, needles: int = 1) -> torch.Tensor:
+    """[count, n] byte windows of retrieval practice, mixed into language modelling so that the
+    needle and RULER evaluations of the trained LM measure the attention method, not an LM that
+    never learned to look back. Each window is training text with ``needles`` key-value needle
+    sentences at uniform random depths, then, for each needle in shuffled order, the needle
+    task's question followed by its answer (with one needle: exactly a needle prompt and its
+    answer). More needles per window give more retrieval events per token and distractor keys
+    that force the key to be matched. The evaluation prompts use other keys and values, and the
+    test documents as filler."""
+    from tasks.needle import NEEDLE, QUESTION, VALUE_DIGITS
 
-    tok, rng = ByteTokenizer(), random.Random(seed + 7_777)
+    if needles < 1:
+        raise ValueError(f"needles per episode must be >= 1, got {needles}")
+    rng = random.Random(seed + 7_777)
+    letters = "abcdefghijklmnopqrstuvwxyz"
     out = torch.empty(count, n, dtype=torch.uint8)
     for i in tqdm(range(count), desc="needle episodes", unit="ep", leave=False):
+        keys: list[str] = []
+        while len(keys) < needles:
+            k = "".join(rng.choice(letters) for _ in range(8))
+            keys += [k] if k not in keys else []
+        vals = [str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS)) for _ in keys]
+        sent = [(" " + NEEDLE.format(key=k, value=v) + " ").encode() for k, v in zip(keys, vals)]
+        order = rng.sample(range(needles), needles)
+        qa = b"".join((QUESTION.format(key=keys[j]) + f" {vals[j]}.").encode() for j in order)
+        n_hay = n - sum(map(len, sent)) - len(qa)
+        if n_hay < 0:
+            raise ValueError(f"{needles} needles with their questions take {n - n_hay} bytes, more than the "
+                             f"{n}-byte training window: use fewer needles per episode or a longer window")
         a = rng.randrange(0, max(1, len(text) - 2 * n))
-        hay = text[a: a + 2 * n]  # ample filler: make_prompt takes n - needle - answer tokens
-        p = make_prompt(tok, hay, n - VALUE_DIGITS - 2, rng.random(), seed=rng.randrange(2**31))  # " value."
-        ids = p.ids + tok.encode(f" {p.answer}.")
-        if len(ids) != n:
-            raise AssertionError(f"needle episode of {len(ids)} bytes, expected {n}")
-        out[i] = torch.tensor(ids, dtype=torch.uint8)
+        hay = text[a: a + 2 * n].encode()[:n_hay]
+        if len(hay) < n_hay:
+            raise ValueError(f"the training text is too short for {n}-byte needle episodes")
+        cuts = sorted(rng.randint(0, n_hay) for _ in range(needles))
+        parts, prev = [], 0
+        for c, ss in zip(cuts, sent):
+            parts += [hay[prev:c], ss]
+            prev = c
+        ids = b"".join(parts) + hay[prev:] + qa
+        assert len(ids) == n
+        out[i] = torch.tensor(list(ids), dtype=torch.uint8)
     return out
 
 

@@ -151,3 +151,23 @@ def test_needle_episodes_are_prompts_followed_by_their_answers():
         assert s.endswith(f"The special magic number for {key} is {value}.")
         assert len(value) == 7 and value.isdigit()
     assert not torch.equal(eps[0], eps[1])
+
+
+def test_needle_episodes_with_several_needles_answer_each_from_its_own_needle():
+    import re
+
+    from tasks.perplexity import needle_episodes
+
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 80
+    eps = needle_episodes(text, 4, 1200, seed=2, needles=5)
+    assert eps.shape == (4, 1200)
+    for row in eps:
+        s = bytes(row.tolist()).decode()
+        needles = dict(re.findall(r"The special magic number for (\w+) is (\d+)\. ", s))
+        answers = re.findall(r"What is the special magic number for (\w+)\? The special magic number for \1 is (\d+)\.", s)
+        assert len(needles) == 5 and sorted(k for k, _ in answers) == sorted(needles)
+        assert all(needles[k] == v for k, v in answers)
+        first_q = s.index("What is")
+        assert all(s.index(f"for {k} is {v}") < first_q for k, v in needles.items()), "needles precede questions"
+    with pytest.raises(ValueError, match="fewer needles"):
+        needle_episodes(text, 1, 600, needles=5)
