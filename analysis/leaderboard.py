@@ -282,7 +282,8 @@ def main(argv=None) -> int:
                              (args.pareto, quality_vs_cost, "quality/cost")):
         if not base:
             continue
-        for i, (title, g) in enumerate(settings(df)):  # one figure per setting: F, F-1, F-2, ...
+        drawable = [(t, g) for t, g in settings(df) if (g["status"] == "ok").any()]  # not only failures
+        for i, (title, g) in enumerate(drawable):  # one figure per setting: F, F-1, F-2, ...
             p = Path(base) if i == 0 else Path(base).with_name(f"{Path(base).stem}-{i}{Path(base).suffix}")
             draw(g, p, title)
             print(f"{what} plot ({title}) written to {p}")

@@ -70,10 +70,7 @@ def _measure(rec, method, cfg, shape, T, device, dtype, causal, backward) -> Non
 
     if backward:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        # the backward is timed on one graph, retained (compiled FlexAttention donates its
-        # buffers to a backward that runs once unless told not to)
-        with _no_donated_buffers():
-            out = method(qg, kg, vg, causal=causal)
+        out = method(qg, kg, vg, causal=causal)
         grad = torch.randn_like(out)
         bwd = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
         rec.latency_ms["backward"] = bench.time_ms(bwd, device, r.warmup, r.repeats, r.rep_ms)
@@ -114,7 +111,7 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         method = build_method(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
                               max_seq_len=max(*seq_lens, int(cfg.runner.gate_len))).to(device).eval()
     except Exception as exc:  # noqa: BLE001 - a bad config is a record, not a crashed sweep
-        rec = base_record(cfg, device, dtype, status="error", error=f"{type(exc).__name__}: {exc}")
+        rec = base_record(cfg, device, dtype, causal=causal, status="error", error=f"{type(exc).__name__}: {exc}")
         records.append(cfg.store, rec)
         log.error("could not build the method: %s", rec.error)
         return [rec]
@@ -132,7 +129,10 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
             log.info("T=%d: an ok record with run_id %s exists; skipped", T, rec.run_id)
             continue
         try:
-            _measure(rec, method, cfg, (B, H, Hkv, D), T, device, dtype, causal, backward)
+            # the backward is timed on one retained graph: compiled FlexAttention donates its
+            # buffers to a backward that runs once unless told not to, from its first compile
+            with _no_donated_buffers():
+                _measure(rec, method, cfg, (B, H, Hkv, D), T, device, dtype, causal, backward)
         except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
             rec.status = "oom" if bench.is_oom(exc) else "error"
             rec.error = f"{type(exc).__name__}: {exc}"

@@ -137,6 +137,8 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         log.error("training failed: %s", rec.error)
         if world > 1:
             raise  # the other ranks wait in a collective: end them all
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
     if rank != 0:
         return []
     rec.time = records.now()
@@ -183,6 +185,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     x, y = data["train"]
     n, bs, steps = len(y), int(r.batch_size), int(r.steps)
     lm = data.get("kind") == "lm"
+    weights = data.get("loss_weight")
     model.train()
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step",
                disable=rank != 0 or None)
@@ -194,7 +197,11 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
         with amp:
             if lm:  # next-token prediction on a window of max_len + 1 tokens
                 logits = net(xb[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), xb[:, 1:].long().flatten())
+                loss = F.cross_entropy(logits.float().flatten(0, 1), xb[:, 1:].long().flatten(),
+                                       reduction="none" if weights is not None else "mean")
+                if weights is not None:  # a weighted mean over the tokens (task.answer_weight)
+                    w = weights[idx][:, 1:].to(device).float().flatten()
+                    loss = (loss * w).sum() / w.sum()
             else:
                 logits = net(*xb) if isinstance(xb, tuple) else net(xb)
                 loss = F.cross_entropy(logits.float(), yb)

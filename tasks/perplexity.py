@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -73,9 +74,25 @@ def load(cfg) -> dict:
 
     data = cached("perplexity", key, build)
     n_tr = len(data["train"])
-    return {"kind": "lm", "train": (data["train"], torch.zeros(n_tr, dtype=torch.long)),
-            "val": data["val"], "test": data["test"], "vocab_size": 256, "num_classes": 256,
-            "pad_id": None, "cls_id": None}
+    out = {"kind": "lm", "train": (data["train"], torch.zeros(n_tr, dtype=torch.long)),
+           "val": data["val"], "test": data["test"], "vocab_size": 256, "num_classes": 256,
+           "pad_id": None, "cls_id": None}
+    weight = float(cfg.get("answer_weight") or 1.0)
+    if episodes and weight != 1.0:  # per-token loss weights: the answers count `weight` times
+        out["loss_weight"] = 1.0 + (weight - 1.0) * answer_mask(data["train"]).to(torch.float16)
+    return out
+
+
+_ANSWER = re.compile(rb"\? The special magic number for [a-z]+ is (\d+)\.")
+
+
+def answer_mask(windows: torch.Tensor) -> torch.Tensor:
+    """[N, n] bool: the bytes of the answers to needle questions (what the episodes teach)."""
+    mask = torch.zeros(windows.shape, dtype=torch.bool)
+    for i, row in enumerate(windows):
+        for m in _ANSWER.finditer(row.numpy().tobytes()):
+            mask[i, m.start(1):m.end(1)] = True
+    return mask
 
 
 def needle_episodes(text: str, count: int, n: int, seed: int = 0, needles: int = 1) -> torch.Tensor:

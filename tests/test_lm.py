@@ -169,5 +169,10 @@ def test_needle_episodes_with_several_needles_answer_each_from_its_own_needle():
         assert all(needles[k] == v for k, v in answers)
         first_q = s.index("What is")
         assert all(s.index(f"for {k} is {v}") < first_q for k, v in needles.items()), "needles precede questions"
+    from tasks.perplexity import answer_mask
+
+    mask = answer_mask(eps)
+    assert mask.sum(1).tolist() == [5 * 7] * 4
+    assert all(bytes(r[m].tolist()).isdigit() for r, m in zip(eps, mask))
     with pytest.raises(ValueError, match="fewer needles"):
         needle_episodes(text, 1, 600, needles=5)

@@ -70,7 +70,7 @@ if triton is not None:
     ):
         # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
         qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
         wl, wr, sink = tl.load(WL + h), tl.load(WR + h), tl.load(SINK + h)
@@ -125,7 +125,7 @@ if triton is not None:
         BLOCK: tl.constexpr, D: tl.constexpr,
     ):
         qt = NQT - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
         offs_m = qt * BLOCK + tl.arange(0, BLOCK)
@@ -173,7 +173,7 @@ if triton is not None:
         BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr, D: tl.constexpr,
     ):
         t = tl.program_id(0)
-        bhk = tl.program_id(1)
+        bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
         offs_g = tl.arange(0, BLOCK_G)
         heads = hk * G + offs_g
@@ -391,7 +391,7 @@ if triton is not None:
         """o_cmp and the log-sum-exp (base 2) of each query over the compressed blocks that end
         at or before it (block i ends at i * CS + CL - 1)."""
         qt = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
         offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -428,7 +428,7 @@ if triton is not None:
         selection block s of p[t, i] (Eq. 9-10), p recomputed from the log-sum-exp. A program
         owns its rows, so it accumulates into them without atomics."""
         qt = tl.program_id(0)
-        bhk = tl.program_id(1)
+        bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
         offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)

@@ -38,7 +38,7 @@ if triton is not None:
         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
     ):
         qt = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
         wl, wr, sink = tl.load(WL + h), tl.load(WR + h), tl.load(SINK + h)
@@ -74,7 +74,7 @@ if triton is not None:
         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr,
     ):
         kt = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
         wl, wr, sink = tl.load(WL + h), tl.load(WR + h), tl.load(SINK + h)

@@ -29,7 +29,7 @@ if triton is not None:
         T,
         M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TILE_M: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         vb = tl.program_id(1)
         offs_c = tl.arange(0, C)
         offs_m = tl.arange(0, TILE_M)
