@@ -87,7 +87,7 @@ def _measure(rec, method, cfg, shape, T, device, dtype, causal, backward) -> Non
 def _no_donated_buffers():
     import contextlib
 
-    cfg = torch._functorch.config
+    import torch._functorch.config as cfg  # (not imported by `import torch` on every version)
     return cfg.patch(donated_buffer=False) if hasattr(cfg, "donated_buffer") else contextlib.nullcontext()
 
 

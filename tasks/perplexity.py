@@ -59,8 +59,10 @@ def load(cfg) -> dict:
 
     episodes = int(cfg.get("needle_episodes") or 0)
     needles = int(cfg.get("needles_per_episode") or 1)
+    min_len = cfg.get("episode_min_len")
     if episodes:
-        key.update(needle_episodes=episodes, needles_per_episode=needles, episode_format=2)
+        key.update(needle_episodes=episodes, needles_per_episode=needles, episode_format=2,
+                   **({"episode_min_len": int(min_len)} if min_len else {}))
 
     def build():
         docs = documents(cfg)
@@ -69,7 +71,7 @@ def load(cfg) -> dict:
         tr = d["train"][: (len(d["train"]) // n) * n].view(-1, n)
         if episodes:
             tr = torch.cat([tr, needle_episodes("\n\n".join(docs["train"]), episodes, n, int(cfg.get("seed", 0)),
-                                                 needles)])
+                                                 needles, int(min_len) if min_len else None)])
         return {"train": tr, "val": d["val"], "test": d["test"]}
 
     data = cached("perplexity", key, build)
@@ -95,48 +97,62 @@ def answer_mask(windows: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def needle_episodes(text: str, count: int, n: int, seed: int = 0, needles: int = 1) -> torch.Tensor:
+def needle_episodes(text: str, count: int, n: int, seed: int = 0, needles: int = 1,
+                    min_len: int | None = None) -> torch.Tensor:
     """[count, n] byte windows of retrieval practice, mixed into language modelling so that the
     needle and RULER evaluations of the trained LM measure the attention method, not an LM that
-    never learned to look back. Each window is training text with ``needles`` key-value needle
-    sentences at uniform random depths, then, for each needle in shuffled order, the needle
-    task's question followed by its answer (with one needle: exactly a needle prompt and its
-    answer). More needles per window give more retrieval events per token and distractor keys
-    that force the key to be matched. The evaluation prompts use other keys and values, and the
-    test documents as filler."""
-    from tasks.needle import NEEDLE, QUESTION, VALUE_DIGITS
-
+    never learned to look back. An episode is training text with key-value needle sentences at
+    uniform random depths, then, for each needle in shuffled order, the needle task's question
+    followed by its answer (with one needle: exactly a needle prompt and its answer). More
+    needles give more retrieval events per token and distractor keys that force the key to be
+    matched. With ``min_len``, each window packs episodes of log-uniform lengths between
+    min_len and n (``needles`` scaled to each one's length): short look-backs, learnt first,
+    beside long ones, a curriculum inside every batch. The evaluation prompts use other keys
+    and values, and the test documents as filler."""
     if needles < 1:
         raise ValueError(f"needles per episode must be >= 1, got {needles}")
     rng = random.Random(seed + 7_777)
-    letters = "abcdefghijklmnopqrstuvwxyz"
     out = torch.empty(count, n, dtype=torch.uint8)
     for i in tqdm(range(count), desc="needle episodes", unit="ep", leave=False):
-        keys: list[str] = []
-        while len(keys) < needles:
-            k = "".join(rng.choice(letters) for _ in range(8))
-            keys += [k] if k not in keys else []
-        vals = [str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS)) for _ in keys]
-        sent = [(" " + NEEDLE.format(key=k, value=v) + " ").encode() for k, v in zip(keys, vals)]
-        order = rng.sample(range(needles), needles)
-        qa = b"".join((QUESTION.format(key=keys[j]) + f" {vals[j]}.").encode() for j in order)
-        n_hay = n - sum(map(len, sent)) - len(qa)
-        if n_hay < 0:
-            raise ValueError(f"{needles} needles with their questions take {n - n_hay} bytes, more than the "
-                             f"{n}-byte training window: use fewer needles per episode or a longer window")
-        a = rng.randrange(0, max(1, len(text) - 2 * n))
-        hay = text[a: a + 2 * n].encode()[:n_hay]
-        if len(hay) < n_hay:
-            raise ValueError(f"the training text is too short for {n}-byte needle episodes")
-        cuts = sorted(rng.randint(0, n_hay) for _ in range(needles))
-        parts, prev = [], 0
-        for c, ss in zip(cuts, sent):
-            parts += [hay[prev:c], ss]
-            prev = c
-        ids = b"".join(parts) + hay[prev:] + qa
+        lens = [n]
+        if min_len:
+            lens, left = [], n
+            while left:
+                L = min(left, round(math.exp(rng.uniform(math.log(min_len), math.log(n)))))
+                L = left if left - L < min_len else L
+                lens.append(L)
+                left -= L
+        ids = b"".join(_episode(rng, text, L, max(1, round(needles * L / n))) for L in lens)
         assert len(ids) == n
         out[i] = torch.tensor(list(ids), dtype=torch.uint8)
     return out
+
+
+def _episode(rng: random.Random, text: str, n: int, needles: int) -> bytes:
+    from tasks.needle import NEEDLE, QUESTION, VALUE_DIGITS
+
+    keys: list[str] = []
+    while len(keys) < needles:
+        k = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+        keys += [k] if k not in keys else []
+    vals = [str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS)) for _ in keys]
+    sent = [(" " + NEEDLE.format(key=k, value=v) + " ").encode() for k, v in zip(keys, vals)]
+    order = rng.sample(range(needles), needles)
+    qa = b"".join((QUESTION.format(key=keys[j]) + f" {vals[j]}.").encode() for j in order)
+    n_hay = n - sum(map(len, sent)) - len(qa)
+    if n_hay < 0:
+        raise ValueError(f"{needles} needles with their questions take {n - n_hay} bytes, more than the "
+                         f"{n}-byte episode: use fewer needles per episode or a longer window")
+    a = rng.randrange(0, max(1, len(text) - 2 * n))
+    hay = text[a: a + 2 * n].encode()[:n_hay]
+    if len(hay) < n_hay:
+        raise ValueError(f"the training text is too short for {n}-byte needle episodes")
+    cuts = sorted(rng.randint(0, n_hay) for _ in range(needles))
+    parts, prev = [], 0
+    for c, ss in zip(cuts, sent):
+        parts += [hay[prev:c], ss]
+        prev = c
+    return b"".join(parts) + hay[prev:] + qa
 
 
 @torch.no_grad()

@@ -174,5 +174,12 @@ def test_needle_episodes_with_several_needles_answer_each_from_its_own_needle():
     mask = answer_mask(eps)
     assert mask.sum(1).tolist() == [5 * 7] * 4
     assert all(bytes(r[m].tolist()).isdigit() for r, m in zip(eps, mask))
+    packed = needle_episodes(text, 6, 2000, seed=3, needles=4, min_len=300)
+    for row in packed:
+        s = bytes(row.tolist()).decode()
+        asked = re.findall(r"What is the special magic number for (\w+)\? The special magic number for \1 is (\d+)\.", s)
+        assert len(asked) >= 2, "several episodes packed in a window"
+        for k, v in asked:  # each answered from its own needle, which comes before its question
+            assert s.index(f"for {k} is {v}. ") < s.index(f"What is the special magic number for {k}?")
     with pytest.raises(ValueError, match="fewer needles"):
         needle_episodes(text, 1, 600, needles=5)
