@@ -7,8 +7,9 @@
 # performer nsa sparsek) is trained with the same recipe and budget and evaluated the same way.
 #   bash scripts/lm_eval_suite.sh [STORE] [extra training overrides...]
 #   CKDIR=... (checkpoints; default results/lm/checkpoints)  STEPS=... (default 5000)
-#   EPISODES=... (needle windows, default 6000)  NEEDLES=... (needles per window, default 16)
+#   EPISODES=... (needle windows, default 6000)  NEEDLES=... (needles per window, default 8)
 #   ANSWER_WEIGHT=... (loss weight of the answers' bytes, default 10)
+#   EPISODE_MIN_LEN=... (episodes of 256..4096 bytes packed in each window; null: one per window)
 #   TRAINABLE="" to skip the trainable methods; EVAL_ARGS="..." extra overrides of the evaluations
 #   FIGDIR=..., RULER_OUT=... where the figures and the table go
 # -> needle heatmaps in results/figures/needle-*.png, the RULER table in results/lm/ruler.md
@@ -22,7 +23,8 @@ CKDIR=${CKDIR:-results/lm/checkpoints}
 LOGS=${LOGS:-$(dirname "$STORE")/logs}
 mkdir -p "$LOGS"
 RECIPE=(experiment=lm/shakespeare task.max_len=4096 task.needle_episodes="${EPISODES:-6000}"
-        task.needles_per_episode="${NEEDLES:-16}" task.answer_weight="${ANSWER_WEIGHT:-10}" runner.steps="${STEPS:-5000}"
+        task.needles_per_episode="${NEEDLES:-8}" task.answer_weight="${ANSWER_WEIGHT:-10}"
+        task.episode_min_len="${EPISODE_MIN_LEN:-256}" runner.steps="${STEPS:-5000}"
         store="$STORE" runner.checkpoint_dir="$CKDIR")
 
 checkpoint() {  # the newest ok training record's checkpoint for method $1
