@@ -107,7 +107,7 @@ def ruler(model, cfg, device, dtype) -> dict:
     t = cfg.task
     filler, tok = _filler_and_tokenizer(cfg)
     amp = autocast(device, dtype)
-    cells = []
+    cells, examples = [], []
     grid = [(name, int(L)) for name in t.tasks for L in t.lengths]
     for i, (name, L) in enumerate(tqdm(grid, desc="ruler", unit="cell")):
         scores = []
@@ -117,5 +117,8 @@ def ruler(model, cfg, device, dtype) -> dict:
             with amp:
                 out = model.generate(torch.tensor([smp.ids], device=device), int(cfg.runner.max_new_tokens))
             scores.append(rl.string_match_all(tok.decode(out[0].tolist()), smp.answers))
+            if s == 0:  # the question's end and what the model answered, for reading the record
+                examples.append({"task": name, "length": L, "answers": list(smp.answers),
+                                 "prompt_end": tok.decode(smp.ids[-160:]), "generated": tok.decode(out[0].tolist())})
         cells.append({"task": name, "length": L, "score": sum(scores) / len(scores)})
-    return {"cells": cells, "average": sum(c["score"] for c in cells) / len(cells)}
+    return {"cells": cells, "average": sum(c["score"] for c in cells) / len(cells), "examples": examples}

@@ -104,7 +104,19 @@ def main(argv=None) -> int:
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--linear-lens", type=int, nargs="+", default=[16384, 65536, 131072])
     ap.add_argument("--suites", nargs="+", default=["linear", "nsa"], choices=["linear", "nsa"])
+    ap.add_argument("--table", metavar="JSONL", help="only print the markdown table of these records "
+                    "(the newest per kernel and length; no GPU needed)")
     args = ap.parse_args(argv)
+    if args.table:
+        newest = {}
+        for line in Path(args.table).read_text().splitlines():
+            r = json.loads(line)
+            newest[(r["suite"], r["name"], r["seq_len"])] = r
+        print("| suite | kernel | T | p50 ms |\n|---|---|---|---|")
+        for (suite, name, T), r in sorted(newest.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+            p50 = (r.get("latency_ms") or {}).get("p50")
+            print(f"| {suite} | {name} | {T} | {f'{p50:.3f}' if p50 is not None else r['error']} |")
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("scripts/peers.py times GPU kernels: no CUDA device here")
     out = Path(args.out)

@@ -65,6 +65,8 @@ def test_suite_runs_through_the_evaluate_runner(compose_cfg, tmp_path):
     assert rec.status == "ok", rec.error
     assert [c["task"] for c in rec.metrics["cells"]] == ["niah_single", "vt", "cwe"]
     assert all(0.0 <= c["score"] <= 1.0 for c in rec.metrics["cells"])
+    ex = rec.metrics["examples"]  # one generated answer per cell, beside what was asked
+    assert [e["task"] for e in ex] == ["niah_single", "vt", "cwe"] and all(e["answers"] for e in ex)
 
 
 def test_needle_and_ruler_figures_from_records(compose_cfg, tmp_path):
