@@ -31,8 +31,27 @@ def _select(df: pd.DataFrame, sel: dict) -> pd.DataFrame:
     return df.sort_values("time")
 
 
+def _peers_speedup(sel: dict, root: Path) -> float | None:
+    """baseline p50 / kernel p50 from scripts/peers.py's records (newest of each)."""
+    import json
+
+    path = root / sel["peers"]
+    if not path.exists():
+        return None
+    p50 = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["seq_len"] == sel["seq_len"] and not r.get("error"):
+            p50[r["name"]] = r["latency_ms"]["p50"]
+    if sel["kernel"] not in p50 or sel["baseline"] not in p50:
+        return None
+    return p50[sel["baseline"]] / p50[sel["kernel"]]
+
+
 def ours(entry: dict, root: Path = ROOT) -> float | None:
     sel = entry["ours"]
+    if "peers" in sel:
+        return _peers_speedup(sel, root)
     store = root / sel["store"]
     if not store.exists():
         return None

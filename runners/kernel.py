@@ -111,10 +111,12 @@ def run(cfg: DictConfig) -> list[records.RunRecord]:
         method = build_method(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
                               max_seq_len=max(*seq_lens, int(cfg.runner.gate_len))).to(device).eval()
     except Exception as exc:  # noqa: BLE001 - a bad config is a record, not a crashed sweep
-        rec = base_record(cfg, device, dtype, causal=causal, status="error", error=f"{type(exc).__name__}: {exc}")
-        records.append(cfg.store, rec)
-        log.error("could not build the method: %s", rec.error)
-        return [rec]
+        err = f"{type(exc).__name__}: {exc}"
+        log.error("could not build the method: %s", err)
+        for T in seq_lens:  # one per length, so that tables show the failure where results would be
+            out.append(base_record(cfg, device, dtype, seq_len=T, causal=causal, status="error", error=err))
+            records.append(cfg.store, out[-1])
+        return out
 
     if not (method.supports_causal if causal else method.supports_noncausal):
         log.info("%s does not support causal=%s: nothing to run", method_name(cfg), causal)

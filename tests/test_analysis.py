@@ -98,6 +98,36 @@ def test_reproduce_compares_ours_with_theirs(tmp_path):
     assert reproduce_main([]) == 0  # the committed data file against the committed records
 
 
+def test_reproduce_takes_a_speedup_from_the_peer_timings(tmp_path):
+    from analysis.reproduce import table
+
+    rows = [{"name": "cudnn", "seq_len": 64, "latency_ms": {"p50": 6.0}},
+            {"name": "ours", "seq_len": 64, "latency_ms": {"p50": 3.0}},
+            {"name": "ours", "seq_len": 64, "latency_ms": {"p50": 2.0}},  # newest wins
+            {"name": "ours", "seq_len": 128, "error": "boom"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sel = {"peers": "p.jsonl", "kernel": "ours", "baseline": "cudnn"}
+    entries = [{"id": i, "metric": "x", "value": 3.0, "tolerance": 0.5, "source": "s", "ours": {**sel, "seq_len": T}}
+               for i, T in (("at64", 64), ("at128", 128))]
+    t = table(entries, tmp_path).set_index("id")
+    assert t.loc["at64", "ours"] == "3.00" and t.loc["at64", "within"] == "yes"
+    assert t.loc["at128", "ours"] == "not run"
+
+
+def test_leaderboard_plots_skip_a_setting_that_only_failed(tmp_path):
+    from analysis.leaderboard import main as leaderboard_main
+
+    recs = [_rec("dense", 256, ms=1.0, params={"backend": "auto"}), _rec("sliding_window", 256, ms=0.5, impl="flex"),
+            _rec("performer", 256, status="error", causal=True)]  # a causal setting where all failed
+    for r in recs[:2]:
+        r["metrics"]["rel_err_structured"] = 0.1
+    store = _store(tmp_path, recs)
+    assert leaderboard_main(["--store", str(store), "--plot", str(tmp_path / "lat.png"),
+                             "--pareto", str(tmp_path / "q.png")]) == 0
+    assert (tmp_path / "lat.png").exists() and not (tmp_path / "lat-1.png").exists()
+    assert "error" in render(load(store))
+
+
 def test_efficiency_length_and_pareto(tmp_path):
     from analysis.leaderboard import efficiency_lengths
     from analysis.plots import pareto_front, quality_vs_cost

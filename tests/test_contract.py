@@ -112,9 +112,10 @@ def test_nan_inputs_are_flagged_in_the_record_and_the_sweep_goes_on(compose_cfg,
 
 
 def test_bad_method_config_becomes_an_error_record(compose_cfg, store):
-    recs = run(compose_cfg("method.backend=tpu"))
-    assert recs[0].status == "error" and "unknown backend 'tpu'" in recs[0].error
-    assert read(store)[0]["status"] == "error"
+    recs = run(compose_cfg("method.backend=tpu", "runner.seq_lens=[64,128]"))
+    assert [r.status for r in recs] == ["error", "error"] and "unknown backend 'tpu'" in recs[0].error
+    assert [(r["seq_len"], r["status"]) for r in read(store)] == [(64, "error"), (128, "error")]
+    assert recs[0].causal is not None, "the setting it failed in, so that its table shows it"
 
 
 def test_failed_correctness_gate_skips_timing(compose_cfg, store, monkeypatch):
