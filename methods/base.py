@@ -187,8 +187,18 @@ class SparseMethod(AttentionMethod):
     last_path: str | None = None  # the path the last call took: reference, flex or triton
     triton_backward = False  # whether the Triton path has a backward (else training takes flex)
 
+    supports_decode = False  # True: decode steps keep the mask (else models decode dense)
+
     def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def decode(self, q, k, v) -> torch.Tensor:
+        """A decode step: the newest query (or few) over the whole cache, causal, under the
+        same mask as the prefill (materialised: it is one row per query)."""
+        B, H, tq, _ = q.shape
+        tk = k.shape[2]
+        mod = masks.and_masks(self.mask_mod(q, k, True), masks.causal(tk - tq))
+        return masked_attention(q, k, v, masks.materialize(mod, B, H, tq, tk, device=q.device))
 
     def _ran_compiled(self) -> bool:
         return getattr(self, "_compiled", False)

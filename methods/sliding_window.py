@@ -22,6 +22,7 @@ class SlidingWindow(SparseMethod):
     impls = ("reference", "flex", "triton")
     triton_backward = True  # the block-sparse kernel has one
     triton_tiles = (64, 64)  # query x key tile of the Triton path (scripts/tune_block_sparse.py)
+    supports_decode = True  # a decode step sees the last `window` keys, as in the prefill
 
     def __init__(self, window: int = 512, **structural):
         super().__init__(**structural)

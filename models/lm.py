@@ -4,7 +4,8 @@
 Rotary position embeddings (Su et al. 2021) on q and k; grouped-query K/V (``num_kv_heads``);
 causal attention through the method. ``generate`` prefills the prompt through the method
 and decodes with a KV cache; methods without a decode path (all but dense) fall back to
-dense attention over the cache at decode time, and ``decode_fallback`` says so.
+dense attention over the cache at decode time, and ``decode_fallback`` says so; sliding window
+decodes with its window.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ class LMBlock(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        if dense_decode:  # a decode step: dense attention over the cache
-            o = masked_attention(q, k, v)
+        if dense_decode:  # a decode step: the method's own where it has one, else dense over the cache
+            o = self.method.decode(q, k, v) if getattr(self.method, "supports_decode", False) \
+                else masked_attention(q, k, v)
         else:
             o = self.method(q, k, v, causal=True)
         x = x + self.o(o.transpose(1, 2).reshape(B, T, -1))
@@ -113,7 +115,8 @@ class DecoderLM(nn.Module):
             x = b(x, cache=c)
         nxt = self.head(self.norm(x[:, -1:])).argmax(-1)
         out, pos = [nxt], prompt.shape[1]
-        exact = all(type(b.method).__name__ == "Dense" for b in self.blocks)
+        exact = all(type(b.method).__name__ == "Dense" or getattr(b.method, "supports_decode", False)
+                    for b in self.blocks)
         self.decode_fallback = None if exact else "dense"
         for _ in range(max_new_tokens - 1):
             x = self.embed(nxt)
