@@ -2,7 +2,7 @@
 # Efficiency suite: every method's fast path against SDPA (default backend, and flash),
 # forward, bf16, B=1, H=32, D=128, causal (4k-128k) and non-causal (4k-64k).
 #   bash scripts/efficiency.sh [STORE] [extra Hydra overrides...]
-#   PART=causal|noncausal|triton|backward|1m bash scripts/efficiency.sh ...   (one part; default all)
+#   PART=causal|noncausal|triton|backward|1m|d64 bash scripts/efficiency.sh ...   (one part; default all)
 # The sparse methods run twice: FlexAttention block masks (impl=flex, the baseline with the
 # same mask) and attnbench's Triton kernels (impl=triton, methods/kernels/block_sparse.py).
 # Writes records to STORE (default results/efficiency/records.jsonl), then the leaderboard
@@ -40,6 +40,14 @@ if [ "${PART:-all}" = all ] || [ "${PART}" = 1m ]; then  # 1M-token prefill: MIn
 run -m method=dense experiment=efficiency/causal 'runner.seq_lens=[1048576]' runner.warmup=1 "$@"
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal 'runner.seq_lens=[1048576]' runner.warmup=1 "$@"
+fi
+
+if [ "${PART:-all}" = all ] || [ "${PART}" = d64 ]; then  # head dim 64: the fast paths and both SDPA backends
+run -m method=dense method.backend=auto,flash experiment=efficiency/causal model.head_dim=64 "$@"
+run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment=efficiency/causal \
+    model.head_dim=64 "$@"
+run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
+    experiment=efficiency/causal model.head_dim=64 "$@"
 fi
 
 FIGDIR=${FIGDIR:-results/figures}
