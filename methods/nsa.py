@@ -35,6 +35,7 @@ from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
 
 class NSA(SparseMethod):
     name = "nsa"
+    importance_bytes = 1 << 30  # Triton path: selection scores held at once (rows chunked to fit)
     impls = ("reference", "flex", "triton")
     supports_noncausal = False
     trainable = True
@@ -143,9 +144,13 @@ class NSA(SparseMethod):
         B, H, T, D = q.shape
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
-        o_cmp, imp = bsk.nsa_compressed(q, kc, vc, self.block_size, self.compress_block, self.compress_stride)
-        sel = self.select(imp)  # [B, Hkv, T, n]
-        del imp
+        cb, cs = self.compress_block, self.compress_stride
+        o_cmp, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
+        # importance and top-n by row chunks: a [rows, T / block] score per KV head at a time
+        nsel = math.ceil(T / self.block_size)
+        rows = max(64, (self.importance_bytes // (4 * B * k.shape[1] * nsel)) // 64 * 64)
+        sel = torch.cat([self.select(bsk.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)), a)
+                         for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
         idx, cnt = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))

@@ -220,6 +220,11 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     overlap = ((starts.view(n, 1) < lo.view(1, nsel) + bs) & (ends.view(n, 1) >= lo.view(1, nsel))).float()
     want = p.view(B, Hkv, H // Hkv, T, n).sum(2) @ overlap  # [B, Hkv, T, nsel]
     torch.testing.assert_close(imp, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    _, lse = bsk.nsa_compressed_attention(q, kc, vc, cl, cs)  # the rows in chunks: the same scores
+    parts = [bsk.nsa_importance(q, kc, lse, bs, cl, cs, a, min(a + 64, T)) for a in range(0, T, 64)]
+    torch.testing.assert_close(torch.cat(parts, 2), imp, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        bsk.nsa_importance(q, kc, lse, bs, cl, cs, 10, T)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -421,19 +421,19 @@ if triton is not None:
     def _nsa_importance(
         Q, KC, LSE, IMP,
         sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
-        HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale,
+        HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale, ROW0, ROWS,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
     ):
-        """imp[t, s] = sum over the group's heads and the compressed blocks i overlapping
-        selection block s of p[t, i] (Eq. 9-10), p recomputed from the log-sum-exp. A program
-        owns its rows, so it accumulates into them without atomics."""
+        """imp[t - ROW0, s] for rows ROW0 <= t < ROWS: the sum over the group's heads and the
+        compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
+        from the log-sum-exp. A program owns its rows, so it accumulates without atomics."""
         qt = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
-        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = ROW0 + qt * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_s = tl.arange(0, NS)
-        last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
+        last = tl.minimum(ROW0 + qt * BLOCK_M + BLOCK_M - 1, ROWS - 1)
         n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
         for j0 in range(0, n_vis, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -455,39 +455,61 @@ if triton is not None:
             sel = offs_s[None, :] + s0
             hit = (offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])
             contrib = tl.dot(p, hit.to(p.dtype), input_precision="ieee")  # [BLOCK_M, NS]
-            ptrs = IMP + b * sib + hk * sih + offs_m[:, None] * sit + sel
-            live = (offs_m[:, None] < T) & (sel < NSEL)
+            ptrs = IMP + b * sib + hk * sih + (offs_m - ROW0)[:, None] * sit + sel
+            live = (offs_m[:, None] < ROWS) & (sel < NSEL)
             tl.store(ptrs, tl.load(ptrs, mask=live, other=0.0) + contrib, mask=live)
 
 
 def nsa_compressed(q, kc, vc, block_size: int, compress_block: int, compress_stride: int, scale=None):
-    """NSA's compressed branch and the selection-block importance, by two Triton kernels.
+    """NSA's compressed branch and the selection-block importance of every query (tests and
+    small shapes; ``nsa_compressed_attention`` + ``nsa_importance`` bound the memory).
 
     q [B, H, T, D]; kc, vc [B, Hkv, n, D] (compressed keys and values, in q's dtype).
     Returns o_cmp [B, H, T, D] (q's dtype) and importance [B, Hkv, T, ceil(T / block_size)]
     (fp32), the same quantities as ``methods.nsa.NSA._compressed`` computes in PyTorch."""
+    out, lse = nsa_compressed_attention(q, kc, vc, compress_block, compress_stride, scale)
+    return out, nsa_importance(q, kc, lse, block_size, compress_block, compress_stride, 0, q.shape[2], scale)
+
+
+def nsa_compressed_attention(q, kc, vc, compress_block: int, compress_stride: int, scale=None):
+    """o_cmp [B, H, T, D] and the log-sum-exp (base 2, fp32) [B, H, T] of each query over the
+    compressed blocks that end at or before it."""
     q, kc, vc = _check(q, kc, vc)
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
-    nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     bm, bn = 64, 64
-    nt = math.ceil(T / bm)
-    _nsa_cmp_fwd[(nt, B * H)](
+    _nsa_cmp_fwd[(math.ceil(T / bm), B * H)](
         q, kc, vc, out, lse,
         *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         H, H // Hkv, T, n, compress_block, compress_stride, scale * LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=4, num_stages=2,
     )
-    imp = torch.zeros(B, Hkv, T, nsel, device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_stride: int,
+                   row0: int, row1: int, scale=None):
+    """Selection-block importance [B, Hkv, row1 - row0, ceil(T / block_size)] (fp32) of the
+    queries row0 .. row1 - 1 (row0 a multiple of 64), from ``nsa_compressed_attention``'s
+    log-sum-exp: callers bound its memory by taking the rows in chunks."""
+    q, kc = q.contiguous(), kc.contiguous()
+    B, H, T, D = q.shape
+    Hkv, n = kc.shape[1], kc.shape[2]
+    if row0 % 64 or not 0 <= row0 < row1 <= T:
+        raise ValueError(f"rows {row0}..{row1} must start at a multiple of 64 inside 0..{T}")
+    nsel = math.ceil(T / block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
+    bm, bn = 64, 64
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
     ns = _tile(span // block_size + 2)
-    _nsa_importance[(nt, B * Hkv)](
+    _nsa_importance[(math.ceil((row1 - row0) / bm), B * Hkv)](
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
-        Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E,
+        Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
         BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=4, num_stages=2,
     )
-    return out, imp
+    return imp
