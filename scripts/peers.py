@@ -51,6 +51,13 @@ def linear_rows(T, H=32, D=128):
     for m, impl in itertools.product((128, 256), ("chunked", "triton")):
         perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl=impl, max_seq_len=T).cuda()
         rows.append((f"attnbench Performer m={m} ({impl})", lambda p=perf: p(q, k, v, causal=True)))
+    # the kernel alone on given non-negative features (no feature map): both designs
+    from methods.kernels.linear_attn import causal_linear_attention
+
+    fq, fk = (x.abs() for x in (q, k))  # 128 "features" per token, as fla's D
+    for two in (True, False):
+        rows.append((f"attnbench causal_linear_attention, {'two passes' if two else 'one pass'}, M=128",
+                     lambda t=two: causal_linear_attention(fq, fk, v, two_pass=t)))
     try:
         from fla.ops.linear_attn import chunk_linear_attn
 

@@ -162,29 +162,31 @@ def test_nsa_selection_kernel_gpu_bf16(heads):
 
 
 # ---- causal linear attention (Performer) ------------------------------------------------------
-def linear_case(dtype, device, T, M, D, chunk, seed=0):
+def linear_case(dtype, device, T, M, D, chunk, seed=0, two_pass=True):
     from methods.kernels.linear_attn import causal_linear_attention
 
     g = torch.Generator().manual_seed(seed)
     fq, fk = (torch.rand(2, 3, T, M, generator=g).to(device, dtype) for _ in range(2))  # non-negative
     v = torch.randn(2, 3, T, D, generator=g).to(device, dtype)
-    num, den = causal_linear_attention(fq, fk, v, chunk=chunk)
+    num, den = causal_linear_attention(fq, fk, v, chunk=chunk, two_pass=two_pass)
     att = torch.tril(fq.double() @ fk.double().transpose(-1, -2))  # [B, H, T, T]
     return num / den, (att @ v.double()) / att.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("shape", [(70, 24, 16, 16), (33, 16, 32, 32)])  # odd T, M not a power of 2
-def test_causal_linear_kernel_cpu(dtype, shape):
-    out, ref = linear_case(dtype, "cpu", *shape)
+@pytest.mark.parametrize("shape", [(70, 24, 16, 16), (33, 16, 32, 32), (100, 80, 16, 16)])  # odd T, M
+@pytest.mark.parametrize("two_pass", [True, False])  # not a power of 2; 80 features: two row blocks
+def test_causal_linear_kernel_cpu(dtype, shape, two_pass):
+    out, ref = linear_case(dtype, "cpu", *shape, two_pass=two_pass)
     _check(out, ref, dtype)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("M", [128, 256])
-def test_causal_linear_kernel_gpu_bf16(M):
-    out, ref = linear_case(torch.bfloat16, "cuda", 1000, M, 128, 64)
+@pytest.mark.parametrize("two_pass", [True, False])
+def test_causal_linear_kernel_gpu_bf16(M, two_pass):
+    out, ref = linear_case(torch.bfloat16, "cuda", 1000, M, 128, 64, two_pass=two_pass)
     _check(out, ref, torch.bfloat16)
 
 
