@@ -8,6 +8,10 @@ answer bytes in the loss (task.answer_weight in the harness).
 
     python scripts/needle_recipe.py --T 256 --needles 1 --w 1    # 2026-11-29: 0.10 at 750 steps
     python scripts/needle_recipe.py --T 256 --needles 1 --w 10   # 1.00 at 750 steps
+
+``--method NAME key=value ...`` trains the same model with another attention method (its
+conf/method/NAME.yaml, overridden), e.g. ``--method nsa block_size=16 window=32``: which
+trainable methods learn the lookup with the same recipe and budget, at CPU size.
 """
 import argparse
 import time
@@ -32,7 +36,17 @@ def main() -> None:
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--episodes", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--method", nargs="+", default=["dense"], metavar="NAME [key=value ...]",
+                    help="the attention method and overrides of its config")
     a = ap.parse_args()
+    import yaml
+
+    import methods
+
+    mcfg = methods.compose_method(a.method[0])
+    for kv in a.method[1:]:
+        key, _, value = kv.partition("=")
+        mcfg[key] = yaml.safe_load(value)
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -40,7 +54,7 @@ def main() -> None:
     X = needle_episodes(text, a.episodes, a.T + 1, seed=1, needles=a.needles)
     H = needle_episodes(text, 128, a.T + 1, seed=99, needles=a.needles)  # held out: other keys, values
     MX, MH = answer_mask(X), answer_mask(H)
-    model = DecoderLM(OmegaConf.load("conf/method/dense.yaml"), vocab_size=256, max_len=a.T, dim=a.dim,
+    model = DecoderLM(mcfg, vocab_size=256, max_len=a.T, dim=a.dim,
                       depth=a.depth, heads=a.dim // 32, head_dim=32, mlp_dim=2 * a.dim)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     for step in range(a.steps + 1):
@@ -50,7 +64,7 @@ def main() -> None:
                 right = model(H[:, :-1].long()).argmax(-1) == H[:, 1:].long()
             model.train()
             tgt = MH[:, 1:]
-            print(f"step {step}: answer digits right {float((right & tgt).sum() / tgt.sum()):.3f}, "
+            print(f"{' '.join(a.method)} step {step}: answer digits right {float((right & tgt).sum() / tgt.sum()):.3f}, "
                   f"windows all right {float((right | ~tgt).all(1).float().mean()):.3f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
         if step == a.steps:
