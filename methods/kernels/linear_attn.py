@@ -27,42 +27,46 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _chunk_out(FQ, FK, V, NUM, DEN, bh, rows, offs_m, offs_v, state, z, write_den,
+                   sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M: tl.constexpr, D: tl.constexpr,
+                   C: tl.constexpr):
+        """One chunk's outputs from the state before it: num = fq S + tril(fq fk^T) v, and (when
+        ``write_den``) den = fq z + rowsum(tril(fq fk^T)). Returns the chunk's fk and v."""
+        r_in, m_in, v_in = rows < T, offs_m < M, offs_v < D
+        fq = tl.load(FQ + bh * sqb + rows[:, None] * sqt + offs_m[None, :],
+                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
+        fk = tl.load(FK + bh * skb + rows[:, None] * skt + offs_m[None, :],
+                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
+        v = tl.load(V + bh * svb + rows[:, None] * svt + offs_v[None, :],
+                    mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
+        c = tl.arange(0, C)
+        att = tl.where(c[:, None] >= c[None, :], tl.dot(fq, tl.trans(fk)), 0.0)  # [C, C]
+        num = tl.dot(fq, state.to(fq.dtype)) + tl.dot(att.to(v.dtype), v)  # [C, BV]
+        tl.store(NUM + bh * snb + rows[:, None] * snt + offs_v[None, :], num, mask=r_in[:, None] & v_in[None, :])
+        if write_den:  # the normaliser, once per row
+            den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.sum(att, 1)
+            tl.store(DEN + bh * sdb + rows, den, mask=r_in)
+        return fk, v
+
+    @triton.jit
     def _causal_linear_fwd(
         FQ, FK, V, NUM, DEN,
         sqb, sqt, skb, skt, svb, svt, snb, snt, sdb,
         T,
         M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TILE_M: tl.constexpr,
     ):
+        """One pass: a program walks the chunks of its (batch x head, value block), state on chip."""
         bh = tl.program_id(0).to(tl.int64)
         vb = tl.program_id(1)
-        offs_c = tl.arange(0, C)
         offs_m = tl.arange(0, TILE_M)
         offs_v = vb * BV + tl.arange(0, BV)
-        m_in = offs_m < M
-        v_in = offs_v < D
         S = tl.zeros([TILE_M, BV], tl.float32)
         z = tl.zeros([TILE_M], tl.float32)
-        lower = offs_c[:, None] >= offs_c[None, :]
         for c0 in range(0, T, C):
-            rows = c0 + offs_c
-            r_in = rows < T
-            fq = tl.load(FQ + bh * sqb + rows[:, None] * sqt + offs_m[None, :],
-                         mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-            fk = tl.load(FK + bh * skb + rows[:, None] * skt + offs_m[None, :],
-                         mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-            v = tl.load(V + bh * svb + rows[:, None] * svt + offs_v[None, :],
-                        mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
-            att = tl.dot(fq, tl.trans(fk))  # [C, C]
-            att = tl.where(lower, att, 0.0)
-            num = tl.dot(fq, S.to(fq.dtype)) + tl.dot(att.to(v.dtype), v)  # [C, BV]
-            tl.store(NUM + bh * snb + rows[:, None] * snt + offs_v[None, :], num,
-                     mask=r_in[:, None] & v_in[None, :])
-            if vb == 0:  # the normaliser, once per row
-                den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.sum(att, 1)
-                tl.store(DEN + bh * sdb + rows, den, mask=r_in)
+            fk, v = _chunk_out(FQ, FK, V, NUM, DEN, bh, c0 + tl.arange(0, C), offs_m, offs_v, S, z, vb == 0,
+                               sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M, D, C)
             S += tl.dot(tl.trans(fk), v)  # [M, BV]
             z += tl.sum(fk.to(tl.float32), 0)
-
 
     @triton.jit
     def _chunk_states(
@@ -102,31 +106,18 @@ if triton is not None:
         T,
         M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TILE_M: tl.constexpr,
     ):
-        """The outputs of chunk c: fq S_c + tril(fq fk^T) v, and the normaliser."""
+        """Two passes, second: every chunk's outputs in parallel, from the stored states."""
         bh = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         vb = tl.program_id(2)
-        offs_c = tl.arange(0, C)
         offs_m = tl.arange(0, TILE_M)
         offs_v = vb * BV + tl.arange(0, BV)
-        m_in, v_in = offs_m < M, offs_v < D
-        rows = c * C + offs_c
-        r_in = rows < T
-        fq = tl.load(FQ + bh * sqb + rows[:, None] * sqt + offs_m[None, :],
-                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-        fk = tl.load(FK + bh * skb + rows[:, None] * skt + offs_m[None, :],
-                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-        v = tl.load(V + bh * svb + rows[:, None] * svt + offs_v[None, :],
-                    mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
+        m_in = offs_m < M
         state = tl.load(S + bh * ssb + c * ssc + offs_m[:, None] * ssm + offs_v[None, :],
-                        mask=m_in[:, None] & v_in[None, :], other=0.0)  # [M, BV] fp32
-        att = tl.where(offs_c[:, None] >= offs_c[None, :], tl.dot(fq, tl.trans(fk)), 0.0)  # [C, C]
-        num = tl.dot(fq, state.to(fq.dtype)) + tl.dot(att.to(v.dtype), v)
-        tl.store(NUM + bh * snb + rows[:, None] * snt + offs_v[None, :], num, mask=r_in[:, None] & v_in[None, :])
-        if vb == 0:
-            z = tl.load(Z + bh * szb + c * szc + offs_m, mask=m_in, other=0.0)
-            den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.sum(att, 1)
-            tl.store(DEN + bh * sdb + rows, den, mask=r_in)
+                        mask=m_in[:, None] & (offs_v < D)[None, :], other=0.0)  # [M, BV] fp32
+        z = tl.load(Z + bh * szb + c * szc + offs_m, mask=m_in, other=0.0)
+        _chunk_out(FQ, FK, V, NUM, DEN, bh, c * C + tl.arange(0, C), offs_m, offs_v, state, z, vb == 0,
+                   sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M, D, C)
 
 
 def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int = 64,
