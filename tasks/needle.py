@@ -28,6 +28,16 @@ VALUE_DIGITS = 7  # needle values: seven-digit numbers
 QUESTION = " What is the special magic number for {key}? The special magic number for {key} is"
 
 
+def random_key(rng: random.Random) -> str:
+    """A needle key: eight lowercase letters."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+
+
+def random_value(rng: random.Random) -> str:
+    """A needle value: a VALUE_DIGITS-digit number."""
+    return str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS))
+
+
 @dataclass
 class Prompt:
     ids: list[int]
@@ -44,8 +54,7 @@ def make_prompt(tokenizer, filler: str, length: int, depth: float, seed: int, wi
     if window is not None and length > window:
         raise ValueError(f"a {length}-token prompt does not fit the model's window of {window}")
     rng = random.Random(seed)
-    key = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-    value = str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS))
+    key, value = random_key(rng), random_value(rng)
     needle = tokenizer.encode(" " + NEEDLE.format(key=key, value=value) + " ")
     question = tokenizer.encode(QUESTION.format(key=key))
     n_hay = length - len(needle) - len(question)

@@ -85,14 +85,15 @@ def load(cfg) -> dict:
     return out
 
 
-_ANSWER = re.compile(rb"\? The special magic number for [a-z]+ is (\d+)\.")
-
-
 def answer_mask(windows: torch.Tensor) -> torch.Tensor:
     """[N, n] bool: the bytes of the answers to needle questions (what the episodes teach)."""
+    from tasks.needle import QUESTION
+
+    # the question's text with any key, then " <digits>."
+    answer = re.compile("[a-z]+".join(map(re.escape, QUESTION.split("{key}"))).encode() + rb" (\d+)\.")
     mask = torch.zeros(windows.shape, dtype=torch.bool)
     for i, row in enumerate(windows):
-        for m in _ANSWER.finditer(row.numpy().tobytes()):
+        for m in answer.finditer(row.numpy().tobytes()):
             mask[i, m.start(1):m.end(1)] = True
     return mask
 
@@ -129,13 +130,13 @@ def needle_episodes(text: str, count: int, n: int, seed: int = 0, needles: int =
 
 
 def _episode(rng: random.Random, text: str, n: int, needles: int) -> bytes:
-    from tasks.needle import NEEDLE, QUESTION, VALUE_DIGITS
+    from tasks.needle import NEEDLE, QUESTION, random_key, random_value
 
     keys: list[str] = []
     while len(keys) < needles:
-        k = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+        k = random_key(rng)
         keys += [k] if k not in keys else []
-    vals = [str(rng.randrange(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS)) for _ in keys]
+    vals = [random_value(rng) for _ in keys]
     sent = [(" " + NEEDLE.format(key=k, value=v) + " ").encode() for k, v in zip(keys, vals)]
     order = rng.sample(range(needles), needles)
     qa = b"".join((QUESTION.format(key=keys[j]) + f" {vals[j]}.").encode() for j in order)

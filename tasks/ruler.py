@@ -23,6 +23,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from tasks.needle import random_key, random_value
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 WORDS = ("apple bridge candle desert engine forest garden harbor island jacket kettle ladder meadow "
          "needle orange pencil quarry river saddle tunnel umbrella valley window yellow zebra anchor "
@@ -37,27 +39,19 @@ class Sample:
     length: int
 
 
-def _key(rng):
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-
-
-def _num(rng):
-    return str(rng.randrange(1_000_000, 10_000_000))
-
-
 def _content(task, rng, length):
     """(pieces to scatter in the haystack, question, answers)."""
     if task.startswith("niah"):
         n_keys = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 1, "niah_multiquery": 4}[task]
-        keys = [_key(rng) for _ in range(n_keys)]
-        vals = {k: [_num(rng) for _ in range(4 if task == "niah_multivalue" else 1)] for k in keys}
+        keys = [random_key(rng) for _ in range(n_keys)]
+        vals = {k: [random_value(rng) for _ in range(4 if task == "niah_multivalue" else 1)] for k in keys}
         pieces = [f" One of the special magic numbers for {k} is: {v}. " for k in keys for v in vals[k]]
         asked = keys[:1] if task in ("niah_single", "niah_multikey", "niah_multivalue") else keys[:2]
         q = (f" What are all the special magic numbers for {', '.join(asked)} mentioned in the text?"
              f" The special magic numbers for {', '.join(asked)} mentioned in the text are:")
         return pieces, q, [v for k in asked for v in vals[k]]
     if task == "vt":
-        value, chain = _num(rng), [f"X{rng.randrange(10, 99)}{i}" for i in range(5)]
+        value, chain = random_value(rng), [f"X{rng.randrange(10, 99)}{i}" for i in range(5)]
         pieces = [f" VAR {chain[0]} = {value}. "] + [f" VAR {b} = {a}. " for a, b in zip(chain, chain[1:])]
         q = (f" Find all variables that are assigned the value {value} in the text above."
              f" Answer: the variables assigned the value {value} are:")
@@ -71,7 +65,7 @@ def _content(task, rng, length):
         q = " What are the 3 most common words in the numbered list above? Answer: the top 3 words are:"
         return pieces, q, common
     if task == "fwe":
-        vocab = [_key(rng)[:5] for _ in range(20)]
+        vocab = [random_key(rng)[:5] for _ in range(20)]
         weights = [1 / (r + 1) ** 1.5 for r in range(len(vocab))]
         words = rng.choices(vocab, weights=weights, k=max(40, length // 12))  # half the prompt
         top = [w for w, _ in Counter(words).most_common(3)]
