@@ -282,7 +282,7 @@ def main(argv=None) -> int:
                              (args.pareto, quality_vs_cost, "quality/cost")):
         if not base:
             continue
-        drawable = [(t, g) for t, g in settings(df) if (g["status"] == "ok").any()]  # not only failures
+        drawable = [(t, g) for t, g in settings(df) if (g["status"] == "ok").any()]  # something to draw
         for i, (title, g) in enumerate(drawable):  # one figure per setting: F, F-1, F-2, ...
             p = Path(base) if i == 0 else Path(base).with_name(f"{Path(base).stem}-{i}{Path(base).suffix}")
             draw(g, p, title)
