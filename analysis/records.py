@@ -58,3 +58,13 @@ def variants(df: pd.DataFrame) -> pd.Series:
             extra = " ".join(f"{k}={params.loc[i].get(k)}" for k in varying)
             labels.loc[i] = f"{method} {extra}".strip()
     return labels
+
+
+def newest_peers(path) -> dict[tuple, dict]:
+    """scripts/peers.py's records (JSON lines, not run records), the newest per (suite, kernel
+    name, length)."""
+    import json
+    from pathlib import Path
+
+    rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+    return {(r.get("suite"), r["name"], r["seq_len"]): r for r in rows}

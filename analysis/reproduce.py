@@ -33,16 +33,13 @@ def _select(df: pd.DataFrame, sel: dict) -> pd.DataFrame:
 
 def _peers_speedup(sel: dict, root: Path) -> float | None:
     """baseline p50 / kernel p50 from scripts/peers.py's records (newest of each)."""
-    import json
+    from analysis.records import newest_peers
 
     path = root / sel["peers"]
     if not path.exists():
         return None
-    p50 = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r["seq_len"] == sel["seq_len"] and not r.get("error"):
-            p50[r["name"]] = r["latency_ms"]["p50"]
+    p50 = {name: r["latency_ms"]["p50"] for (_, name, T), r in newest_peers(path).items()
+           if T == sel["seq_len"] and not r.get("error")}
     if sel["kernel"] not in p50 or sel["baseline"] not in p50:
         return None
     return p50[sel["baseline"]] / p50[sel["kernel"]]

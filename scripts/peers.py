@@ -115,10 +115,9 @@ def main(argv=None) -> int:
                     "(the newest per kernel and length; no GPU needed)")
     args = ap.parse_args(argv)
     if args.table:
-        newest = {}
-        for line in Path(args.table).read_text().splitlines():
-            r = json.loads(line)
-            newest[(r["suite"], r["name"], r["seq_len"])] = r
+        from analysis.records import newest_peers
+
+        newest = newest_peers(args.table)
         print("| suite | kernel | T | p50 ms |\n|---|---|---|---|")
         for (suite, name, T), r in sorted(newest.items(), key=lambda kv: (kv[0][0], kv[0][2])):
             p50 = (r.get("latency_ms") or {}).get("p50")
