@@ -1,6 +1,6 @@
 """Does a small LM learn to answer needle questions? A quick CPU probe of the training recipe.
 
-Trains a small DecoderLM (dense attention) on needle episodes only (tasks.perplexity's
+Trains a small DecoderLM (dense attention unless --method) on needle episodes only (tasks.perplexity's
 ``needle_episodes``: Shakespeare filler, ``--needles`` key-value needles, then each question
 and its answer) and every 250 steps prints the held-out answer-digit accuracy under teacher
 forcing, and the share of windows whose every answer digit is right. ``--w`` weighs the
