@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import methods  # noqa: E402
+import methods
 
 
 def _value(text: str):
