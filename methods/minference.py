@@ -93,25 +93,48 @@ class MInference(SparseMethod):
         nv, ns = self._per_head("vertical_size", q.device), self._per_head("slash_size", q.device)
         return _top_per_head(vert, nv), _top_per_head(slash, ns)
 
-    def block_layout(self, q, k):
-        """[B, H, nq, nk] bool: the top_k_blocks key blocks of each query block."""
+    score_bytes = 1 << 30  # block_sparse: pooled scores held at once (query blocks chunked to fit)
+
+    def _block_picks(self, q, k):
+        """Per chunk of query blocks (first block, picks [B, H, c, n] of key blocks in increasing
+        order, nk where fewer than n blocks are causal), from the mean-pooled q and k."""
         B, H, tq, D = q.shape
         tk, bs = k.shape[2], self.block_size
         nq, nk = math.ceil(tq / bs), math.ceil(tk / bs)
-        kk = repeat_kv(k, H // k.shape[1]).float()
-        pq = _pool(q.float(), bs)  # [B, H, nq, D]
-        pk = _pool(kk, bs)  # [B, H, nk, D]
-        s = pq @ pk.transpose(-1, -2)  # [B, H, nq, nk]
-        qb = torch.arange(nq, device=q.device).view(nq, 1) + (nk - nq)
+        pq = _pool(q, bs)  # [B, H, nq, D] fp32
+        pk = repeat_kv(_pool(k, bs), H // k.shape[1])  # [B, H, nk, D]
+        budget = [min(int(h.get("top_k_blocks", 0)), nk) for h in self.heads]
+        width = max(budget + [1])
         kb = torch.arange(nk, device=q.device).view(1, nk)
-        s = s.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
-        lay = torch.zeros_like(s, dtype=torch.bool)
-        for h in range(H):  # per-head budget
-            n = min(int(self.heads[h].get("top_k_blocks", 0)), nk)
-            if n:
-                top = s[:, h].topk(n, dim=-1).indices
-                lay[:, h].scatter_(-1, top, True)
-        return lay & (kb <= qb)
+        rows = max(1, self.score_bytes // (4 * B * H * nk))
+        for a in range(0, nq, rows):
+            c = min(rows, nq - a)
+            qb = torch.arange(a, a + c, device=q.device).view(c, 1) + (nk - nq)
+            s = pq[:, :, a:a + c] @ pk.transpose(-1, -2)  # [B, H, c, nk]
+            s = s.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
+            picks = torch.full((B, H, c, width), nk, device=q.device, dtype=torch.long)
+            for h, n in enumerate(budget):  # per-head budget
+                if n:
+                    picks[:, h, :, :n] = s[:, h].topk(n, dim=-1).indices
+            yield a, torch.where(picks <= qb, picks, nk).sort(-1).values
+
+    def block_layout(self, q, k):
+        """[B, H, nq, nk] bool: the top_k_blocks key blocks of each query block."""
+        B, H = q.shape[:2]
+        nq, nk = math.ceil(q.shape[2] / self.block_size), math.ceil(k.shape[2] / self.block_size)
+        lay = torch.zeros(B, H, nq, nk + 1, dtype=torch.bool, device=q.device)  # column nk: no pick
+        for a, picks in self._block_picks(q, k):
+            lay[:, :, a:a + picks.shape[2]].scatter_(-1, picks, True)
+        return lay[..., :nk]
+
+    def block_lists(self, q, k):
+        """``layout_to_lists(block_layout(q, k))`` without the [nq, nk] layout: (idx [B, H, nq, m]
+        int32, cnt [B, H, nq]), the memory of the pooled scores bounded by ``score_bytes``."""
+        nk = math.ceil(k.shape[2] / self.block_size)
+        idx = torch.cat([picks for _, picks in self._block_picks(q, k)], 2)
+        cnt = (idx < nk).sum(-1, dtype=torch.int32)
+        width = max(1, int(cnt.max()))
+        return idx[..., :width].to(torch.int32).contiguous(), cnt.contiguous()
 
     def mask_mod(self, q, k, causal):
         dev = q.device
@@ -174,7 +197,7 @@ class MInference(SparseMethod):
             elif kind == "block_sparse":
                 bs = self.block_size
                 m = self if not sub else self._subset(hs)
-                idx, cnt = bsk.layout_to_lists(m.block_layout(qs, ks))
+                idx, cnt = m.block_lists(qs, ks)
                 o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bs, block_n=bs, causal=True)
                 work += bsk.tile_work(cnt, bs, bs, B, len(hs))
             else:
@@ -235,11 +258,15 @@ def _top_per_head(score, n_per_head):
 
 
 def _pool(x, bs):
+    """[B, H, T, D] -> [B, H, ceil(T / bs), D] block means, summed in fp32 (no fp32 copy of x)."""
     B, H, T, D = x.shape
     n = math.ceil(T / bs)
-    xp = torch.nn.functional.pad(x, (0, 0, 0, n * bs - T))
-    cnt = torch.nn.functional.pad(torch.ones(T, device=x.device), (0, n * bs - T)).view(n, bs).sum(-1)
-    return xp.view(B, H, n, bs, D).sum(3) / cnt.view(1, 1, n, 1)
+    if n * bs != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n * bs - T))
+    cnt = torch.full((n,), float(bs), device=x.device)
+    cnt[-1] = T - (n - 1) * bs
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.reshape(B, H, n, bs, D).sum(3, dtype=dt) / cnt.view(1, 1, n, 1)
 
 
 def _ashape_pairs(tq, tk, sink, window):

@@ -21,8 +21,10 @@ it is redrawn every ``redraw_interval`` forward calls (0 = never).
 impl=reference  non-causal as above; causal through explicit prefix sums [B, H, T, m, D]
 impl=chunked    causal in chunks of ``chunk_size``: exact masked products inside a chunk,
                 a running state across chunks (the same function in O(T) memory)
-impl=triton     the same chunked recurrence in one Triton kernel that keeps the state on chip
-                (``methods.kernels.linear_attn``; forward, Tq == Tk; else the chunked path)
+impl=triton     the same chunked recurrence in two Triton passes with the feature map fused
+                (``methods.kernels.linear_attn.performer_causal``: nothing of size T x m is
+                written; padded batches take precomputed features; forward, Tq == Tk, else
+                the chunked path)
 """
 from __future__ import annotations
 
@@ -117,6 +119,11 @@ class Performer(AttentionMethod):
             if self.calls and self.calls % self.redraw_interval == 0:
                 self.redraw()
             self.calls += 1
+        if causal and key_padding_mask is None and self.impl == "triton" and self._triton_ok(q, k):
+            from methods.kernels.linear_attn import performer_causal  # the feature map fused
+
+            return performer_causal(q, k, v, self.projection, chunk=self.chunk_size,
+                                    relu=self.kernel == "relu", eps=RELU_EPS).to(q.dtype)
         rep = q.shape[1] // k.shape[1]
         fq = self.features(q, True)  # [B, H, Tq, m]
         fk = repeat_kv(self.features(k, False), rep)  # [B, H, Tk, m]
@@ -134,7 +141,7 @@ class Performer(AttentionMethod):
 
             half = q.dtype in (torch.float16, torch.bfloat16)  # features in the inputs' dtype there
             cast = (lambda x: x.to(q.dtype)) if half else (lambda x: x)  # noqa: E731
-            num, den = causal_linear_attention(cast(fq), cast(fk), cast(vv), chunk=self.chunk_size)
+            return causal_linear_attention(cast(fq), cast(fk), cast(vv), chunk=self.chunk_size).to(q.dtype)
         else:
             num, den = self._causal_chunked(fq, fk, vv)
         return (num / den.clamp_min(1e-30)).to(q.dtype)

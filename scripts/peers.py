@@ -7,7 +7,8 @@ run with runners.bench (triton.testing.do_bench, p20/p50/p80) after a warm-up:
 
 linear   H=32, D=128, causal: fla ``chunk_linear_attn`` (q, k of width D), attnbench's
          Performer (impl=chunked and impl=triton, feature maps included) with m=128 features
-         (the same state size D x D as fla) and its default m=256, and SDPA (cuDNN) for scale.
+         (the same state size D x D as fla) and its default m=256, the Triton kernels alone
+         (features given; the fused kernel at two value-block sizes), and SDPA (cuDNN).
 nsa      the NSA paper's shape: 64 query heads, 4 KV heads, D=128, blocks of 64, 16 selected,
          window 512: attnbench NSA impl=triton (all three branches, index building included),
          fla ``parallel_nsa`` (compression + selection; its window branch needs flash_attn,
@@ -51,13 +52,17 @@ def linear_rows(T, H=32, D=128):
     for m, impl in itertools.product((128, 256), ("chunked", "triton")):
         perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl=impl, max_seq_len=T).cuda()
         rows.append((f"attnbench Performer m={m} ({impl})", lambda p=perf: p(q, k, v, causal=True)))
-    # the kernel alone on given non-negative features (no feature map): both designs
-    from methods.kernels.linear_attn import causal_linear_attention
+    # the kernel alone on given non-negative features (no feature map), and the fused kernel
+    # with value blocks of 64 (the method's default) and 128
+    from methods.kernels.linear_attn import causal_linear_attention, performer_causal
 
     fq, fk = (x.abs() for x in (q, k))  # 128 "features" per token, as fla's D
-    for two in (True, False):
-        rows.append((f"attnbench causal_linear_attention, {'two passes' if two else 'one pass'}, M=128",
-                     lambda t=two: causal_linear_attention(fq, fk, v, two_pass=t)))
+    rows.append(("attnbench causal_linear_attention (features given), M=128",
+                 lambda: causal_linear_attention(fq, fk, v)))
+    w = torch.randn(128, D, device="cuda", generator=g)
+    for bv in (64, 128):
+        rows.append((f"attnbench performer_causal (fused), M=128, block_v={bv}",
+                     lambda b=bv: performer_causal(q, k, v, w, block_v=b)))
     try:
         from fla.ops.linear_attn import chunk_linear_attn
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scripts/profile_method.py profiles CUDA kernels: no CUDA device here")
     kw = {}
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
+        if not str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue  # operators: their kernels are counted on their own lines
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0)

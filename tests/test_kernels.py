@@ -162,31 +162,66 @@ def test_nsa_selection_kernel_gpu_bf16(heads):
 
 
 # ---- causal linear attention (Performer) ------------------------------------------------------
-def linear_case(dtype, device, T, M, D, chunk, seed=0, two_pass=True):
+def linear_case(dtype, device, T, M, D, chunk, H=4, Hkv=2, seed=0):
     from methods.kernels.linear_attn import causal_linear_attention
 
     g = torch.Generator().manual_seed(seed)
-    fq, fk = (torch.rand(2, 3, T, M, generator=g).to(device, dtype) for _ in range(2))  # non-negative
-    v = torch.randn(2, 3, T, D, generator=g).to(device, dtype)
-    num, den = causal_linear_attention(fq, fk, v, chunk=chunk, two_pass=two_pass)
+    fq = torch.rand(2, H, T, M, generator=g).to(device, dtype)  # non-negative
+    fk = torch.rand(2, Hkv, T, M, generator=g).to(device, dtype)
+    v = torch.randn(2, Hkv, T, D, generator=g).to(device, dtype)
+    out = causal_linear_attention(fq, fk, v, chunk=chunk)
+    fk, v = (x.repeat_interleave(H // Hkv, 1) for x in (fk, v))
     att = torch.tril(fq.double() @ fk.double().transpose(-1, -2))  # [B, H, T, T]
-    return num / den, (att @ v.double()) / att.sum(-1, keepdim=True)
+    return out, (att @ v.double()) / att.sum(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("shape", [(70, 24, 16, 16), (33, 16, 32, 32), (100, 80, 16, 16)])  # odd T, M
-@pytest.mark.parametrize("two_pass", [True, False])  # not a power of 2; 80 features: two row blocks
-def test_causal_linear_kernel_cpu(dtype, shape, two_pass):
-    out, ref = linear_case(dtype, "cpu", *shape, two_pass=two_pass)
+def test_causal_linear_kernel_cpu(dtype, shape):  # 24 features: not a power of 2; 80: two row blocks
+    out, ref = linear_case(dtype, "cpu", *shape)
     _check(out, ref, dtype)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("M", [128, 256])
-@pytest.mark.parametrize("two_pass", [True, False])
-def test_causal_linear_kernel_gpu_bf16(M, two_pass):
-    out, ref = linear_case(torch.bfloat16, "cuda", 1000, M, 128, 64, two_pass=two_pass)
+def test_causal_linear_kernel_gpu_bf16(M):
+    out, ref = linear_case(torch.bfloat16, "cuda", 1000, M, 128, 64)
+    _check(out, ref, torch.bfloat16)
+
+
+def performer_case(dtype, device, T, M, D, chunk, kernel="softmax", H=4, Hkv=2, seed=0, shift=1.5):
+    """The fused kernel (feature map on chip) against impl=reference's prefix sums in fp64."""
+    import methods
+    from methods.kernels.linear_attn import performer_causal
+
+    q, k, v = _inputs(2, H, Hkv, T, D, torch.float64, "cpu", seed)
+    k = k + shift  # keys away from zero: the keys' stabiliser then matters
+    ref = methods.load("performer", num_heads=H, num_kv_heads=Hkv, head_dim=D, num_features=M,
+                       kernel=kernel, impl="reference").double()
+    with torch.no_grad():
+        want = ref(q, k, v, causal=True)
+    w = ref.projection.double()
+    out = performer_causal(*(x.to(device, dtype) for x in (q, k, v)), w.to(device), chunk=chunk,
+                           relu=kernel == "relu")
+    return out, want
+
+
+# fp16 only at head dim 16: wider logits (D=32) push early keys' features below fp16's range
+# (6e-8), as they do on the unfused path; bf16 (the GPU test) has the range
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (70, 24, 16, 16)), (torch.float16, (70, 24, 16, 16)),
+                                         (torch.float32, (100, 80, 32, 32))])
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_performer_fused_kernel_cpu(dtype, shape, kernel):
+    out, ref = performer_case(dtype, "cpu", *shape, kernel=kernel)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("M", [128, 256])
+def test_performer_fused_kernel_gpu_bf16(M):
+    out, ref = performer_case(torch.bfloat16, "cuda", 1000, M, 128, 64)
     _check(out, ref, torch.bfloat16)
 
 

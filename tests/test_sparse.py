@@ -181,6 +181,22 @@ def test_vertical_slash_finds_planted_columns_and_diagonals():
     assert iss[0, 0, 0]  # the forced nearest diagonal
 
 
+def test_minference_block_lists_by_chunks_equal_the_layout():
+    """The Triton path's lists, built a few query blocks at a time, are the layout's lists;
+    the layout built in chunks is the one built at once (a causal block always kept)."""
+    from methods.kernels.block_sparse import layout_to_lists
+
+    q, k, _ = seeded_qkv(B=2, H=4, Hkv=2, T=150, D=16)
+    m = methods.load("minference", num_heads=4, num_kv_heads=2, head_dim=16, pattern="block_sparse",
+                     block_size=16, top_k_blocks=3)
+    whole = m.block_layout(q, k)
+    m.score_bytes = 1  # one query block at a time
+    assert torch.equal(m.block_layout(q, k), whole)
+    assert whole.sum(-1).min() >= 1 and not (whole & ~torch.ones_like(whole[0, 0]).tril()).any()
+    for got, want in zip(m.block_lists(q, k), layout_to_lists(whole)):
+        assert torch.equal(got, want)
+
+
 def test_pattern_search_respects_budget_and_round_trips(tmp_path):
     from tasks.fidelity import structured_qkv
 

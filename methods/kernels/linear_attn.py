@@ -2,18 +2,29 @@
 
 Given non-negative features fq, fk [B, H, T, M] and values v [B, H, T, D]:
 
-    num_i = sum_{j <= i} (fq_i . fk_j) v_j        den_i = sum_{j <= i} fq_i . fk_j
+    out_i = num_i / den_i,   num_i = sum_{j <= i} (fq_i . fk_j) v_j,   den_i = sum_{j <= i} fq_i . fk_j
 
-Two passes over chunks of C tokens (the default, as flash-linear-attention's chunked form):
-(1) one program per (batch x head, block of feature rows, block of value columns) walks the
-chunks and stores the state before each one, S_c = sum_{j < c0} fk_j v_j^T [M, D] (and
-z_c = sum fk_j); (2) one program per (batch x head, chunk, block of value columns) computes
-its outputs from S_c plus the chunk's own lower triangle (fq fk^T, masked), all chunks in
-parallel. The states take T / C x M x D floats per head: linear in T.
-``two_pass=False`` runs the first design instead: one program per (batch x head, value
-block) walking the chunks with the state on chip (little parallelism at B=1: kept to compare).
-Nothing of size T x T is written. The reference is ``methods.performer.Performer._causal_prefix``
-(explicit prefix sums); tests compare. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
+in two passes over chunks of C tokens (the chunked form of flash-linear-attention):
+(1) one program per (batch x KV head, block of feature rows, block of value columns) walks
+the chunks and stores the state before each one, S_c = sum_{j < c0} fk_j v_j^T [M, D] (in
+the inputs' dtype, as the product that reads it takes it) and z_c = sum fk_j (fp32);
+(2) one program per (batch x head, chunk, block of value columns) computes its outputs from
+S_c plus the chunk's own lower triangle (fq fk^T, masked), all chunks in parallel, and
+writes out = num / den. The states take T / C x M x D values per KV head: linear in T.
+
+``performer_causal`` fuses the Performer's feature map into both passes: from q, k and the
+projection W [M, D] each program computes the features of its rows on chip,
+
+    phi(x) = exp(W x' - |x'|^2 / 2 - stab) / sqrt(M),  x' = x / D^(1/4)   (softmax kernel)
+    phi(x) = relu(W x') / sqrt(M) + eps                                      (relu kernel)
+
+with stab the row's own maximum for queries and, for keys, the maximum over all keys of the
+(batch, KV head), found by a first small pass: the stabilisers of ``methods.performer``, so
+nothing of size T x M is written. W enters the products as two half-precision parts
+(W = hi + lo, products accumulated in fp32), so the logits keep about 16 bits of W.
+``causal_linear_attention`` takes the features precomputed (the Performer's padded batches).
+The reference is ``methods.performer.Performer._causal_prefix`` (explicit prefix sums);
+tests compare. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -27,136 +38,177 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _chunk_out(FQ, FK, V, NUM, DEN, bh, rows, offs_m, offs_v, state, z, write_den,
-                   sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M: tl.constexpr, D: tl.constexpr,
-                   C: tl.constexpr):
-        """One chunk's outputs from the state before it: num = fq S + tril(fq fk^T) v, and (when
-        ``write_den``) den = fq z + rowsum(tril(fq fk^T)). Returns the chunk's fk and v."""
-        r_in, m_in, v_in = rows < T, offs_m < M, offs_v < D
-        fq = tl.load(FQ + bh * sqb + rows[:, None] * sqt + offs_m[None, :],
-                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-        fk = tl.load(FK + bh * skb + rows[:, None] * skt + offs_m[None, :],
-                     mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, M]
-        v = tl.load(V + bh * svb + rows[:, None] * svt + offs_v[None, :],
-                    mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
-        c = tl.arange(0, C)
-        att = tl.where(c[:, None] >= c[None, :], tl.dot(fq, tl.trans(fk)), 0.0)  # [C, C]
-        num = tl.dot(fq, state.to(fq.dtype)) + tl.dot(att.to(v.dtype), v)  # [C, BV]
-        tl.store(NUM + bh * snb + rows[:, None] * snt + offs_v[None, :], num, mask=r_in[:, None] & v_in[None, :])
-        if write_den:  # the normaliser, once per row
-            den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.sum(att, 1)
-            tl.store(DEN + bh * sdb + rows, den, mask=r_in)
-        return fk, v
+    def _logits(X, WH, WL, base, sxt, rows, T, offs_m, scale,
+                M: tl.constexpr, D: tl.constexpr, RELU: tl.constexpr):
+        """[C, BM] fp32: W x' (relu kernel) or W x' - |x'|^2 / 2 (softmax kernel), x' = x * scale,
+        for the rows' inputs x [C, D]; W [M, D] given as two half-precision parts."""
+        offs_d = tl.arange(0, D)
+        m_in = offs_m < M
+        x = tl.load(X + base + rows[:, None] * sxt + offs_d[None, :], mask=(rows < T)[:, None], other=0.0)
+        wh = tl.load(WH + offs_m[None, :] * D + offs_d[:, None], mask=m_in[None, :], other=0.0)  # [D, BM]
+        wl = tl.load(WL + offs_m[None, :] * D + offs_d[:, None], mask=m_in[None, :], other=0.0)
+        lg = (tl.dot(x, wh) + tl.dot(x, wl)) * scale
+        if not RELU:
+            xf = x.to(tl.float32) * scale
+            lg -= 0.5 * tl.sum(xf * xf, 1)[:, None]
+        return lg
 
     @triton.jit
-    def _causal_linear_fwd(
-        FQ, FK, V, NUM, DEN,
-        sqb, sqt, skb, skt, svb, svt, snb, snt, sdb,
-        T,
-        M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TILE_M: tl.constexpr,
-    ):
-        """One pass: a program walks the chunks of its (batch x head, value block), state on chip."""
+    def _phi(X, WH, WL, base, sxt, rows, T, offs_m, kstab, scale, inv_m, eps,
+             M: tl.constexpr, D: tl.constexpr, FUSED: tl.constexpr, QUERY: tl.constexpr, RELU: tl.constexpr):
+        """Features [C, BM] of the rows, in the half-precision dtype of the products: loaded from
+        X (FUSED=False: X holds them) or computed from the inputs (queries stabilised by their
+        row maximum over all M features, keys by ``kstab``); zero outside the rows and features."""
+        ok = (rows < T)[:, None] & (offs_m < M)[None, :]
+        if FUSED:
+            lg = _logits(X, WH, WL, base, sxt, rows, T, offs_m, scale, M, D, RELU)
+            if RELU:
+                f = tl.maximum(lg, 0.0) * inv_m + eps
+            elif QUERY:
+                f = tl.exp(lg - tl.max(tl.where(ok, lg, float("-inf")), 1)[:, None]) * inv_m
+            else:
+                f = tl.exp(lg - kstab) * inv_m
+            f = tl.where(ok, f, 0.0).to(WH.dtype.element_ty)
+        else:
+            f = tl.load(X + base + rows[:, None] * sxt + offs_m[None, :], mask=ok, other=0.0)
+        return f
+
+    @triton.jit
+    def _key_logit_max(K, WH, WL, KMAX, skb, skt, T, NT, scale,
+                       M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, TILE_M: tl.constexpr):
+        """KMAX[bh, c]: the largest key logit of chunk c (the keys' stabiliser is their maximum)."""
         bh = tl.program_id(0).to(tl.int64)
-        vb = tl.program_id(1)
+        c = tl.program_id(1)
+        rows = c * C + tl.arange(0, C)
         offs_m = tl.arange(0, TILE_M)
-        offs_v = vb * BV + tl.arange(0, BV)
-        S = tl.zeros([TILE_M, BV], tl.float32)
-        z = tl.zeros([TILE_M], tl.float32)
-        for c0 in range(0, T, C):
-            fk, v = _chunk_out(FQ, FK, V, NUM, DEN, bh, c0 + tl.arange(0, C), offs_m, offs_v, S, z, vb == 0,
-                               sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M, D, C)
-            S += tl.dot(tl.trans(fk), v)  # [M, BV]
-            z += tl.sum(fk.to(tl.float32), 0)
+        lg = _logits(K, WH, WL, bh * skb, skt, rows, T, offs_m, scale, M, D, False)
+        ok = (rows < T)[:, None] & (offs_m < M)[None, :]
+        tl.store(KMAX + bh * NT + c, tl.max(tl.max(tl.where(ok, lg, float("-inf")), 1), 0))
 
     @triton.jit
     def _chunk_states(
-        FK, V, S, Z,
+        FK, WH, WL, KSTAB, V, S, Z,
         skb, skt, svb, svt, ssb, ssc, ssm, szb, szc,
-        T, NT,
+        T, NT, scale, inv_m, eps,
         M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+        FUSED: tl.constexpr, RELU: tl.constexpr,
     ):
-        """S[bh, c] = sum over the chunks before c of fk^T v (rows mb, columns vb); Z likewise."""
+        """Pass 1: S[bh, c] = sum over the chunks before c of fk^T v (rows mb, columns vb); Z likewise."""
         bh = tl.program_id(0).to(tl.int64)
         mb = tl.program_id(1)
         vb = tl.program_id(2)
-        offs_c = tl.arange(0, C)
         offs_m = mb * BM + tl.arange(0, BM)
         offs_v = vb * BV + tl.arange(0, BV)
         m_in, v_in = offs_m < M, offs_v < D
+        kstab = tl.load(KSTAB + bh)
         state = tl.zeros([BM, BV], tl.float32)
         z = tl.zeros([BM], tl.float32)
         for c in range(0, NT):
-            tl.store(S + bh * ssb + c * ssc + offs_m[:, None] * ssm + offs_v[None, :], state,
-                     mask=m_in[:, None] & v_in[None, :])
+            tl.store(S + bh * ssb + c * ssc + offs_m[:, None] * ssm + offs_v[None, :],
+                     state.to(S.dtype.element_ty), mask=m_in[:, None] & v_in[None, :])
             if vb == 0:
                 tl.store(Z + bh * szb + c * szc + offs_m, z, mask=m_in)
-            rows = c * C + offs_c
-            r_in = rows < T
-            fk = tl.load(FK + bh * skb + rows[:, None] * skt + offs_m[None, :],
-                         mask=r_in[:, None] & m_in[None, :], other=0.0)  # [C, BM]
+            rows = c * C + tl.arange(0, C)
+            fk = _phi(FK, WH, WL, bh * skb, skt, rows, T, offs_m, kstab, scale, inv_m, eps,
+                      M, D, FUSED, False, RELU)  # [C, BM]
             v = tl.load(V + bh * svb + rows[:, None] * svt + offs_v[None, :],
-                        mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
+                        mask=(rows < T)[:, None] & v_in[None, :], other=0.0)  # [C, BV]
             state += tl.dot(tl.trans(fk), v)
             z += tl.sum(fk.to(tl.float32), 0)
 
     @triton.jit
     def _chunk_outputs(
-        FQ, FK, V, S, Z, NUM, DEN,
-        sqb, sqt, skb, skt, svb, svt, ssb, ssc, ssm, szb, szc, snb, snt, sdb,
-        T,
+        FQ, FK, WH, WL, KSTAB, V, S, Z, O,
+        sqb, sqt, skb, skt, svb, svt, ssb, ssc, ssm, szb, szc, sob, sot,
+        T, REP, scale, inv_m, eps,
         M: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, TILE_M: tl.constexpr,
+        FUSED: tl.constexpr, RELU: tl.constexpr,
     ):
-        """Two passes, second: every chunk's outputs in parallel, from the stored states."""
+        """Pass 2: every chunk's outputs in parallel, from the stored states: num = fq S +
+        tril(fq fk^T) v, den = fq z + rowsum(tril(fq fk^T)), out = num / den."""
         bh = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         vb = tl.program_id(2)
+        bk = bh // REP  # the KV head of this (batch, query head)
+        rows = c * C + tl.arange(0, C)
         offs_m = tl.arange(0, TILE_M)
         offs_v = vb * BV + tl.arange(0, BV)
-        m_in = offs_m < M
-        state = tl.load(S + bh * ssb + c * ssc + offs_m[:, None] * ssm + offs_v[None, :],
-                        mask=m_in[:, None] & (offs_v < D)[None, :], other=0.0)  # [M, BV] fp32
-        z = tl.load(Z + bh * szb + c * szc + offs_m, mask=m_in, other=0.0)
-        _chunk_out(FQ, FK, V, NUM, DEN, bh, c * C + tl.arange(0, C), offs_m, offs_v, state, z, vb == 0,
-                   sqb, sqt, skb, skt, svb, svt, snb, snt, sdb, T, M, D, C)
+        r_in, v_in = rows < T, offs_v < D
+        kstab = tl.load(KSTAB + bk)
+        fq = _phi(FQ, WH, WL, bh * sqb, sqt, rows, T, offs_m, kstab, scale, inv_m, eps, M, D, FUSED, True, RELU)
+        fk = _phi(FK, WH, WL, bk * skb, skt, rows, T, offs_m, kstab, scale, inv_m, eps, M, D, FUSED, False, RELU)
+        v = tl.load(V + bk * svb + rows[:, None] * svt + offs_v[None, :],
+                    mask=r_in[:, None] & v_in[None, :], other=0.0)  # [C, BV]
+        state = tl.load(S + bk * ssb + c * ssc + offs_m[:, None] * ssm + offs_v[None, :],
+                        mask=(offs_m < M)[:, None] & v_in[None, :], other=0.0)  # [TILE_M, BV]
+        z = tl.load(Z + bk * szb + c * szc + offs_m, mask=offs_m < M, other=0.0)
+        i = tl.arange(0, C)
+        att = tl.where(i[:, None] >= i[None, :], tl.dot(fq, tl.trans(fk)), 0.0)  # [C, C] fp32
+        num = tl.dot(fq, state.to(fq.dtype)) + tl.dot(att.to(v.dtype), v)
+        den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.sum(att, 1)
+        out = num / tl.maximum(den, 1e-30)[:, None]
+        tl.store(O + bh * sob + rows[:, None] * sot + offs_v[None, :], out.to(O.dtype.element_ty),
+                 mask=r_in[:, None] & v_in[None, :])
+
+
+def _two_passes(q, k, v, w, chunk: int, block_v: int, relu: bool, eps: float) -> torch.Tensor:
+    """The launcher of both entry points: q, k are features (w None) or inputs (w [M, D])."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    B, H, T, _ = q.shape
+    Hkv, D = k.shape[1], v.shape[-1]
+    M = q.shape[-1] if w is None else w.shape[0]
+    if M > 256 or D & (D - 1) or D < 16 or H % Hkv or chunk not in (16, 32, 64, 128):
+        raise ValueError(f"linear attention kernel: features M <= 256, a power-of-two head dim >= 16, "
+                         f"query heads a multiple of KV heads and a chunk of 16-128 tokens; got M={M}, "
+                         f"D={D}, H={H}, Hkv={Hkv}, chunk={chunk}")
+    dev, dt = v.device, v.dtype
+    q, k, v = (x.reshape(B * x.shape[1], T, x.shape[-1]).contiguous() for x in (q, k, v))
+    tile_m = max(16, triton.next_power_of_2(M))
+    nt, bv, bm = math.ceil(T / chunk), min(block_v, D), min(64, tile_m)
+    kstab = torch.zeros(B * Hkv, device=dev, dtype=torch.float32)
+    scale = D ** -0.25
+    if w is None:
+        wh = wl = v  # unused
+    else:
+        wh = w.to(dt).contiguous()
+        wl = (w.float() - wh.float()).to(dt).contiguous()
+        if not relu:
+            kmax = torch.empty(B * Hkv, nt, device=dev, dtype=torch.float32)
+            _key_logit_max[(B * Hkv, nt)](k, wh, wl, kmax, k.stride(0), k.stride(1), T, nt, scale,
+                                          M=M, D=D, C=chunk, TILE_M=tile_m, num_warps=4)
+            kstab = kmax.amax(1)
+    common = dict(M=M, D=D, C=chunk, BV=bv, FUSED=w is not None, RELU=relu, num_stages=2)
+    states = torch.empty(B * Hkv, nt, tile_m, D, device=dev, dtype=dt)
+    z = torch.empty(B * Hkv, nt, tile_m, device=dev, dtype=torch.float32)
+    _chunk_states[(B * Hkv, tile_m // bm, math.ceil(D / bv))](
+        k, wh, wl, kstab, v, states, z,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *states.stride()[:3], z.stride(0), z.stride(1),
+        T, nt, scale, 1 / math.sqrt(M), eps, BM=bm, num_warps=4, **common,
+    )
+    out = torch.empty(B * H, T, D, device=dev, dtype=dt)
+    _chunk_outputs[(B * H, nt, math.ceil(D / bv))](
+        q, k, wh, wl, kstab, v, states, z, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *states.stride()[:3], z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+        T, H // Hkv, scale, 1 / math.sqrt(M), eps, TILE_M=tile_m,
+        num_warps=8 if tile_m * bv >= 128 * 64 else 4, **common,
+    )
+    return out.view(B, H, T, D)
 
 
 def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk: int = 64,
-                            block_v: int = 64, two_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num [B, H, T, D], den [B, H, T, 1]) in fp32; fq, fk [B, H, T, M], v [B, H, T, D]."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    B, H, T, M = fq.shape
-    D = v.shape[-1]
-    if M > 256 or D & (D - 1) or D < 16:
-        raise ValueError(f"causal_linear_attention: features M <= 256 and a power-of-two head dim "
-                         f">= 16, got M={M}, D={D}")
-    fq, fk, v = (x.reshape(B * H, T, x.shape[-1]).contiguous() for x in (fq, fk, v))
-    num = torch.empty(B * H, T, D, device=v.device, dtype=torch.float32)
-    den = torch.empty(B * H, T, device=v.device, dtype=torch.float32)
-    bv = min(block_v, D)
-    tile_m = max(16, triton.next_power_of_2(M))
-    warps = 8 if tile_m * bv >= 128 * 64 else 4
-    if not two_pass:
-        _causal_linear_fwd[(B * H, math.ceil(D / bv))](
-            fq, fk, v, num, den,
-            fq.stride(0), fq.stride(1), fk.stride(0), fk.stride(1), v.stride(0), v.stride(1),
-            num.stride(0), num.stride(1), den.stride(0),
-            T, M=M, D=D, C=chunk, BV=bv, TILE_M=tile_m, num_warps=warps, num_stages=2,
-        )
-        return num.view(B, H, T, D), den.view(B, H, T, 1)
-    nt = math.ceil(T / chunk)
-    states = torch.empty(B * H, nt, tile_m, D, device=v.device, dtype=torch.float32)
-    z = torch.empty(B * H, nt, tile_m, device=v.device, dtype=torch.float32)
-    bm = min(64, tile_m)
-    _chunk_states[(B * H, tile_m // bm, math.ceil(D / bv))](
-        fk, v, states, z,
-        fk.stride(0), fk.stride(1), v.stride(0), v.stride(1), *states.stride()[:3], z.stride(0), z.stride(1),
-        T, nt, M=M, D=D, C=chunk, BM=bm, BV=bv, num_warps=4, num_stages=2,
-    )
-    _chunk_outputs[(B * H, nt, math.ceil(D / bv))](
-        fq, fk, v, states, z, num, den,
-        fq.stride(0), fq.stride(1), fk.stride(0), fk.stride(1), v.stride(0), v.stride(1),
-        *states.stride()[:3], z.stride(0), z.stride(1), num.stride(0), num.stride(1), den.stride(0),
-        T, M=M, D=D, C=chunk, BV=bv, TILE_M=tile_m, num_warps=warps, num_stages=2,
-    )
-    return num.view(B, H, T, D), den.view(B, H, T, 1)
+                            block_v: int = 64) -> torch.Tensor:
+    """out [B, H, T, D] in v's dtype from non-negative features fq [B, H, T, M], fk [B, Hkv, T, M]
+    and values v [B, Hkv, T, D] (query heads share KV heads in groups of H / Hkv)."""
+    return _two_passes(fq, fk, v, None, chunk, block_v, False, 0.0)
+
+
+def performer_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor,
+                     chunk: int = 64, block_v: int = 64, relu: bool = False, eps: float = 1e-3) -> torch.Tensor:
+    """The Performer's causal attention with its feature map fused: q [B, H, T, D], k and v
+    [B, Hkv, T, D], projection W [M, D]; out [B, H, T, D] in v's dtype."""
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1] == projection.shape[-1]:
+        raise ValueError(f"performer_causal: q, k, v and the projection must share the head dim, got "
+                         f"{q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}, {projection.shape[-1]}")
+    return _two_passes(q, k, v, projection, chunk, block_v, relu, eps)
