@@ -53,16 +53,16 @@ def linear_rows(T, H=32, D=128):
         perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl=impl, max_seq_len=T).cuda()
         rows.append((f"attnbench Performer m={m} ({impl})", lambda p=perf: p(q, k, v, causal=True)))
     # the kernel alone on given non-negative features (no feature map), and the fused kernel
-    # with value blocks of 64 (the method's default) and 128
+    # with value blocks of 64 and 128 (the default: 128 for M <= 128, else 64)
     from methods.kernels.linear_attn import causal_linear_attention, performer_causal
 
     fq, fk = (x.abs() for x in (q, k))  # 128 "features" per token, as fla's D
     rows.append(("attnbench causal_linear_attention (features given), M=128",
                  lambda: causal_linear_attention(fq, fk, v)))
-    w = torch.randn(128, D, device="cuda", generator=g)
-    for bv in (64, 128):
-        rows.append((f"attnbench performer_causal (fused), M=128, block_v={bv}",
-                     lambda b=bv: performer_causal(q, k, v, w, block_v=b)))
+    for m, bv in itertools.product((128, 256), (64, 128)):
+        w = torch.randn(m, D, device="cuda", generator=g)
+        rows.append((f"attnbench performer_causal (fused), M={m}, block_v={bv}",
+                     lambda w=w, b=bv: performer_causal(q, k, v, w, block_v=b)))
     try:
         from fla.ops.linear_attn import chunk_linear_attn
 

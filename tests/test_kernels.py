@@ -204,7 +204,7 @@ def performer_case(dtype, device, T, M, D, chunk, kernel="softmax", H=4, Hkv=2, 
     w = ref.projection.double()
     out = performer_causal(*(x.to(device, dtype) for x in (q, k, v)), w.to(device), chunk=chunk,
                            relu=kernel == "relu")
-    return out, want
+    return out, want.to(device)
 
 
 # fp16 only at head dim 16: wider logits (D=32) push early keys' features below fp16's range
