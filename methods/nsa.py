@@ -116,14 +116,15 @@ class NSA(SparseMethod):
 
     def select(self, importance, t0: int = 0):
         """[B, Hkv, c, nsel] importance of queries t0 .. t0 + c - 1 -> their chosen blocks:
-        [B, Hkv, c, n] block indices (-1 where fewer than n blocks are visible)."""
+        [B, Hkv, c, n] block indices (-1 where fewer than n blocks are visible). Overwrites
+        ``importance`` (its callers' temporaries: a copy would double the largest tensor)."""
         bs = self.block_size
         c, nsel = importance.shape[-2:]
         t = torch.arange(t0, t0 + c, device=importance.device).view(c, 1)
         j = torch.arange(nsel, device=importance.device).view(1, nsel)
         cur = t // bs
         forced = (j == 0) | (j == cur) | (j == cur - 1)
-        score = importance.masked_fill(forced, float("inf")).masked_fill(j > cur, float("-inf"))
+        score = importance.masked_fill_(forced, float("inf")).masked_fill_(j > cur, float("-inf"))  # in place
         top = score.topk(min(self.num_selected, nsel), dim=-1).indices
         return torch.where(top <= cur, top, -1)
 
@@ -142,7 +143,6 @@ class NSA(SparseMethod):
         if key_padding_mask is not None:
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
         cb, cs = self.compress_block, self.compress_stride
         o_cmp, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
@@ -158,7 +158,7 @@ class NSA(SparseMethod):
                                            win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
-        return self._combine(q, o_cmp.to(dt), o_slc, o_win), work
+        return bsk.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
 
     # ---- the three branches -------------------------------------------------------------------
     def attend(self, q, k, v, causal, key_padding_mask):
@@ -198,8 +198,11 @@ class NSA(SparseMethod):
             self.last_density = sum(flex.block_density(bm, pairs) for bm in bms)
         return self._combine(q, o_cmp, o_slc, o_win)
 
+    def _gates(self, q):
+        return torch.sigmoid(self.gate(q.to(self.gate.weight.dtype)))  # [B, H, T, 3]
+
     def _combine(self, q, o_cmp, o_slc, o_win):
-        g = torch.sigmoid(self.gate(q.to(self.gate.weight.dtype))).to(o_cmp.dtype)  # [B, H, T, 3]
+        g = self._gates(q).to(o_cmp.dtype)
         out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.to(o_cmp.dtype) + g[..., 2:3] * o_win.to(o_cmp.dtype)
         return out.to(q.dtype)
 

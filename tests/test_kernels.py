@@ -226,14 +226,35 @@ def test_performer_fused_kernel_gpu_bf16(M):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_nsa_compressed_kernels_cpu(dtype):
-    nsa_compressed_case(dtype, "cpu", 77, 16, 8, 8, 4)
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])  # groups of 2, 3 (padded to 4), 1
+def test_nsa_compressed_kernels_cpu(dtype, heads):
+    nsa_compressed_case(dtype, "cpu", 77, 16, 8, 8, 4, *heads)
 
 
 @pytest.mark.gpu
 @gpu
-def test_nsa_compressed_kernels_gpu_bf16():
-    nsa_compressed_case(torch.bfloat16, "cuda", 3000, 128, 64, 32, 16, H=32, Hkv=2)
+@pytest.mark.parametrize("heads", [(32, 2), (12, 4)])
+def test_nsa_compressed_kernels_gpu_bf16(heads):
+    nsa_compressed_case(torch.bfloat16, "cuda", 3000, 128, 64, 32, 16, *heads)
+
+
+def gate_case(dtype, device):
+    g = torch.Generator().manual_seed(5)
+    gates = torch.rand(2, 3, 37, 3, generator=g).to(device, dtype)
+    outs = [torch.randn(2, 3, 37, 32, generator=g).to(device, dtype) for _ in range(3)]
+    want = sum(gates[..., i:i + 1].double() * o.double() for i, o in enumerate(outs))
+    _check(bsk.gate_combine(gates, *outs, dtype), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_gate_combine_cpu(dtype):
+    gate_case(dtype, "cpu")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gate_combine_gpu_bf16():
+    gate_case(torch.bfloat16, "cuda")
 
 
 def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
