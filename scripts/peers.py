@@ -53,7 +53,7 @@ def linear_rows(T, H=32, D=128):
         perf = methods.load("performer", num_heads=H, head_dim=D, num_features=m, impl=impl, max_seq_len=T).cuda()
         rows.append((f"attnbench Performer m={m} ({impl})", lambda p=perf: p(q, k, v, causal=True)))
     # the kernel alone on given non-negative features (no feature map), and the fused kernel
-    # with value blocks of 64 and 128 (the default: 128 for M <= 128, else 64)
+    # with value blocks of 64 and 128 (the default)
     from methods.kernels.linear_attn import causal_linear_attention, performer_causal
 
     fq, fk = (x.abs() for x in (q, k))  # 128 "features" per token, as fla's D

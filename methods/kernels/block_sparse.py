@@ -422,36 +422,32 @@ if triton is not None:
         Q, KC, LSE, IMP,
         sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
         HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale, ROW0, ROWS,
-        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-        D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
     ):
         """imp[t - ROW0, s] for rows ROW0 <= t < ROWS: the sum over the group's heads and the
         compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
-        from the log-sum-exp. The group's heads are stacked as the rows of one product
-        ([BLOCK_G x BLOCK_M, D] queries, loaded once); a program owns its rows, so it
-        accumulates without atomics."""
+        from the log-sum-exp. A program owns its rows, so it accumulates without atomics."""
         qt = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
-        r = tl.arange(0, BLOCK_G * BLOCK_M)  # stacked row: head r // BLOCK_M, token r % BLOCK_M
-        t_r = ROW0 + qt * BLOCK_M + r % BLOCK_M
-        h_r = hk * G + r // BLOCK_M
-        live_r = (r // BLOCK_M < G) & (t_r < T)
         offs_m = ROW0 + qt * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         offs_s = tl.arange(0, NS)
-        q = tl.load(Q + b * sqb + h_r[:, None] * sqh + t_r[:, None] * sqt + offs_d[None, :],
-                    mask=live_r[:, None], other=0.0)  # [BLOCK_G * BLOCK_M, D]
-        lse = tl.load(LSE + b * slb + h_r * slh + t_r, mask=live_r, other=float("inf"))
         last = tl.minimum(ROW0 + qt * BLOCK_M + BLOCK_M - 1, ROWS - 1)
         n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
         for j0 in range(0, n_vis, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = tl.load(KC + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
                         mask=offs_n[None, :] < NC, other=0.0)
-            ok = (offs_n[None, :] * CS + CL - 1 <= t_r[:, None]) & (offs_n[None, :] < NC) & live_r[:, None]
-            p = tl.where(ok, tl.exp2(tl.dot(q, k) * qk_scale - lse[:, None]), 0.0)
-            p = tl.sum(tl.reshape(p, (BLOCK_G, BLOCK_M, BLOCK_N)), 0)  # [BLOCK_M, BLOCK_N]: the group's sum
+            ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & (offs_n[None, :] < NC)
+            p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for g in range(0, G):
+                h = hk * G + g
+                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+                            mask=offs_m[:, None] < T, other=0.0)
+                lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < T, other=float("inf"))
+                s = tl.dot(q, k) * qk_scale
+                p += tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             # the selection blocks this tile touches: s0 .. s0 + NS - 1
             s0 = (j0 * CS) // BS
             first = (offs_n * CS) // BS - s0
@@ -538,16 +534,13 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    G = H // Hkv
-    bg = triton.next_power_of_2(G)
-    bm, bn = min(64, max(16, 256 // bg)), 64  # about 256 stacked rows: 16 tokens x 16 heads, 64 x 4
+    bm, bn = 64, 64
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
     ns = _tile(span // block_size + 2)
     _nsa_importance[(math.ceil((row1 - row0) / bm), B * Hkv)](
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
-        Hkv, G, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
-        BLOCK_M=bm, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, num_warps=8 if bg * bm * D >= 256 * 128 else 4,
-        num_stages=2,
+        Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
+        BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=4, num_stages=2,
     )
     return imp

@@ -8,8 +8,8 @@ in two passes over chunks of C tokens (the chunked form of flash-linear-attentio
 (1) one program per (batch x KV head, block of feature rows, block of value columns) walks
 the chunks and stores the state before each one, S_c = sum_{j < c0} fk_j v_j^T [M, D] (in
 the inputs' dtype, as the product that reads it takes it) and z_c = sum fk_j (fp32);
-(2) one program per (batch x head, chunk, block of value columns; 128 columns by default, 64
-for M > 128) computes its outputs from
+(2) one program per (batch x head, chunk, block of value columns; 128 by default) computes
+its outputs from
 S_c plus the chunk's own lower triangle (fq fk^T, masked), all chunks in parallel, and
 writes out = num / den. The states take T / C x M x D values per KV head: linear in T.
 
@@ -177,7 +177,7 @@ def _two_passes(q, k, v, w, chunk: int, block_v: int | None, relu: bool, eps: fl
     q, k, v = (x.reshape(B * x.shape[1], T, x.shape[-1]).contiguous() for x in (q, k, v))
     tile_m = max(16, triton.next_power_of_2(M))
     nt, bm, bv_s = math.ceil(T / chunk), min(64, tile_m), min(64, D)  # pass 1's feature and value blocks
-    bv = min(block_v or (128 if tile_m <= 128 else 64), D)  # pass 2's value block
+    bv = min(block_v or 128, D)  # pass 2's value block
     kstab = torch.zeros(B * Hkv, device=dev, dtype=torch.float32)
     scale = D ** -0.25
     w = v if w is None else w.to(dt).contiguous()  # (unused without the feature map)
