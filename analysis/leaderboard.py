@@ -2,7 +2,7 @@
 
     python -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
 
-One table per (device, dtype, causal) setting. A failed or OOM run shows its status, never
+One table per (device, dtype, causal, attention shape) setting. A failed or OOM run shows its status, never
 a number. Speedups are against the dense baseline of the same setting and length.
 """
 from __future__ import annotations
@@ -82,14 +82,17 @@ def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
 
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows: method (and impl); columns: fidelity at the longest length, forward latency
-    per length, peak memory and speedup over dense at the longest length."""
+    """Rows: method (and impl); columns: forward latency per length, and fidelity, peak
+    memory and speedup over dense at the summary length: the longest length that at least
+    half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
     df = df[df["runner"] == "kernel"].copy()
     df["label"] = variants(df)
     lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
     if not lens:
         return pd.DataFrame()
-    tmax = lens[-1]
+    n_rows = len(df[["label", "impl"]].drop_duplicates())
+    reached = {t: len(df.loc[df["seq_len"] == t, ["label", "impl"]].drop_duplicates()) for t in lens}
+    tmax = max(t for t in lens if 2 * reached[t] >= n_rows)
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
@@ -213,11 +216,15 @@ def needle_cells(store) -> dict[str, list]:
 
 
 def settings(df: pd.DataFrame):
-    """(title, sub-frame) per (device/gpu, dtype, causal) setting of kernel records."""
+    """(title, sub-frame) per (device/gpu, dtype, causal, attention shape) setting of kernel
+    records (the shape, e.g. ``H=32 Hkv=32 D=64``, is named where the records hold it)."""
     df = df[df["runner"] == "kernel"].copy()
     df["where"] = df["gpu"].fillna(df["device"])
-    for (where, dtype, causal), g in df.groupby(["where", "dtype", "causal"], dropna=False):
-        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}", g
+    if "shape" not in df:
+        df["shape"] = None
+    for (where, dtype, causal, shape), g in df.groupby(["where", "dtype", "causal", "shape"], dropna=False):
+        shape = "" if pd.isna(shape) else f", {shape}"
+        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
 
 
 def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:

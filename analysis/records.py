@@ -13,6 +13,9 @@ def _flat(rec: dict) -> dict:
     row = {c: rec.get(c) for c in COLUMNS}
     row["gpu"] = (rec.get("env") or {}).get("gpu")
     row["backend"] = (rec.get("details") or {}).get("backend")
+    m = (rec.get("config") or {}).get("model") or {}
+    row["shape"] = (f"H={m['num_heads']} Hkv={m.get('num_kv_heads') or m['num_heads']} D={m['head_dim']}"
+                    if "num_heads" in m and "head_dim" in m else None)  # attention shape of the run
     for k, v in (rec.get("metrics") or {}).items():
         if isinstance(v, (int, float, str, bool)) or v is None:
             row[f"metric.{k}"] = v

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from analysis.leaderboard import kernel_table, render
+from analysis.leaderboard import kernel_table, render, settings
 from analysis.plots import latency_memory
 from analysis.records import load, variants
 from runners import records
@@ -53,6 +53,18 @@ def test_latest_record_per_run_id_wins(tmp_path):
     b = {**a, "time": "2026-01-02T00:00:00", "latency_ms": {"forward": {"p20": 3, "p50": 3, "p80": 3}}}
     df = load(_store(tmp_path, [a, b]))
     assert len(df) == 1 and df["latency.forward.p50"].iloc[0] == 3
+
+
+def test_head_dims_get_their_own_tables(tmp_path):
+    """Records of another attention shape (here D=64) are a setting of their own, not rows
+    mixed into the D=128 table."""
+    shape = lambda d: {"config": {"model": {"num_heads": 32, "num_kv_heads": 32, "head_dim": d}}}  # noqa: E731
+    recs = [_rec(m, 256, ms=ms, run_id=f"{m}-{d}", **shape(d)) for d in (64, 128)
+            for m, ms in (("dense", 2.0 if d == 64 else 4.0), ("performer", 1.0))]
+    titles = [t for t, _ in settings(load(_store(tmp_path, recs)))]
+    assert titles == ["cpu, float32, non-causal, H=32 Hkv=32 D=128", "cpu, float32, non-causal, H=32 Hkv=32 D=64"]
+    text = render(load(tmp_path / "r.jsonl"))
+    assert "2.00x" in text and "4.00x" in text  # each against the dense run of its own shape
 
 
 def test_variants_name_only_what_differs():
