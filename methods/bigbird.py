@@ -99,9 +99,10 @@ class BigBird(SparseMethod):
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
             plans.clear()
-            plans[key] = bsk.layout_to_lists(self.layout(n, n, causal).to(q.device).unsqueeze(0))
-        idx, cnt = plans[key]  # [1, H, nq, m]
-        out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bs, block_n=bs, causal=causal,
+            plans[key] = bsk.inside_first(*bsk.layout_to_lists(self.layout(n, n, causal).to(q.device).unsqueeze(0)),
+                                          block_m=bs, block_n=bs, causal=causal, tq=T, tk=T)
+        idx, cnt, nin = plans[key]  # [1, H, nq, m]
+        out = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bs, block_n=bs, causal=causal,
                                          key_padding_mask=key_padding_mask)
         return out, bsk.tile_work(cnt, bs, bs, q.shape[0], q.shape[1])
 

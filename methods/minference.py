@@ -190,8 +190,8 @@ class MInference(SparseMethod):
                 bm, bn = 64, 64
                 win = tuple(h["window"] for h in heads)
                 sink = tuple(h["num_sink"] for h in heads)
-                idx, cnt = bsk.window_lists(T, bm, bn, True, win, (bsk.BIG,) * len(win), sink, str(q.device))
-                o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bm, block_n=bn, causal=True,
+                idx, cnt, nin = bsk.window_lists(T, bm, bn, True, win, (bsk.BIG,) * len(win), sink, str(q.device))
+                o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
                                                win_l=torch.tensor(win), sink=torch.tensor(sink))
                 work += bsk.tile_work(cnt, bm, bn, B, len(hs))
             elif kind == "block_sparse":

@@ -153,8 +153,8 @@ class NSA(SparseMethod):
                          for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
-        idx, cnt = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
-        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=True,
+        idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
+        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
                                            win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)

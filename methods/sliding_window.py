@@ -46,8 +46,8 @@ class SlidingWindow(SparseMethod):
         from methods.kernels import block_sparse as bsk
 
         T, (bm, bn), w = q.shape[2], self.triton_tiles, self.window
-        idx, cnt = bsk.window_lists(T, bm, bn, causal, (w,), (w,), (0,), str(q.device))
-        out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
+        idx, cnt, nin = bsk.window_lists(T, bm, bn, causal, (w,), (w,), (0,), str(q.device))
+        out = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=causal,
                                          win_l=torch.tensor([w]), win_r=torch.tensor([w]),
                                          key_padding_mask=key_padding_mask)
         return out, bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])

@@ -85,8 +85,8 @@ def nsa_rows(T, H=64, Hkv=4, D=128):
     from methods.kernels import block_sparse as bsk
 
     w = torch.tensor([512])
-    idx, cnt = bsk.window_lists(T, 64, 64, True, (512,), (bsk.BIG,), (0,), "cuda")
-    window = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=64, block_n=64,  # noqa: E731
+    idx, cnt, nin = bsk.window_lists(T, 64, 64, True, (512,), (bsk.BIG,), (0,), "cuda")
+    window = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=64, block_n=64,  # noqa: E731
                                                 causal=True, win_l=w)
     rows.append(("attnbench window 512 (triton)", window))
     try:

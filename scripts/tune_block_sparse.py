@@ -45,8 +45,8 @@ def main(argv=None) -> int:
         for bm, bn, warps, stages in CONFIGS:
             for case, win in (("causal", bsk.BIG), ("window512", 512)):
                 w = torch.tensor([win])
-                idx, cnt = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
-                fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn,  # noqa: E731
+                idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
+                fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn,  # noqa: E731
                                                         causal=True, win_l=w, num_warps=warps, num_stages=stages)
                 try:
                     t = bench.time_ms(fn, "cuda", 3, rep_ms=100)["p50"]

@@ -30,17 +30,22 @@ def _grid(T, device):
     return qi, ki, qi - ki
 
 
-def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0):
+def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True):
     B, H, Hkv = 2, 4, 2
     q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    lay = (torch.rand(B, H, math.ceil(T / bm), math.ceil(T / bn), generator=g) < 0.4).to(device)
-    wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 20, 5, 10**6], [10**6, 20, 5, 3], [0, 0, 4, 2]))
+    lay = (torch.rand(B, H, math.ceil(T / bm), math.ceil(T / bn), generator=g) < 0.6).to(device)
+    wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 40, 5, 10**6], [10**6, 40, 5, 3], [0, 0, 4, 2]))
     kpm = torch.ones(B, T, dtype=torch.bool, device=device)
     kpm[1, T - 15:] = False
     idx, cnt = bsk.layout_to_lists(lay)
+    if not padded and bm == bn == bsk._tile(bm):  # the kernel's unmasked loop has tiles to run
+        _, _, nin = bsk.inside_first(idx, cnt, block_m=bm, block_n=bn, causal=causal, win_l=wl, win_r=wr,
+                                     sink=sink, tq=T, tk=T)
+        assert int(nin.sum()) > 0
+    kpm = kpm if padded else torch.ones_like(kpm)
     out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
-                                     win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm)
+                                     win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm if padded else None)
     qi, ki, d = _grid(T, device)
     h = lambda x: x.view(1, H, 1, 1)  # noqa: E731
     mask = lay[:, :, qi // bm, ki // bn] & (((d < h(wl)) & (d > -h(wr))) | (ki < h(sink))) & kpm[:, None, None]
@@ -51,10 +56,28 @@ def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 32)])  # 8: a pattern block inside a 16-tile
-def test_block_sparse_kernel_cpu(dtype, causal, blocks):
-    out, ref = block_sparse_case(dtype, "cpu", 63, 16, *blocks, causal)
-    _check(out, ref, dtype)
+@pytest.mark.parametrize("blocks,padded", [((8, 8), True), ((16, 32), True), ((16, 16), False)])
+def test_block_sparse_kernel_cpu(dtype, causal, blocks, padded):  # 8: a pattern block inside a 16-tile;
+    out, ref = block_sparse_case(dtype, "cpu", 63, 16, *blocks, causal, padded=padded)  # 16 x 16 unpadded:
+    _check(out, ref, dtype)  # tiles wholly inside the mask take the unmasked loop
+
+
+def test_inside_first_puts_unmasked_tiles_first():
+    lay = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.7
+    idx, cnt = bsk.layout_to_lists(lay)
+    wl, wr, sink = torch.tensor([bsk.BIG, 20, 5]), torch.tensor([bsk.BIG, 20, 5]), torch.tensor([0, 0, 8])
+    oidx, ocnt, nin = bsk.inside_first(idx, cnt, block_m=8, block_n=8, causal=True, win_l=wl, win_r=wr,
+                                       sink=sink, tq=44, tk=44)
+    assert torch.equal(ocnt, cnt)
+    qi, ki, d = _grid(44, "cpu")
+    for h in range(3):
+        keep = (((d < wl[h]) & (d > -wr[h])) | (ki < sink[h])) & (d >= 0)
+        for i in range(6):
+            row = oidx[0, h, i, :cnt[0, h, i]].tolist()
+            assert sorted(row) == idx[0, h, i, :cnt[0, h, i]].tolist()  # the same tiles
+            for j, t in enumerate(row):  # the first nin wholly kept, the others not
+                full = 8 * t + 8 <= 44 and bool(keep[8 * i:8 * i + 8, 8 * t:8 * t + 8].all())
+                assert full == (j < nin[0, h, i]), (h, i, j, t)
 
 
 def test_window_layout_covers_exactly_the_tiles_with_kept_pairs():
@@ -139,10 +162,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("blocks", [(64, 64), (128, 64), (50, 50)])
+@pytest.mark.parametrize("blocks,padded", [((64, 64), True), ((128, 64), True), ((50, 50), True),
+                                           ((64, 64), False), ((128, 128), False)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_block_sparse_kernel_gpu_bf16(blocks, causal):
-    out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, *blocks, causal)
+def test_block_sparse_kernel_gpu_bf16(blocks, padded, causal):
+    out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, *blocks, causal, padded=padded)
     _check(out, ref, torch.bfloat16)
 
 

@@ -61,7 +61,7 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDX, CNT, WL, WR, SINK, KPM, LSE,
+        Q, K, V, O, IDX, CNT, NIN, WL, WR, SINK, KPM, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         sib, sih, siq, scb, sch, skpb,
         H, REP, TQ, TK, OFFSET, NQT, qk_scale,
@@ -84,31 +84,27 @@ if triton is not None:
         l_i = tl.zeros([TILE_M], tl.float32)
         acc = tl.zeros([TILE_M, D], tl.float32)
         n = tl.load(CNT + b * scb + h * sch + qt)
-        for j in range(0, n):
-            kt = tl.load(IDX + b * sib + h * sih + qt * siq + j)
-            k0 = kt * BLOCK_N
-            offs_n = k0 + tl.arange(0, TILE_N)
-            k_ptrs = K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None]
-            v_ptrs = V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :]
-            # a tile wholly inside the mask skips the element mask (most tiles of long rows)
-            dmin, dmax = qt * BLOCK_M + OFFSET - (k0 + BLOCK_N - 1), qt * BLOCK_M + BLOCK_M - 1 + OFFSET - k0
-            inside = (k0 + BLOCK_N <= TK) & (((dmax < wl) & (dmin > -wr)) | (k0 + BLOCK_N <= sink))
+        n_in = 0
+        if (TILE_N == BLOCK_N) and (not HAS_KPM):  # the first n_in tiles lie wholly inside the mask
+            n_in = tl.load(NIN + b * scb + h * sch + qt)
+        kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
+        for j in range(0, n_in):  # no element mask and no branch: the loop pipelines
+            offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, True, qk_scale)
+        for j in range(n_in, n):  # tiles the mask cuts (diagonal, window edges, sinks, padding)
+            offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
+            kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=kin[None, :], other=0.0)
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=kin[:, None], other=0.0)
+            dq = pos[:, None] - offs_n[None, :]
+            ok = kin[None, :] & (((dq < wl) & (dq > -wr)) | (offs_n[None, :] < sink))
             if CAUSAL:
-                inside = inside & (dmin >= 0)
-            if (TILE_N == BLOCK_N) and (not HAS_KPM) and inside:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, tl.load(k_ptrs), tl.load(v_ptrs),
-                                                     True, qk_scale)
-            else:
-                kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
-                k = tl.load(k_ptrs, mask=kin[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=kin[:, None], other=0.0)
-                dq = pos[:, None] - offs_n[None, :]
-                ok = kin[None, :] & (((dq < wl) & (dq > -wr)) | (offs_n[None, :] < sink))
-                if CAUSAL:
-                    ok = ok & (dq >= 0)
-                if HAS_KPM:
-                    ok = ok & (tl.load(KPM + b * skpb + offs_n, mask=kin, other=0) != 0)[None, :]
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+                ok = ok & (dq >= 0)
+            if HAS_KPM:
+                ok = ok & (tl.load(KPM + b * skpb + offs_n, mask=kin, other=0) != 0)[None, :]
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=qin[:, None])
@@ -246,26 +242,55 @@ def window_layout(tq, tk, block_m, block_n, causal, win_l, win_r, sink, device) 
     return inside | sinks
 
 
+def inside_first(idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None, sink=None, tq, tk):
+    """Each query tile's list reordered so that the key tiles wholly inside the mask (every
+    pair kept: no diagonal, window edge or sequence end crosses them) come first, in their
+    order: (idx, cnt, nin), nin [B|1, H|1, nq] their count. The kernel runs those without an
+    element mask or a branch. win_l, win_r, sink: [H|1] as ``block_sparse_attention`` takes."""
+    par = lambda x, val: (torch.full((1,), val) if x is None else torch.as_tensor(x).reshape(-1)).to(idx.device)  # noqa: E731
+    wl, wr, sk = par(win_l, BIG), par(win_r, BIG), par(sink, 0)
+    hp = max(len(wl), len(wr), len(sk))
+    if hp > 1 and idx.shape[1] == 1:  # lists shared by heads whose masks differ: one per head
+        idx, cnt = idx.expand(-1, hp, -1, -1), cnt.expand(-1, hp, -1)
+    wl, wr, sk = (x.view(1, -1, 1, 1) for x in (wl, wr, sk))
+    nq, m = idx.shape[-2:]
+    qs = (torch.arange(nq, device=idx.device) * block_m + (tk - tq)).view(nq, 1)  # first query position
+    k0 = idx.long() * block_n
+    dmin, dmax = qs - (k0 + block_n - 1), qs + block_m - 1 - k0  # q - k over the tile pair
+    inside = (k0 + block_n <= tk) & (((dmax < wl) & (dmin > -wr)) | (k0 + block_n <= sk))
+    if causal:
+        inside = inside & (dmin >= 0)
+    live = torch.arange(m, device=idx.device) < cnt.unsqueeze(-1)
+    inside = inside & live
+    rank = torch.arange(m, device=idx.device) + m * (~inside).long() + m * (~live).long()
+    order = rank.argsort(-1)
+    return (idx.gather(-1, order).contiguous(), cnt.contiguous(),
+            inside.sum(-1, dtype=torch.int32).contiguous())
+
+
 @functools.lru_cache(maxsize=16)
 def window_lists(T: int, block_m: int, block_n: int, causal: bool, win_l: tuple, win_r: tuple,
-                 sink: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tile lists ([1, H|1, nq, m], cached) of a window/sink pattern over T tokens: one
-    list when every head has the same window and sink, one per head otherwise."""
+                 sink: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tile lists (idx [1, H|1, nq, m], cnt, nin; cached; ``inside_first`` order) of a
+    window/sink pattern over T tokens: one list when every head has the same window and
+    sink, one per head otherwise."""
     if len(set(zip(win_l, win_r, sink))) == 1:
         win_l, win_r, sink = win_l[:1], win_r[:1], sink[:1]
     lay = window_layout(T, T, block_m, block_n, causal, *(torch.tensor(x) for x in (win_l, win_r, sink)),
                         device)
-    return layout_to_lists(lay.unsqueeze(0))
+    return inside_first(*layout_to_lists(lay.unsqueeze(0)), block_m=block_m, block_n=block_n, causal=causal,
+                        win_l=win_l, win_r=win_r, sink=sink, tq=T, tk=T)
 
 
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
                            sink=None, key_padding_mask=None, scale=None, num_warps=None, num_stages=3,
-                           lse=None):
+                           lse=None, nin=None):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, H|1, nq, m] and cnt [B|1, H|1, nq];
     win_l, win_r, sink: [H|1] ints (default: no window, no sink). ``lse`` [B, H, Tq] fp32, when
-    given, receives each row's base-2 log-sum-exp (for the backward).
+    given, receives each row's base-2 log-sum-exp (for the backward). ``nin``: the lists are
+    in ``inside_first`` order with this count (cached plans pass it; else it is computed).
     """
     q, k, v = _check(q, k, v)
     B, H, tq, D = q.shape
@@ -284,9 +309,14 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
 
         return BlockSparseAttention.apply(q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r,
                                           sink, key_padding_mask, scale)
+    if nin is None:
+        idx, cnt, nin = inside_first(idx, cnt, block_m=block_m, block_n=block_n, causal=causal, win_l=win_l,
+                                     win_r=win_r, sink=sink, tq=tq, tk=tk)
+    if nin.shape != cnt.shape:
+        raise ValueError(f"nin {tuple(nin.shape)} must have cnt's shape {tuple(cnt.shape)}")
     out = torch.empty_like(q)
     _block_sparse_fwd[(nqt, B * H)](
-        q, k, v, out, idx, cnt, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
+        q, k, v, out, idx, cnt, nin, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
         kpm.stride(0) if key_padding_mask is not None else 0,
