@@ -32,7 +32,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES",
+                    help="launch settings to time (default: CONFIGS)")
+    ap.add_argument("--cases", nargs="+", default=["causal", "window512"], choices=["causal", "window512"])
     args = ap.parse_args(argv)
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     H, D = 32, 128
     rows = []
     for T in args.lens:
@@ -42,8 +46,8 @@ def main(argv=None) -> int:
         t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
         rows.append(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
         print(rows[-1], flush=True)
-        for bm, bn, warps, stages in CONFIGS:
-            for case, win in (("causal", bsk.BIG), ("window512", 512)):
+        for bm, bn, warps, stages in configs:
+            for case, win in [c for c in (("causal", bsk.BIG), ("window512", 512)) if c[0] in args.cases]:
                 w = torch.tensor([win])
                 idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
                 fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn,  # noqa: E731
