@@ -82,8 +82,8 @@ def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
 
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows: method (and impl); columns: forward latency per length, and fidelity, peak
-    memory and speedup over dense at the summary length: the longest length that at least
+    """Rows: method (and impl); columns: forward (and, where measured, backward) latency per
+    length, and fidelity, peak memory and speedup over dense at the summary length: the longest length that at least
     half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
     df = df[df["runner"] == "kernel"].copy()
     df["label"] = variants(df)
@@ -93,6 +93,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     n_rows = len(df[["label", "impl"]].drop_duplicates())
     reached = {t: len(df.loc[df["seq_len"] == t, ["label", "impl"]].drop_duplicates()) for t in lens}
     tmax = max(t for t in lens if 2 * reached[t] >= n_rows)
+    bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
+    bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
@@ -111,7 +113,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")
         for t in lens:
             row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
-        row[f"bwd ms @{tmax}"] = _cell(last, "latency.backward.p50", "{:.3f}")
+        for t in bwd_lens:  # backward timings, at the lengths some run has them
+            row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
         row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
         row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
         sp = "-"

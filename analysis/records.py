@@ -13,6 +13,7 @@ def _flat(rec: dict) -> dict:
     row = {c: rec.get(c) for c in COLUMNS}
     row["gpu"] = (rec.get("env") or {}).get("gpu")
     row["backend"] = (rec.get("details") or {}).get("backend")
+    row["backward_run"] = bool(((rec.get("config") or {}).get("runner") or {}).get("backward"))
     m = (rec.get("config") or {}).get("model") or {}
     row["shape"] = (f"H={m['num_heads']} Hkv={m.get('num_kv_heads') or m['num_heads']} D={m['head_dim']}"
                     if "num_heads" in m and "head_dim" in m else None)  # attention shape of the run
@@ -47,7 +48,8 @@ def load(*stores, latest: bool = True) -> pd.DataFrame:
 
 def variants(df: pd.DataFrame) -> pd.Series:
     """A label per row: the method, plus its hyperparameters that differ between the rows
-    of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``)."""
+    of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``), plus
+    ``+bwd`` for runs timed with their backward."""
     import json
 
     params = df["method_params"].apply(lambda p: p if isinstance(p, dict) else {})
@@ -60,6 +62,8 @@ def variants(df: pd.DataFrame) -> pd.Series:
         for i in idx:
             extra = " ".join(f"{k}={params.loc[i].get(k)}" for k in varying)
             labels.loc[i] = f"{method} {extra}".strip()
+    if "backward_run" in df:  # a run timed with its backward is a row of its own, not another seed
+        labels[df["backward_run"].fillna(False).astype(bool)] += " +bwd"
     return labels
 
 

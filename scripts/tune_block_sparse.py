@@ -24,8 +24,10 @@ from runners import bench  # noqa: E402
 
 
 # (block_m, block_n, num_warps, num_stages): the best of a first sweep over tiles 64/128 x
-# 64/128, 4/8 warps, 2/3 stages (results/efficiency/kernels/tune_ebc8792.jsonl), and neighbours
-CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
+# 64/128, 4/8 warps, 2/3 stages (results/efficiency/kernels/tune_ebc8792.jsonl), and neighbours;
+# 256-row tiles from a later sweep (kernels/tune_a514d41.jsonl: 256 x 128, 8 warps, 2 stages best)
+CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3),
+           (256, 64, 8, 3), (256, 128, 8, 2)]
 
 
 def main(argv=None) -> int:

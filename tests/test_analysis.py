@@ -67,6 +67,16 @@ def test_head_dims_get_their_own_tables(tmp_path):
     assert "2.00x" in text and "4.00x" in text  # each against the dense run of its own shape
 
 
+def test_a_run_timed_with_its_backward_is_its_own_row(tmp_path):
+    fwd = _rec("sliding_window", 256, ms=1.0, run_id="f", config={"runner": {"backward": False}})
+    both = _rec("sliding_window", 256, ms=3.0, run_id="b", config={"runner": {"backward": True}},
+                latency_ms={"forward": {"p20": 3.0, "p50": 3.0, "p80": 3.0}, "backward": {"p20": 5.0, "p50": 5.0, "p80": 5.0}})
+    t = kernel_table(load(_store(tmp_path, [fwd, both]))).set_index("method")
+    assert t.loc["sliding_window", "fwd ms @256"] == "1.000"  # not the mean of two "seeds"
+    assert t.loc["sliding_window +bwd", "fwd ms @256"] == "3.000"
+    assert t.loc["sliding_window +bwd", "bwd ms @256"] == "5.000" and t.loc["sliding_window", "bwd ms @256"] == "-"
+
+
 def test_variants_name_only_what_differs():
     df = pd.DataFrame({"method": ["m", "m", "d"],
                        "method_params": [{"pattern": "a", "w": 1}, {"pattern": "b", "w": 1}, {"x": 1}]})
