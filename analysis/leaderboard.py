@@ -49,7 +49,7 @@ def _cell(rows, col, fmt, scale: float = 1.0):
 
 
 LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
-HIGHER_BETTER = ("speedup", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
+HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
 
 
 def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
@@ -83,7 +83,8 @@ def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows: method (and impl); columns: forward (and, where measured, backward) latency per
-    length, and fidelity, peak memory and speedup over dense at the summary length: the longest length that at least
+    length, and fidelity, peak memory, useful TFLOP/s (the FLOPs of the work the method must
+    do, ``cost.flops``, over its forward time) and speedup over dense at the summary length: the longest length that at least
     half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
     df = df[df["runner"] == "kernel"].copy()
     df["label"] = variants(df)
@@ -93,6 +94,10 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     n_rows = len(df[["label", "impl"]].drop_duplicates())
     reached = {t: len(df.loc[df["seq_len"] == t, ["label", "impl"]].drop_duplicates()) for t in lens}
     tmax = max(t for t in lens if 2 * reached[t] >= n_rows)
+    if "cost.flops" in df and "latency.forward.p50" in df:  # FLOPs of the work the method must do, over time
+        df["useful_tflops"] = df["cost.flops"] / df["latency.forward.p50"] / 1e9
+    else:
+        df["useful_tflops"] = None
     bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
     bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
@@ -117,6 +122,7 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
             row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
         row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
         row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
+        row[f"useful TFLOP/s @{tmax}"] = _cell(last, "useful_tflops", "{:.0f}")
         sp = "-"
         if last and all(r["status"] == "ok" for r in last) and tmax in base:
             p50 = sum(r["latency.forward.p50"] for r in last) / len(last)

@@ -18,12 +18,12 @@ BLOCKS = {"efficiency": ROOT / "results/efficiency/records.jsonl"}
 
 
 def efficiency_block(store) -> str:
-    """Forward latency (p50, ms) per length and the speedup over SDPA's default backend at
-    the longest length, one table per setting; errors and OOM shown as such."""
+    """Forward latency (p50, ms) per length, and the useful TFLOP/s and the speedup over SDPA's
+    default backend at the summary length, one table per setting; errors and OOM shown as such."""
     parts = []
     for title, g in settings(load(store)):
         t = kernel_table(g)
-        keep = ["method", "impl", "real kernel"] + [c for c in t.columns if c.startswith(("fwd ms", "speedup"))]
+        keep = ["method", "impl", "real kernel"] + [c for c in t.columns if c.startswith(("fwd ms", "useful TFLOP/s", "speedup"))]
         parts.append(f"*{title}* (forward p50, ms)\n\n" + t[keep].to_markdown(index=False, disable_numparse=True))
     return "\n\n".join(parts)
 
