@@ -68,13 +68,15 @@ def test_head_dims_get_their_own_tables(tmp_path):
 
 
 def test_a_run_timed_with_its_backward_is_its_own_row(tmp_path):
-    fwd = _rec("sliding_window", 256, ms=1.0, run_id="f", config={"runner": {"backward": False}})
+    fwd = _rec("sliding_window", 256, ms=1.0, run_id="f", config={"runner": {"backward": False}},
+               cost={"flops": 3e9, "density": 0.5, "kv_bytes": 1.0})
     both = _rec("sliding_window", 256, ms=3.0, run_id="b", config={"runner": {"backward": True}},
                 latency_ms={"forward": {"p20": 3.0, "p50": 3.0, "p80": 3.0}, "backward": {"p20": 5.0, "p50": 5.0, "p80": 5.0}})
     t = kernel_table(load(_store(tmp_path, [fwd, both]))).set_index("method")
     assert t.loc["sliding_window", "fwd ms @256"] == "1.000"  # not the mean of two "seeds"
     assert t.loc["sliding_window +bwd", "fwd ms @256"] == "3.000"
     assert t.loc["sliding_window +bwd", "bwd ms @256"] == "5.000" and t.loc["sliding_window", "bwd ms @256"] == "-"
+    assert t.loc["sliding_window", "useful TFLOP/s @256"] == "3"  # 3 GFLOP of work in 1 ms
 
 
 def test_variants_name_only_what_differs():
