@@ -14,6 +14,10 @@ Gradients reach the scoring network through p (the operator's Jacobian on its fr
 With k and the window covering every key it is exact attention.
 
 impl=reference  soft mask materialised [B, H, T, T]
+impl=triton     the gather path's selection (per chunk, in PyTorch), then one Triton kernel
+                (``methods.kernels.block_sparse.sparsek_attention``) that gathers each query's
+                selected keys and its window on chip, one program per query and GQA group
+                (forward, unpadded batches; else the gather path)
 impl=gather     per chunk of queries, the k selected keys are gathered and the window is a
                 contiguous slab of keys: memory grows with k + window per query (and the
                 chunk), not with the square of the length. Without gradients the threshold
@@ -75,7 +79,9 @@ class SparseK(AttentionMethod):
     supports_noncausal = False
     trainable = True
     training_free = False
-    impls = ("reference", "gather")
+    impls = ("reference", "gather", "triton")
+    last_path: str | None = None  # the path the last call took: reference, gather or triton
+    _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
                  **structural):
@@ -182,12 +188,22 @@ class SparseK(AttentionMethod):
         scale = 1.0 / math.sqrt(D)
         outs, counted = [], 0
         chunk = tq if self.impl == "reference" else self.query_chunk
+        grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in (q, k, v)))
+        kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
+        self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
+        self._on_gpu = q.is_cuda
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
             rows = torch.arange(a, b, device=q.device) + off
-            fast = self.impl == "gather" and not (torch.is_grad_enabled() and u.requires_grad)
+            fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
             idx, wsel, ok = select(u, rows, tk, key_padding_mask)  # [B, Hkv, c, k']
+            if kernel:  # methods/kernels/block_sparse.py: selected keys gathered on chip, then the window
+                from methods.kernels.block_sparse import sparsek_attention
+
+                outs.append(sparsek_attention(q[:, :, a:b], k, v, idx, wsel, a + off, self.window, scale))
+                counted += int((wsel > 0).sum()) * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
+                continue
             qc = q[:, :, a:b].to(dt)
             if self.impl == "reference":
                 m = torch.zeros(B, k.shape[1], b - a, tk, dtype=dt, device=q.device)
@@ -206,6 +222,19 @@ class SparseK(AttentionMethod):
                 counted += n
         self.last_density = counted / float(B * H * masks.causal_pairs(tq, tk))
         return torch.cat(outs, 2).to(q.dtype)
+
+    @staticmethod
+    def _usable(q) -> bool:
+        from methods.kernels.block_sparse import usable
+
+        D = q.shape[-1]
+        return usable(q) and D >= 16 and not D & (D - 1)
+
+    @property
+    def real_kernel(self) -> bool:
+        """Skipped work really skipped: the gather path, and the kernel when compiled (on the GPU;
+        Triton's interpreter runs the same kernel, but is no speed test)."""
+        return self._on_gpu if self.last_path == "triton" else self.impl != "reference"
 
     def _gather_chunk(self, qc, k, v, idx, wsel, rows, kpm, rep, dt, scale):
         """Selected keys are gathered ([c, k, D] per head); the window is the contiguous slab of

@@ -30,6 +30,8 @@ run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal "$@"
 run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/noncausal "$@"
+# SparseK: its selection stays a PyTorch pass per query chunk (the kernel does the attention)
+run -m method=sparsek method.impl=triton experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
 if [ "${PART:-all}" = all ] || [ "${PART}" = backward ]; then  # forward + backward, trainable paths
 run -m method=dense runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"

@@ -49,7 +49,11 @@ if triton is not None:
     def _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale):
         """One tile: scores q @ k ([M, D] x [D, N]) under ``ok`` (True: no mask), folded into
         (acc, m, l)."""
-        s = tl.dot(q, k) * qk_scale
+        return _softmax_update(acc, m_i, l_i, tl.dot(q, k) * qk_scale, v, ok)
+
+    @triton.jit
+    def _softmax_update(acc, m_i, l_i, s, v, ok):
+        """Scores s [M, N] (base 2) of a tile under ``ok``, folded into (acc, m, l)."""
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
@@ -404,6 +408,76 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sel.stride()[:3],
         Hkv, G, sel.shape[-1], scale * LOG2E,
         BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+# ---- SparseK: each query's selected keys (weighted) and its window ------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _sparsek_fwd(
+        Q, K, V, O, IDX, W,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit, swb, swh, swt,
+        HKV, G, NSEL, TK, POS0, WIN, qk_scale,
+        BLOCK_G: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
+    ):
+        """Row t (key position POS0 + t) of the query heads of KV head hk: its selected keys
+        IDX[.., t, :] with weights W (score + log2 w; w = 0: not attended), then its window
+        (POS0 + t - WIN, POS0 + t] with weight 1. One program per row and GQA group."""
+        t = tl.program_id(0)
+        bhk = tl.program_id(1).to(tl.int64)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_g = tl.arange(0, BLOCK_G)
+        gin = offs_g < G
+        heads = hk * G + offs_g
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :], mask=gin[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
+        for j0 in range(0, NSEL, TILE):
+            offs = j0 + tl.arange(0, TILE)
+            live = offs < NSEL
+            key = tl.load(IDX + b * sib + hk * sih + t * sit + offs, mask=live, other=0)
+            w = tl.load(W + b * swb + hk * swh + t * swt + offs, mask=live, other=0.0).to(tl.float32)
+            sel = live & (w > 0)
+            k = tl.load(kbase + key[None, :] * skt + offs_d[:, None], mask=sel[None, :], other=0.0)
+            v = tl.load(vbase + key[:, None] * svt + offs_d[None, :], mask=sel[:, None], other=0.0)
+            s = tl.dot(q, k) * qk_scale + tl.log2(tl.where(sel, w, 1.0))[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, sel[None, :])
+        pos = POS0 + t
+        lo = tl.maximum(pos - WIN + 1, 0)
+        for j0 in range(lo, pos + 1, TILE):
+            offs_n = j0 + tl.arange(0, TILE)
+            ok = (offs_n <= pos) & (offs_n < TK)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + heads[:, None] * soh + t * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=gin[:, None])
+
+
+def sparsek_attention(q, k, v, idx, weight, pos0: int, window: int, scale=None):
+    """SparseK's attention for rows at key positions pos0 .. pos0 + c - 1: q [B, H, c, D];
+    k, v [B, Hkv, Tk, D]; idx, weight [B, Hkv, c, n]: each row's selected keys (all before its
+    window) and their SparseK weights (0: not attended). Row i attends to its selected keys
+    with weight w and to keys (pos - window, pos] with weight 1:
+    out = sum m exp(s) v / sum m exp(s). The reference is ``methods.sparsek``'s gather path."""
+    q, k, v = _check(q, k, v)
+    B, H, c, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    idx, weight = idx.to(torch.int32).contiguous(), weight.contiguous()
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _sparsek_fwd[(c, B * Hkv)](
+        q, k, v, out, idx, weight,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *idx.stride()[:3],
+        *weight.stride()[:3], Hkv, G, idx.shape[-1], k.shape[2], pos0, window, scale * LOG2E,
+        BLOCK_G=_tile(G), TILE=64, D=D, num_warps=4, num_stages=2,
     )
     return out
 
