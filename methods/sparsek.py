@@ -81,6 +81,9 @@ class SparseK(AttentionMethod):
     training_free = False
     impls = ("reference", "gather", "triton")
     last_path: str | None = None  # the path the last call took: reference, gather or triton
+    # the kernel holds nothing per chunk, so its selection takes at least this many queries at a
+    # time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
+    kernel_chunk = 1024
     _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
@@ -187,9 +190,9 @@ class SparseK(AttentionMethod):
         off = tk - tq
         scale = 1.0 / math.sqrt(D)
         outs, counted = [], 0
-        chunk = tq if self.impl == "reference" else self.query_chunk
         grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in (q, k, v)))
         kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
+        chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
         self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
         self._on_gpu = q.is_cuda
         for a in range(0, tq, chunk):

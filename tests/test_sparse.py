@@ -302,6 +302,19 @@ def test_fast_path_equals_reference_on_gpu_bf16(case):
             assert m.real_kernel, impl
 
 
+def test_sparsek_kernel_by_chunks_equals_reference():
+    """impl=triton over several query chunks (each row's key position passed to the kernel)."""
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, k=7, window=9, query_chunk=10)
+    m, ref = methods.load("sparsek", impl="triton", **kw), methods.load("sparsek", impl="reference", **kw)
+    ref.load_state_dict(m.state_dict())
+    m.kernel_chunk = 16  # 80 queries: five chunks
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=80, D=16)
+    with torch.no_grad():
+        got, want = m(q, k, v, causal=True), ref(q, k, v, causal=True)
+    assert m.last_path == "triton" and m.last_density == pytest.approx(ref.last_density)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_sparsek_fast_selection_equals_the_full_one(padded):
     """The gather path's forward selection (sorted shared candidates, binary searches) gives
