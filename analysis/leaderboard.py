@@ -122,7 +122,7 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
             row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
         row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
         row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
-        row[f"useful TFLOP/s @{tmax}"] = _cell(last, "useful_tflops", "{:.0f}")
+        row[f"useful TFLOP/s @{tmax}"] = _cell(last, "useful_tflops", "{:.3g}")
         sp = "-"
         if last and all(r["status"] == "ok" for r in last) and tmax in base:
             p50 = sum(r["latency.forward.p50"] for r in last) / len(last)

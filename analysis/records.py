@@ -49,7 +49,7 @@ def load(*stores, latest: bool = True) -> pd.DataFrame:
 def variants(df: pd.DataFrame) -> pd.Series:
     """A label per row: the method, plus its hyperparameters that differ between the rows
     of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``), plus
-    ``+bwd`` for runs timed with their backward."""
+    ``+bwd`` for runs timed with their backward where others were not."""
     import json
 
     params = df["method_params"].apply(lambda p: p if isinstance(p, dict) else {})
@@ -62,8 +62,9 @@ def variants(df: pd.DataFrame) -> pd.Series:
         for i in idx:
             extra = " ".join(f"{k}={params.loc[i].get(k)}" for k in varying)
             labels.loc[i] = f"{method} {extra}".strip()
-    if "backward_run" in df:  # a run timed with its backward is a row of its own, not another seed
-        labels[df["backward_run"].fillna(False).astype(bool)] += " +bwd"
+    bwd = df["backward_run"].fillna(False).astype(bool) if "backward_run" in df else None
+    if bwd is not None and bwd.any() and not bwd.all():  # runs timed with and without their
+        labels[bwd] += " +bwd"  # backward: rows of their own, not seeds of one row
     return labels
 
 
