@@ -17,10 +17,12 @@ out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) 
 impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
 selected and window branches with FlexAttention block masks; impl=triton runs all three with the
 kernels of ``methods.kernels.block_sparse``: the compressed attention with its log-sum-exp,
-then the selection-block importance recomputed from it (no [T, T/stride] tensor in memory),
-the selection (one program per token serves all query heads of a GQA group, as in the
-paper) and the window. The reference and flex paths compute the compressed branch in
-PyTorch, in chunks of queries.
+then the selection-block importance recomputed from it (by row chunks of at most
+``importance_bytes``; no [T, T/stride] tensor in memory) and each row's top-n in one kernel
+(``nsa_topn``), the selection (one program per token serves all query heads of a GQA group,
+as in the paper), the window, and the gated sum in one pass. The reference and flex paths
+compute the compressed branch in PyTorch, in chunks of queries. Among blocks of equal
+importance the earlier is chosen (on every path).
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ class NSA(SparseMethod):
         cur = t // bs
         forced = (j == 0) | (j == cur) | (j == cur - 1)
         score = importance.masked_fill_(forced, float("inf")).masked_fill_(j > cur, float("-inf"))  # in place
-        top = score.topk(min(self.num_selected, nsel), dim=-1).indices
+        # best first, ties to the earlier block (a stable sort: the fused top-n kernel's order)
+        top = score.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.num_selected, nsel)]
         return torch.where(top <= cur, top, -1)
 
     @staticmethod
@@ -149,7 +152,11 @@ class NSA(SparseMethod):
         # importance and top-n by row chunks: a [rows, T / block] score per KV head at a time
         nsel = math.ceil(T / self.block_size)
         rows = max(64, (self.importance_bytes // (4 * B * k.shape[1] * nsel)) // 64 * 64)
-        sel = torch.cat([self.select(bsk.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)), a)
+        def top(imp, a):  # the fused top-n where a row fits on chip, else PyTorch's
+            sel = bsk.nsa_topn(imp, a, self.block_size, self.num_selected)
+            return self.select(imp, a) if sel is None else sel
+
+        sel = torch.cat([top(bsk.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)), a)
                          for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64

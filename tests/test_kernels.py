@@ -262,6 +262,31 @@ def test_nsa_compressed_kernels_gpu_bf16(heads):
     nsa_compressed_case(torch.bfloat16, "cuda", 3000, 128, 64, 32, 16, *heads)
 
 
+def topn_case(device, t0, nsel, c, n=16, bs=64):
+    """The fused top-n against NSA.select: the same blocks in the same order (best first,
+    ties to the earlier block), the forced ones in, -1 where fewer are visible."""
+    import methods
+
+    m = methods.load("nsa", num_heads=4, num_kv_heads=2, head_dim=16, block_size=bs, num_selected=n)
+    imp = torch.rand(1, 2, c, nsel, generator=torch.Generator().manual_seed(nsel)).to(device)
+    imp[..., 5:9] = imp[..., 4:5]  # ties
+    want = m.select(imp.clone(), t0)
+    got = bsk.nsa_topn(imp, t0, bs, n).long()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("t0,nsel,c", [(0, 10, 80), (64, 40, 64), (0, 3, 20)])  # 3 blocks: fewer than n
+def test_nsa_topn_cpu(t0, nsel, c):
+    topn_case("cpu", t0, nsel, c, n=5, bs=8)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("nsel", [1024, 4096])
+def test_nsa_topn_gpu(nsel):
+    topn_case("cuda", nsel * 64 - 256, nsel, 256)  # the last rows of a long sequence
+
+
 def gate_case(dtype, device):
     g = torch.Generator().manual_seed(5)
     gates = torch.rand(2, 3, 37, 3, generator=g).to(device, dtype)

@@ -595,6 +595,42 @@ def gate_combine(g: torch.Tensor, o1: torch.Tensor, o2: torch.Tensor, o3: torch.
     return out
 
 
+if triton is not None:
+
+    @triton.jit
+    def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, BS,
+                  NOUT: tl.constexpr, TILE: tl.constexpr):
+        """Row r (query T0 + r) of KV head hk: its NOUT best selection blocks, best first, the
+        first block and the query's own two forced in, blocks after its own out (-1: none)."""
+        r = tl.program_id(0)
+        bhk = tl.program_id(1).to(tl.int64)
+        b, hk = bhk // HKV, bhk % HKV
+        cur = (T0 + r) // BS
+        j = tl.arange(0, TILE)
+        x = tl.load(IMP + b * sib + hk * sih + r * sit + j, mask=j < NSEL, other=float("-inf"))
+        x = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), x)
+        x = tl.where(j > cur, float("-inf"), x)
+        for i in tl.static_range(NOUT):
+            best = tl.argmax(x, 0)
+            top = tl.max(x, 0)
+            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1))
+            x = tl.where(j == best, float("-inf"), x)
+
+
+def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int) -> torch.Tensor | None:
+    """``NSA.select`` in one kernel: importance [B, Hkv, c, nsel] of queries t0 .. t0 + c - 1 ->
+    their chosen blocks [B, Hkv, c, min(n, nsel)] int32 (-1 where fewer are visible). None
+    where a row does not fit on chip (nsel > 4096 selection blocks): callers use ``select``."""
+    B, Hkv, c, nsel = importance.shape
+    if nsel > 4096:
+        return None
+    imp = importance.contiguous()
+    out = torch.empty(B, Hkv, c, min(n, nsel), device=imp.device, dtype=torch.int32)
+    _nsa_topn[(c, B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, block_size,
+                            NOUT=out.shape[-1], TILE=_tile(nsel), num_warps=4 if nsel <= 1024 else 8)
+    return out
+
+
 def nsa_compressed(q, kc, vc, block_size: int, compress_block: int, compress_stride: int, scale=None):
     """NSA's compressed branch and the selection-block importance of every query (tests and
     small shapes; ``nsa_compressed_attention`` + ``nsa_importance`` bound the memory).
