@@ -40,10 +40,13 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _load_wt(W, offs_m, M: tl.constexpr, D: tl.constexpr):
-        """W^T [D, BM] (features offs_m), zero past M."""
-        offs_d = tl.arange(0, D)
-        return tl.load(W + offs_m[None, :] * D + offs_d[:, None], mask=(offs_m < M)[None, :], other=0.0)
+    def _load_wt(W, offs_m, M: tl.constexpr, D: tl.constexpr, FUSED: tl.constexpr = True):
+        """W^T [D, BM] (features offs_m), zero past M; nothing (0.0) without the feature map."""
+        wt = 0.0
+        if FUSED:
+            offs_d = tl.arange(0, D)
+            wt = tl.load(W + offs_m[None, :] * D + offs_d[:, None], mask=(offs_m < M)[None, :], other=0.0)
+        return wt
 
     @triton.jit
     def _logits(X, wt, base, sxt, rows, T, scale, D: tl.constexpr, RELU: tl.constexpr):
@@ -105,9 +108,7 @@ if triton is not None:
         offs_v = vb * BV + tl.arange(0, BV)
         m_in, v_in = offs_m < M, offs_v < D
         kstab = tl.load(KSTAB + bh)
-        wt = 0.0
-        if FUSED:  # W^T, loaded once
-            wt = _load_wt(W, offs_m, M, D)
+        wt = _load_wt(W, offs_m, M, D, FUSED)  # loaded once
         state = tl.zeros([BM, BV], tl.float32)
         z = tl.zeros([BM], tl.float32)
         for c in range(0, NT):
@@ -142,9 +143,7 @@ if triton is not None:
         offs_v = vb * BV + tl.arange(0, BV)
         r_in, v_in = rows < T, offs_v < D
         kstab = tl.load(KSTAB + bk)
-        wt = 0.0
-        if FUSED:  # W^T, loaded once
-            wt = _load_wt(W, offs_m, M, D)
+        wt = _load_wt(W, offs_m, M, D, FUSED)  # loaded once
         fq = _phi(FQ, wt, bh * sqb, sqt, rows, T, offs_m, kstab, scale, inv_m, eps, M, D, FUSED, True, RELU)
         fk = _phi(FK, wt, bk * skb, skt, rows, T, offs_m, kstab, scale, inv_m, eps, M, D, FUSED, False, RELU)
         v = tl.load(V + bk * svb + rows[:, None] * svt + offs_v[None, :],
