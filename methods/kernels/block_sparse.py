@@ -585,9 +585,6 @@ def gate_combine(g: torch.Tensor, o1: torch.Tensor, o2: torch.Tensor, o3: torch.
     if D < 16 or D & (D - 1) or not o1.shape == o2.shape == o3.shape or g.shape != (*o1.shape[:-1], 3):
         raise ValueError(f"gate_combine: gates [..., 3] and three outputs [..., D] (D a power of two) of "
                          f"one shape; got {tuple(g.shape)}, {tuple(o1.shape)}, {tuple(o2.shape)}, {tuple(o3.shape)}")
-    if torch.float64 in (g.dtype, o1.dtype, dtype):  # the interpreter's fp64 tests: fp64 throughout
-        g = g.double()
-        return (g[..., 0:1] * o1.double() + g[..., 1:2] * o2.double() + g[..., 2:3] * o3.double()).to(dtype)
     g, o1, o2, o3 = (x.contiguous() for x in (g, o1, o2, o3))
     out = torch.empty(o1.shape, device=o1.device, dtype=dtype)
     n, block = o1.numel() // D, 32
