@@ -312,7 +312,7 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
         from methods.kernels.block_sparse_bwd import BlockSparseAttention
 
         return BlockSparseAttention.apply(q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r,
-                                          sink, key_padding_mask, scale)
+                                          sink, key_padding_mask, scale, nin)
     if nin is None:
         idx, cnt, nin = inside_first(idx, cnt, block_m=block_m, block_n=block_n, causal=causal, win_l=win_l,
                                      win_r=win_r, sink=sink, tq=tq, tk=tk)

@@ -121,7 +121,7 @@ class BlockSparseAttention(torch.autograd.Function):
     """``block_sparse_attention`` with gradients (all heads; the forward stores the LSE)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r, sink, kpm, scale):
+    def forward(ctx, q, k, v, idx, cnt, block_m, block_n, causal, win_l, win_r, sink, kpm, scale, nin=None):
         from methods.kernels.block_sparse import block_sparse_attention
 
         B, H, T, D = q.shape
@@ -130,7 +130,7 @@ class BlockSparseAttention(torch.autograd.Function):
         with torch.no_grad():
             out = block_sparse_attention(q, k, v, idx, cnt, block_m=block_m, block_n=block_n,
                                          causal=causal, win_l=win_l, win_r=win_r, sink=sink,
-                                         key_padding_mask=kpm, scale=scale, lse=lse)
+                                         key_padding_mask=kpm, scale=scale, lse=lse, nin=nin)
         ctx.save_for_backward(q, k, v, out, lse, idx, cnt, win_l, win_r, sink,
                               kpm if kpm is not None else cnt)
         ctx.cfg = (block_m, block_n, causal, kpm is not None, scale)
@@ -168,7 +168,7 @@ class BlockSparseAttention(torch.autograd.Function):
         rep = H // Hkv
         dk = dk.view(B, Hkv, rep, TK, D).sum(2).to(k.dtype)
         dv = dv.view(B, Hkv, rep, TK, D).sum(2).to(v.dtype)
-        return dq, dk, dv, *([None] * 10)
+        return dq, dk, dv, *([None] * 11)
 
 
 __all__ = ["BlockSparseAttention", "transpose_lists"]
