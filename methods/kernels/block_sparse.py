@@ -34,6 +34,9 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 
 LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
+# launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
+# tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
+NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (64, 64, 4, 2), "selected": (0, 0, 4, 2)}
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -49,18 +52,20 @@ if triton is not None:
     def _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale):
         """One tile: scores q @ k ([M, D] x [D, N]) under ``ok`` (True: no mask), folded into
         (acc, m, l)."""
-        return _softmax_update(acc, m_i, l_i, tl.dot(q, k) * qk_scale, v, ok)
+        return _softmax_update(acc, m_i, l_i, tl.dot(q, k), qk_scale, v, ok)
 
     @triton.jit
-    def _softmax_update(acc, m_i, l_i, s, v, ok):
-        """Scores s [M, N] (base 2) of a tile under ``ok``, folded into (acc, m, l)."""
+    def _softmax_update(acc, m_i, l_i, s, scale, v, ok):
+        """Scores ``s * scale`` (base 2, scale > 0) of a tile under ``ok``, folded into (acc, m, l).
+        As FlashAttention-2: the scale goes into one multiply-add with the row maximum, and the
+        rescaled accumulator into the product's accumulator."""
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit
@@ -393,9 +398,10 @@ def vertical_slash_attention(q, k, v, vert, slash, block: int = 64, plan=None, s
     return out
 
 
-def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None):
+def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None):
     """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
-    by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n]."""
+    by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n].
+    ``launch``: (-, -, warps, stages)."""
     q, k, v = _check(q, k, v)
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -403,11 +409,12 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None):
     sel = sel.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    warps, stages = (launch or NSA_LAUNCH["selected"])[2:]
     _nsa_selected_fwd[(T, B * Hkv)](
         q, k, v, out, sel,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sel.stride()[:3],
         Hkv, G, sel.shape[-1], scale * LOG2E,
-        BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=4, num_stages=2,
+        BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -446,7 +453,7 @@ if triton is not None:
             k = tl.load(kbase + key[None, :] * skt + offs_d[:, None], mask=sel[None, :], other=0.0)
             v = tl.load(vbase + key[:, None] * svt + offs_d[None, :], mask=sel[:, None], other=0.0)
             s = tl.dot(q, k) * qk_scale + tl.log2(tl.where(sel, w, 1.0))[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, sel[None, :])
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, 1.0, v, sel[None, :])
         pos = POS0 + t
         lo = tl.maximum(pos - WIN + 1, 0)
         for j0 in range(lo, pos + 1, TILE):
@@ -639,30 +646,31 @@ def nsa_compressed(q, kc, vc, block_size: int, compress_block: int, compress_str
     return out, nsa_importance(q, kc, lse, block_size, compress_block, compress_stride, 0, q.shape[2], scale)
 
 
-def nsa_compressed_attention(q, kc, vc, compress_block: int, compress_stride: int, scale=None):
+def nsa_compressed_attention(q, kc, vc, compress_block: int, compress_stride: int, scale=None, launch=None):
     """o_cmp [B, H, T, D] and the log-sum-exp (base 2, fp32) [B, H, T] of each query over the
-    compressed blocks that end at or before it."""
+    compressed blocks that end at or before it. ``launch``: (block_m, block_n, warps, stages)."""
     q, kc, vc = _check(q, kc, vc)
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    bm, bn = 64, 64
+    bm, bn, warps, stages = launch or NSA_LAUNCH["compressed"]
     _nsa_cmp_fwd[(math.ceil(T / bm), B * H)](
         q, kc, vc, out, lse,
         *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1),
         H, H // Hkv, T, n, compress_block, compress_stride, scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=4, num_stages=2,
+        BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
 def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_stride: int,
-                   row0: int, row1: int, scale=None):
+                   row0: int, row1: int, scale=None, launch=None):
     """Selection-block importance [B, Hkv, row1 - row0, ceil(T / block_size)] (fp32) of the
     queries row0 .. row1 - 1 (row0 a multiple of 64), from ``nsa_compressed_attention``'s
-    log-sum-exp: callers bound its memory by taking the rows in chunks."""
+    log-sum-exp: callers bound its memory by taking the rows in chunks. ``launch``: (block_m,
+    block_n, warps, stages)."""
     q, kc = q.contiguous(), kc.contiguous()
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
@@ -671,13 +679,13 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    bm, bn = 64, 64
+    bm, bn, warps, stages = launch or NSA_LAUNCH["importance"]
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
     ns = _tile(span // block_size + 2)
     _nsa_importance[(math.ceil((row1 - row0) / bm), B * Hkv)](
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
         Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
-        BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=4, num_stages=2,
+        BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=warps, num_stages=stages,
     )
     return imp

@@ -1,0 +1,85 @@
+"""Time NSA's Triton kernels on the GPU under alternative launch settings.
+
+    python scripts/tune_nsa.py [--seq-len 65536] [--out F.jsonl]
+
+The paper's shape (B=1, 64 query heads, 4 KV heads, D=128, selection blocks of 64, 16 of them,
+compression blocks of 32 every 16 tokens), bf16, random inputs. Each kernel of
+``methods.kernels.block_sparse`` (the compressed attention, the selection-block importance,
+the selection) is timed (p50 of ``runners.bench.time_ms``) under every setting in ``LAUNCH``;
+each setting's output is compared with the default's (max |difference|) so that a faster
+setting that computes something else shows. The defaults are ``bsk.NSA_LAUNCH``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods.kernels import block_sparse as bsk  # noqa: E402
+from runners import bench  # noqa: E402
+
+# (block_m, block_n, num_warps, num_stages); the selection's tile is its block (warps, stages only)
+LAUNCH = {
+    "compressed": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2),
+                   (128, 128, 8, 2)],
+    "importance": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 1), (128, 64, 8, 2),
+                   (64, 128, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2)],
+    "selected": [(0, 0, 4, 2), (0, 0, 4, 3), (0, 0, 2, 2), (0, 0, 8, 2), (0, 0, 4, 1)],
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=65536)
+    ap.add_argument("--kernels", nargs="+", default=list(LAUNCH), choices=list(LAUNCH))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/tune_nsa.py times CUDA kernels: no CUDA device here")
+    T, H, Hkv, D, bs, n, cb, cs = args.seq_len, 64, 4, 128, 64, 16, 32, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, Hkv, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    nc = (T - cb) // cs + 1
+    kc, vc = (torch.randn(1, Hkv, nc, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    _, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
+    imp = bsk.nsa_importance(q, kc, lse, bs, cb, cs, 0, T)
+    sel = bsk.nsa_topn(imp, 0, bs, n)
+    del imp
+    calls = {
+        "compressed": lambda c: bsk.nsa_compressed_attention(q, kc, vc, cb, cs, launch=c)[0],
+        "importance": lambda c: bsk.nsa_importance(q, kc, lse, bs, cb, cs, 0, T, launch=c),
+        "selected": lambda c: bsk.nsa_selected_attention(q, k, v, sel, bs, launch=c),
+    }
+    rows = []
+    for name in args.kernels:
+        ref = calls[name](bsk.NSA_LAUNCH[name]).float()
+        for c in LAUNCH[name]:
+            try:
+                diff = float((calls[name](c).float() - ref).abs().max())
+                t = bench.time_ms(lambda: calls[name](c), "cuda", 3, rep_ms=200)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                print(name, c, type(exc).__name__, str(exc)[:160], flush=True)
+                continue
+            rows.append(dict(T=T, kernel=name, launch=list(c), p50_ms=t["p50"], max_diff=diff,
+                             default=c == bsk.NSA_LAUNCH[name]))
+            print(json.dumps(rows[-1]), flush=True)
+        del ref
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
+                                                                     v.repeat_interleave(H // Hkv, 1), is_causal=True)
+    rows.append(dict(T=T, kernel="cuDNN SDPA causal (same shape)", p50_ms=bench.time_ms(dense, "cuda", 3)["p50"]))
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
