@@ -23,7 +23,9 @@ impl=gather     per chunk of queries, the k selected keys are gathered and the w
                 chunk), not with the square of the length. Without gradients the threshold
                 search sorts the chunk's shared candidates once and bisects with binary
                 searches (no pass over [chunk, T] per step); with gradients it runs the
-                operator on full rows (its backward needs each row's free set)
+                operator on full rows (its backward needs each row's free set), and each
+                chunk is recomputed in the backward (checkpointed): training memory holds
+                one chunk's selection, not every chunk's
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, repeat_kv
@@ -198,6 +201,12 @@ class SparseK(AttentionMethod):
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
             rows = torch.arange(a, b, device=q.device) + off
+            if grad and self.impl != "reference":  # training: each chunk recomputed in the backward,
+                o, n = checkpoint(self._gather_rows, q[:, :, a:b], k, v, u, rows, tk, key_padding_mask,
+                                  rep, dt, scale, use_reentrant=False)  # so memory holds one chunk
+                outs.append(o)
+                counted += n
+                continue
             fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
             idx, wsel, ok = select(u, rows, tk, key_padding_mask)  # [B, Hkv, c, k']
@@ -238,6 +247,12 @@ class SparseK(AttentionMethod):
         """Skipped work really skipped: the gather path, and the kernel when compiled (on the GPU;
         Triton's interpreter runs the same kernel, but is no speed test)."""
         return self._on_gpu if self.last_path == "triton" else self.impl != "reference"
+
+    def _gather_rows(self, q, k, v, u, rows, tk, kpm, rep, dt, scale):
+        """The gather path for the query rows ``rows`` with gradients: selection (the operator
+        on full rows, for its backward) and attention. Returns (out, pairs attended)."""
+        idx, wsel, _ = self._soft_mask_rows(u, rows, tk, kpm)
+        return self._gather_chunk(q.to(dt), k, v, idx, wsel, rows, kpm, rep, dt, scale)
 
     def _gather_chunk(self, qc, k, v, idx, wsel, rows, kpm, rep, dt, scale):
         """Selected keys are gathered ([c, k, D] per head); the window is the contiguous slab of
