@@ -161,20 +161,40 @@ class SparseK(AttentionMethod):
             hi = torch.maximum(hi, torch.where(ok_new, newc, -big).amax(-1))
         lo = lo - 1.0
         kk = torch.clamp(n.to(dt), max=float(self.k))
-        for _ in range(64 if dt == torch.float64 else 30):  # as SparseKOp: bisection on tau
-            mid = (lo + hi) / 2
-            more = f(mid) > kk
-            lo, hi = torch.where(more, mid, lo), torch.where(more, hi, mid)
+        iters = 64 if dt == torch.float64 else 30  # as SparseKOp: bisection on tau
+        from methods.kernels import block_sparse as bsk
+
+        if bsk.usable(u):  # the whole search in one kernel (no pass per step)
+            newv = new if kpm is None else torch.where(kpm[:, None, s0:s1], new, -big)  # padded: no share
+            nv = (lim - s0 + 1).clamp(0, new.shape[-1])
+            flat = lambda x: x.expand(B, Hkv, *x.shape[2:]).reshape(B * Hkv, -1)  # noqa: E731
+            lo, hi = (x.view(B, Hkv, c) for x in bsk.sparsek_bisect(
+                flat(sv), flat(cs), flat(newv), nv, flat(lo), flat(hi), flat(kk), iters))
+        else:
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                more = f(mid) > kk
+                lo, hi = torch.where(more, mid, lo), torch.where(more, hi, mid)
         tau = torch.where(n <= self.k, lo, (lo + hi) / 2)
         # top-k of each row: the shared part's best (sorted) and the row's newer candidates
         kk_top = min(self.k, max(1, tk - w))
         take = min(kk_top, L)
         top_sh_v, top_sh_i = sv[..., L - take:].flip(-1), order[..., L - take:].flip(-1)
         top_sh_ok = top_sh_v > -big
+        # a newer candidate below the shared part's k-th best is in no row's top-k: the pool
+        # keeps the newer ones at or above it (all, where the shared part has fewer than k)
+        new_ok, new_j = ok_new.expand(B, Hkv, c, -1), jn.view(1, 1, 1, -1).expand(B, Hkv, c, -1)
+        if take == kk_top and new.shape[-1]:
+            thr = torch.where(top_sh_ok[..., -1:], top_sh_v[..., -1:], -float("inf"))  # [B, Hkv, 1]
+            mp = int((new >= thr).sum(-1).max())
+            if mp < new.shape[-1]:
+                keep_v, keep_i = torch.where(new >= thr, new, -float("inf")).topk(mp, dim=-1)  # [B, Hkv, mp]
+                new_ok = torch.gather(new_ok, -1, keep_i.unsqueeze(2).expand(-1, -1, c, -1)) & (keep_v > -big).unsqueeze(2)
+                new_j = (keep_i + s0).unsqueeze(2).expand(-1, -1, c, -1)
+                newc = keep_v.unsqueeze(2)
         pool_v = torch.cat([top_sh_v.unsqueeze(2).expand(-1, -1, c, -1).masked_fill(~top_sh_ok.unsqueeze(2), -float("inf")),
-                            newc.expand(-1, -1, c, -1).masked_fill(~ok_new, -float("inf"))], -1)
-        pool_i = torch.cat([top_sh_i.unsqueeze(2).expand(-1, -1, c, -1),
-                            jn.view(1, 1, 1, -1).expand(B, Hkv, c, -1)], -1)
+                            newc.expand(-1, -1, c, -1).masked_fill(~new_ok, -float("inf"))], -1)
+        pool_i = torch.cat([top_sh_i.unsqueeze(2).expand(-1, -1, c, -1), new_j], -1)
         if pool_v.shape[-1] < kk_top:  # fewer candidates than k anywhere: pad with empty slots
             padn = kk_top - pool_v.shape[-1]
             pool_v = torch.nn.functional.pad(pool_v, (0, padn), value=-float("inf"))

@@ -34,8 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--configs", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES",
-                    help="launch settings to time (default: CONFIGS)")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES[,TMA[,WS]]",
+                    help="launch settings to time (default: CONFIGS); TMA, WS: 1 for tensor-descriptor "
+                         "loads and a warp-specialised loop (Hopper)")
     ap.add_argument("--cases", nargs="+", default=["causal", "window512"], choices=["causal", "window512"])
     args = ap.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
@@ -48,19 +49,21 @@ def main(argv=None) -> int:
         t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
         rows.append(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
         print(rows[-1], flush=True)
-        for bm, bn, warps, stages in configs:
+        for bm, bn, warps, stages, *extra in configs:
+            tma, ws = (bool(x) for x in (list(extra) + [0, 0])[:2])
             for case, win in [c for c in (("causal", bsk.BIG), ("window512", 512)) if c[0] in args.cases]:
                 w = torch.tensor([win])
                 idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
                 fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn,  # noqa: E731
-                                                        causal=True, win_l=w, num_warps=warps, num_stages=stages)
+                                                        causal=True, win_l=w, num_warps=warps, num_stages=stages,
+                                                        tma=tma, warp_specialize=ws)
                 try:
                     t = bench.time_ms(fn, "cuda", 3, rep_ms=100)["p50"]
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    print(T, case, bm, bn, warps, stages, type(exc).__name__, str(exc)[:120], flush=True)
+                    print(T, case, bm, bn, warps, stages, tma, ws, type(exc).__name__, str(exc)[:120], flush=True)
                     continue
                 pairs = masks.causal_pairs(T, T) if case == "causal" else sum(min(i + 1, win) for i in range(T))
-                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}", ms=t,
+                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}" + " tma" * tma + " ws" * ws, ms=t,
                                  tflops=4.0 * H * D * pairs / t / 1e9))
                 print(rows[-1], flush=True)
     if args.out:

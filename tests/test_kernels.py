@@ -30,7 +30,7 @@ def _grid(T, device):
     return qi, ki, qi - ki
 
 
-def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True):
+def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True, **launch):
     B, H, Hkv = 2, 4, 2
     q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -45,7 +45,8 @@ def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True):
         assert int(nin.sum()) > 0
     kpm = kpm if padded else torch.ones_like(kpm)
     out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
-                                     win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm if padded else None)
+                                     win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm if padded else None,
+                                     **launch)
     qi, ki, d = _grid(T, device)
     h = lambda x: x.view(1, H, 1, 1)  # noqa: E731
     mask = lay[:, :, qi // bm, ki // bn] & (((d < h(wl)) & (d > -h(wr))) | (ki < h(sink))) & kpm[:, None, None]
@@ -167,6 +168,18 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_kernel_gpu_bf16(blocks, padded, causal):
     out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, *blocks, causal, padded=padded)
+    _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="tensor descriptors need Hopper")
+@pytest.mark.parametrize("ws", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_kernel_tma_gpu_bf16(causal, ws):  # unpadded: the unmasked loop takes the descriptors
+    out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, 128, 128, causal, padded=False, tma=True,
+                                 warp_specialize=ws, num_warps=8, num_stages=2)
     _check(out, ref, torch.bfloat16)
 
 

@@ -331,9 +331,16 @@ def test_sparsek_kernel_by_chunks_equals_reference():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_sparsek_fast_selection_equals_the_full_one(padded):
-    """The gather path's forward selection (sorted shared candidates, binary searches) gives
-    the same keys and weights as the full row-wise bisection, chunk by chunk."""
+@pytest.mark.parametrize("bisect", ["kernel", "pytorch"])
+def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch):
+    """The gather path's forward selection (sorted shared candidates, binary searches; the
+    bisection in one kernel or by PyTorch passes; newer candidates below the shared k-th best
+    left out of the top-k pool) gives the same keys and weights as the full row-wise bisection,
+    chunk by chunk."""
+    from methods.kernels import block_sparse
+
+    if bisect == "pytorch":
+        monkeypatch.setattr(block_sparse, "usable", lambda q: False)
     T, w, c = 300, 16, 64
     m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=20, window=w, query_chunk=c)
     _, k, _ = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16, dtype=torch.float32)

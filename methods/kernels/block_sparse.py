@@ -36,6 +36,7 @@ LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
+TMA_DEFAULT = False  # block_sparse_attention's tma=None: descriptor loads where the GPU has them
 NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (64, 64, 4, 2), "selected": (0, 0, 4, 2)}
 
 
@@ -70,13 +71,16 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDX, CNT, NIN, WL, WR, SINK, KPM, LSE,
+        Q, K, V, O, IDX, CNT, NIN, WL, WR, SINK, KPM, LSE, KD, VD,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         sib, sih, siq, scb, sch, skpb,
         H, REP, TQ, TK, OFFSET, NQT, qk_scale,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr = False,
+        TMA: tl.constexpr = False, WS: tl.constexpr = False,
     ):
+        # TMA: the unmasked tiles' keys and values come through the tensor descriptors KD, VD
+        # (k, v as [B * Hkv * TK, D]); WS: that loop warp-specialised (Hopper; descriptor loads)
         # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
         qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
@@ -97,10 +101,16 @@ if triton is not None:
         if (TILE_N == BLOCK_N) and (not HAS_KPM):  # the first n_in tiles lie wholly inside the mask
             n_in = tl.load(NIN + b * scb + h * sch + qt)
         kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-        for j in range(0, n_in):  # no element mask and no branch: the loop pipelines
-            offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
-            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
-            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
+        krow = (b * (H // REP) + hk) * TK  # this head's first row in KD, VD
+        for j in tl.range(0, n_in, warp_specialize=WS):  # no element mask and no branch: the loop pipelines
+            if TMA:
+                row = krow + tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N
+                k = KD.load([row, 0]).T
+                v = VD.load([row, 0])
+            else:
+                offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
+                k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
+                v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, True, qk_scale)
         for j in range(n_in, n):  # tiles the mask cuts (diagonal, window edges, sinks, padding)
             offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
@@ -291,15 +301,22 @@ def window_lists(T: int, block_m: int, block_n: int, causal: bool, win_l: tuple,
                         win_l=win_l, win_r=win_r, sink=sink, tq=T, tk=T)
 
 
+def _tma_ok(q) -> bool:
+    """Tensor-descriptor (TMA) loads: CUDA devices of compute capability 9 (Hopper) and up."""
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
                            sink=None, key_padding_mask=None, scale=None, num_warps=None, num_stages=3,
-                           lse=None, nin=None):
+                           lse=None, nin=None, tma=None, warp_specialize=False):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, H|1, nq, m] and cnt [B|1, H|1, nq];
     win_l, win_r, sink: [H|1] ints (default: no window, no sink). ``lse`` [B, H, Tq] fp32, when
     given, receives each row's base-2 log-sum-exp (for the backward). ``nin``: the lists are
     in ``inside_first`` order with this count (cached plans pass it; else it is computed).
+    ``tma``: the unmasked tiles' keys and values loaded through tensor descriptors (default:
+    on Hopper and later); ``warp_specialize``: that loop warp-specialised (needs ``tma``).
     """
     q, k, v = _check(q, k, v)
     B, H, tq, D = q.shape
@@ -324,14 +341,23 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     if nin.shape != cnt.shape:
         raise ValueError(f"nin {tuple(nin.shape)} must have cnt's shape {tuple(cnt.shape)}")
     out = torch.empty_like(q)
+    tma = (TMA_DEFAULT and _tma_ok(q)) if tma is None else tma
+    kd, vd = k, v  # unused placeholders without TMA
+    if tma and block_n == _tile(block_n) and key_padding_mask is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd, vd = (TensorDescriptor.from_tensor(t.contiguous().view(-1, D), [block_n, D]) for t in (k, v))
+    else:
+        tma = False
     _block_sparse_fwd[(nqt, B * H)](
-        q, k, v, out, idx, cnt, nin, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
+        q, k, v, out, idx, cnt, nin, win_l, win_r, sink, kpm, lse if lse is not None else cnt, kd, vd,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
         kpm.stride(0) if key_padding_mask is not None else 0,
         H, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, STORE_LSE=lse is not None,
+        TMA=tma, WS=bool(warp_specialize and tma),
         num_warps=num_warps or _num_warps(block_m, D), num_stages=num_stages,
     )
     return out
@@ -487,6 +513,69 @@ def sparsek_attention(q, k, v, idx, weight, pos0: int, window: int, scale=None):
         BLOCK_G=_tile(G), TILE=64, D=D, num_warps=4, num_stages=2,
     )
     return out
+
+
+# ---- SparseK's threshold search: bisection per row, in one kernel ---------------------------
+if triton is not None:
+
+    @triton.jit
+    def _count_sorted(base, L, x, NBITS, RIGHT: tl.constexpr):
+        """Entries of the ascending base[0:L] that are <= x (RIGHT) or < x, per element of x."""
+        lo = (x * 0).to(tl.int32)
+        hi = lo + L
+        for _ in range(NBITS):
+            mid = (lo + hi) // 2
+            active = lo < hi
+            val = tl.load(base + mid, mask=active, other=0.0)
+            go = (val <= x) if RIGHT else (val < x)
+            lo = tl.where(active & go, mid + 1, lo)
+            hi = tl.where(active & ~go, mid, hi)
+        return lo
+
+    @triton.jit
+    def _sparsek_bisect(SV, CS, NEW, NV, LO, HI, KK, L, M, C, NBITS, ITERS,
+                        R: tl.constexpr, TILE: tl.constexpr):
+        """Rows of one (batch, KV head): bisection on tau of f(tau) = sum clip(u - tau, 0, 1)
+        over the row's candidates = the shared ones (sorted SV, prefix sums CS: two binary
+        searches) and the first NV[row] newer ones NEW; (LO, HI) in, the final bracket out."""
+        bh = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        live = rows < C
+        lo = tl.load(LO + bh * C + rows, mask=live, other=0.0)
+        hi = tl.load(HI + bh * C + rows, mask=live, other=0.0)
+        kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
+        nv = tl.load(NV + rows, mask=live, other=0)
+        sv, cs, new = SV + bh * L, CS + bh * (L + 1), NEW + bh * M
+        for _ in range(ITERS):
+            mid = (lo + hi) / 2
+            a = _count_sorted(sv, L, mid, NBITS, True)  # entries <= tau
+            b = _count_sorted(sv, L, mid + 1, NBITS, False)  # entries < tau + 1
+            f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
+            for j0 in range(0, M, TILE):
+                j = j0 + tl.arange(0, TILE)
+                x = tl.load(new + j, mask=j < M, other=0.0)
+                clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
+                f += tl.sum(tl.where(j[None, :] < nv[:, None], clip, 0.0), 1)
+            more = f > kk
+            lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
+        tl.store(LO + bh * C + rows, lo, mask=live)
+        tl.store(HI + bh * C + rows, hi, mask=live)
+
+
+def sparsek_bisect(sv, cs, new, nv, lo, hi, kk, iters: int):
+    """SparseK's threshold bisection for a chunk of rows (``SparseK._soft_mask_rows_fast``):
+    sv [BH, L] the shared candidates sorted ascending, cs [BH, L + 1] their prefix sums;
+    new [BH, M] the newer candidates (row r has the first nv[r] of them; padded ones -big);
+    lo, hi, kk [BH, C] the brackets and targets. Returns the brackets after ``iters`` halvings."""
+    BH, L = sv.shape
+    C, M = lo.shape[-1], new.shape[-1]
+    sv, cs, kk = sv.contiguous(), cs.contiguous(), kk.contiguous()
+    new = new.contiguous() if M else sv.new_zeros(BH, 1)
+    lo, hi = lo.contiguous().clone(), hi.contiguous().clone()
+    R = 32
+    _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, nv.to(torch.int32).contiguous(), lo, hi, kk, L, M, C,
+                                            max(1, L).bit_length() + 1, iters, R=R, TILE=64, num_warps=4)
+    return lo, hi
 
 
 # ---- NSA's compressed branch -------------------------------------------------------------
