@@ -177,7 +177,7 @@ def test_block_sparse_kernel_gpu_bf16(blocks, padded, causal):
                     reason="tensor descriptors need Hopper")
 @pytest.mark.parametrize("ws", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_block_sparse_kernel_tma_gpu_bf16(causal, ws):  # unpadded: the unmasked loop takes the descriptors
+def test_block_sparse_kernel_tma_gpu_bf16(causal, ws):  # unpadded: the unmasked loop takes the descriptors (128 x 128: not by default)
     out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, 128, 128, causal, padded=False, tma=True,
                                  warp_specialize=ws, num_warps=8, num_stages=2)
     _check(out, ref, torch.bfloat16)

@@ -36,7 +36,9 @@ LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
-TMA_DEFAULT = False  # block_sparse_attention's tma=None: descriptor loads where the GPU has them
+# block_sparse_attention's tma=None: descriptor loads on Hopper for key tiles of at most this many
+# columns (kernels/tune_bs_15a58ca.jsonl at 64k: 64 x 64 tiles 8% faster with them, 256 x 128 3% slower)
+TMA_MAX_BLOCK_N = 64
 # (kernels/tune_nsa_529e2af.jsonl at 64k: importance 27.9 -> 21.2 ms, selection 16.0 -> 15.0 ms)
 NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 2), "selected": (0, 0, 2, 2)}
 
@@ -317,7 +319,8 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     given, receives each row's base-2 log-sum-exp (for the backward). ``nin``: the lists are
     in ``inside_first`` order with this count (cached plans pass it; else it is computed).
     ``tma``: the unmasked tiles' keys and values loaded through tensor descriptors (default:
-    on Hopper and later); ``warp_specialize``: that loop warp-specialised (needs ``tma``).
+    on Hopper and later, for key tiles up to ``TMA_MAX_BLOCK_N``); ``warp_specialize``: that
+    loop warp-specialised (needs ``tma``; measured no faster).
     """
     q, k, v = _check(q, k, v)
     B, H, tq, D = q.shape
@@ -342,7 +345,7 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     if nin.shape != cnt.shape:
         raise ValueError(f"nin {tuple(nin.shape)} must have cnt's shape {tuple(cnt.shape)}")
     out = torch.empty_like(q)
-    tma = (TMA_DEFAULT and _tma_ok(q)) if tma is None else tma
+    tma = (block_n <= TMA_MAX_BLOCK_N and _tma_ok(q)) if tma is None else tma
     kd, vd = k, v  # unused placeholders without TMA
     if tma and block_n == _tile(block_n) and key_padding_mask is None:
         from triton.tools.tensor_descriptor import TensorDescriptor
