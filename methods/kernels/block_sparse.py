@@ -37,8 +37,10 @@ BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
 # block_sparse_attention's tma=None: descriptor loads on Hopper for key tiles of at most this many
-# columns (kernels/tune_bs_15a58ca.jsonl at 64k: 64 x 64 tiles 8% faster with them, 256 x 128 3% slower)
-TMA_MAX_BLOCK_N = 64
+# columns. Off (0): measured no faster (kernels/tune_bs_15a58ca.jsonl, tune_bs_a9ecac5.jsonl at 64k:
+# 256 x 128 3% slower; 64 x 64 within run-to-run noise, +-5%; the methods' timings with it on,
+# triton_a9ecac5.log, no better); warp specialisation no faster, and fails to compile at 64 x 64
+TMA_MAX_BLOCK_N = 0
 # (kernels/tune_nsa_529e2af.jsonl at 64k: importance 27.9 -> 21.2 ms, selection 16.0 -> 15.0 ms)
 NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 2), "selected": (0, 0, 2, 2)}
 
@@ -319,7 +321,7 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     given, receives each row's base-2 log-sum-exp (for the backward). ``nin``: the lists are
     in ``inside_first`` order with this count (cached plans pass it; else it is computed).
     ``tma``: the unmasked tiles' keys and values loaded through tensor descriptors (default:
-    on Hopper and later, for key tiles up to ``TMA_MAX_BLOCK_N``); ``warp_specialize``: that
+    Hopper and later, for key tiles up to ``TMA_MAX_BLOCK_N``: none); ``warp_specialize``: that
     loop warp-specialised (needs ``tma``; measured no faster).
     """
     q, k, v = _check(q, k, v)
