@@ -14,9 +14,10 @@ Gradients reach the scoring network through p (the operator's Jacobian on its fr
 With k and the window covering every key it is exact attention.
 
 impl=reference  soft mask materialised [B, H, T, T]
-impl=triton     the gather path's selection (per chunk, in PyTorch), then one Triton kernel
-                (``methods.kernels.block_sparse.sparsek_attention``) that gathers each query's
-                selected keys and its window on chip, one program per query and GQA group
+impl=triton     the gather path's selection (per chunk; its bisection in one kernel), then one
+                Triton kernel (``methods.kernels.block_sparse.sparsek_tile_attention``) per
+                tile of 64 queries: the candidates any of its rows can select, read once in
+                score order and masked per row by its k-th best score, then its window
                 (forward, unpadded batches; else the gather path)
 impl=gather     per chunk of queries, the k selected keys are gathered and the window is a
                 contiguous slab of keys: memory grows with k + window per query (and the
@@ -87,6 +88,7 @@ class SparseK(AttentionMethod):
     # the kernel holds nothing per chunk, so its selection takes at least this many queries at a
     # time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
     kernel_chunk = 1024
+    bisect_in_interpreter = False  # the threshold bisection's kernel on the CPU too (slow: its tests)
     _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
@@ -119,12 +121,15 @@ class SparseK(AttentionMethod):
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
 
     @torch.no_grad()
-    def _soft_mask_rows_fast(self, u, rows, tk, kpm):
+    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False):
         """The same (idx, weight, valid) as ``_soft_mask_rows``, without a [c, T] pass per
         bisection step: the candidates shared by the chunk (j <= rows[0] - window) are sorted
         once, so each row's sum_j clip(u_j - tau, 0, 1) is two binary searches on them plus
         its own newer candidates (fewer than c); the top-k come from the sorted shared part and
-        the newer candidates. Forward only (the gradient needs every row's free set)."""
+        the newer candidates. Forward only (the gradient needs every row's free set).
+        ``plan``: also the tile kernel's inputs (``block_sparse.sparsek_tile_attention``): the
+        sorted shared candidates, the newer ones that can be in a top-k, tau and each row's
+        k-th best score."""
         B, Hkv, T = u.shape
         w, c, dt = self.window, len(rows), u.dtype
         lim = rows - w  # [c]: the last candidate of each row
@@ -164,7 +169,7 @@ class SparseK(AttentionMethod):
         iters = 64 if dt == torch.float64 else 30  # as SparseKOp: bisection on tau
         from methods.kernels import block_sparse as bsk
 
-        if bsk.usable(u):  # the whole search in one kernel (no pass per step)
+        if bsk.usable(u) and (u.is_cuda or self.bisect_in_interpreter):  # the search in one kernel
             newv = new if kpm is None else torch.where(kpm[:, None, s0:s1], new, -big)  # padded: no share
             nv = (lim - s0 + 1).clamp(0, new.shape[-1])
             flat = lambda x: x.expand(B, Hkv, *x.shape[2:]).reshape(B * Hkv, -1)  # noqa: E731
@@ -184,6 +189,8 @@ class SparseK(AttentionMethod):
         # a newer candidate below the shared part's k-th best is in no row's top-k: the pool
         # keeps the newer ones at or above it (all, where the shared part has fewer than k)
         new_ok, new_j = ok_new.expand(B, Hkv, c, -1), jn.view(1, 1, 1, -1).expand(B, Hkv, c, -1)
+        newp, newv = jn.view(1, 1, -1).expand(B, Hkv, -1), new if kpm is None else torch.where(
+            kpm[:, None, s0:s1], new, -float("inf"))  # the kernel's newer list: all of them
         if take == kk_top and new.shape[-1]:
             thr = torch.where(top_sh_ok[..., -1:], top_sh_v[..., -1:], -float("inf"))  # [B, Hkv, 1]
             mp = int((new >= thr).sum(-1).max())
@@ -192,6 +199,7 @@ class SparseK(AttentionMethod):
                 new_ok = torch.gather(new_ok, -1, keep_i.unsqueeze(2).expand(-1, -1, c, -1)) & (keep_v > -big).unsqueeze(2)
                 new_j = (keep_i + s0).unsqueeze(2).expand(-1, -1, c, -1)
                 newc = keep_v.unsqueeze(2)
+                newp, newv = keep_i + s0, torch.where(new_ok.any(2), keep_v, -float("inf"))
         pool_v = torch.cat([top_sh_v.unsqueeze(2).expand(-1, -1, c, -1).masked_fill(~top_sh_ok.unsqueeze(2), -float("inf")),
                             newc.expand(-1, -1, c, -1).masked_fill(~new_ok, -float("inf"))], -1)
         pool_i = torch.cat([top_sh_i.unsqueeze(2).expand(-1, -1, c, -1), new_j], -1)
@@ -203,6 +211,9 @@ class SparseK(AttentionMethod):
         idx = pool_i.gather(-1, top.indices)
         ok = torch.isfinite(top.values)
         wsel = ((top.values - tau.unsqueeze(-1)).clamp(0, 1) * ok).nan_to_num(0.0)
+        if plan:
+            kth = torch.where(ok[..., -1], top.values[..., -1], -float("inf"))  # [B, Hkv, c]
+            return idx, wsel.to(dt), ok, dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth)
         return idx, wsel.to(dt), ok
 
     def attend(self, q, k, v, causal, key_padding_mask):
@@ -227,15 +238,16 @@ class SparseK(AttentionMethod):
                 outs.append(o)
                 counted += n
                 continue
+            if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
+                from methods.kernels.block_sparse import sparsek_tile_attention
+
+                _, wsel, _, plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True)
+                outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
+                counted += int((wsel > 0).sum()) * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
+                continue
             fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
             idx, wsel, ok = select(u, rows, tk, key_padding_mask)  # [B, Hkv, c, k']
-            if kernel:  # methods/kernels/block_sparse.py: selected keys gathered on chip, then the window
-                from methods.kernels.block_sparse import sparsek_attention
-
-                outs.append(sparsek_attention(q[:, :, a:b], k, v, idx, wsel, a + off, self.window, scale))
-                counted += int((wsel > 0).sum()) * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
-                continue
             qc = q[:, :, a:b].to(dt)
             if self.impl == "reference":
                 m = torch.zeros(B, k.shape[1], b - a, tk, dtype=dt, device=q.device)

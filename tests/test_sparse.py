@@ -317,13 +317,15 @@ def test_fast_path_equals_reference_on_gpu_bf16(case):
             assert m.real_kernel, impl
 
 
-def test_sparsek_kernel_by_chunks_equals_reference():
-    """impl=triton over several query chunks (each row's key position passed to the kernel)."""
+@pytest.mark.parametrize("T,chunk", [(80, 16), (300, 192)])  # five chunks of one tile; two of three tiles
+def test_sparsek_kernel_by_chunks_equals_reference(T, chunk):
+    """impl=triton over several query chunks and tiles of 64 queries (each tile's candidates
+    start where its lowest k-th best score admits them)."""
     kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, k=7, window=9, query_chunk=10)
     m, ref = methods.load("sparsek", impl="triton", **kw), methods.load("sparsek", impl="reference", **kw)
     ref.load_state_dict(m.state_dict())
-    m.kernel_chunk = 16  # 80 queries: five chunks
-    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=80, D=16)
+    m.kernel_chunk = chunk
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=T, D=16)
     with torch.no_grad():
         got, want = m(q, k, v, causal=True), ref(q, k, v, causal=True)
     assert m.last_path == "triton" and m.last_density == pytest.approx(ref.last_density)
@@ -343,6 +345,7 @@ def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch)
         monkeypatch.setattr(block_sparse, "usable", lambda q: False)
     T, w, c = 300, 16, 64
     m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=20, window=w, query_chunk=c)
+    m.bisect_in_interpreter = bisect == "kernel"
     _, k, _ = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16, dtype=torch.float32)
     kpm = None
     if padded:

@@ -451,72 +451,102 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     return out
 
 
-# ---- SparseK: each query's selected keys (weighted) and its window ------------------------------
+# ---- SparseK by query tiles: the tile's candidate keys in score order, then its window -----
 if triton is not None:
 
     @triton.jit
-    def _sparsek_fwd(
-        Q, K, V, O, IDX, W,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sib, sih, sit, swb, swh, swt,
-        HKV, G, NSEL, TK, POS0, WIN, qk_scale,
-        BLOCK_G: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr,
+    def _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live, lim, tau, kth,
+                           qk_scale):
+        """Candidate keys kp (scores u) for the tile's rows: row i attends key j with weight
+        clip(u_j - tau_i, 0, 1) when j is among its top k (u_j >= kth_i, j <= lim_i)."""
+        k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=live[None, :], other=0.0)
+        v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
+        w = tl.minimum(tl.maximum(u[None, :] - tau[:, None], 0.0), 1.0)
+        sel = live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None]) & (w > 0)
+        s = tl.dot(q, k) * qk_scale + tl.log2(tl.where(sel, w, 1.0)).to(tl.float32)
+        return _softmax_update(acc, m_i, l_i, s, 1.0, v, sel)
+
+    @triton.jit
+    def _sparsek_tile_fwd(
+        Q, K, V, O, SV, ORD, START, NEWP, NEWV, TAU, KTH,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        H, REP, C, L, MP, NT, POS0, WIN, TK, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     ):
-        """Row t (key position POS0 + t) of the query heads of KV head hk: its selected keys
-        IDX[.., t, :] with weights W (score + log2 w; w = 0: not attended), then its window
-        (POS0 + t - WIN, POS0 + t] with weight 1. One program per row and GQA group."""
-        t = tl.program_id(0)
-        bhk = tl.program_id(1).to(tl.int64)
-        b, hk = bhk // HKV, bhk % HKV
-        offs_g = tl.arange(0, BLOCK_G)
-        gin = offs_g < G
-        heads = hk * G + offs_g
+        """Rows of a query tile (key positions POS0 + row) of head h: the shared candidates in
+        ascending score order from the tile's START (the first that some row's k-th best
+        admits), the chunk's newer candidates NEWP/NEWV, then the window (pos - WIN, pos]."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        bhk = b * (H // REP) + hk
+        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rin = rows < C
+        pos = POS0 + rows
+        lim = pos - WIN
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :], mask=gin[:, None], other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=rin[:, None], other=0.0)
+        tau = tl.load(TAU + bhk * C + rows, mask=rin, other=0.0)
+        kth = tl.load(KTH + bhk * C + rows, mask=rin, other=float("inf"))  # rows past the end: none
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
         kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-        for j0 in range(0, NSEL, TILE):
-            offs = j0 + tl.arange(0, TILE)
-            live = offs < NSEL
-            key = tl.load(IDX + b * sib + hk * sih + t * sit + offs, mask=live, other=0)
-            w = tl.load(W + b * swb + hk * swh + t * swt + offs, mask=live, other=0.0).to(tl.float32)
-            sel = live & (w > 0)
-            k = tl.load(kbase + key[None, :] * skt + offs_d[:, None], mask=sel[None, :], other=0.0)
-            v = tl.load(vbase + key[:, None] * svt + offs_d[None, :], mask=sel[:, None], other=0.0)
-            s = tl.dot(q, k) * qk_scale + tl.log2(tl.where(sel, w, 1.0))[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, 1.0, v, sel[None, :])
-        pos = POS0 + t
-        lo = tl.maximum(pos - WIN + 1, 0)
-        for j0 in range(lo, pos + 1, TILE):
-            offs_n = j0 + tl.arange(0, TILE)
-            ok = (offs_n <= pos) & (offs_n < TK)
-            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=ok[None, :], other=0.0)
-            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok[None, :], qk_scale)
+        for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):
+            jj = j0 + tl.arange(0, BLOCK_N)
+            live = jj < L
+            kp = tl.load(ORD + bhk * L + jj, mask=live, other=0)
+            u = tl.load(SV + bhk * L + jj, mask=live, other=float("-inf"))
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live,
+                                               lim, tau, kth, qk_scale)
+        for j0 in range(0, MP, BLOCK_N):
+            jj = j0 + tl.arange(0, BLOCK_N)
+            live = jj < MP
+            kp = tl.load(NEWP + bhk * MP + jj, mask=live, other=0)
+            u = tl.load(NEWV + bhk * MP + jj, mask=live, other=float("-inf"))
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live,
+                                               lim, tau, kth, qk_scale)
+        first = POS0 + qt * BLOCK_M
+        for j0 in range(tl.maximum(first - WIN + 1, 0), tl.minimum(first + BLOCK_M, TK), BLOCK_N):
+            kp = j0 + tl.arange(0, BLOCK_N)
+            ok = rin[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] > lim[:, None]) & (kp < TK)[None, :]
+            k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=(kp < TK)[None, :], other=0.0)
+            v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=(kp < TK)[:, None], other=0.0)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(O + b * sob + heads[:, None] * soh + t * sot + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=gin[:, None])
+        tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=rin[:, None])
 
 
-def sparsek_attention(q, k, v, idx, weight, pos0: int, window: int, scale=None):
-    """SparseK's attention for rows at key positions pos0 .. pos0 + c - 1: q [B, H, c, D];
-    k, v [B, Hkv, Tk, D]; idx, weight [B, Hkv, c, n]: each row's selected keys (all before its
-    window) and their SparseK weights (0: not attended). Row i attends to its selected keys
-    with weight w and to keys (pos - window, pos] with weight 1:
-    out = sum m exp(s) v / sum m exp(s). The reference is ``methods.sparsek``'s gather path."""
+def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
+                           block_n: int = 64):
+    """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
+    (``SparseK._soft_mask_rows_fast(..., plan=True)`` gives ``plan``): a tile reads its rows'
+    candidates once, in score order, instead of each row gathering its own k keys. Row i
+    attends key j with weight clip(u_j - tau_i, 0, 1) when u_j >= kth_i (its k-th best
+    candidate score) and j <= pos_i - window, and its window with weight 1 (ties at the k-th
+    best all enter; the gather path takes k of them). q [B, H, c, D]; k, v [B, Hkv, Tk, D]."""
     q, k, v = _check(q, k, v)
     B, H, c, D = q.shape
     Hkv = k.shape[1]
-    G = H // Hkv
-    idx, weight = idx.to(torch.int32).contiguous(), weight.contiguous()
+    sv, order, newp, newv, tau, kth = (plan[n] for n in ("sv", "order", "newp", "newv", "tau", "kth"))
+    L, mp = sv.shape[-1], newp.shape[-1]
+    nt = math.ceil(c / block_m)
+    # each tile starts at the first shared candidate that its most permissive row (lowest kth) admits
+    pad = torch.nn.functional.pad(kth, (0, nt * block_m - c), value=float("inf"))
+    low = pad.view(B, Hkv, nt, block_m).amin(-1)
+    start = (torch.searchsorted(sv.contiguous(), low.contiguous(), right=False) if L else torch.zeros_like(low))
+    start = start.to(torch.int32)
+    flat = lambda x, dt=None: (x.reshape(B * Hkv, -1) if x.numel() else x.new_zeros(B * Hkv, 1)).to(dt or x.dtype).contiguous()  # noqa: E731
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    _sparsek_fwd[(c, B * Hkv)](
-        q, k, v, out, idx, weight,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *idx.stride()[:3],
-        *weight.stride()[:3], Hkv, G, idx.shape[-1], k.shape[2], pos0, window, scale * LOG2E,
-        BLOCK_G=_tile(G), TILE=64, D=D, num_warps=4, num_stages=2,
+    _sparsek_tile_fwd[(nt, B * H)](
+        q, k, v, out, flat(sv), flat(order, torch.int32), flat(start), flat(newp, torch.int32), flat(newv),
+        flat(tau), flat(kth),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        H, H // Hkv, c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=4, num_stages=2,
     )
     return out
 
