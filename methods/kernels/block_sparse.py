@@ -569,19 +569,20 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _sparsek_bisect(SV, CS, NEW, NV, LO, HI, KK, L, M, C, NBITS, ITERS,
+    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, NBITS, ITERS,
                         R: tl.constexpr, TILE: tl.constexpr):
         """Rows of one (batch, KV head): bisection on tau of f(tau) = sum clip(u - tau, 0, 1)
         over the row's candidates = the shared ones (sorted SV, prefix sums CS: two binary
-        searches) and the first NV[row] newer ones NEW; (LO, HI) in, the final bracket out."""
+        searches) and the newer ones NEW at positions NEWP <= LIM[row]; (LO, HI) in, the final
+        bracket out."""
         bh = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < C
         lo = tl.load(LO + bh * C + rows, mask=live, other=0.0)
         hi = tl.load(HI + bh * C + rows, mask=live, other=0.0)
         kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
-        nv = tl.load(NV + rows, mask=live, other=0)
-        sv, cs, new = SV + bh * L, CS + bh * (L + 1), NEW + bh * M
+        lim = tl.load(LIM + rows, mask=live, other=-1)
+        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
         for _ in range(ITERS):
             mid = (lo + hi) / 2
             a = _count_sorted(sv, L, mid, NBITS, True)  # entries <= tau
@@ -590,27 +591,30 @@ if triton is not None:
             for j0 in range(0, M, TILE):
                 j = j0 + tl.arange(0, TILE)
                 x = tl.load(new + j, mask=j < M, other=0.0)
+                p = tl.load(newp + j, mask=j < M, other=0)
                 clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
-                f += tl.sum(tl.where(j[None, :] < nv[:, None], clip, 0.0), 1)
+                f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
             more = f > kk
             lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
         tl.store(LO + bh * C + rows, lo, mask=live)
         tl.store(HI + bh * C + rows, hi, mask=live)
 
 
-def sparsek_bisect(sv, cs, new, nv, lo, hi, kk, iters: int):
+def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
     """SparseK's threshold bisection for a chunk of rows (``SparseK._soft_mask_rows_fast``):
     sv [BH, L] the shared candidates sorted ascending, cs [BH, L + 1] their prefix sums;
-    new [BH, M] the newer candidates (row r has the first nv[r] of them; padded ones -big);
-    lo, hi, kk [BH, C] the brackets and targets. Returns the brackets after ``iters`` halvings."""
+    new, newp [BH, M] the newer candidates' scores and positions (row r has those at positions
+    <= lim[r]; padded ones score -big); lo, hi, kk [BH, C] the brackets and targets. Returns the
+    brackets after ``iters`` halvings."""
     BH, L = sv.shape
     C, M = lo.shape[-1], new.shape[-1]
     sv, cs, kk = sv.contiguous(), cs.contiguous(), kk.contiguous()
     new = new.contiguous() if M else sv.new_zeros(BH, 1)
+    newp = newp.to(torch.int32).contiguous() if M else torch.zeros(BH, 1, dtype=torch.int32, device=sv.device)
     lo, hi = lo.contiguous().clone(), hi.contiguous().clone()
     R = 32
-    _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, nv.to(torch.int32).contiguous(), lo, hi, kk, L, M, C,
-                                            max(1, L).bit_length() + 1, iters, R=R, TILE=64, num_warps=4)
+    _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, newp, lim.to(torch.int32).contiguous(), lo, hi, kk,
+                                            L, M, C, max(1, L).bit_length() + 1, iters, R=R, TILE=64, num_warps=4)
     return lo, hi
 
 
