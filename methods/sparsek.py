@@ -121,15 +121,17 @@ class SparseK(AttentionMethod):
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
 
     @torch.no_grad()
-    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False):
+    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False, presorted=None):
         """The same (idx, weight, valid) as ``_soft_mask_rows``, without a [c, T] pass per
         bisection step: the candidates shared by the chunk (j <= rows[0] - window) are sorted
         once, so each row's sum_j clip(u_j - tau, 0, 1) is two binary searches on them plus
         its own newer candidates (fewer than c); the top-k come from the sorted shared part and
         the newer candidates. Forward only (the gradient needs every row's free set).
-        ``plan``: also the tile kernel's inputs (``block_sparse.sparsek_tile_attention``): the
-        sorted shared candidates, the newer ones that can be in a top-k, tau and each row's
-        k-th best score."""
+        ``plan``: instead, the tile kernel's inputs (``block_sparse.sparsek_tile_attention``):
+        the sorted shared candidates, the newer ones that can be in a top-k, tau, each row's
+        k-th best score, and the pairs attended. ``presorted``: (values, positions) of all of
+        u sorted (padding as -big), from which each chunk takes its shared part in order
+        (one sort per call instead of one per chunk)."""
         B, Hkv, T = u.shape
         w, c, dt = self.window, len(rows), u.dtype
         lim = rows - w  # [c]: the last candidate of each row
@@ -137,7 +139,11 @@ class SparseK(AttentionMethod):
         big = torch.finfo(dt).max / 4
         shared = u[..., :s0]
         ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :s0].expand_as(shared)
-        sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
+        if presorted is not None:  # the shared part of the whole sorted sequence: j < s0, in order
+            keep = presorted[1] < s0  # s0 per row (a permutation of 0 .. T-1)
+            sv, order = (x[keep].view(B, Hkv, s0) for x in presorted)
+        else:
+            sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
         L = sv.shape[-1]
         n_sh = ok_sh.sum(-1, keepdim=True)  # [B, Hkv, 1] valid shared candidates (the last n_sh)
         cs = torch.nn.functional.pad(torch.where(sv > -big, sv, 0.0).cumsum(-1), (1, 0))
@@ -215,13 +221,16 @@ class SparseK(AttentionMethod):
             padn = kk_top - pool_v.shape[-1]
             pool_v = torch.nn.functional.pad(pool_v, (0, padn), value=-float("inf"))
             pool_i = torch.nn.functional.pad(pool_i, (0, padn), value=0)
+        if plan:  # the kernel needs each row's k-th best, not its top-k list: the (n - k + 1)-th
+            # smallest of the pool (-inf where fewer than k), a small top-k once the shared part
+            # holds k; the pairs counted are those the kernel attends (u >= kth, weight > 0)
+            kth = pool_v.topk(pool_v.shape[-1] - kk_top + 1, dim=-1, largest=False).values[..., -1]  # [B, Hkv, c]
+            pairs = int(((pool_v >= kth.unsqueeze(-1)) & (pool_v > tau.unsqueeze(-1))).sum())
+            return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs)
         top = pool_v.topk(kk_top, dim=-1)
         idx = pool_i.gather(-1, top.indices)
         ok = torch.isfinite(top.values)
         wsel = ((top.values - tau.unsqueeze(-1)).clamp(0, 1) * ok).nan_to_num(0.0)
-        if plan:
-            kth = torch.where(ok[..., -1], top.values[..., -1], -float("inf"))  # [B, Hkv, c]
-            return idx, wsel.to(dt), ok, dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth)
         return idx, wsel.to(dt), ok
 
     def attend(self, q, k, v, causal, key_padding_mask):
@@ -231,7 +240,7 @@ class SparseK(AttentionMethod):
         u = self.scores(k).to(dt)
         off = tk - tq
         scale = 1.0 / math.sqrt(D)
-        outs, counted = [], 0
+        outs, counted, presorted = [], 0, None
         grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in (q, k, v)))
         kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
         chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
@@ -247,11 +256,13 @@ class SparseK(AttentionMethod):
                 counted += n
                 continue
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
+                if presorted is None:
+                    presorted = u.sort(-1)  # no padding on this path
                 from methods.kernels.block_sparse import sparsek_tile_attention
 
-                _, wsel, _, plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True)
+                plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted)
                 outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
-                counted += int((wsel > 0).sum()) * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
+                counted += plan["pairs"] * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
                 continue
             fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows

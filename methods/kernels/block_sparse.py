@@ -41,8 +41,8 @@ BIG = 2**30  # "no window"
 # 256 x 128 3% slower; 64 x 64 within run-to-run noise, +-5%; the methods' timings with it on,
 # triton_a9ecac5.log, no better); warp specialisation no faster, and fails to compile at 64 x 64
 TMA_MAX_BLOCK_N = 0
-# (kernels/tune_nsa_529e2af.jsonl at 64k: importance 27.9 -> 21.2 ms, selection 16.0 -> 15.0 ms)
-NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 2), "selected": (0, 0, 2, 2)}
+# (kernels/tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl at 64k: importance 27.9 -> 17.5 ms, selection 16.0 -> 15.0)
+NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 3), "selected": (0, 0, 2, 2)}
 
 
 def usable(q: torch.Tensor) -> bool:
