@@ -176,19 +176,20 @@ class SparseK(AttentionMethod):
         from methods.kernels import block_sparse as bsk
 
         if bsk.usable(u) and (u.is_cuda or self.bisect_in_interpreter):  # the search in one kernel
-            newv = new if kpm is None else torch.where(kpm[:, None, s0:s1], new, -big)  # padded: no share
-            newp = jn.view(1, 1, -1).expand(B, Hkv, -1)
-            if L >= self.k and newv.shape[-1]:
+            bis_v = new if kpm is None else torch.where(kpm[:, None, s0:s1], new, -big)  # padded: no share
+            bis_p = jn.view(1, 1, -1).expand(B, Hkv, -1)
+            if L >= self.k and bis_v.shape[-1]:
                 # tau >= (a row's k-th best) - 1 >= (the shared k-th best) - 1: newer candidates
                 # below that add nothing where the search ends (the top-k's weights are the same)
-                low = torch.where(sv[..., L - self.k:L - self.k + 1] > -big, sv[..., L - self.k:L - self.k + 1] - 1, -big)
-                keep = int((newv >= low).sum(-1).max())
-                if keep < newv.shape[-1]:
-                    newv, at = torch.where(newv >= low, newv, -big).topk(keep, dim=-1)
-                    newp = at + s0
+                kth_sh = sv[..., L - self.k:L - self.k + 1]
+                low = torch.where(kth_sh > -big, kth_sh - 1, -big)
+                n_keep = int((bis_v >= low).sum(-1).max())
+                if n_keep < bis_v.shape[-1]:
+                    bis_v, at = torch.where(bis_v >= low, bis_v, -big).topk(n_keep, dim=-1)
+                    bis_p = at + s0
             flat = lambda x: x.expand(B, Hkv, *x.shape[2:]).reshape(B * Hkv, -1)  # noqa: E731
             lo, hi = (x.view(B, Hkv, c) for x in bsk.sparsek_bisect(
-                flat(sv), flat(cs), flat(newv), flat(newp), lim, flat(lo), flat(hi), flat(kk), iters))
+                flat(sv), flat(cs), flat(bis_v), flat(bis_p), lim, flat(lo), flat(hi), flat(kk), iters))
         else:
             for _ in range(iters):
                 mid = (lo + hi) / 2

@@ -30,9 +30,10 @@ def _grid(T, device):
     return qi, ki, qi - ki
 
 
-def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True, **launch):
+def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True, qscale=1.0, **launch):
     B, H, Hkv = 2, 4, 2
     q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
+    q = q * qscale  # wide scores: running maxima that jump between tiles
     g = torch.Generator().manual_seed(seed + 1)
     lay = (torch.rand(B, H, math.ceil(T / bm), math.ceil(T / bn), generator=g) < 0.6).to(device)
     wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 40, 5, 10**6], [10**6, 40, 5, 3], [0, 0, 4, 2]))
@@ -61,6 +62,14 @@ def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True, 
 def test_block_sparse_kernel_cpu(dtype, causal, blocks, padded):  # 8: a pattern block inside a 16-tile;
     out, ref = block_sparse_case(dtype, "cpu", 63, 16, *blocks, causal, padded=padded)  # 16 x 16 unpadded:
     _check(out, ref, dtype)  # tiles wholly inside the mask take the unmasked loop
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("qscale", [1.0, 8.0])
+def test_block_sparse_kernel_lazy_rescale_cpu(causal, qscale):  # unpadded 16 x 16: the unmasked loop
+    out, ref = block_sparse_case(torch.float32, "cpu", 63, 16, 16, 16, causal, padded=False, qscale=qscale,
+                                 lazy=True)
+    _check(out, ref, torch.float32)
 
 
 def test_inside_first_puts_unmasked_tiles_first():
@@ -180,6 +189,16 @@ def test_block_sparse_kernel_gpu_bf16(blocks, padded, causal):
 def test_block_sparse_kernel_tma_gpu_bf16(causal, ws):  # unpadded: the unmasked loop takes the descriptors (128 x 128: not by default)
     out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, 128, 128, causal, padded=False, tma=True,
                                  warp_specialize=ws, num_warps=8, num_stages=2)
+    _check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("blocks", [(64, 64), (256, 128)])
+def test_block_sparse_kernel_lazy_rescale_gpu_bf16(causal, blocks):
+    out, ref = block_sparse_case(torch.bfloat16, "cuda", 1000, 128, *blocks, causal, padded=False, qscale=4.0,
+                                 lazy=True, num_warps=8 if blocks[0] > 64 else 4, num_stages=2)
     _check(out, ref, torch.bfloat16)
 
 
