@@ -34,12 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--configs", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES[,TMA[,WS]]",
-                    help="launch settings to time (default: CONFIGS); TMA, WS: 1 for tensor-descriptor "
-                         "loads and a warp-specialised loop (Hopper)")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES",
+                    help="launch settings to time (default: CONFIGS)")
     ap.add_argument("--cases", nargs="+", default=["causal", "window512"], choices=["causal", "window512"])
-    ap.add_argument("--lazy", type=int, nargs="+", default=[0], choices=[0, 1],
-                    help="1: the unmasked tiles rescale lazily (block_sparse_attention's lazy=True)")
     args = ap.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     H, D = 32, 128
@@ -51,21 +48,19 @@ def main(argv=None) -> int:
         t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
         rows.append(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
         print(rows[-1], flush=True)
-        for (bm, bn, warps, stages, *extra), lazy in ((c, z) for c in configs for z in args.lazy):
-            tma, ws = (bool(x) for x in (list(extra) + [0, 0])[:2])
+        for bm, bn, warps, stages in configs:
             for case, win in [c for c in (("causal", bsk.BIG), ("window512", 512)) if c[0] in args.cases]:
                 w = torch.tensor([win])
                 idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (win,), (bsk.BIG,), (0,), "cuda")
                 fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn,  # noqa: E731
-                                                        causal=True, win_l=w, num_warps=warps, num_stages=stages,
-                                                        tma=tma, warp_specialize=ws, lazy=lazy)
+                                                        causal=True, win_l=w, num_warps=warps, num_stages=stages)
                 try:
                     t = bench.time_ms(fn, "cuda", 3, rep_ms=100)["p50"]
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    print(T, case, bm, bn, warps, stages, tma, ws, type(exc).__name__, str(exc)[:120], flush=True)
+                    print(T, case, bm, bn, warps, stages, type(exc).__name__, str(exc)[:120], flush=True)
                     continue
                 pairs = masks.causal_pairs(T, T) if case == "causal" else sum(min(i + 1, win) for i in range(T))
-                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}" + " tma" * tma + " ws" * ws + " lazy" * lazy, ms=t,
+                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}", ms=t,
                                  tflops=4.0 * H * D * pairs / t / 1e9))
                 print(rows[-1], flush=True)
     if args.out:

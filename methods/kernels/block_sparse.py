@@ -36,12 +36,6 @@ LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
-# block_sparse_attention's tma=None: descriptor loads on Hopper for key tiles of at most this many
-# columns. Off (0): measured no faster (kernels/tune_bs_15a58ca.jsonl, tune_bs_a9ecac5.jsonl at 64k:
-# 256 x 128 3% slower; 64 x 64 within run-to-run noise, +-5%; the methods' timings with it on,
-# triton_a9ecac5.log, no better); warp specialisation no faster, and fails to compile at 64 x 64
-TMA_MAX_BLOCK_N = 0
-LAZY_RESCALE = True  # block_sparse_attention's lazy=None (to be confirmed on the GPU)
 # (kernels/tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl at 64k: importance 27.9 -> 17.5 ms, selection 16.0 -> 15.0)
 NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 3), "selected": (0, 0, 2, 2)}
 
@@ -76,34 +70,14 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _softmax_update_lazy(acc, m_i, l_i, s, scale, v):
-        """``_softmax_update`` for tiles with no masked pair, rescaling as FlashAttention-4 does:
-        the running maximum (with acc and l) moves only when some row's maximum grew by more
-        than 8 (base 2), so most tiles skip the [M, D] rescale; p = exp2(s - m) stays below
-        2^8. The same result: every quantity refers to the same m."""
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-        if tl.max(m_new - m_i, 0) > 8.0:  # the first tile too (m = -inf)
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(s * scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, m_i, l_i
-
-    @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, O, IDX, CNT, NIN, WL, WR, SINK, KPM, LSE, KD, VD,
+        Q, K, V, O, IDX, CNT, NIN, WL, WR, SINK, KPM, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         sib, sih, siq, scb, sch, skpb,
         H, REP, TQ, TK, OFFSET, NQT, qk_scale,
         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         TILE_M: tl.constexpr, TILE_N: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr = False,
-        TMA: tl.constexpr = False, WS: tl.constexpr = False, LAZY: tl.constexpr = False,
     ):
-        # TMA: the unmasked tiles' keys and values come through the tensor descriptors KD, VD
-        # (k, v as [B * Hkv * TK, D]); WS: that loop warp-specialised (Hopper; descriptor loads)
         # pattern blocks of BLOCK_M x BLOCK_N inside power-of-two tiles TILE_M x TILE_N
         qt = NQT - 1 - tl.program_id(0)  # heavy (late, causal) tiles first
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
@@ -124,20 +98,11 @@ if triton is not None:
         if (TILE_N == BLOCK_N) and (not HAS_KPM):  # the first n_in tiles lie wholly inside the mask
             n_in = tl.load(NIN + b * scb + h * sch + qt)
         kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-        krow = ((b * (H // REP) + hk) * TK).to(tl.int32)  # this head's first row in KD, VD (32-bit offsets)
-        for j in tl.range(0, n_in, warp_specialize=WS):  # no element mask and no branch: the loop pipelines
-            if TMA:
-                row = krow + tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N
-                k = KD.load([row, 0]).T
-                v = VD.load([row, 0])
-            else:
-                offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
-                k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
-                v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
-            if LAZY:
-                acc, m_i, l_i = _softmax_update_lazy(acc, m_i, l_i, tl.dot(q, k), qk_scale, v)
-            else:
-                acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, True, qk_scale)
+        for j in range(0, n_in):  # no element mask and no branch: the loop pipelines
+            offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, True, qk_scale)
         for j in range(n_in, n):  # tiles the mask cuts (diagonal, window edges, sinks, padding)
             offs_n = tl.load(IDX + b * sib + h * sih + qt * siq + j) * BLOCK_N + tl.arange(0, TILE_N)
             kin = (tl.arange(0, TILE_N) < BLOCK_N) & (offs_n < TK)
@@ -327,24 +292,15 @@ def window_lists(T: int, block_m: int, block_n: int, causal: bool, win_l: tuple,
                         win_l=win_l, win_r=win_r, sink=sink, tq=T, tk=T)
 
 
-def _tma_ok(q) -> bool:
-    """Tensor-descriptor (TMA) loads: CUDA devices of compute capability 9 (Hopper) and up."""
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-
-
 def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l=None, win_r=None,
                            sink=None, key_padding_mask=None, scale=None, num_warps=None, num_stages=3,
-                           lse=None, nin=None, tma=None, warp_specialize=False, lazy=None):
+                           lse=None, nin=None):
     """Attention over the key tiles listed per query tile (see the module docstring).
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; idx [B|1, H|1, nq, m] and cnt [B|1, H|1, nq];
     win_l, win_r, sink: [H|1] ints (default: no window, no sink). ``lse`` [B, H, Tq] fp32, when
     given, receives each row's base-2 log-sum-exp (for the backward). ``nin``: the lists are
     in ``inside_first`` order with this count (cached plans pass it; else it is computed).
-    ``tma``: the unmasked tiles' keys and values loaded through tensor descriptors (default:
-    Hopper and later, for key tiles up to ``TMA_MAX_BLOCK_N``: none); ``warp_specialize``: that
-    loop warp-specialised (needs ``tma``; measured no faster). ``lazy``: the unmasked tiles
-    rescale only when a row's maximum grows by more than 2^8 (default ``LAZY_RESCALE``).
     """
     q, k, v = _check(q, k, v)
     B, H, tq, D = q.shape
@@ -369,23 +325,14 @@ def block_sparse_attention(q, k, v, idx, cnt, *, block_m, block_n, causal, win_l
     if nin.shape != cnt.shape:
         raise ValueError(f"nin {tuple(nin.shape)} must have cnt's shape {tuple(cnt.shape)}")
     out = torch.empty_like(q)
-    tma = (block_n <= TMA_MAX_BLOCK_N and _tma_ok(q)) if tma is None else tma
-    kd, vd = k, v  # unused placeholders without TMA
-    if tma and block_n == _tile(block_n) and key_padding_mask is None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        kd, vd = (TensorDescriptor.from_tensor(t.contiguous().view(-1, D), [block_n, D]) for t in (k, v))
-    else:
-        tma = False
     _block_sparse_fwd[(nqt, B * H)](
-        q, k, v, out, idx, cnt, nin, win_l, win_r, sink, kpm, lse if lse is not None else cnt, kd, vd,
+        q, k, v, out, idx, cnt, nin, win_l, win_r, sink, kpm, lse if lse is not None else cnt,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         sb(idx), sh(idx), idx.stride(2), sb(cnt), sh(cnt),
         kpm.stride(0) if key_padding_mask is not None else 0,
         H, H // k.shape[1], tq, tk, tk - tq, nqt, scale * LOG2E,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_M=_tile(block_m), TILE_N=_tile(block_n), D=D, STORE_LSE=lse is not None,
-        TMA=tma, WS=bool(warp_specialize and tma), LAZY=LAZY_RESCALE if lazy is None else bool(lazy),
         num_warps=num_warps or _num_warps(block_m, D), num_stages=num_stages,
     )
     return out
