@@ -222,10 +222,10 @@ class SparseK(AttentionMethod):
             padn = kk_top - pool_v.shape[-1]
             pool_v = torch.nn.functional.pad(pool_v, (0, padn), value=-float("inf"))
             pool_i = torch.nn.functional.pad(pool_i, (0, padn), value=0)
-        if plan:  # the kernel needs each row's k-th best, not its top-k list: the (n - k + 1)-th
-            # smallest of the pool (-inf where fewer than k), a small top-k once the shared part
-            # holds k; the pairs counted are those the kernel attends (u >= kth, weight > 0)
-            kth = pool_v.topk(pool_v.shape[-1] - kk_top + 1, dim=-1, largest=False).values[..., -1]  # [B, Hkv, c]
+        if plan:  # the kernel needs each row's k-th best, not its top-k list; the pairs counted
+            # are those the kernel attends (u >= kth, weight > 0)
+            kth = self._kth_best(top_sh_v.masked_fill(~top_sh_ok, -float("inf")), newc.squeeze(2), new_ok) \
+                if take == kk_top else pool_v.topk(kk_top, dim=-1).values[..., -1]  # [B, Hkv, c]
             pairs = int(((pool_v >= kth.unsqueeze(-1)) & (pool_v > tau.unsqueeze(-1))).sum())
             return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs)
         top = pool_v.topk(kk_top, dim=-1)
@@ -233,6 +233,26 @@ class SparseK(AttentionMethod):
         ok = torch.isfinite(top.values)
         wsel = ((top.values - tau.unsqueeze(-1)).clamp(0, 1) * ok).nan_to_num(0.0)
         return idx, wsel.to(dt), ok
+
+    @staticmethod
+    def _kth_best(top, new, ok):
+        """Each row's k-th best of the union of ``top`` [B, Hkv, k] (the shared part's best k,
+        descending, -inf where none) and the newer candidates ``new`` [B, Hkv, m] it sees (``ok``
+        [B, Hkv, c, m]): if t of the union's best k are newer, the k-th best is min(top[k-1-t],
+        the t-th newer), and it is the largest of these over t. [B, Hkv, c], without a sort of
+        the k + m per row (-inf where the union holds fewer than k)."""
+        kk, c = top.shape[-1], ok.shape[2]
+        kth = top[..., kk - 1:].expand(-1, -1, c)  # t = 0
+        if not new.shape[-1]:
+            return kth
+        new, order = new.sort(-1, descending=True)
+        ok = ok.gather(-1, order.unsqueeze(2).expand(-1, -1, c, -1))
+        t = ok.cumsum(-1)  # the newer candidate's rank among the row's newer ones (1-based)
+        at = kk - t  # index into top of the k-th best when t of them are newer; -1 .. : none
+        tops = torch.cat([top, torch.full_like(top[..., :1], float("inf"))], -1).unsqueeze(2).expand(-1, -1, c, -1)
+        cand = torch.minimum(tops.gather(-1, torch.where(at >= 1, at - 1, kk)), new.unsqueeze(2))
+        cand = torch.where(ok & (at >= 0), cand, -float("inf"))
+        return torch.maximum(kth, cand.amax(-1))
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, tq, D = q.shape

@@ -364,6 +364,28 @@ def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_sparsek_plan_kth_best_is_each_rows_kth_candidate(padded):
+    """The kernel's plan: each row's k-th best candidate score (-inf with fewer than k) and
+    the pairs it attends (those the full row-wise selection weights above 0)."""
+    T, w, c, kk = 300, 16, 64, 20
+    m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=kk, window=w, query_chunk=c)
+    u = torch.randn(2, 2, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    kpm = None
+    if padded:
+        kpm = torch.ones(2, T, dtype=torch.bool)
+        kpm[1, 100:130] = False
+    for r0 in (0, w + 3, 150, T - c):  # no candidates yet, fewer than k, many
+        rows = torch.arange(r0, min(r0 + c, T))
+        plan = m._soft_mask_rows_fast(u, rows, T, kpm, plan=True)
+        j = torch.arange(T)
+        cand = (j <= rows.view(-1, 1) - w).view(1, 1, len(rows), T) & (True if kpm is None else kpm[:, None, None])
+        vals = torch.where(cand, u.unsqueeze(2), -float("inf")).sort(-1, descending=True).values
+        torch.testing.assert_close(plan["kth"], vals[..., kk - 1], rtol=0, atol=0)
+        _, wsel, _ = m._soft_mask_rows(u, rows, T, kpm)  # the full bisection's weights
+        assert plan["pairs"] == int((wsel > 0).sum())
+
+
 @pytest.mark.parametrize("name,kw", [("sliding_window", dict(window=9)),
                                      ("bigbird", dict(block_size=8, num_random_blocks=1))])
 def test_triton_path_trains_with_the_references_gradients(name, kw):
