@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.records import load, variants
+from analysis.records import labelled, load, variants
 
 BASELINE = "dense"
 
@@ -86,8 +86,7 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     length, and fidelity, peak memory, useful TFLOP/s (the FLOPs of the work the method must
     do, ``cost.flops``, over its forward time) and speedup over dense at the summary length: the longest length that at least
     half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
-    df = df[df["runner"] == "kernel"].copy()
-    df["label"] = variants(df)
+    df = labelled(df[df["runner"] == "kernel"])
     lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
     if not lens:
         return pd.DataFrame()
@@ -137,10 +136,10 @@ def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
     measured sequence length at which it is faster than dense attention (forward p50) and
     the shortest at which it needs less memory ("> T" when it never does up to the longest
     length measured)."""
-    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")].copy()
+    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")]
     if df.empty:
         return pd.DataFrame()
-    df["label"] = variants(df)
+    df = labelled(df)
     dense = df[(df["method"] == BASELINE) & (df["impl"] != "reference")]
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
     dense = dense[auto] if auto.any() else dense

@@ -36,10 +36,9 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Forward latency and peak memory against sequence length, log-log, one line per
     method and impl (one colour per method, FlexAttention paths dashed), dense in black. Failed and OOM points are left out, and marked with
     an x at the bottom of the axis so that a missing point is never read as a small one."""
-    from analysis.records import variants
+    from analysis.records import labelled
 
-    df = df[df["runner"] == "kernel"].copy()
-    df["label"] = variants(df)
+    df = labelled(df[df["runner"] == "kernel"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     color = _method_colours(df)
     for (method, label, impl), g in df.groupby(["method", "label", "impl"]):
@@ -91,10 +90,9 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
     """Each method's output error against its forward latency at one length (the longest
     with records by default), log-log, the Pareto front (nothing is both faster and more
     accurate) drawn as a line; dense in black."""
-    from analysis.records import variants
+    from analysis.records import labelled
 
-    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")].copy()
-    df["label"] = variants(df)
+    df = labelled(df[(df["runner"] == "kernel") & (df["status"] == "ok")])
     missing = [c for c in (quality, cost) if c not in df.columns]
     if missing:
         raise ValueError(f"no records carry {', '.join(missing)}")

@@ -68,6 +68,20 @@ def variants(df: pd.DataFrame) -> pd.Series:
     return labels
 
 
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` with a ``label`` column (``variants``), one record per (label, impl,
+    length, seed): a later run that measured the same thing under another run_id (another list
+    of lengths, a later commit) replaces the earlier one, so that only seeds are averaged."""
+    df = df.copy()
+    df["label"] = variants(df)
+    if len(df):
+        seed = df["seed"].astype(str) if "seed" in df else ""
+        key = df["label"].astype(str) + "|" + df["impl"].astype(str) + "|" + df["seq_len"].astype(str) + "|" + seed
+        df = df.assign(_key=key).sort_values("time", kind="stable").drop_duplicates("_key", keep="last")
+        df = df.drop(columns="_key").sort_index()
+    return df
+
+
 def newest_peers(path) -> dict[tuple, dict]:
     """scripts/peers.py's records (JSON lines, not run records), the newest per (suite, kernel
     name, length)."""

@@ -55,6 +55,18 @@ def test_latest_record_per_run_id_wins(tmp_path):
     assert len(df) == 1 and df["latency.forward.p50"].iloc[0] == 3
 
 
+def test_a_later_run_of_the_same_measurement_replaces_it_and_only_seeds_average(tmp_path):
+    """Two runs (two run_ids: another list of lengths, a later commit) that timed the same
+    method, length and seed: the later one counts, not their mean as if they were seeds."""
+    old = _rec("sparsek", 256, ms=4.0, impl="triton", run_id="a")
+    new = _rec("sparsek", 256, ms=1.0, impl="triton", run_id="b", time="2026-01-02T00:00:00")
+    other_seed = _rec("sparsek", 256, ms=3.0, impl="triton", run_id="c", seed=1)
+    t = kernel_table(load(_store(tmp_path, [new, old]))).set_index("method")
+    assert t.loc["sparsek", "fwd ms @256"] == "1.000"
+    t = kernel_table(load(_store(tmp_path / "x", [old, new, other_seed]))).set_index("method")
+    assert t.loc["sparsek", "fwd ms @256"].startswith("2.000 ± ")  # seeds 0 (newest: 1.0) and 1 (3.0)
+
+
 def test_head_dims_get_their_own_tables(tmp_path):
     """Records of another attention shape (here D=64) are a setting of their own, not rows
     mixed into the D=128 table."""
