@@ -40,6 +40,8 @@ run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=tru
 # the methods whose Triton paths are forward only train through their default paths
 run -m method=nsa,performer runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=sparsek runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
+run -m method=dense,linformer,nystrom runner.backward=true experiment=efficiency/noncausal \
+    'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
 if [ "${PART:-all}" = all ] || [ "${PART}" = 1m ]; then  # 1M-token prefill: MInference against dense
 run -m method=dense experiment=efficiency/causal 'runner.seq_lens=[1048576]' runner.warmup=1 "$@"
