@@ -424,10 +424,15 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
 if triton is not None:
 
     @triton.jit
-    def _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live, lim, tau, kth,
-                           qk_scale):
-        """Candidate keys kp (scores u) for the tile's rows: row i attends key j with weight
-        clip(u_j - tau_i, 0, 1) when j is among its top k (u_j >= kth_i, j <= lim_i)."""
+    def _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, POS, VAL, j0, n, lim, tau, kth,
+                           qk_scale, BLOCK_N: tl.constexpr):
+        """Candidates j0 .. j0 + BLOCK_N - 1 of a list of n (key positions POS, scores VAL) for
+        the tile's rows: row i attends key j with weight clip(u_j - tau_i, 0, 1) when j is among
+        its top k (u_j >= kth_i, j <= lim_i)."""
+        jj = j0 + tl.arange(0, BLOCK_N)
+        live = jj < n
+        kp = tl.load(POS + jj, mask=live, other=0)
+        u = tl.load(VAL + jj, mask=live, other=float("-inf"))
         k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=live[None, :], other=0.0)
         v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
         w = tl.minimum(tl.maximum(u[None, :] - tau[:, None], 0.0), 1.0)
@@ -462,20 +467,12 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
-        for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):
-            jj = j0 + tl.arange(0, BLOCK_N)
-            live = jj < L
-            kp = tl.load(ORD + bhk * L + jj, mask=live, other=0)
-            u = tl.load(SV + bhk * L + jj, mask=live, other=float("-inf"))
-            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live,
-                                               lim, tau, kth, qk_scale)
-        for j0 in range(0, MP, BLOCK_N):
-            jj = j0 + tl.arange(0, BLOCK_N)
-            live = jj < MP
-            kp = tl.load(NEWP + bhk * MP + jj, mask=live, other=0)
-            u = tl.load(NEWV + bhk * MP + jj, mask=live, other=float("-inf"))
-            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, kp, u, live,
-                                               lim, tau, kth, qk_scale)
+        for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):  # the shared ones, from the tile's start
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, ORD + bhk * L,
+                                               SV + bhk * L, j0, L, lim, tau, kth, qk_scale, BLOCK_N)
+        for j0 in range(0, MP, BLOCK_N):  # the chunk's newer ones
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, NEWP + bhk * MP,
+                                               NEWV + bhk * MP, j0, MP, lim, tau, kth, qk_scale, BLOCK_N)
         first = POS0 + qt * BLOCK_M
         for j0 in range(tl.maximum(first - WIN + 1, 0), tl.minimum(first + BLOCK_M, TK), BLOCK_N):
             kp = j0 + tl.arange(0, BLOCK_N)
