@@ -261,11 +261,12 @@ class SparseK(AttentionMethod):
         u = self.scores(k).to(dt)
         off = tk - tq
         scale = 1.0 / math.sqrt(D)
-        outs, counted, presorted = [], 0, None
+        outs, counted = [], 0
         grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in (q, k, v)))
         kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
         chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
         self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
+        presorted = u.sort(-1) if kernel else None  # the kernel path's chunks take their shared part from it
         self._on_gpu = q.is_cuda
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
@@ -277,8 +278,6 @@ class SparseK(AttentionMethod):
                 counted += n
                 continue
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
-                if presorted is None:
-                    presorted = u.sort(-1)  # no padding on this path
                 from methods.kernels.block_sparse import sparsek_tile_attention
 
                 plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted)
