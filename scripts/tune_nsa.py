@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods.kernels import block_sparse as bsk  # noqa: E402
 from runners import bench  # noqa: E402
 
-# (block_m, block_n, num_warps, num_stages); the selection's tile is its block (warps, stages only)
-LAUNCH = {  # earlier sweeps: kernels/tune_nsa_4ae8ce2.jsonl, tune_nsa_529e2af.jsonl
-    "compressed": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 3)],
-    "importance": [(32, 32, 4, 2), (64, 32, 4, 2), (16, 32, 4, 2), (32, 32, 2, 2), (32, 32, 4, 1),
-                   (32, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+# compressed: (block_m, block_n, num_warps, num_stages); importance: (rows, block_n, warps,
+# stages), rows = tokens x the group's heads; the selection's tile is its block (warps, stages)
+LAUNCH = {  # earlier sweeps: kernels/tune_nsa_4ae8ce2.jsonl, tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl
+    "compressed": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
+                   (64, 128, 4, 2), (256, 64, 8, 2)],
+    "importance": [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
+                   (64, 64, 4, 3), (128, 128, 8, 2), (256, 64, 8, 2)],
     "selected": [(0, 0, 2, 2), (0, 0, 4, 2)],
 }
 

@@ -252,12 +252,12 @@ def test_performer_fused_kernel_gpu_bf16(M):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])  # groups of 2, 3 (padded to 4), 1
 def test_nsa_compressed_kernels_cpu(dtype, heads):
-    nsa_compressed_case(dtype, "cpu", 77, 16, 8, 8, 4, *heads)
+    nsa_compressed_case(dtype, "cpu", 150, 16, 8, 8, 4, *heads)
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("heads", [(32, 2), (12, 4)])
+@pytest.mark.parametrize("heads", [(32, 2), (12, 4), (64, 4), (8, 8)])
 def test_nsa_compressed_kernels_gpu_bf16(heads):
     nsa_compressed_case(torch.bfloat16, "cuda", 3000, 128, 64, 32, 16, *heads)
 
@@ -330,6 +330,14 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     _, lse = bsk.nsa_compressed_attention(q, kc, vc, cl, cs)  # the rows in chunks: the same scores
     parts = [bsk.nsa_importance(q, kc, lse, bs, cl, cs, a, min(a + 64, T)) for a in range(0, T, 64)]
     torch.testing.assert_close(torch.cat(parts, 2), imp, rtol=0, atol=0)
+    few = bsk.nsa_importance(q, kc, lse, bs, cl, cs, 0, T, launch=(16, 32, 4, 2))  # < 16 tokens a program
+    torch.testing.assert_close(few, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    # small tiles: later query tiles see whole key tiles (the kernels' unmasked loops)
+    assert (T - 16 - cl + 1) // cs + 1 >= 16, "too short for a whole tile of 16 compressed blocks"
+    o16, lse16 = bsk.nsa_compressed_attention(q, kc, vc, cl, cs, launch=(16, 16, 4, 2))
+    _check(o16, p @ vv, dtype)
+    imp16 = bsk.nsa_importance(q, kc, lse16, bs, cl, cs, 0, T, launch=(16, 16, 4, 2))
+    torch.testing.assert_close(imp16, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 64"):
         bsk.nsa_importance(q, kc, lse, bs, cl, cs, 10, T)
 

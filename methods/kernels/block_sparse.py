@@ -37,7 +37,7 @@ BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
 # (kernels/tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl at 64k: importance 27.9 -> 17.5 ms, selection 16.0 -> 15.0)
-NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (32, 32, 4, 3), "selected": (0, 0, 2, 2)}
+NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (64, 64, 4, 2), "selected": (0, 0, 2, 2)}
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -588,6 +588,13 @@ def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
 if triton is not None:
 
     @triton.jit
+    def _all_see(row, CL, CS, NC, BLOCK_N: tl.constexpr):
+        """The compressed blocks that query ``row`` (and every later one) sees, rounded down to
+        whole tiles of BLOCK_N: block i ends at i * CS + CL - 1."""
+        n = tl.where(row >= CL - 1, (row - CL + 1) // CS + 1, 0)
+        return tl.minimum(n, NC) // BLOCK_N * BLOCK_N
+
+    @triton.jit
     def _nsa_cmp_fwd(
         Q, KC, VC, O, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
@@ -596,7 +603,7 @@ if triton is not None:
     ):
         """o_cmp and the log-sum-exp (base 2) of each query over the compressed blocks that end
         at or before it (block i ends at i * CS + CL - 1)."""
-        qt = tl.program_id(0)
+        qt = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) tiles first
         bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at 1M tokens
         b, h = bh // H, bh % H
         hk = h // REP
@@ -609,7 +616,14 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
         n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)  # blocks any row sees
-        for j0 in range(0, n_vis, BLOCK_N):
+        n_full = _all_see(qt * BLOCK_M, CL, CS, NC, BLOCK_N)
+        kbase, vbase = KC + b * skb + hk * skh, VC + b * svb + hk * svh
+        for j0 in range(0, n_full, BLOCK_N):  # tiles every row sees: no mask, the loop pipelines
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])
+            v = tl.load(vbase + offs_n[:, None] * svt + offs_d[None, :])
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, True, qk_scale)
+        for j0 in range(n_full, n_vis, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = tl.load(KC + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
                         mask=offs_n[None, :] < NC, other=0.0)
@@ -628,42 +642,67 @@ if triton is not None:
         Q, KC, LSE, IMP,
         sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
         HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale, ROW0, ROWS,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
+        D: tl.constexpr,
     ):
         """imp[t - ROW0, s] for rows ROW0 <= t < ROWS: the sum over the group's heads and the
         compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
-        from the log-sum-exp. A program owns its rows, so it accumulates without atomics."""
+        from the log-sum-exp. A program takes BLOCK_T tokens with all heads of their group as
+        the rows of one tile (row r: token r // BLOCK_G, head r % BLOCK_G), so each compressed
+        key tile is multiplied once per group; it owns its tokens, so accumulates without atomics."""
         qt = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
-        offs_m = ROW0 + qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        R: tl.constexpr = BLOCK_T * BLOCK_G
+        offs_r = tl.arange(0, R)
+        tok = ROW0 + qt * BLOCK_T + offs_r // BLOCK_G
+        g = offs_r % BLOCK_G
+        rin = (g < G) & (tok < ROWS)
+        h = hk * G + g
         offs_d = tl.arange(0, D)
-        offs_s = tl.arange(0, NS)
-        last = tl.minimum(ROW0 + qt * BLOCK_M + BLOCK_M - 1, ROWS - 1)
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + tok[:, None] * sqt + offs_d[None, :],
+                    mask=rin[:, None], other=0.0)
+        lse = tl.load(LSE + b * slb + h * slh + tok, mask=rin, other=float("inf"))
+        offs_t = ROW0 + qt * BLOCK_T + tl.arange(0, BLOCK_T)
+        last = tl.minimum(ROW0 + qt * BLOCK_T + BLOCK_T - 1, ROWS - 1)
         n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
-        for j0 in range(0, n_vis, BLOCK_N):
+        # rows outside (padding heads, tokens past ROWS) have lse = inf: p = 0 without a mask
+        n_full = _all_see(ROW0 + qt * BLOCK_T, CL, CS, NC, BLOCK_N)
+        kbase = KC + b * skb + hk * skh
+        ibase = IMP + b * sib + hk * sih + (offs_t - ROW0)[:, None] * sit
+        tin = offs_t[:, None] < ROWS
+        for j0 in range(0, n_full, BLOCK_N):  # tiles every row sees: no mask, the loop pipelines
             offs_n = j0 + tl.arange(0, BLOCK_N)
-            k = tl.load(KC + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None],
-                        mask=offs_n[None, :] < NC, other=0.0)
-            ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & (offs_n[None, :] < NC)
-            p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for g in range(0, G):
-                h = hk * G + g
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                            mask=offs_m[:, None] < T, other=0.0)
-                lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < T, other=float("inf"))
-                s = tl.dot(q, k) * qk_scale
-                p += tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            # the selection blocks this tile touches: s0 .. s0 + NS - 1
-            s0 = (j0 * CS) // BS
-            first = (offs_n * CS) // BS - s0
-            final = (offs_n * CS + CL - 1) // BS - s0
-            sel = offs_s[None, :] + s0
-            hit = (offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])
-            contrib = tl.dot(p, hit.to(p.dtype), input_precision="ieee")  # [BLOCK_M, NS]
-            ptrs = IMP + b * sib + hk * sih + (offs_m - ROW0)[:, None] * sit + sel
-            live = (offs_m[:, None] < ROWS) & (sel < NSEL)
-            tl.store(ptrs, tl.load(ptrs, mask=live, other=0.0) + contrib, mask=live)
+            p = tl.exp2(tl.dot(q, tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])) * qk_scale
+                        - lse[:, None])
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
+        for j0 in range(n_full, n_vis, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=offs_n[None, :] < NC, other=0.0)
+            ok = (offs_n[None, :] * CS + CL - 1 <= tok[:, None]) & (offs_n[None, :] < NC)
+            p = tl.where(ok, tl.exp2(tl.dot(q, k) * qk_scale - lse[:, None]), 0.0)
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
+
+    @triton.jit
+    def _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr):
+        """Adds the probabilities p [BLOCK_T * BLOCK_G, BLOCK_N] of compressed blocks j0 .. (rows:
+        token-major, the group's heads) to the importance rows at ``ibase`` of the selection
+        blocks they overlap, summed over the heads."""
+        p = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_N]), axis=1)
+        # the selection blocks this tile touches: s0 .. s0 + NS - 1
+        offs_s = tl.arange(0, NS)
+        s0 = (j0 * CS) // BS
+        first = (offs_n * CS) // BS - s0
+        final = (offs_n * CS + CL - 1) // BS - s0
+        sel = offs_s[None, :] + s0
+        hit = ((offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])).to(p.dtype)
+        if BLOCK_T >= 16:
+            contrib = tl.dot(p, hit, input_precision="ieee")  # [BLOCK_T, NS]
+        else:  # too few rows for a dot
+            contrib = tl.sum(p[:, :, None] * hit[None, :, :], axis=1)
+        live = tin & (sel < NSEL)
+        tl.store(ibase + sel, tl.load(ibase + sel, mask=live, other=0.0) + contrib, mask=live)
 
     @triton.jit
     def _gate_combine(G, O1, O2, O3, OUT, N, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -748,7 +787,7 @@ def nsa_compressed_attention(q, kc, vc, compress_block: int, compress_stride: in
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros_like(q)
+    out = torch.empty_like(q)  # the kernel writes every row
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     bm, bn, warps, stages = launch or NSA_LAUNCH["compressed"]
     _nsa_cmp_fwd[(math.ceil(T / bm), B * H)](
@@ -764,8 +803,9 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
                    row0: int, row1: int, scale=None, launch=None):
     """Selection-block importance [B, Hkv, row1 - row0, ceil(T / block_size)] (fp32) of the
     queries row0 .. row1 - 1 (row0 a multiple of 64), from ``nsa_compressed_attention``'s
-    log-sum-exp: callers bound its memory by taking the rows in chunks. ``launch``: (block_m,
-    block_n, warps, stages)."""
+    log-sum-exp: callers bound its memory by taking the rows in chunks. ``launch``: (rows,
+    block_n, warps, stages), rows: a program's query rows (tokens x the group's heads, padded to
+    a power of two)."""
     q, kc = q.contiguous(), kc.contiguous()
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
@@ -774,13 +814,15 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    bm, bn, warps, stages = launch or NSA_LAUNCH["importance"]
+    rows, bn, warps, stages = launch or NSA_LAUNCH["importance"]
+    bg = triton.next_power_of_2(H // Hkv)
+    bt = max(1, rows // bg)  # tokens a program takes (all heads of their group: bt * bg rows)
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
     ns = _tile(span // block_size + 2)
-    _nsa_importance[(math.ceil((row1 - row0) / bm), B * Hkv)](
+    _nsa_importance[(math.ceil((row1 - row0) / bt), B * Hkv)](
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
         Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
-        BLOCK_M=bm, BLOCK_N=bn, NS=ns, D=D, num_warps=warps, num_stages=stages,
+        BLOCK_T=bt, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, num_warps=warps, num_stages=stages,
     )
     return imp
