@@ -2,7 +2,7 @@
 
     python scripts/tune_nsa.py [--seq-len 65536] [--out F.jsonl]
 
-The paper's shape (B=1, 64 query heads, 4 KV heads, D=128, selection blocks of 64, 16 of them,
+The paper's shape by default (B=1, 64 query heads, 4 KV heads (--heads, --kv-heads), D=128, selection blocks of 64, 16 of them,
 compression blocks of 32 every 16 tokens), bf16, random inputs. Each kernel of
 ``methods.kernels.block_sparse`` (the compressed attention, the selection-block importance,
 the selection) is timed (p50 of ``runners.bench.time_ms``) under every setting in ``LAUNCH``;
@@ -28,8 +28,12 @@ from runners import bench  # noqa: E402
 LAUNCH = {  # earlier sweeps: kernels/tune_nsa_4ae8ce2.jsonl, tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl
     "compressed": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
                    (64, 128, 4, 2), (256, 64, 8, 2)],
-    "importance": [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
-                   (64, 64, 4, 3), (128, 128, 8, 2), (256, 64, 8, 2)],
+    # importance's fifth: how a tile's probabilities reach the selection blocks (0: heads summed,
+    # then a fp32 product; 1: the same product split in three tf32 ones; 2: the tf32x3 product first)
+    "importance": [(64, 64, 4, 2, 0), (256, 64, 8, 2, 0), (256, 64, 4, 2, 0), (256, 32, 8, 2, 0),
+                   (256, 64, 8, 3, 0), (256, 128, 8, 2, 0), (256, 64, 8, 2, 1), (256, 64, 8, 2, 2),
+                   (128, 64, 8, 2, 2), (128, 64, 4, 2, 2), (64, 64, 4, 2, 2), (64, 64, 4, 2, 1),
+                   (128, 64, 4, 2, 1), (512, 64, 8, 2, 0)],
     "selected": [(0, 0, 2, 2), (0, 0, 4, 2)],
 }
 
@@ -37,12 +41,14 @@ LAUNCH = {  # earlier sweeps: kernels/tune_nsa_4ae8ce2.jsonl, tune_nsa_529e2af.j
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=65536)
+    ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--kernels", nargs="+", default=list(LAUNCH), choices=list(LAUNCH))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_nsa.py times CUDA kernels: no CUDA device here")
-    T, H, Hkv, D, bs, n, cb, cs = args.seq_len, 64, 4, 128, 64, 16, 32, 16
+    T, H, Hkv, D, bs, n, cb, cs = args.seq_len, args.heads, args.kv_heads, 128, 64, 16, 32, 16
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(1, Hkv, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
@@ -67,13 +73,13 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                 print(name, c, type(exc).__name__, str(exc)[:160], flush=True)
                 continue
-            rows.append(dict(T=T, kernel=name, launch=list(c), p50_ms=t["p50"], max_diff=diff,
+            rows.append(dict(T=T, H=H, Hkv=Hkv, kernel=name, launch=list(c), p50_ms=t["p50"], max_diff=diff,
                              default=c == bsk.NSA_LAUNCH[name]))
             print(json.dumps(rows[-1]), flush=True)
         del ref
     dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
                                                                      v.repeat_interleave(H // Hkv, 1), is_causal=True)
-    rows.append(dict(T=T, kernel="cuDNN SDPA causal (same shape)", p50_ms=bench.time_ms(dense, "cuda", 3)["p50"]))
+    rows.append(dict(T=T, H=H, Hkv=Hkv, kernel="cuDNN SDPA causal (same shape)", p50_ms=bench.time_ms(dense, "cuda", 3)["p50"]))
     print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
