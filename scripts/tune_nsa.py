@@ -5,7 +5,7 @@
 The paper's shape by default (B=1, 64 query heads, 4 KV heads (--heads, --kv-heads), D=128, selection blocks of 64, 16 of them,
 compression blocks of 32 every 16 tokens), bf16, random inputs. Each kernel of
 ``methods.kernels.block_sparse`` (the compressed attention, the selection-block importance,
-the selection) is timed (p50 of ``runners.bench.time_ms``) under every setting in ``LAUNCH``;
+the selection, the top-n) is timed (p50 of ``runners.bench.time_ms``) under every setting in ``LAUNCH``;
 each setting's output is compared with the default's (max |difference|) so that a faster
 setting that computes something else shows. The defaults are ``bsk.NSA_LAUNCH``.
 """
@@ -24,17 +24,15 @@ from methods.kernels import block_sparse as bsk  # noqa: E402
 from runners import bench  # noqa: E402
 
 # compressed: (block_m, block_n, num_warps, num_stages); importance: (rows, block_n, warps,
-# stages), rows = tokens x the group's heads; the selection's tile is its block (warps, stages)
-LAUNCH = {  # earlier sweeps: kernels/tune_nsa_4ae8ce2.jsonl, tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl
-    "compressed": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
-                   (64, 128, 4, 2), (256, 64, 8, 2)],
-    # importance's fifth: how a tile's probabilities reach the selection blocks (0: heads summed,
-    # then a fp32 product; 1: the same product split in three tf32 ones; 2: the tf32x3 product first)
-    "importance": [(64, 64, 4, 2, 0), (256, 64, 8, 2, 0), (256, 64, 4, 2, 0), (256, 32, 8, 2, 0),
-                   (256, 64, 8, 3, 0), (256, 128, 8, 2, 0), (256, 64, 8, 2, 1), (256, 64, 8, 2, 2),
-                   (128, 64, 8, 2, 2), (128, 64, 4, 2, 2), (64, 64, 4, 2, 2), (64, 64, 4, 2, 1),
-                   (128, 64, 4, 2, 1), (512, 64, 8, 2, 0)],
+# stages), rows = tokens x the group's heads; the selection's tile is its block (warps, stages);
+# topn: (rows, -, warps, -)
+LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
+    "compressed": [(128, 64, 8, 3), (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
+    "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
+                   (64, 64, 4, 2), (256, 32, 8, 3)],
     "selected": [(0, 0, 2, 2), (0, 0, 4, 2)],
+    "topn": [(4, 0, 4, 0), (1, 0, 4, 0), (2, 0, 4, 0), (8, 0, 4, 0), (4, 0, 8, 0), (2, 0, 2, 0), (1, 0, 1, 0),
+             (16, 0, 8, 0)],
 }
 
 
@@ -57,11 +55,11 @@ def main(argv=None) -> int:
     _, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
     imp = bsk.nsa_importance(q, kc, lse, bs, cb, cs, 0, T)
     sel = bsk.nsa_topn(imp, 0, bs, n)
-    del imp
     calls = {
         "compressed": lambda c: bsk.nsa_compressed_attention(q, kc, vc, cb, cs, launch=c)[0],
         "importance": lambda c: bsk.nsa_importance(q, kc, lse, bs, cb, cs, 0, T, launch=c),
         "selected": lambda c: bsk.nsa_selected_attention(q, k, v, sel, bs, launch=c),
+        "topn": lambda c: bsk.nsa_topn(imp, 0, bs, n, launch=c),
     }
     rows = []
     for name in args.kernels:

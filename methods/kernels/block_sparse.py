@@ -37,7 +37,8 @@ BIG = 2**30  # "no window"
 # launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
 # tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
 # (kernels/tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl at 64k: importance 27.9 -> 17.5 ms, selection 16.0 -> 15.0)
-NSA_LAUNCH = {"compressed": (64, 64, 4, 2), "importance": (64, 64, 4, 2), "selected": (0, 0, 2, 2)}
+NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 2), "selected": (0, 0, 2, 2),
+              "topn": (4, 0, 4, 0)}
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -643,7 +644,7 @@ if triton is not None:
         sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
         HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale, ROW0, ROWS,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-        D: tl.constexpr, MODE: tl.constexpr,
+        D: tl.constexpr,
     ):
         """imp[t - ROW0, s] for rows ROW0 <= t < ROWS: the sum over the group's heads and the
         compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
@@ -675,17 +676,17 @@ if triton is not None:
             offs_n = j0 + tl.arange(0, BLOCK_N)
             p = tl.exp2(tl.dot(q, tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])) * qk_scale
                         - lse[:, None])
-            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS, MODE)
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
         for j0 in range(n_full, n_vis, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=offs_n[None, :] < NC, other=0.0)
             ok = (offs_n[None, :] * CS + CL - 1 <= tok[:, None]) & (offs_n[None, :] < NC)
             p = tl.where(ok, tl.exp2(tl.dot(q, k) * qk_scale - lse[:, None]), 0.0)
-            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS, MODE)
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
 
     @triton.jit
     def _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, MODE: tl.constexpr):
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr):
         """Adds the probabilities p [BLOCK_T * BLOCK_G, BLOCK_N] of compressed blocks j0 .. (rows:
         token-major, the group's heads) to the importance rows at ``ibase`` of the selection
         blocks they overlap, summed over the heads."""
@@ -696,17 +697,11 @@ if triton is not None:
         final = (offs_n * CS + CL - 1) // BS - s0
         sel = offs_s[None, :] + s0
         hit = ((offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])).to(p.dtype)
-        if MODE == 2:  # blocks first (tensor cores, fp32 split in three), then the heads
-            x = tl.dot(p, hit, input_precision="tf32x3")
-            contrib = tl.sum(tl.reshape(x, [BLOCK_T, BLOCK_G, NS]), axis=1)
-        else:
-            p = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_N]), axis=1)
-            if BLOCK_T < 16:  # too few rows for a dot
-                contrib = tl.sum(p[:, :, None] * hit[None, :, :], axis=1)
-            elif MODE == 1:
-                contrib = tl.dot(p, hit, input_precision="tf32x3")
-            else:
-                contrib = tl.dot(p, hit, input_precision="ieee")  # [BLOCK_T, NS]
+        p = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_N]), axis=1)
+        if BLOCK_T >= 16:
+            contrib = tl.dot(p, hit, input_precision="ieee")  # [BLOCK_T, NS]
+        else:  # too few rows for a dot
+            contrib = tl.sum(p[:, :, None] * hit[None, :, :], axis=1)
         live = tin & (sel < NSEL)
         tl.store(ibase + sel, tl.load(ibase + sel, mask=live, other=0.0) + contrib, mask=live)
 
@@ -742,36 +737,43 @@ def gate_combine(g: torch.Tensor, o1: torch.Tensor, o2: torch.Tensor, o3: torch.
 if triton is not None:
 
     @triton.jit
-    def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, BS,
-                  NOUT: tl.constexpr, TILE: tl.constexpr):
-        """Row r (query T0 + r) of KV head hk: its NOUT best selection blocks, best first, the
-        first block and the query's own two forced in, blocks after its own out (-1: none)."""
-        r = tl.program_id(0)
+    def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, C, BS,
+                  NOUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr):
+        """Rows r (queries T0 + r) of KV head hk, ROWS of them: each its NOUT best selection
+        blocks, best first, the first block and the query's own two forced in, blocks after its
+        own out (-1: none)."""
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
-        cur = (T0 + r) // BS
-        j = tl.arange(0, TILE)
-        x = tl.load(IMP + b * sib + hk * sih + r * sit + j, mask=j < NSEL, other=float("-inf"))
+        cur = ((T0 + r) // BS)[:, None]
+        j = tl.arange(0, TILE)[None, :]
+        rin = r < C
+        x = tl.load(IMP + b * sib + hk * sih + r[:, None] * sit + j, mask=rin[:, None] & (j < NSEL),
+                    other=float("-inf"))
         x = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), x)
         x = tl.where(j > cur, float("-inf"), x)
         for i in tl.static_range(NOUT):
-            best = tl.argmax(x, 0)
-            top = tl.max(x, 0)
-            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1))
-            x = tl.where(j == best, float("-inf"), x)
+            best = tl.argmax(x, 1)
+            top = tl.max(x, 1)
+            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1), mask=rin)
+            x = tl.where(j == best[:, None], float("-inf"), x)
 
 
-def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int) -> torch.Tensor | None:
+def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int, launch=None) -> torch.Tensor | None:
     """``NSA.select`` in one kernel: importance [B, Hkv, c, nsel] of queries t0 .. t0 + c - 1 ->
     their chosen blocks [B, Hkv, c, min(n, nsel)] int32 (-1 where fewer are visible). None
-    where a row does not fit on chip (nsel > 4096 selection blocks): callers use ``select``."""
+    where a row does not fit on chip (nsel > 4096 selection blocks): callers use ``select``.
+    ``launch``: (rows a program (a power of two), -, warps, -)."""
     B, Hkv, c, nsel = importance.shape
     if nsel > 4096:
         return None
+    rows, _, warps, _ = launch or NSA_LAUNCH["topn"]
+    rows = max(1, min(triton.next_power_of_2(rows), 16384 // _tile(nsel)))  # at most 16k scores a program
     imp = importance.contiguous()
     out = torch.empty(B, Hkv, c, min(n, nsel), device=imp.device, dtype=torch.int32)
-    _nsa_topn[(c, B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, block_size,
-                            NOUT=out.shape[-1], TILE=_tile(nsel), num_warps=4 if nsel <= 1024 else 8)
+    _nsa_topn[(math.ceil(c / rows), B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, c,
+                                              block_size, NOUT=out.shape[-1], TILE=_tile(nsel), ROWS=rows,
+                                              num_warps=warps)
     return out
 
 
@@ -820,7 +822,7 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    rows, bn, warps, stages, *mode = launch or NSA_LAUNCH["importance"]
+    rows, bn, warps, stages = launch or NSA_LAUNCH["importance"]
     bg = triton.next_power_of_2(H // Hkv)
     bt = max(1, rows // bg)  # tokens a program takes (all heads of their group: bt * bg rows)
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
@@ -829,6 +831,6 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
         Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
-        BLOCK_T=bt, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, MODE=mode[0] if mode else 0, num_warps=warps, num_stages=stages,
+        BLOCK_T=bt, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, num_warps=warps, num_stages=stages,
     )
     return imp
