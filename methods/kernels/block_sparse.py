@@ -34,11 +34,14 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 
 LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
-# launch settings (block_m, block_n, num_warps, num_stages) of NSA's kernels (the selection's
-# tile is its block: only warps and stages apply); scripts/tune_nsa.py times alternatives
-# (kernels/tune_nsa_529e2af.jsonl, tune_nsa_5b7118b.jsonl at 64k: importance 27.9 -> 17.5 ms, selection 16.0 -> 15.0)
-NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 2), "selected": (0, 0, 2, 2),
-              "topn": (4, 0, 4, 0)}
+# launch settings of NSA's kernels: compressed (block_m, block_n, num_warps, num_stages);
+# importance (rows: tokens x the group's heads, block_n, warps, stages), one setting for groups
+# of several heads and one for a head alone (MHA); selected (-, -, warps, stages: its tile is
+# its block); topn: warps (one row a program). scripts/tune_nsa.py times alternatives at 64k
+# (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 -> 9.4 ms and
+# 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4)
+NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 8, 2),
+              "selected": (0, 0, 2, 2), "topn": 1}
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -737,43 +740,37 @@ def gate_combine(g: torch.Tensor, o1: torch.Tensor, o2: torch.Tensor, o3: torch.
 if triton is not None:
 
     @triton.jit
-    def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, C, BS,
-                  NOUT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr):
-        """Rows r (queries T0 + r) of KV head hk, ROWS of them: each its NOUT best selection
-        blocks, best first, the first block and the query's own two forced in, blocks after its
-        own out (-1: none)."""
-        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, BS,
+                  NOUT: tl.constexpr, TILE: tl.constexpr):
+        """Row r (query T0 + r) of KV head hk: its NOUT best selection blocks, best first, the
+        first block and the query's own two forced in, blocks after its own out (-1: none)."""
+        r = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
-        cur = ((T0 + r) // BS)[:, None]
-        j = tl.arange(0, TILE)[None, :]
-        rin = r < C
-        x = tl.load(IMP + b * sib + hk * sih + r[:, None] * sit + j, mask=rin[:, None] & (j < NSEL),
-                    other=float("-inf"))
+        cur = (T0 + r) // BS
+        j = tl.arange(0, TILE)
+        x = tl.load(IMP + b * sib + hk * sih + r * sit + j, mask=j < NSEL, other=float("-inf"))
         x = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), x)
         x = tl.where(j > cur, float("-inf"), x)
         for i in tl.static_range(NOUT):
-            best = tl.argmax(x, 1)
-            top = tl.max(x, 1)
-            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1), mask=rin)
-            x = tl.where(j == best[:, None], float("-inf"), x)
+            best = tl.argmax(x, 0)
+            top = tl.max(x, 0)
+            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1))
+            x = tl.where(j == best, float("-inf"), x)
 
 
-def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int, launch=None) -> torch.Tensor | None:
+def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int, warps=None) -> torch.Tensor | None:
     """``NSA.select`` in one kernel: importance [B, Hkv, c, nsel] of queries t0 .. t0 + c - 1 ->
     their chosen blocks [B, Hkv, c, min(n, nsel)] int32 (-1 where fewer are visible). None
     where a row does not fit on chip (nsel > 4096 selection blocks): callers use ``select``.
-    ``launch``: (rows a program (a power of two), -, warps, -)."""
+    One row a program, on ``warps`` warps (default ``NSA_LAUNCH["topn"]``)."""
     B, Hkv, c, nsel = importance.shape
     if nsel > 4096:
         return None
-    rows, _, warps, _ = launch or NSA_LAUNCH["topn"]
-    rows = max(1, min(triton.next_power_of_2(rows), 16384 // _tile(nsel)))  # at most 16k scores a program
     imp = importance.contiguous()
     out = torch.empty(B, Hkv, c, min(n, nsel), device=imp.device, dtype=torch.int32)
-    _nsa_topn[(math.ceil(c / rows), B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, c,
-                                              block_size, NOUT=out.shape[-1], TILE=_tile(nsel), ROWS=rows,
-                                              num_warps=warps)
+    _nsa_topn[(c, B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, block_size,
+                            NOUT=out.shape[-1], TILE=_tile(nsel), num_warps=warps or NSA_LAUNCH["topn"])
     return out
 
 
@@ -822,7 +819,7 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    rows, bn, warps, stages = launch or NSA_LAUNCH["importance"]
+    rows, bn, warps, stages = launch or NSA_LAUNCH["importance" if H > Hkv else "importance_mha"]
     bg = triton.next_power_of_2(H // Hkv)
     bt = max(1, rows // bg)  # tokens a program takes (all heads of their group: bt * bg rows)
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
