@@ -85,18 +85,19 @@ class SparseK(AttentionMethod):
     training_free = False
     impls = ("reference", "gather", "triton")
     last_path: str | None = None  # the path the last call took: reference, gather or triton
-    # the kernel holds nothing per chunk, so its selection takes at least this many queries at a
-    # time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
-    kernel_chunk = 1024
     bisect_in_interpreter = False  # the threshold bisection's kernel on the CPU too (slow: its tests)
     _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
-                 **structural):
+                 kernel_chunk: int = 1024, **structural):
         super().__init__(impl=impl, **structural)
-        if k < 1 or window < 1:
-            raise ValueError(f"SparseK: k and window must be >= 1, got k={k}, window={window}")
+        if k < 1 or window < 1 or kernel_chunk < 1:
+            raise ValueError(f"SparseK: k, window and kernel_chunk must be >= 1, got k={k}, window={window}, "
+                             f"kernel_chunk={kernel_chunk}")
         self.k, self.window, self.query_chunk = k, window, query_chunk
+        # the kernel holds nothing per chunk, so its selection takes at least this many queries
+        # at a time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
+        self.kernel_chunk = kernel_chunk
         self.score = nn.Linear(self.head_dim, 1)  # the scoring network (shared by the KV heads)
 
     def hyperparameters(self) -> dict:

@@ -525,11 +525,10 @@ def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=No
 if triton is not None:
 
     @triton.jit
-    def _count_sorted(base, L, x, NBITS, RIGHT: tl.constexpr):
-        """Entries of the ascending base[0:L] that are <= x (RIGHT) or < x, per element of x."""
-        lo = (x * 0).to(tl.int32)
-        hi = lo + L
-        for _ in range(NBITS):
+    def _count_sorted(base, x, lo, hi, RIGHT: tl.constexpr):
+        """Entries of the ascending ``base`` that are <= x (RIGHT) or < x, per element of x, each
+        known to lie in [lo, hi]: a binary search of as many steps as the widest bracket needs."""
+        while tl.max(hi - lo, 0) > 0:
             mid = (lo + hi) // 2
             active = lo < hi
             val = tl.load(base + mid, mask=active, other=0.0)
@@ -539,12 +538,13 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, NBITS, ITERS,
+    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, ITERS,
                         R: tl.constexpr, TILE: tl.constexpr):
         """Rows of one (batch, KV head): bisection on tau of f(tau) = sum clip(u - tau, 0, 1)
-        over the row's candidates = the shared ones (sorted SV, prefix sums CS: two binary
-        searches) and the newer ones NEW at positions NEWP <= LIM[row]; (LO, HI) in, the final
-        bracket out."""
+        over the row's candidates = the shared ones (sorted SV, prefix sums CS: two counts by
+        binary search) and the newer ones NEW at positions NEWP <= LIM[row]; (LO, HI) in, the
+        final bracket out. The counts at the bracket's ends bound the counts at its middle, so
+        each search narrows as the bracket does."""
         bh = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < C
@@ -553,10 +553,13 @@ if triton is not None:
         kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
         lim = tl.load(LIM + rows, mask=live, other=-1)
         sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+        a_lo = tl.zeros([R], tl.int32)  # entries <= lo (a lower bound), <= hi (an upper bound)
+        a_hi = a_lo + L
+        b_lo, b_hi = a_lo, a_hi  # the same for entries < lo + 1, < hi + 1
         for _ in range(ITERS):
             mid = (lo + hi) / 2
-            a = _count_sorted(sv, L, mid, NBITS, True)  # entries <= tau
-            b = _count_sorted(sv, L, mid + 1, NBITS, False)  # entries < tau + 1
+            a = _count_sorted(sv, mid, a_lo, a_hi, True)  # entries <= tau
+            b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # entries < tau + 1
             f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
             for j0 in range(0, M, TILE):
                 j = j0 + tl.arange(0, TILE)
@@ -566,6 +569,8 @@ if triton is not None:
                 f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
             more = f > kk
             lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
+            a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
+            b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
         tl.store(LO + bh * C + rows, lo, mask=live)
         tl.store(HI + bh * C + rows, hi, mask=live)
 
@@ -584,7 +589,7 @@ def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
     lo, hi = lo.contiguous().clone(), hi.contiguous().clone()
     R = 32
     _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, newp, lim.to(torch.int32).contiguous(), lo, hi, kk,
-                                            L, M, C, max(1, L).bit_length() + 1, iters, R=R, TILE=64, num_warps=4)
+                                            L, M, C, iters, R=R, TILE=64, num_warps=4)
     return lo, hi
 
 
