@@ -106,16 +106,17 @@ class MInference(SparseMethod):
         budget = [min(int(h.get("top_k_blocks", 0)), nk) for h in self.heads]
         width = max(budget + [1])
         kb = torch.arange(nk, device=q.device).view(1, nk)
+        rank = torch.arange(width, device=q.device).view(1, 1, 1, width)
+        per_head = torch.tensor(budget, device=q.device).view(1, H, 1, 1)
         rows = max(1, self.score_bytes // (4 * B * H * nk))
         for a in range(0, nq, rows):
             c = min(rows, nq - a)
             qb = torch.arange(a, a + c, device=q.device).view(c, 1) + (nk - nq)
             s = pq[:, :, a:a + c] @ pk.transpose(-1, -2)  # [B, H, c, nk]
             s = s.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
-            picks = torch.full((B, H, c, width), nk, device=q.device, dtype=torch.long)
-            for h, n in enumerate(budget):  # per-head budget
-                if n:
-                    picks[:, h, :, :n] = s[:, h].topk(n, dim=-1).indices
+            # one top-k of the largest budget; each head keeps its own budget's first picks
+            picks = torch.where(rank < per_head, s.topk(width, dim=-1).indices, nk) if max(budget) else \
+                torch.full((B, H, c, width), nk, device=q.device, dtype=torch.long)
             yield a, torch.where(picks <= qb, picks, nk).sort(-1).values
 
     def block_layout(self, q, k):
@@ -248,12 +249,15 @@ class MInference(SparseMethod):
 
 
 def _top_per_head(score, n_per_head):
+    """[B, H, T] bool: each head's n_per_head[h] best entries, by one top-k of the largest
+    budget for all heads (no loop over heads, one host sync)."""
     B, H, T = score.shape
     out = torch.zeros_like(score, dtype=torch.bool)
-    for h in range(H):
-        n = min(int(n_per_head[h]), T)
-        if n:
-            out[:, h].scatter_(-1, score[:, h].topk(n, dim=-1).indices, True)
+    n = n_per_head.clamp(max=T).view(1, H, 1)
+    width = int(n.max())
+    if width:
+        keep = torch.arange(width, device=score.device).view(1, 1, width) < n
+        out.scatter_(-1, score.topk(width, dim=-1).indices, keep.expand(B, H, width))
     return out
 
 

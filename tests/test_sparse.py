@@ -197,6 +197,28 @@ def test_minference_block_lists_by_chunks_equal_the_layout():
         assert torch.equal(got, want)
 
 
+def test_minference_per_head_budgets_equal_each_budget_alone(tmp_path):
+    """Heads of different budgets (one top-k of the largest, each head keeping its own): each
+    head's verticals, slashes and key blocks are those of a model where every head has its budget."""
+    q, k, _ = seeded_qkv(B=2, H=3, Hkv=3, T=150, D=16, dtype=torch.float32)
+
+    def model(heads):
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps({"num_heads": 3, "heads": heads}))
+        return methods.load("minference", pattern="searched", pattern_file=str(path), num_heads=3, head_dim=16,
+                            block_size=16, last_q=32)
+
+    vs = [dict(pattern="vertical_slash", num_sink=2, window=3, vertical_size=n, slash_size=m)
+          for n, m in ((5, 9), (0, 4), (17, 0))]  # budgets at least the forced sinks and window (no ties)
+    bs = [dict(pattern="block_sparse", top_k_blocks=n) for n in (1, 4, 0)]
+    for heads, build in ((vs, lambda m: m.vertical_slash_sets(q, k)), (bs, lambda m: (m.block_layout(q, k),))):
+        mixed = build(model(heads))
+        for h in range(3):
+            alone = build(model([heads[h]] * 3))
+            for got, want in zip(mixed, alone):
+                assert torch.equal(got[:, h], want[:, h]), (heads[h], h)
+
+
 def test_pattern_search_respects_budget_and_round_trips(tmp_path):
     from tasks.fidelity import structured_qkv
 
