@@ -1,7 +1,11 @@
 """Load run records into a flat pandas DataFrame (one row per record)."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import pandas as pd
+from omegaconf import OmegaConf
 
 from runners import records as store
 
@@ -46,6 +50,16 @@ def load(*stores, latest: bool = True) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+@functools.cache
+def config_defaults(method) -> dict:
+    """The hyperparameters of ``conf/method/<method>.yaml`` ({} where there is none)."""
+    path = Path(__file__).resolve().parents[1] / "conf" / "method" / f"{method}.yaml"
+    if not path.is_file():
+        return {}
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    return {k: v for k, v in data.items() if not str(k).startswith("_")}
+
+
 def variants(df: pd.DataFrame) -> pd.Series:
     """A label per row: the method, plus its hyperparameters that differ between the rows
     of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``), plus
@@ -53,6 +67,8 @@ def variants(df: pd.DataFrame) -> pd.Series:
     import json
 
     params = df["method_params"].apply(lambda p: p if isinstance(p, dict) else {})
+    # a key a record lacks (it predates that config key) ran at the key's default
+    params = pd.Series([{**config_defaults(m), **p} for m, p in zip(df["method"], params)], index=df.index)
     labels = df["method"].astype(str).copy()
     for method, idx in df.groupby("method").groups.items():
         ps = params.loc[idx]

@@ -97,6 +97,18 @@ def test_variants_name_only_what_differs():
     assert list(variants(df)) == ["m pattern=a", "m pattern=b", "d"]
 
 
+def test_variants_fill_a_key_older_records_lack_with_its_config_default():
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.load("conf/method/sparsek.yaml").kernel_chunk  # a key added after records existed
+    old, new, other = {"k": 256, "impl": "triton"}, {"k": 256, "impl": "triton", "kernel_chunk": default}, \
+        {"k": 256, "impl": "triton", "kernel_chunk": default // 2}
+    df = pd.DataFrame({"method": ["sparsek"] * 3, "method_params": [old, new, other]})
+    labels = list(variants(df))
+    assert labels[0] == labels[1] == f"sparsek kernel_chunk={default}" and labels[2] == f"sparsek kernel_chunk={default // 2}"
+    assert list(variants(df.iloc[:2])) == ["sparsek", "sparsek"]  # nothing differs: no key named
+
+
 def test_readme_results_tables_are_up_to_date():
     from analysis import readme
 
