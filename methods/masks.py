@@ -93,6 +93,13 @@ def attention_mask(
     return materialize(and_masks(*mods), B, 1, tq, tk, device=device)
 
 
+def window_pairs(p0: int, p1: int, window: int) -> int:
+    """Pairs a causal window of ``window`` keys allows the queries at positions p0 .. p1 - 1:
+    the sum of min(window, p + 1), in closed form."""
+    m = min(max(window - 1, p0), p1)  # positions below window - 1 see p + 1 keys, the rest window
+    return (m * (m + 1) - p0 * (p0 + 1)) // 2 + (p1 - m) * window
+
+
 def causal_pairs(tq: int, tk: int) -> int:
     """Number of (query, key) pairs an end-aligned causal mask allows."""
     if tq <= tk:

@@ -122,7 +122,7 @@ class SparseK(AttentionMethod):
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
 
     @torch.no_grad()
-    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False, presorted=None):
+    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False, presorted=None, row0=None):
         """The same (idx, weight, valid) as ``_soft_mask_rows``, without a [c, T] pass per
         bisection step: the candidates shared by the chunk (j <= rows[0] - window) are sorted
         once, so each row's sum_j clip(u_j - tau, 0, 1) is two binary searches on them plus
@@ -132,11 +132,13 @@ class SparseK(AttentionMethod):
         the sorted shared candidates, the newer ones that can be in a top-k, tau, each row's
         k-th best score, and the pairs attended. ``presorted``: (values, positions) of all of
         u sorted (padding as -big), from which each chunk takes its shared part in order
-        (one sort per call instead of one per chunk)."""
+        (one sort per call instead of one per chunk). ``row0``: rows[0] as a Python int where the
+        caller knows it (rows ascend by one), saving a device-to-host copy."""
         B, Hkv, T = u.shape
         w, c, dt = self.window, len(rows), u.dtype
         lim = rows - w  # [c]: the last candidate of each row
-        s0, s1 = max(int(lim[0]) + 1, 0), max(int(lim[-1]) + 1, 0)  # shared: j < s0; newer: s0 <= j < s1
+        first = int(rows[0]) if row0 is None else row0
+        s0, s1 = max(first - w + 1, 0), max(first + c - w, 0)  # shared: j < s0; newer: s0 <= j < s1
         big = torch.finfo(dt).max / 4
         shared = u[..., :s0]
         ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :s0].expand_as(shared)
@@ -227,7 +229,7 @@ class SparseK(AttentionMethod):
             # are those the kernel attends (u >= kth, weight > 0)
             kth = self._kth_best(top_sh_v.masked_fill(~top_sh_ok, -float("inf")), newc.squeeze(2), new_ok) \
                 if take == kk_top else pool_v.topk(kk_top, dim=-1).values[..., -1]  # [B, Hkv, c]
-            pairs = int(((pool_v >= kth.unsqueeze(-1)) & (pool_v > tau.unsqueeze(-1))).sum())
+            pairs = ((pool_v >= kth.unsqueeze(-1)) & (pool_v > tau.unsqueeze(-1))).sum()  # on the device
             return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs)
         top = pool_v.topk(kk_top, dim=-1)
         idx = pool_i.gather(-1, top.indices)
@@ -281,9 +283,10 @@ class SparseK(AttentionMethod):
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
                 from methods.kernels.block_sparse import sparsek_tile_attention
 
-                plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted)
+                plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted, row0=a + off)
                 outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
-                counted += plan["pairs"] * rep + B * H * int((rows + 1).clamp(max=self.window).sum())
+                window = masks.window_pairs(a + off, b + off, self.window)
+                counted = counted + plan["pairs"] * rep + B * H * window  # a tensor: no host sync per chunk
                 continue
             fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
@@ -304,7 +307,7 @@ class SparseK(AttentionMethod):
                 o, n = self._gather_chunk(qc, k, v, idx, wsel, rows, key_padding_mask, rep, dt, scale)
                 outs.append(o)
                 counted += n
-        self.last_density = counted / float(B * H * masks.causal_pairs(tq, tk))
+        self.last_density = float(counted) / float(B * H * masks.causal_pairs(tq, tk))
         return torch.cat(outs, 2).to(q.dtype)
 
     @staticmethod

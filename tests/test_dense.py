@@ -81,3 +81,11 @@ def test_cost_counts_causal_pairs():
     assert full.flops == 4 * 2 * 100 * 8
     assert causal.flops == 4 * 2 * 55 * 8
     assert full.density == causal.density == 1.0
+
+
+def test_window_pairs_counts_the_materialised_window():
+    from methods import masks
+
+    for p0, p1, w in [(0, 10, 3), (2, 9, 1), (5, 5, 4), (0, 7, 20), (6, 30, 7)]:
+        band = masks.materialize(masks.and_masks(masks.sliding_window(w), masks.causal()), 1, 1, p1, p1)[0, 0]
+        assert masks.window_pairs(p0, p1, w) == int(band[p0:p1].sum()), (p0, p1, w)
