@@ -37,8 +37,11 @@ if [ "${PART:-all}" = all ] || [ "${PART}" = backward ]; then  # forward + backw
 run -m method=dense runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=true \
     experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
-# the methods whose Triton paths are forward only train through their default paths
-run -m method=nsa,performer runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
+# NSA trains through flex (default) or its selection's and window's backward kernels (triton);
+# Performer and SparseK, whose Triton paths are forward only, through their default paths
+run -m method=nsa method.impl=flex,triton runner.backward=true experiment=efficiency/causal \
+    'runner.seq_lens=[4096,16384,65536]' "$@"
+run -m method=performer runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=sparsek runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
 run -m method=dense,linformer,nystrom runner.backward=true experiment=efficiency/noncausal \
     'runner.seq_lens=[4096,16384,65536]' "$@"

@@ -142,6 +142,48 @@ def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0):
     return out, masked_attention(q, k, v, mask)
 
 
+def nsa_grad_case(dtype, device, T, D, bs, n, H, Hkv, tol):
+    """dq, dk, dv of the selection's backward against autograd through the masked reference;
+    block 0 chosen by every token (its tokens span several dK/dV work items)."""
+    B = 2
+    q, k, v = (x.requires_grad_() for x in _inputs(B, H, Hkv, T, D, dtype, device, 4))
+    nblk = math.ceil(T / bs)
+    g = torch.Generator().manual_seed(5)
+    rest = torch.stack([torch.randperm(nblk - 1, generator=g)[:n - 1] + 1 for _ in range(B * Hkv * T)])
+    sel = torch.cat([torch.zeros(B * Hkv * T, 1, dtype=torch.long), rest], 1).view(B, Hkv, T, n)
+    cur = torch.arange(T).view(1, 1, T, 1) // bs
+    sel = torch.where(sel <= cur, sel, -1).to(device)
+    out = bsk.nsa_selected_attention(q, k, v, sel, bs)
+    from methods.nsa import NSA
+
+    chosen = NSA.chosen_mask(sel, nblk).repeat_interleave(H // Hkv, 1)
+    qi, ki, d = _grid(T, device)
+    mask = chosen[..., torch.arange(T, device=device) // bs] & (d >= 0)
+    ref = masked_attention(q.float(), k.float(), v.float(), mask)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    got = torch.autograd.grad(out.float(), (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, a, b_ in zip("qkv", got, want):
+        err = float((a.float() - b_.float()).abs().max() / b_.float().abs().max())
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])  # groups of 2, 3 (padded), 1
+def test_nsa_selection_backward_cpu(heads, monkeypatch):
+    from methods.kernels.block_sparse_bwd import NSASelectedAttention
+
+    monkeypatch.setattr(NSASelectedAttention, "segment", 7)  # block 0's 61 tokens: 9 work items
+    nsa_grad_case(torch.float32, "cpu", 61, 16, 8, 3, *heads, tol=1e-4)
+
+
+def test_nsa_block_tokens_lists_each_choice_once():
+    from methods.kernels.block_sparse_bwd import nsa_block_tokens
+
+    sel = torch.tensor([[[[0, -1], [0, 1], [1, 0], [-1, -1]]]])  # [1, 1, T=4, n=2]
+    tok, work = nsa_block_tokens(sel, 2, segment=2)
+    assert tok[0, :4].tolist() == [0, 1, 2, 1] and work.tolist() == [[0, 0, 0, 2], [0, 0, 2, 3], [0, 1, 3, 5]]
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("bs", [8, 16])
 def test_nsa_selection_kernel_cpu(dtype, bs):
@@ -354,6 +396,13 @@ def test_block_sparse_kernel_gradients_cpu(causal, blocks):
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_kernel_gradients_gpu_bf16(causal):
     block_sparse_grad_case(torch.bfloat16, "cuda", 1000, 128, 64, 64, causal, tol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("heads", [(32, 2), (8, 8)])  # a group of 16 heads, of one
+def test_nsa_selection_backward_gpu_bf16(heads):
+    nsa_grad_case(torch.bfloat16, "cuda", 1000, 128, 64, 8, *heads, tol=3e-2)
 
 
 def block_sparse_grad_case(dtype, device, T, D, bm, bn, causal, tol):

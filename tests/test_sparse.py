@@ -307,6 +307,23 @@ def test_nsa_triton_selection_by_row_chunks_equals_reference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_nsa_triton_training_has_the_reference_gradients():
+    """impl=triton with gradients: the selection's and the window's backward kernels, the
+    compressed branch by autograd; every input and parameter gradient as the reference's."""
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, **SMALL["nsa"])
+    m, ref = methods.load("nsa", impl="triton", **kw), methods.load("nsa", impl="reference", **kw)
+    ref.load_state_dict(m.state_dict())
+    q, k, v = (t.requires_grad_() for t in seeded_qkv(B=1, H=4, Hkv=2, T=70, D=16, dtype=torch.float32))
+    got, want = m(q, k, v, causal=True), ref(q, k, v, causal=True)
+    assert m.last_path == "triton"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    names = ["q", "k", "v"] + [n for n, _ in m.named_parameters()]
+    grads = [torch.autograd.grad(o, [q, k, v, *mod.parameters()], g) for o, mod in ((got, m), (want, ref))]
+    for name, a, b in zip(names, *grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_nsa_gradients_reach_every_branch():
     m = methods.load("nsa", num_heads=2, head_dim=8, block_size=8, num_selected=2, window=8,
                      compress_block=8, compress_stride=4).double()

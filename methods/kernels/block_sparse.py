@@ -177,10 +177,11 @@ if triton is not None:
 
     @triton.jit
     def _nsa_selected_fwd(
-        Q, K, V, O, SEL,
+        Q, K, V, O, SEL, LSE,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, ssb, ssh, sst,
-        HKV, G, NSEL, qk_scale,
+        HKV, G, T, NSEL, qk_scale,
         BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr, D: tl.constexpr,
+        STORE_LSE: tl.constexpr = False,
     ):
         t = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
@@ -206,6 +207,9 @@ if triton is not None:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + heads[:, None] * soh + t * sot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=gin[:, None])
+        if STORE_LSE:  # base-2 log-sum-exp per (head, token) [B, H, T], for the backward
+            lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + (b * HKV * G + heads) * T + t, lse, mask=gin)
 
 
 def _check(q, k, v):
@@ -403,11 +407,16 @@ def vertical_slash_attention(q, k, v, vert, slash, block: int = 64, plan=None, s
     return out
 
 
-def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None):
+def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None, lse=None):
     """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
     by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n].
-    ``launch``: (-, -, warps, stages)."""
+    ``launch``: (-, -, warps, stages). ``lse`` [B, H, T] fp32, when given, receives each row's
+    base-2 log-sum-exp. With gradients enabled on q, k or v: ``NSASelectedAttention``."""
     q, k, v = _check(q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        from methods.kernels.block_sparse_bwd import NSASelectedAttention
+
+        return NSASelectedAttention.apply(q, k, v, sel, block_size, scale)
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -416,10 +425,11 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     warps, stages = (launch or NSA_LAUNCH["selected"])[2:]
     _nsa_selected_fwd[(T, B * Hkv)](
-        q, k, v, out, sel,
+        q, k, v, out, sel, lse if lse is not None else sel,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sel.stride()[:3],
-        Hkv, G, sel.shape[-1], scale * LOG2E,
-        BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, num_warps=warps, num_stages=stages,
+        Hkv, G, T, sel.shape[-1], scale * LOG2E,
+        BLOCK_G=_tile(G), BS=block_size, TILE_S=_tile(block_size), D=D, STORE_LSE=lse is not None,
+        num_warps=warps, num_stages=stages,
     )
     return out
 

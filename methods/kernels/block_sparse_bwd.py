@@ -171,4 +171,157 @@ class BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, *([None] * 11)
 
 
-__all__ = ["BlockSparseAttention", "transpose_lists"]
+# ---- NSA's selection branch: each token's own key blocks --------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _nsa_sel_bwd_dq(
+        Q, K, V, DO, LSE, DELTA, DQ, SEL,
+        sqb, sqh, sqt, skb, skh, skt, ssb, ssh, sst,
+        HKV, G, T, NSEL, qk_scale, scale,
+        BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr, D: tl.constexpr,
+    ):
+        """dQ of token t's rows (the heads of KV head hk) over its selected blocks, as the forward
+        visits them. q, do and dq share q's strides; LSE, DELTA [B, H, T]."""
+        t = tl.program_id(0)
+        bhk = tl.program_id(1).to(tl.int64)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = hk * G + offs_g
+        gin = offs_g < G
+        offs_d = tl.arange(0, D)
+        rows = b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :]
+        q = tl.load(Q + rows, mask=gin[:, None], other=0.0)
+        do = tl.load(DO + rows, mask=gin[:, None], other=0.0)
+        lse = tl.load(LSE + (b * HKV * G + heads) * T + t, mask=gin, other=float("inf"))
+        delta = tl.load(DELTA + (b * HKV * G + heads) * T + t, mask=gin, other=0.0)
+        dq = tl.zeros([BLOCK_G, D], tl.float32)
+        for j in range(0, NSEL):
+            blk = tl.load(SEL + b * ssb + hk * ssh + t * sst + j)
+            offs_n = blk * BS + tl.arange(0, TILE_S)  # blk = -1 (no block): all negative
+            kin = (tl.arange(0, TILE_S) < BS) & (offs_n >= 0) & (offs_n <= t)  # causal
+            kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+            k = tl.load(K + kv, mask=kin[:, None], other=0.0)
+            v = tl.load(V + kv, mask=kin[:, None], other=0.0)
+            p = tl.where(kin[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=gin[:, None])
+
+    @triton.jit
+    def _nsa_sel_bwd_dkdv(
+        Q, K, V, DO, LSE, DELTA, DK, DV, TOK, WORK,
+        sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
+        HKV, G, T, NT, qk_scale, scale,
+        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        """dK and dV of one key block from a segment of the tokens that selected it: work item
+        (b * HKV + hk, block, first, end) indexes TOK [B * HKV, NT], the tokens sorted by the
+        block they chose. Rows: BLOCK_T tokens x the group's heads (token-major). Adds into the
+        fp32 DK, DV [B, HKV, T, D] (a block's tokens may span several items)."""
+        w = tl.program_id(0)
+        bhk = tl.load(WORK + w * 4).to(tl.int64)
+        blk = tl.load(WORK + w * 4 + 1)
+        first = tl.load(WORK + w * 4 + 2)
+        end = tl.load(WORK + w * 4 + 3)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_n = blk * BS + tl.arange(0, TILE_S)
+        kin = (tl.arange(0, TILE_S) < BS) & (offs_n < T)
+        offs_d = tl.arange(0, D)
+        kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+        k = tl.load(K + kv, mask=kin[:, None], other=0.0)
+        v = tl.load(V + kv, mask=kin[:, None], other=0.0)
+        dk = tl.zeros([TILE_S, D], tl.float32)
+        dv = tl.zeros([TILE_S, D], tl.float32)
+        R: tl.constexpr = BLOCK_T * BLOCK_G
+        offs_r = tl.arange(0, R)
+        g = offs_r % BLOCK_G
+        heads = hk * G + g
+        for i in range(first, end, BLOCK_T):
+            at = i + offs_r // BLOCK_G
+            rin = (at < end) & (g < G)
+            tok = tl.load(TOK + bhk * NT + at, mask=rin, other=0)
+            rows = b * sqb + heads[:, None] * sqh + tok[:, None] * sqt + offs_d[None, :]
+            q = tl.load(Q + rows, mask=rin[:, None], other=0.0)
+            do = tl.load(DO + rows, mask=rin[:, None], other=0.0)
+            lse = tl.load(LSE + (b * HKV * G + heads) * T + tok, mask=rin, other=float("inf"))
+            delta = tl.load(DELTA + (b * HKV * G + heads) * T + tok, mask=rin, other=0.0)
+            ok = kin[:, None] & rin[None, :] & (offs_n[:, None] <= tok[None, :])  # [keys, rows]
+            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        out = b * sdb + hk * sdh + offs_n[:, None] * sdt + offs_d[None, :]
+        tl.atomic_add(DK + out, dk * scale, mask=kin[:, None])
+        tl.atomic_add(DV + out, dv, mask=kin[:, None])
+
+
+def nsa_block_tokens(sel: torch.Tensor, nblocks: int, segment: int):
+    """The transpose of NSA's selection: sel [B, Hkv, T, n] (-1: none) -> (tok [B * Hkv, T * n]
+    int32, the tokens sorted by the block they chose, and work [items, 4] int32 of (b * Hkv + hk,
+    block, first, end): each block's run of tok cut into segments of at most ``segment`` tokens
+    (block 0, chosen by every token, would otherwise be one program's whole sequence)."""
+    B, Hkv, T, n = sel.shape
+    key = torch.where(sel >= 0, sel, nblocks).reshape(B * Hkv, T * n).long()
+    skey, order = key.sort(dim=-1, stable=True)
+    tok = (order // n).to(torch.int32).contiguous()
+    bounds = torch.searchsorted(skey, torch.arange(nblocks + 1, device=sel.device).expand(B * Hkv, -1).contiguous())
+    start, count = bounds[:, :-1].reshape(-1), (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)  # per (bhk, block)
+    nseg = (count + segment - 1) // segment
+    item = torch.repeat_interleave(torch.arange(len(nseg), device=sel.device), nseg)  # one host sync
+    first_item = torch.cumsum(nseg, 0) - nseg
+    first = start[item] + (torch.arange(len(item), device=sel.device) - first_item[item]) * segment
+    end = torch.minimum(first + segment, start[item] + count[item])
+    work = torch.stack([item // nblocks, item % nblocks, first, end], 1).to(torch.int32).contiguous()
+    return tok, work
+
+
+class NSASelectedAttention(torch.autograd.Function):
+    """``nsa_selected_attention`` with gradients: the forward stores each row's LSE; dQ per token
+    over its blocks, dK and dV per key block over the tokens that chose it (``nsa_block_tokens``)."""
+
+    segment = 256  # tokens a dK/dV program takes at most
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, block_size, scale):
+        from methods.kernels.block_sparse import nsa_selected_attention
+
+        B, H, T, D = q.shape
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        sel = sel.to(torch.int32).contiguous()
+        with torch.no_grad():
+            out = nsa_selected_attention(q, k, v, sel, block_size, scale, lse=lse)
+        ctx.save_for_backward(q, k, v, out, lse, sel)
+        ctx.cfg = (block_size, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+        bs, scale = ctx.cfg
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, H, T]
+        dq = torch.empty_like(q)
+        _nsa_sel_bwd_dq[(T, B * Hkv)](
+            q, k, v, do, lse, delta, dq, sel, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
+            Hkv, G, T, sel.shape[-1], scale * LOG2E, scale,
+            BLOCK_G=_tile(G), BS=bs, TILE_S=_tile(bs), D=D, num_warps=2, num_stages=2)
+        nblocks = math.ceil(T / bs)
+        tok, work = nsa_block_tokens(sel, nblocks, NSASelectedAttention.segment)
+        dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
+        dv = torch.zeros_like(dk)
+        bg = triton.next_power_of_2(G)
+        if len(work):
+            _nsa_sel_bwd_dkdv[(len(work),)](
+                q, k, v, do, lse, delta, dk, dv, tok, work, *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                Hkv, G, T, tok.shape[1], scale * LOG2E, scale,
+                BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D, num_warps=4, num_stages=2)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+__all__ = ["BlockSparseAttention", "NSASelectedAttention", "nsa_block_tokens", "transpose_lists"]
