@@ -2,10 +2,12 @@
 
     python scripts/profile_method.py nsa --seq-len 65536 --heads 64 --kv-heads 4 impl=triton
     python scripts/profile_method.py performer --seq-len 65536 impl=triton num_features=128
+    python scripts/profile_method.py nsa --seq-len 65536 --heads 64 --kv-heads 4 impl=triton --backward
 
 Builds the method with ``methods.load`` (extra ``key=value`` arguments are its
 hyperparameters; numbers and booleans are parsed), runs the causal forward in bf16 on random
-inputs (B=1) twice to warm up, then profiles ``--reps`` calls and prints the CUDA kernels by
+inputs (B=1) twice to warm up (``--backward``: forward and backward, a training step), then
+profiles ``--reps`` calls and prints the CUDA kernels by
 total time (per call), with the share of the whole. A diagnosis tool for the efficiency
 notes: latencies that are reported come from ``runners.cli`` and ``scripts/peers.py``.
 """
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--backward", action="store_true", help="profile a training step: forward and backward "
+                    "(gradients of q, k, v and the method's parameters)")
     args = ap.parse_intermixed_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scripts/profile_method.py profiles CUDA kernels: no CUDA device here")
@@ -56,15 +60,24 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(1, Hkv, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    with torch.no_grad():
-        for _ in range(2):
-            m(q, k, v, causal=True)
-        torch.cuda.synchronize()
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(args.reps):
+    if args.backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        grad = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+
+        def call():
+            m(q, k, v, causal=True).backward(grad)
+    else:
+        def call():
+            with torch.no_grad():
                 m(q, k, v, causal=True)
-            torch.cuda.synchronize()
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.reps):
+            call()
+        torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
         if not str(getattr(e, "device_type", "")).endswith("CUDA"):
@@ -76,7 +89,8 @@ def main(argv=None) -> int:
             rows.append((us / args.reps / 1e3, e.count // args.reps, e.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"{args.method} {kw} T={T} H={H} Hkv={Hkv} D={D}: {total:.2f} ms of GPU kernels per call")
+    step = "forward + backward" if args.backward else "forward"
+    print(f"{args.method} {kw} T={T} H={H} Hkv={Hkv} D={D}: {total:.2f} ms of GPU kernels per {step}")
     print("| ms per call | share | calls | kernel |\n|---|---|---|---|")
     for ms, n, name in rows[: args.top]:
         print(f"| {ms:.3f} | {ms / total:.0%} | {n} | {name[:90]} |")
