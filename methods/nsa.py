@@ -22,10 +22,10 @@ then the selection-block importance recomputed from it (by row chunks of at most
 (``nsa_topn``), the selection (one program per token serves all query heads of a GQA group,
 as in the paper), the window, and the gated sum in one pass. The reference and flex paths
 compute the compressed branch in PyTorch, in chunks of queries. Training with impl=triton:
-the compressed branch (and the selection) in PyTorch as the other paths, the selection and the
-window through Triton kernels with backward kernels (``NSASelectedAttention``: dK and dV by key
-block over the tokens that chose it; ``BlockSparseAttention``). Among blocks of equal
-importance the earlier is chosen (on every path).
+each branch has a backward kernel (``NSACompressedAttention``; ``NSASelectedAttention``: dK and
+dV by key block over the tokens that chose it; ``BlockSparseAttention`` for the window), the
+compression MLP and the gates by autograd. Among blocks of equal importance the earlier is
+chosen (on every path).
 """
 from __future__ import annotations
 
@@ -152,10 +152,7 @@ class NSA(SparseMethod):
         B, H, T, D = q.shape
         training = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or
                                                 any(p.requires_grad for p in self.parameters()))
-        if training:  # the compressed branch with autograd (PyTorch), as the other paths
-            o_cmp, sel = self._compressed(q, k, v)
-        else:
-            o_cmp, sel = self._triton_compressed(q, k, v)
+        o_cmp, sel = self._triton_compressed(q, k, v)
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
         idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
@@ -163,20 +160,23 @@ class NSA(SparseMethod):
                                            win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
-        if training or q.dtype == torch.float64:  # autograd; the interpreter's fp64 tests: in fp64
-            return self._combine(q, o_cmp.to(torch.float64) if q.dtype == torch.float64 else o_cmp, o_slc, o_win), work
+        if training or q.dtype == torch.float64:  # autograd (in fp32); the interpreter's fp64 tests
+            return self._combine(q, o_cmp.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+                                 o_slc, o_win), work
         return bsk.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
 
     def _triton_compressed(self, q, k, v):
-        """o_cmp and the selected blocks [B, Hkv, T, n] through the kernels (forward only): the
-        compressed attention and its log-sum-exp, then the importance and the top-n by row
-        chunks (a [rows, T / block] score per KV head at a time)."""
+        """o_cmp and the selected blocks [B, Hkv, T, n] through the kernels: the compressed
+        attention and its log-sum-exp (with a backward kernel where gradients are on, through
+        to the compression MLP), then the importance and the top-n by row chunks (a [rows,
+        T / block] score per KV head at a time; no gradient: indices)."""
         from methods.kernels import block_sparse as bsk
 
         B, H, T, D = q.shape
         kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
         cb, cs = self.compress_block, self.compress_stride
         o_cmp, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
+        q, kc = q.detach(), kc.detach()
         nsel = math.ceil(T / self.block_size)
         rows = max(64, (self.importance_bytes // (4 * B * k.shape[1] * nsel)) // 64 * 64)
 

@@ -349,6 +349,35 @@ def test_gate_combine_gpu_bf16():
     gate_case(torch.bfloat16, "cuda")
 
 
+def nsa_compressed_grad_case(dtype, device, T, D, cl, cs, H, Hkv, tol):
+    """dq, dkc, dvc of the compressed attention's backward against autograd through a dense
+    PyTorch computation (rows that see no block included: their output is zero)."""
+    g = torch.Generator().manual_seed(7)
+    n = (T - cl) // cs + 1
+    q = torch.randn(1, H, T, D, generator=g).to(device, dtype).requires_grad_()
+    kc, vc = (torch.randn(1, Hkv, n, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    out, lse = bsk.nsa_compressed_attention(q, kc, vc, cl, cs)
+    assert not lse.requires_grad
+    vis = (torch.arange(n, device=device) * cs + cl - 1).view(1, n) <= torch.arange(T, device=device).view(T, 1)
+    kk, vv = (x.float().repeat_interleave(H // Hkv, 1) for x in (kc, vc))
+    s = (q.float() @ kk.transpose(-1, -2)) / math.sqrt(D)
+    ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0) @ vv
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(8)).to(device)
+    got = torch.autograd.grad(out.float(), (q, kc, vc), grad)
+    want = torch.autograd.grad(ref, (q, kc, vc), grad)
+    for name, a, b_ in zip(("q", "kc", "vc"), got, want):
+        err = float((a.float() - b_.float()).abs().max() / b_.float().abs().max())
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])
+def test_nsa_compressed_backward_cpu(heads, monkeypatch):
+    from methods.kernels.block_sparse_bwd import NSACompressedAttention
+
+    monkeypatch.setattr(NSACompressedAttention, "tiles", (16, 16))  # 36 blocks: 3 key tiles, 10 query tiles
+    nsa_compressed_grad_case(torch.float32, "cpu", 150, 16, 8, 4, *heads, tol=1e-4)
+
+
 def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     """o_cmp and the selection-block importance against a dense PyTorch computation."""
     B = 1
@@ -396,6 +425,13 @@ def test_block_sparse_kernel_gradients_cpu(causal, blocks):
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_kernel_gradients_gpu_bf16(causal):
     block_sparse_grad_case(torch.bfloat16, "cuda", 1000, 128, 64, 64, causal, tol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("heads", [(32, 2), (8, 8)])
+def test_nsa_compressed_backward_gpu_bf16(heads):
+    nsa_compressed_grad_case(torch.bfloat16, "cuda", 3000, 128, 32, 16, *heads, tol=3e-2)
 
 
 @pytest.mark.gpu

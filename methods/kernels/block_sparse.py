@@ -802,8 +802,13 @@ def nsa_compressed(q, kc, vc, block_size: int, compress_block: int, compress_str
 
 def nsa_compressed_attention(q, kc, vc, compress_block: int, compress_stride: int, scale=None, launch=None):
     """o_cmp [B, H, T, D] and the log-sum-exp (base 2, fp32) [B, H, T] of each query over the
-    compressed blocks that end at or before it. ``launch``: (block_m, block_n, warps, stages)."""
+    compressed blocks that end at or before it. ``launch``: (block_m, block_n, warps, stages).
+    With gradients enabled on q, kc or vc: ``NSACompressedAttention`` (the LSE without one)."""
     q, kc, vc = _check(q, kc, vc)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kc, vc)):
+        from methods.kernels.block_sparse_bwd import NSACompressedAttention
+
+        return NSACompressedAttention.apply(q, kc, vc, compress_block, compress_stride, scale)
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale

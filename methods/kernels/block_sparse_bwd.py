@@ -324,4 +324,130 @@ class NSASelectedAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-__all__ = ["BlockSparseAttention", "NSASelectedAttention", "nsa_block_tokens", "transpose_lists"]
+# ---- NSA's compressed branch: attention over the compressed keys -----------------------
+if triton is not None:
+
+    @triton.jit
+    def _nsa_cmp_bwd_dq(
+        Q, KC, VC, DO, LSE, DELTA, DQ,
+        sqb, sqh, sqt, skb, skh, skt,
+        H, REP, T, NC, CL, CS, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        """dQ of a query tile over the compressed blocks its rows see (block i: i * CS + CL - 1 <=
+        t). q, do and dq share q's strides; LSE, DELTA [B, H, T]."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        qin = offs_m < T
+        rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+        q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
+        do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
+        delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
+        n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
+        for j0 in range(0, n_vis, BLOCK_N):
+            offs_n = j0 + tl.arange(0, BLOCK_N)
+            kin = offs_n < NC
+            kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+            k = tl.load(KC + kv, mask=kin[:, None], other=0.0)
+            v = tl.load(VC + kv, mask=kin[:, None], other=0.0)
+            ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & kin[None, :]
+            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=qin[:, None])
+
+    @triton.jit
+    def _nsa_cmp_bwd_dkdv(
+        Q, KC, VC, DO, LSE, DELTA, DK, DV,
+        sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
+        H, REP, T, NC, CL, CS, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        """dK and dV of a tile of compressed blocks for one query head, over the query tiles
+        from the first that sees its first block (DK, DV [B, H, NC, D] fp32: summed over each
+        group by the caller)."""
+        jt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        offs_n = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        kin = offs_n < NC
+        kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+        k = tl.load(KC + kv, mask=kin[:, None], other=0.0)
+        v = tl.load(VC + kv, mask=kin[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        t0 = jt * BLOCK_N * CS + CL - 1  # the first query that sees the tile's first block
+        for m0 in range(t0 // BLOCK_M * BLOCK_M, T, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            qin = offs_m < T
+            rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
+            q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
+            do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
+            lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
+            delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
+            ok = (offs_n[:, None] * CS + CL - 1 <= offs_m[None, :]) & kin[:, None] & qin[None, :]
+            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # [N, M]
+            dv += tl.dot(pt.to(do.dtype), do)
+            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        out = b * sdb + h * sdh + offs_n[:, None] * sdt + offs_d[None, :]
+        tl.store(DK + out, dk * scale, mask=kin[:, None])
+        tl.store(DV + out, dv, mask=kin[:, None])
+
+
+class NSACompressedAttention(torch.autograd.Function):
+    """``nsa_compressed_attention`` with gradients for q and the compressed keys and values:
+    returns (o_cmp, lse), the log-sum-exp not differentiable (it feeds the selection)."""
+
+    tiles = (64, 64)  # the backward's query and compressed-key tiles
+
+    @staticmethod
+    def forward(ctx, q, kc, vc, compress_block, compress_stride, scale):
+        from methods.kernels.block_sparse import nsa_compressed_attention
+
+        D = q.shape[-1]
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        with torch.no_grad():
+            out, lse = nsa_compressed_attention(q, kc, vc, compress_block, compress_stride, scale)
+        ctx.save_for_backward(q, kc, vc, out, lse)
+        ctx.cfg = (compress_block, compress_stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, kc, vc, out, lse = ctx.saved_tensors
+        q, kc, vc, do = q.contiguous(), kc.contiguous(), vc.contiguous(), do.contiguous()
+        cl, cs, scale = ctx.cfg
+        B, H, T, D = q.shape
+        Hkv, NC = kc.shape[1], kc.shape[2]
+        delta = (do.float() * out.float()).sum(-1).contiguous()
+        bm, bn = NSACompressedAttention.tiles
+        dq = torch.empty_like(q)
+        _nsa_cmp_bwd_dq[(math.ceil(T / bm), B * H)](
+            q, kc, vc, do, lse, delta, dq, *q.stride()[:3], *kc.stride()[:3],
+            H, H // Hkv, T, NC, cl, cs, scale * LOG2E, scale, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=4, num_stages=2)
+        dk = torch.empty(B, H, NC, D, device=q.device, dtype=torch.float32)  # per query head
+        dv = torch.empty_like(dk)
+        if NC:
+            _nsa_cmp_bwd_dkdv[(math.ceil(NC / bn), B * H)](
+                q, kc, vc, do, lse, delta, dk, dv, *q.stride()[:3], *kc.stride()[:3], *dk.stride()[:3],
+                H, H // Hkv, T, NC, cl, cs, scale * LOG2E, scale, BLOCK_M=bm, BLOCK_N=bn, D=D, num_warps=4,
+                num_stages=2)
+        rep = H // Hkv
+        dk = dk.view(B, Hkv, rep, NC, D).sum(2).to(kc.dtype)
+        dv = dv.view(B, Hkv, rep, NC, D).sum(2).to(vc.dtype)
+        return dq, dk, dv, None, None, None
+
+
+__all__ = ["BlockSparseAttention", "NSACompressedAttention", "NSASelectedAttention", "nsa_block_tokens",
+           "transpose_lists"]
