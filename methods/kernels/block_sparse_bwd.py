@@ -30,6 +30,23 @@ if triton is not None:
         return ok, kin
 
     @triton.jit
+    def _dq_step(dq, q, do, k, v, ok, lse, delta, qk_scale):
+        """One key tile k, v [N, D] for query rows q, do [M, D]: the probabilities recomputed
+        from the rows' LSE under ``ok`` [M, N], dq += dS K."""
+        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k)
+
+    @triton.jit
+    def _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale):
+        """One tile of query rows q, do [M, D] for keys k, v [N, D], key-major (``ok`` [N, M]):
+        dv += P^T dO, dk += dS^T Q (unscaled)."""
+        pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        return dk + tl.dot(dst.to(q.dtype), q), dv
+
+    @triton.jit
     def _bwd_dq(
         Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, WL, WR, SINK, KPM,
         sqb, sqh, sqt, skb, skh, skt, sib, sih, siq, scb, sch, skpb,
@@ -60,9 +77,7 @@ if triton is not None:
             kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
             k = tl.load(K + kv, mask=kin[:, None], other=0.0)
             v = tl.load(V + kv, mask=kin[:, None], other=0.0)
-            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = _dq_step(dq, q, do, k, v, ok, lse, delta, qk_scale)
         tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=qin[:, None])
 
     @triton.jit
@@ -203,9 +218,7 @@ if triton is not None:
             kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
             k = tl.load(K + kv, mask=kin[:, None], other=0.0)
             v = tl.load(V + kv, mask=kin[:, None], other=0.0)
-            p = tl.where(kin[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = _dq_step(dq, q, do, k, v, kin[None, :], lse, delta, qk_scale)
         tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=gin[:, None])
 
     @triton.jit
@@ -248,10 +261,7 @@ if triton is not None:
             lse = tl.load(LSE + (b * HKV * G + heads) * T + tok, mask=rin, other=float("inf"))
             delta = tl.load(DELTA + (b * HKV * G + heads) * T + tok, mask=rin, other=0.0)
             ok = kin[:, None] & rin[None, :] & (offs_n[:, None] <= tok[None, :])  # [keys, rows]
-            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
         out = b * sdb + hk * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=kin[:, None])
         tl.atomic_add(DV + out, dv, mask=kin[:, None])
@@ -358,9 +368,7 @@ if triton is not None:
             k = tl.load(KC + kv, mask=kin[:, None], other=0.0)
             v = tl.load(VC + kv, mask=kin[:, None], other=0.0)
             ok = (offs_n[None, :] * CS + CL - 1 <= offs_m[:, None]) & kin[None, :]
-            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = _dq_step(dq, q, do, k, v, ok, lse, delta, qk_scale)
         tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=qin[:, None])
 
     @triton.jit
@@ -395,10 +403,7 @@ if triton is not None:
             lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
             delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
             ok = (offs_n[:, None] * CS + CL - 1 <= offs_m[None, :]) & kin[:, None] & qin[None, :]
-            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)  # [N, M]
-            dv += tl.dot(pt.to(do.dtype), do)
-            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
         out = b * sdb + h * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.store(DK + out, dk * scale, mask=kin[:, None])
         tl.store(DV + out, dv, mask=kin[:, None])
