@@ -45,7 +45,7 @@ class NSA(SparseMethod):
     supports_noncausal = False
     trainable = True
     training_free = False
-    triton_backward = True  # training through the selection's and the window's backward kernels
+    triton_backward = True  # training through backward kernels for all three branches
 
     def __init__(self, block_size: int = 64, num_selected: int = 16, window: int = 512,
                  compress_block: int = 32, compress_stride: int = 16, query_chunk: int = 4096,

@@ -37,7 +37,7 @@ if [ "${PART:-all}" = all ] || [ "${PART}" = backward ]; then  # forward + backw
 run -m method=dense runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=true \
     experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
-# NSA trains through flex (default) or its selection's and window's backward kernels (triton);
+# NSA trains through flex (default) or its three branches' backward kernels (triton);
 # Performer and SparseK, whose Triton paths are forward only, through their default paths
 run -m method=nsa method.impl=flex,triton runner.backward=true experiment=efficiency/causal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
