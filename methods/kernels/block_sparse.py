@@ -14,6 +14,10 @@ vertical_slash_attention causal; pair (q, k) is kept when column k is a vertical
                          the element mask), phase B gathers the vertical columns outside them.
 nsa_selected_attention   each token attends to its selected key blocks (causally); one
                          program serves all query heads of a GQA group, which share the blocks.
+nsa_compressed_attention NSA's compressed branch and its log-sum-exp; ``nsa_importance`` and
+                         ``nsa_topn`` turn them into each token's selected blocks. SparseK's
+                         attention by query tiles and threshold bisection are below too.
+With gradients enabled these dispatch to the autograd functions of ``block_sparse_bwd``.
 
 The references are ``methods.base.masked_attention`` with the matching masks (tests compare).
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there).

@@ -1,10 +1,17 @@
-"""Backward of the block-sparse attention kernel (FlashAttention-2 style, same tile lists).
+"""Backward kernels (FlashAttention-2 style) of the block-sparse attention and NSA's branches.
 
 The forward stores each row's log-sum-exp; the backward recomputes the probabilities tile by
 tile: dQ by query tile over the key tiles it visited (the forward's lists), dK and dV by key
 tile over the query tiles that visited it (the transposed lists). With grouped-query
-attention dK and dV are computed per query head and summed over each group. Tested against
-autograd through ``methods.base.masked_attention`` (tests/test_kernels.py).
+attention dK and dV are computed per query head and summed over each group.
+
+NSASelectedAttention     NSA's selection: dQ per token over its blocks; dK and dV per key
+                         block over the tokens that chose it (``nsa_block_tokens``: the choices
+                         sorted by block, runs cut into segments, added atomically).
+NSACompressedAttention   NSA's compressed branch: dQ by query tile, dK and dV of the compressed
+                         keys by key tile and query head.
+
+Tested against autograd through dense PyTorch computations (tests/test_kernels.py).
 """
 from __future__ import annotations
 
