@@ -17,7 +17,8 @@ nsa_selected_attention   each token attends to its selected key blocks (causally
 nsa_compressed_attention NSA's compressed branch and its log-sum-exp; ``nsa_importance`` and
                          ``nsa_topn`` turn them into each token's selected blocks. SparseK's
                          attention by query tiles and threshold bisection are below too.
-With gradients enabled these dispatch to the autograd functions of ``block_sparse_bwd``.
+With gradients enabled, block_sparse, nsa_selected and nsa_compressed attention dispatch to the
+autograd functions of ``block_sparse_bwd`` (vertical-slash and SparseK are forward only).
 
 The references are ``methods.base.masked_attention`` with the matching masks (tests compare).
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there).
