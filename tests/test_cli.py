@@ -201,3 +201,29 @@ def test_wandb_logger_offline_leaves_a_run_directory_with_the_metrics(tmp_path):
 def test_without_a_logger_nothing_is_tracked(tmp_path):
     p = _run([], tmp_path)
     assert p.returncode == 0 and not (tmp_path / "wandb").exists()
+
+
+def test_efficiency_script_commands_compose_and_build(compose_cfg):
+    """Every ``run -m`` line of scripts/efficiency.sh, its sweeps expanded: the overrides compose
+    and each method builds at the line's shape (a renamed key or value fails here, not on the GPU)."""
+    import itertools
+    import shlex
+
+    from runners.context import build_method
+
+    text = (ROOT / "scripts/efficiency.sh").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("run -m ")]
+    assert len(lines) >= 10
+    built = 0
+    for line in lines:
+        args = [a for a in shlex.split(line)[2:] if a != "$@"]
+        sweeps = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")]
+                  if "," in a and not a.split("=", 1)[1].startswith("[") else [a] for a in args]
+        for combo in itertools.product(*sweeps):
+            cfg = compose_cfg(*combo, tiny=False)
+            m = cfg.model
+            method = build_method(cfg, num_heads=m.num_heads, head_dim=m.head_dim, num_kv_heads=m.num_kv_heads,
+                                  max_seq_len=max(cfg.runner.seq_lens))
+            assert method.impl == cfg.method.impl, (line, combo)
+            built += 1
+    assert built >= 40
