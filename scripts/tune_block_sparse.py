@@ -10,7 +10,6 @@ for a sliding window of 512 (the sparse case). Useful TFLOP/s = FLOPs of the kep
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods import masks  # noqa: E402
 from methods.kernels import block_sparse as bsk  # noqa: E402
-from runners import bench  # noqa: E402
+from runners import bench, records  # noqa: E402
 
 
 # (block_m, block_n, num_warps, num_stages): the best of a first sweep over tiles 64/128 x
@@ -40,14 +39,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     H, D = 32, 128
-    rows = []
+
+    def keep(row):  # printed, and appended at once: a later failure loses nothing measured
+        print(row, flush=True)
+        if args.out:
+            records.append(args.out, row)
+
     for T in args.lens:
         q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 4.0 * H * D * masks.causal_pairs(T, T)
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
-        rows.append(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
-        print(rows[-1], flush=True)
+        keep(dict(T=T, case="causal", kernel="cuDNN SDPA", ms=t, tflops=flops / t / 1e9))
         for bm, bn, warps, stages in configs:
             for case, win in [c for c in (("causal", bsk.BIG), ("window512", 512)) if c[0] in args.cases]:
                 w = torch.tensor([win])
@@ -59,14 +62,9 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     print(T, case, bm, bn, warps, stages, type(exc).__name__, str(exc)[:120], flush=True)
                     continue
-                pairs = masks.causal_pairs(T, T) if case == "causal" else sum(min(i + 1, win) for i in range(T))
-                rows.append(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}", ms=t,
-                                 tflops=4.0 * H * D * pairs / t / 1e9))
-                print(rows[-1], flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+                pairs = masks.causal_pairs(T, T) if case == "causal" else masks.window_pairs(0, T, win)
+                keep(dict(T=T, case=case, kernel=f"triton {bm}x{bn} w{warps} s{stages}", ms=t,
+                          tflops=4.0 * H * D * pairs / t / 1e9))
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.kernels import block_sparse as bsk  # noqa: E402
-from runners import bench  # noqa: E402
+from runners import bench, records  # noqa: E402
 
 # compressed: (block_m, block_n, num_warps, num_stages); importance: (rows, block_n, warps,
 # stages), rows = tokens x the group's heads; the selection's tile is its block (warps, stages);
@@ -60,7 +60,11 @@ def main(argv=None) -> int:
         "selected": lambda c: bsk.nsa_selected_attention(q, k, v, sel, bs, launch=c),
         "topn": lambda c: bsk.nsa_topn(imp, 0, bs, n, warps=c),
     }
-    rows = []
+    def keep(row):  # printed, and appended at once: a later failure loses nothing measured
+        print(json.dumps(row), flush=True)
+        if args.out:
+            records.append(args.out, row)
+
     for name in args.kernels:
         default = bsk.NSA_LAUNCH["importance_mha"] if name == "importance" and H == Hkv else bsk.NSA_LAUNCH[name]
         ref = calls[name](default).float()
@@ -71,18 +75,12 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                 print(name, c, type(exc).__name__, str(exc)[:160], flush=True)
                 continue
-            rows.append(dict(T=T, H=H, Hkv=Hkv, kernel=name, launch=c, p50_ms=t["p50"], max_diff=diff,
-                             default=c == default))
-            print(json.dumps(rows[-1]), flush=True)
+            keep(dict(T=T, H=H, Hkv=Hkv, kernel=name, launch=c, p50_ms=t["p50"], max_diff=diff,
+                      default=c == default))
         del ref
     dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
                                                                      v.repeat_interleave(H // Hkv, 1), is_causal=True)
-    rows.append(dict(T=T, H=H, Hkv=Hkv, kernel="cuDNN SDPA causal (same shape)", p50_ms=bench.time_ms(dense, "cuda", 3)["p50"]))
-    print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    keep(dict(T=T, H=H, Hkv=Hkv, kernel="cuDNN SDPA causal (same shape)", p50_ms=bench.time_ms(dense, "cuda", 3)["p50"]))
     return 0
 
 
