@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                     help="launch settings to time (default: CONFIGS)")
     ap.add_argument("--cases", nargs="+", default=["causal", "window512"], choices=["causal", "window512"])
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/tune_block_sparse.py times CUDA kernels: no CUDA device here")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     H, D = 32, 128
 
