@@ -42,6 +42,11 @@ run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=tru
 run -m method=nsa method.impl=flex,triton runner.backward=true experiment=efficiency/causal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=performer runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
+# NSA at its paper's shape (64 query heads, 4 KV heads) against dense at the same shape
+run -m method=dense runner.backward=true experiment=efficiency/causal model.num_heads=64 model.num_kv_heads=4 \
+    'runner.seq_lens=[16384,65536]' "$@"
+run -m method=nsa method.impl=triton,flex runner.backward=true experiment=efficiency/causal model.num_heads=64 \
+    model.num_kv_heads=4 'runner.seq_lens=[16384,65536]' "$@"
 run -m method=sparsek runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
 run -m method=dense,linformer,nystrom runner.backward=true experiment=efficiency/noncausal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
