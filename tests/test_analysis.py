@@ -98,9 +98,12 @@ def test_variants_name_only_what_differs():
 
 
 def test_variants_fill_a_key_older_records_lack_with_its_config_default():
+    from pathlib import Path
+
     from omegaconf import OmegaConf
 
-    default = OmegaConf.load("conf/method/sparsek.yaml").kernel_chunk  # a key added after records existed
+    conf = Path(__file__).resolve().parents[1] / "conf/method/sparsek.yaml"
+    default = OmegaConf.load(conf).kernel_chunk  # a key added after records existed
     old, new, other = {"k": 256, "impl": "triton"}, {"k": 256, "impl": "triton", "kernel_chunk": default}, \
         {"k": 256, "impl": "triton", "kernel_chunk": default // 2}
     df = pd.DataFrame({"method": ["sparsek"] * 3, "method_params": [old, new, other]})
