@@ -130,6 +130,11 @@ if triton is not None:
         tl.store(DV + out, dv, mask=kin0[:, None])
 
 
+def _delta(do, out):
+    """Each row's sum of dO * O in fp32 [B, H, T]: the softmax backward's correction term."""
+    return (do.float() * out.float()).sum(-1).contiguous()
+
+
 def transpose_lists(idx, cnt, n_other: int):
     """Tile lists [.., nq, m] of key tiles per query tile -> lists of query tiles per key tile."""
     nq = idx.shape[-2]
@@ -166,7 +171,7 @@ class BlockSparseAttention(torch.autograd.Function):
         B, H, TQ, D = q.shape
         Hkv, TK = k.shape[1], k.shape[2]
         do = do.contiguous()
-        delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, H, TQ]
+        delta = _delta(do, out)
         kpm_u8 = kpm.to(torch.uint8).contiguous() if has_kpm else cnt
         sb = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731
         sh = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731
@@ -322,7 +327,7 @@ class NSASelectedAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         G = H // Hkv
-        delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, H, T]
+        delta = _delta(do, out)
         dq = torch.empty_like(q)
         _nsa_sel_bwd_dq[(T, B * Hkv)](
             q, k, v, do, lse, delta, dq, sel, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
@@ -442,7 +447,7 @@ class NSACompressedAttention(torch.autograd.Function):
         cl, cs, scale = ctx.cfg
         B, H, T, D = q.shape
         Hkv, NC = kc.shape[1], kc.shape[2]
-        delta = (do.float() * out.float()).sum(-1).contiguous()
+        delta = _delta(do, out)
         bm, bn = NSACompressedAttention.tiles
         dq = torch.empty_like(q)
         _nsa_cmp_bwd_dq[(math.ceil(T / bm), B * H)](
