@@ -211,13 +211,19 @@ class SparseMethod(AttentionMethod):
         """The Triton path: returns (output, pairs computed), or None where it does not apply."""
         return None
 
+    def _wants_grad(self, *tensors) -> bool:
+        """Whether autograd will want gradients through this call: of the inputs, or of the
+        method's own parameters."""
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
+                                            any(p.requires_grad for p in self.parameters()))
+
     def _try_triton(self, q, k, v, causal, key_padding_mask, attend=None):
         """Run ``attend`` (default ``triton_attend``) where the Triton path applies, else None."""
         from methods.kernels import block_sparse
 
         if self.impl != "triton" or not block_sparse.usable(q) or q.shape[2] != k.shape[2]:
             return None
-        if not self.triton_backward and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if not self.triton_backward and self._wants_grad(q, k, v):
             return None  # forward-only kernels: training takes the flex path (it has a backward)
         res = (attend or self.triton_attend)(q, k, v, causal, key_padding_mask)
         if res is None:

@@ -150,8 +150,7 @@ class NSA(SparseMethod):
         if key_padding_mask is not None:
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
-        training = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or
-                                                any(p.requires_grad for p in self.parameters()))
+        training = self._wants_grad(q, k, v)
         o_cmp, sel = self._triton_compressed(q, k, v)
         o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
