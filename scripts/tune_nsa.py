@@ -29,7 +29,8 @@ from runners import bench, records  # noqa: E402
 LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
     "compressed": [(128, 64, 8, 3), (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
     "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
-                   (64, 64, 4, 2), (256, 32, 8, 3)],
+                   (64, 64, 4, 2), (256, 32, 8, 3), (256, 32, 8, 3, 1), (256, 64, 8, 3, 1), (256, 32, 8, 2, 1),
+                   (128, 32, 8, 2, 1), (128, 32, 4, 2, 1)],  # a fifth 1: the importance added atomically
     "selected": [(0, 0, 2, 2), (0, 0, 4, 2)],
     "topn": [1, 2, 4],  # warps (several rows a program measured slower: tune_nsa_f73bb5b.jsonl)
 }

@@ -408,8 +408,9 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     assert (T - 16 - cl + 1) // cs + 1 >= 16, "too short for a whole tile of 16 compressed blocks"
     o16, lse16 = bsk.nsa_compressed_attention(q, kc, vc, cl, cs, launch=(16, 16, 4, 2))
     _check(o16, p @ vv, dtype)
-    imp16 = bsk.nsa_importance(q, kc, lse16, bs, cl, cs, 0, T, launch=(16, 16, 4, 2))
-    torch.testing.assert_close(imp16, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    for atomic in (0, 1):  # the importance rows read, added to and written, or added to atomically
+        imp16 = bsk.nsa_importance(q, kc, lse16, bs, cl, cs, 0, T, launch=(16, 16, 4, 2, atomic))
+        torch.testing.assert_close(imp16, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 64"):
         bsk.nsa_importance(q, kc, lse, bs, cl, cs, 10, T)
 

@@ -667,7 +667,7 @@ if triton is not None:
         sqb, sqh, sqt, skb, skh, skt, slb, slh, sib, sih, sit,
         HKV, G, T, NC, NSEL, CL, CS, BS, qk_scale, ROW0, ROWS,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr,
-        D: tl.constexpr,
+        D: tl.constexpr, ATOMIC: tl.constexpr = False,
     ):
         """imp[t - ROW0, s] for rows ROW0 <= t < ROWS: the sum over the group's heads and the
         compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
@@ -699,17 +699,17 @@ if triton is not None:
             offs_n = j0 + tl.arange(0, BLOCK_N)
             p = tl.exp2(tl.dot(q, tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None])) * qk_scale
                         - lse[:, None])
-            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS, ATOMIC)
         for j0 in range(n_full, n_vis, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = tl.load(kbase + offs_n[None, :] * skt + offs_d[:, None], mask=offs_n[None, :] < NC, other=0.0)
             ok = (offs_n[None, :] * CS + CL - 1 <= tok[:, None]) & (offs_n[None, :] < NC)
             p = tl.where(ok, tl.exp2(tl.dot(q, k) * qk_scale - lse[:, None]), 0.0)
-            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS)
+            _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T, BLOCK_G, BLOCK_N, NS, ATOMIC)
 
     @triton.jit
     def _importance_add(p, ibase, tin, j0, offs_n, NSEL, CL, CS, BS, BLOCK_T: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr):
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, ATOMIC: tl.constexpr):
         """Adds the probabilities p [BLOCK_T * BLOCK_G, BLOCK_N] of compressed blocks j0 .. (rows:
         token-major, the group's heads) to the importance rows at ``ibase`` of the selection
         blocks they overlap, summed over the heads."""
@@ -726,7 +726,10 @@ if triton is not None:
         else:  # too few rows for a dot
             contrib = tl.sum(p[:, :, None] * hit[None, :, :], axis=1)
         live = tin & (sel < NSEL)
-        tl.store(ibase + sel, tl.load(ibase + sel, mask=live, other=0.0) + contrib, mask=live)
+        if ATOMIC:  # fire and forget: the loop does not wait for the read
+            tl.atomic_add(ibase + sel, contrib, mask=live, sem="relaxed")
+        else:
+            tl.store(ibase + sel, tl.load(ibase + sel, mask=live, other=0.0) + contrib, mask=live)
 
     @triton.jit
     def _gate_combine(G, O1, O2, O3, OUT, N, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -844,7 +847,7 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     nsel = math.ceil(T / block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     imp = torch.zeros(B, Hkv, row1 - row0, nsel, device=q.device, dtype=torch.float32)
-    rows, bn, warps, stages = launch or NSA_LAUNCH["importance" if H > Hkv else "importance_mha"]
+    rows, bn, warps, stages, *atomic = launch or NSA_LAUNCH["importance" if H > Hkv else "importance_mha"]
     bg = triton.next_power_of_2(H // Hkv)
     bt = max(1, rows // bg)  # tokens a program takes (all heads of their group: bt * bg rows)
     span = (bn - 1) * compress_stride + compress_block  # tokens a tile of compressed blocks covers
@@ -853,6 +856,7 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
         q, kc, lse, imp,
         *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *imp.stride()[:3],
         Hkv, H // Hkv, T, n, nsel, compress_block, compress_stride, block_size, scale * LOG2E, row0, row1,
-        BLOCK_T=bt, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, num_warps=warps, num_stages=stages,
+        BLOCK_T=bt, BLOCK_G=bg, BLOCK_N=bn, NS=ns, D=D, ATOMIC=bool(atomic and atomic[0]),
+        num_warps=warps, num_stages=stages,
     )
     return imp
