@@ -24,14 +24,15 @@ from methods.kernels import block_sparse as bsk  # noqa: E402
 from runners import bench, records  # noqa: E402
 
 # compressed: (block_m, block_n, num_warps, num_stages); importance: (rows, block_n, warps,
-# stages), rows = tokens x the group's heads; the selection's tile is its block (warps, stages);
-# topn: warps
+# stages[, atomic]), rows = tokens x the group's heads; the selection: (order, segment, warps,
+# stages), its tile is its block; topn: warps
 LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
     "compressed": [(128, 64, 8, 3), (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
     "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
                    (64, 64, 4, 2), (256, 32, 8, 3), (256, 32, 8, 3, 1), (256, 64, 8, 3, 1), (256, 32, 8, 2, 1),
                    (128, 32, 8, 2, 1), (128, 32, 4, 2, 1)],  # a fifth 1: the importance added atomically
-    "selected": [(0, 0, 2, 2), (0, 0, 4, 2)],
+    "selected": [(0, 0, 2, 2), (0, 0, 4, 2), (1, 256, 4, 2), (1, 128, 4, 2), (1, 512, 4, 2), (1, 256, 8, 2),
+                 (1, 256, 4, 3)],  # (0, -): per token; (1, segment): by key block
     "topn": [1, 2, 4],  # warps (several rows a program measured slower: tune_nsa_f73bb5b.jsonl)
 }
 
@@ -67,7 +68,11 @@ def main(argv=None) -> int:
             records.append(args.out, row)
 
     for name in args.kernels:
-        default = bsk.NSA_LAUNCH["importance_mha"] if name == "importance" and H == Hkv else bsk.NSA_LAUNCH[name]
+        default = bsk.NSA_LAUNCH[name]
+        if name == "importance" and H == Hkv:
+            default = bsk.NSA_LAUNCH["importance_mha"]
+        if name == "selected" and H // Hkv <= bsk.NSA_SMALL_GROUP:
+            default = bsk.NSA_LAUNCH["selected_small"]
         ref = calls[name](default).float()
         for c in LAUNCH[name]:
             try:

@@ -125,7 +125,7 @@ def test_vertical_slash_work_counts_visited_tiles():
     assert bsk.vertical_slash_work(plan) == (4 + 4) * bl * bl
 
 
-def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0):
+def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0, launch=None):
     B = 2
     q, k, v = _inputs(B, H, Hkv, T, D, dtype, device, seed)
     nblk = math.ceil(T / bs)
@@ -133,7 +133,7 @@ def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0):
     sel = torch.stack([torch.randperm(nblk, generator=g)[:n] for _ in range(B * Hkv * T)]).view(B, Hkv, T, n)
     cur = torch.arange(T).view(1, 1, T, 1) // bs
     sel = torch.where(sel <= cur, sel, -1).to(device)
-    out = bsk.nsa_selected_attention(q, k, v, sel, bs)
+    out = bsk.nsa_selected_attention(q, k, v, sel, bs, launch=launch)
     from methods.nsa import NSA
 
     chosen = NSA.chosen_mask(sel, nblk).repeat_interleave(H // Hkv, 1)  # [B, H, T, nblk]
@@ -177,18 +177,32 @@ def test_nsa_selection_backward_cpu(heads, monkeypatch):
 
 
 def test_nsa_block_tokens_lists_each_choice_once():
-    from methods.kernels.block_sparse_bwd import nsa_block_tokens
-
     sel = torch.tensor([[[[0, -1], [0, 1], [1, 0], [-1, -1]]]])  # [1, 1, T=4, n=2]
-    tok, work = nsa_block_tokens(sel, 2, segment=2)
-    assert tok[0, :4].tolist() == [0, 1, 2, 1] and work.tolist() == [[0, 0, 0, 2], [0, 0, 2, 3], [0, 1, 3, 5]]
+    ent, work = bsk.nsa_block_tokens(sel, 2, segment=2)  # choices: token * 2 + slot
+    assert ent[0, :5].tolist() == [0, 2, 5, 3, 4] and work.tolist() == [[0, 0, 0, 2], [0, 0, 2, 3], [0, 1, 3, 5]]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("bs", [8, 16])
-def test_nsa_selection_kernel_cpu(dtype, bs):
-    out, ref = nsa_case(dtype, "cpu", 61, 16, bs, 3)
+@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 5, 4, 2)])  # per token; by key block, segments of 5
+def test_nsa_selection_kernel_cpu(dtype, bs, launch):
+    out, ref = nsa_case(dtype, "cpu", 61, 16, bs, 3, launch=launch)
     _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)])  # groups of 1 and 3 (padded to 4)
+def test_nsa_selection_by_block_in_token_chunks_cpu(heads, monkeypatch):
+    """The selection by key block over chunks of 64 tokens (the partial outputs' memory bound),
+    its log-sum-exp as the per-token kernel's."""
+    monkeypatch.setattr(bsk, "NSA_BLOCK_BYTES", 1)
+    out, ref = nsa_case(torch.float32, "cpu", 150, 16, 16, 4, *heads, launch=(1, 64, 4, 2))
+    _check(out, ref, torch.float32)
+    q, k, v = _inputs(1, heads[0], heads[1], 150, 16, torch.float32, "cpu", 2)
+    sel = torch.randint(0, 10, (1, heads[1], 150, 4)).clamp_max((torch.arange(150) // 16).view(1, 1, 150, 1))
+    lse = [torch.empty(1, heads[0], 150) for _ in range(2)]
+    outs = [bsk.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip([(0, 0, 2, 2), (1, 64, 4, 2)], lse)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[1], lse[0], rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_refuse_a_head_dim_they_cannot_tile():
@@ -221,9 +235,10 @@ def test_vertical_slash_kernel_gpu_bf16():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("heads", [(4, 2), (32, 2)])  # a GQA group of 2 and of 16 query heads
-def test_nsa_selection_kernel_gpu_bf16(heads):
-    out, ref = nsa_case(torch.bfloat16, "cuda", 1000, 128, 64, 16, *heads)
+@pytest.mark.parametrize("heads", [(4, 2), (32, 2), (8, 8)])  # GQA groups of 2 and 16 query heads; MHA
+@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 256, 4, 2)])  # per token; by key block
+def test_nsa_selection_kernel_gpu_bf16(heads, launch):
+    out, ref = nsa_case(torch.bfloat16, "cuda", 1000, 128, 64, 16, *heads, launch=launch)
     _check(out, ref, torch.bfloat16)
 
 

@@ -45,8 +45,9 @@ BIG = 2**30  # "no window"
 # its block); topn: warps (one row a program). scripts/tune_nsa.py times alternatives at 64k
 # (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 -> 9.4 ms and
 # 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4)
-NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 8, 2),
-              "selected": (0, 0, 2, 2), "topn": 1}
+NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 4, 2, 1),
+              "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 2), "topn": 1}
+NSA_SMALL_GROUP = 2  # groups of at most this many query heads: the selection by key block
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -215,6 +216,84 @@ if triton is not None:
         if STORE_LSE:  # base-2 log-sum-exp per (head, token) [B, H, T], for the backward
             lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
             tl.store(LSE + (b * HKV * G + heads) * T + t, lse, mask=gin)
+
+
+    @triton.jit
+    def _nsa_sel_fwd_blocks(
+        Q, K, V, OP, LP, ENT, WORK,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, spb, sph, spe, slb, slh,
+        HKV, G, T0, TK, NE, NSEL, qk_scale,
+        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr, D: tl.constexpr,
+    ):
+        """The selection by key block (FSA's order, for small groups): work item (b * HKV + hk,
+        block, first, end) loads its block's keys and values once and attends the choices
+        ENT[b * HKV + hk, first:end] (token * NSEL + slot, token counted from T0) to it, BLOCK_T
+        tokens x the group's heads a tile; each choice's normalised output goes to
+        OP[b, head, choice] and its base-2 log-sum-exp to LP (``_nsa_sel_combine`` merges them)."""
+        w = tl.program_id(0)
+        bhk = tl.load(WORK + w * 4).to(tl.int64)
+        blk = tl.load(WORK + w * 4 + 1)
+        first = tl.load(WORK + w * 4 + 2)
+        end = tl.load(WORK + w * 4 + 3)
+        b, hk = bhk // HKV, bhk % HKV
+        offs_n = blk * BS + tl.arange(0, TILE_S)
+        kin = (tl.arange(0, TILE_S) < BS) & (offs_n < TK)
+        offs_d = tl.arange(0, D)
+        k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None], mask=kin[None, :], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kin[:, None], other=0.0)
+        R: tl.constexpr = BLOCK_T * BLOCK_G
+        offs_r = tl.arange(0, R)
+        g = offs_r % BLOCK_G
+        heads = hk * G + g
+        for i in range(first, end, BLOCK_T):
+            at = i + offs_r // BLOCK_G
+            rin = (at < end) & (g < G)
+            e = tl.load(ENT + bhk * NE + at, mask=rin, other=0)
+            tok = e // NSEL
+            q = tl.load(Q + b * sqb + heads[:, None] * sqh + tok[:, None] * sqt + offs_d[None, :],
+                        mask=rin[:, None], other=0.0)
+            ok = rin[:, None] & kin[None, :] & (offs_n[None, :] <= (tok + T0)[:, None])  # causal
+            s = tl.where(ok, tl.dot(q, k) * qk_scale, float("-inf"))
+            m = tl.max(s, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, 1)
+            o = tl.dot(p.to(v.dtype), v) / tl.where(l == 0.0, 1.0, l)[:, None]
+            tl.store(OP + b * spb + heads[:, None] * sph + e[:, None] * spe + offs_d[None, :],
+                     o.to(OP.dtype.element_ty), mask=rin[:, None])
+            tl.store(LP + b * slb + heads * slh + e, tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l))),
+                     mask=rin)
+
+    @triton.jit
+    def _nsa_sel_combine(
+        OP, LP, O, LSE, spb, sph, spe, slb, slh, sob, soh, sot, sLb, sLh,
+        H, C, NSEL, BLOCK_M: tl.constexpr, TILE_J: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr,
+    ):
+        """Each token's output from its choices' partial outputs: weights 2^(lp_j - lse)."""
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rin = rows < C
+        j = tl.arange(0, TILE_J)
+        lpb = LP + b * slb + h * slh
+        lp = tl.load(lpb + rows[:, None] * NSEL + j[None, :], mask=rin[:, None] & (j < NSEL)[None, :],
+                     other=float("-inf"))
+        mx = tl.max(lp, 1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(tl.exp2(lp - mx[:, None]), 1)
+        lse = mx + tl.log2(tl.where(tot == 0.0, 1.0, tot))
+        offs_d = tl.arange(0, D)
+        acc = tl.zeros([BLOCK_M, D], LP.dtype.element_ty)  # fp32 (fp64 for fp64 inputs)
+        for jj in range(0, NSEL):
+            lpj = tl.load(lpb + rows * NSEL + jj, mask=rin, other=float("-inf"))
+            live = lpj > float("-inf")
+            o = tl.load(OP + b * spb + h * sph + (rows * NSEL + jj)[:, None] * spe + offs_d[None, :],
+                        mask=live[:, None], other=0.0)
+            acc += tl.where(live, tl.exp2(lpj - lse), 0.0)[:, None] * o.to(LP.dtype.element_ty)
+        tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=rin[:, None])
+        if STORE_LSE:  # inf: nothing kept
+            tl.store(LSE + b * sLb + h * sLh + rows, tl.where(tot == 0.0, float("inf"), lse), mask=rin)
 
 
 def _check(q, k, v):
@@ -412,11 +491,39 @@ def vertical_slash_attention(q, k, v, vert, slash, block: int = 64, plan=None, s
     return out
 
 
+def nsa_block_tokens(sel: torch.Tensor, nblocks: int, segment: int):
+    """The transpose of NSA's selection: sel [B, Hkv, T, n] (-1: none) -> (ent [B * Hkv, T * n]
+    int32, the choices (token * n + slot) sorted by the block chosen, and work [items, 4] int32
+    of (b * Hkv + hk, block, first, end): each block's run of ent cut into segments of at most
+    ``segment`` choices (block 0, chosen by every token, would otherwise be one program's whole
+    sequence)."""
+    B, Hkv, T, n = sel.shape
+    key = torch.where(sel >= 0, sel, nblocks).reshape(B * Hkv, T * n).long()
+    skey, order = key.sort(dim=-1, stable=True)
+    bounds = torch.searchsorted(skey, torch.arange(nblocks + 1, device=sel.device).expand(B * Hkv, -1).contiguous())
+    start, count = bounds[:, :-1].reshape(-1), (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)  # per (bhk, block)
+    nseg = (count + segment - 1) // segment
+    item = torch.repeat_interleave(torch.arange(len(nseg), device=sel.device), nseg)  # one host sync
+    first_item = torch.cumsum(nseg, 0) - nseg
+    first = start[item] + (torch.arange(len(item), device=sel.device) - first_item[item]) * segment
+    end = torch.minimum(first + segment, start[item] + count[item])
+    work = torch.stack([item // nblocks, item % nblocks, first, end], 1).to(torch.int32).contiguous()
+    return order.to(torch.int32).contiguous(), work
+
+
+NSA_BLOCK_BYTES = 1 << 30  # the selection by key block: partial outputs held at once (tokens chunked)
+
+
 def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None, lse=None):
     """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
     by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n].
-    ``launch``: (-, -, warps, stages). ``lse`` [B, H, T] fp32, when given, receives each row's
-    base-2 log-sum-exp. With gradients enabled on q, k or v: ``NSASelectedAttention``."""
+    ``launch``: (order, segment, warps, stages); order 0: one program per token and KV head
+    (``_nsa_selected_fwd``); 1: one per key block and segment of the choices of it, then a merge
+    of each token's partial outputs (``_nsa_sel_fwd_blocks``: each block loaded once per segment,
+    not once per token; for groups of few heads). Default ``NSA_LAUNCH["selected"]`` or
+    ``["selected_small"]`` (groups of at most ``NSA_SMALL_GROUP`` heads). ``lse`` [B, H, T] fp32,
+    when given, receives each row's base-2 log-sum-exp. With gradients enabled on q, k or v:
+    ``NSASelectedAttention``."""
     q, k, v = _check(q, k, v)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         from methods.kernels.block_sparse_bwd import NSASelectedAttention
@@ -428,7 +535,10 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     sel = sel.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    warps, stages = (launch or NSA_LAUNCH["selected"])[2:]
+    order, segment, warps, stages = launch or NSA_LAUNCH["selected_small" if G <= NSA_SMALL_GROUP else "selected"]
+    if order:
+        _nsa_selected_by_block(q, k, v, sel, block_size, scale, out, lse, segment, warps, stages)
+        return out
     _nsa_selected_fwd[(T, B * Hkv)](
         q, k, v, out, sel, lse if lse is not None else sel,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *sel.stride()[:3],
@@ -437,6 +547,37 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
         num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _nsa_selected_by_block(q, k, v, sel, bs, scale, out, lse, segment, warps, stages):
+    """``nsa_selected_attention`` in FSA's order, by chunks of tokens whose partial outputs
+    (n per token and head, in q's dtype) fit in ``NSA_BLOCK_BYTES``."""
+    B, H, T, D = q.shape
+    Hkv, n = k.shape[1], sel.shape[-1]
+    G = H // Hkv
+    bg = _tile(G)
+    rows = max(64, NSA_BLOCK_BYTES // (B * H * n * D * q.element_size()) // 64 * 64)
+    for a in range(0, T, rows):
+        c = min(rows, T - a)
+        ent, work = nsa_block_tokens(sel[:, :, a:a + c], math.ceil(T / bs), segment)
+        op = torch.empty(B, H, c * n, D, device=q.device, dtype=q.dtype)
+        lp = torch.full((B, H, c * n), float("-inf"), device=q.device,
+                        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        qa, oa = q[:, :, a:a + c], out[:, :, a:a + c]
+        if len(work):
+            _nsa_sel_fwd_blocks[(len(work),)](
+                qa, k, v, op, lp, ent, work,
+                *qa.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:3], *lp.stride()[:2],
+                Hkv, G, a, T, ent.shape[1], n, scale * LOG2E,
+                BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D,
+                num_warps=warps, num_stages=stages,
+            )
+        la = lse[:, :, a:a + c] if lse is not None else lp
+        bm = 64
+        _nsa_sel_combine[(math.ceil(c / bm), B * H)](
+            op, lp, oa, la, *op.stride()[:3], *lp.stride()[:2], *oa.stride()[:3], *la.stride()[:2],
+            H, c, n, BLOCK_M=bm, TILE_J=_tile(n), D=D, STORE_LSE=lse is not None, num_warps=4,
+        )
 
 
 # ---- SparseK by query tiles: the tile's candidate keys in score order, then its window -----

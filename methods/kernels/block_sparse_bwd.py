@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lists, triton
+from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lists, nsa_block_tokens, triton
 
 if triton is not None:
     import triton.language as tl
@@ -235,15 +235,15 @@ if triton is not None:
 
     @triton.jit
     def _nsa_sel_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, TOK, WORK,
+        Q, K, V, DO, LSE, DELTA, DK, DV, ENT, WORK,
         sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
-        HKV, G, T, NT, qk_scale, scale,
+        HKV, G, T, NE, NSEL, qk_scale, scale,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr,
         D: tl.constexpr,
     ):
         """dK and dV of one key block from a segment of the tokens that selected it: work item
-        (b * HKV + hk, block, first, end) indexes TOK [B * HKV, NT], the tokens sorted by the
-        block they chose. Rows: BLOCK_T tokens x the group's heads (token-major). Adds into the
+        (b * HKV + hk, block, first, end) indexes ENT [B * HKV, NE], the choices (token * NSEL +
+        slot) sorted by the block they chose (``nsa_block_tokens``). Rows: BLOCK_T tokens x the group's heads (token-major). Adds into the
         fp32 DK, DV [B, HKV, T, D] (a block's tokens may span several items)."""
         w = tl.program_id(0)
         bhk = tl.load(WORK + w * 4).to(tl.int64)
@@ -266,7 +266,7 @@ if triton is not None:
         for i in range(first, end, BLOCK_T):
             at = i + offs_r // BLOCK_G
             rin = (at < end) & (g < G)
-            tok = tl.load(TOK + bhk * NT + at, mask=rin, other=0)
+            tok = tl.load(ENT + bhk * NE + at, mask=rin, other=0) // NSEL
             rows = b * sqb + heads[:, None] * sqh + tok[:, None] * sqt + offs_d[None, :]
             q = tl.load(Q + rows, mask=rin[:, None], other=0.0)
             do = tl.load(DO + rows, mask=rin[:, None], other=0.0)
@@ -277,26 +277,6 @@ if triton is not None:
         out = b * sdb + hk * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=kin[:, None])
         tl.atomic_add(DV + out, dv, mask=kin[:, None])
-
-
-def nsa_block_tokens(sel: torch.Tensor, nblocks: int, segment: int):
-    """The transpose of NSA's selection: sel [B, Hkv, T, n] (-1: none) -> (tok [B * Hkv, T * n]
-    int32, the tokens sorted by the block they chose, and work [items, 4] int32 of (b * Hkv + hk,
-    block, first, end): each block's run of tok cut into segments of at most ``segment`` tokens
-    (block 0, chosen by every token, would otherwise be one program's whole sequence)."""
-    B, Hkv, T, n = sel.shape
-    key = torch.where(sel >= 0, sel, nblocks).reshape(B * Hkv, T * n).long()
-    skey, order = key.sort(dim=-1, stable=True)
-    tok = (order // n).to(torch.int32).contiguous()
-    bounds = torch.searchsorted(skey, torch.arange(nblocks + 1, device=sel.device).expand(B * Hkv, -1).contiguous())
-    start, count = bounds[:, :-1].reshape(-1), (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)  # per (bhk, block)
-    nseg = (count + segment - 1) // segment
-    item = torch.repeat_interleave(torch.arange(len(nseg), device=sel.device), nseg)  # one host sync
-    first_item = torch.cumsum(nseg, 0) - nseg
-    first = start[item] + (torch.arange(len(item), device=sel.device) - first_item[item]) * segment
-    end = torch.minimum(first + segment, start[item] + count[item])
-    work = torch.stack([item // nblocks, item % nblocks, first, end], 1).to(torch.int32).contiguous()
-    return tok, work
 
 
 class NSASelectedAttention(torch.autograd.Function):
@@ -334,14 +314,14 @@ class NSASelectedAttention(torch.autograd.Function):
             Hkv, G, T, sel.shape[-1], scale * LOG2E, scale,
             BLOCK_G=_tile(G), BS=bs, TILE_S=_tile(bs), D=D, num_warps=2, num_stages=2)
         nblocks = math.ceil(T / bs)
-        tok, work = nsa_block_tokens(sel, nblocks, NSASelectedAttention.segment)
+        ent, work = nsa_block_tokens(sel, nblocks, NSASelectedAttention.segment)
         dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
         dv = torch.zeros_like(dk)
         bg = triton.next_power_of_2(G)
         if len(work):
             _nsa_sel_bwd_dkdv[(len(work),)](
-                q, k, v, do, lse, delta, dk, dv, tok, work, *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                Hkv, G, T, tok.shape[1], scale * LOG2E, scale,
+                q, k, v, do, lse, delta, dk, dv, ent, work, *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                Hkv, G, T, ent.shape[1], sel.shape[-1], scale * LOG2E, scale,
                 BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D, num_warps=4, num_stages=2)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -466,5 +446,5 @@ class NSACompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-__all__ = ["BlockSparseAttention", "NSACompressedAttention", "NSASelectedAttention", "nsa_block_tokens",
+__all__ = ["BlockSparseAttention", "NSACompressedAttention", "NSASelectedAttention",
            "transpose_lists"]
