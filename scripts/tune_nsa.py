@@ -31,8 +31,10 @@ LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
     "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
                    (64, 64, 4, 2), (256, 32, 8, 3), (256, 32, 8, 3, 1), (256, 64, 8, 3, 1), (256, 32, 8, 2, 1),
                    (128, 32, 8, 2, 1), (128, 32, 4, 2, 1)],  # a fifth 1: the importance added atomically
-    "selected": [(0, 0, 2, 2), (0, 0, 4, 2), (1, 256, 4, 2), (1, 128, 4, 2), (1, 512, 4, 2), (1, 256, 8, 2),
-                 (1, 256, 4, 3)],  # (0, -): per token; (1, segment): by key block
+    "selected": [(0, 0, 2, 2), (1, 256, 4, 2), (1, 256, 4, 2, 32), (1, 256, 2, 2, 32), (1, 256, 4, 1, 32),
+                 (1, 256, 2, 2, 16), (1, 512, 4, 2, 32), (1, 128, 2, 2, 32)],
+    # (0, -): per token; (1, segment, warps, stages, tile rows): by key block (kernels/tune_nsa_sel*_055320d:
+    # per token 2 warps best, by block 4 warps and 2 stages, segments 128-512 alike)
     "topn": [1, 2, 4],  # warps (several rows a program measured slower: tune_nsa_f73bb5b.jsonl)
 }
 
@@ -43,10 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=64)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--kernels", nargs="+", default=list(LAUNCH), choices=list(LAUNCH))
+    ap.add_argument("--block-bytes", type=float, default=None,
+                    help="GiB of partial outputs the selection by key block holds (bsk.NSA_BLOCK_BYTES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scripts/tune_nsa.py times CUDA kernels: no CUDA device here")
+    if args.block_bytes:
+        bsk.NSA_BLOCK_BYTES = int(args.block_bytes * 2**30)
     T, H, Hkv, D, bs, n, cb, cs = args.seq_len, args.heads, args.kv_heads, 128, 64, 16, 32, 16
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
                 print(name, c, type(exc).__name__, str(exc)[:160], flush=True)
                 continue
             keep(dict(T=T, H=H, Hkv=Hkv, kernel=name, launch=c, p50_ms=t["p50"], max_diff=diff,
-                      default=c == default))
+                      default=c == default, block_bytes=bsk.NSA_BLOCK_BYTES))
         del ref
     dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1),  # noqa: E731
                                                                      v.repeat_interleave(H // Hkv, 1), is_causal=True)

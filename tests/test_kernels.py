@@ -184,7 +184,7 @@ def test_nsa_block_tokens_lists_each_choice_once():
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("bs", [8, 16])
-@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 5, 4, 2)])  # per token; by key block, segments of 5
+@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 5, 4, 2), (1, 5, 2, 2, 16)])  # per token; by key block, segments of 5
 def test_nsa_selection_kernel_cpu(dtype, bs, launch):
     out, ref = nsa_case(dtype, "cpu", 61, 16, bs, 3, launch=launch)
     _check(out, ref, dtype)

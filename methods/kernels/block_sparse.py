@@ -517,7 +517,7 @@ NSA_BLOCK_BYTES = 1 << 30  # the selection by key block: partial outputs held at
 def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None, lse=None):
     """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
     by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n].
-    ``launch``: (order, segment, warps, stages); order 0: one program per token and KV head
+    ``launch``: (order, segment, warps, stages[, tile rows]); order 0: one program per token and KV head
     (``_nsa_selected_fwd``); 1: one per key block and segment of the choices of it, then a merge
     of each token's partial outputs (``_nsa_sel_fwd_blocks``: each block loaded once per segment,
     not once per token; for groups of few heads). Default ``NSA_LAUNCH["selected"]`` or
@@ -535,9 +535,9 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     sel = sel.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    order, segment, warps, stages = launch or NSA_LAUNCH["selected_small" if G <= NSA_SMALL_GROUP else "selected"]
+    order, segment, warps, stages, *rows = launch or NSA_LAUNCH["selected_small" if G <= NSA_SMALL_GROUP else "selected"]
     if order:
-        _nsa_selected_by_block(q, k, v, sel, block_size, scale, out, lse, segment, warps, stages)
+        _nsa_selected_by_block(q, k, v, sel, block_size, scale, out, lse, segment, warps, stages, *rows)
         return out
     _nsa_selected_fwd[(T, B * Hkv)](
         q, k, v, out, sel, lse if lse is not None else sel,
@@ -549,9 +549,10 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     return out
 
 
-def _nsa_selected_by_block(q, k, v, sel, bs, scale, out, lse, segment, warps, stages):
+def _nsa_selected_by_block(q, k, v, sel, bs, scale, out, lse, segment, warps, stages, tile_rows=64):
     """``nsa_selected_attention`` in FSA's order, by chunks of tokens whose partial outputs
-    (n per token and head, in q's dtype) fit in ``NSA_BLOCK_BYTES``."""
+    (n per token and head, in q's dtype) fit in ``NSA_BLOCK_BYTES``; ``tile_rows``: the rows
+    (tokens x the group's heads) of a program's tile."""
     B, H, T, D = q.shape
     Hkv, n = k.shape[1], sel.shape[-1]
     G = H // Hkv
@@ -569,7 +570,7 @@ def _nsa_selected_by_block(q, k, v, sel, bs, scale, out, lse, segment, warps, st
                 qa, k, v, op, lp, ent, work,
                 *qa.stride()[:3], *k.stride()[:3], *v.stride()[:3], *op.stride()[:3], *lp.stride()[:2],
                 Hkv, G, a, T, ent.shape[1], n, scale * LOG2E,
-                BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D,
+                BLOCK_T=max(1, tile_rows // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D,
                 num_warps=warps, num_stages=stages,
             )
         la = lse[:, :, a:a + c] if lse is not None else lp
