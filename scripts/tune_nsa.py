@@ -31,8 +31,8 @@ LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
     "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
                    (64, 64, 4, 2), (256, 32, 8, 3), (256, 32, 8, 3, 1), (256, 64, 8, 3, 1), (256, 32, 8, 2, 1),
                    (128, 32, 8, 2, 1), (128, 32, 4, 2, 1)],  # a fifth 1: the importance added atomically
-    "selected": [(0, 0, 2, 2), (1, 256, 4, 2), (1, 256, 4, 2, 32), (1, 256, 2, 2, 32), (1, 256, 4, 1, 32),
-                 (1, 256, 2, 2, 16), (1, 512, 4, 2, 32), (1, 128, 2, 2, 32)],
+    "selected": [(0, 0, 2, 2), (1, 256, 4, 2), (1, 256, 4, 1), (1, 512, 4, 2), (1, 256, 4, 2, 32), (1, 256, 2, 2, 32),
+                 (1, 256, 8, 2, 128), (1, 512, 8, 2, 128), (1, 1024, 8, 2, 128)],
     # (0, -): per token; (1, segment, warps, stages, tile rows): by key block (kernels/tune_nsa_sel*_055320d:
     # per token 2 warps best, by block 4 warps and 2 stages, segments 128-512 alike)
     "topn": [1, 2, 4],  # warps (several rows a program measured slower: tune_nsa_f73bb5b.jsonl)

@@ -556,7 +556,7 @@ def _nsa_selected_by_block(q, k, v, sel, bs, scale, out, lse, segment, warps, st
     B, H, T, D = q.shape
     Hkv, n = k.shape[1], sel.shape[-1]
     G = H // Hkv
-    bg = _tile(G)
+    bg = triton.next_power_of_2(G)  # a tile's rows: tile_rows // bg tokens x the group's heads
     rows = max(64, NSA_BLOCK_BYTES // (B * H * n * D * q.element_size()) // 64 * 64)
     for a in range(0, T, rows):
         c = min(rows, T - a)
