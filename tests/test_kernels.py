@@ -169,10 +169,12 @@ def nsa_grad_case(dtype, device, T, D, bs, n, H, Hkv, tol):
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])  # groups of 2, 3 (padded), 1
-def test_nsa_selection_backward_cpu(heads, monkeypatch):
+@pytest.mark.parametrize("small_group", [0, 4])  # dQ per token; dQ by key block (atomically)
+def test_nsa_selection_backward_cpu(heads, small_group, monkeypatch):
     from methods.kernels.block_sparse_bwd import NSASelectedAttention
 
     monkeypatch.setattr(NSASelectedAttention, "segment", 7)  # block 0's 61 tokens: 9 work items
+    monkeypatch.setattr(bsk, "NSA_SMALL_GROUP", small_group)  # the forward's order too
     nsa_grad_case(torch.float32, "cpu", 61, 16, 8, 3, *heads, tol=1e-4)
 
 
@@ -452,7 +454,7 @@ def test_nsa_compressed_backward_gpu_bf16(heads):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("heads", [(32, 2), (8, 8)])  # a group of 16 heads, of one
+@pytest.mark.parametrize("heads", [(32, 2), (8, 8), (12, 4)])  # groups of 16 heads, of one, of 3
 def test_nsa_selection_backward_gpu_bf16(heads):
     nsa_grad_case(torch.bfloat16, "cuda", 1000, 128, 64, 8, *heads, tol=3e-2)
 

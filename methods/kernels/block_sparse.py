@@ -46,8 +46,8 @@ BIG = 2**30  # "no window"
 # (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 -> 9.4 ms and
 # 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4)
 NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 4, 2, 1),
-              "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 2), "topn": 1}
-NSA_SMALL_GROUP = 2  # groups of at most this many query heads: the selection by key block
+              "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 1), "topn": 1}
+NSA_SMALL_GROUP = 4  # groups of at most this many query heads: the selection by key block
 
 
 def usable(q: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from methods.kernels import block_sparse as _bsk
 from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lists, nsa_block_tokens, triton
 
 if triton is not None:
@@ -47,11 +48,11 @@ if triton is not None:
     @triton.jit
     def _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale):
         """One tile of query rows q, do [M, D] for keys k, v [N, D], key-major (``ok`` [N, M]):
-        dv += P^T dO, dk += dS^T Q (unscaled)."""
+        dv += P^T dO, dk += dS^T Q (unscaled); also returns dS^T [N, M] in q's dtype."""
         pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
-        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        return dk + tl.dot(dst.to(q.dtype), q), dv
+        dst = (pt * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+        return dk + tl.dot(dst, q), dv, dst
 
     @triton.jit
     def _bwd_dq(
@@ -235,16 +236,19 @@ if triton is not None:
 
     @triton.jit
     def _nsa_sel_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, ENT, WORK,
-        sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt,
+        Q, K, V, DO, LSE, DELTA, DK, DV, ENT, WORK, DQ,
+        sqb, sqh, sqt, skb, skh, skt, sdb, sdh, sdt, sgb, sgh, sgt,
         HKV, G, T, NE, NSEL, qk_scale, scale,
         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BS: tl.constexpr, TILE_S: tl.constexpr,
-        D: tl.constexpr,
+        D: tl.constexpr, WITH_DQ: tl.constexpr = False,
     ):
         """dK and dV of one key block from a segment of the tokens that selected it: work item
         (b * HKV + hk, block, first, end) indexes ENT [B * HKV, NE], the choices (token * NSEL +
-        slot) sorted by the block they chose (``nsa_block_tokens``). Rows: BLOCK_T tokens x the group's heads (token-major). Adds into the
-        fp32 DK, DV [B, HKV, T, D] (a block's tokens may span several items)."""
+        slot) sorted by the block they chose (``nsa_block_tokens``). Rows: BLOCK_T tokens x the
+        group's heads (token-major). Adds into the fp32 DK, DV [B, HKV, T, D] (a block's tokens
+        may span several items); WITH_DQ: also each row's dS K into the fp32 DQ [B, H, T, D]
+        (strides sgb, sgh, sgt), for groups of few heads, where the per-token dQ kernel would
+        load each block once per token."""
         w = tl.program_id(0)
         bhk = tl.load(WORK + w * 4).to(tl.int64)
         blk = tl.load(WORK + w * 4 + 1)
@@ -273,7 +277,11 @@ if triton is not None:
             lse = tl.load(LSE + (b * HKV * G + heads) * T + tok, mask=rin, other=float("inf"))
             delta = tl.load(DELTA + (b * HKV * G + heads) * T + tok, mask=rin, other=0.0)
             ok = kin[:, None] & rin[None, :] & (offs_n[:, None] <= tok[None, :])  # [keys, rows]
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
+            dk, dv, dst = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
+            if WITH_DQ:
+                dq = tl.dot(tl.trans(dst), k) * scale  # [rows, D]
+                tl.atomic_add(DQ + b * sgb + heads[:, None] * sgh + tok[:, None] * sgt + offs_d[None, :], dq,
+                              mask=rin[:, None], sem="relaxed")
         out = b * sdb + hk * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=kin[:, None])
         tl.atomic_add(DV + out, dv, mask=kin[:, None])
@@ -308,11 +316,15 @@ class NSASelectedAttention(torch.autograd.Function):
         Hkv = k.shape[1]
         G = H // Hkv
         delta = _delta(do, out)
-        dq = torch.empty_like(q)
-        _nsa_sel_bwd_dq[(T, B * Hkv)](
-            q, k, v, do, lse, delta, dq, sel, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
-            Hkv, G, T, sel.shape[-1], scale * LOG2E, scale,
-            BLOCK_G=_tile(G), BS=bs, TILE_S=_tile(bs), D=D, num_warps=2, num_stages=2)
+        by_block = G <= _bsk.NSA_SMALL_GROUP  # dQ too by key block (added atomically), as the forward
+        if by_block:
+            dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        else:
+            dq = torch.empty_like(q)
+            _nsa_sel_bwd_dq[(T, B * Hkv)](
+                q, k, v, do, lse, delta, dq, sel, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
+                Hkv, G, T, sel.shape[-1], scale * LOG2E, scale,
+                BLOCK_G=_tile(G), BS=bs, TILE_S=_tile(bs), D=D, num_warps=2, num_stages=2)
         nblocks = math.ceil(T / bs)
         ent, work = nsa_block_tokens(sel, nblocks, NSASelectedAttention.segment)
         dk = torch.zeros(B, Hkv, T, D, device=q.device, dtype=torch.float32)
@@ -320,10 +332,11 @@ class NSASelectedAttention(torch.autograd.Function):
         bg = triton.next_power_of_2(G)
         if len(work):
             _nsa_sel_bwd_dkdv[(len(work),)](
-                q, k, v, do, lse, delta, dk, dv, ent, work, *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
-                Hkv, G, T, ent.shape[1], sel.shape[-1], scale * LOG2E, scale,
-                BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D, num_warps=4, num_stages=2)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                q, k, v, do, lse, delta, dk, dv, ent, work, dq, *q.stride()[:3], *k.stride()[:3], *dk.stride()[:3],
+                *dq.stride()[:3], Hkv, G, T, ent.shape[1], sel.shape[-1], scale * LOG2E, scale,
+                BLOCK_T=max(1, 64 // bg), BLOCK_G=bg, BS=bs, TILE_S=_tile(bs), D=D, WITH_DQ=by_block,
+                num_warps=4, num_stages=2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # ---- NSA's compressed branch: attention over the compressed keys -----------------------
@@ -395,7 +408,7 @@ if triton is not None:
             lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
             delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
             ok = (offs_n[:, None] * CS + CL - 1 <= offs_m[None, :]) & kin[:, None] & qin[None, :]
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
+            dk, dv, _ = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
         out = b * sdb + h * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.store(DK + out, dk * scale, mask=kin[:, None])
         tl.store(DV + out, dv, mask=kin[:, None])
