@@ -13,7 +13,9 @@ vertical_slash_attention causal; pair (q, k) is kept when column k is a vertical
                          q - k a slash. Phase A visits the key tiles that slashes cross (with
                          the element mask), phase B gathers the vertical columns outside them.
 nsa_selected_attention   each token attends to its selected key blocks (causally); one
-                         program serves all query heads of a GQA group, which share the blocks.
+                         program serves all query heads of a GQA group, which share the blocks;
+                         for small groups, by key block over the tokens that chose it, each
+                         token's partial outputs merged after (``nsa_block_tokens``).
 nsa_compressed_attention NSA's compressed branch and its log-sum-exp; ``nsa_importance`` and
                          ``nsa_topn`` turn them into each token's selected blocks. SparseK's
                          attention by query tiles and threshold bisection are below too.
@@ -40,11 +42,14 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 LOG2E = 1.4426950408889634
 BIG = 2**30  # "no window"
 # launch settings of NSA's kernels: compressed (block_m, block_n, num_warps, num_stages);
-# importance (rows: tokens x the group's heads, block_n, warps, stages), one setting for groups
-# of several heads and one for a head alone (MHA); selected (-, -, warps, stages: its tile is
-# its block); topn: warps (one row a program). scripts/tune_nsa.py times alternatives at 64k
-# (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 -> 9.4 ms and
-# 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4)
+# importance (rows: tokens x the group's heads, block_n, warps, stages[, atomic add]), one
+# setting for groups of several heads and one for a head alone (MHA); selected (order, segment,
+# warps, stages: per token, its tile is its block; or by key block for groups of at most
+# NSA_SMALL_GROUP heads); topn: warps (one row a program). scripts/tune_nsa.py times
+# alternatives at 64k (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 ->
+# 9.4 ms and 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4; tune_nsa_mha_f839956:
+# MHA importance added atomically 24 -> 16 ms; tune_nsa_sel*_4fcb193: the selection by key
+# block, MHA 118 -> 18 ms, groups of 16 heads 15 per token against 27)
 NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 4, 2, 1),
               "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 1), "topn": 1}
 NSA_SMALL_GROUP = 4  # groups of at most this many query heads: the selection by key block
