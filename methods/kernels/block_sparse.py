@@ -224,6 +224,16 @@ if triton is not None:
 
 
     @triton.jit
+    def _nsa_work_item(WORK, HKV, TK, BS, TILE_S: tl.constexpr):
+        """This program's work item of ``nsa_block_tokens``: (b * HKV + hk, b, hk, first, end)
+        and its key block's positions and which of them exist."""
+        w = tl.program_id(0)
+        bhk = tl.load(WORK + w * 4).to(tl.int64)
+        offs_n = tl.load(WORK + w * 4 + 1) * BS + tl.arange(0, TILE_S)
+        kin = (tl.arange(0, TILE_S) < BS) & (offs_n < TK)
+        return bhk, bhk // HKV, bhk % HKV, tl.load(WORK + w * 4 + 2), tl.load(WORK + w * 4 + 3), offs_n, kin
+
+    @triton.jit
     def _nsa_sel_fwd_blocks(
         Q, K, V, OP, LP, ENT, WORK,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, spb, sph, spe, slb, slh,
@@ -235,14 +245,7 @@ if triton is not None:
         ENT[b * HKV + hk, first:end] (token * NSEL + slot, token counted from T0) to it, BLOCK_T
         tokens x the group's heads a tile; each choice's normalised output goes to
         OP[b, head, choice] and its base-2 log-sum-exp to LP (``_nsa_sel_combine`` merges them)."""
-        w = tl.program_id(0)
-        bhk = tl.load(WORK + w * 4).to(tl.int64)
-        blk = tl.load(WORK + w * 4 + 1)
-        first = tl.load(WORK + w * 4 + 2)
-        end = tl.load(WORK + w * 4 + 3)
-        b, hk = bhk // HKV, bhk % HKV
-        offs_n = blk * BS + tl.arange(0, TILE_S)
-        kin = (tl.arange(0, TILE_S) < BS) & (offs_n < TK)
+        bhk, b, hk, first, end, offs_n, kin = _nsa_work_item(WORK, HKV, TK, BS, TILE_S)
         offs_d = tl.arange(0, D)
         k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skt + offs_d[:, None], mask=kin[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kin[:, None], other=0.0)

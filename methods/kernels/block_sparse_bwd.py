@@ -25,6 +25,8 @@ from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lis
 if triton is not None:
     import triton.language as tl
 
+    from methods.kernels.block_sparse import _nsa_work_item
+
     @triton.jit
     def _mask(offs_m, offs_n, OFFSET, TK, wl, wr, sink, KPM, kpm_row, BLOCK_N: tl.constexpr,
               TILE_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
@@ -249,14 +251,7 @@ if triton is not None:
         may span several items); WITH_DQ: also each row's dS K into the fp32 DQ [B, H, T, D]
         (strides sgb, sgh, sgt), for groups of few heads, where the per-token dQ kernel would
         load each block once per token."""
-        w = tl.program_id(0)
-        bhk = tl.load(WORK + w * 4).to(tl.int64)
-        blk = tl.load(WORK + w * 4 + 1)
-        first = tl.load(WORK + w * 4 + 2)
-        end = tl.load(WORK + w * 4 + 3)
-        b, hk = bhk // HKV, bhk % HKV
-        offs_n = blk * BS + tl.arange(0, TILE_S)
-        kin = (tl.arange(0, TILE_S) < BS) & (offs_n < T)
+        bhk, b, hk, first, end, offs_n, kin = _nsa_work_item(WORK, HKV, T, BS, TILE_S)
         offs_d = tl.arange(0, D)
         kv = b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
         k = tl.load(K + kv, mask=kin[:, None], other=0.0)
