@@ -25,7 +25,7 @@ from runners import bench, records  # noqa: E402
 
 # compressed: (block_m, block_n, num_warps, num_stages); importance: (rows, block_n, warps,
 # stages[, atomic]), rows = tokens x the group's heads; the selection: (order, segment, warps,
-# stages), its tile is its block; topn: (warps, packed keys)
+# stages), its tile is its block; topn: warps
 LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
     "compressed": [(128, 64, 8, 3), (64, 64, 4, 2), (256, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3)],
     "importance": [(256, 32, 8, 2), (256, 64, 8, 2), (256, 16, 8, 2), (128, 32, 8, 2), (128, 32, 4, 2),
@@ -35,8 +35,7 @@ LAUNCH = {  # earlier sweeps: kernels/tune_nsa_*.jsonl
                  (1, 256, 8, 2, 128), (1, 512, 8, 2, 128), (1, 1024, 8, 2, 128)],
     # (0, -): per token; (1, segment, warps, stages, tile rows): by key block (kernels/tune_nsa_sel*_055320d:
     # per token 2 warps best, by block 4 warps and 2 stages, segments 128-512 alike)
-    "topn": [(1, 0), (1, 1), (2, 1), (4, 1)],  # (warps, packed keys); several rows a program measured
-    # slower (tune_nsa_f73bb5b.jsonl)
+    "topn": [1, 2, 4],  # warps (several rows a program measured slower: tune_nsa_f73bb5b.jsonl)
 }
 
 
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
         "compressed": lambda c: bsk.nsa_compressed_attention(q, kc, vc, cb, cs, launch=c)[0],
         "importance": lambda c: bsk.nsa_importance(q, kc, lse, bs, cb, cs, 0, T, launch=c),
         "selected": lambda c: bsk.nsa_selected_attention(q, k, v, sel, bs, launch=c),
-        "topn": lambda c: bsk.nsa_topn(imp, 0, bs, n, launch=c),
+        "topn": lambda c: bsk.nsa_topn(imp, 0, bs, n, warps=c),
     }
     def keep(row):  # printed, and appended at once: a later failure loses nothing measured
         print(json.dumps(row), flush=True)

@@ -45,13 +45,13 @@ BIG = 2**30  # "no window"
 # importance (rows: tokens x the group's heads, block_n, warps, stages[, atomic add]), one
 # setting for groups of several heads and one for a head alone (MHA); selected (order, segment,
 # warps, stages: per token, its tile is its block; or by key block for groups of at most
-# NSA_SMALL_GROUP heads); topn: (warps, packed keys) (one row a program). scripts/tune_nsa.py times
+# NSA_SMALL_GROUP heads); topn: warps (one row a program). scripts/tune_nsa.py times
 # alternatives at 64k (kernels/tune_nsa_f73bb5b.jsonl, paper shape and MHA: importance 17.4 ->
 # 9.4 ms and 106 -> 24 ms, compressed 12.0 -> 9.9, top-n 3.5 -> 2.4; tune_nsa_mha_f839956:
 # MHA importance added atomically 24 -> 16 ms; tune_nsa_sel*_4fcb193: the selection by key
 # block, MHA 118 -> 18 ms, groups of 16 heads 15 per token against 27)
 NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 4, 2, 1),
-              "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 1), "topn": (1, 1)}
+              "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 1), "topn": 1}
 NSA_SMALL_GROUP = 4  # groups of at most this many query heads: the selection by key block
 
 
@@ -914,11 +914,9 @@ if triton is not None:
 
     @triton.jit
     def _nsa_topn(IMP, SEL, sib, sih, sit, ssb, ssh, sst, HKV, NSEL, T0, BS,
-                  NOUT: tl.constexpr, TILE: tl.constexpr, PACKED: tl.constexpr = False):
+                  NOUT: tl.constexpr, TILE: tl.constexpr):
         """Row r (query T0 + r) of KV head hk: its NOUT best selection blocks, best first, the
-        first block and the query's own two forced in, blocks after its own out (-1: none).
-        PACKED: each round one max over int64 keys (the score's order-preserving bits, then
-        TILE - 1 - block, so ties go to the earlier block) instead of an argmax and a max."""
+        first block and the query's own two forced in, blocks after its own out (-1: none)."""
         r = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
@@ -927,38 +925,25 @@ if triton is not None:
         x = tl.load(IMP + b * sib + hk * sih + r * sit + j, mask=j < NSEL, other=float("-inf"))
         x = tl.where((j == 0) | (j == cur) | (j == cur - 1), float("inf"), x)
         x = tl.where(j > cur, float("-inf"), x)
-        out = SEL + b * ssb + hk * ssh + r * sst
-        if PACKED:
-            bits = x.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as int32 order
-            none = tl.where(x == float("-inf"), 1, 0)  # -inf: not a candidate
-            key = (ordered.to(tl.int64) << 32) | (TILE - 1 - j).to(tl.int64)
-            key = tl.where(none != 0, -(2**62), key)
-            for i in tl.static_range(NOUT):
-                best = tl.max(key, 0)
-                tl.store(out + i, tl.where(best > -(2**62), TILE - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32))
-                key = tl.where(key == best, -(2**62), key)
-        else:
-            for i in tl.static_range(NOUT):
-                best = tl.argmax(x, 0)
-                top = tl.max(x, 0)
-                tl.store(out + i, tl.where(top > float("-inf"), best, -1))
-                x = tl.where(j == best, float("-inf"), x)
+        for i in tl.static_range(NOUT):
+            best = tl.argmax(x, 0)
+            top = tl.max(x, 0)
+            tl.store(SEL + b * ssb + hk * ssh + r * sst + i, tl.where(top > float("-inf"), best, -1))
+            x = tl.where(j == best, float("-inf"), x)
 
 
-def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int, launch=None) -> torch.Tensor | None:
+def nsa_topn(importance: torch.Tensor, t0: int, block_size: int, n: int, warps=None) -> torch.Tensor | None:
     """``NSA.select`` in one kernel: importance [B, Hkv, c, nsel] of queries t0 .. t0 + c - 1 ->
     their chosen blocks [B, Hkv, c, min(n, nsel)] int32 (-1 where fewer are visible). None
     where a row does not fit on chip (nsel > 4096 selection blocks): callers use ``select``.
-    One row a program; ``launch``: (warps, packed keys) (default ``NSA_LAUNCH["topn"]``)."""
+    One row a program, on ``warps`` warps (default ``NSA_LAUNCH["topn"]``)."""
     B, Hkv, c, nsel = importance.shape
     if nsel > 4096:
         return None
     imp = importance.contiguous()
     out = torch.empty(B, Hkv, c, min(n, nsel), device=imp.device, dtype=torch.int32)
-    warps, packed = launch or NSA_LAUNCH["topn"]
     _nsa_topn[(c, B * Hkv)](imp, out, *imp.stride()[:3], *out.stride()[:3], Hkv, nsel, t0, block_size,
-                            NOUT=out.shape[-1], TILE=_tile(nsel), PACKED=bool(packed), num_warps=warps)
+                            NOUT=out.shape[-1], TILE=_tile(nsel), num_warps=warps or NSA_LAUNCH["topn"])
     return out
 
 
