@@ -21,10 +21,11 @@ then the selection-block importance recomputed from it (by row chunks of at most
 ``importance_bytes``; no [T, T/stride] tensor in memory) and each row's top-n in one kernel
 (``nsa_topn``), the selection (one program per token serves all query heads of a GQA group,
 as in the paper; for groups of up to 4 heads one program per key block and the tokens that
-chose it, FSA's order, then a merge per token), the window, and the gated sum in one pass. The reference and flex paths
-compute the compressed branch in PyTorch, in chunks of queries. Training with impl=triton:
-each branch has a backward kernel (``NSACompressedAttention``; ``NSASelectedAttention``: dK and
-dV by key block over the tokens that chose it; ``BlockSparseAttention`` for the window), the
+chose it, FSA's order, then a merge per token), the window, and the gated sum in one pass.
+The reference and flex paths compute the compressed branch in PyTorch, in chunks of queries.
+Training with impl=triton: each branch has a backward kernel (``NSACompressedAttention``;
+``NSASelectedAttention``: dK and dV, and for small groups dQ, by key block over the tokens that
+chose it; ``BlockSparseAttention`` for the window), the
 compression MLP and the gates by autograd. Among blocks of equal importance the earlier is
 chosen (on every path).
 """

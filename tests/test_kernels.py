@@ -186,7 +186,8 @@ def test_nsa_block_tokens_lists_each_choice_once():
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("bs", [8, 16])
-@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 5, 4, 2), (1, 5, 2, 2, 16)])  # per token; by key block, segments of 5
+# per token; by key block (segments of 5 choices), with tiles of 64 and of 16 rows
+@pytest.mark.parametrize("launch", [(0, 0, 2, 2), (1, 5, 4, 2), (1, 5, 2, 2, 16)])
 def test_nsa_selection_kernel_cpu(dtype, bs, launch):
     out, ref = nsa_case(dtype, "cpu", 61, 16, bs, 3, launch=launch)
     _check(out, ref, dtype)
@@ -202,7 +203,8 @@ def test_nsa_selection_by_block_in_token_chunks_cpu(heads, monkeypatch):
     q, k, v = _inputs(1, heads[0], heads[1], 150, 16, torch.float32, "cpu", 2)
     sel = torch.randint(0, 10, (1, heads[1], 150, 4)).clamp_max((torch.arange(150) // 16).view(1, 1, 150, 1))
     lse = [torch.empty(1, heads[0], 150) for _ in range(2)]
-    outs = [bsk.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip([(0, 0, 2, 2), (1, 64, 4, 2)], lse)]
+    orders = [(0, 0, 2, 2), (1, 64, 4, 2)]
+    outs = [bsk.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip(orders, lse)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[1], lse[0], rtol=1e-5, atol=1e-5)
 

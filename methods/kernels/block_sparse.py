@@ -269,8 +269,8 @@ if triton is not None:
             o = tl.dot(p.to(v.dtype), v) / tl.where(l == 0.0, 1.0, l)[:, None]
             tl.store(OP + b * spb + heads[:, None] * sph + e[:, None] * spe + offs_d[None, :],
                      o.to(OP.dtype.element_ty), mask=rin[:, None])
-            tl.store(LP + b * slb + heads * slh + e, tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l))),
-                     mask=rin)
+            lp = tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l)))
+            tl.store(LP + b * slb + heads * slh + e, lp, mask=rin)
 
     @triton.jit
     def _nsa_sel_combine(
@@ -525,8 +525,8 @@ NSA_BLOCK_BYTES = 1 << 30  # the selection by key block: partial outputs held at
 def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=None, lse=None):
     """Each token attends causally to the key blocks ``sel[b, hk, t, :]`` (-1: none), shared
     by the query heads of KV head hk. q [B, H, T, D]; k, v [B, Hkv, T, D]; sel [B, Hkv, T, n].
-    ``launch``: (order, segment, warps, stages[, tile rows]); order 0: one program per token and KV head
-    (``_nsa_selected_fwd``); 1: one per key block and segment of the choices of it, then a merge
+    ``launch``: (order, segment, warps, stages[, tile rows]); order 0: one program per token and
+    KV head (``_nsa_selected_fwd``); 1: one per key block and segment of the choices of it, then a merge
     of each token's partial outputs (``_nsa_sel_fwd_blocks``: each block loaded once per segment,
     not once per token; for groups of few heads). Default ``NSA_LAUNCH["selected"]`` or
     ``["selected_small"]`` (groups of at most ``NSA_SMALL_GROUP`` heads). ``lse`` [B, H, T] fp32,
@@ -543,7 +543,8 @@ def nsa_selected_attention(q, k, v, sel, block_size: int, scale=None, launch=Non
     sel = sel.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    order, segment, warps, stages, *rows = launch or NSA_LAUNCH["selected_small" if G <= NSA_SMALL_GROUP else "selected"]
+    small = G <= NSA_SMALL_GROUP
+    order, segment, warps, stages, *rows = launch or NSA_LAUNCH["selected_small" if small else "selected"]
     if order:
         _nsa_selected_by_block(q, k, v, sel, block_size, scale, out, lse, segment, warps, stages, *rows)
         return out
@@ -823,7 +824,10 @@ if triton is not None:
         compressed blocks i overlapping selection block s of p[t, i] (Eq. 9-10), p recomputed
         from the log-sum-exp. A program takes BLOCK_T tokens with all heads of their group as
         the rows of one tile (row r: token r // BLOCK_G, head r % BLOCK_G), so each compressed
-        key tile is multiplied once per group; it owns its tokens, so accumulates without atomics."""
+        key tile is multiplied once per group; it owns its tokens, so accumulates without atomics
+        (ATOMIC: adds each tile's contribution as a fire-and-forget atomic instead of a read,
+        add and write; with the default block sizes at most two tiles add to an entry, so their
+        order does not change the sum)."""
         qt = tl.program_id(0)
         bhk = tl.program_id(1).to(tl.int64)
         b, hk = bhk // HKV, bhk % HKV
@@ -987,8 +991,8 @@ def nsa_importance(q, kc, lse, block_size: int, compress_block: int, compress_st
     """Selection-block importance [B, Hkv, row1 - row0, ceil(T / block_size)] (fp32) of the
     queries row0 .. row1 - 1 (row0 a multiple of 64), from ``nsa_compressed_attention``'s
     log-sum-exp: callers bound its memory by taking the rows in chunks. ``launch``: (rows,
-    block_n, warps, stages), rows: a program's query rows (tokens x the group's heads, padded to
-    a power of two)."""
+    block_n, warps, stages[, atomic]), rows: a program's query rows (tokens x the group's heads,
+    padded to a power of two); atomic: 1 to add each tile's contribution atomically."""
     q, kc = q.contiguous(), kc.contiguous()
     B, H, T, D = q.shape
     Hkv, n = kc.shape[1], kc.shape[2]
