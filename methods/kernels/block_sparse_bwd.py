@@ -7,7 +7,8 @@ attention dK and dV are computed per query head and summed over each group.
 
 NSASelectedAttention     NSA's selection: dQ per token over its blocks; dK and dV per key
                          block over the tokens that chose it (``nsa_block_tokens``: the choices
-                         sorted by block, runs cut into segments, added atomically).
+                         sorted by block, runs cut into segments, added atomically); for groups
+                         of few heads dQ there too (each row's dS K added atomically).
 NSACompressedAttention   NSA's compressed branch: dQ by query tile, dK and dV of the compressed
                          keys by key tile and query head.
 
