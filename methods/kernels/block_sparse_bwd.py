@@ -41,6 +41,15 @@ if triton is not None:
         return ok, kin
 
     @triton.jit
+    def _row_inputs(Q, DO, LSE, DELTA, rows, stat, live):
+        """A tile's query rows and their output gradients (offsets ``rows`` [M, D]) and their
+        LSE and dO*O row sums (offsets ``stat`` [M]); rows not ``live`` see nothing (LSE inf)."""
+        q = tl.load(Q + rows, mask=live[:, None], other=0.0)
+        do = tl.load(DO + rows, mask=live[:, None], other=0.0)
+        lse = tl.load(LSE + stat, mask=live, other=float("inf"))
+        return q, do, lse, tl.load(DELTA + stat, mask=live, other=0.0)
+
+    @triton.jit
     def _dq_step(dq, q, do, k, v, ok, lse, delta, qk_scale):
         """One key tile k, v [N, D] for query rows q, do [M, D]: the probabilities recomputed
         from the rows' LSE under ``ok`` [M, N], dq += dS K."""
@@ -74,10 +83,7 @@ if triton is not None:
         qin = (tl.arange(0, TILE_M) < BLOCK_M) & (offs_m < TQ)
         offs_d = tl.arange(0, D)
         rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]  # q, do, dq alike
-        q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
-        do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
-        lse = tl.load(LSE + bh * TQ + offs_m, mask=qin, other=float("inf"))
-        delta = tl.load(DELTA + bh * TQ + offs_m, mask=qin, other=0.0)
+        q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, bh * TQ + offs_m, qin)
         dq = tl.zeros([TILE_M, D], tl.float32)
         n = tl.load(CNT + b * scb + h * sch + qt)
         for j in range(0, n):
@@ -118,10 +124,7 @@ if triton is not None:
             offs_m = qt * BLOCK_M + tl.arange(0, TILE_M)
             qin = (tl.arange(0, TILE_M) < BLOCK_M) & (offs_m < TQ)
             rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-            q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
-            lse = tl.load(LSE + bh * TQ + offs_m, mask=qin, other=float("inf"))
-            delta = tl.load(DELTA + bh * TQ + offs_m, mask=qin, other=0.0)
+            q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, bh * TQ + offs_m, qin)
             ok, kin = _mask(offs_m, offs_n, OFFSET, TK, wl, wr, sink, KPM, b * skpb, BLOCK_N, TILE_N,
                             CAUSAL, HAS_KPM)
             ok = ok & qin[:, None]
@@ -222,10 +225,7 @@ if triton is not None:
         gin = offs_g < G
         offs_d = tl.arange(0, D)
         rows = b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :]
-        q = tl.load(Q + rows, mask=gin[:, None], other=0.0)
-        do = tl.load(DO + rows, mask=gin[:, None], other=0.0)
-        lse = tl.load(LSE + (b * HKV * G + heads) * T + t, mask=gin, other=float("inf"))
-        delta = tl.load(DELTA + (b * HKV * G + heads) * T + t, mask=gin, other=0.0)
+        q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, (b * HKV * G + heads) * T + t, gin)
         dq = tl.zeros([BLOCK_G, D], tl.float32)
         for j in range(0, NSEL):
             blk = tl.load(SEL + b * ssb + hk * ssh + t * sst + j)
@@ -268,10 +268,7 @@ if triton is not None:
             rin = (at < end) & (g < G)
             tok = tl.load(ENT + bhk * NE + at, mask=rin, other=0) // NSEL
             rows = b * sqb + heads[:, None] * sqh + tok[:, None] * sqt + offs_d[None, :]
-            q = tl.load(Q + rows, mask=rin[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=rin[:, None], other=0.0)
-            lse = tl.load(LSE + (b * HKV * G + heads) * T + tok, mask=rin, other=float("inf"))
-            delta = tl.load(DELTA + (b * HKV * G + heads) * T + tok, mask=rin, other=0.0)
+            q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, (b * HKV * G + heads) * T + tok, rin)
             ok = kin[:, None] & rin[None, :] & (offs_n[:, None] <= tok[None, :])  # [keys, rows]
             dk, dv, dst = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
             if WITH_DQ:
@@ -355,10 +352,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         qin = offs_m < T
         rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-        q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
-        do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
-        lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
-        delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
+        q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, bh * T + offs_m, qin)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         last = tl.minimum(qt * BLOCK_M + BLOCK_M - 1, T - 1)
         n_vis = tl.minimum(tl.maximum((last - CL + 1) // CS + 1, 0), NC)
@@ -399,10 +393,7 @@ if triton is not None:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             qin = offs_m < T
             rows = b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :]
-            q = tl.load(Q + rows, mask=qin[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=qin[:, None], other=0.0)
-            lse = tl.load(LSE + bh * T + offs_m, mask=qin, other=float("inf"))
-            delta = tl.load(DELTA + bh * T + offs_m, mask=qin, other=0.0)
+            q, do, lse, delta = _row_inputs(Q, DO, LSE, DELTA, rows, bh * T + offs_m, qin)
             ok = (offs_n[:, None] * CS + CL - 1 <= offs_m[None, :]) & kin[:, None] & qin[None, :]
             dk, dv, _ = _dkdv_step(dk, dv, k, v, q, do, ok, lse, delta, qk_scale)
         out = b * sdb + h * sdh + offs_n[:, None] * sdt + offs_d[None, :]
