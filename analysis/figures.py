@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.leaderboard import needle_cells, ruler_table
 from analysis.plots import needle_heatmap
+from analysis.tables import needle_cells, ruler_table
 
 
 def main(argv=None) -> int:

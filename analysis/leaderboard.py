@@ -1,9 +1,7 @@
-"""Leaderboard of kernel-runner records: quality, latency and memory per method.
+"""Leaderboard of run records: quality, latency and memory per method (tables built by
+``analysis.tables``, rendered by ``analysis.render``), and its figures.
 
     python -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md
-
-One table per (device, dtype, causal, attention shape) setting. A failed or OOM run shows its status, never
-a number. Speedups are against the dense baseline of the same setting and length.
 """
 from __future__ import annotations
 
@@ -11,269 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from analysis.records import labelled, load, variants
-
-BASELINE = "dense"
-
-
-def bootstrap_ci(values, level: float = 0.95, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and the percentile bootstrap confidence interval of the mean."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = rng.choice(v, size=(n, len(v)), replace=True).mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(v.mean()), float(lo), float(hi)
-
-
-def _cell(rows, col, fmt, scale: float = 1.0):
-    """One value, or over several seeds "mean ± half-width of the 95% bootstrap interval";
-    a run that did not succeed shows its status."""
-    if rows is None or (isinstance(rows, list) and not rows):
-        return "-"
-    rows = rows if isinstance(rows, list) else [rows]
-    bad = [r["status"] for r in rows if r["status"] != "ok"]
-    if bad:
-        return bad[0]
-    vals = [r.get(col) for r in rows]
-    vals = [float(v) * scale for v in vals if v is not None and not pd.isna(v)]
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    m, lo, hi = bootstrap_ci(vals)
-    return f"{fmt.format(m)} ± {fmt.format((hi - lo) / 2)}"
-
-
-LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
-HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
-
-
-def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
-    """Mark the best value of each column (lowest error, latency and memory; highest speedup
-    and accuracy): **bold** in markdown, \\textbf in LaTeX."""
-    if style == "none" or table.empty:
-        return table
-    out = table.copy()
-    wrap = (lambda x: f"**{x}**") if style == "md" else (lambda x: f"\\textbf{{{x}}}")
-
-    def num(x):
-        try:
-            return float(str(x).split()[0].rstrip("x"))
-        except ValueError:
-            return None
-
-    for col in table.columns:
-        low = col.startswith(LOWER_BETTER)
-        if not (low or col.startswith(HIGHER_BETTER)):
-            continue
-        vals = {i: num(v) for i, v in table[col].items()}
-        vals = {i: v for i, v in vals.items() if v is not None}
-        if len(vals) < 2:
-            continue
-        best = min(vals.values()) if low else max(vals.values())
-        for i, v in vals.items():
-            if v == best:
-                out.loc[i, col] = wrap(table.loc[i, col])
-    return out
-
-
-def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows: method (and impl); columns: forward (and, where measured, backward) latency per
-    length, and fidelity, peak memory, useful TFLOP/s (the FLOPs of the work the method must
-    do, ``cost.flops``, over its forward time) and speedup over dense at the summary length: the longest length that at least
-    half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
-    df = labelled(df[df["runner"] == "kernel"])
-    lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
-    if not lens:
-        return pd.DataFrame()
-    n_rows = len(df[["label", "impl"]].drop_duplicates())
-    reached = {t: len(df.loc[df["seq_len"] == t, ["label", "impl"]].drop_duplicates()) for t in lens}
-    tmax = max(t for t in lens if 2 * reached[t] >= n_rows)
-    if "cost.flops" in df and "latency.forward.p50" in df:  # FLOPs of the work the method must do, over time
-        df["useful_tflops"] = df["cost.flops"] / df["latency.forward.p50"] / 1e9
-    else:
-        df["useful_tflops"] = None
-    bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
-    bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
-    dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
-    dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
-    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
-    dense = dense[auto] if auto.any() else dense  # the default backend: PyTorch's fastest
-    base = dense.groupby("seq_len")["latency.forward.p50"].mean().to_dict()
-    rows = []
-    for (label, impl), g in df.groupby(["label", "impl"], sort=True):
-        by_len: dict[int, list] = {}
-        for _, r in g.iterrows():  # several seeds of one length: mean and bootstrap interval
-            if pd.notna(r["seq_len"]):
-                by_len.setdefault(int(r["seq_len"]), []).append(r)
-        last = by_len.get(tmax)
-        row = {"method": label, "impl": impl,
-               "real kernel": "yes" if g["real_kernel"].all() else "no"}
-        row["rel err (random)"] = _cell(last, "metric.rel_err_random", "{:.3f}")
-        row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")
-        for t in lens:
-            row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
-        for t in bwd_lens:  # backward timings, at the lengths some run has them
-            row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
-        row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
-        row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
-        row[f"useful TFLOP/s @{tmax}"] = _cell(last, "useful_tflops", "{:.3g}")
-        sp = "-"
-        if last and all(r["status"] == "ok" for r in last) and tmax in base:
-            p50 = sum(r["latency.forward.p50"] for r in last) / len(last)
-            sp = f"{base[tmax] / p50:.2f}x"
-        row[f"speedup @{tmax}"] = sp
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
-    """The efficiency length of each method, as the CAB benchmark defines it: the shortest
-    measured sequence length at which it is faster than dense attention (forward p50) and
-    the shortest at which it needs less memory ("> T" when it never does up to the longest
-    length measured)."""
-    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")]
-    if df.empty:
-        return pd.DataFrame()
-    df = labelled(df)
-    dense = df[(df["method"] == BASELINE) & (df["impl"] != "reference")]
-    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
-    dense = dense[auto] if auto.any() else dense
-    t_base = dense.set_index("seq_len")["latency.forward.p50"].to_dict()
-    m_base = dense.set_index("seq_len")["mem.forward"].to_dict() if "mem.forward" in dense else {}
-    rows = []
-    for (label, impl), g in df[df["method"] != BASELINE].groupby(["label", "impl"]):
-        g = g.sort_values("seq_len")
-        lens = [int(t) for t in g["seq_len"]]
-
-        def first(col, base):
-            for _, r in g.iterrows():
-                t = int(r["seq_len"])
-                if t in base and pd.notna(r.get(col)) and r[col] < base[t]:
-                    return str(t)
-            return f"> {max(lens)}"
-
-        rows.append({"method": label, "impl": impl, "faster from": first("latency.forward.p50", t_base),
-                     "leaner from": first("mem.forward", m_base)})
-    return pd.DataFrame(rows)
-
-
-LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-
-
-def lra_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
-    records, with the average over the tasks present; a failed run shows its status, a task
-    not run shows "-" (the newest record of each method and task counts)."""
-    df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
-    if df.empty:
-        return pd.DataFrame()
-    df["label"] = variants(df)
-    rows = []
-    for label, g in df.groupby("label", sort=True):
-        row, accs = {"method": label}, []
-        for t in LRA_TASKS:
-            r = g[g["task"] == f"lra/{t}"].sort_values("time")
-            if r.empty:
-                row[t] = "-"
-                continue
-            r = r.iloc[-1]
-            if r["status"] != "ok":
-                row[t] = r["status"]
-                continue
-            acc = 100 * float(r["metric.test_acc"])
-            accs.append(acc)
-            row[t] = f"{acc:.2f}"
-        row["avg"] = f"{sum(accs) / len(accs):.2f}" if accs else "-"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def ruler_table(store) -> pd.DataFrame:
-    """RULER-like scores (%): one row per method, one column per task and length, and the
-    average (the newest ok record of each method)."""
-    from runners import records as rs
-
-    rows = []
-    recs = [r for r in rs.read(store) if r.get("task") == "ruler" and r.get("status") == "ok"]
-    for r in sorted(recs, key=lambda r: r["time"]):
-        row = {"method": r["method"] + "".join(f" {k}={v}" for k, v in r["method_params"].items()
-                                                if k in ("pattern", "window"))}
-        for c in r["metrics"]["cells"]:
-            row[f"{c['task']} @{c['length']}"] = f"{100 * c['score']:.1f}"
-        row["avg"] = f"{100 * r['metrics']['average']:.1f}"
-        rows = [x for x in rows if x["method"] != row["method"]] + [row]
-    return pd.DataFrame(rows)
-
-
-def needle_cells(store) -> dict[str, list]:
-    """The needle grid of each method's newest ok record: {label: cells}."""
-    from runners import records as rs
-
-    out = {}
-    for r in sorted(rs.read(store), key=lambda r: r["time"]):
-        if r.get("task") == "needle" and r.get("status") == "ok":
-            label = r["method"] + "".join(f"-{r['method_params'][k]}" for k in ("pattern",)
-                                          if k in r["method_params"])
-            out[label] = r["metrics"]["cells"]
-    return out
-
-
-def settings(df: pd.DataFrame):
-    """(title, sub-frame) per (device/gpu, dtype, causal, attention shape) setting of kernel
-    records (the shape, e.g. ``H=32 Hkv=32 D=64``, is named where the records hold it)."""
-    df = df[df["runner"] == "kernel"].copy()
-    df["where"] = df["gpu"].fillna(df["device"])
-    if "shape" not in df:
-        df["shape"] = None
-    for (where, dtype, causal, shape), g in df.groupby(["where", "dtype", "causal", "shape"], dropna=False):
-        shape = "" if pd.isna(shape) else f", {shape}"
-        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
-
-
-def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(title, table) of every leaderboard table the records allow."""
-    out = []
-    lra = lra_table(df)
-    if not lra.empty:
-        out.append(("Long Range Arena, test accuracy (%)", lra))
-    for title, g in settings(df):
-        out.append((title, kernel_table(g)))
-    return out
-
-
-def render(df: pd.DataFrame, fmt: str = "md") -> str:
-    """The leaderboard as markdown (best values in bold), LaTeX or CSV."""
-    if fmt in ("csv", "latex"):
-        parts = []
-        for title, t in tables(df):
-            if fmt == "csv":
-                parts.append(f"# {title}\n" + t.to_csv(index=False))
-            else:
-                parts.append(f"% {title}\n" + mark_best(t, "latex").to_latex(index=False, escape=False))
-        return "\n".join(parts)
-    parts = []
-    lra = lra_table(df)
-    if not lra.empty:
-        parts.append("### Long Range Arena, test accuracy (%)\n\n"
-                     + mark_best(lra).to_markdown(index=False, disable_numparse=True) + "\n")
-    for title, g in settings(df):
-        parts.append(f"### {title}\n\n" + mark_best(kernel_table(g)).to_markdown(index=False, disable_numparse=True) + "\n")
-        eff = efficiency_lengths(g)
-        if not eff.empty:
-            parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
-                         + eff.to_markdown(index=False, disable_numparse=True) + "\n")
-    return "\n".join(parts) if parts else "(no records)\n"
+from analysis.plots import latency_memory, quality_vs_cost
+from analysis.records import load
+from analysis.render import render
+from analysis.tables import settings
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", nargs="+", default=["results/local/records.jsonl"])
-    ap.add_argument("--out", default=None, help="also write the table here (format by suffix: .md, .csv, .tex)")
+    ap.add_argument("--out", default=None, help="also write the table here (format by suffix: .md, .csv, .tex, .html)")
     ap.add_argument("--plot", default=None, help="also save the latency/memory plot (PNG) here")
     ap.add_argument("--pareto", default=None, help="also save quality against cost (PNG) here")
     args = ap.parse_args(argv)
@@ -288,11 +33,9 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fmt = {".csv": "csv", ".tex": "latex"}.get(out.suffix, "md")
+        fmt = {".csv": "csv", ".tex": "latex", ".html": "html"}.get(out.suffix, "md")
         out.write_text(text if fmt == "md" else render(df, fmt))
         print(f"leaderboard written to {args.out}")
-    from analysis.plots import latency_memory, quality_vs_cost
-
     for base, draw, what in ((args.plot, latency_memory, "latency/memory"),
                              (args.pareto, quality_vs_cost, "quality/cost")):
         if not base:

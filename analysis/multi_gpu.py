@@ -11,20 +11,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from runners.callbacks import JOB_FILE
+from analysis.sweep import jobs
 from runners.records import read
-
-
-def jobs(sweep_dir) -> list[dict]:
-    """Each job's summary file (pid, CUDA_VISIBLE_DEVICES, started/ended), in job order."""
-    out = []
-    for p in sorted(Path(sweep_dir).glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name)
-                    if p.parent.name.isdigit() else p.parent.name):
-        out.append({"job": p.parent.name, **json.loads(p.read_text())})
-    return out
 
 
 def overlaps(js: list[dict]) -> dict[str, list[str]]:

@@ -20,8 +20,10 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _label(method, impl):
-    return f"{method} ({impl})"
+def _label(method, impl, timed="forward"):
+    """Legend entry: the variant and impl, and the passes its run timed where it is not the
+    forward alone (the forward latency of a run that also timed its backward)."""
+    return f"{method} ({impl})" if timed == "forward" else f"{method} ({impl}; {timed} run)"
 
 
 def _method_colours(df: pd.DataFrame) -> dict:
@@ -41,7 +43,7 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     df = labelled(df[df["runner"] == "kernel"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     color = _method_colours(df)
-    for (method, label, impl), g in df.groupby(["method", "label", "impl"]):
+    for (method, label, timed, impl), g in df.groupby(["method", "label", "timed", "impl"]):
         g = g.sort_values("seq_len")
         ok = g[g["status"] == "ok"]
         if method == BASELINE:
@@ -53,10 +55,12 @@ def latency_memory(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
             if impl == "flex":
                 style.update(linestyle="--", marker="^")
         style = {"linestyle": "-", "marker": "o", **style}
-        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], label=_label(label, impl), **style)
+        if timed != "forward":  # the forward of a run that also timed its backward: dotted
+            style["linestyle"] = ":"
+        axes[0].plot(ok["seq_len"], ok["latency.forward.p50"], label=_label(label, impl, timed), **style)
         if "mem.forward" in ok:
             m = ok.dropna(subset=["mem.forward"])
-            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, label=_label(label, impl), **style)
+            axes[1].plot(m["seq_len"], m["mem.forward"] / 2**20, label=_label(label, impl, timed), **style)
         bad = g[(g["status"] != "ok") & g["seq_len"].notna()]  # older build failures have no length
         for ax in axes:
             if len(bad):
@@ -106,7 +110,7 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
         flex = r["impl"] == "flex"  # FlexAttention paths hollow, beside the method's own colour
         ax.scatter(*pts[i], s=70 if i in front else 50, marker="*" if i in front else ("^" if flex else "o"),
                    facecolors="none" if flex else color[r["label"]], edgecolors=color[r["label"]],
-                   label=f"{r['label']} ({r['impl']})", zorder=3)
+                   label=_label(r["label"], r["impl"], r["timed"]), zorder=3)
     fx = sorted(pts[i] for i in front)
     if fx:
         ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="grey", ls="--", lw=1,

@@ -13,11 +13,25 @@ COLUMNS = ["run_id", "time", "method", "impl", "real_kernel", "model", "task", "
            "seq_len", "batch_size", "dtype", "device", "causal", "status", "error", "seed"]
 
 
+PASSES = ("forward", "backward")
+
+
+def timed_passes(rec: dict) -> str:
+    """The passes a run timed, from its latency keys: ``forward``, ``backward`` or
+    ``forward+backward`` (each timed on its own). A run with no timings (failed, OOM) names the
+    passes it was to time: its forward, and its backward where ``runner.backward`` was true."""
+    lat = rec.get("latency_ms") or {}
+    if not lat:
+        backward = ((rec.get("config") or {}).get("runner") or {}).get("backward") is True
+        lat = ("forward", "backward") if backward else ("forward",)
+    return "+".join(p for p in PASSES if p in lat)
+
+
 def _flat(rec: dict) -> dict:
     row = {c: rec.get(c) for c in COLUMNS}
     row["gpu"] = (rec.get("env") or {}).get("gpu")
     row["backend"] = (rec.get("details") or {}).get("backend")
-    row["backward_run"] = bool(((rec.get("config") or {}).get("runner") or {}).get("backward"))
+    row["timed"] = timed_passes(rec)
     m = (rec.get("config") or {}).get("model") or {}
     row["shape"] = (f"H={m['num_heads']} Hkv={m.get('num_kv_heads') or m['num_heads']} D={m['head_dim']}"
                     if "num_heads" in m and "head_dim" in m else None)  # attention shape of the run
@@ -62,8 +76,8 @@ def config_defaults(method) -> dict:
 
 def variants(df: pd.DataFrame) -> pd.Series:
     """A label per row: the method, plus its hyperparameters that differ between the rows
-    of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``), plus
-    ``+bwd`` for runs timed with their backward where others were not."""
+    of that method (e.g. ``dense backend=flash``, ``minference pattern=a_shape``). What a run
+    timed is not part of it: that is the ``timed`` column."""
     import json
 
     params = df["method_params"].apply(lambda p: p if isinstance(p, dict) else {})
@@ -78,21 +92,22 @@ def variants(df: pd.DataFrame) -> pd.Series:
         for i in idx:
             extra = " ".join(f"{k}={params.loc[i].get(k)}" for k in varying)
             labels.loc[i] = f"{method} {extra}".strip()
-    bwd = df["backward_run"].fillna(False).astype(bool) if "backward_run" in df else None
-    if bwd is not None and bwd.any() and not bwd.all():  # runs timed with and without their
-        labels[bwd] += " +bwd"  # backward: rows of their own, not seeds of one row
     return labels
 
 
 def labelled(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``df`` with a ``label`` column (``variants``), one record per (label, impl,
-    length, seed): a later run that measured the same thing under another run_id (another list
-    of lengths, a later commit) replaces the earlier one, so that only seeds are averaged."""
+    timed passes, length, seed): a later run that measured the same thing under another run_id
+    (another list of lengths, a later commit) replaces the earlier one, so that only seeds are
+    averaged; a run that also timed its backward is a row of its own, not a seed."""
     df = df.copy()
     df["label"] = variants(df)
+    if "timed" not in df:
+        df["timed"] = PASSES[0]
     if len(df):
         seed = df["seed"].astype(str) if "seed" in df else ""
-        key = df["label"].astype(str) + "|" + df["impl"].astype(str) + "|" + df["seq_len"].astype(str) + "|" + seed
+        key = (df["label"].astype(str) + "|" + df["impl"].astype(str) + "|" + df["timed"].astype(str)
+               + "|" + df["seq_len"].astype(str) + "|" + seed)
         df = df.assign(_key=key).sort_values("time", kind="stable").drop_duplicates("_key", keep="last")
         df = df.drop(columns="_key").sort_index()
     return df

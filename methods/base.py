@@ -84,6 +84,12 @@ class AttentionMethod(nn.Module):
     training_free: bool = True  # can replace attention in a trained model
     exact: bool = False  # equals softmax attention
     impls: tuple[str, ...] = ("reference",)
+    # the README's method table (python -m analysis.readme): the paper (authors year; None:
+    # no single paper), the kind of method, and the test showing that it matches the
+    # authors' code ("tests/test_x.py::test_name"; None: no such test yet)
+    paper: str | None = None
+    kind: str = "exact"
+    official_test: str | None = None
 
     def __init__(
         self,

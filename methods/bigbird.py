@@ -26,6 +26,10 @@ from methods.base import Cost, SparseMethod
 
 class BigBird(SparseMethod):
     name = "bigbird"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Zaheer et al. 2020"
+    kind = "sparse (blocks)"
+    official_test = None
     static_mask = True
     impls = ("reference", "flex", "triton")
     triton_backward = True  # the block-sparse kernel has one

@@ -28,6 +28,10 @@ def _sdpa_backend(name: str):
 
 class Dense(AttentionMethod):
     name = "dense"
+    # what the README's method table says (python -m analysis.readme)
+    paper = None
+    kind = "exact"
+    official_test = "tests/test_dense.py::test_reference_and_sdpa_match_naive"
     exact = True
     impls = ("reference", "sdpa")
 

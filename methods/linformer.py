@@ -28,6 +28,10 @@ SHARING = ("none", "headwise", "kv", "layerwise")
 
 class Linformer(AttentionMethod):
     name = "linformer"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Wang et al. 2020"
+    kind = "low-rank (learned)"
+    official_test = None
     supports_causal = False
     trainable = True
     training_free = False

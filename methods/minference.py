@@ -38,6 +38,10 @@ A, VS, BS = range(3)
 
 class MInference(SparseMethod):
     name = "minference"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Jiang et al. 2024"
+    kind = "sparse (data-dependent), training-free"
+    official_test = None
     supports_noncausal = False
     training_free = True
 

@@ -42,6 +42,10 @@ from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
 
 class NSA(SparseMethod):
     name = "nsa"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Yuan et al. 2025"
+    kind = "sparse (trainable)"
+    official_test = None
     importance_bytes = 1 << 30  # Triton path: selection scores held at once (rows chunked to fit)
     impls = ("reference", "flex", "triton")
     supports_noncausal = False

@@ -61,6 +61,10 @@ def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
 
 class Nystrom(AttentionMethod):
     name = "nystrom"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Xiong et al. 2021"
+    kind = "low-rank (Nystrom)"
+    official_test = None
     supports_causal = False
     trainable = True  # the convolution skip has weights; without it, training-free
     training_free = False

@@ -62,6 +62,10 @@ def positive_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class Performer(AttentionMethod):
     name = "performer"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Choromanski et al. 2021"
+    kind = "low-rank (FAVOR+)"
+    official_test = None
     trainable = True  # trained models adapt to the feature map (it has no weights of its own)
     training_free = False
     impls = ("reference", "chunked", "triton")

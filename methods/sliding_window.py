@@ -17,6 +17,10 @@ from methods.base import Cost, SparseMethod, dense_flops
 
 class SlidingWindow(SparseMethod):
     name = "sliding_window"
+    # what the README's method table says (python -m analysis.readme)
+    paper = None
+    kind = "sparse"
+    official_test = None
     static_mask = True
 
     impls = ("reference", "flex", "triton")

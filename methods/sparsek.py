@@ -80,6 +80,10 @@ def sparsek(u, k: float, valid=None):
 
 class SparseK(AttentionMethod):
     name = "sparsek"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Lou et al. 2024"
+    kind = "sparse (trainable top-k)"
+    official_test = None
     supports_noncausal = False
     trainable = True
     training_free = False

@@ -4,9 +4,10 @@ import json
 import pandas as pd
 import pytest
 
-from analysis.leaderboard import kernel_table, render, settings
 from analysis.plots import latency_memory
 from analysis.records import load, variants
+from analysis.render import render
+from analysis.tables import kernel_table, settings
 from runners import records
 
 
@@ -79,16 +80,31 @@ def test_head_dims_get_their_own_tables(tmp_path):
     assert "2.00x" in text and "4.00x" in text  # each against the dense run of its own shape
 
 
-def test_a_run_timed_with_its_backward_is_its_own_row(tmp_path):
+def test_a_run_timed_with_its_backward_is_its_own_row_named_by_its_timed_passes(tmp_path):
     fwd = _rec("sliding_window", 256, ms=1.0, run_id="f", config={"runner": {"backward": False}},
                cost={"flops": 3e9, "density": 0.5, "kv_bytes": 1.0})
     both = _rec("sliding_window", 256, ms=3.0, run_id="b", config={"runner": {"backward": True}},
                 latency_ms={"forward": {"p20": 3.0, "p50": 3.0, "p80": 3.0}, "backward": {"p20": 5.0, "p50": 5.0, "p80": 5.0}})
-    t = kernel_table(load(_store(tmp_path, [fwd, both]))).set_index("method")
-    assert t.loc["sliding_window", "fwd ms @256"] == "1.000"  # not the mean of two "seeds"
-    assert t.loc["sliding_window +bwd", "fwd ms @256"] == "3.000"
-    assert t.loc["sliding_window +bwd", "bwd ms @256"] == "5.000" and t.loc["sliding_window", "bwd ms @256"] == "-"
-    assert t.loc["sliding_window", "useful TFLOP/s @256"] == "3"  # 3 GFLOP of work in 1 ms
+    failed = _rec("bigbird", 256, status="oom", run_id="o", config={"runner": {"backward": True}})
+    t = kernel_table(load(_store(tmp_path, [fwd, both, failed]))).set_index(["method", "timed"])
+    assert list(t.index) == [("bigbird", "forward+backward"),  # no timings: what it was to time
+                             ("sliding_window", "forward"), ("sliding_window", "forward+backward")]
+    assert t.loc[("sliding_window", "forward"), "fwd ms @256"] == "1.000"  # not the mean of two "seeds"
+    assert t.loc[("sliding_window", "forward+backward"), "fwd ms @256"] == "3.000"
+    assert t.loc[("sliding_window", "forward+backward"), "bwd ms @256"] == "5.000"
+    assert t.loc[("sliding_window", "forward"), "bwd ms @256"] == "-"
+    assert t.loc[("bigbird", "forward+backward"), "fwd ms @256"] == "oom"
+    assert t.loc[("sliding_window", "forward"), "useful TFLOP/s @256"] == "3"  # 3 GFLOP of work in 1 ms
+
+
+def test_timed_passes_come_from_the_latency_keys():
+    from analysis.records import timed_passes
+
+    q = {"p50": 1.0}
+    assert timed_passes({"latency_ms": {"forward": q}, "config": {"runner": {"backward": True}}}) == "forward"
+    assert timed_passes({"latency_ms": {"backward": q, "forward": q}}) == "forward+backward"
+    assert timed_passes({"latency_ms": {"backward": q}}) == "backward"
+    assert timed_passes({"latency_ms": {}, "config": {"runner": {"backward": "auto"}}}) == "forward"
 
 
 def test_variants_name_only_what_differs():
@@ -112,13 +128,48 @@ def test_variants_fill_a_key_older_records_lack_with_its_config_default():
     assert list(variants(df.iloc[:2])) == ["sparsek", "sparsek"]  # nothing differs: no key named
 
 
-def test_readme_results_tables_are_up_to_date():
+def test_readme_generated_sections_are_up_to_date():
     from analysis import readme
 
     assert readme.main(["--check"]) == 0, "run `python -m analysis.readme`"
     text = (readme.ROOT / "README.md").read_text()
-    stale = text.replace("| sliding_window ", "| sliding_windoww ", 1)
-    assert readme.render_readme(stale) == text  # regenerating restores the committed tables
+    for block in ("methods", "efficiency"):
+        start = text.index(f"<!-- {block}:start -->")
+        stale = text[:start] + text[start:].replace("| `sliding_window` ", "| `sliding_windoww` ", 1).replace(
+            "| sliding_window ", "| sliding_windoww ", 1)
+        assert stale != text and readme.render_readme(stale) == text  # regenerating restores it
+
+
+def test_method_table_covers_the_registry_and_names_tests_that_exist():
+    import methods
+    from analysis.readme import ROOT
+    from analysis.tables import method_table
+
+    t = method_table(ROOT / "conf").set_index("method")
+    assert list(t.index) == [f"`{m}`" for m in methods.available()]
+    assert t.loc["`linformer`", "causal"] == "no" and t.loc["`nsa`", "causal"] == "only"
+    assert t.loc["`performer`", "impls"] == "reference, chunked, triton"
+    assert "`num_features` 256" in t.loc["`performer`", "hyperparameters (defaults)"]
+    named = [c.strip("`") for c in t["matches official code"] if c != "no test yet"]
+    for test in named:
+        path, name = test.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), f"{test} does not exist"
+
+
+def test_sweep_summary_adds_up_the_job_files(tmp_path):
+    from types import SimpleNamespace
+
+    from analysis.sweep import jobs, summarize
+    from runners.callbacks import write_job_summary
+
+    for job, statuses in (("0", ["ok", "ok"]), ("1", ["oom"]), ("10", [])):
+        (tmp_path / job).mkdir()
+        recs = [SimpleNamespace(status=s, error=None if s == "ok" else "out of memory") for s in statuses]
+        write_job_summary(tmp_path / job, recs, started=0.0)
+    assert [j["job"] for j in jobs(tmp_path)] == ["0", "1", "10"]
+    s = summarize(tmp_path)
+    assert s == {"jobs": 3, "records_ok": 2, "records_failed": 1, "by_status": {"ok": 2, "oom": 1},
+                 "jobs_skipped": 1, "errors": ["out of memory"]}
 
 
 def test_reproduce_compares_ours_with_theirs(tmp_path):
@@ -180,8 +231,8 @@ def test_leaderboard_plots_skip_a_setting_that_only_failed(tmp_path):
 
 
 def test_efficiency_length_and_pareto(tmp_path):
-    from analysis.leaderboard import efficiency_lengths
     from analysis.plots import pareto_front, quality_vs_cost
+    from analysis.tables import efficiency_lengths
 
     recs = []
     for T, d_ms, s_ms in ((256, 1.0, 2.0), (512, 4.0, 3.0), (1024, 16.0, 6.0)):
@@ -223,7 +274,8 @@ def test_notebooks_run_on_fixture_records(tmp_path, monkeypatch):
 
 
 def test_seeds_give_mean_and_bootstrap_interval_and_best_is_marked(tmp_path):
-    from analysis.leaderboard import bootstrap_ci, mark_best, render
+    from analysis.render import mark_best
+    from analysis.tables import bootstrap_ci
 
     recs = [_rec("dense", 256, ms=2.0, params={"backend": "auto"})]
     for seed, ms in enumerate((1.0, 1.2, 0.8)):
@@ -241,3 +293,7 @@ def test_seeds_give_mean_and_bootstrap_interval_and_best_is_marked(tmp_path):
     assert marked.loc["sliding_window", "fwd ms @256"].startswith("**1.000")
     assert marked.loc["sliding_window", "speedup @256"] == "**2.00x**"
     assert "\\textbf{" in render(df, "latex") and "sliding_window,flex" in render(df, "csv")
+    html = render(df, "html")
+    assert "<b>2.00x</b>" in html and html.count("<table") == 1
+    with pytest.raises(ValueError, match="unknown leaderboard format 'xls'"):
+        render(df, "xls")

@@ -1,0 +1,79 @@
+"""Leaderboard tables (``analysis.tables``) rendered as markdown (best values in bold),
+LaTeX, HTML or CSV."""
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from analysis.tables import efficiency_lengths, kernel_table, lra_table, settings, tables
+
+LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
+HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
+
+
+WRAP = {"md": "**{}**", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}
+
+
+def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
+    """Mark the best value of each column (lowest error, latency and memory; highest speedup
+    and accuracy): **bold** in markdown, \\textbf in LaTeX, <b> in HTML."""
+    if style == "none" or table.empty:
+        return table
+    out = table.copy()
+    wrap = WRAP[style].format
+
+    def num(x):
+        try:
+            return float(str(x).split()[0].rstrip("x"))
+        except ValueError:
+            return None
+
+    for col in table.columns:
+        low = col.startswith(LOWER_BETTER)
+        if not (low or col.startswith(HIGHER_BETTER)):
+            continue
+        vals = {i: num(v) for i, v in table[col].items()}
+        vals = {i: v for i, v in vals.items() if v is not None}
+        if len(vals) < 2:
+            continue
+        best = min(vals.values()) if low else max(vals.values())
+        for i, v in vals.items():
+            if v == best:
+                out.loc[i, col] = wrap(table.loc[i, col])
+    return out
+
+
+def render(df: pd.DataFrame, fmt: str = "md") -> str:
+    """The leaderboard as markdown (with each setting's efficiency lengths), LaTeX, HTML or
+    CSV; best values marked except in CSV."""
+    if fmt == "md":
+        return _markdown(df)
+    parts = []
+    for title, t in tables(df):
+        if fmt == "csv":
+            parts.append(f"# {title}\n" + t.to_csv(index=False))
+        elif fmt == "latex":
+            parts.append(f"% {title}\n" + mark_best(t, "latex").to_latex(index=False, escape=False))
+        elif fmt == "html":
+            parts.append(f"<h3>{html.escape(title)}</h3>\n"
+                         + mark_best(t.map(lambda x: html.escape(str(x))), "html").to_html(index=False, escape=False))
+        else:
+            raise ValueError(f"unknown leaderboard format {fmt!r}: md, latex, html or csv")
+    return "\n".join(parts)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    parts = []
+    lra = lra_table(df)
+    if not lra.empty:
+        parts.append("### Long Range Arena, test accuracy (%)\n\n"
+                     + mark_best(lra).to_markdown(index=False, disable_numparse=True) + "\n")
+    for title, g in settings(df):
+        table = mark_best(kernel_table(g)).to_markdown(index=False, disable_numparse=True)
+        parts.append(f"### {title}\n\n{table}\n")
+        eff = efficiency_lengths(g)
+        if not eff.empty:
+            parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
+                         + eff.to_markdown(index=False, disable_numparse=True) + "\n")
+    return "\n".join(parts) if parts else "(no records)\n"

@@ -1,0 +1,58 @@
+"""The end of a multirun: what its jobs did, and the leaderboard of the store rebuilt.
+
+Each job writes ``attnbench_job.json`` into its own output folder (``runners.callbacks``);
+at the end of a multirun ``SweepSummary`` (a Hydra callback, named in ``conf/config.yaml``)
+adds them up (whatever the launcher: the files are on the shared file system), prints done /
+skipped / failed, writes ``summary.json`` into the sweep folder and rebuilds
+``leaderboard.md`` next to the store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from analysis.records import load
+from analysis.render import render
+from runners.callbacks import JOB_FILE
+
+log = logging.getLogger("attnbench")
+
+
+def jobs(sweep_dir) -> list[dict]:
+    """Each job's summary file (statuses, pid, CUDA_VISIBLE_DEVICES, started/ended), in job order."""
+    out = []
+    for p in sorted(Path(sweep_dir).glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name)
+                    if p.parent.name.isdigit() else p.parent.name):
+        out.append({"job": p.parent.name, **json.loads(p.read_text())})
+    return out
+
+
+def summarize(sweep_dir) -> dict:
+    """Jobs, records by status, skipped jobs and error messages of one sweep."""
+    js = jobs(sweep_dir)
+    c = Counter(s for j in js for s in j["statuses"])
+    failed = sum(n for s, n in c.items() if s != "ok")
+    return {"jobs": len(js), "records_ok": c.get("ok", 0), "records_failed": failed,
+            "by_status": dict(c), "jobs_skipped": sum(j["skipped"] for j in js),
+            "errors": [e for j in js for e in j["errors"]]}
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        s = summarize(config.hydra.sweep.dir)
+        status = ", ".join(f"{n} {k}" for k, n in sorted(s["by_status"].items())) or "no records"
+        log.info("sweep summary: %d jobs; records: %s; %d job(s) skipped (already done)",
+                 s["jobs"], status, s["jobs_skipped"])
+        for e in s["errors"][:10]:
+            log.info("  failed: %s", e[:300])
+        store = Path(config.store)
+        if store.exists():
+            out = store.with_name("leaderboard.md")
+            out.write_text(render(load(store)))
+            log.info("leaderboard rebuilt: %s", out)
+        Path(config.hydra.sweep.dir, "summary.json").write_text(json.dumps(s, indent=1))

@@ -1,0 +1,237 @@
+"""Leaderboard tables as pandas DataFrames, built from run records (``analysis.records.load``).
+
+One kernel table per (device, dtype, causal, attention shape) setting: rows are a method
+variant, the passes its runs timed (``timed``: forward, backward or forward+backward, from
+the records' latency keys) and its implementation; a failed or OOM run shows its status,
+never a number; speedups are against the dense baseline of the same setting and length.
+Rendering them (markdown, LaTeX, HTML, CSV) is ``analysis.render``.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.records import labelled, variants
+
+BASELINE = "dense"
+
+
+def bootstrap_ci(values, level: float = 0.95, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and the percentile bootstrap confidence interval of the mean."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = rng.choice(v, size=(n, len(v)), replace=True).mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def _cell(rows, col, fmt, scale: float = 1.0):
+    """One value, or over several seeds "mean ± half-width of the 95% bootstrap interval";
+    a run that did not succeed shows its status."""
+    if rows is None or (isinstance(rows, list) and not rows):
+        return "-"
+    rows = rows if isinstance(rows, list) else [rows]
+    bad = [r["status"] for r in rows if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    vals = [r.get(col) for r in rows]
+    vals = [float(v) * scale for v in vals if v is not None and not pd.isna(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    m, lo, hi = bootstrap_ci(vals)
+    return f"{fmt.format(m)} ± {fmt.format((hi - lo) / 2)}"
+
+
+def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows: method, the passes its runs timed and impl; columns: forward (and, where measured, backward) latency per
+    length, and fidelity, peak memory, useful TFLOP/s (the FLOPs of the work the method must
+    do, ``cost.flops``, over its forward time) and speedup over dense at the summary length: the longest length that at least
+    half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
+    df = labelled(df[df["runner"] == "kernel"])
+    lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
+    if not lens:
+        return pd.DataFrame()
+    row_key = ["label", "timed", "impl"]
+    n_rows = len(df[row_key].drop_duplicates())
+    reached = {t: len(df.loc[df["seq_len"] == t, row_key].drop_duplicates()) for t in lens}
+    tmax = max(t for t in lens if 2 * reached[t] >= n_rows)
+    if "cost.flops" in df and "latency.forward.p50" in df:  # FLOPs of the work the method must do, over time
+        df["useful_tflops"] = df["cost.flops"] / df["latency.forward.p50"] / 1e9
+    else:
+        df["useful_tflops"] = None
+    bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
+    bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
+    dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
+    dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
+    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
+    dense = dense[auto] if auto.any() else dense  # the default backend: PyTorch's fastest
+    base = dense.groupby("seq_len")["latency.forward.p50"].mean().to_dict()
+    rows = []
+    for (label, timed, impl), g in df.groupby(row_key, sort=True):
+        by_len: dict[int, list] = {}
+        for _, r in g.iterrows():  # several seeds of one length: mean and bootstrap interval
+            if pd.notna(r["seq_len"]):
+                by_len.setdefault(int(r["seq_len"]), []).append(r)
+        last = by_len.get(tmax)
+        row = {"method": label, "impl": impl, "timed": timed,
+               "real kernel": "yes" if g["real_kernel"].all() else "no"}
+        row["rel err (random)"] = _cell(last, "metric.rel_err_random", "{:.3f}")
+        row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")
+        for t in lens:
+            row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
+        for t in bwd_lens:  # backward timings, at the lengths some run has them
+            row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
+        row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
+        row[f"density @{tmax}"] = _cell(last, "cost.density", "{:.3f}")
+        row[f"useful TFLOP/s @{tmax}"] = _cell(last, "useful_tflops", "{:.3g}")
+        sp = "-"
+        if last and all(r["status"] == "ok" for r in last) and tmax in base:
+            p50 = sum(r["latency.forward.p50"] for r in last) / len(last)
+            sp = f"{base[tmax] / p50:.2f}x"
+        row[f"speedup @{tmax}"] = sp
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
+    """The efficiency length of each method, as the CAB benchmark defines it: the shortest
+    measured sequence length at which it is faster than dense attention (forward p50) and
+    the shortest at which it needs less memory ("> T" when it never does up to the longest
+    length measured)."""
+    df = df[(df["runner"] == "kernel") & (df["status"] == "ok")]
+    if df.empty:
+        return pd.DataFrame()
+    df = labelled(df)
+    dense = df[(df["method"] == BASELINE) & (df["impl"] != "reference")]
+    auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
+    dense = dense[auto] if auto.any() else dense
+    t_base = dense.set_index("seq_len")["latency.forward.p50"].to_dict()
+    m_base = dense.set_index("seq_len")["mem.forward"].to_dict() if "mem.forward" in dense else {}
+    rows = []
+    for (label, timed, impl), g in df[df["method"] != BASELINE].groupby(["label", "timed", "impl"]):
+        g = g.sort_values("seq_len")
+        rows.append({"method": label, "impl": impl, "timed": timed,
+                     "faster from": _first_below(g, "latency.forward.p50", t_base),
+                     "leaner from": _first_below(g, "mem.forward", m_base)})
+    return pd.DataFrame(rows)
+
+
+def _first_below(g: pd.DataFrame, col: str, base: dict) -> str:
+    """The shortest length of ``g`` (sorted by length) whose ``col`` is below the baseline's."""
+    for _, r in g.iterrows():
+        t = int(r["seq_len"])
+        if t in base and pd.notna(r.get(col)) and r[col] < base[t]:
+            return str(t)
+    return f"> {int(g['seq_len'].max())}"
+
+
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+
+
+def lra_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
+    records, with the average over the tasks present; a failed run shows its status, a task
+    not run shows "-" (the newest record of each method and task counts)."""
+    df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
+    if df.empty:
+        return pd.DataFrame()
+    df["label"] = variants(df)
+    rows = []
+    for label, g in df.groupby("label", sort=True):
+        row, accs = {"method": label}, []
+        for t in LRA_TASKS:
+            r = g[g["task"] == f"lra/{t}"].sort_values("time")
+            if r.empty:
+                row[t] = "-"
+                continue
+            r = r.iloc[-1]
+            if r["status"] != "ok":
+                row[t] = r["status"]
+                continue
+            acc = 100 * float(r["metric.test_acc"])
+            accs.append(acc)
+            row[t] = f"{acc:.2f}"
+        row["avg"] = f"{sum(accs) / len(accs):.2f}" if accs else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ruler_table(store) -> pd.DataFrame:
+    """RULER-like scores (%): one row per method, one column per task and length, and the
+    average (the newest ok record of each method)."""
+    from runners import records as rs
+
+    rows = []
+    recs = [r for r in rs.read(store) if r.get("task") == "ruler" and r.get("status") == "ok"]
+    for r in sorted(recs, key=lambda r: r["time"]):
+        row = {"method": r["method"] + "".join(f" {k}={v}" for k, v in r["method_params"].items()
+                                                if k in ("pattern", "window"))}
+        for c in r["metrics"]["cells"]:
+            row[f"{c['task']} @{c['length']}"] = f"{100 * c['score']:.1f}"
+        row["avg"] = f"{100 * r['metrics']['average']:.1f}"
+        rows = [x for x in rows if x["method"] != row["method"]] + [row]
+    return pd.DataFrame(rows)
+
+
+def needle_cells(store) -> dict[str, list]:
+    """The needle grid of each method's newest ok record: {label: cells}."""
+    from runners import records as rs
+
+    out = {}
+    for r in sorted(rs.read(store), key=lambda r: r["time"]):
+        if r.get("task") == "needle" and r.get("status") == "ok":
+            label = r["method"] + "".join(f"-{r['method_params'][k]}" for k in ("pattern",)
+                                          if k in r["method_params"])
+            out[label] = r["metrics"]["cells"]
+    return out
+
+
+def settings(df: pd.DataFrame):
+    """(title, sub-frame) per (device/gpu, dtype, causal, attention shape) setting of kernel
+    records (the shape, e.g. ``H=32 Hkv=32 D=64``, is named where the records hold it)."""
+    df = df[df["runner"] == "kernel"].copy()
+    df["where"] = df["gpu"].fillna(df["device"])
+    if "shape" not in df:
+        df["shape"] = None
+    for (where, dtype, causal, shape), g in df.groupby(["where", "dtype", "causal", "shape"], dropna=False):
+        shape = "" if pd.isna(shape) else f", {shape}"
+        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
+
+
+def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, table) of every leaderboard table the records allow."""
+    out = []
+    lra = lra_table(df)
+    if not lra.empty:
+        out.append(("Long Range Arena, test accuracy (%)", lra))
+    for title, g in settings(df):
+        out.append((title, kernel_table(g)))
+    return out
+
+
+
+
+def method_table(conf_dir) -> pd.DataFrame:
+    """One row per method of the registry (``<conf_dir>/method/*.yaml`` and the class its
+    ``_target_`` names): name, paper, kind, causal support, implementations, defaults (the
+    YAML's hyperparameters) and the test that shows it matches the authors' code."""
+    from pathlib import Path
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    rows = []
+    for path in sorted(Path(conf_dir, "method").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        cls = get_class(cfg["_target_"])
+        causal = {(True, True): "both", (True, False): "only", (False, True): "no"}[
+            (cls.supports_causal, cls.supports_noncausal)]
+        defaults = ", ".join(f"`{k}` {v}" for k, v in cfg.items() if not k.startswith("_") and k != "impl")
+        rows.append({"method": f"`{path.stem}`", "paper": cls.paper or "-", "kind": cls.kind,
+                     "causal": causal, "impls": ", ".join(cls.impls), "default impl": cfg.get("impl", "-"),
+                     "hyperparameters (defaults)": defaults,
+                     "matches official code": f"`{cls.official_test}`" if cls.official_test else "no test yet"})
+    return pd.DataFrame(rows)
