@@ -1,6 +1,6 @@
 """Figures and tables of the language-model evaluations, from records.
 
-    python -m analysis.figures needle --store results/lm/records.jsonl --out results/figures
+    python -m analysis.figures needle --store results/lm/records.jsonl --out results/lm
     python -m analysis.figures ruler  --store results/lm/records.jsonl --out results/lm/ruler.md
 """
 from __future__ import annotations

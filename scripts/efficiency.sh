@@ -5,8 +5,9 @@
 #   PART=causal|noncausal|triton|backward|1m|d64 bash scripts/efficiency.sh ...   (one part; default all)
 # The sparse methods run twice: FlexAttention block masks (impl=flex, the baseline with the
 # same mask) and attnbench's Triton kernels (impl=triton, methods/kernels/block_sparse.py).
-# Writes records to STORE (default results/efficiency/records.jsonl), then the leaderboard
-# (results/efficiency/leaderboard.md) and the latency/memory figures (results/figures/).
+# Writes records to STORE (default results/efficiency/records.jsonl), then, next to it, the
+# leaderboard (leaderboard.md), the latency/memory figures (latency_memory*.png, one per
+# setting) and quality against latency (pareto*.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORE=${1:-results/efficiency/records.jsonl}
@@ -65,6 +66,6 @@ run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse meth
     experiment=efficiency/causal model.head_dim=64 "$@"
 fi
 
-FIGDIR=${FIGDIR:-results/figures}
-${PYTHON:-python} -m analysis.leaderboard --store "$STORE" --out "$(dirname "$STORE")/leaderboard.md" \
-    --plot "$FIGDIR/efficiency.png" --pareto "$FIGDIR/efficiency-pareto.png"
+OUT=$(dirname "$STORE")
+${PYTHON:-python} -m analysis.leaderboard --store "$STORE" --out "$OUT/leaderboard.md" \
+    --plot "$OUT/latency_memory.png" --pareto "$OUT/pareto.png"

@@ -12,7 +12,8 @@
 #   EPISODE_MIN_LEN=... (episodes of 256..4096 bytes packed in each window; null: one per window)
 #   TRAINABLE="" to skip the trainable methods; EVAL_ARGS="..." extra overrides of the evaluations
 #   FIGDIR=..., RULER_OUT=... where the figures and the table go
-# -> needle heatmaps in results/figures/needle-*.png, the RULER table in results/lm/ruler.md
+# -> needle heatmaps (needle-*.png) and the RULER table (ruler.md) next to STORE (default results/lm/);
+#    each evaluation's log in LOGS (default results/local/lm_logs, not committed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORE=${1:-results/lm/records.jsonl}
@@ -20,7 +21,7 @@ shift || true
 AB=${ATTNBENCH:-attnbench}
 PY=${PYTHON:-python}
 CKDIR=${CKDIR:-results/lm/checkpoints}
-LOGS=${LOGS:-$(dirname "$STORE")/logs}
+LOGS=${LOGS:-results/local/lm_logs}
 mkdir -p "$LOGS"
 RECIPE=(experiment=lm/shakespeare task.max_len=4096 task.needle_episodes="${EPISODES:-6000}"
         task.needles_per_episode="${NEEDLES:-8}" task.answer_weight="${ANSWER_WEIGHT:-10}"
@@ -63,5 +64,5 @@ for m in ${TRAINABLE-performer nsa sparsek}; do
     [ -n "$CKPT" ] && evaluate "$CKPT" "method=$m"
 done
 
-$PY -m analysis.figures needle --store "$STORE" --out "${FIGDIR:-results/figures}"
-$PY -m analysis.figures ruler --store "$STORE" --out "${RULER_OUT:-results/lm/ruler.md}"
+$PY -m analysis.figures needle --store "$STORE" --out "${FIGDIR:-$(dirname "$STORE")}"
+$PY -m analysis.figures ruler --store "$STORE" --out "${RULER_OUT:-$(dirname "$STORE")/ruler.md}"
