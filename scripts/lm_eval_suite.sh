@@ -6,7 +6,7 @@
 # suite, all evaluations at once (GPU). Then each trainable method (TRAINABLE, default
 # performer nsa sparsek) is trained with the same recipe and budget and evaluated the same way.
 #   bash scripts/lm_eval_suite.sh [STORE] [extra training overrides...]
-#   CKDIR=... (checkpoints; default results/lm/checkpoints)  STEPS=... (default 5000)
+#   CKDIR=... (checkpoints; default results/local/lm_checkpoints)  STEPS=... (default 5000)
 #   EPISODES=... (needle windows, default 6000)  NEEDLES=... (needles per window, default 8)
 #   ANSWER_WEIGHT=... (loss weight of the answers' bytes, default 10)
 #   EPISODE_MIN_LEN=... (episodes of 256..4096 bytes packed in each window; null: one per window)
@@ -20,7 +20,7 @@ STORE=${1:-results/lm/records.jsonl}
 shift || true
 AB=${ATTNBENCH:-attnbench}
 PY=${PYTHON:-python}
-CKDIR=${CKDIR:-results/lm/checkpoints}
+CKDIR=${CKDIR:-results/local/lm_checkpoints}
 LOGS=${LOGS:-results/local/lm_logs}
 mkdir -p "$LOGS"
 RECIPE=(experiment=lm/shakespeare task.max_len=4096 task.needle_episodes="${EPISODES:-6000}"

@@ -297,3 +297,18 @@ def test_seeds_give_mean_and_bootstrap_interval_and_best_is_marked(tmp_path):
     assert "<b>2.00x</b>" in html and html.count("<table") == 1
     with pytest.raises(ValueError, match="unknown leaderboard format 'xls'"):
         render(df, "xls")
+
+
+def test_readmes_link_only_to_files_in_the_repository():
+    import re
+
+    from analysis.readme import ROOT
+
+    pages = [ROOT / "README.md", ROOT / "docs/design.md", *sorted(ROOT.glob("results/*/README.md"))]
+    assert len(pages) >= 6
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            assert "://" not in target, f"{page.name} links outside the repository: {target}"
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{page} links to a missing {target}"
+    assert "](docs/design.md)" in (ROOT / "README.md").read_text()
