@@ -46,10 +46,11 @@ def _cell(rows, col, fmt, scale: float = 1.0):
 
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows: method, the passes its runs timed and impl; columns: forward (and, where measured, backward) latency per
-    length, and fidelity, peak memory, useful TFLOP/s (the FLOPs of the work the method must
-    do, ``cost.flops``, over its forward time) and speedup over dense at the summary length: the longest length that at least
-    half of the rows reached (a 1M-token run of a few methods does not empty the columns)."""
+    """Rows: method variant, the passes its runs timed and impl; columns: forward (and, where
+    measured, backward) latency per length, and fidelity, peak memory, useful TFLOP/s (the
+    FLOPs of the work the method must do, ``cost.flops``, over its forward time) and speedup
+    over dense at the summary length: the longest length that at least half of the rows
+    reached (a 1M-token run of a few methods does not empty the columns)."""
     df = labelled(df[df["runner"] == "kernel"])
     lens = sorted(int(t) for t in df["seq_len"].dropna().unique())
     if not lens:
