@@ -23,8 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from runners import bench, records
-from runners.context import (attention_method, autocast, base_record, method_cfg, resolve_device,
-                             resolve_dtype)
+from runners.context import (
+    attention_method,
+    autocast,
+    base_record,
+    method_cfg,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 

@@ -143,7 +143,6 @@ def test_multirun_killed_part_way_and_run_again_completes_only_the_missing_jobs(
 
 def test_gpu_pool_gives_each_job_its_own_device_in_a_fresh_process(tmp_path):
     """On the CPU the pool hands out device ids [0, 1] as it would GPUs."""
-    import json
 
     p = _run(["-m", "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[0,1]",
               "method=dense,performer,nystrom,sliding_window", "runner.seq_lens=[64]"], tmp_path)
