@@ -89,14 +89,20 @@ def names(cfg) -> dict[str, str]:
     """The method, model, task and runner of a run as their config groups name them: Hydra's
     choices in the attnbench app; elsewhere (``run(cfg)`` from Python) the ``_target_``'s module
     below its package, which is named as its config (methods.dense.Dense: dense,
-    tasks.lra.listops.ListOps: lra/listops; tests/test_contract.py holds every config to it)."""
+    tasks.lra.listops.ListOps: lra/listops; tests/test_contract.py holds our configs to it)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         choices = HydraConfig.get().runtime.choices
     except ValueError:  # HydraConfig was not set: outside the app
         choices = {}
-    return {g: choices.get(g) or "/".join(str(cfg[g]["_target_"]).split(".")[1:-1]) for g in GROUPS}
+    return {g: choices.get(g) or _module_name(str(cfg[g]["_target_"])) for g in GROUPS}
+
+
+def _module_name(target: str) -> str:
+    """tasks.lra.listops.ListOps: lra/listops; a plugin's toy.Toy (a top-level module): toy."""
+    parts = target.split(".")[:-1]
+    return "/".join(parts[1:] if len(parts) > 1 else parts)
 
 
 def new(cfg, device, dtype, **fields) -> RunRecord:
