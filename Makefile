@@ -28,10 +28,12 @@ run: $(STAMP)
 	$(VENV)/bin/attnbench -m 'method=glob(*)' runner.causal=false,true experiment=default
 	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md --plot results/local/latency_memory.png
 
-test: $(STAMP)
+# The layer contracts (pyproject.toml, [tool.importlinter]) and ruff, then the suite.
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
 leaderboard: $(STAMP)

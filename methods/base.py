@@ -122,9 +122,6 @@ class AttentionMethod(nn.Module):
         """Implementation details worth recording (e.g. which SDPA backend ran)."""
         return {}
 
-    def hyperparameters(self) -> dict:
-        return {}
-
     # ---- the contract -----------------------------------------------------------------
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None):
         self.check_inputs(q, k, v, causal, key_padding_mask)

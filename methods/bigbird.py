@@ -43,11 +43,6 @@ class BigBird(SparseMethod):
         self.num_global_blocks, self.num_random_blocks, self.seed = num_global_blocks, num_random_blocks, seed
         self._layouts: dict = {}
 
-    def hyperparameters(self) -> dict:
-        return {"block_size": self.block_size, "num_window_blocks": self.num_window_blocks,
-                "num_global_blocks": self.num_global_blocks,
-                "num_random_blocks": self.num_random_blocks}
-
     def layout(self, nq: int, nk: int, causal: bool) -> torch.Tensor:
         """[H, nq, nk] bool: which key blocks each query block attends to (cached per shape)."""
         key = (nq, nk, causal)

@@ -45,9 +45,6 @@ class Dense(AttentionMethod):
     def real_kernel(self) -> bool:
         return True  # nothing is skipped, so nothing is pretended
 
-    def hyperparameters(self) -> dict:
-        return {"backend": self.backend}
-
     def _sdpa_args(self, q, k, causal, key_padding_mask):
         """SDPA's is_causal is top-left aligned, so end-aligned causal with Tq != Tk or a
         padding mask goes through an explicit boolean mask."""

@@ -52,9 +52,6 @@ class Linformer(AttentionMethod):
         else:
             self.F = None  # E serves keys and values
 
-    def hyperparameters(self) -> dict:
-        return {"proj_len": self.proj_len, "sharing": self.sharing}
-
     @property
     def real_kernel(self) -> bool:
         return True  # the reference computes only the T x k scores

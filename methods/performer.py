@@ -84,10 +84,6 @@ class Performer(AttentionMethod):
         self.calls = 0
         self.register_buffer("projection", self._draw(), persistent=True)
 
-    def hyperparameters(self) -> dict:
-        return {"num_features": self.num_features, "kernel": self.kernel,
-                "orthogonal": self.orthogonal, "redraw_interval": self.redraw_interval}
-
     @property
     def real_kernel(self) -> bool:
         return True  # both paths do linear-attention work; neither computes the T x T scores

@@ -34,9 +34,6 @@ class SlidingWindow(SparseMethod):
             raise ValueError(f"SlidingWindow: window must be >= 1, got {window}")
         self.window = window
 
-    def hyperparameters(self) -> dict:
-        return {"window": self.window}
-
     def mask_mod(self, q, k, causal):
         off, w = k.shape[2] - q.shape[2], self.window
 

@@ -78,7 +78,10 @@ class LMBlock(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, method_cfg, vocab_size: int, max_len: int, dim: int = 256, depth: int = 4,
+    """``method``: the composed method config of every layer; keys the task adds that a decoder
+    does not use (num_classes, pad_id, cls_id) are ignored."""
+
+    def __init__(self, method, vocab_size: int, max_len: int, dim: int = 256, depth: int = 4,
                  heads: int = 4, num_kv_heads: int | None = None, head_dim: int = 64,
                  mlp_dim: int = 683, tie_embeddings: bool = True, **_ignored):
         super().__init__()
@@ -87,12 +90,17 @@ class DecoderLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's init: small logits at the start
         self.causal = True
         self.blocks = nn.ModuleList(LMBlock(dim, heads, num_kv_heads or heads, head_dim, mlp_dim,
-                                            method_cfg, max_len) for _ in range(depth))
+                                            method, max_len) for _ in range(depth))
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
         self.decode_fallback: str | None = None
+
+    @property
+    def method(self):
+        """The attention method of the first layer (what the record describes)."""
+        return self.blocks[0].method
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] -> logits [B, T, vocab]."""

@@ -1,26 +1,25 @@
-"""Runners: ``run(cfg)`` builds, checks, measures and appends records for one composed config."""
+"""Runners: ``run(cfg)`` builds, checks, measures and appends records for one composed config.
+
+The runner is the config's ``runner`` (conf/runner/*.yaml, built through its ``_target_``); it
+builds the model and the task the same way, with the method config (conf/method/*.yaml).
+"""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from runners.records import RunRecord
 
-RUNNERS = ("kernel", "train", "evaluate")
+
+def with_impl(cfg: DictConfig) -> DictConfig:
+    """The config with the top-level ``impl`` shorthand (``-m impl=reference,sdpa``) applied to
+    the method config."""
+    if cfg.get("impl") is None:
+        return cfg
+    return OmegaConf.merge(cfg, {"method": {"impl": cfg.impl}})
 
 
 def run(cfg: DictConfig) -> list[RunRecord]:
     """Run one composed config; returns the records it appended to ``cfg.store``."""
-    name = cfg.runner.name
-    if name == "kernel":
-        from runners import kernel
-
-        return kernel.run(cfg)
-    if name == "train":
-        from runners import train
-
-        return train.run(cfg)
-    if name == "evaluate":
-        from runners import evaluate
-
-        return evaluate.run(cfg)
-    raise ValueError(f"unknown runner {name!r}; known runners: {', '.join(RUNNERS)}")
+    cfg = with_impl(cfg)
+    return instantiate(cfg.runner, _convert_="all").run(cfg)

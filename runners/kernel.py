@@ -1,149 +1,158 @@
-"""runner=kernel: the attention operation alone on random q/k/v, one record per length.
+"""runner=kernel: the attention operation alone (model=attn_op) on the fidelity task's inputs,
+one record per sequence length, each in one pass:
 
-For each sequence length: correctness gate (fast path vs reference, small shape), fidelity
-metrics against exact attention, cost, then latency (forward; backward when the method is
-trainable) and peak memory. Every length writes its record as soon as it is measured, so a
-later failure never loses a finished result.
+  build    the method at the model's shape, the task (its inputs: random q, k, v), the record
+  check    the running implementation against the method's reference on a small shape; a
+           failure is the record's status, and nothing is timed
+  measure  fidelity metrics against exact attention, cost, latency (forward; backward when the
+           method is trainable) and peak memory
+  record   appended to the store as soon as the length is measured, so that a later failure
+           never loses a finished result
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from methods.base import check_finite
 from runners import bench, records
-from runners.context import base_record, build_method, method_name, resolve_device, resolve_dtype
-from tasks import fidelity
+from runners.device import resolve_device, resolve_dtype
+from tasks.fidelity import Fidelity, max_rel_err
 
 log = logging.getLogger(__name__)
 GATE_TOL = {torch.float64: 1e-6, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-def _gate(method, cfg, shape, device, dtype, causal) -> dict:
-    """Compare the running implementation with the method's reference on a small shape."""
-    if method.impl == "reference":
-        return {"checked": False, "passed": True, "max_rel_err": None, "against": "is the reference"}
-    B, H, Hkv, D = shape
-    n = int(cfg.runner.gate_len)
-    q, k, v = fidelity.random_qkv(B, H, Hkv, n, D, device, dtype, int(cfg.seed) + 7)
-    ref = copy.deepcopy(method)
-    ref.impl = "reference"
-    with torch.no_grad():
-        err = fidelity.max_rel_err(method(q, k, v, causal=causal), ref(q, k, v, causal=causal))
-    tol = GATE_TOL[dtype]
-    return {"checked": True, "passed": bool(err <= tol), "max_rel_err": err, "tol": tol, "len": n}
+@dataclass
+class KernelRunner:
+    """conf/runner/kernel.yaml."""
 
+    seq_lens: list[int]
+    causal: bool
+    backward: str | bool  # auto: when the method is trainable
+    warmup: int
+    repeats: int
+    rep_ms: int
+    cpu_threads: int
+    gate_len: int
+    force: bool
 
-def _measure(rec, method, cfg, shape, T, device, dtype, causal, backward) -> None:
-    B, H, Hkv, D = shape
-    q, k, v = fidelity.random_qkv(B, H, Hkv, T, D, device, dtype, int(cfg.seed) + T)
-    check_finite(q=q, k=k, v=v)
-    rec.details.update(method.describe(q, k, v, causal))
+    def run(self, cfg: DictConfig) -> list[records.RunRecord]:
+        task = instantiate(cfg.task)
+        if not isinstance(task, Fidelity):
+            raise ValueError(f"runner=kernel measures the attention operation with task=fidelity, "
+                             f"not task={records.names(cfg)['task']}")
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        if device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
+        seq_lens = [int(t) for t in self.seq_lens]
+        done = set() if self.force else records.done_ids(cfg.store)
+        out: list[records.RunRecord] = []
+        try:
+            op = instantiate(cfg.model, method=cfg.method, max_seq_len=max(*seq_lens, self.gate_len),
+                             _recursive_=False).to(device).eval()
+        except Exception as exc:  # noqa: BLE001 - a bad config is a record, not a crashed sweep
+            for T in seq_lens:  # one per length, so that tables show the failure where results would be
+                out.append(records.new(cfg, device, dtype, seq_len=T, causal=self.causal))
+                records.fail(out[-1], exc)
+                records.append(cfg.store, out[-1])
+            log.error("could not build the method: %s", out[-1].error)
+            return out
 
-    rec.correctness = _gate(method, cfg, shape, device, dtype, causal)
-    if not rec.correctness["passed"]:
-        rec.status = "failed_correctness"
-        rec.error = f"fast path differs from reference: max_rel_err={rec.correctness['max_rel_err']:.3g}"
-        return
+        method, name = op.method, records.names(cfg)["method"]
+        if not (method.supports_causal if self.causal else method.supports_noncausal):
+            log.info("%s does not support causal=%s: nothing to run", name, self.causal)
+            return out  # a sweep over both settings runs each method where it applies
+        backward = method.trainable if self.backward == "auto" else bool(self.backward)
+        bar = tqdm(seq_lens, desc=name, unit="len", leave=False)
+        for T in bar:
+            bar.set_postfix(T=T)
+            rec = records.new(cfg, device, dtype, seq_len=T, causal=self.causal,
+                              real_kernel=method.real_kernel)
+            if rec.run_id in done:
+                log.info("T=%d: an ok record with run_id %s exists; skipped", T, rec.run_id)
+                continue
+            try:
+                # the backward is timed on one retained graph: compiled FlexAttention donates its
+                # buffers to a backward that runs once unless told not to, from its first compile
+                with _no_donated_buffers():
+                    self._check_and_measure(rec, method, task, op.shape, T, device, dtype,
+                                            int(cfg.seed), backward)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
+                records.fail(rec, exc)
+                log.warning("T=%d: %s", T, rec.error)
+            rec.real_kernel = method.real_kernel  # known once the implementation has run
+            records.append(cfg.store, rec)
+            out.append(rec)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return out
 
-    rec.metrics.update(
-        fidelity.evaluate(method, cfg.task, B, H, Hkv, T, D, device, dtype, int(cfg.seed), causal)
-    )
-    rec.cost = method.cost(T, T, causal).asdict()
-    with torch.no_grad():
-        method(q, k, v, causal=causal)
-    if method.last_density is not None:  # data-dependent sparsity, counted from its index sets
-        rec.metrics["density_measured"] = method.last_density
+    def _check_and_measure(self, rec, method, task, shape, T, device, dtype, seed, backward) -> None:
+        causal = self.causal
+        q, k, v = task.inputs(shape, T, device, dtype, seed + T)
+        check_finite(q=q, k=k, v=v)
+        rec.details.update(method.describe(q, k, v, causal))
 
-    r = cfg.runner
-    with torch.no_grad():
-        fwd = lambda: method(q, k, v, causal=causal)  # noqa: E731
-        rec.latency_ms["forward"] = bench.time_ms(fwd, device, r.warmup, r.repeats, r.rep_ms)
-        rec.peak_mem_bytes["forward"], how = bench.peak_memory_bytes(fwd, device)
-    rec.details["memory"] = how
-    rec.details["timer"] = rec.latency_ms["forward"].pop("timer")
+        rec.correctness = self._check(method, task, shape, device, dtype, seed)
+        if not rec.correctness["passed"]:
+            rec.status = "failed_correctness"
+            rec.error = f"fast path differs from reference: max_rel_err={rec.correctness['max_rel_err']:.3g}"
+            return
 
-    if backward:
-        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        out = method(qg, kg, vg, causal=causal)
-        grad = torch.randn_like(out)
-        bwd = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
-        rec.latency_ms["backward"] = bench.time_ms(bwd, device, r.warmup, r.repeats, r.rep_ms)
-        rec.latency_ms["backward"].pop("timer")
-        del out
+        rec.metrics.update(task.evaluate(method, shape, T, device, dtype, seed, causal))
+        rec.cost = method.cost(T, T, causal).asdict()
+        with torch.no_grad():
+            method(q, k, v, causal=causal)
+        if method.last_density is not None:  # data-dependent sparsity, counted from its index sets
+            rec.metrics["density_measured"] = method.last_density
 
-        def step():
-            o = method(qg, kg, vg, causal=causal)
-            o.backward(grad)
+        with torch.no_grad():
+            fwd = lambda: method(q, k, v, causal=causal)  # noqa: E731
+            rec.latency_ms["forward"] = bench.time_ms(fwd, device, self.warmup, self.repeats, self.rep_ms)
+            rec.peak_mem_bytes["forward"], how = bench.peak_memory_bytes(fwd, device)
+        rec.details["memory"] = how
+        rec.details["timer"] = rec.latency_ms["forward"].pop("timer")
 
-        rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
+        if backward:
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            out = method(qg, kg, vg, causal=causal)
+            grad = torch.randn_like(out)
+            bwd = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
+            rec.latency_ms["backward"] = bench.time_ms(bwd, device, self.warmup, self.repeats, self.rep_ms)
+            rec.latency_ms["backward"].pop("timer")
+            del out
+
+            def step():
+                o = method(qg, kg, vg, causal=causal)
+                o.backward(grad)
+
+            rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
+
+    def _check(self, method, task, shape, device, dtype, seed) -> dict:
+        """The running implementation against the method's reference at ``gate_len`` tokens."""
+        if method.impl == "reference":
+            return {"checked": False, "passed": True, "max_rel_err": None, "against": "is the reference"}
+        q, k, v = task.inputs(shape, self.gate_len, device, dtype, seed + 7)
+        ref = copy.deepcopy(method)
+        ref.impl = "reference"
+        with torch.no_grad():
+            err = max_rel_err(method(q, k, v, causal=self.causal), ref(q, k, v, causal=self.causal))
+        tol = GATE_TOL[dtype]
+        return {"checked": True, "passed": bool(err <= tol), "max_rel_err": err, "tol": tol,
+                "len": self.gate_len}
 
 
 def _no_donated_buffers():
-    import contextlib
-
     import torch._functorch.config as cfg  # (not imported by `import torch` on every version)
     return cfg.patch(donated_buffer=False) if hasattr(cfg, "donated_buffer") else contextlib.nullcontext()
-
-
-def run(cfg: DictConfig) -> list[records.RunRecord]:
-    if cfg.task.name != "fidelity":
-        raise ValueError(f"runner=kernel measures the attention operation with task=fidelity, "
-                         f"not task={cfg.task.name}")
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cpu":
-        torch.set_num_threads(int(cfg.runner.cpu_threads))
-    m = cfg.model
-    B, H, D = int(m.batch_size), int(m.num_heads), int(m.head_dim)
-    Hkv = int(m.get("num_kv_heads") or H)
-    causal = bool(cfg.runner.causal)
-    seq_lens = [int(t) for t in cfg.runner.seq_lens]
-    done = set() if cfg.runner.force else records.done_ids(cfg.store)
-
-    out: list[records.RunRecord] = []
-    try:
-        method = build_method(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
-                              max_seq_len=max(*seq_lens, int(cfg.runner.gate_len))).to(device).eval()
-    except Exception as exc:  # noqa: BLE001 - a bad config is a record, not a crashed sweep
-        err = f"{type(exc).__name__}: {exc}"
-        log.error("could not build the method: %s", err)
-        for T in seq_lens:  # one per length, so that tables show the failure where results would be
-            out.append(base_record(cfg, device, dtype, seq_len=T, causal=causal, status="error", error=err))
-            records.append(cfg.store, out[-1])
-        return out
-
-    if not (method.supports_causal if causal else method.supports_noncausal):
-        log.info("%s does not support causal=%s: nothing to run", method_name(cfg), causal)
-        return out  # a sweep over both settings runs each method where it applies
-    backward = method.trainable if cfg.runner.backward == "auto" else bool(cfg.runner.backward)
-    bar = tqdm(seq_lens, desc=f"{method_name(cfg)}", unit="len", leave=False)
-    for T in bar:
-        bar.set_postfix(T=T)
-        rec = base_record(cfg, device, dtype, seq_len=T, causal=causal,
-                          real_kernel=method.real_kernel)
-        if rec.run_id in done:
-            log.info("T=%d: an ok record with run_id %s exists; skipped", T, rec.run_id)
-            continue
-        try:
-            # the backward is timed on one retained graph: compiled FlexAttention donates its
-            # buffers to a backward that runs once unless told not to, from its first compile
-            with _no_donated_buffers():
-                _measure(rec, method, cfg, (B, H, Hkv, D), T, device, dtype, causal, backward)
-        except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
-            rec.status = "oom" if bench.is_oom(exc) else "error"
-            rec.error = f"{type(exc).__name__}: {exc}"
-            log.warning("T=%d: %s", T, rec.error)
-        rec.real_kernel = method.real_kernel  # known once the implementation has run
-        records.append(cfg.store, rec)
-        out.append(rec)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
-

@@ -1,4 +1,6 @@
-"""The run record and the JSONL results store (DESIGN.md, "The run record").
+"""The run record and the JSONL results store (DESIGN.md, "The run record"): a record started
+from the composed config (``new``), its outcome filled in by the runner (``fail`` on an
+exception), appended to the store.
 
 Appends are atomic: one ``os.write`` of a whole line under an exclusive ``flock``, then
 ``fsync``; a half-written line left by a killed writer is skipped (with a warning) on read,
@@ -78,6 +80,69 @@ def run_id(config: dict, **extra) -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+GROUPS = ("method", "model", "task", "runner")
+
+
+def names(cfg) -> dict[str, str]:
+    """The method, model, task and runner of a run as their config groups name them: Hydra's
+    choices in the attnbench app; elsewhere (``run(cfg)`` from Python) the ``_target_``'s module
+    below its package, which is named as its config (methods.dense.Dense: dense,
+    tasks.lra.listops.ListOps: lra/listops; tests/test_contract.py holds our configs to it)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:  # HydraConfig was not set: outside the app
+        choices = {}
+    return {g: choices.get(g) or _module_name(str(cfg[g]["_target_"])) for g in GROUPS}
+
+
+def _module_name(target: str) -> str:
+    """tasks.lra.listops.ListOps: lra/listops; a plugin's toy.Toy (a top-level module): toy."""
+    parts = target.split(".")[:-1]
+    return "/".join(parts[1:] if len(parts) > 1 else parts)
+
+
+def new(cfg, device, dtype, **fields) -> RunRecord:
+    """A record of the composed config ``cfg`` (the impl shorthand applied), identified by it and
+    the per-record ``fields`` (seq_len), status ok until the runner says otherwise."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    extra = {k: fields[k] for k in ("seq_len",) if k in fields}
+    base = dict(
+        run_id=run_id(config, **extra),
+        time=now(),
+        git_commit=git_commit(),
+        config=config,
+        seed=int(cfg.seed),
+        **names(cfg),
+        method_params={k: v for k, v in config["method"].items() if not k.startswith("_")},
+        impl=str(cfg.method.get("impl", "reference")),
+        real_kernel=False,
+        seq_len=None,
+        batch_size=int(cfg.model.get("batch_size", 1)),
+        dtype=str(dtype).replace("torch.", ""),
+        device=str(device),
+        env=environment(device),
+    )
+    base.update(fields)
+    return RunRecord(**base)
+
+
+def fail(rec: RunRecord, exc: BaseException) -> None:
+    """The record of a run that raised ``exc``: status oom or error, and the error, named by
+    its cause (a failed build's cause, not Hydra's wrapper around it)."""
+    from hydra.errors import InstantiationException
+
+    from runners.bench import is_oom
+
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    rec.status = "oom" if is_oom(exc) else "error"
+    rec.error = f"{type(exc).__name__}: {exc}"
 
 
 def git_commit() -> str | None:

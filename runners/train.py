@@ -4,8 +4,9 @@ AdamW with linear warmup then linear (or cosine) decay; bf16 autocast on the GPU
 on the validation split every ``eval_every`` steps and the best model kept; the test split
 evaluated with the best model at the end; a checkpoint every ``ckpt_every`` steps from which
 an interrupted run resumes (model, optimiser, schedule, step, random states: the resumed run
-follows the same path as an uninterrupted one); a progress bar; one record with accuracy,
-steps, tokens and wall time. Deterministic on the CPU for a fixed seed.
+follows the same path as an uninterrupted one); a progress bar; one record with the task's
+metrics (tasks/: accuracy, perplexity), steps, tokens and wall time. Deterministic on the CPU
+for a fixed seed.
 """
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from runners import bench, records
-from runners.context import (attention_method, autocast, base_record, method_cfg, resolve_device,
-                             resolve_dtype)
+from runners import records
+from runners.device import autocast, resolve_device, resolve_dtype
+from tasks.base import to_device
 
 log = logging.getLogger(__name__)
 
@@ -46,46 +48,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-@torch.no_grad()
-def evaluate(model, split, batch_size, device, amp, max_batches=None) -> float:
-    model.eval()
-    x, y = split[0], split[1]
-    correct = total = 0
-    for b, a in enumerate(range(0, len(y), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        xb = _to(x[a:a + batch_size], device)
-        with amp:
-            logits = model(*xb) if isinstance(xb, tuple) else model(xb)
-        correct += int((logits.argmax(-1).cpu() == y[a:a + batch_size]).sum())
-        total += len(y[a:a + batch_size])
-    model.train()
-    return correct / max(1, total)
-
-
-def _lm_eval(model, stream, cfg, device, amp) -> dict:
-    from tasks.perplexity import evaluate as perplexity
-
-    model.eval()
-    with amp:
-        out = perplexity(model, stream, int(cfg.task.max_len), int(cfg.task.stride), device,
-                         cfg.task.get("eval_tokens"))
-    model.train()
-    return out
-
-
-def _validate(model, data, cfg, device, amp, split) -> float:
-    """The validation score, higher is better: accuracy, or minus the perplexity."""
-    if data.get("kind") == "lm":
-        return -_lm_eval(model, data[split], cfg, device, amp)["ppl"]
-    r = cfg.runner
-    return evaluate(model, data[split], int(r.eval_batch_size), device, amp, r.eval_batches)
-
-
-def _to(x, device):
-    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
-
-
 def _take(x, idx):
     return tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
 
@@ -101,53 +63,73 @@ def distributed(device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def run(cfg: DictConfig) -> list[records.RunRecord]:
-    r = cfg.runner
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    rank, world = distributed(device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cpu":
-        torch.set_num_threads(int(r.cpu_threads))
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(int(cfg.seed))
-    rec = base_record(cfg, device, dtype, seq_len=int(cfg.task.max_len), batch_size=int(r.batch_size))
-    if world > 1:
-        rec.details["world_size"] = world
-        if int(r.batch_size) % world:
-            raise ValueError(f"runner.batch_size={r.batch_size} (the global batch) must divide "
-                             f"evenly over {world} processes")
-    if not r.force and rec.run_id in records.done_ids(cfg.store):
-        log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-        return []
-    ckdir = Path(r.checkpoint_dir) / rec.run_id
-    try:
-        data = get_method(cfg.task.loader)(cfg.task)
-        model_kw = OmegaConf.to_container(cfg.model, resolve=True)
-        model = get_method(r.model_class)(method_cfg(cfg), vocab_size=data["vocab_size"],
-                                          num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
-                                          pad_id=data["pad_id"], cls_id=data.get("cls_id"), **model_kw).to(device)
-        rec.causal = bool(getattr(model, "causal", True))
-        _train(cfg, model, data, device, dtype, ckdir, rec, rank, world)
-    except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
-        rec.status = "oom" if bench.is_oom(exc) else "error"
-        rec.error = f"{type(exc).__name__}: {exc}"
-        log.error("training failed: %s", rec.error)
+@dataclass
+class TrainRunner:
+    """conf/runner/train.yaml."""
+
+    steps: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    betas: list[float]
+    warmup_steps: int
+    decay: str  # linear | cosine
+    grad_clip: float
+    eval_every: int
+    eval_batches: int | None  # validation batches per evaluation (None: the whole split)
+    ckpt_every: int
+    checkpoint_dir: str
+    resume: bool
+    cpu_threads: int
+    force: bool
+
+    def run(self, cfg: DictConfig) -> list[records.RunRecord]:
+        r = self
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        rank, world = distributed(device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        if device.type == "cpu":
+            torch.set_num_threads(int(r.cpu_threads))
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(int(cfg.seed))
+        rec = records.new(cfg, device, dtype, seq_len=int(cfg.task.max_len), batch_size=int(r.batch_size))
         if world > 1:
-            raise  # the other ranks wait in a collective: end them all
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-    if rank != 0:
-        return []
-    rec.time = records.now()
-    records.append(cfg.store, rec)
-    return [rec]
+            rec.details["world_size"] = world
+            if int(r.batch_size) % world:
+                raise ValueError(f"runner.batch_size={r.batch_size} (the global batch) must divide "
+                                 f"evenly over {world} processes")
+        if not r.force and rec.run_id in records.done_ids(cfg.store):
+            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+            return []
+        ckdir = Path(r.checkpoint_dir) / rec.run_id
+        try:
+            task = instantiate(cfg.task)
+            data = task.load()
+            model = instantiate(cfg.model, method=cfg.method, vocab_size=data["vocab_size"],
+                                num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
+                                pad_id=data["pad_id"], cls_id=data.get("cls_id"), _recursive_=False).to(device)
+            rec.causal = bool(getattr(model, "causal", True))
+            _train(r, cfg, task, model, data, device, dtype, ckdir, rec, rank, world)
+        except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
+            records.fail(rec, exc)
+            log.error("training failed: %s", rec.error)
+            if world > 1:
+                raise  # the other ranks wait in a collective: end them all
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        if rank != 0:
+            return []
+        rec.time = records.now()
+        records.append(cfg.store, rec)
+        return [rec]
 
 
-def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, world: int = 1) -> None:
-    r = cfg.runner
+def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, rec, rank: int = 0,
+           world: int = 1) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if world > 1:  # each rank computes its share of the global batch; gradients are averaged
@@ -193,7 +175,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     while state["step"] < steps:
         step = state["step"]
         idx = batch_indices(n, bs, step, int(cfg.seed)).chunk(world)[rank]  # this rank's share
-        xb, yb = _to(_take(x, idx), device), y[idx].to(device)
+        xb, yb = to_device(_take(x, idx), device), y[idx].to(device)
         with amp:
             if lm:  # next-token prediction on a window of max_len + 1 tokens
                 logits = net(xb[:, :-1])
@@ -222,7 +204,7 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
         bar.update()
         bar.set_postfix(loss=f"{lv:.3f}")
         if (state["step"] % int(r.eval_every) == 0 or state["step"] == steps) and rank == 0:
-            acc = _validate(model, data, cfg, device, amp, "val")
+            acc = task.validate(model, data["val"], device, amp, int(r.eval_batch_size), r.eval_batches)
             bar.set_postfix(loss=f"{lv:.3f}", val=f"{acc:.3f}")
             if acc > state["best_val"]:
                 state["best_val"] = acc
@@ -239,15 +221,9 @@ def _train(cfg, model, data, device, dtype, ckdir: Path, rec, rank: int = 0, wor
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
         model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=False, map_location=device))
-    if lm:
-        test = _lm_eval(model, data["test"], cfg, device, amp)
-        rec.metrics.update({"val_ppl": -state["best_val"], "test_ppl": test["ppl"], "test_bpb": test["bpb"],
-                            "test_tokens": test["tokens"]})
-    else:
-        rec.metrics.update({"val_acc": state["best_val"],
-                            "test_acc": evaluate(model, data["test"], int(r.eval_batch_size), device, amp)})
+    rec.metrics.update(task.test(model, data["test"], device, amp, int(r.eval_batch_size), state["best_val"]))
     rec.metrics["final_train_loss"] = state["losses"][-1] if state["losses"] else None
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],
                  "loss_curve": state["losses"][:: max(1, len(state["losses"]) // 200)]}
     rec.details["checkpoint"] = str(ckdir / "best.pt")
-    rec.real_kernel = bool(attention_method(model).real_kernel)  # known once it has run
+    rec.real_kernel = bool(model.method.real_kernel)  # known once it has run

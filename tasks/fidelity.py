@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from methods.base import repeat_kv
+from tasks.base import Task
 
 
 def random_qkv(B, H, Hkv, T, D, device, dtype, seed: int):
@@ -80,4 +81,19 @@ def evaluate(method, task_cfg, B, H, Hkv, T, D, device, dtype, seed, causal) -> 
     return metrics
 
 
-__all__ = ["random_qkv", "structured_qkv", "exact", "errors", "max_rel_err", "evaluate"]
+class Fidelity(Task):
+    """The fidelity task (conf/task/fidelity.yaml) for the kernel runner: the inputs it times
+    and checks the method on, and the error metrics."""
+
+    def inputs(self, shape, T: int, device, dtype, seed: int):
+        """q, k, v ~ N(0, 1) of ``shape`` (B, H, Hkv, D) and length T: the input source."""
+        B, H, Hkv, D = shape
+        return random_qkv(B, H, Hkv, T, D, device, dtype, seed)
+
+    def evaluate(self, method, shape, T: int, device, dtype, seed: int, causal: bool) -> dict:
+        """Error metrics of ``method`` on random and structured inputs (``evaluate``)."""
+        B, H, Hkv, D = shape
+        return evaluate(method, self.cfg, B, H, Hkv, T, D, device, dtype, seed, causal)
+
+
+__all__ = ["random_qkv", "structured_qkv", "exact", "errors", "max_rel_err", "evaluate", "Fidelity"]

@@ -12,16 +12,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
+from tqdm.auto import tqdm
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (the harness's own LMs)."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
+from tasks.base import Task
+from tasks.text import ByteTokenizer, filler
 
 NEEDLE = "The special magic number for {key} is {value}."
 VALUE_DIGITS = 7  # needle values: seven-digit numbers
@@ -79,3 +74,28 @@ def score(tokenizer, generated_ids, answer: str) -> float:
 def grid(tokenizer, filler: str, lengths, depths, seed: int = 0, window: int | None = None):
     return [make_prompt(tokenizer, filler, L, d, seed * 1_000_003 + i, window)
             for i, (L, d) in enumerate((L, d) for L in lengths for d in depths)]
+
+
+class Needle(Task):
+    """The needle grid (conf/task/needle.yaml) for the evaluation runner: every (length, depth)
+    cell, ``samples`` prompts each, filler from the ``corpus``' test documents."""
+
+    def evaluate(self, model, device, amp, max_new_tokens: int, seed: int) -> dict:
+        t, tok = self.cfg, ByteTokenizer()
+        hay = filler(t.corpus)
+        cells, examples = [], []
+        grid = [(int(L), float(d)) for L in t.lengths for d in t.depths]
+        for i, (L, d) in enumerate(tqdm(grid, desc="needle", unit="cell")):
+            hits = []
+            for s in range(int(t.samples)):
+                p = make_prompt(tok, hay, L, d, seed=seed * 1_000_003 + i * 1000 + s,
+                                window=model.max_len - max_new_tokens)
+                with amp:
+                    out = model.generate(torch.tensor([p.ids], device=device), max_new_tokens)
+                hits.append(score(tok, out[0].tolist(), p.answer))
+                if s == 0:  # what the model answered, for reading the record
+                    examples.append({"length": L, "depth": d, "answer": p.answer,
+                                     "generated": tok.decode(out[0].tolist())})
+            cells.append({"length": L, "depth": d, "score": sum(hits) / len(hits)})
+        return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells),
+                "examples": examples}

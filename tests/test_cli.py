@@ -75,7 +75,7 @@ def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store, tmp_path,
         first = (ROOT / "conf/experiment" / f"{e}.yaml").read_text().splitlines()
         assert any(line.startswith("# attnbench") for line in first[:3]), f"{e}: run command on top"
         cfg = compose_cfg(f"experiment={e}", tiny=False)
-        if cfg.runner.name == "kernel":
+        if cfg.runner._target_ == "runners.kernel.KernelRunner":
             cfg = compose_cfg(f"experiment={e}", "device=cpu", "dtype=float32", *kernel_small,
                               "runner.force=true", f"store={store}", tiny=False)
         elif e in ("lra/listops-smoke", "lra/pathfinder-smoke", "lra/pathx-smoke"):
@@ -143,7 +143,6 @@ def test_multirun_killed_part_way_and_run_again_completes_only_the_missing_jobs(
 
 def test_gpu_pool_gives_each_job_its_own_device_in_a_fresh_process(tmp_path):
     """On the CPU the pool hands out device ids [0, 1] as it would GPUs."""
-    import json
 
     p = _run(["-m", "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[0,1]",
               "method=dense,performer,nystrom,sliding_window", "runner.seq_lens=[64]"], tmp_path)
@@ -209,7 +208,8 @@ def test_efficiency_script_commands_compose_and_build(compose_cfg):
     import itertools
     import shlex
 
-    from runners.context import build_method
+    import methods
+    from runners import with_impl
 
     text = (ROOT / "scripts/efficiency.sh").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith("run -m ")]
@@ -220,10 +220,10 @@ def test_efficiency_script_commands_compose_and_build(compose_cfg):
         sweeps = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")]
                   if "," in a and not a.split("=", 1)[1].startswith("[") else [a] for a in args]
         for combo in itertools.product(*sweeps):
-            cfg = compose_cfg(*combo, tiny=False)
+            cfg = with_impl(compose_cfg(*combo, tiny=False))
             m = cfg.model
-            method = build_method(cfg, num_heads=m.num_heads, head_dim=m.head_dim, num_kv_heads=m.num_kv_heads,
-                                  max_seq_len=max(cfg.runner.seq_lens))
+            method = methods.build(cfg.method, num_heads=m.num_heads, head_dim=m.head_dim,
+                                   num_kv_heads=m.num_kv_heads, max_seq_len=max(cfg.runner.seq_lens))
             assert method.impl == cfg.method.impl, (line, combo)
             built += 1
     assert built >= 40

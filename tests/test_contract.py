@@ -139,3 +139,32 @@ def test_impl_shorthand_and_skip_done(compose_cfg, store):
     assert recs[0].impl == "reference" and recs[0].correctness["checked"] is False
     assert run(compose_cfg("impl=reference")) == []  # ok records exist: skipped
     assert len(run(compose_cfg("impl=reference", "runner.force=true"))) == 2
+
+
+@pytest.mark.parametrize("group", ["model", "task", "runner"])
+def test_every_config_names_its_class_in_a_module_named_as_the_config(group):
+    """conf/<group>/<name>.yaml builds <package>.<name with / as .>.<Class>: what records call
+    the run outside the attnbench app (runners.records.names), as methods' configs do."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from methods import CONF_DIR
+
+    files = sorted((CONF_DIR / group).rglob("*.yaml"))
+    assert files
+    for f in files:
+        name = f.relative_to(CONF_DIR / group).with_suffix("").as_posix()
+        target = OmegaConf.load(f)._target_
+        module, cls = target.rsplit(".", 1)
+        assert module.split(".", 1)[1] == name.replace("/", "."), (f, target)
+        assert isinstance(getattr(importlib.import_module(module), cls), type), target
+        assert "name" not in OmegaConf.load(f), f"{f}: the config group names it"
+
+
+def test_records_name_the_configs_that_ran(compose_cfg):
+    from runners.records import names
+
+    cfg = compose_cfg("experiment=lra/listops-smoke", "method=performer", tiny=False)
+    assert names(cfg) == {"method": "performer", "model": "lra_encoder", "task": "lra/listops",
+                          "runner": "train"}

@@ -84,11 +84,13 @@ def test_kv_cache_decoding_equals_full_recomputation():
 
 
 def test_shakespeare_corpus_through_datasets():
-    files = perplexity.shakespeare_files()
+    from tasks import text
+
+    files = text.shakespeare_files()
     assert len(files) > 30
     from omegaconf import OmegaConf
 
-    docs = perplexity.documents(OmegaConf.create({"source": "shakespeare"}))
+    docs = text.documents(OmegaConf.create({"source": "shakespeare"}))
     assert len(docs["test"]) >= 2 and len(docs["train"]) > 30
     assert "ROMEO" in "".join(docs["train"] + docs["val"] + docs["test"])
 
@@ -144,8 +146,8 @@ def test_needle_prompt_longer_than_the_window_is_an_error_record(compose_cfg, tm
 
 
 def test_needle_episodes_are_prompts_followed_by_their_answers():
-    from tasks.needle import ByteTokenizer
     from tasks.perplexity import needle_episodes
+    from tasks.text import ByteTokenizer
 
     text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 40
     eps = needle_episodes(text, 3, 600, seed=1)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from runners import run
 from tasks.lra import hub
@@ -40,7 +41,7 @@ def fixtures(tmp_path, monkeypatch):
 @pytest.mark.parametrize("task", ["text", "retrieval", "image"])
 def test_loaders_read_fixture_files(task, fixtures, compose_cfg):
     cfg = compose_cfg(f"experiment=lra/{task}-smoke", *fixtures[task], tiny=False)
-    data = hub.__dict__[task](cfg.task)
+    data = instantiate(cfg.task).load()  # tasks/lra/{text,retrieval,image}.py through hub.py
     x, y = data["train"]
     assert len(y) == 48 - 8 and len(data["val"][1]) == 8 and len(data["test"][1]) == 16
     xs = x if isinstance(x, tuple) else (x,)

@@ -3,6 +3,7 @@ import pytest
 
 from analysis.plots import needle_heatmap
 from tasks import needle
+from tasks.text import ByteTokenizer
 
 FILLER = ("Now is the winter of our discontent made glorious summer by this sun of York; "
           "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. ") * 60
@@ -11,7 +12,7 @@ FILLER = ("Now is the winter of our discontent made glorious summer by this sun 
 @pytest.mark.parametrize("length", [200, 333, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_prompt_has_exact_length_and_needle_at_depth(length, depth):
-    tok = needle.ByteTokenizer()
+    tok = ByteTokenizer()
     p = needle.make_prompt(tok, FILLER, length, depth, seed=3)
     assert len(p.ids) == length
     text = tok.decode(p.ids)
@@ -24,7 +25,7 @@ def test_prompt_has_exact_length_and_needle_at_depth(length, depth):
 
 
 def test_prompt_errors_are_clear():
-    tok = needle.ByteTokenizer()
+    tok = ByteTokenizer()
     with pytest.raises(ValueError, match="does not fit the model's window of 512"):
         needle.make_prompt(tok, FILLER, 1024, 0.5, 0, window=512)
     with pytest.raises(ValueError, match="shorter than the needle"):
@@ -36,7 +37,7 @@ def test_prompt_errors_are_clear():
 
 
 def test_grid_scoring_and_heatmap(tmp_path):
-    tok = needle.ByteTokenizer()
+    tok = ByteTokenizer()
     prompts = needle.grid(tok, FILLER, [256, 512], [0.0, 0.5, 1.0], seed=1)
     assert len(prompts) == 6 and len({p.answer for p in prompts}) == 6
     cells = []

@@ -6,7 +6,7 @@ import pytest
 
 from runners import run
 from tasks import ruler
-from tasks.needle import ByteTokenizer
+from tasks.text import ByteTokenizer
 
 FILLER = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 200
 

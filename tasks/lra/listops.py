@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.cache import cached
+from tasks.lra.base import LRATask
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -130,3 +131,10 @@ def load(cfg) -> dict:
     data = cached("lra_listops", {"task": "listops", **key}, build)
     return {**{s: data[s] for s in ("train", "val", "test")}, "vocab_size": len(VOCAB),
             "num_classes": 10, "pad_id": TOKEN_ID[PAD], "cls_id": TOKEN_ID[CLS]}
+
+
+class ListOps(LRATask):
+    """ListOps (conf/task/lra/listops.yaml), generated as above."""
+
+    def load(self) -> dict:
+        return load(self.cfg)

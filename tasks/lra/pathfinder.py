@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.cache import cached
+from tasks.lra.base import LRATask
 
 
 def _walk(rng, size, n, dash, margin):
@@ -100,3 +101,10 @@ def load(cfg) -> dict:
     data = cached("lra_pathfinder", {"task": "pathfinder", **key}, build)
     return {**{s: data[s] for s in ("train", "val", "test")}, "vocab_size": 257, "num_classes": 2,
             "pad_id": 0, "cls_id": None}
+
+
+class Pathfinder(LRATask):
+    """Pathfinder and Path-X (conf/task/lra/pathfinder.yaml), generated as above."""
+
+    def load(self) -> dict:
+        return load(self.cfg)

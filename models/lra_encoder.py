@@ -45,9 +45,10 @@ class Block(nn.Module):
 
 
 class LRAEncoder(nn.Module):
-    """Token (byte, pixel) classifier. ``pooling``: ``mean`` over real tokens or ``cls``."""
+    """Token (byte, pixel) classifier. ``method``: the composed method config of every layer;
+    ``pooling``: ``mean`` over real tokens or ``cls``."""
 
-    def __init__(self, method_cfg, vocab_size: int, num_classes: int, max_len: int, dim: int = 64,
+    def __init__(self, method, vocab_size: int, num_classes: int, max_len: int, dim: int = 64,
                  depth: int = 2, heads: int = 2, head_dim: int = 32, mlp_dim: int = 128,
                  dropout: float = 0.1, pooling: str = "mean", pad_id: int = 0, cls_id: int | None = None,
                  dual: bool = False, causal: str | bool = "auto", **_ignored):
@@ -61,7 +62,7 @@ class LRAEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(n, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, head_dim, mlp_dim, method_cfg, n, dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, head_dim, mlp_dim, method, n, dropout)
                                     for _ in range(depth))
         m0 = self.blocks[0].attn.method
         # auto: bidirectional, unless the method is causal only (MInference, NSA, SparseK)
@@ -72,6 +73,11 @@ class LRAEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         feat = 4 * dim if dual else dim
         self.head = nn.Sequential(nn.Linear(feat, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, num_classes))
+
+    @property
+    def method(self):
+        """The attention method of the first layer (what the record describes)."""
+        return self.blocks[0].attn.method
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, dim] pooled features."""

@@ -1,0 +1,39 @@
+"""What the LRA tasks share for the training runner: classification, scored by accuracy."""
+from __future__ import annotations
+
+import torch
+
+from tasks.base import Task, to_device
+
+
+@torch.no_grad()
+def accuracy(model, split, batch_size: int, device, amp, max_batches: int | None = None) -> float:
+    """The fraction of ``split``'s (inputs, labels) that ``model`` classifies right, in batches
+    of ``batch_size`` (the first ``max_batches`` of them when set)."""
+    model.eval()
+    x, y = split[0], split[1]
+    correct = total = 0
+    for b, a in enumerate(range(0, len(y), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        xb = to_device(x[a:a + batch_size], device)
+        with amp:
+            logits = model(*xb) if isinstance(xb, tuple) else model(xb)
+        correct += int((logits.argmax(-1).cpu() == y[a:a + batch_size]).sum())
+        total += len(y[a:a + batch_size])
+    model.train()
+    return correct / max(1, total)
+
+
+class LRATask(Task):
+    """An LRA task: ``load()`` gives the splits, which are scored by accuracy."""
+
+    def load(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self, model, split, device, amp, batch_size, max_batches=None) -> float:
+        """The validation score, higher is better: the accuracy."""
+        return accuracy(model, split, batch_size, device, amp, max_batches)
+
+    def test(self, model, split, device, amp, batch_size, best_val: float) -> dict:
+        return {"val_acc": best_val, "test_acc": accuracy(model, split, batch_size, device, amp)}
