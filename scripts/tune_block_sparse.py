@@ -21,7 +21,6 @@ from methods import masks  # noqa: E402
 from methods.kernels import block_sparse as bsk  # noqa: E402
 from runners import bench, records  # noqa: E402
 
-
 # (block_m, block_n, num_warps, num_stages): the best of a first sweep over tiles 64/128 x
 # 64/128, 4/8 warps, 2/3 stages (results/efficiency/kernels/tune_ebc8792.jsonl), and neighbours;
 # 256-row tiles from a later sweep (kernels/tune_a514d41.jsonl: 256 x 128, 8 warps, 2 stages best)

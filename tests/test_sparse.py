@@ -8,7 +8,8 @@ import torch
 import methods
 from methods import masks
 from methods.base import AttentionInputError, masked_attention
-from methods.minference import load_patterns, main as minference_main, search_patterns
+from methods.minference import load_patterns, search_patterns
+from methods.minference import main as minference_main
 from methods.sparsek import sparsek
 from tests.conftest import seeded_qkv
 

@@ -21,7 +21,14 @@ import math
 import torch
 
 from methods.kernels import block_sparse as _bsk
-from methods.kernels.block_sparse import LOG2E, _num_warps, _tile, layout_to_lists, nsa_block_tokens, triton
+from methods.kernels.block_sparse import (
+    LOG2E,
+    _num_warps,
+    _tile,
+    layout_to_lists,
+    nsa_block_tokens,
+    triton,
+)
 
 if triton is not None:
     import triton.language as tl
