@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import warnings
@@ -58,6 +59,7 @@ def read_lazyload(rdb: Path, rdx: Path) -> dict[str, list[str]]:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def prose(name: str = "austen") -> str:
     """A book (or ``austen``: the six novels in publication order) as plain text."""
     books = AUSTEN if name == "austen" else (name,)
