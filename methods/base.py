@@ -122,6 +122,17 @@ class AttentionMethod(nn.Module):
         """Implementation details worth recording (e.g. which SDPA backend ran)."""
         return {}
 
+    def computed_keys(self, q, k, causal: bool) -> torch.Tensor | None:
+        """The (query, key) pairs the method computes exactly, as a [B, H, Tq, Tk] bool tensor,
+        for attention recall; None for methods that do not choose keys (low-rank, kernelized).
+        Exact methods compute every allowed pair."""
+        if not self.exact:
+            return None
+        B, H, tq, _ = q.shape
+        tk = k.shape[2]
+        allowed = masks.causal(tk - tq) if causal else (lambda b, h, qi, ki: ki >= 0)
+        return masks.materialize(allowed, B, H, tq, tk, device=q.device)
+
     # ---- the contract -----------------------------------------------------------------
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None):
         self.check_inputs(q, k, v, causal, key_padding_mask)
@@ -194,6 +205,15 @@ class SparseMethod(AttentionMethod):
 
     def mask_mod(self, q, k, causal):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def computed_keys(self, q, k, causal: bool) -> torch.Tensor:
+        """The pairs of ``mask_mod`` (and causality), materialised: the keys each query attends."""
+        B, H, tq, _ = q.shape
+        tk = k.shape[2]
+        mod = self.mask_mod(q, k, causal)
+        if causal:
+            mod = masks.and_masks(mod, masks.causal(tk - tq))
+        return masks.materialize(mod, B, H, tq, tk, device=q.device)
 
     def decode(self, q, k, v) -> torch.Tensor:
         """A decode step: the newest query (or few) over the whole cache, causal, under the

@@ -38,13 +38,18 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         raise ValueError(f"attnbench methods use the scale 1/sqrt({D}); this model uses {scaling}")
     m = getattr(module, "_attnbench_method", None)
     if m is None:
-        spec = dict(module.config.attnbench_method)
-        cfg = methods.compose_method(spec.pop("name"))
-        for k, v in spec.items():
-            cfg[k] = v
+        cfg = module.config.attnbench_method
+        if isinstance(cfg, dict) and "name" in cfg:  # a method name and hyperparameters
+            spec = dict(cfg)
+            cfg = methods.compose_method(spec.pop("name"))
+            for k, v in spec.items():
+                cfg[k] = v
         m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=key.shape[1],
                           max_seq_len=getattr(module.config, "max_position_embeddings", None))
         module._attnbench_method = m.to(query.device)
+    store = getattr(module, "_attnbench_capture", None)
+    if store is not None:  # models.capture: q/k/v as the method sees them (after RoPE, GQA layout)
+        store.append((query.detach(), key.detach(), value.detach()))
     out = m(query, key, value, causal=True, key_padding_mask=_key_padding(attention_mask, B, key.shape[2]))
     return out.transpose(1, 2).contiguous(), None
 
@@ -57,12 +62,12 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean masks: True = attend
 
 
-def load(path_or_name: str, method: str = "dense", dtype=None, **method_kwargs):
+def load(path_or_name: str, method: str = "dense", dtype=None, method_cfg=None, **method_kwargs):
     """``from_pretrained(path_or_name)`` with attention through ``method`` (hyperparameters as
-    keyword arguments)."""
+    keyword arguments), or through ``method_cfg``, a composed method config, when given."""
     from transformers import AutoModelForCausalLM
 
     register()
     model = AutoModelForCausalLM.from_pretrained(path_or_name, attn_implementation=NAME, dtype=dtype)
-    model.config.attnbench_method = {"name": method, **method_kwargs}
+    model.config.attnbench_method = method_cfg if method_cfg is not None else {"name": method, **method_kwargs}
     return model.eval()

