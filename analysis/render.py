@@ -6,7 +6,7 @@ import html
 
 import pandas as pd
 
-from analysis.tables import efficiency_lengths, kernel_table, lra_table, settings, tables
+from analysis.tables import efficiency_lengths, kernel_table, lra_table, real_model_table, settings, tables
 
 LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
 HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
@@ -65,6 +65,15 @@ def render(df: pd.DataFrame, fmt: str = "md") -> str:
 
 def _markdown(df: pd.DataFrame) -> str:
     parts = []
+    real = real_model_table(df)
+    if not real.empty:
+        models = ", ".join(sorted(df.loc[df["runner"] == "pretrained", "model"].dropna().unique()))
+        parts.append(f"### Inside a pretrained model ({models}), real text\n\n"
+                     + real.to_markdown(index=False, disable_numparse=True) + "\n\n"
+                     "ppl: perplexity on held-out prose (tasks/corpora.py); needle N: greedy exact match "
+                     "at N prompt tokens; real rel err, recall, density: on q/k/v captured from the "
+                     "model on prose (recall: dense attention mass on the keys the method computes); "
+                     "prefill: one forward pass at the perplexity length.\n")
     lra = lra_table(df)
     if not lra.empty:
         parts.append("### Long Range Arena, test accuracy (%)\n\n"

@@ -202,9 +202,56 @@ def settings(df: pd.DataFrame):
         yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
 
 
+def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (label and impl) of the runs inside a pretrained model
+    (runner=pretrained): perplexity, needle accuracy per length, real-attention fidelity and
+    recall, prefill latency and peak memory; dense first. A task that failed shows its reason
+    (a method that cannot attend causally: ``not causal``)."""
+    df = df[df["runner"] == "pretrained"]
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(label=variants(df)).sort_values("time", kind="stable")  # newest last per task
+    needle_cols = sorted((c for c in df if c.startswith("metric.needle@")), key=lambda c: int(c.split("@")[1]))
+    rows = []
+    for (label, impl), g in df.groupby(["label", "impl"], sort=False):
+        row = {"method": label, "impl": impl}
+
+        def task(name, g=g):
+            t = g[g["task"] == name]
+            return None if t.empty else t.iloc[-1]
+
+        def value(r, col, fmt):
+            if r is None:
+                return "-"
+            if r["status"] != "ok":
+                err = str(r["error"] or r["status"])
+                return "not causal" if "causal" in err else f"failed: {err[:40]}"
+            v = r.get(col)
+            return "-" if v is None or pd.isna(v) else fmt.format(v)
+
+        ppl, ndl, fid = task("perplexity"), task("needle"), task("fidelity")
+        row["ppl"] = value(ppl, "metric.perplexity", "{:.2f}")
+        for c in needle_cols:
+            row[f"needle {c.split('@')[1]}"] = value(ndl, c, "{:.0%}")
+        row["real rel err"] = value(fid, "metric.real_rel_err", "{:.3f}")
+        row["recall"] = value(fid, "metric.recall", "{:.3f}")
+        row["density"] = value(fid, "metric.recall_density", "{:.3f}")
+        row["prefill ms"] = value(ppl, "latency.prefill.p50", "{:.0f}")
+        row["peak MB"] = value(ppl, "mem.prefill", "{:.0f}") if ppl is None or pd.isna(ppl.get("mem.prefill")) \
+            else f"{ppl['mem.prefill'] / 2**20:.0f}"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = out["method"].astype(str).str.startswith("dense").map({True: 0, False: 1})
+    return out.assign(_o=order).sort_values(["_o", "method"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
 def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(title, table) of every leaderboard table the records allow."""
     out = []
+    real = real_model_table(df)
+    if not real.empty:
+        models = ", ".join(sorted(df.loc[df["runner"] == "pretrained", "model"].dropna().unique()))
+        out.append((f"Inside a pretrained model ({models}), real text", real))
     lra = lra_table(df)
     if not lra.empty:
         out.append(("Long Range Arena, test accuracy (%)", lra))

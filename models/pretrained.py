@@ -113,3 +113,21 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
         "chat_template": SPECS[name][2],
     }
     return model
+
+
+class PretrainedLM(torch.nn.Module):
+    """A pretrained model as a config builds it (``_target_`` of conf/model/<name>.yaml):
+    ``forward`` is the ``transformers`` model's; ``tokenizer`` and ``asset`` as ``load`` gives."""
+
+    model_name = ""
+
+    def __init__(self, method=None, dtype: torch.dtype | str | None = None, **_):
+        super().__init__()
+        self.lm = load(self.model_name, method=method, dtype=dtype)
+        self.tokenizer, self.asset = self.lm.tokenizer, self.lm.asset
+
+    def forward(self, **inputs):
+        return self.lm(**inputs)
+
+    def generate(self, *args, **kwargs):
+        return self.lm.generate(*args, **kwargs)

