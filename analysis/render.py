@@ -6,7 +6,14 @@ import html
 
 import pandas as pd
 
-from analysis.tables import efficiency_lengths, kernel_table, lra_table, real_model_table, settings, tables
+from analysis.tables import (
+    efficiency_lengths,
+    kernel_table,
+    lra_table,
+    real_model_table,
+    settings,
+    tables,
+)
 
 LOWER_BETTER = ("rel err", "fwd ms", "bwd ms", "peak MiB")
 HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg")
