@@ -16,12 +16,13 @@ out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) 
 
 impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
 selected and window branches with FlexAttention block masks; impl=triton runs all three with the
-kernels of ``methods.kernels.block_sparse``: the compressed attention with its log-sum-exp,
+kernels of ``methods.kernels`` (``nsa_compressed``: the compressed attention with its log-sum-exp,
 then the selection-block importance recomputed from it (by row chunks of at most
 ``importance_bytes``; no [T, T/stride] tensor in memory) and each row's top-n in one kernel
-(``nsa_topn``), the selection (one program per token serves all query heads of a GQA group,
+(``nsa_topn``); ``nsa_selected``: the selection (one program per token serves all query heads of a GQA group,
 as in the paper; for groups of up to 4 heads one program per key block and the tokens that
-chose it, FSA's order, then a merge per token), the window, and the gated sum in one pass.
+chose it, FSA's order, then a merge per token); ``block_sparse``: the window; ``nsa_gate``: the
+gated sum in one pass).
 The reference and flex paths compute the compressed branch in PyTorch, in chunks of queries.
 Training with impl=triton: each branch has a backward kernel (``NSACompressedAttention``;
 ``NSASelectedAttention``: dK and dV, and for small groups dQ, by key block over the tokens that
@@ -147,46 +148,47 @@ class NSA(SparseMethod):
     def _triton_branches(self, q, k, v, causal, key_padding_mask):
         """All three branches through Triton kernels: the compressed attention and the
         selection-block importance, the selected blocks, the window. Returns (out, pairs)."""
-        from methods.kernels import block_sparse as bsk
+        from methods.kernels import block_sparse, nsa_gate, nsa_selected
 
         if key_padding_mask is not None:
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
         training = self._wants_grad(q, k, v)
         o_cmp, sel = self._triton_compressed(q, k, v)
-        o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
+        o_slc = nsa_selected.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
-        idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
-        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                           win_l=torch.tensor([self.window]))
+        idx, cnt, nin = block_sparse.window_lists(T, bm, bn, True, (self.window,), (block_sparse.BIG,), (0,),
+                                                  str(q.device))
+        o_win = block_sparse.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
+                                                    win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
-        work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
+        work = float((sel >= 0).sum()) * self.block_size * rep + block_sparse.tile_work(cnt, bm, bn, B, H)
         if training or q.dtype == torch.float64:  # autograd (in fp32); the interpreter's fp64 tests
             return self._combine(q, o_cmp.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
                                  o_slc, o_win), work
-        return bsk.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
+        return nsa_gate.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
 
     def _triton_compressed(self, q, k, v):
         """o_cmp and the selected blocks [B, Hkv, T, n] through the kernels: the compressed
         attention and its log-sum-exp (with a backward kernel where gradients are on, through
         to the compression MLP), then the importance and the top-n by row chunks (a [rows,
         T / block] score per KV head at a time; no gradient: indices)."""
-        from methods.kernels import block_sparse as bsk
+        from methods.kernels import nsa_compressed
 
         B, H, T, D = q.shape
         kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
         cb, cs = self.compress_block, self.compress_stride
-        o_cmp, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
+        o_cmp, lse = nsa_compressed.nsa_compressed_attention(q, kc, vc, cb, cs)
         q, kc = q.detach(), kc.detach()
         nsel = math.ceil(T / self.block_size)
         rows = max(64, (self.importance_bytes // (4 * B * k.shape[1] * nsel)) // 64 * 64)
 
         def top(imp, a):  # the fused top-n where a row fits on chip, else PyTorch's
-            sel = bsk.nsa_topn(imp, a, self.block_size, self.num_selected)
+            sel = nsa_compressed.nsa_topn(imp, a, self.block_size, self.num_selected)
             return self.select(imp, a) if sel is None else sel
 
-        sel = torch.cat([top(bsk.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)), a)
-                         for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
+        sel = torch.cat([top(nsa_compressed.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)),
+                             a) for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
         return o_cmp, sel
 
     # ---- the three branches -------------------------------------------------------------------
