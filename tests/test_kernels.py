@@ -415,7 +415,9 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     nsel = math.ceil(T / bs)
     starts = torch.arange(n, device=device) * cs
     lo = torch.arange(nsel, device=device) * bs
-    overlap = ((starts.view(n, 1) < lo.view(1, nsel) + bs) & (ends.view(n, 1) >= lo.view(1, nsel))).float()
+    shared = torch.minimum(starts.view(n, 1) + cl, lo.view(1, nsel) + bs) - torch.maximum(starts.view(n, 1),
+                                                                                         lo.view(1, nsel))
+    overlap = shared.clamp(min=0).float() / cs  # Eq. 9: tokens shared over the stride
     want = p.view(B, Hkv, H // Hkv, T, n).sum(2) @ overlap  # [B, Hkv, T, nsel]
     torch.testing.assert_close(imp, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
     _, lse = nsa_compressed.nsa_compressed_attention(q, kc, vc, cl, cs)  # the rows in chunks: the same scores

@@ -126,14 +126,15 @@ if triton is not None:
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, ATOMIC: tl.constexpr):
         """Adds the probabilities p [BLOCK_T * BLOCK_G, BLOCK_N] of compressed blocks j0 .. (rows:
         token-major, the group's heads) to the importance rows at ``ibase`` of the selection
-        blocks they overlap, summed over the heads."""
+        blocks they overlap, summed over the heads, each weighted by the tokens the two share
+        over the stride (NSA's Eq. 9 as the overlap of token ranges; ``methods.nsa``)."""
         # the selection blocks this tile touches: s0 .. s0 + NS - 1
         offs_s = tl.arange(0, NS)
         s0 = (j0 * CS) // BS
-        first = (offs_n * CS) // BS - s0
-        final = (offs_n * CS + CL - 1) // BS - s0
         sel = offs_s[None, :] + s0
-        hit = ((offs_s[None, :] >= first[:, None]) & (offs_s[None, :] <= final[:, None])).to(p.dtype)
+        start = (offs_n * CS)[:, None]
+        shared = tl.minimum(start + CL, (sel + 1) * BS) - tl.maximum(start, sel * BS)  # [BLOCK_N, NS]
+        hit = (tl.maximum(shared, 0).to(tl.float32) / CS).to(p.dtype)
         p = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_N]), axis=1)
         if BLOCK_T >= 16:
             contrib = tl.dot(p, hit, input_precision="ieee")  # [BLOCK_T, NS]
