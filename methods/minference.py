@@ -174,6 +174,7 @@ class MInference(SparseMethod):
         """Each pattern's kernel on the heads that use it (A-shape and block-sparse through the
         block-sparse kernel, vertical-slash through its own)."""
         from methods.kernels import block_sparse as bsk
+        from methods.kernels import vertical_slash as vsk
 
         if key_padding_mask is not None:
             return None  # prefill of padded batches: the flex path
@@ -208,9 +209,9 @@ class MInference(SparseMethod):
             else:
                 m = self if not sub else self._subset(hs)
                 vert, slash = m.vertical_slash_sets(qs, ks)
-                plan = bsk.vertical_slash_plan(vert, slash, self.vs_block)
-                o = bsk.vertical_slash_attention(qs, ks, vs, vert, slash, self.vs_block, plan=plan)
-                work += bsk.vertical_slash_work(plan)
+                plan = vsk.vertical_slash_plan(vert, slash, self.vs_block)
+                o = vsk.vertical_slash_attention(qs, ks, vs, vert, slash, self.vs_block, plan=plan)
+                work += vsk.vertical_slash_work(plan)
             if sub:
                 out[:, hs] = o
             else:

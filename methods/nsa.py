@@ -6,22 +6,36 @@ Attention" (2025), Sec. 3.3 (Eq. 5-12). Causal only.
 compressed  blocks of ``compress_block`` keys taken every ``compress_stride`` tokens are
             compressed to one key and one value each by a learned MLP (with an intra-block
             position embedding); query t attends to the blocks that end at or before t.
-selected    the compressed attention probabilities are summed over the heads of a GQA group
-            and over the compressed blocks overlapping each selection block of
-            ``block_size`` keys (Eq. 9-10); the ``num_selected`` best blocks visible to the
-            query are kept, the first block and the two local blocks always among them; the
-            query attends to their tokens (causally).
-window      the ``window`` most recent keys.
-out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head.
+            (Eq. 7-8; ``compress``, ``_compressed``).
+selected    the compressed attention probabilities (Eq. 8) are summed over the compressed
+            blocks overlapping each selection block of ``block_size`` keys, each weighted by
+            the overlap (Eq. 9, ``block_importance``), and over the heads of a GQA group
+            (Eq. 10); the ``num_selected`` best blocks visible to the query are kept (Eq. 11,
+            ``select``), the first block and the two local blocks always among them; the
+            query attends to their tokens (causally; Eq. 12).
+window      the ``window`` most recent keys (Sec. 3.3.3).
+out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head (Eq. 5).
+
+Eq. 9, as we read the paper: p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[l'/d * j - m - n]
+(l = compress_block, d = compress_stride, l' = block_size): each compressed block counts once
+per pair (m, n), e.g. weights 1, 2, 2, 2, 1 for l'=64, l=32, d=16. We implement it as the
+overlap of token ranges: compressed block i (tokens i*d .. i*d + l - 1) adds its probability
+to selection block j (tokens j*l' .. (j+1)*l' - 1) times (tokens they share) / d. That gives
+the same weights (the pair counts) but puts them on the compressed blocks that cover the
+selection block's tokens; the paper's literal indices would shift each window l' - d tokens
+earlier, onto the previous selection block, which contradicts the equation's purpose (scores of
+the blocks that share the selection block's tokens). Where d divides neither l nor l' the
+weights are fractional. With d = l and l' a multiple of l every weight is 0 or 1.
 
 impl=reference materialises each branch's mask (exact, dense work); impl=flex runs the
 selected and window branches with FlexAttention block masks; impl=triton runs all three with the
-kernels of ``methods.kernels.block_sparse``: the compressed attention with its log-sum-exp,
+kernels of ``methods.kernels`` (``nsa_compressed``: the compressed attention with its log-sum-exp,
 then the selection-block importance recomputed from it (by row chunks of at most
 ``importance_bytes``; no [T, T/stride] tensor in memory) and each row's top-n in one kernel
-(``nsa_topn``), the selection (one program per token serves all query heads of a GQA group,
+(``nsa_topn``); ``nsa_selected``: the selection (one program per token serves all query heads of a GQA group,
 as in the paper; for groups of up to 4 heads one program per key block and the tokens that
-chose it, FSA's order, then a merge per token), the window, and the gated sum in one pass.
+chose it, FSA's order, then a merge per token); ``block_sparse``: the window; ``nsa_gate``: the
+gated sum in one pass).
 The reference and flex paths compute the compressed branch in PyTorch, in chunks of queries.
 Training with impl=triton: each branch has a backward kernel (``NSACompressedAttention``;
 ``NSASelectedAttention``: dK and dV, and for small groups dQ, by key block over the tokens that
@@ -109,7 +123,6 @@ class NSA(SparseMethod):
         mt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt  # the two big products
         kc_s, vc_m = kc.to(mt).to(dt), vc.to(mt)  # scores: half-precision keys, summed in fp32
         ends = torch.arange(n, device=q.device) * d + l - 1  # last key of each compressed block
-        first, last = (torch.arange(n, device=q.device) * d) // bs, ends // bs  # selection blocks hit
         outs, imps = [], []
         for a in range(0, T, self.query_chunk):
             b = min(a + self.query_chunk, T)
@@ -119,12 +132,24 @@ class NSA(SparseMethod):
             p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
             outs.append((p.to(mt) @ vc_m).to(dt))
             grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
-            imp = grp.new_zeros(B, Hkv, b - a, nsel)
-            for o in range(int((last - first).max()) + 1 if n else 0):  # Eq. 9: overlapping blocks
-                hit = first + o <= last
-                imp.index_add_(-1, (first + o)[hit], grp[..., hit])
-            imps.append(self.select(imp, a))  # [B, Hkv, c, n]
+            imps.append(self.select(self.block_importance(grp, nsel), a))  # [B, Hkv, c, n]
         return torch.cat(outs, 2), torch.cat(imps, 2)
+
+    def block_importance(self, p, nsel: int):
+        """Eq. 9: compressed-block probabilities p [..., n] -> selection-block importance
+        [..., nsel]: block i adds p_i times the tokens it shares with selection block j, over the
+        stride d (the overlap of token ranges; the module docstring says why)."""
+        l, d, bs = self.compress_block, self.compress_stride, self.block_size
+        n = p.shape[-1]
+        start = torch.arange(n, device=p.device) * d  # first token of each compressed block
+        first, last = start // bs, (start + l - 1) // bs  # the selection blocks it overlaps
+        imp = p.new_zeros(*p.shape[:-1], nsel)
+        for o in range(int((last - first).max()) + 1 if n else 0):
+            j = first + o
+            hit = j <= last
+            shared = torch.minimum(start + l, (j + 1) * bs) - torch.maximum(start, j * bs)
+            imp.index_add_(-1, j[hit], p[..., hit] * (shared[hit] / d).to(p.dtype))
+        return imp
 
     def select(self, importance, t0: int = 0):
         """[B, Hkv, c, nsel] importance of queries t0 .. t0 + c - 1 -> their chosen blocks:
@@ -151,46 +176,47 @@ class NSA(SparseMethod):
     def _triton_branches(self, q, k, v, causal, key_padding_mask):
         """All three branches through Triton kernels: the compressed attention and the
         selection-block importance, the selected blocks, the window. Returns (out, pairs)."""
-        from methods.kernels import block_sparse as bsk
+        from methods.kernels import block_sparse, nsa_gate, nsa_selected
 
         if key_padding_mask is not None:
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
         training = self._wants_grad(q, k, v)
         o_cmp, sel = self._triton_compressed(q, k, v)
-        o_slc = bsk.nsa_selected_attention(q, k, v, sel, self.block_size)
+        o_slc = nsa_selected.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
-        idx, cnt, nin = bsk.window_lists(T, bm, bn, True, (self.window,), (bsk.BIG,), (0,), str(q.device))
-        o_win = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                           win_l=torch.tensor([self.window]))
+        idx, cnt, nin = block_sparse.window_lists(T, bm, bn, True, (self.window,), (block_sparse.BIG,), (0,),
+                                                  str(q.device))
+        o_win = block_sparse.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
+                                                    win_l=torch.tensor([self.window]))
         rep = H // k.shape[1]
-        work = float((sel >= 0).sum()) * self.block_size * rep + bsk.tile_work(cnt, bm, bn, B, H)
+        work = float((sel >= 0).sum()) * self.block_size * rep + block_sparse.tile_work(cnt, bm, bn, B, H)
         if training or q.dtype == torch.float64:  # autograd (in fp32); the interpreter's fp64 tests
             return self._combine(q, o_cmp.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
                                  o_slc, o_win), work
-        return bsk.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
+        return nsa_gate.gate_combine(self._gates(q), o_cmp, o_slc, o_win, q.dtype), work  # one pass
 
     def _triton_compressed(self, q, k, v):
         """o_cmp and the selected blocks [B, Hkv, T, n] through the kernels: the compressed
         attention and its log-sum-exp (with a backward kernel where gradients are on, through
         to the compression MLP), then the importance and the top-n by row chunks (a [rows,
         T / block] score per KV head at a time; no gradient: indices)."""
-        from methods.kernels import block_sparse as bsk
+        from methods.kernels import nsa_compressed
 
         B, H, T, D = q.shape
         kc, vc = (x.to(q.dtype) for x in self.compressed_kv(k, v))  # [B, Hkv, n, D]
         cb, cs = self.compress_block, self.compress_stride
-        o_cmp, lse = bsk.nsa_compressed_attention(q, kc, vc, cb, cs)
+        o_cmp, lse = nsa_compressed.nsa_compressed_attention(q, kc, vc, cb, cs)
         q, kc = q.detach(), kc.detach()
         nsel = math.ceil(T / self.block_size)
         rows = max(64, (self.importance_bytes // (4 * B * k.shape[1] * nsel)) // 64 * 64)
 
         def top(imp, a):  # the fused top-n where a row fits on chip, else PyTorch's
-            sel = bsk.nsa_topn(imp, a, self.block_size, self.num_selected)
+            sel = nsa_compressed.nsa_topn(imp, a, self.block_size, self.num_selected)
             return self.select(imp, a) if sel is None else sel
 
-        sel = torch.cat([top(bsk.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)), a)
-                         for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
+        sel = torch.cat([top(nsa_compressed.nsa_importance(q, kc, lse, self.block_size, cb, cs, a, min(a + rows, T)),
+                             a) for a in range(0, T, rows)], 2)  # [B, Hkv, T, n]
         return o_cmp, sel
 
     # ---- the three branches -------------------------------------------------------------------

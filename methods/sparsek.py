@@ -180,7 +180,7 @@ class SparseK(AttentionMethod):
         lo = lo - 1.0
         kk = torch.clamp(n.to(dt), max=float(self.k))
         iters = 64 if dt == torch.float64 else 30  # as SparseKOp: bisection on tau
-        from methods.kernels import block_sparse as bsk
+        from methods.kernels import sparsek as bsk
 
         if bsk.usable(u) and (u.is_cuda or self.bisect_in_interpreter):  # the search in one kernel
             bis_v = new if kpm is None else torch.where(kpm[:, None, s0:s1], new, -big)  # padded: no share
@@ -285,7 +285,7 @@ class SparseK(AttentionMethod):
                 counted += n
                 continue
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
-                from methods.kernels.block_sparse import sparsek_tile_attention
+                from methods.kernels.sparsek import sparsek_tile_attention
 
                 plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted, row0=a + off)
                 outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
@@ -316,7 +316,7 @@ class SparseK(AttentionMethod):
 
     @staticmethod
     def _usable(q) -> bool:
-        from methods.kernels.block_sparse import usable
+        from methods.kernels.sparsek import usable
 
         D = q.shape[-1]
         return usable(q) and D >= 16 and not D & (D - 1)

@@ -1,4 +1,4 @@
-"""Triton kernels (methods/kernels/block_sparse.py) against masked exact attention.
+"""Triton kernels (methods/kernels/) against masked exact attention.
 
 On the CPU they run in Triton's interpreter (fp32/fp16, small shapes; conftest sets
 TRITON_INTERPRET=1 when there is no GPU), on the GPU in bf16 at head dim 128.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from methods.base import masked_attention
-from methods.kernels import block_sparse as bsk
+from methods.kernels import block_sparse, nsa_compressed, nsa_gate, nsa_selected, vertical_slash
 
 CPU_DTYPES = [torch.float32, torch.float16]
 
@@ -38,13 +38,13 @@ def block_sparse_case(dtype, device, T, D, bm, bn, causal, seed=0, padded=True):
     wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 40, 5, 10**6], [10**6, 40, 5, 3], [0, 0, 4, 2]))
     kpm = torch.ones(B, T, dtype=torch.bool, device=device)
     kpm[1, T - 15:] = False
-    idx, cnt = bsk.layout_to_lists(lay)
-    if not padded and bm == bn == bsk._tile(bm):  # the kernel's unmasked loop has tiles to run
-        _, _, nin = bsk.inside_first(idx, cnt, block_m=bm, block_n=bn, causal=causal, win_l=wl, win_r=wr,
+    idx, cnt = block_sparse.layout_to_lists(lay)
+    if not padded and bm == bn == block_sparse._tile(bm):  # the kernel's unmasked loop has tiles to run
+        _, _, nin = block_sparse.inside_first(idx, cnt, block_m=bm, block_n=bn, causal=causal, win_l=wl, win_r=wr,
                                      sink=sink, tq=T, tk=T)
         assert int(nin.sum()) > 0
     kpm = kpm if padded else torch.ones_like(kpm)
-    out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
+    out = block_sparse.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal,
                                      win_l=wl, win_r=wr, sink=sink, key_padding_mask=kpm if padded else None)
     qi, ki, d = _grid(T, device)
     h = lambda x: x.view(1, H, 1, 1)  # noqa: E731
@@ -64,9 +64,9 @@ def test_block_sparse_kernel_cpu(dtype, causal, blocks, padded):  # 8: a pattern
 
 def test_inside_first_puts_unmasked_tiles_first():
     lay = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.7
-    idx, cnt = bsk.layout_to_lists(lay)
-    wl, wr, sink = torch.tensor([bsk.BIG, 20, 5]), torch.tensor([bsk.BIG, 20, 5]), torch.tensor([0, 0, 8])
-    oidx, ocnt, nin = bsk.inside_first(idx, cnt, block_m=8, block_n=8, causal=True, win_l=wl, win_r=wr,
+    idx, cnt = block_sparse.layout_to_lists(lay)
+    wl, wr, sink = torch.tensor([block_sparse.BIG, 20, 5]), torch.tensor([block_sparse.BIG, 20, 5]), torch.tensor([0, 0, 8])
+    oidx, ocnt, nin = block_sparse.inside_first(idx, cnt, block_m=8, block_n=8, causal=True, win_l=wl, win_r=wr,
                                        sink=sink, tq=44, tk=44)
     assert torch.equal(ocnt, cnt)
     qi, ki, d = _grid(44, "cpu")
@@ -84,7 +84,7 @@ def test_window_layout_covers_exactly_the_tiles_with_kept_pairs():
     T, bm, bn = 70, 16, 8
     w, sink = torch.tensor([9]), torch.tensor([3])
     for causal in (False, True):
-        lay = bsk.window_layout(T, T, bm, bn, causal, w, w, sink, "cpu")[0]
+        lay = block_sparse.window_layout(T, T, bm, bn, causal, w, w, sink, "cpu")[0]
         qi, ki, d = _grid(T, "cpu")
         mask = ((d < 9) & (d > -9)) | (ki < 3)
         if causal:
@@ -101,7 +101,7 @@ def vertical_slash_case(dtype, device, T, D, block, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     vert = (torch.rand(B, H, T, generator=g) < 0.1).to(device)
     slash = (torch.rand(B, H, T, generator=g) < 0.1).to(device)
-    out = bsk.vertical_slash_attention(q, k, v, vert, slash, block=block)
+    out = vertical_slash.vertical_slash_attention(q, k, v, vert, slash, block=block)
     qi, ki, d = _grid(T, device)
     mask = (vert[:, :, None, :] | slash[:, :, d.clamp(min=0)]) & (d >= 0)
     return out, masked_attention(q, k, v, mask)
@@ -118,11 +118,11 @@ def test_vertical_slash_work_counts_visited_tiles():
     vert = torch.zeros(1, 1, T, dtype=torch.bool)
     slash = torch.zeros(1, 1, T, dtype=torch.bool)
     slash[..., 0] = True  # the main diagonal only: the 4 diagonal tiles
-    plan = bsk.vertical_slash_plan(vert, slash, bl)
-    assert bsk.vertical_slash_work(plan) == 4 * bl * bl
+    plan = vertical_slash.vertical_slash_plan(vert, slash, bl)
+    assert vertical_slash.vertical_slash_work(plan) == 4 * bl * bl
     vert[..., 1] = True  # one column, gathered by all 4 query tiles (masked in the first,
-    plan = bsk.vertical_slash_plan(vert, slash, bl)  # where phase A covers it): a chunk each
-    assert bsk.vertical_slash_work(plan) == (4 + 4) * bl * bl
+    plan = vertical_slash.vertical_slash_plan(vert, slash, bl)  # where phase A covers it): a chunk each
+    assert vertical_slash.vertical_slash_work(plan) == (4 + 4) * bl * bl
 
 
 def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0, launch=None):
@@ -133,7 +133,7 @@ def nsa_case(dtype, device, T, D, bs, n, H=4, Hkv=2, seed=0, launch=None):
     sel = torch.stack([torch.randperm(nblk, generator=g)[:n] for _ in range(B * Hkv * T)]).view(B, Hkv, T, n)
     cur = torch.arange(T).view(1, 1, T, 1) // bs
     sel = torch.where(sel <= cur, sel, -1).to(device)
-    out = bsk.nsa_selected_attention(q, k, v, sel, bs, launch=launch)
+    out = nsa_selected.nsa_selected_attention(q, k, v, sel, bs, launch=launch)
     from methods.nsa import NSA
 
     chosen = NSA.chosen_mask(sel, nblk).repeat_interleave(H // Hkv, 1)  # [B, H, T, nblk]
@@ -153,7 +153,7 @@ def nsa_grad_case(dtype, device, T, D, bs, n, H, Hkv, tol):
     sel = torch.cat([torch.zeros(B * Hkv * T, 1, dtype=torch.long), rest], 1).view(B, Hkv, T, n)
     cur = torch.arange(T).view(1, 1, T, 1) // bs
     sel = torch.where(sel <= cur, sel, -1).to(device)
-    out = bsk.nsa_selected_attention(q, k, v, sel, bs)
+    out = nsa_selected.nsa_selected_attention(q, k, v, sel, bs)
     from methods.nsa import NSA
 
     chosen = NSA.chosen_mask(sel, nblk).repeat_interleave(H // Hkv, 1)
@@ -171,16 +171,16 @@ def nsa_grad_case(dtype, device, T, D, bs, n, H, Hkv, tol):
 @pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])  # groups of 2, 3 (padded), 1
 @pytest.mark.parametrize("small_group", [0, 4])  # dQ per token; dQ by key block (atomically)
 def test_nsa_selection_backward_cpu(heads, small_group, monkeypatch):
-    from methods.kernels.block_sparse_bwd import NSASelectedAttention
+    from methods.kernels.nsa_selected import NSASelectedAttention
 
     monkeypatch.setattr(NSASelectedAttention, "segment", 7)  # block 0's 61 tokens: 9 work items
-    monkeypatch.setattr(bsk, "NSA_SMALL_GROUP", small_group)  # the forward's order too
+    monkeypatch.setattr(nsa_selected, "NSA_SMALL_GROUP", small_group)  # the forward's order too
     nsa_grad_case(torch.float32, "cpu", 61, 16, 8, 3, *heads, tol=1e-4)
 
 
 def test_nsa_block_tokens_lists_each_choice_once():
     sel = torch.tensor([[[[0, -1], [0, 1], [1, 0], [-1, -1]]]])  # [1, 1, T=4, n=2]
-    ent, work = bsk.nsa_block_tokens(sel, 2, segment=2)  # choices: token * 2 + slot
+    ent, work = nsa_selected.nsa_block_tokens(sel, 2, segment=2)  # choices: token * 2 + slot
     assert ent[0, :5].tolist() == [0, 2, 5, 3, 4] and work.tolist() == [[0, 0, 0, 2], [0, 0, 2, 3], [0, 1, 3, 5]]
 
 
@@ -197,23 +197,23 @@ def test_nsa_selection_kernel_cpu(dtype, bs, launch):
 def test_nsa_selection_by_block_in_token_chunks_cpu(heads, monkeypatch):
     """The selection by key block over chunks of 64 tokens (the partial outputs' memory bound),
     its log-sum-exp as the per-token kernel's."""
-    monkeypatch.setattr(bsk, "NSA_BLOCK_BYTES", 1)
+    monkeypatch.setattr(nsa_selected, "NSA_BLOCK_BYTES", 1)
     out, ref = nsa_case(torch.float32, "cpu", 150, 16, 16, 4, *heads, launch=(1, 64, 4, 2))
     _check(out, ref, torch.float32)
     q, k, v = _inputs(1, heads[0], heads[1], 150, 16, torch.float32, "cpu", 2)
     sel = torch.randint(0, 10, (1, heads[1], 150, 4)).clamp_max((torch.arange(150) // 16).view(1, 1, 150, 1))
     lse = [torch.empty(1, heads[0], 150) for _ in range(2)]
     orders = [(0, 0, 2, 2), (1, 64, 4, 2)]
-    outs = [bsk.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip(orders, lse)]
+    outs = [nsa_selected.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip(orders, lse)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[1], lse[0], rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_refuse_a_head_dim_they_cannot_tile():
     q, k, v = _inputs(1, 2, 2, 16, 24, torch.float32, "cpu")
-    idx, cnt = bsk.layout_to_lists(torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    idx, cnt = block_sparse.layout_to_lists(torch.ones(1, 1, 1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="power-of-two head dim"):
-        bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, causal=False)
+        block_sparse.block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, causal=False)
 
 
 # ---- GPU, bf16, head dim 128 ----------------------------------------------------------------
@@ -333,7 +333,7 @@ def topn_case(device, t0, nsel, c, n=16, bs=64):
     imp[..., 5:9] = imp[..., 4:5]  # ties
     want = m.select(imp.clone(), t0)
     for warps in (None, 4):
-        got = bsk.nsa_topn(imp, t0, bs, n, warps=warps).long()
+        got = nsa_compressed.nsa_topn(imp, t0, bs, n, warps=warps).long()
         assert torch.equal(got, want), warps
 
 
@@ -354,7 +354,7 @@ def gate_case(dtype, device):
     gates = torch.rand(2, 3, 37, 3, generator=g).to(device, dtype)
     outs = [torch.randn(2, 3, 37, 32, generator=g).to(device, dtype) for _ in range(3)]
     want = sum(gates[..., i:i + 1].double() * o.double() for i, o in enumerate(outs))
-    _check(bsk.gate_combine(gates, *outs, dtype), want, dtype)
+    _check(nsa_gate.gate_combine(gates, *outs, dtype), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -375,7 +375,7 @@ def nsa_compressed_grad_case(dtype, device, T, D, cl, cs, H, Hkv, tol):
     n = (T - cl) // cs + 1
     q = torch.randn(1, H, T, D, generator=g).to(device, dtype).requires_grad_()
     kc, vc = (torch.randn(1, Hkv, n, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
-    out, lse = bsk.nsa_compressed_attention(q, kc, vc, cl, cs)
+    out, lse = nsa_compressed.nsa_compressed_attention(q, kc, vc, cl, cs)
     assert not lse.requires_grad
     vis = (torch.arange(n, device=device) * cs + cl - 1).view(1, n) <= torch.arange(T, device=device).view(T, 1)
     kk, vv = (x.float().repeat_interleave(H // Hkv, 1) for x in (kc, vc))
@@ -391,7 +391,7 @@ def nsa_compressed_grad_case(dtype, device, T, D, cl, cs, H, Hkv, tol):
 
 @pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)])
 def test_nsa_compressed_backward_cpu(heads, monkeypatch):
-    from methods.kernels.block_sparse_bwd import NSACompressedAttention
+    from methods.kernels.nsa_compressed import NSACompressedAttention
 
     monkeypatch.setattr(NSACompressedAttention, "tiles", (16, 16))  # 36 blocks: 3 key tiles, 10 query tiles
     nsa_compressed_grad_case(torch.float32, "cpu", 150, 16, 8, 4, *heads, tol=1e-4)
@@ -404,7 +404,7 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     q = torch.randn(B, H, T, D, generator=g).to(device, dtype)
     n = (T - cl) // cs + 1
     kc, vc = (torch.randn(B, Hkv, n, D, generator=g).to(device, dtype) for _ in range(2))
-    o, imp = bsk.nsa_compressed(q, kc, vc, bs, cl, cs)
+    o, imp = nsa_compressed.nsa_compressed(q, kc, vc, bs, cl, cs)
     t = torch.arange(T, device=device).view(T, 1)
     ends = torch.arange(n, device=device) * cs + cl - 1
     vis = ends.view(1, n) <= t  # [T, n]
@@ -415,23 +415,25 @@ def nsa_compressed_case(dtype, device, T, D, bs, cl, cs, H=4, Hkv=2):
     nsel = math.ceil(T / bs)
     starts = torch.arange(n, device=device) * cs
     lo = torch.arange(nsel, device=device) * bs
-    overlap = ((starts.view(n, 1) < lo.view(1, nsel) + bs) & (ends.view(n, 1) >= lo.view(1, nsel))).float()
+    shared = torch.minimum(starts.view(n, 1) + cl, lo.view(1, nsel) + bs) - torch.maximum(starts.view(n, 1),
+                                                                                         lo.view(1, nsel))
+    overlap = shared.clamp(min=0).float() / cs  # Eq. 9: tokens shared over the stride
     want = p.view(B, Hkv, H // Hkv, T, n).sum(2) @ overlap  # [B, Hkv, T, nsel]
     torch.testing.assert_close(imp, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
-    _, lse = bsk.nsa_compressed_attention(q, kc, vc, cl, cs)  # the rows in chunks: the same scores
-    parts = [bsk.nsa_importance(q, kc, lse, bs, cl, cs, a, min(a + 64, T)) for a in range(0, T, 64)]
+    _, lse = nsa_compressed.nsa_compressed_attention(q, kc, vc, cl, cs)  # the rows in chunks: the same scores
+    parts = [nsa_compressed.nsa_importance(q, kc, lse, bs, cl, cs, a, min(a + 64, T)) for a in range(0, T, 64)]
     torch.testing.assert_close(torch.cat(parts, 2), imp, rtol=0, atol=0)
-    few = bsk.nsa_importance(q, kc, lse, bs, cl, cs, 0, T, launch=(16, 32, 4, 2))  # < 16 tokens a program
+    few = nsa_compressed.nsa_importance(q, kc, lse, bs, cl, cs, 0, T, launch=(16, 32, 4, 2))  # < 16 tokens a program
     torch.testing.assert_close(few, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
     # small tiles: later query tiles see whole key tiles (the kernels' unmasked loops)
     assert (T - 16 - cl + 1) // cs + 1 >= 16, "too short for a whole tile of 16 compressed blocks"
-    o16, lse16 = bsk.nsa_compressed_attention(q, kc, vc, cl, cs, launch=(16, 16, 4, 2))
+    o16, lse16 = nsa_compressed.nsa_compressed_attention(q, kc, vc, cl, cs, launch=(16, 16, 4, 2))
     _check(o16, p @ vv, dtype)
     for atomic in (0, 1):  # the importance rows read, added to and written, or added to atomically
-        imp16 = bsk.nsa_importance(q, kc, lse16, bs, cl, cs, 0, T, launch=(16, 16, 4, 2, atomic))
+        imp16 = nsa_compressed.nsa_importance(q, kc, lse16, bs, cl, cs, 0, T, launch=(16, 16, 4, 2, atomic))
         torch.testing.assert_close(imp16, want, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of 64"):
-        bsk.nsa_importance(q, kc, lse, bs, cl, cs, 10, T)
+        nsa_compressed.nsa_importance(q, kc, lse, bs, cl, cs, 10, T)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -471,8 +473,8 @@ def block_sparse_grad_case(dtype, device, T, D, bm, bn, causal, tol):
     wl, wr, sink = (torch.tensor(x, device=device) for x in ([10**6, 20, 5, 10**6], [10**6, 20, 5, 3], [0, 0, 4, 2]))
     kpm = torch.ones(B, T, dtype=torch.bool, device=device)
     kpm[1, T - 9:] = False
-    idx, cnt = bsk.layout_to_lists(lay)
-    out = bsk.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal, win_l=wl,
+    idx, cnt = block_sparse.layout_to_lists(lay)
+    out = block_sparse.block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, causal=causal, win_l=wl,
                                      win_r=wr, sink=sink, key_padding_mask=kpm)
     qi, ki, d = _grid(T, device)
     h = lambda x: x.view(1, H, 1, 1)  # noqa: E731

@@ -379,10 +379,10 @@ def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch)
     bisection in one kernel or by PyTorch passes; newer candidates below the shared k-th best
     left out of the top-k pool) gives the same keys and weights as the full row-wise bisection,
     chunk by chunk."""
-    from methods.kernels import block_sparse
+    from methods.kernels import sparsek as sparsek_kernels
 
     if bisect == "pytorch":
-        monkeypatch.setattr(block_sparse, "usable", lambda q: False)
+        monkeypatch.setattr(sparsek_kernels, "usable", lambda q: False)
     T, w, c = 300, 16, 64
     m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=20, window=w, query_chunk=c)
     m.bisect_in_interpreter = bisect == "kernel"

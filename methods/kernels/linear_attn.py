@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from methods.kernels.block_sparse import triton, usable  # noqa: F401 - usable re-exported
+from methods.kernels._common import triton, usable  # noqa: F401 - usable re-exported
 
 if triton is not None:
     import triton.language as tl

@@ -1,0 +1,187 @@
+"""SparseK in Triton (Lou et al. 2024): attention by query tiles and the threshold bisection.
+
+sparsek_tile_attention(q, k, v, plan, pos0, window): each query tile attends its candidate keys
+(in score order, kept above the row's threshold, weighted by the mask value) and its local
+window; q [B, H, c, D], k, v [B, Hkv, T, D]. sparsek_bisect: per row, the threshold whose
+clipped mask sums to k, by bisection in one kernel. Forward only (no autograd Function).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods.kernels._common import LOG2E, _check, triton, usable  # noqa: F401 - usable re-exported
+
+if triton is not None:
+    import triton.language as tl
+
+    from methods.kernels._common import _online_softmax_step, _softmax_update
+
+# ---- SparseK by query tiles: the tile's candidate keys in score order, then its window -----
+if triton is not None:
+
+    @triton.jit
+    def _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, POS, VAL, j0, n, lim, tau, kth,
+                           qk_scale, BLOCK_N: tl.constexpr):
+        """Candidates j0 .. j0 + BLOCK_N - 1 of a list of n (key positions POS, scores VAL) for
+        the tile's rows: row i attends key j with weight clip(u_j - tau_i, 0, 1) when j is among
+        its top k (u_j >= kth_i, j <= lim_i)."""
+        jj = j0 + tl.arange(0, BLOCK_N)
+        live = jj < n
+        kp = tl.load(POS + jj, mask=live, other=0)
+        u = tl.load(VAL + jj, mask=live, other=float("-inf"))
+        k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=live[None, :], other=0.0)
+        v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
+        w = tl.minimum(tl.maximum(u[None, :] - tau[:, None], 0.0), 1.0)
+        sel = live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None]) & (w > 0)
+        s = tl.dot(q, k) * qk_scale + tl.log2(tl.where(sel, w, 1.0)).to(tl.float32)
+        return _softmax_update(acc, m_i, l_i, s, 1.0, v, sel)
+
+    @triton.jit
+    def _sparsek_tile_fwd(
+        Q, K, V, O, SV, ORD, START, NEWP, NEWV, TAU, KTH,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+        H, REP, C, L, MP, NT, POS0, WIN, TK, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        """Rows of a query tile (key positions POS0 + row) of head h: the shared candidates in
+        ascending score order from the tile's START (the first that some row's k-th best
+        admits), the chunk's newer candidates NEWP/NEWV, then the window (pos - WIN, pos]."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        bhk = b * (H // REP) + hk
+        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rin = rows < C
+        pos = POS0 + rows
+        lim = pos - WIN
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=rin[:, None], other=0.0)
+        tau = tl.load(TAU + bhk * C + rows, mask=rin, other=0.0)
+        kth = tl.load(KTH + bhk * C + rows, mask=rin, other=float("inf"))  # rows past the end: none
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
+        for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):  # the shared ones, from the tile's start
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, ORD + bhk * L,
+                                               SV + bhk * L, j0, L, lim, tau, kth, qk_scale, BLOCK_N)
+        for j0 in range(0, MP, BLOCK_N):  # the chunk's newer ones
+            acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, NEWP + bhk * MP,
+                                               NEWV + bhk * MP, j0, MP, lim, tau, kth, qk_scale, BLOCK_N)
+        first = POS0 + qt * BLOCK_M
+        for j0 in range(tl.maximum(first - WIN + 1, 0), tl.minimum(first + BLOCK_M, TK), BLOCK_N):
+            kp = j0 + tl.arange(0, BLOCK_N)
+            ok = rin[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] > lim[:, None]) & (kp < TK)[None, :]
+            k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=(kp < TK)[None, :], other=0.0)
+            v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=(kp < TK)[:, None], other=0.0)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, ok, qk_scale)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=rin[:, None])
+
+
+def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
+                           block_n: int = 64):
+    """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
+    (``SparseK._soft_mask_rows_fast(..., plan=True)`` gives ``plan``): a tile reads its rows'
+    candidates once, in score order, instead of each row gathering its own k keys. Row i
+    attends key j with weight clip(u_j - tau_i, 0, 1) when u_j >= kth_i (its k-th best
+    candidate score) and j <= pos_i - window, and its window with weight 1 (ties at the k-th
+    best all enter; the gather path takes k of them). q [B, H, c, D]; k, v [B, Hkv, Tk, D]."""
+    q, k, v = _check(q, k, v)
+    B, H, c, D = q.shape
+    Hkv = k.shape[1]
+    sv, order, newp, newv, tau, kth = (plan[n] for n in ("sv", "order", "newp", "newv", "tau", "kth"))
+    L, mp = sv.shape[-1], newp.shape[-1]
+    nt = math.ceil(c / block_m)
+    # each tile starts at the first shared candidate that its most permissive row (lowest kth) admits
+    pad = torch.nn.functional.pad(kth, (0, nt * block_m - c), value=float("inf"))
+    low = pad.view(B, Hkv, nt, block_m).amin(-1)
+    start = (torch.searchsorted(sv.contiguous(), low.contiguous(), right=False) if L else torch.zeros_like(low))
+    start = start.to(torch.int32)
+    flat = lambda x, dt=None: (x.reshape(B * Hkv, -1) if x.numel() else x.new_zeros(B * Hkv, 1)).to(dt or x.dtype).contiguous()  # noqa: E731
+    out = torch.empty_like(q)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _sparsek_tile_fwd[(nt, B * H)](
+        q, k, v, out, flat(sv), flat(order, torch.int32), flat(start), flat(newp, torch.int32), flat(newv),
+        flat(tau), flat(kth),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        H, H // Hkv, c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+# ---- SparseK's threshold search: bisection per row, in one kernel ---------------------------
+if triton is not None:
+
+    @triton.jit
+    def _count_sorted(base, x, lo, hi, RIGHT: tl.constexpr):
+        """Entries of the ascending ``base`` that are <= x (RIGHT) or < x, per element of x, each
+        known to lie in [lo, hi]: a binary search of as many steps as the widest bracket needs."""
+        while tl.max(hi - lo, 0) > 0:
+            mid = (lo + hi) // 2
+            active = lo < hi
+            val = tl.load(base + mid, mask=active, other=0.0)
+            go = (val <= x) if RIGHT else (val < x)
+            lo = tl.where(active & go, mid + 1, lo)
+            hi = tl.where(active & ~go, mid, hi)
+        return lo
+
+    @triton.jit
+    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, ITERS,
+                        R: tl.constexpr, TILE: tl.constexpr):
+        """Rows of one (batch, KV head): bisection on tau of f(tau) = sum clip(u - tau, 0, 1)
+        over the row's candidates = the shared ones (sorted SV, prefix sums CS: two counts by
+        binary search) and the newer ones NEW at positions NEWP <= LIM[row]; (LO, HI) in, the
+        final bracket out. The counts at the bracket's ends bound the counts at its middle, so
+        each search narrows as the bracket does."""
+        bh = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        live = rows < C
+        lo = tl.load(LO + bh * C + rows, mask=live, other=0.0)
+        hi = tl.load(HI + bh * C + rows, mask=live, other=0.0)
+        kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
+        lim = tl.load(LIM + rows, mask=live, other=-1)
+        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+        a_lo = tl.zeros([R], tl.int32)  # entries <= lo (a lower bound), <= hi (an upper bound)
+        a_hi = a_lo + L
+        b_lo, b_hi = a_lo, a_hi  # the same for entries < lo + 1, < hi + 1
+        for _ in range(ITERS):
+            mid = (lo + hi) / 2
+            a = _count_sorted(sv, mid, a_lo, a_hi, True)  # entries <= tau
+            b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # entries < tau + 1
+            f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
+            for j0 in range(0, M, TILE):
+                j = j0 + tl.arange(0, TILE)
+                x = tl.load(new + j, mask=j < M, other=0.0)
+                p = tl.load(newp + j, mask=j < M, other=0)
+                clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
+                f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
+            more = f > kk
+            lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
+            a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
+            b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
+        tl.store(LO + bh * C + rows, lo, mask=live)
+        tl.store(HI + bh * C + rows, hi, mask=live)
+
+
+def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
+    """SparseK's threshold bisection for a chunk of rows (``SparseK._soft_mask_rows_fast``):
+    sv [BH, L] the shared candidates sorted ascending, cs [BH, L + 1] their prefix sums;
+    new, newp [BH, M] the newer candidates' scores and positions (row r has those at positions
+    <= lim[r]; padded ones score -big); lo, hi, kk [BH, C] the brackets and targets. Returns the
+    brackets after ``iters`` halvings."""
+    BH, L = sv.shape
+    C, M = lo.shape[-1], new.shape[-1]
+    sv, cs, kk = sv.contiguous(), cs.contiguous(), kk.contiguous()
+    new = new.contiguous() if M else sv.new_zeros(BH, 1)
+    newp = newp.to(torch.int32).contiguous() if M else torch.zeros(BH, 1, dtype=torch.int32, device=sv.device)
+    lo, hi = lo.contiguous().clone(), hi.contiguous().clone()
+    R = 32
+    _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, newp, lim.to(torch.int32).contiguous(), lo, hi, kk,
+                                            L, M, C, iters, R=R, TILE=64, num_warps=4)
+    return lo, hi
