@@ -48,7 +48,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
                           max_seq_len=getattr(module.config, "max_position_embeddings", None))
         module._attnbench_method = m.to(query.device)
     store = getattr(module, "_attnbench_capture", None)
-    if store is not None:  # models.capture: q/k/v as the method sees them (after RoPE, GQA layout)
+    if store is not None:  # tasks.capture: q/k/v as the method sees them (after RoPE, GQA layout)
         store.append((query.detach(), key.detach(), value.detach()))
     out = m(query, key, value, causal=True, key_padding_mask=_key_padding(attention_mask, B, key.shape[2]))
     return out.transpose(1, 2).contiguous(), None

@@ -12,7 +12,7 @@
   the token after it does not continue the number. The prompt and the answer both run through
   the method (the prefill path; no decode step is taken).
 - ``attention_fidelity``: q/k/v captured from chosen layers of the model with dense attention
-  on prose (``models.capture``), then the method's output against exact attention on them, per
+  on prose (``tasks.capture``), then the method's output against exact attention on them, per
   layer and head (relative L2 error, cosine), and attention recall (``tasks.recall``).
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
 def capture_prose(model, source: str = "austen", seq_len: int = 1024, layers=(0, 10, 20, 29),
                   skip_tokens: int = 2000) -> dict:
     """q/k/v of ``layers`` on one window of prose, through the model as loaded (use dense)."""
-    from models.capture import capture
+    from tasks.capture import capture
 
     _check_length(model, seq_len)
     ids = _tokens(model.tokenizer, corpora.prose(source), skip_tokens, seq_len).unsqueeze(0)

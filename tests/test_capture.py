@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from models import hf  # noqa: E402
-from models.capture import capture  # noqa: E402
+from tasks.capture import capture  # noqa: E402
 
 
 @pytest.fixture(scope="module")

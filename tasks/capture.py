@@ -1,4 +1,5 @@
-"""Capture the q/k/v that attention layers of a ``models.hf`` model see, on real text.
+"""Capture the q/k/v that attention layers of a ``models.hf`` model see, on real text (a
+measuring tool of the tasks: it only marks modules, and imports nothing from models/).
 
     with capture(model, layers=[3, 15]) as qkv:
         model(input_ids=ids)
