@@ -265,6 +265,11 @@ class NSA(SparseMethod):
         out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.to(o_cmp.dtype) + g[..., 2:3] * o_win.to(o_cmp.dtype)
         return out.to(q.dtype)
 
+    def computed_keys(self, q, k, causal: bool):
+        """Not reported yet: the keys NSA attends exactly are its selected blocks and window,
+        chosen from the compressed branch per GQA group (attention recall: None, not a crash)."""
+        return None
+
     def cost(self, tq, tk, causal) -> Cost:
         """Budgeted: selected blocks plus window per query (at most all visible keys), plus the
         compressed branch, against causal dense attention."""
