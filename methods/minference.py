@@ -21,7 +21,6 @@ budget. Decode steps (one query) fall back to dense attention: ``last_fallback``
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -233,6 +232,15 @@ class MInference(SparseMethod):
         self.last_fallback = None
         return super().attend(q, k, v, causal, key_padding_mask)
 
+    def calibrate(self, samples, budget: float = 0.1, candidates=None) -> list[dict]:
+        """The per-head pattern search (``search_patterns``) on calibration samples, an iterable
+        of (q, k) pairs [B, H, T, D] / [B, Hkv, T, D] of one length (concatenated along the
+        batch); the method then runs the heads it found (pattern ``searched``). Returns them."""
+        qs, ks = zip(*[(q, k) for q, k in samples], strict=True)
+        heads = search_patterns(torch.cat(qs), torch.cat(ks), budget, candidates, self.block_size, self.last_q)
+        self.pattern, self.heads = "searched", [{kk: vv for kk, vv in h.items()} for h in heads]
+        return heads
+
     def cost(self, tq, tk, causal) -> Cost:
         """Budgeted density: the most pairs the budgets allow, averaged over heads."""
         dense_pairs = masks.causal_pairs(tq, tk)
@@ -338,7 +346,7 @@ def load_patterns(path, num_heads: int) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"MInference pattern file {path} does not exist; write one with "
-                                f"`python -m methods.minference --out {path}`")
+                                f"`python scripts/minference_search.py --out {path}`")
     data = json.loads(p.read_text())
     heads = data.get("heads", [])
     if len(heads) != num_heads:
@@ -348,35 +356,3 @@ def load_patterns(path, num_heads: int) -> list[dict]:
             raise ValueError(f"pattern file {path}: unknown pattern {h.get('pattern')!r}")
     defaults = dict(num_sink=0, window=0, vertical_size=0, slash_size=0, top_k_blocks=0)
     return [{**defaults, **h} for h in heads]
-
-
-def main(argv=None) -> int:
-    """Search per-head patterns on calibration inputs and write the JSON pattern file."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--budget", type=float, default=0.1, help="largest density per head")
-    ap.add_argument("--calibration", help="a torch file with {'q': ..., 'k': ...} [B, H, T, D]")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--num-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.calibration:
-        d = torch.load(args.calibration)
-        q, k, source = d["q"], d["k"], args.calibration
-    else:  # the fidelity task's structured inputs: a few dominant keys per query
-        from tasks.fidelity import structured_qkv
-
-        q, k, _ = structured_qkv(1, args.num_heads, args.num_heads, args.seq_len, args.head_dim,
-                                 "cpu", torch.float32, args.seed, causal=True)
-        source = f"fidelity structured inputs, T={args.seq_len}, seed={args.seed}"
-    heads = search_patterns(q, k, args.budget)
-    save_patterns(args.out, heads, budget=args.budget, calibration=source)
-    for i, h in enumerate(heads):
-        print(f"head {i}: {h['pattern']:<15} density {h['density']:.3f} recall {h['recall']:.3f}")
-    print(f"patterns written to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,8 @@
 """Sparse methods: exact with a full budget, fast paths equal references, densities, bad input."""
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +11,11 @@ import methods
 from methods import masks
 from methods.base import AttentionInputError, masked_attention
 from methods.minference import load_patterns, search_patterns
-from methods.minference import main as minference_main
 from methods.sparsek import sparsek
 from tests.conftest import seeded_qkv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from minference_search import main as minference_main  # noqa: E402
 
 F64 = torch.float64
 T = 63  # odd: not a multiple of any block size
@@ -442,3 +446,18 @@ def test_triton_path_trains_with_the_references_gradients(name, kw):
         want = torch.autograd.grad(ref(q, k, v, causal=causal), (q, k, v), g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_minference_calibrate_switches_to_the_searched_heads():
+    """calibrate(samples) picks, per head, the candidate with the most causal attention mass
+    within the budget (checked here against that mass computed directly) and then runs it."""
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=256, D=16, dtype=torch.float32)
+    m = methods.load("minference", num_heads=2, head_dim=16, impl="reference")
+    heads = m.calibrate([(q, k)], budget=0.5)
+    assert m.pattern == "searched" and len(heads) == 2 and all(h["density"] <= 0.5 for h in heads)
+    p = torch.softmax((q @ k.transpose(-1, -2) / 4.0).masked_fill(
+        torch.ones(256, 256, dtype=torch.bool).triu(1), float("-inf")), -1)
+    keys = m.computed_keys(q, k, causal=True)
+    for h in range(2):
+        assert float((p[0, h] * keys[0, h]).sum(-1).mean()) == pytest.approx(heads[h]["recall"], abs=1e-4)
+    assert torch.isfinite(m(q, k, v, causal=True)).all()
