@@ -9,9 +9,16 @@ Xiong et al., "Nystromformer: A Nystrom-Based Algorithm for Approximating Self-A
     B = softmax(Q~ K^T / sqrt d)     [m, T]
     out = F A^+ (B V)  (+ depthwise conv of V over the sequence, kernel ``conv_kernel``)
 
-A^+ is the iterative Moore-Penrose pseudo-inverse (Razavi et al. 2014), in fp32:
-    Z_0 = A^T / (max_j sum_i |A_ij| * max_i sum_j |A_ij|)   (per batch and head)
+A^+ is the iterative Moore-Penrose pseudo-inverse (Razavi et al. 2014; paper Eq. 16), in fp32:
+    Z_0 = A^T / c
     Z_{k+1} = Z_k (13 I - A Z_k (15 I - A Z_k (7 I - A Z_k))) / 4
+The scale c follows the official code's ``init_option`` (mlpen/Nystromformer,
+``iterative_inv``; A is a softmax, so its rows sum to 1 and ||A||_inf = 1):
+    pinv_init=original  (official default) c = the largest column sum of A over the whole
+                        call: every matrix of the batch and every head shares one scale, so a
+                        result depends on what else is in the batch
+    pinv_init=exact     c = ||A||_1 = the largest column sum of each matrix (per batch
+                        element and head), the paper's Z_0 = A^T / (||A||_1 ||A||_inf)
 
 Deviation: the convolution's weights start at zero (the paper's code uses PyTorch's default
 init), so an untrained Nystromformer measures the Nystrom approximation itself rather than
@@ -48,11 +55,18 @@ def segment_means(x: torch.Tensor, m: int, valid: torch.Tensor | None = None):
     return tot / cnt.clamp_min(1.0), (cnt > 0).view(B, 1, 1, mm)
 
 
-def iterative_pinv(a: torch.Tensor, iters: int) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse of [..., m, m] by Razavi et al.'s iteration."""
+PINV_INITS = ("original", "exact")
+
+
+def iterative_pinv(a: torch.Tensor, iters: int, init: str = "original") -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of [..., m, m] row-stochastic matrices by Razavi et al.'s
+    iteration; ``init``: the scale of Z_0 (module docstring), one for all of ``a`` or per matrix."""
+    if init not in PINV_INITS:
+        raise ValueError(f"iterative_pinv: init must be one of {PINV_INITS}, got {init!r}")
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    norm = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)  # [...]: per matrix
-    z = a.transpose(-1, -2) / norm[..., None, None]
+    col = a.sum(-2)  # [..., m]: column sums
+    norm = col.amax() if init == "original" else col.amax(-1)[..., None, None]
+    z = a.transpose(-1, -2) / norm
     for _ in range(iters):
         az = a @ z
         z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
@@ -70,11 +84,14 @@ class Nystrom(AttentionMethod):
     training_free = False
 
     def __init__(self, num_landmarks: int = 64, pinv_iters: int = 6, conv_kernel: int = 33,
-                 **structural):
+                 pinv_init: str = "original", **structural):
         super().__init__(**structural)
         if num_landmarks < 1 or pinv_iters < 0 or conv_kernel < 0:
             raise ValueError("Nystrom: num_landmarks >= 1, pinv_iters >= 0, conv_kernel >= 0")
+        if pinv_init not in PINV_INITS:
+            raise ValueError(f"Nystrom: pinv_init must be one of {PINV_INITS}, got {pinv_init!r}")
         self.num_landmarks, self.pinv_iters, self.conv_kernel = num_landmarks, pinv_iters, conv_kernel
+        self.pinv_init = pinv_init
         if conv_kernel:
             self.conv = nn.Conv2d(self.num_heads, self.num_heads, (conv_kernel, 1),
                                   padding=(conv_kernel // 2, 0), groups=self.num_heads, bias=False)
@@ -85,7 +102,7 @@ class Nystrom(AttentionMethod):
 
     def hyperparameters(self) -> dict:
         return {"num_landmarks": self.num_landmarks, "pinv_iters": self.pinv_iters,
-                "conv_kernel": self.conv_kernel}
+                "conv_kernel": self.conv_kernel, "pinv_init": self.pinv_init}
 
     @property
     def real_kernel(self) -> bool:
@@ -106,7 +123,7 @@ class Nystrom(AttentionMethod):
         if key_padding_mask is not None:
             sb = sb.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
         b = torch.softmax(sb, -1)
-        out = f @ (iterative_pinv(a, self.pinv_iters) @ (b @ vf))  # [B, H, T, d]
+        out = f @ (iterative_pinv(a, self.pinv_iters, self.pinv_init) @ (b @ vf))  # [B, H, T, d]
         if self.conv is not None:  # skip connection: depthwise conv of V along the sequence
             vc = vf if key_padding_mask is None else vf * key_padding_mask[:, None, :, None].to(dt)
             skip = torch.nn.functional.conv2d(vc, self.conv.weight.to(dt),
