@@ -59,7 +59,7 @@ class NSA(SparseMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Yuan et al. 2025"
     kind = "sparse (trainable)"
-    official_test = None
+    official_test = "tests/test_nsa_importance.py::test_reference_importance_is_eq9"  # the paper (no official code)
     importance_bytes = 1 << 30  # Triton path: selection scores held at once (rows chunked to fit)
     impls = ("reference", "flex", "triton")
     supports_noncausal = False

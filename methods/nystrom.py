@@ -78,7 +78,7 @@ class Nystrom(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Xiong et al. 2021"
     kind = "low-rank (Nystrom)"
-    official_test = None
+    official_test = "tests/test_faithful.py::test_nystrom_both_inits_equal_the_official_iteration"
     supports_causal = False
     trainable = True  # the convolution skip has weights; without it, training-free
     training_free = False

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import methods
-from methods.base import masked_attention
 from tests.conftest import seeded_qkv
 
 F64 = torch.float64
