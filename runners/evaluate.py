@@ -64,7 +64,7 @@ class EvaluateRunner:
         if not self.checkpoint:
             info["note"] = "random initialisation (no checkpoint): a pipeline test, not a result"
             return info
-        state = torch.load(self.checkpoint, map_location=device, weights_only=False)
+        state = torch.load(self.checkpoint, map_location=device, weights_only=True)
         if isinstance(state, dict) and "model" in state and "opt" in state:  # a training state
             state = state["model"]
         missing, unexpected = model.load_state_dict(state, strict=False)

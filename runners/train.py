@@ -142,7 +142,7 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
     state = {"step": 0, "best_val": -float("inf"), "wall_s": 0.0, "tokens": 0, "losses": []}
     last = ckdir / "last.pt"
     if r.resume and last.exists():
-        ck = torch.load(last, weights_only=False, map_location=device)
+        ck = torch.load(last, weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -220,7 +220,7 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         return
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
-        model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=False, map_location=device))
+        model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=True, map_location=device))
     rec.metrics.update(task.test(model, data["test"], device, amp, int(r.eval_batch_size), state["best_val"]))
     rec.metrics["final_train_loss"] = state["losses"][-1] if state["losses"] else None
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],

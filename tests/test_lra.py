@@ -126,7 +126,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(tmp_path):
     while time.time() < deadline and p.poll() is None:
         found = list((tmp_path / "ck").glob("*/last.pt"))
         if found:
-            state = torch.load(found[0], weights_only=False)["state"]
+            state = torch.load(found[0], weights_only=True)["state"]
             if 10 <= state["step"] < 60:
                 ck = state["step"]
                 break
