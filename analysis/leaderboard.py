@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.plots import latency_memory, quality_vs_cost
+from analysis.plots import latency_memory, quality_vs_cost, real_model_pareto
 from analysis.records import load
 from analysis.render import render
 from analysis.tables import settings
@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the table here (format by suffix: .md, .csv, .tex, .html)")
     ap.add_argument("--plot", default=None, help="also save the latency/memory plot (PNG) here")
     ap.add_argument("--pareto", default=None, help="also save quality against cost (PNG) here")
+    ap.add_argument("--real-pareto", default=None,
+                    help="also save quality inside the pretrained model against prefill time (PNG) here")
     args = ap.parse_args(argv)
     missing = [s for s in args.store if not Path(s).exists()]
     if missing:
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
             p = Path(base) if i == 0 else Path(base).with_name(f"{Path(base).stem}-{i}{Path(base).suffix}")
             draw(g, p, title)
             print(f"{what} plot ({title}) written to {p}")
+    if args.real_pareto:
+        models = ", ".join(sorted(df.loc[df["runner"] == "pretrained", "model"].dropna().unique()))
+        print(f"quality/prefill plot written to {real_model_pareto(df, args.real_pareto, models)}")
     return 0
 
 

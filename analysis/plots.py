@@ -126,6 +126,56 @@ def quality_vs_cost(df: pd.DataFrame, path, title: str = "", quality: str = "met
     return _save(fig, path)
 
 
+def real_model_pareto(df: pd.DataFrame, path, title: str = "") -> Path:
+    """Quality inside a pretrained model against prefill time (runner=pretrained records):
+    perplexity (left, lower is better) and needle accuracy over every length (right, higher is
+    better) against the prefill latency, one point per method and impl, the Pareto front
+    (nothing is both faster and better) as a dashed step and starred points; dense in black."""
+    from analysis.records import variants
+
+    df = df[(df["runner"] == "pretrained") & (df["status"] == "ok")]
+    if df.empty:
+        raise ValueError("no ok records of runner=pretrained to draw")
+    df = df.assign(label=variants(df)).sort_values("time", kind="stable")
+    needle_cols = [c for c in df if c.startswith("metric.needle@")]
+    rows = []
+    for (label, impl), g in df.groupby(["label", "impl"], sort=False):
+        ppl, ndl = g[g["task"] == "perplexity"], g[g["task"] == "needle"]
+        if ppl.empty or pd.isna(ppl.iloc[-1].get("latency.prefill.p50")):
+            continue  # no timed prefill: nothing to place on the x axis
+        last = ppl.iloc[-1]
+        needle = ndl.iloc[-1][needle_cols].astype(float).mean() if not ndl.empty and needle_cols else float("nan")
+        rows.append({"label": label, "impl": impl, "method": last["method"],
+                     "ms": float(last["latency.prefill.p50"]), "ppl": float(last["metric.perplexity"]),
+                     "needle": needle})
+    pts = pd.DataFrame(rows)
+    if pts.empty:
+        raise ValueError("no pretrained record carries a timed prefill")
+    colour = _method_colours(pts)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, col, sign, name in ((axes[0], "ppl", 1, "perplexity (lower is better)"),
+                                (axes[1], "needle", -1, "needle accuracy, mean over lengths (higher is better)")):
+        sub = pts.dropna(subset=[col]).reset_index(drop=True)
+        front = set(pareto_front([(r["ms"], sign * r[col]) for _, r in sub.iterrows()]))
+        for i, r in sub.iterrows():
+            ax.scatter(r["ms"], r[col], s=90 if i in front else 45, marker="*" if i in front else "o",
+                       color=colour[r["label"]], label=f"{r['label']} ({r['impl']})", zorder=3)
+        fx = sorted((sub.loc[i, "ms"], sub.loc[i, col]) for i in front)
+        if fx:
+            ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="grey", ls="--", lw=1,
+                    label="Pareto front")
+        ax.set_xscale("log")
+        if col == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("prefill latency, p50 (ms)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")  # the left panel has every timed method
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def needle_heatmap(cells, path, title: str = "") -> Path:
     """Needle-in-a-haystack accuracy, depth (rows) x context length (columns), from a list of
     {"length", "depth", "score"} cells (one record's metrics.cells); failed cells are absent."""
