@@ -9,19 +9,23 @@ from tasks.base import Task, to_device
 @torch.no_grad()
 def accuracy(model, split, batch_size: int, device, amp, max_batches: int | None = None) -> float:
     """The fraction of ``split``'s (inputs, labels) that ``model`` classifies right, in batches
-    of ``batch_size`` (the first ``max_batches`` of them when set)."""
+    of ``batch_size`` (the first ``max_batches`` of them when set). Inputs are one tensor or,
+    for two-document tasks (Retrieval), a tuple of tensors sliced alike; the model's training
+    mode is restored after."""
+    was_training = model.training
     model.eval()
     x, y = split[0], split[1]
     correct = total = 0
     for b, a in enumerate(range(0, len(y), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
-        xb = to_device(x[a:a + batch_size], device)
+        rows = slice(a, a + batch_size)
+        xb = to_device(tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows], device)
         with amp:
             logits = model(*xb) if isinstance(xb, tuple) else model(xb)
         correct += int((logits.argmax(-1).cpu() == y[a:a + batch_size]).sum())
         total += len(y[a:a + batch_size])
-    model.train()
+    model.train(was_training)
     return correct / max(1, total)
 
 
