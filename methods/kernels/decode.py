@@ -1,0 +1,181 @@
+"""Attention of one new query token against a KV cache, in Triton: split-K (flash-decoding).
+
+At decode a step has one query token per head: the work is reading the cache, so the kernel
+must spread that read over the whole GPU even at batch 1. As flash-decoding (Dao et al. 2023,
+"Flash-Decoding for long-context inference"), the cache of each (batch, KV head) is cut into
+``splits`` contiguous pieces, one program each; a program takes the ``G = H / Hkv`` query heads
+that share its KV head together (grouped-query attention reads each key once for all of them)
+and folds its piece into a partial result with the online softmax (FlashAttention):
+
+    m_s = max_j s_j,   l_s = sum_j exp(s_j - m_s),   o_s = sum_j exp(s_j - m_s) v_j,
+    s_j = scale * q . k_j   over the keys j of piece s;
+
+a second kernel merges the pieces of each head (log-sum-exp merge):
+
+    M = max_s m_s,   out = sum_s exp(m_s - M) o_s / sum_s exp(m_s - M) l_s,   lse = M + log sum ...
+
+``decode_attention(q, k, v, lengths=None, indices=None)``:
+    q [B, H, D]; k, v [B, Hkv, T, D] (a cache buffer: its first ``lengths[b]`` positions are
+    valid, all T when None); with ``indices`` [B, Hkv, N] (int, positions into the cache, -1 for
+    none) only those keys are read: the gather path of decode-time selection methods (Quest's
+    pages expanded to their tokens, SparQ's or Loki's top-k). Returns (out [B, H, D] in q's
+    dtype, lse [B, H] fp32, natural log; -inf for a head that saw no key, whose output is 0).
+
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``; tests compare with a softmax
+written in the test. Scores are computed in base 2 (``_common.LOG2E``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods.kernels._common import LOG2E, triton, usable  # noqa: F401 - usable re-exported
+
+# launch settings: keys per tile, warps, pipeline stages; programs per SM that the split count
+# aims at (scripts/decode_bench.py times alternatives)
+DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+
+if triton is not None:
+    import triton.language as tl
+
+    from methods.kernels._common import _softmax_update
+
+    @triton.jit
+    def _decode_split(Q, K, V, LENS, IDX, OUT, M, L,
+                      sqb, sqh, skb, skh, skt, svb, svh, svt, sib, sih,
+                      n_keys, split_len, hkv, qk_scale,
+                      G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, HAS_IDX: tl.constexpr):
+        """One (batch x KV head, split): the partial (o, m, l) of its G query heads over the keys
+        [split * split_len, ...) of its cache (or of its index list)."""
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        b = bh // hkv
+        hk = bh % hkv
+        n_loop = n_keys  # entries to walk: cache positions, or the index list
+        limit = n_keys   # cache positions below it are valid
+        if HAS_LENS:
+            limit = tl.load(LENS + b)
+            if not HAS_IDX:
+                n_loop = tl.minimum(limit, n_keys)
+        start = s * split_len
+        end = tl.minimum(start + split_len, n_loop)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        g_ok = offs_g < G
+        q = tl.load(Q + b * sqb + (hk * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        kbase = K + b * skb + hk * skh
+        vbase = V + b * svb + hk * svh
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            live = offs_n < end
+            pos = offs_n
+            if HAS_IDX:
+                pos = tl.load(IDX + b * sib + hk * sih + offs_n, mask=live, other=-1)
+                live = live & (pos >= 0) & (pos < limit)
+                pos = tl.where(live, pos, 0)
+            k = tl.load(kbase + pos[:, None] * skt + offs_d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(vbase + pos[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)), qk_scale, v, live[None, :])
+        row = bh * tl.num_programs(1) * BLOCK_G + s * BLOCK_G + offs_g  # [B*Hkv, S, BLOCK_G]
+        tl.store(M + row, m_i)
+        tl.store(L + row, l_i)
+        tl.store(OUT + row[:, None] * D + offs_d[None, :], acc)
+
+    @triton.jit
+    def _decode_merge(OUT, M, L, O, LSE, sob, soh, splits, hkv,
+                      G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One (batch, query head): the log-sum-exp merge of its splits' partial results."""
+        bh = tl.program_id(0)  # b * H + h
+        H = hkv * G
+        b = bh // H
+        h = bh % H
+        hk = h // G
+        g = h % G
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, D)
+        ok = offs_s < splits
+        row = (b * hkv + hk) * splits * BLOCK_G + offs_s * BLOCK_G + g
+        m = tl.load(M + row, mask=ok, other=float("-inf"))  # base 2
+        l = tl.load(L + row, mask=ok, other=0.0)
+        mx = tl.max(m, 0)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp2(m - mx_safe)  # 0 for an empty split
+        o = tl.load(OUT + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        den = tl.sum(w * l, 0)
+        num = tl.sum(w[:, None] * o, 0)
+        out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(O + b * sob + h * soh + offs_d, out.to(O.dtype.element_ty))
+        lse = tl.where(den > 0, (mx_safe + tl.log2(tl.where(den > 0, den, 1.0))) / 1.4426950408889634,
+                       float("-inf"))
+        tl.store(LSE + bh, lse)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so that the merge is exercised
+
+
+def num_splits(batch: int, kv_heads: int, n_keys: int, device, block_n: int | None = None) -> int:
+    """Pieces per (batch, KV head): enough programs to fill the GPU (``programs_per_sm`` per
+    SM), never fewer than one tile of keys per piece."""
+    block_n = block_n or DECODE_LAUNCH["block_n"]
+    want = -(-DECODE_LAUNCH["programs_per_sm"] * _num_sms(device) // max(1, batch * kv_heads))
+    return max(1, min(want, -(-n_keys // block_n)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
+                     indices: torch.Tensor | None = None, scale: float | None = None,
+                     splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K attention of one query token per head against a cache (module docstring)."""
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"decode_attention takes q [B, H, D] and k, v [B, Hkv, T, D] alike; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, D = q.shape
+    Bk, Hkv, T, Dk = k.shape
+    if Bk != B or Dk != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k.shape)}: same batch and head "
+                         "dim, query heads a multiple of KV heads")
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim {D}: the decode kernel takes powers of two from 16")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last (head-dim) axis")
+    if lengths is not None and (lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"lengths must be an int tensor [B={B}]; got {tuple(lengths.shape)} {lengths.dtype}")
+    if indices is not None:
+        if indices.dim() != 3 or indices.shape[:2] != (B, Hkv) or indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be an int tensor [B={B}, Hkv={Hkv}, N]; got "
+                             f"{tuple(indices.shape)} {indices.dtype}")
+        indices = indices.to(torch.int32).contiguous()
+    G = H // Hkv
+    BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot takes at least 16 rows
+    block_n = block_n or DECODE_LAUNCH["block_n"]
+    n_keys = T if indices is None else indices.shape[-1]
+    S = splits or num_splits(B, Hkv, max(1, n_keys), q.device, block_n)
+    split_len = -(-max(1, n_keys) // S)
+    split_len = -(-split_len // block_n) * block_n  # whole tiles per split
+    S = -(-max(1, n_keys) // split_len)
+    part = torch.empty(B * Hkv * S * BLOCK_G, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(B * Hkv * S * BLOCK_G, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    scale = (1.0 / math.sqrt(D)) if scale is None else scale
+    lens = lengths.to(torch.int32).contiguous() if lengths is not None else m  # unused without HAS_LENS
+    idx = indices if indices is not None else m
+    sib, sih = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
+    _decode_split[(B * Hkv, S)](
+        q, k, v, lens, idx, part, m, l,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        sib, sih, n_keys, split_len, Hkv, scale * LOG2E,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, HAS_LENS=lengths is not None, HAS_IDX=indices is not None,
+        num_warps=num_warps or DECODE_LAUNCH["num_warps"], num_stages=num_stages or DECODE_LAUNCH["num_stages"])
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, device=q.device, dtype=torch.float32)
+    _decode_merge[(B * H,)](part, m, l, out, lse, out.stride(0), out.stride(1), S, Hkv,
+                            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_S=max(2, triton.next_power_of_2(S)), num_warps=4)
+    return out, lse
