@@ -1,5 +1,6 @@
 """Fidelity to the official code and papers (issue 21): each method against a computation
 written here from the official code's or the paper's definition, not from the method's helpers."""
+import itertools
 import math
 
 import pytest
@@ -212,3 +213,67 @@ def test_minference_block_sparse_matches_the_official_kernel():
     want = lay.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :T, :T] & torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
         torch.testing.assert_close(m(q, k, v, causal=True), masked_attention(q, k, v, want), rtol=1e-5, atol=1e-6)
+
+
+# ---- SparseK: Lou et al. 2024, the scoring network and the masked attention ------------------
+def capped_simplex_projection(u, k):
+    """argmin_p |p - u|^2 over 0 <= p <= 1, sum p = k (u 1-D): f(tau) = sum clip(u - tau, 0, 1)
+    is piecewise linear and decreasing; tau is found between its breakpoints u_j and u_j - 1."""
+    if len(u) <= k:
+        return torch.ones_like(u)
+    f = lambda t: float((u - t).clamp(0, 1).sum())  # noqa: E731
+    pts = sorted(set(torch.cat([u, u - 1]).tolist()))
+    for a, b in itertools.pairwise(pts):
+        fa, fb = f(a), f(b)
+        if fa >= k >= fb:
+            tau = a if fa == fb else a + (fa - k) / (fa - fb) * (b - a)
+            return (u - tau).clamp(0, 1)
+    raise AssertionError("no threshold")
+
+
+def sparsek_direct(q, k, v, w, b, slope, kk, window):
+    """o_i = sum_j m_ij exp(s_ij) v_j / sum_j m_ij exp(s_ij): m_ij = 1 for i - window < j <= i,
+    p_j = SparseK(u_{j <= i - window}, kk)_j on the kk best of those, u_j = w . k_j + b + slope j."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for bb in range(B):
+        for h in range(H):
+            hk = h // rep
+            u = k[bb, hk] @ w + b + slope * torch.arange(T, dtype=q.dtype)
+            for i in range(T):
+                m = torch.zeros(T, dtype=q.dtype)
+                m[max(0, i - window + 1):i + 1] = 1.0
+                n = i - window + 1  # candidates j < n
+                if n > 0:
+                    p = capped_simplex_projection(u[:n], kk)
+                    top = u[:n].topk(min(kk, n)).indices
+                    m[top] = p[top]
+                s = q[bb, h, i] @ k[bb, hk].T / math.sqrt(D)
+                e = m * torch.exp(s - s.max())
+                out[bb, h, i] = (e / e.sum()) @ v[bb, hk]
+    return out
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.05])
+def test_sparsek_scorer_and_masked_attention_equal_the_paper(slope):
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=1, T=40, D=16)
+    kw = dict(num_heads=2, num_kv_heads=1, head_dim=16, k=5, window=6, query_chunk=8, position_slope=slope)
+    base = methods.load("sparsek", impl="reference", **kw).double()
+    assert methods.load("sparsek").position_slope == 0.0  # off by default (module docstring: why)
+    want = sparsek_direct(q, k, v, base.score.weight[0].detach(), float(base.score.bias.detach()), slope, 5, 6)
+    for impl in base.impls:
+        m = methods.load("sparsek", impl=impl, **kw).double()
+        m.load_state_dict(base.state_dict())
+        tol = 1e-6 if impl == "triton" else 1e-9  # the kernels' threshold search and tiles in fp32
+        with torch.no_grad():
+            torch.testing.assert_close(m(q, k, v, causal=True), want, rtol=tol, atol=tol)
+        assert m.last_path == impl
+    u = base.scores(k)
+    with torch.no_grad():
+        torch.testing.assert_close(u[0, 0], k[0, 0] @ base.score.weight[0] + base.score.bias + slope * torch.arange(40))
+    if slope:  # the position term changes the output (which keys are selected and their weights)
+        flat = methods.load("sparsek", impl="reference", **{**kw, "position_slope": 0.0}).double()
+        flat.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(flat(q, k, v, causal=True), want)
