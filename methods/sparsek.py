@@ -1,21 +1,38 @@
 """SparseK attention: a scoring network and a differentiable top-k mask over key-value pairs.
 
 Lou et al., "Sparser is Faster and Less is More: Efficient Sparse Attention for Long-Range
-Transformers" (2024), Sec. 3. Causal.
+Transformers" (2024, arXiv 2406.16747), Sec. 3. Causal. The paper's text and the official code
+were not reachable from this workplace, so the parts below are named by what they are, not by
+equation number; each says which reading was chosen.
 
-    u_j = w . k_j + b                                  scoring network on keys     [B, Hkv, T]
-    SparseK(u, k) = argmin_{p in C} |p - u|^2,  C = {p : 0 <= p <= 1, sum p = k}
-                  = clip(u - tau, 0, 1)  with tau found by a threshold search (bisection)
-Query i attends to its local window (keys i - window < j <= i, weight 1) and to the k
-best-scoring earlier keys j <= i - window, whose attention weights are multiplied by the
-soft mask p_j = SparseK(u_{j <= i - window}, k)_j:
-    o_i = sum_j m_ij exp(s_ij) v_j / sum_j m_ij exp(s_ij)
+    (1) scoring network          u_j = w . k_j + b + position_slope * j        [B, Hkv, T]
+    (2) SparseK operator         SparseK(u, k) = argmin_{p in C} |p - u|^2,
+                                 C = {p : 0 <= p <= 1, sum p = k}
+                                 = clip(u - tau, 0, 1), tau by a threshold search (bisection)
+    (3) mask                     m_ij = 1 in the window i - window < j <= i; for the k
+                                 best-scoring earlier keys j <= i - window, m_ij = p_j with
+                                 p = SparseK(u_{j <= i - window}, k); 0 elsewhere
+    (4) masked attention         o_i = sum_j m_ij exp(s_ij) v_j / sum_j m_ij exp(s_ij),
+                                 s_ij = q_i . k_j / sqrt(D)  (= softmax(s_i + log m_i) v)
+
+Readings chosen:
+(1) The paper scores the layer input, u = X w_score plus a position-dependent term (a slope
+    linear in the index, so that the scorer need not predict ever larger scores as the
+    non-decreasing threshold tau rises along the sequence). Here the score is taken from the
+    key k_j (a method sees q, k, v, not X; k_j is a linear image of x_j) and the position term
+    is ``position_slope * j``, j the key's 0-based absolute position. Its value and whether
+    it is learned are unknown here (neither the paper's value nor the official code could be
+    read): it is a fixed hyperparameter, default 0.0 (the term off, the former behaviour),
+    until the paper's or the official code's value is confirmed; a positive slope ranks
+    newer keys higher.
+(3) The mask multiplies the unnormalised attention weights (m_ij exp(s_ij)), as (4) writes
+    it, not the normalised probabilities; the window's keys have weight 1.
 Gradients reach the scoring network through p (the operator's Jacobian on its free set).
 With k and the window covering every key it is exact attention.
 
 impl=reference  soft mask materialised [B, H, T, T]
 impl=triton     the gather path's selection (per chunk; its bisection in one kernel), then one
-                Triton kernel (``methods.kernels.block_sparse.sparsek_tile_attention``) per
+                Triton kernel (``methods.kernels.sparsek.sparsek_tile_attention``) per
                 tile of 64 queries: the candidates any of its rows can select, read once in
                 score order and masked per row by its k-th best score, then its window
                 (forward, unpadded batches; else the gather path)
@@ -83,7 +100,7 @@ class SparseK(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Lou et al. 2024"
     kind = "sparse (trainable top-k)"
-    official_test = None
+    official_test = "tests/test_faithful.py::test_sparsek_scorer_and_masked_attention_equal_the_paper"  # the paper (no official code here)
     supports_noncausal = False
     trainable = True
     training_free = False
@@ -93,7 +110,7 @@ class SparseK(AttentionMethod):
     _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
-                 kernel_chunk: int = 1024, **structural):
+                 kernel_chunk: int = 1024, position_slope: float = 0.0, **structural):
         super().__init__(impl=impl, **structural)
         if k < 1 or window < 1 or kernel_chunk < 1:
             raise ValueError(f"SparseK: k, window and kernel_chunk must be >= 1, got k={k}, window={window}, "
@@ -103,12 +120,17 @@ class SparseK(AttentionMethod):
         # at a time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
         self.kernel_chunk = kernel_chunk
         self.score = nn.Linear(self.head_dim, 1)  # the scoring network (shared by the KV heads)
+        self.position_slope = float(position_slope)
 
     def hyperparameters(self) -> dict:
-        return {"k": self.k, "window": self.window}
+        return {"k": self.k, "window": self.window, "position_slope": self.position_slope}
 
     def scores(self, k):
-        return self.score(k.to(self.score.weight.dtype)).squeeze(-1)  # [B, Hkv, T]
+        """u = k w + b + position_slope * j over the keys' positions j: [B, Hkv, T]."""
+        u = self.score(k.to(self.score.weight.dtype)).squeeze(-1)
+        if self.position_slope:
+            u = u + self.position_slope * torch.arange(k.shape[2], device=k.device, dtype=u.dtype)
+        return u
 
     def _soft_mask_rows(self, u, rows, tk, kpm):
         """For query positions ``rows``: candidates j <= i - window (and not padding), their

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slash-mode", default="ranges", choices=("ranges", "lines"))
     args = ap.parse_args(argv)
     if args.calibration:
         d = torch.load(args.calibration, weights_only=True)
@@ -41,9 +42,9 @@ def main(argv=None) -> int:
                                  "cpu", torch.float32, args.seed, causal=True)
         source = f"fidelity structured inputs, T={args.seq_len}, seed={args.seed}"
     m = methods.load("minference", num_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[-1],
-                     impl="reference")
+                     impl="reference", slash_mode=args.slash_mode)
     heads = m.calibrate([(q, k)], args.budget)
-    save_patterns(args.out, heads, budget=args.budget, calibration=source)
+    save_patterns(args.out, heads, budget=args.budget, calibration=source, slash_mode=args.slash_mode)
     for i, h in enumerate(heads):
         print(f"head {i}: {h['pattern']:<15} density {h['density']:.3f} recall {h['recall']:.3f}")
     print(f"patterns written to {args.out}")
