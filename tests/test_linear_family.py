@@ -1,0 +1,218 @@
+"""Linear, kernelized and sparse-normaliser attention (issue 26, first part): ReLA, entmax,
+Cottention, BASED and Lightning / TransNormer NormAttention, each against an independent
+computation written here from the paper's equations (explicit attention matrices, loops over
+positions, entmax's closed form and a bisection), causal and non-causal, recurrent == parallel
+at every position, GQA == repeated KV heads, padding, and bad hyperparameters."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import methods
+from methods.base import AttentionInputError
+from tests.conftest import seeded_qkv
+
+NEW = ["rela", "entmax", "cottention", "based", "lightning"]
+
+
+def _load(name, H=4, Hkv=2, D=8, **kw):
+    return methods.load(name, num_heads=H, num_kv_heads=Hkv, head_dim=D, max_seq_len=256, **kw).double()
+
+
+def _allowed(tq, tk, causal, kpm=None, B=1):
+    """[B, 1, Tq, Tk] bool: end-aligned causal and padding, by explicit loops' definition."""
+    m = torch.ones(B, 1, tq, tk, dtype=torch.bool)
+    if causal:
+        for i in range(tq):
+            m[:, :, i, tk - tq + i + 1:] = False
+    if kpm is not None:
+        m &= kpm[:, None, None, :]
+    return m
+
+
+def _rep(x, H):
+    return x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+def _rms_heads(o, gain, gate=None, eps=1e-8):
+    """The (gated) RMSNorm of the concatenated heads, written out: o [B, H, T, d]."""
+    B, H, T, D = o.shape
+    x = o.permute(0, 2, 1, 3).reshape(B, T, H * D)
+    y = gain * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps)
+    if gate is not None:
+        y = y / (1 + torch.exp(-gate * x))
+    return y.reshape(B, T, H, D).permute(0, 2, 1, 3)
+
+
+# ---- ReLA --------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("norm", ["gated_rms", "rms", "none"])
+def test_rela_matches_relu_attention_with_gated_rmsnorm(causal, norm):
+    m = _load("rela", norm=norm)
+    if norm != "none":
+        with torch.no_grad():
+            m.gain.uniform_(0.5, 1.5)  # not the initial ones: the gain must enter
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=11, D=8)
+    kpm = torch.ones(2, 11, dtype=torch.bool)
+    kpm[1, 7:] = False
+    out = m(q, k, v, causal=causal, key_padding_mask=kpm)
+    a = torch.einsum("bhid,bhjd->bhij", q, _rep(k, 4)) / math.sqrt(8)
+    a = torch.where(_allowed(11, 11, causal, kpm, B=2), torch.clamp(a, min=0), torch.zeros_like(a))
+    o = torch.einsum("bhij,bhjd->bhid", a, _rep(v, 4))
+    if norm != "none":
+        o = _rms_heads(o, m.gain.detach(), m.gate.detach() if norm == "gated_rms" else None)
+    torch.testing.assert_close(out, o)
+    assert (a == 0).float().mean() > 0.3  # ReLU's zeros: sparse weights
+    assert (m.weights(q, k, causal, kpm) == a).all()
+
+
+def test_rela_decode_is_the_last_row_of_the_prefill():
+    m = _load("rela")
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=9, D=8)
+    full = m(q, k, v, causal=True)
+    for t in range(1, 10):
+        step = m.decode(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t])
+        torch.testing.assert_close(step[:, :, 0], full[:, :, t - 1])
+
+
+# ---- entmax ------------------------------------------------------------------------------
+def _entmax15_sorted(z):
+    """1.5-entmax of each row by Peters et al. 2019, Alg. 2 (sort, then the closed-form tau)."""
+    out = torch.zeros_like(z)
+    for idx in itertools.product(*map(range, z.shape[:-1])):
+        x = z[idx] / 2
+        xs = torch.sort(x, descending=True).values
+        best = None
+        for rho in range(1, len(xs) + 1):
+            mean = xs[:rho].mean()
+            ss = ((xs[:rho] - mean) ** 2).sum()
+            tau = mean - torch.sqrt(torch.clamp((1 - ss) / rho, min=0))
+            if tau <= xs[rho - 1]:
+                best = tau
+        out[idx] = torch.clamp(x - best, min=0) ** 2
+    return out
+
+
+def _sparsemax_sorted(z):
+    """Sparsemax (alpha = 2) of each row by Martins and Astudillo 2016's closed form."""
+    zs = torch.sort(z, dim=-1, descending=True).values
+    rho = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    cs = zs.cumsum(-1)
+    k = ((1 + rho * zs) > cs).sum(-1, keepdim=True)
+    tau = (cs.gather(-1, k - 1) - 1) / k
+    return torch.clamp(z - tau, min=0)
+
+
+def _entmax_bisect(z, alpha, iters=200):
+    """alpha-entmax of each row: tau by bisection on sum [(alpha-1) z - tau]_+^(1/(alpha-1)) = 1."""
+    x = (alpha - 1) * z
+    lo = x.amax(-1, keepdim=True) - 1
+    hi = x.amax(-1, keepdim=True)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        f = (torch.clamp(x - mid, min=0) ** (1 / (alpha - 1))).sum(-1, keepdim=True) - 1
+        lo, hi = torch.where(f > 0, mid, lo), torch.where(f > 0, hi, mid)
+    p = torch.clamp(x - (lo + hi) / 2, min=0) ** (1 / (alpha - 1))
+    return p / p.sum(-1, keepdim=True)
+
+
+def _entmax_reference(q, k, v, causal, kpm, fn):
+    H = q.shape[1]
+    s = torch.einsum("bhid,bhjd->bhij", q, _rep(k, H)) / math.sqrt(q.shape[-1])
+    allowed = _allowed(q.shape[2], k.shape[2], causal, kpm, B=q.shape[0]).expand_as(s)
+    p = torch.zeros_like(s)
+    for idx in itertools.product(*map(range, s.shape[:-1])):  # each row over its allowed keys only
+        keep = allowed[idx]
+        if keep.any():
+            p[idx + (keep,)] = fn(s[idx][keep][None])[0]
+    return torch.einsum("bhij,bhjd->bhid", p, _rep(v, H)), p
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("alpha,fn", [(1.5, _entmax15_sorted), (2.0, _sparsemax_sorted),
+                                      (1.3, lambda z: _entmax_bisect(z, 1.3))])
+def test_entmax_matches_its_closed_form_and_is_sparse(causal, alpha, fn):
+    m = _load("entmax", alpha=alpha, n_iter=60)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=10, D=8)
+    q = q * 3  # peaked scores: entmax leaves many keys at exactly zero
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    kpm[0, 6:] = False
+    ref, p = _entmax_reference(q, k, v, causal, kpm, fn)
+    torch.testing.assert_close(m(q, k, v, causal=causal, key_padding_mask=kpm), ref, atol=1e-6, rtol=1e-5)
+    w = m.weights(q, k, causal, kpm)
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    allowed = _allowed(10, 10, causal, kpm, B=2).expand_as(w)
+    assert (w[~allowed] == 0).all()
+    assert ((w == 0) & allowed).sum() > 0.2 * allowed.sum()  # exact zeros among allowed keys
+    assert ((p == 0) == (w == 0)).float().mean() > 0.99  # the same supports
+
+
+def test_entmax_rows_without_keys_give_zeros_and_decode_is_the_last_row():
+    m = _load("entmax")
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=6, D=8)
+    kpm = torch.zeros(1, 6, dtype=torch.bool)
+    assert (m(q, k, v, key_padding_mask=kpm) == 0).all()
+    full = m(q, k, v, causal=True)
+    torch.testing.assert_close(m.decode(q[:, :, -1:], k, v)[:, :, 0], full[:, :, -1])
+
+
+def test_entmax_gradients_flow_through_the_package():
+    m = _load("entmax")
+    q, k, v = (t.requires_grad_() for t in seeded_qkv(B=1, H=4, Hkv=2, T=7, D=8))
+    m(q, k, v, causal=True).square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+# ---- every new method ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_equals_repeated_kv_heads(name, causal):
+    m = _load(name)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=13, D=8)
+    full = methods.load(name, num_heads=4, num_kv_heads=4, head_dim=8, max_seq_len=256).double()
+    full.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(q, k, v, causal=causal), full(q, _rep(k, 4), _rep(v, 4), causal=causal))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_padded_keys_change_nothing(name):
+    """Keys masked out give the output of the sequence without them (non-causal; causal: the
+    padding at the end is in no real query's past)."""
+    m = _load(name)
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=12, D=8)
+    kpm = torch.ones(1, 12, dtype=torch.bool)
+    kpm[0, 9:] = False
+    for causal in (False, True):
+        out = m(q, k, v, causal=causal, key_padding_mask=kpm)
+        short = m(q[:, :, :9], k[:, :, :9], v[:, :, :9], causal=causal)
+        torch.testing.assert_close(out[:, :, :9], short)
+        garbage = k.clone()
+        garbage[:, :, 9:] = 1e3
+        torch.testing.assert_close(m(q, garbage, v, causal=causal, key_padding_mask=kpm), out)
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("rela", {"norm": "layer"}, "norm must be one of"),
+    ("entmax", {"alpha": 1.0}, "alpha must be a finite number > 1"),
+    ("entmax", {"alpha": float("nan")}, "alpha must be"),
+    ("entmax", {"n_iter": 0}, "n_iter"),
+])
+def test_bad_hyperparameters_are_named(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        methods.load(name, **kw)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_trained_from_scratch_and_cost(name):
+    m = _load(name)
+    assert m.trainable and not m.training_free and not m.exact
+    c = m.cost(64, 64, True)
+    assert c.flops > 0 and c.kv_bytes > 0
+
+
+def test_wrong_head_dim_is_named():
+    m = _load("rela")
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=5, D=16)
+    with pytest.raises(AttentionInputError, match="head_dim=8"):
+        m(q, k, v)
