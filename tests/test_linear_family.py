@@ -164,6 +164,158 @@ def test_entmax_gradients_flow_through_the_package():
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
 
 
+# ---- Cottention --------------------------------------------------------------------------
+def _cottention_reference(q, k, v, causal, kpm, exponent, length_scale):
+    """(Q^ K^^T (.) M) V with the value (or output) divided by max(1, count^sigma), written out."""
+    B, H, T, D = q.shape
+    tk = k.shape[2]
+    k, v = _rep(k, H), _rep(v, H)
+    qn = q / torch.sqrt((q ** 2).sum(-1, keepdim=True))
+    kn = k / torch.sqrt((k ** 2).sum(-1, keepdim=True))
+    real = torch.ones(B, tk) if kpm is None else kpm.double()
+    allowed = _allowed(T, tk, causal, kpm, B=B)
+    a = torch.einsum("bhid,bhjd->bhij", qn, kn) * allowed
+    count = torch.zeros(B, tk, dtype=torch.float64)
+    for b in range(B):
+        for j in range(tk):
+            count[b, j] = real[b, :j + 1].sum() if causal else real[b].sum()
+    div = torch.clamp(count[:, None, :, None] ** exponent.view(1, H, 1, 1), min=1)  # [B, H, Tk, 1]
+    if length_scale == "value":
+        return torch.einsum("bhij,bhjd->bhid", a, v / div)
+    o = torch.einsum("bhij,bhjd->bhid", a, v)
+    return o / div[:, :, tk - T:] if length_scale == "output" else o
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length_scale", ["value", "output", "none"])
+def test_cottention_matches_cosine_attention_written_out(impl, causal, length_scale):
+    m = _load("cottention", impl=impl, length_scale=length_scale, chunk_size=4)
+    with torch.no_grad():
+        m.norm_const.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=11, D=8)
+    kpm = torch.ones(2, 11, dtype=torch.bool)
+    kpm[1, 3] = kpm[1, 8:] = False
+    ref = _cottention_reference(q, k, v, causal, kpm, torch.sigmoid(m.norm_const.detach()), length_scale)
+    torch.testing.assert_close(m(q, k, v, causal=causal, key_padding_mask=kpm), ref)
+
+
+# ---- BASED -------------------------------------------------------------------------------
+def _based_reference(q, k, v, causal, kpm, window):
+    """Taylor linear attention (1 + s + s^2/2, row-normalised) and a softmax window, written out."""
+    B, H, T, D = q.shape
+    k, v = _rep(k, H), _rep(v, H)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
+    allowed = _allowed(T, T, causal, kpm, B=B)
+    a = (1 + s + s ** 2 / 2) * allowed
+    y = torch.einsum("bhij,bhjd->bhid", a / a.sum(-1, keepdim=True), v)
+    if not window:
+        return y
+    near = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            near[i, j] = 0 <= i - j < window if causal else abs(i - j) < window
+    p = torch.exp(s).masked_fill(~(allowed & near), 0)
+    w = torch.einsum("bhij,bhjd->bhid", p / p.sum(-1, keepdim=True), v)
+    return (y + w) / 2
+
+
+def test_based_taylor_features_give_the_second_order_exponential():
+    from methods.based import taylor_features
+
+    x, y = torch.randn(2, 5, 16, dtype=torch.float64).unbind(0)
+    s = (x * y).sum(-1) / 4
+    torch.testing.assert_close((taylor_features(x) * taylor_features(y)).sum(-1), 1 + s + s ** 2 / 2)
+    assert taylor_features(x).shape[-1] == 1 + 16 + 256
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
+def test_based_matches_taylor_attention_and_window_written_out(impl, causal, window):
+    m = _load("based", impl=impl, window=window, chunk_size=4)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=11, D=8)
+    kpm = torch.ones(2, 11, dtype=torch.bool)
+    kpm[0, 2] = kpm[0, 9:] = False
+    torch.testing.assert_close(m(q, k, v, causal=causal, key_padding_mask=kpm),
+                               _based_reference(q, k, v, causal, kpm, window))
+
+
+# ---- Lightning / TransNormer ----------------------------------------------------------------
+def test_lightning_slopes_are_alibis():
+    from methods.lightning import alibi_slopes
+
+    assert alibi_slopes(4) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]
+    assert alibi_slopes(6) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]  # ALiBi's interleave
+
+
+def _lightning_reference(q, k, v, causal, phi, lam, norm):
+    """Norm((phi(Q) phi(K)^T (.) M) V), M_ts = lam_h^(t-s), with SRMSNorm, written out."""
+    B, H, T, D = q.shape
+    fq, fk, v = phi(q), phi(_rep(k, H)), _rep(v, H)
+    a = torch.einsum("bhid,bhjd->bhij", fq, fk)
+    if causal:
+        m = torch.zeros(H, T, T, dtype=torch.float64)
+        for h in range(H):
+            for i in range(T):
+                for j in range(i + 1):
+                    m[h, i, j] = lam[h] ** (i - j)
+        a = a * m
+    o = torch.einsum("bhij,bhjd->bhid", a, v)
+    if norm == "heads":
+        x = o.permute(0, 2, 1, 3).reshape(B, T, H * D)
+        x = x / (x.norm(dim=-1, keepdim=True) / math.sqrt(H * D) + 1e-8)
+        return x.reshape(B, T, H, D).permute(0, 2, 1, 3)
+    if norm == "head":
+        return o / (o.norm(dim=-1, keepdim=True) / math.sqrt(D) + 1e-8)
+    return o
+
+
+PHI = {"silu": lambda x: x / (1 + torch.exp(-x)), "1+elu": lambda x: torch.where(x > 0, 1 + x, torch.exp(x)),
+       "relu": lambda x: torch.clamp(x, min=0), "identity": lambda x: x}
+
+
+@pytest.mark.parametrize("impl", ["reference", "lightning"])
+@pytest.mark.parametrize("causal,decay", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("activation,norm", [("silu", "heads"), ("1+elu", "head"), ("relu", "none")])
+def test_lightning_matches_norm_attention_written_out(impl, causal, decay, activation, norm):
+    m = _load("lightning", impl=impl, decay=decay, activation=activation, norm=norm, block_size=4,
+              layer_idx=1, num_layers=3)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=11, D=8)
+    lam = [math.exp(-(2 ** (-2 * (h + 1))) * (1 - 1 / 2 + 1e-5)) if decay else 1.0 for h in range(4)]
+    ref = _lightning_reference(q, k, v, causal, PHI[activation], lam, norm)
+    torch.testing.assert_close(m(q, k, v, causal=causal), ref)
+
+
+def test_lightning_decay_is_causal_only():
+    m = _load("lightning", decay=True)
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=5, D=8)
+    with pytest.raises(AttentionInputError, match="causal only"):
+        m(q, k, v, causal=False)
+
+
+# ---- recurrent == parallel ------------------------------------------------------------------
+RECURRENT = [("cottention", {"length_scale": "value"}), ("cottention", {"length_scale": "output"}),
+             ("cottention", {"length_scale": "none"}), ("based", {"window": 0}), ("based", {"window": 3}),
+             ("lightning", {"decay": False}), ("lightning", {"decay": True, "norm": "head"})]
+
+
+@pytest.mark.parametrize("name,kw", RECURRENT)
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_recurrent_form_equals_the_parallel_form_at_every_position(name, kw, impl):
+    impl = impl if impl == "reference" else {"cottention": "chunked", "based": "chunked",
+                                             "lightning": "lightning"}[name]
+    m = _load(name, impl=impl, **kw)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=10, D=8)
+    par = m(q, k, v, causal=True)
+    torch.testing.assert_close(m.recurrent(q, k, v), par)
+    state = None
+    for t in range(10):  # step by step, as a decoder runs it
+        o, state = m.step(state, q[:, :, t], k[:, :, t], v[:, :, t])
+        torch.testing.assert_close(o, par[:, :, t])
+        torch.testing.assert_close(m.decode(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1])[:, :, 0], o)
+
+
 # ---- every new method ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", NEW)
 @pytest.mark.parametrize("causal", [False, True])
@@ -197,6 +349,17 @@ def test_padded_keys_change_nothing(name):
     ("entmax", {"alpha": 1.0}, "alpha must be a finite number > 1"),
     ("entmax", {"alpha": float("nan")}, "alpha must be"),
     ("entmax", {"n_iter": 0}, "n_iter"),
+    ("cottention", {"length_scale": "sequence"}, "length_scale must be one of"),
+    ("cottention", {"chunk_size": 0}, "chunk_size"),
+    ("based", {"window": -1}, "window must be an integer >= 0"),
+    ("based", {"chunk_size": 2.5}, "chunk_size"),
+    ("lightning", {"activation": "gelu"}, "activation must be one of"),
+    ("lightning", {"norm": "layer"}, "norm must be one of"),
+    ("lightning", {"decay": "yes"}, "decay must be true or false"),
+    ("lightning", {"layer_idx": 3, "num_layers": 3}, "layer_idx must be in"),
+    ("lightning", {"num_layers": 0}, "num_layers"),
+    ("lightning", {"block_size": 0}, "block_size"),
+    ("rela", {"impl": "triton"}, "unknown impl"),
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
