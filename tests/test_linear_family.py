@@ -379,3 +379,29 @@ def test_wrong_head_dim_is_named():
     q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=5, D=16)
     with pytest.raises(AttentionInputError, match="head_dim=8"):
         m(q, k, v)
+
+
+FAST = {"cottention": "chunked", "based": "chunked", "lightning": "lightning"}
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_gradients_reach_inputs_and_parameters_in_every_impl(name):
+    for impl in {"reference", FAST.get(name, "reference")}:
+        m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl=impl)
+        q, k, v = (t.requires_grad_() for t in seeded_qkv(B=1, H=4, Hkv=2, T=9, D=8, dtype=torch.float32))
+        m(q, k, v, causal=True).square().sum().backward()
+        for t in (q, k, v, *m.parameters()):
+            assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, (name, impl)
+
+
+@pytest.mark.parametrize("name", NEW)
+@torch.no_grad()
+def test_low_precision_inputs_follow_the_fp64_result(name):
+    m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8)
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=40, D=8)
+    ref = m.double()(q, k, v, causal=True)
+    m = m.float()
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        out = m(q.to(dt), k.to(dt), v.to(dt), causal=True)
+        assert out.dtype == dt
+        assert float((out.double() - ref).norm() / ref.norm()) < tol, (name, dt)
