@@ -14,6 +14,7 @@ from methods.base import AttentionInputError
 from tests.conftest import seeded_qkv
 
 NEW = ["rela", "entmax", "cottention", "based", "lightning"]
+FAST = {"cottention": "chunked", "based": "chunked", "lightning": "lightning"}  # the O(T) impls
 
 
 def _load(name, H=4, Hkv=2, D=8, **kw):
@@ -303,9 +304,9 @@ RECURRENT = [("cottention", {"length_scale": "value"}), ("cottention", {"length_
 @pytest.mark.parametrize("name,kw", RECURRENT)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_recurrent_form_equals_the_parallel_form_at_every_position(name, kw, impl):
-    impl = impl if impl == "reference" else {"cottention": "chunked", "based": "chunked",
-                                             "lightning": "lightning"}[name]
-    m = _load(name, impl=impl, **kw)
+    if impl == "fast":  # blocks of 3: the state crosses block boundaries
+        kw = {**kw, ("block_size" if name == "lightning" else "chunk_size"): 3}
+    m = _load(name, impl=FAST[name] if impl == "fast" else impl, **kw)
     q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=10, D=8)
     par = m(q, k, v, causal=True)
     torch.testing.assert_close(m.recurrent(q, k, v), par)
@@ -381,8 +382,6 @@ def test_wrong_head_dim_is_named():
         m(q, k, v)
 
 
-FAST = {"cottention": "chunked", "based": "chunked", "lightning": "lightning"}
-
 
 @pytest.mark.parametrize("name", NEW)
 def test_gradients_reach_inputs_and_parameters_in_every_impl(name):
@@ -405,3 +404,14 @@ def test_low_precision_inputs_follow_the_fp64_result(name):
         out = m(q.to(dt), k.to(dt), v.to(dt), causal=True)
         assert out.dtype == dt
         assert float((out.double() - ref).norm() / ref.norm()) < tol, (name, dt)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_queries_end_aligned_over_a_longer_cache_are_the_last_rows(name):
+    """Tq < Tk (a prefill of the last tokens over a cache), in every impl: the last Tq rows."""
+    for impl in {"reference", FAST.get(name, "reference")}:
+        small = {"cottention": {"chunk_size": 4}, "based": {"chunk_size": 4}, "lightning": {"block_size": 4}}
+        m = _load(name, impl=impl, **small.get(name, {}))
+        q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=13, D=8)
+        full = m(q, k, v, causal=True)
+        torch.testing.assert_close(m(q[:, :, -5:], k, v, causal=True), full[:, :, -5:])
