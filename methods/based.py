@@ -56,7 +56,7 @@ class Based(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Arora et al. 2024"
     kind = "linear (Taylor) + window"
-    official_test = None
+    official_test = "tests/test_linear_family.py::test_based_matches_the_official_code"
     trainable = True  # the model learns q and k for the Taylor kernel (no weights here)
     training_free = False
     supports_decode = True  # models decode with the method itself (end-aligned causal)

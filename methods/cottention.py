@@ -43,7 +43,7 @@ class Cottention(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Mongaras et al. 2024"
     kind = "linear (cosine similarity)"
-    official_test = None
+    official_test = "tests/test_linear_family.py::test_cottention_matches_the_official_code"
     trainable = True  # the length-scale exponent per head
     training_free = False
     supports_decode = True  # models decode with the method itself (end-aligned causal)

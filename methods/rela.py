@@ -40,7 +40,7 @@ class ReLA(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Zhang et al. 2021"
     kind = "sparse (ReLU scores, trainable)"
-    official_test = None
+    official_test = "tests/test_linear_family.py::test_rela_matches_the_official_code"
     trainable = True  # the gated RMSNorm's gain and gate
     training_free = False
     supports_decode = True  # models decode with ReLA itself (one row over the cache)

@@ -415,3 +415,58 @@ def test_queries_end_aligned_over_a_longer_cache_are_the_last_rows(name):
         q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=13, D=8)
         full = m(q, k, v, causal=True)
         torch.testing.assert_close(m(q[:, :, -5:], k, v, causal=True), full[:, :, -5:])
+
+
+# ---- the authors' code, transcribed (the README's "matches official code" column) -------------
+def test_rela_matches_the_official_code():
+    """bzhangGo/zero modules/rela.py, dot_attention + gated_rms_norm, transcribed to torch:
+    q scaled by d^-1/2, logits times the 0/1 mask, ReLU, weights @ v, heads concatenated, then
+    scale * x * rsqrt(mean(x^2) + eps) * sigmoid(gate * x)."""
+    m = _load("rela", H=4, Hkv=4)
+    with torch.no_grad():
+        m.gain.uniform_(0.5, 1.5)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=4, T=9, D=8)
+    for causal in (False, True):
+        mask = torch.ones(9, 9, dtype=torch.float64).tril() if causal else torch.ones(9, 9, dtype=torch.float64)
+        logits = (q * 8 ** -0.5) @ k.transpose(-1, -2) * mask
+        o = torch.relu(logits) @ v  # [B, H, T, d]
+        x = o.transpose(1, 2).reshape(2, 9, 32)  # combine_heads
+        ms = (x ** 2).mean(-1, keepdim=True)
+        y = m.gain.detach() * x * torch.rsqrt(ms + 1e-8) * torch.sigmoid(m.gate.detach() * x)
+        torch.testing.assert_close(m(q, k, v, causal=causal), y.view(2, 9, 4, 8).transpose(1, 2))
+
+
+def test_cottention_matches_the_official_code():
+    """gmongaras/Cottention_Transformer: GPTCosAttention._cos_attn's explicit branch (causal;
+    each value divided by max(1, (row count of the causal mask)^sigmoid(norm_const))) and
+    BertCosAttention's (non-causal, nothing scaled), transcribed to torch."""
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=4, T=9, D=8)
+    m = _load("cottention", H=4, Hkv=4)
+    with torch.no_grad():
+        m.norm_const.copy_(torch.tensor([-0.5, 0.5, 1.0, 3.0]))
+    causal_mask = torch.tril(torch.ones(9, 9, dtype=torch.bool)).view(1, 1, 9, 9)
+    qn, kn = torch.nn.functional.normalize(q, dim=-1, p=2), torch.nn.functional.normalize(k, dim=-1, p=2)
+    value = v / (causal_mask.sum(-1).unsqueeze(-1) ** m.norm_const.detach().view(1, 4, 1, 1).sigmoid()).clamp(min=1)
+    w = torch.where(causal_mask, qn @ kn.transpose(-1, -2), 0)
+    torch.testing.assert_close(m(q, k, v, causal=True), w @ value)
+    bert = _load("cottention", H=4, Hkv=4, length_scale="none")
+    torch.testing.assert_close(bert(q, k, v, causal=False), qn @ (kn.transpose(-1, -2) @ v))
+
+
+def test_based_matches_the_official_code():
+    """HazyResearch/based: TaylorExp (cat[x^0, x / rrd, outer(x, x) / r2 / rd]) and
+    LinearAttention.parallel_forward's quadratic branch (tril(phi(q) phi(k)^T) v, times
+    1 / (phi(q) . cumsum(phi(k)) + 1e-12)), transcribed to torch; window 0 (its linear layer)."""
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=4, T=9, D=8)
+
+    def taylor(x):
+        d = x.shape[-1]
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(start_dim=-2) / math.sqrt(2)
+        return torch.cat([x[..., :1] ** 0, x / math.sqrt(math.sqrt(d)), x2 / math.sqrt(d)], dim=-1)
+
+    fq, fk = taylor(q), taylor(k)
+    y = torch.tril(fq @ fk.transpose(-1, -2)) @ v
+    y = y / ((fq * fk.cumsum(2)).sum(-1) + 1e-12)[..., None]
+    for impl in ("reference", "chunked"):
+        m = _load("based", H=4, Hkv=4, window=0, impl=impl, chunk_size=4)
+        torch.testing.assert_close(m(q, k, v, causal=True), y)
