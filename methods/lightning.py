@@ -9,7 +9,7 @@ decay, SRMSNorm); Qin et al., "Lightning Attention-2" (arXiv 2401.04658), Alg. 1
     non-causal:  O = Norm(Q (K^T V))
     causal:      O = Norm((Q K^T (.) M) V),   M_ts = lambda^(t-s) for s <= t, else 0
     recurrent:   S_t = lambda S_{t-1} + K_t^T V_t,   o_t = Norm(Q_t S_t)
-    Norm(x) = x / (|x|_2 / sqrt(n) + eps)     SRMSNorm (no gain), eps = 1e-8
+    Norm(x) = x / sqrt(mean(x^2) + eps)       SRMSNorm (no gain), eps = 1e-6
 
 No softmax, no scaling by 1/sqrt(d) and no denominator: the norm after the product keeps the
 scale. lambda = 1 without decay (TransNormer). With ``decay=true`` (TransNormerLLM, causal
@@ -18,9 +18,11 @@ ALiBi's slopes 2^(-8 (h + 1) / H) (the official code's formula; the paper writes
 exp(-8h/H (1 - l/L))); ``layer_idx`` and ``num_layers`` place the layer (one layer: the factor
 is 1 + 1e-5).
 
-The official code normalises the concatenation of all heads (the model width H*d) and then
-multiplies an output gate computed from the layer's input; the gate is the model's, not the
-attention's, and is left out here. ``norm=heads`` is the official normalisation over all heads,
+The official code (OpenNLPLab/lightning-attention: ``linear_attn``, the decay mask
+exp(-s_h (t - s)), ``_build_slope_tensor``, ``SimpleRMSNormTorch``) is the default: the norm
+runs on the concatenation of all heads (the model width H*d), and the layer then multiplies an
+output gate computed from its input; the gate is the model's, not the attention's, and is left
+out here (as is TNL's SiLU on v, arXiv 2405.17381: a model applies it to v before the call). ``norm=heads`` is the official normalisation over all heads,
 ``norm=head`` normalises each head alone, ``norm=none`` returns the raw product.
 
 impl=reference  the explicit attention-matrix form, (Q K^T (.) M) V: T x T memory
@@ -45,7 +47,7 @@ from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops
 
 ACTIVATIONS = ("silu", "1+elu", "relu", "identity")
 NORMS = ("heads", "head", "none")
-NORM_EPS = 1e-8
+NORM_EPS = 1e-6  # lightning_attn's SimpleRMSNormTorch
 
 
 def alibi_slopes(n: int) -> list[float]:
@@ -97,7 +99,7 @@ class Lightning(AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Qin et al. 2022, 2024"
     kind = "linear (NormAttention)"
-    official_test = None
+    official_test = "tests/test_linear_family.py::test_lightning_matches_the_official_code"
     trainable = True  # the model learns keys and queries for the kernel (no weights here)
     training_free = False
     supports_decode = True  # models decode with the method itself (end-aligned causal)
@@ -150,13 +152,11 @@ class Lightning(AttentionMethod):
         return x
 
     def normalise(self, o: torch.Tensor) -> torch.Tensor:
-        """SRMSNorm: x / (|x| / sqrt(n) + eps) over all heads (n = H*d) or each head (n = d)."""
+        """SRMSNorm: x / sqrt(mean(x^2) + eps) over all heads (H*d values) or each head (d)."""
         if self.norm == "none":
             return o
         dims = (1, 3) if self.norm == "heads" else (3,)
-        n = o.shape[1] * o.shape[3] if self.norm == "heads" else o.shape[3]
-        rms = torch.sqrt((o * o).sum(dims, keepdim=True)) / math.sqrt(n)
-        return o / (rms + NORM_EPS)
+        return o * torch.rsqrt((o * o).mean(dims, keepdim=True) + NORM_EPS)
 
     def _prepare(self, q, k, v, key_padding_mask):
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -265,10 +265,10 @@ def _lightning_reference(q, k, v, causal, phi, lam, norm):
     o = torch.einsum("bhij,bhjd->bhid", a, v)
     if norm == "heads":
         x = o.permute(0, 2, 1, 3).reshape(B, T, H * D)
-        x = x / (x.norm(dim=-1, keepdim=True) / math.sqrt(H * D) + 1e-8)
+        x = x / torch.sqrt((x ** 2).sum(-1, keepdim=True) / (H * D) + 1e-6)
         return x.reshape(B, T, H, D).permute(0, 2, 1, 3)
     if norm == "head":
-        return o / (o.norm(dim=-1, keepdim=True) / math.sqrt(D) + 1e-8)
+        return o / torch.sqrt((o ** 2).sum(-1, keepdim=True) / D + 1e-6)
     return o
 
 
@@ -470,3 +470,25 @@ def test_based_matches_the_official_code():
     for impl in ("reference", "chunked"):
         m = _load("based", H=4, Hkv=4, window=0, impl=impl, chunk_size=4)
         torch.testing.assert_close(m(q, k, v, causal=True), y)
+
+
+def test_lightning_matches_the_official_code():
+    """OpenNLPLab/lightning-attention: the torch reference ``linear_attn`` (mask exp(-slope (i-j))
+    built row by row), ``_build_slope_tensor`` times (1 - l / (L - 1) + 1e-5), SiLU on q and k
+    (TnlAttention) and ``SimpleRMSNormTorch`` over the concatenated heads, transcribed."""
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=4, T=9, D=8)
+    start = 2 ** (-(2 ** -(math.log2(4) - 3)))
+    slopes = torch.tensor([start * start ** i for i in range(4)], dtype=torch.float64) * (1 - 2 / 5 + 1e-5)
+    masks_ = []
+    for s in slopes:
+        m = torch.triu(torch.full((9, 9), float("-inf"), dtype=torch.float64), 1)
+        for i in range(9):
+            m[i, :i + 1] = -torch.flip(s * torch.arange(i + 1, dtype=torch.float64), [0])
+        masks_.append(torch.exp(m))
+    fq, fk = torch.nn.functional.silu(q), torch.nn.functional.silu(k)
+    o = ((fq @ fk.transpose(2, 3)) * torch.stack(masks_)) @ v
+    x = o.transpose(1, 2).reshape(2, 9, 32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    for impl in ("reference", "lightning"):
+        m = _load("lightning", H=4, Hkv=4, decay=True, layer_idx=2, num_layers=6, impl=impl, block_size=4)
+        torch.testing.assert_close(m(q, k, v, causal=True), x.view(2, 9, 4, 8).transpose(1, 2))
