@@ -1,0 +1,135 @@
+"""Prefill sparsity beyond MInference (issue 25): S2-Attention, Star Attention, SampleAttention,
+SpargeAttn, HiP. Each method's output is checked against its pattern built here with plain
+loops over (head, query, key) and softmax attention computed row by row; GQA equals repeated
+KV heads; padding; the density each call reports; bad hyperparameters."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import methods
+from tests.conftest import seeded_qkv
+
+
+# ---- independent references ---------------------------------------------------------------
+def by_hand(q, k, v, keep):
+    """Softmax attention row by row over the keys ``keep[b, h, i]`` (numpy bool [B, H, Tq, Tk]),
+    in float64; rows that keep nothing give zeros."""
+    q, k, v = (x.detach().double().numpy() for x in (q, k, v))
+    B, H, tq, D = q.shape
+    rep = H // k.shape[1]
+    out = np.zeros((B, H, tq, D))
+    for b in range(B):
+        for h in range(H):
+            for i in range(tq):
+                js = np.nonzero(keep[b, h, i])[0]
+                if len(js) == 0:
+                    continue
+                s = np.array([q[b, h, i] @ k[b, h // rep, j] for j in js]) / math.sqrt(D)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[b, h, i] = sum(pj * v[b, h // rep, j] for pj, j in zip(p, js))
+    return torch.from_numpy(out)
+
+
+def causal_keep(B, H, tq, tk, causal, kpm=None):
+    keep = np.ones((B, H, tq, tk), dtype=bool)
+    for i in range(tq):
+        for j in range(tk):
+            if causal and j > i + tk - tq:
+                keep[:, :, i, j] = False
+    if kpm is not None:
+        keep &= kpm.numpy()[:, None, None, :]
+    return keep
+
+
+def allowed_pairs(B, H, tq, tk, causal):
+    return B * H * (sum(min(tk, i + tk - tq + 1) for i in range(tq)) if causal else tq * tk)
+
+
+def check_against(m, q, k, v, keep, causal, kpm=None, atol=1e-9):
+    """The method's output equals attention by hand over ``keep``, and its density the share of
+    allowed pairs kept (reference path)."""
+    out = m(q, k, v, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out.double(), by_hand(q, k, v, keep), rtol=1e-6, atol=atol)
+    if m.last_path == "reference":
+        B, H, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        assert m.last_density == pytest.approx(keep.sum() / allowed_pairs(B, H, tq, tk, causal))
+    return out
+
+
+def padding(B, tk, real):
+    kpm = torch.zeros(B, tk, dtype=torch.bool)
+    for b, n in enumerate(real):
+        kpm[b, :n] = True
+    return kpm
+
+
+# ---- S2-Attention -------------------------------------------------------------------------
+def s2_keep(B, H, tq, tk, causal, bs, local, stride, homo=False):
+    keep = causal_keep(B, H, tq, tk, causal)
+    step = 0 if homo else max(1, stride // H)
+    for h in range(H):
+        for i in range(tq):
+            qb = (i + tk - tq) // bs
+            for j in range(tk):
+                kb = j // bs
+                near = 0 <= qb - kb < local if causal else abs(qb - kb) < local
+                shard = (kb + h * step + 1) % stride == 0
+                keep[:, h, i, j] &= near or shard
+    return keep
+
+
+S2 = dict(block_size=4, local_blocks=2, vert_stride=3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("causal,tq", [(True, 37), (False, 37), (True, 21)])
+def test_s2_attention_matches_its_pattern_by_hand(impl, causal, tq):
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=tq, tk=37, D=8)
+    m = methods.load("s2_attention", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, **S2)
+    check_against(m, q, k, v, s2_keep(2, 4, tq, 37, causal, 4, 2, 3), causal)
+    if impl == "reference":
+        assert m.cost(tq, 37, causal).density == pytest.approx(m.last_density)
+
+
+def test_s2_attention_shards_cover_the_context_and_differ_by_head():
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=4, T=64, D=8)
+    m = methods.load("s2_attention", num_heads=4, head_dim=8, impl="reference", block_size=4,
+                     local_blocks=1, vert_stride=4)
+    keys = m.computed_keys(q, k, causal=True)[0]  # [H, T, T]
+    last = keys[:, -1]  # the last query: its shard and its own block
+    assert all(not torch.equal(last[a], last[b]) for a in range(4) for b in range(a))
+    assert last.any(0).all(), "the heads together cover every key"
+    homo = methods.load("s2_attention", num_heads=4, head_dim=8, impl="reference", block_size=4,
+                        local_blocks=1, vert_stride=4, homo_head=True).computed_keys(q, k, True)[0]
+    assert all(torch.equal(homo[0], homo[h]) for h in range(4)) and not homo[:, -1].any(0).all()
+
+
+def test_s2_attention_padding_and_gqa():
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=30, D=8)
+    kpm = padding(2, 30, [30, 19])
+    m = methods.load("s2_attention", num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **S2)
+    keep = s2_keep(2, 4, 30, 30, True, 4, 2, 3) & kpm.numpy()[:, None, None, :]
+    check_against(m, q, k, v, keep, True, kpm)
+    full = methods.load("s2_attention", num_heads=4, head_dim=8, impl="reference", **S2)
+    torch.testing.assert_close(m(q, k, v, causal=True), full(q, k.repeat_interleave(2, 1),
+                                                             v.repeat_interleave(2, 1), causal=True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_s2_attention_triton_equals_reference(causal):
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=64, D=16, dtype=torch.float32)
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, local_blocks=1, vert_stride=2)
+    ref = methods.load("s2_attention", impl="reference", **kw)
+    tri = methods.load("s2_attention", impl="triton", **kw)
+    out = tri(q, k, v, causal=causal)
+    assert tri.last_path == "triton" and tri.last_density < 1
+    torch.testing.assert_close(out, ref(q, k, v, causal=causal), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(block_size=0), dict(local_blocks=-1), dict(vert_stride=1.5)])
+def test_s2_attention_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        methods.load("s2_attention", num_heads=4, head_dim=8, **bad)
