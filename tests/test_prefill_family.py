@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import methods
+from methods.base import AttentionInputError
 from tests.conftest import seeded_qkv
 
 
@@ -133,3 +134,65 @@ def test_s2_attention_triton_equals_reference(causal):
 def test_s2_attention_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         methods.load("s2_attention", num_heads=4, head_dim=8, **bad)
+
+
+# ---- Star Attention -----------------------------------------------------------------------
+def star_keep(B, H, tq, tk, query_len, block, anchor, kpm=None):
+    keep = causal_keep(B, H, tq, tk, True, kpm)
+    C = tk - query_len
+    for i in range(tq):
+        p = i + tk - tq
+        if p >= C:
+            continue  # phase 2: the query sees everything before it
+        own = range((p // block) * block, p + 1)
+        for j in range(tk):
+            keep[:, :, i, j] &= (j in own) or j < anchor
+    return keep
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("tq,hosts,block,anchor", [(40, 3, None, None), (40, 2, 7, 3), (17, 4, None, 0)])
+def test_star_attention_matches_its_pattern_by_hand(impl, tq, hosts, block, anchor):
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=tq, tk=40, D=8)
+    kpm = padding(2, 40, [40, 33])
+    m = methods.load("star_attention", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, num_hosts=hosts,
+                     block_size=block, anchor_size=anchor, query_len=5)
+    bs = block or math.ceil(35 / hosts)
+    keep = star_keep(2, 4, tq, 40, 5, bs, bs if anchor is None else anchor)
+    check_against(m, q, k, v, keep, True)
+    if impl == "reference":
+        assert m.cost(tq, 40, True).density == pytest.approx(m.last_density)
+    check_against(m, q, k, v, keep & kpm.numpy()[:, None, None, :], True, kpm)
+
+
+def test_star_attention_gqa_exactness_and_causal_only():
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=30, D=8)
+    kw = dict(num_heads=4, head_dim=8, impl="reference", num_hosts=3, query_len=4)
+    m = methods.load("star_attention", num_kv_heads=2, **kw)
+    torch.testing.assert_close(m(q, k, v, causal=True), methods.load("star_attention", **kw)(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True))
+    one = methods.load("star_attention", num_kv_heads=2, **{**kw, "num_hosts": 1})  # one block: exact
+    check_against(one, q, k, v, causal_keep(1, 4, 30, 30, True), True)
+    assert one.last_density == 1.0
+    with pytest.raises(AttentionInputError, match="causal"):
+        m(q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("query_len", [32, 20])  # tile-aligned (Triton), and not (the flex path)
+def test_star_attention_triton_equals_reference(query_len):
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=1, T=128, D=16, dtype=torch.float32)
+    kw = dict(num_heads=2, num_kv_heads=1, head_dim=16, num_hosts=3, anchor_size=16, query_len=query_len)
+    tri = methods.load("star_attention", impl="triton", **kw)
+    out = tri(q, k, v, causal=True)
+    assert tri.last_path == ("triton" if query_len == 32 else "flex")
+    ref = methods.load("star_attention", impl="reference", **kw)
+    torch.testing.assert_close(out, ref(q, k, v, causal=True), rtol=1e-4, atol=1e-5)
+    if query_len == 32:
+        assert ref.last_density <= tri.last_density < 1  # whole tiles: at least the kept pairs
+
+
+@pytest.mark.parametrize("bad", [dict(num_hosts=0), dict(block_size=0), dict(anchor_size=-1),
+                                 dict(query_len=-2)])
+def test_star_attention_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        methods.load("star_attention", num_heads=4, head_dim=8, **bad)
