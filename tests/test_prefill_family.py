@@ -196,3 +196,81 @@ def test_star_attention_triton_equals_reference(query_len):
 def test_star_attention_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         methods.load("star_attention", num_heads=4, head_dim=8, **bad)
+
+
+# ---- SampleAttention ----------------------------------------------------------------------
+def sample_keep(q, k, alpha, row_ratio, window_ratio, kpm=None):
+    """The window plus the stripes: columns by the sampled rows' summed attention, the fewest
+    whose share reaches alpha (loops over rows and keys)."""
+    qn, kn = q.double().numpy(), k.double().numpy()
+    B, H, tq, D = qn.shape
+    tk, rep = kn.shape[2], H // kn.shape[1]
+    n = math.ceil(row_ratio * tq)
+    rows = [((r + 1) * tq) // n - 1 for r in range(n)]
+    w = math.ceil(window_ratio * tk)
+    keep = causal_keep(B, H, tq, tk, True, kpm)
+    for b in range(B):
+        for h in range(H):
+            mass = np.zeros(tk)
+            for i in rows:
+                js = [j for j in range(i + tk - tq + 1) if kpm is None or kpm[b, j]]
+                s = np.array([qn[b, h, i] @ kn[b, h // rep, j] for j in js]) / math.sqrt(D)
+                p = np.exp(s - s.max())
+                mass[js] += p / p.sum()
+            chosen, got = set(), 0.0
+            for j in sorted(range(tk), key=lambda j: -mass[j]):
+                chosen.add(j)
+                got += mass[j]
+                if got / mass.sum() >= alpha:
+                    break
+            for i in range(tq):
+                for j in range(tk):
+                    keep[b, h, i, j] &= (i + tk - tq - j < w) or j in chosen
+    return keep
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("tq,alpha,rows,win", [(48, 0.6, 0.1, 0.1), (48, 0.9, 0.3, 0.0), (20, 0.8, 0.2, 0.05)])
+def test_sample_attention_matches_its_pattern_by_hand(impl, tq, alpha, rows, win):
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=tq, tk=48, D=8)
+    q = q * 3  # peaked attention: a few columns carry the mass
+    m = methods.load("sample_attention", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, alpha=alpha,
+                     row_ratio=rows, window_ratio=win)
+    keep = sample_keep(q, k, alpha, rows, win)
+    check_against(m, q, k, v, keep, True)
+    assert 0 < keep.sum() < allowed_pairs(2, 4, tq, 48, True), "the pattern drops pairs"
+    if impl == "reference":
+        assert m.cost(tq, 48, True).density >= m.last_density * 0.5 and m.last_columns >= 1
+
+
+def test_sample_attention_padding_gqa_and_index_alone():
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=40, D=8)
+    kpm = padding(2, 40, [40, 29])
+    kw = dict(num_heads=4, head_dim=8, impl="reference", alpha=0.7, row_ratio=0.1, window_ratio=0.1)
+    m = methods.load("sample_attention", num_kv_heads=2, **kw)
+    check_against(m, q, k, v, sample_keep(q, k, 0.7, 0.1, 0.1, kpm), True, kpm)
+    cols = m.index(q, k, kpm)
+    assert cols.shape == (2, 4, 40) and not cols[1, :, 29:].any(), "no stripe on padding"
+    torch.testing.assert_close(m(q, k, v, causal=True), methods.load("sample_attention", **kw)(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True))
+    with pytest.raises(AttentionInputError, match="causal"):
+        m(q, k, v, causal=False)
+    full = methods.load("sample_attention", num_kv_heads=2, **{**kw, "window_ratio": 1.0})
+    check_against(full, q, k, v, causal_keep(2, 4, 40, 40, True), True)  # window covers all: exact
+
+
+def test_sample_attention_triton_equals_reference():
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=1, T=128, D=16, dtype=torch.float32)
+    kw = dict(num_heads=2, num_kv_heads=1, head_dim=16, alpha=0.5, row_ratio=0.1, window_ratio=0.1)
+    tri = methods.load("sample_attention", impl="triton", **kw)
+    out = tri(q * 3, k, v, causal=True)
+    assert tri.last_path == "triton"
+    ref = methods.load("sample_attention", impl="reference", **kw)
+    torch.testing.assert_close(out, ref(q * 3, k, v, causal=True), rtol=1e-4, atol=1e-5)
+    assert ref.last_density < 1  # (the kernel's tiles of 64 may still visit everything here)
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=0.0), dict(alpha=1.5), dict(row_ratio=0), dict(window_ratio=-0.1)])
+def test_sample_attention_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        methods.load("sample_attention", num_heads=4, head_dim=8, **bad)
