@@ -274,3 +274,165 @@ def test_sample_attention_triton_equals_reference():
 def test_sample_attention_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         methods.load("sample_attention", num_heads=4, head_dim=8, **bad)
+
+
+# ---- SpargeAttn ---------------------------------------------------------------------------
+def blocky(B, H, T, D, bs, noisy_every, seed):
+    """Rows near a centre per block of bs (self-similar), every noisy_every-th block pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(B, H, math.ceil(T / bs), D, generator=g, dtype=torch.float64) * 2
+    x = centres.repeat_interleave(bs, 2)[:, :, :T] + 0.3 * torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    noise = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    blk = torch.arange(T) // bs
+    return torch.where((blk % noisy_every == 0).view(1, 1, T, 1), noise, x)
+
+
+def sparge_map(q, k, bq, bk, theta, tau, causal, sink=False):
+    """Stage 1 by hand: block means and mean pairwise cosines, softmax over the self-similar
+    causal key blocks, the largest ones while their cumulative share stays within tau."""
+    qn, kn = q.numpy(), k.numpy()
+    kn = kn - kn.mean(axis=2, keepdims=True)
+    B, H, tq, D = qn.shape
+    tk, rep = kn.shape[2], H // kn.shape[1]
+    nq, nk = math.ceil(tq / bq), math.ceil(tk / bk)
+
+    def stats(x, bs, i):
+        rows = x[i * bs:(i + 1) * bs]
+        u = [r / np.linalg.norm(r) for r in rows]
+        return rows.mean(0), np.mean([a @ b for a in u for b in u])
+
+    bmap = np.zeros((B, H, nq, nk), dtype=bool)
+    for b in range(B):
+        for h in range(H):
+            qs = [stats(qn[b, h], bq, i) for i in range(nq)]
+            ks = [stats(kn[b, h // rep], bk, j) for j in range(nk)]
+            for i in range(nq):
+                last = min((i + 1) * bq, tq) - 1 + tk - tq
+                vis = [j for j in range(nk) if not causal or j * bk <= last]
+                cand = [j for j in vis if ks[j][1] > theta]
+                chosen = []
+                if cand:
+                    s = np.array([qs[i][0] @ ks[j][0] for j in cand]) / math.sqrt(D)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    got = 0.0
+                    for r in np.argsort(-p, kind="stable"):
+                        if got + p[r] > tau and chosen:
+                            break
+                        got += p[r]
+                        chosen.append(cand[r])
+                for j in vis:
+                    bmap[b, h, i, j] = j in chosen or ks[j][1] <= theta or qs[i][1] <= theta or (sink and j == 0)
+    return bmap
+
+
+def block_keep(bmap, tq, tk, bq, bk, causal, kpm=None):
+    B, H = bmap.shape[:2]
+    keep = causal_keep(B, H, tq, tk, causal, kpm)
+    for i in range(tq):
+        for j in range(tk):
+            keep[:, :, i, j] &= bmap[:, :, i // bq, j // bk]
+    return keep
+
+
+SPARGE = dict(block_q=8, block_k=4, sim_threshold=0.5, cdf_threshold=0.6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("causal,tq,sink", [(True, 46, False), (False, 46, True), (True, 30, False)])
+def test_sparge_matches_its_block_map_by_hand(impl, causal, tq, sink):
+    q, k = blocky(2, 4, tq, 8, 8, 3, 0), blocky(2, 2, 46, 8, 4, 4, 1)
+    v = torch.randn(2, 2, 46, 8, dtype=torch.float64)
+    m = methods.load("sparge", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, attention_sink=sink, **SPARGE)
+    bmap = sparge_map(q, k, 8, 4, 0.5, 0.6, causal, sink)
+    assert torch.equal(m.block_map(q, k, causal), torch.from_numpy(bmap))
+    keep = block_keep(bmap, tq, 46, 8, 4, causal)
+    assert 0 < keep.sum() < allowed_pairs(2, 4, tq, 46, causal), "the map drops pairs"
+    check_against(m, q, k, v, keep, causal)
+
+
+def test_sparge_dissimilar_blocks_are_always_computed_padding_and_gqa():
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=40, D=8)  # noise: no block is self-similar
+    kpm = padding(2, 40, [40, 27])
+    kw = dict(num_heads=4, head_dim=8, impl="reference", **SPARGE)
+    m = methods.load("sparge", num_kv_heads=2, **kw)
+    assert m.block_map(q, k, True).sum() == m.causal_blocks(40, 40).sum() * 8  # dense (causal) map
+    check_against(m, q, k, v, causal_keep(2, 4, 40, 40, True, kpm), True, kpm)
+    q, k = blocky(2, 4, 40, 8, 8, 3, 2), blocky(2, 2, 40, 8, 4, 4, 3)
+    torch.testing.assert_close(m(q, k, v, causal=True), methods.load("sparge", **kw)(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True))
+
+
+def pv_skip_by_hand(q, k, v, bmap, bq, bk, lam, causal):
+    """Stage 2 by hand: per query block, the visited key blocks in order, online softmax row by
+    row; a block's PV dropped when every row's block maximum is more than lam below its
+    running maximum."""
+    qn, kn, vn = (x.numpy() for x in (q, k, v))
+    B, H, tq, D = qn.shape
+    tk, rep = kn.shape[2], H // kn.shape[1]
+    out = np.zeros((B, H, tq, D))
+    for b in range(B):
+        for h in range(H):
+            for i in range(bmap.shape[2]):
+                rows = range(i * bq, min((i + 1) * bq, tq))
+                m = {r: -np.inf for r in rows}
+                lsum = {r: 0.0 for r in rows}
+                acc = {r: np.zeros(D) for r in rows}
+                for j in np.nonzero(bmap[b, h, i])[0]:
+                    scores = {}
+                    for r in rows:
+                        js = [c for c in range(j * bk, min((j + 1) * bk, tk)) if not causal or c <= r + tk - tq]
+                        scores[r] = {c: qn[b, h, r] @ kn[b, h // rep, c] / math.sqrt(D) for c in js}
+                    local = {r: max(scores[r].values(), default=-np.inf) for r in rows}
+                    new = {r: max(m[r], local[r]) for r in rows}
+                    gaps = [local[r] - new[r] for r in rows if local[r] > -np.inf]
+                    skip = bool(gaps) and max(gaps) < -lam
+                    for r in rows:
+                        if new[r] == -np.inf:
+                            continue
+                        a = math.exp(m[r] - new[r]) if m[r] > -np.inf else 0.0
+                        p = {c: math.exp(s - new[r]) for c, s in scores[r].items()}
+                        lsum[r] = lsum[r] * a + sum(p.values())
+                        acc[r] = acc[r] * a + (0 if skip else sum(pc * vn[b, h // rep, c] for c, pc in p.items()))
+                        m[r] = new[r]
+                for r in rows:
+                    out[b, h, r] = acc[r] / lsum[r] if lsum[r] else 0
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("lam,causal", [(0.5, True), (1.0, False), (1e9, True)])
+def test_sparge_pv_skip_matches_the_online_softmax_by_hand(lam, causal):
+    q, k = blocky(1, 2, 32, 8, 8, 3, 4) * 2, blocky(1, 1, 32, 8, 4, 4, 5) * 2
+    v = torch.randn(1, 1, 32, 8, dtype=torch.float64)
+    m = methods.load("sparge", num_heads=2, num_kv_heads=1, head_dim=8, impl="reference", pv_skip=True,
+                     pv_threshold=lam, **SPARGE)
+    out = m(q, k, v, causal=causal)
+    bmap = m.block_map(q, k, causal).numpy()
+    torch.testing.assert_close(out, pv_skip_by_hand(q, k, v, bmap, 8, 4, lam, causal), rtol=1e-9, atol=1e-10)
+    if lam > 1e6:  # nothing skipped: the stage-1 pattern exactly
+        assert m.last_pv_skipped == 0
+        torch.testing.assert_close(out, by_hand(q, k, v, block_keep(bmap, 32, 32, 8, 4, causal)))
+    else:
+        assert m.last_pv_skipped > 0
+
+
+def test_sparge_triton_equals_reference():
+    q, k = blocky(1, 2, 128, 16, 32, 3, 6).float(), blocky(1, 1, 128, 16, 16, 4, 7).float()
+    v = torch.randn(1, 1, 128, 16)
+    kw = dict(num_heads=2, num_kv_heads=1, head_dim=16, block_q=32, block_k=16, sim_threshold=0.5,
+              cdf_threshold=0.6)
+    for causal in (True, False):
+        tri = methods.load("sparge", impl="triton", **kw)
+        ref = methods.load("sparge", impl="reference", **kw)
+        out = tri(q, k, v, causal=causal)
+        assert tri.last_path == "triton" and tri.last_density < 1
+        torch.testing.assert_close(out, ref(q, k, v, causal=causal), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(block_q=0), "block_q"), (dict(cdf_threshold=0), "cdf_threshold"),
+                                       (dict(sim_threshold=2), "sim_threshold"),
+                                       (dict(pv_threshold=-1), "pv_threshold"),
+                                       (dict(pv_skip=True, impl="flex"), "impl=reference")])
+def test_sparge_bad_hyperparameters(bad, match):
+    with pytest.raises(ValueError, match=match):
+        methods.load("sparge", num_heads=4, head_dim=8, **bad)
