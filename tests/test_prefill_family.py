@@ -436,3 +436,96 @@ def test_sparge_triton_equals_reference():
 def test_sparge_bad_hyperparameters(bad, match):
     with pytest.raises(ValueError, match=match):
         methods.load("sparge", num_heads=4, head_dim=8, **bad)
+
+
+# ---- HiP ----------------------------------------------------------------------------------
+def hip_layout(q, k, top_k, bq, bk, causal, kpm=None):
+    """The tree search by hand: per query block, K branches over its key blocks, each split in
+    two (the first half the larger), children scored by the max q.k over the block's queries
+    and their first key block, the K best kept, until every branch is one block."""
+    qn, kn = q.numpy(), k.numpy()
+    B, H, tq, D = qn.shape
+    tk, rep = kn.shape[2], H // kn.shape[1]
+    nq, nk, K = math.ceil(tq / bq), math.ceil(tk / bk), top_k // bk
+    lay = np.zeros((B, H, nq, nk), dtype=bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nq):
+                rows = range(i * bq, min((i + 1) * bq, tq))
+                n = (rows[-1] + tk - tq) // bk + 1 if causal else nk
+                nodes = [(r * n // K, (r + 1) * n // K) for r in range(K)]
+                while any(t - s > 1 for s, t in nodes):
+                    children = []
+                    for s, t in nodes:
+                        m = s + (t - s + 1) // 2
+                        children += [(s, m), (m, t)]
+
+                    def score(c):
+                        if c[1] <= c[0]:
+                            return -np.inf
+                        keys = [j for j in range(c[0] * bk, min(c[0] * bk + bk, tk)) if kpm is None or kpm[b, j]]
+                        return max((qn[b, h, r] @ kn[b, h // rep, j] for r in rows for j in keys), default=-np.inf)
+
+                    nodes = sorted(children, key=score, reverse=True)[:K]
+                for s, t in nodes:
+                    if t - s == 1:
+                        lay[b, h, i, s] = True
+    return lay
+
+
+def hip_keep(lay, tq, tk, bq, bk, window, causal, kpm=None):
+    B, H = lay.shape[:2]
+    keep = causal_keep(B, H, tq, tk, causal, kpm)
+    for i in range(tq):
+        p = i + tk - tq
+        for j in range(tk):
+            near = p - j < window if causal else abs(p - j) < window
+            keep[:, :, i, j] &= lay[:, :, i // bq, j // bk] | near
+    return keep
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("causal,tq,window", [(True, 50, 3), (False, 50, 2), (True, 23, 0)])
+def test_hip_matches_the_tree_search_by_hand(impl, causal, tq, window):
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=tq, tk=50, D=8)
+    m = methods.load("hip", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, top_k=6, block_q=8, block_k=2,
+                     window=window)
+    lay = hip_layout(q, k, 6, 8, 2, causal)
+    assert torch.equal(m.block_layout(q, k, causal), torch.from_numpy(lay))
+    assert (lay.sum(-1) == 3).all(), "K = top_k / block_k blocks per query block (ranges of 3+ blocks)"
+    keep = hip_keep(lay, tq, 50, 8, 2, window, causal)
+    assert 0 < keep.sum() < allowed_pairs(2, 4, tq, 50, causal)
+    check_against(m, q, k, v, keep, causal)
+
+
+def test_hip_padding_gqa_and_short_ranges():
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=40, D=8)
+    kpm = padding(2, 40, [40, 25])
+    kw = dict(num_heads=4, head_dim=8, impl="reference", top_k=8, block_q=8, block_k=2, window=2)
+    m = methods.load("hip", num_kv_heads=2, **kw)
+    lay = hip_layout(q, k, 8, 8, 2, True, kpm)
+    check_against(m, q, k, v, hip_keep(lay, 40, 40, 8, 2, 2, True, kpm), True, kpm)
+    assert lay[:, :, 0, :4].all(), "the first query block's range (4 blocks) is kept whole"
+    torch.testing.assert_close(m(q, k, v, causal=True), methods.load("hip", **kw)(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True))
+    big = methods.load("hip", num_kv_heads=2, **{**kw, "top_k": 40, "window": 0})  # budget covers all: exact
+    check_against(big, q, k, v, causal_keep(2, 4, 40, 40, True), True)
+    assert big.last_density == 1.0
+
+
+def test_hip_finds_the_planted_key():
+    """The search's purpose (under the paper's locality assumption): a run of keys aligned with
+    the last query block (keys 96..159, blocks 48..79 of 128) is where all 4 kept blocks land."""
+    q, k, v = seeded_qkv(B=1, H=1, Hkv=1, T=256, D=16)
+    u = q[0, 0, -32:].mean(0)
+    k[0, 0, 96:160] += u / u.norm() * 40
+    m = methods.load("hip", num_heads=1, head_dim=16, impl="reference", top_k=8, block_q=32, block_k=2, window=0)
+    kept = m.block_layout(q, k, causal=True)[0, 0, -1].nonzero().flatten()
+    assert len(kept) == 4 and ((kept >= 48) & (kept < 80)).all(), kept
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=0), dict(block_q=0), dict(block_k=0), dict(window=-1),
+                                 dict(top_k=1, block_k=2)])
+def test_hip_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match="top_k" if "top_k" in bad else next(iter(bad))):
+        methods.load("hip", num_heads=4, head_dim=8, **bad)
