@@ -27,12 +27,13 @@ window is added on top of the top-k (the official kernel adds its window likewis
 ignores the causal order inside the query block (the block's last query sees every key of the
 range), and padded keys are never representatives. The non-causal form (all keys in range)
 is this module's extension: the paper's kernels are causal.
-``block_layout(q, k, causal)`` is the index-building step on its own (for timing); each call
+``block_layout(q, k, causal)`` is the index-building step on its own, timed into ``last_index_ms`` (for timing); each call
 sets ``last_density``.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -51,6 +52,7 @@ class HiP(SparseMethod):
     def __init__(self, top_k: int = 512, block_q: int = 32, block_k: int = 2, window: int = 128,
                  impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
+        self.last_index_ms: float | None = None  # the last index building, ms
         for n, val, low in (("top_k", top_k, 1), ("block_q", block_q, 1), ("block_k", block_k, 1),
                             ("window", window, 0)):
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
@@ -68,8 +70,16 @@ class HiP(SparseMethod):
         last = torch.clamp((torch.arange(nq, device=device) + 1) * self.block_q, max=tq) - 1 + (tk - tq)
         return torch.div(last, self.block_k, rounding_mode="floor") + 1
 
+    def block_layout(self, q, k, causal, key_padding_mask=None):
+        """The block layout (below), timed: sets ``last_index_ms`` (the index-building step's
+        wall time, apart from the attention's)."""
+        t0 = _clock(q)
+        out = self._block_layout(q, k, causal, key_padding_mask)
+        self.last_index_ms = (_clock(q) - t0) * 1e3
+        return out
+
     @torch.no_grad()
-    def block_layout(self, q, k, causal, key_padding_mask=None) -> torch.Tensor:
+    def _block_layout(self, q, k, causal, key_padding_mask=None) -> torch.Tensor:
         """[B, H, nq, nk] bool: the K key blocks the tree search keeps for each query block."""
         B, H, tq, D = q.shape
         tk, bq, bk = k.shape[2], self.block_q, self.block_k
@@ -135,3 +145,10 @@ class HiP(SparseMethod):
         index = 2.0 * tq * 2 * K * self.block_k * levels * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+def _clock(x: torch.Tensor) -> float:
+    """Wall time in seconds, after the device's queued work (index timing)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()

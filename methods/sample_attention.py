@@ -20,7 +20,7 @@ Defaults alpha = 0.95, row_ratio = 0.05, window_ratio = 0.08 are this module's r
 paper's evaluation settings (its official code is not available offline). Also a reading: the
 stripes alone reach alpha of the sampled mass (the paper counts the window's mass too, so this
 keeps at least as many stripes), and the sampled rows are evenly spaced.
-``index(q, k)`` is the index-building step on its own (for timing it apart from attention);
+``index(q, k)`` is the index-building step on its own, timed into ``last_index_ms`` (for timing it apart from attention);
 every call sets ``last_density`` (the kept share of the causal pairs) and ``last_columns``
 (the mean number of stripes per head). ``impl=triton`` runs the vertical-slash kernel of
 ``methods.kernels.vertical_slash`` (stripes as verticals, the window as the first slashes).
@@ -28,6 +28,7 @@ every call sets ``last_density`` (the kept share of the causal pairs) and ``last
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -47,6 +48,7 @@ class SampleAttention(SparseMethod):
     def __init__(self, alpha: float = 0.95, row_ratio: float = 0.05, window_ratio: float = 0.08,
                  impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
+        self.last_index_ms: float | None = None  # the last index building, ms
         for n, val in (("alpha", alpha), ("row_ratio", row_ratio)):
             if not 0 < val <= 1:
                 raise ValueError(f"SampleAttention: {n} must be in (0, 1], got {val!r}")
@@ -63,8 +65,16 @@ class SampleAttention(SparseMethod):
     def window(self, tk: int) -> int:
         return math.ceil(self.window_ratio * tk)
 
+    def index(self, q, k, key_padding_mask=None):
+        """The column stripes (below), timed: sets ``last_index_ms`` (the index-building step's
+        wall time, apart from the attention's)."""
+        t0 = _clock(q)
+        out = self._index(q, k, key_padding_mask)
+        self.last_index_ms = (_clock(q) - t0) * 1e3
+        return out
+
     @torch.no_grad()
-    def index(self, q, k, key_padding_mask=None) -> torch.Tensor:
+    def _index(self, q, k, key_padding_mask=None) -> torch.Tensor:
         """[B, H, Tk] bool: the column stripes I_kv (stage 1 and 2)."""
         B, H, tq, D = q.shape
         tk = k.shape[2]
@@ -127,3 +137,10 @@ class SampleAttention(SparseMethod):
         index = 2.0 * len(self.sampled_rows(tq)) * tk * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+def _clock(x: torch.Tensor) -> float:
+    """Wall time in seconds, after the device's queued work (index timing)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()

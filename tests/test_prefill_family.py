@@ -529,3 +529,31 @@ def test_hip_finds_the_planted_key():
 def test_hip_bad_hyperparameters(bad):
     with pytest.raises(ValueError, match="top_k" if "top_k" in bad else next(iter(bad))):
         methods.load("hip", num_heads=4, head_dim=8, **bad)
+
+
+# ---- all five ---------------------------------------------------------------------------
+SMALL = {
+    "s2_attention": dict(block_size=4, local_blocks=1, vert_stride=3),
+    "star_attention": dict(num_hosts=3, query_len=4),
+    "sample_attention": dict(alpha=0.5, row_ratio=0.1, window_ratio=0.1),
+    "sparge": dict(block_q=8, block_k=4, sim_threshold=0.0, cdf_threshold=0.5),
+    "hip": dict(top_k=4, block_q=8, block_k=2, window=2),
+}
+DATA_DEPENDENT = ("sample_attention", "sparge", "hip")
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_recall_pairs_gradients_and_index_time(name):
+    """computed_keys (attention recall's pairs) are what the output attends to; gradients flow
+    through the reference path (the index is built without them); the data-dependent methods
+    time their index building apart (last_index_ms)."""
+    q, k, v = (x.requires_grad_() for x in seeded_qkv(B=1, H=4, Hkv=2, T=40, D=8))
+    m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **SMALL[name])
+    keep = m.computed_keys(q, k, causal=True)
+    out = check_against(m, q, k, v, keep.numpy(), True)
+    assert m.last_density == pytest.approx(float(keep.sum()) / allowed_pairs(1, 4, 40, 40, True))
+    assert m.last_density < 1
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+    if name in DATA_DEPENDENT:
+        assert m.last_index_ms is not None and m.last_index_ms >= 0
