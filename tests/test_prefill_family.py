@@ -531,13 +531,14 @@ def test_hip_bad_hyperparameters(bad):
         methods.load("hip", num_heads=4, head_dim=8, **bad)
 
 
-# ---- all five ---------------------------------------------------------------------------
+# ---- all of them ---------------------------------------------------------------------------
 SMALL = {
     "s2_attention": dict(block_size=4, local_blocks=1, vert_stride=3),
     "star_attention": dict(num_hosts=3, query_len=4),
     "sample_attention": dict(alpha=0.5, row_ratio=0.1, window_ratio=0.1),
     "sparge": dict(block_q=8, block_k=4, sim_threshold=0.0, cdf_threshold=0.5),
     "hip": dict(top_k=4, block_q=8, block_k=2, window=2),
+    "moa": dict(alpha=3, beta=0.25, num_sink=2),
 }
 DATA_DEPENDENT = ("sample_attention", "sparge", "hip")
 
@@ -557,3 +558,86 @@ def test_recall_pairs_gradients_and_index_time(name):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
     if name in DATA_DEPENDENT:
         assert m.last_index_ms is not None and m.last_index_ms >= 0
+
+
+# ---- MoA --------------------------------------------------------------------------------
+def moa_keep(B, H, tq, tk, rules, sink, kpm=None):
+    keep = causal_keep(B, H, tq, tk, True, kpm)
+    for h, (a, b) in enumerate(rules):
+        w = max(1, int(a + b * tk))
+        for i in range(tq):
+            for j in range(tk):
+                keep[:, h, i, j] &= (i + tk - tq - j < w) or j < sink
+    return keep
+
+
+RULES = [(2, 0.0), (0, 0.25), (3, 0.1), (0, 1.0)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "flex"])
+@pytest.mark.parametrize("tq", [40, 13])
+def test_moa_matches_its_per_head_rules_by_hand(impl, tq, tmp_path):
+    from methods.moa import save_rules
+
+    save_rules(tmp_path / "r.json", [{"alpha": a, "beta": b} for a, b in RULES])
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=tq, tk=40, D=8)
+    kpm = padding(2, 40, [40, 31])
+    m = methods.load("moa", num_heads=4, num_kv_heads=2, head_dim=8, impl=impl, num_sink=2,
+                     rule_file=str(tmp_path / "r.json"))
+    keep = moa_keep(2, 4, tq, 40, RULES, 2)
+    check_against(m, q, k, v, keep, True)
+    if impl == "reference":
+        assert m.cost(tq, 40, True).density == pytest.approx(m.last_density)
+    check_against(m, q, k, v, moa_keep(2, 4, tq, 40, RULES, 2, kpm), True, kpm)
+    with pytest.raises(AttentionInputError, match="causal"):
+        m(q, k, v, causal=False)
+
+
+def test_moa_triton_equals_reference_and_gqa():
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=256, D=16, dtype=torch.float32)
+    kw = dict(num_heads=4, head_dim=16, num_sink=3)
+    tri, ref = (methods.load("moa", num_kv_heads=2, impl=i, **kw) for i in ("triton", "reference"))
+    tri.rules = ref.rules = [(5, 0.0), (0, 0.1), (64, 0.0), (0, 0.5)]
+    out = tri(q, k, v, causal=True)
+    assert tri.last_path == "triton"
+    torch.testing.assert_close(out, ref(q, k, v, causal=True), rtol=1e-4, atol=1e-5)
+    assert ref.last_density < 1
+    rep = methods.load("moa", impl="reference", **kw)
+    rep.rules = ref.rules
+    torch.testing.assert_close(ref(q, k, v, causal=True),
+                               rep(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True))
+
+
+def test_moa_profiling_gives_local_heads_short_windows_within_the_budget():
+    """Head 0 attends to itself (local), head 1 to the first keys (long range): under a budget
+    that does not allow both a full window, head 1 gets the longer span."""
+    g = torch.Generator().manual_seed(0)
+    T, D = 48, 8
+    q = torch.randn(1, 2, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, T, D, generator=g, dtype=torch.float64)
+    k[0, 0] = q[0, 0] * 4  # each query matches its own key
+    k[0, 1, :3] = q[0, 1].mean(0) * 30  # every query matches the first keys
+    m = methods.load("moa", num_heads=2, head_dim=D, impl="reference", num_sink=0)
+    cands = [(1, 0.0), (4, 0.0), (0, 0.25), (0, 1.0)]
+    found = m.calibrate(q, k, budget=0.6, candidates=cands)
+    assert m.rules[0][0] + m.rules[0][1] * T < m.rules[1][0] + m.rules[1][1] * T
+    assert sum(f["density"] for f in found) / 2 <= 0.6
+    qn, kn = q.numpy(), k.numpy()
+    for h, f in enumerate(found):  # mass and density by hand
+        keep = moa_keep(1, 2, T, T, [m.rules[h]] * 2, 0)[0, h]
+        kept = []
+        for i in range(T):
+            s = np.array([qn[0, h, i] @ kn[0, h, j] for j in range(i + 1)]) / math.sqrt(D)
+            p = np.exp(s - s.max())
+            kept.append((p / p.sum() * keep[i, :i + 1]).sum())
+        assert f["mass"] == pytest.approx(float(np.mean(kept)))
+        assert f["density"] == pytest.approx(keep.sum() / allowed_pairs(1, 1, T, T, True))
+    with pytest.raises(ValueError, match="budget"):
+        m.calibrate(q, k, budget=0.01, candidates=cands)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(alpha=-1), "alpha"), (dict(beta=1.5), "beta"),
+                                       (dict(num_sink=-1), "num_sink"), (dict(rule_file="/nope.json"), "nope")])
+def test_moa_bad_hyperparameters(bad, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        methods.load("moa", num_heads=4, head_dim=8, **bad)
