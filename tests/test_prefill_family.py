@@ -641,3 +641,138 @@ def test_moa_profiling_gives_local_heads_short_windows_within_the_budget():
 def test_moa_bad_hyperparameters(bad, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         methods.load("moa", num_heads=4, head_dim=8, **bad)
+
+
+# ---- HyperAttention ---------------------------------------------------------------------
+def gray_codes(r):
+    """The reflected Gray code sequence of r bits (as the official AngularLSH builds it)."""
+    seq = [0, 1]
+    for i in range(1, r):
+        seq = seq + [x + 2 ** i for x in reversed(seq)]
+    return seq
+
+
+def hyper_weights_nc(q, k, proj, bs, samples, qo=0, ko=0, min_len=0):
+    """One non-causal block by hand: weights w[b][h][i][j] (dict of dicts)."""
+    B, H, nq, D = q.shape
+    nk = k.shape[2]
+    gray = gray_codes(proj.shape[1])
+    w = np.zeros((B, H, nq, nk))
+    if nq <= min_len:
+        return w + 1
+    for b in range(B):
+        for h in range(H):
+            def bucket(x):
+                code = sum(2 ** r for r in range(proj.shape[1]) if float(x @ proj[:, r]) > 0)
+                return gray[code]
+            qh = [bucket(q[b, h, i]) for i in range(nq)]
+            kh = [bucket(k[b, h, j]) for j in range(nk)]
+            q_sorted = sorted(range(nq), key=lambda i: (qh[i], i))
+            k_sorted = sorted(range(nk), key=lambda j: (kh[j], j))
+            qblk = {i: r // bs for r, i in enumerate(q_sorted)}
+            kblk = {j: r // bs for r, j in enumerate(k_sorted)}
+            for i in range(nq):
+                for j in range(nk):
+                    w[b, h, i, j] = qblk[i] == kblk[j]
+                if samples is not None:
+                    for r in samples[b, h].tolist():
+                        j = k_sorted[r]
+                        if qblk[i] != kblk[j]:
+                            w[b, h, i, j] += nk / samples.shape[-1]
+    return w
+
+
+def weighted_by_hand(q, k, v, w):
+    """o_i = sum_j w_ij e^{s_ij} v_j / sum_j w_ij e^{s_ij}, row by row."""
+    qn, kn, vn = (x.double().numpy() for x in (q, k, v))
+    B, H, tq, D = qn.shape
+    rep = H // kn.shape[1]
+    out = np.zeros((B, H, tq, D))
+    for b in range(B):
+        for h in range(H):
+            for i in range(tq):
+                js = [j for j in range(kn.shape[2]) if w[b, h, i, j] > 0]
+                if not js:
+                    continue
+                s = np.array([qn[b, h, i] @ kn[b, h // rep, j] for j in js]) / math.sqrt(D)
+                e = np.exp(s - s.max()) * np.array([w[b, h, i, j] for j in js])
+                out[b, h, i] = sum(ej * vn[b, h // rep, j] for ej, j in zip(e, js)) / e.sum()
+    return torch.from_numpy(out)
+
+
+HYPER = dict(lsh_num_projs=3, block_size=4, sample_size=5, min_seq_len=8)
+
+
+def test_hyper_attention_noncausal_is_lsh_blocks_plus_weighted_samples_by_hand():
+    q, k, v = seeded_qkv(B=2, H=2, Hkv=1, T=20, tk=24, D=8)
+    m = methods.load("hyper_attention", num_heads=2, num_kv_heads=1, head_dim=8, **HYPER).double()
+    out = m(q, k, v, causal=False)
+    kk = k.repeat_interleave(2, 1)
+    w = hyper_weights_nc(q, kk, m.proj_dir, 4, m.draw_samples(2, 2, 24, 0, 0))
+    assert ((w > 0) & (w < 1)).sum() == 0 and (w > 1).any(), "sampled weights n/s on top of the blocks"
+    torch.testing.assert_close(out, weighted_by_hand(q, k, v, w), rtol=1e-9, atol=1e-10)
+    assert torch.equal(m.computed_keys(q, k, False), torch.from_numpy(w > 0))
+    assert m.last_density == pytest.approx((w > 0).sum() / (2 * 2 * 20 * 24)) and m.last_density < 1
+
+
+def test_hyper_attention_causal_recursive_split_by_hand():
+    T = 20  # halves 10 and 10 (> min_seq_len 8: split again into 5 + 5, exact)
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=2, T=T, D=8)
+    kpm = padding(1, T, [17])
+    m = methods.load("hyper_attention", num_heads=2, head_dim=8, **HYPER).double()
+    out = m(q, k, v, causal=True, key_padding_mask=kpm)
+    w = np.zeros((1, 2, T, T))
+
+    def causal(lo, n):
+        if n <= 8:
+            for i in range(n):
+                w[:, :, lo + i, lo:lo + i + 1] = 1
+            return
+        h = n // 2
+        causal(lo, h)
+        causal(lo + h, n - h)
+        qs, ks = q[:, :, lo + h:lo + n], k[:, :, lo:lo + h]
+        samples = m.draw_samples(1, 2, h, lo + h, lo) if h > 5 else None
+        w[:, :, lo + h:lo + n, lo:lo + h] = hyper_weights_nc(qs, ks, m.proj_dir, 4, samples, min_len=8)
+
+    causal(0, T)
+    assert (w[:, :, 10:, :10] == 0).any() and np.allclose(np.triu(w[0, 0], 1), 0)
+    torch.testing.assert_close(out, weighted_by_hand(q, k, v, w * kpm.numpy()[:, None, None, :]),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_hyper_attention_exact_below_min_seq_len_gqa_and_hardness():
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=30, D=8)
+    m = methods.load("hyper_attention", num_heads=4, num_kv_heads=2, head_dim=8, report_hardness=True)
+    for causal in (True, False):
+        check_against(m, q, k, v, causal_keep(1, 4, 30, 30, causal), causal)
+    h = m.last_hardness  # exact attention: nothing removed, kappa = the row sums' spread
+    qd, kd = q.numpy(), k.repeat_interleave(2, 1).numpy()
+    alpha = kappa = 0.0
+    for hh in range(4):
+        a = np.exp(qd[0, hh] @ kd[0, hh].T / math.sqrt(8))
+        alpha = max(alpha, 30 * ((a / a.sum(1, keepdims=True)) ** 2).sum(0).max())
+        kappa = max(kappa, a.sum(1).max() / a.sum(1).min())
+    assert h["alpha"] == pytest.approx(alpha) and h["kappa"] == pytest.approx(kappa)
+    kw = dict(num_heads=4, head_dim=8, **HYPER)
+    a = methods.load("hyper_attention", num_kv_heads=2, **kw).double()
+    b = methods.load("hyper_attention", **kw).double()
+    torch.testing.assert_close(a(q, k, v, causal=True), b(q, k.repeat_interleave(2, 1),
+                                                          v.repeat_interleave(2, 1), causal=True))
+
+
+@pytest.mark.parametrize("bad", [dict(lsh_num_projs=0), dict(block_size=0), dict(sample_size=-1),
+                                 dict(min_seq_len=0), dict(lsh_num_projs=40)])
+def test_hyper_attention_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        methods.load("hyper_attention", num_heads=4, head_dim=8, **bad)
+
+
+def test_hyper_attention_gradients_and_cost():
+    q, k, v = (x.requires_grad_() for x in seeded_qkv(B=1, H=2, Hkv=1, T=24, D=8))
+    m = methods.load("hyper_attention", num_heads=2, num_kv_heads=1, head_dim=8, **HYPER).double()
+    m(q, k, v, causal=True).sum().backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+    exact = methods.load("hyper_attention", num_heads=2, head_dim=8)  # min_seq_len 4096
+    assert exact.cost(64, 64, True).density == 1.0
+    assert m.cost(4096, 4096, True).density < 1 and m.cost(4096, 4096, False).density < 1
