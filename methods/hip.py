@@ -78,6 +78,8 @@ class HiP(SparseMethod):
         self.last_index_ms = (_clock(q) - t0) * 1e3
         return out
 
+    score_bytes = 1 << 30  # representative scores held at once (query blocks chunked to fit)
+
     @torch.no_grad()
     def _block_layout(self, q, k, causal, key_padding_mask=None) -> torch.Tensor:
         """[B, H, nq, nk] bool: the K key blocks the tree search keeps for each query block."""
@@ -98,16 +100,22 @@ class HiP(SparseMethod):
         starts = bounds[..., :-1].expand(B, H, nq, K)
         ends = bounds[..., 1:].expand(B, H, nq, K)
         off = torch.arange(bk, device=dev)
+        chunk = max(1, self.score_bytes // (4 * B * H * bq * 2 * K * bk))
         while bool((ends - starts > 1).any()):
             size = ends - starts
             mid = starts + (size + 1) // 2
             cs, ce = torch.cat([starts, mid], -1), torch.cat([mid, ends], -1)  # [B, H, nq, 2K]
             keys = (cs.clamp(max=nk - 1) * bk).unsqueeze(-1) + off  # representative block's keys
-            kr = kk.gather(2, keys.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).view(B, H, nq, 2 * K, bk, D)
-            s = torch.einsum("bhnqd,bhnckd->bhnqck", qb, kr)  # [B, H, nq, bq, 2K, bk]
-            valid = kok.gather(1, keys.reshape(B, -1)).view(B, H, nq, 1, 2 * K, bk)
-            s = s.masked_fill(~qok, float("-inf")).masked_fill(~valid, float("-inf"))
-            score = s.amax(dim=(3, 5)).masked_fill(ce <= cs, float("-inf"))  # empty children last
+            score = torch.empty(B, H, nq, 2 * K, dtype=dt, device=dev)
+            for a in range(0, nq, chunk):  # query blocks in chunks: the scores fit score_bytes
+                c = min(chunk, nq - a)
+                kc = keys[:, :, a:a + c]
+                kr = kk.gather(2, kc.reshape(B, H, -1, 1).expand(-1, -1, -1, D)).view(B, H, c, 2 * K, bk, D)
+                s = torch.einsum("bhnqd,bhnckd->bhnqck", qb[:, :, a:a + c], kr)  # [B, H, c, bq, 2K, bk]
+                valid = kok.gather(1, kc.reshape(B, -1)).view(B, H, c, 1, 2 * K, bk)
+                s = s.masked_fill(~qok[:, :, a:a + c], float("-inf")).masked_fill(~valid, float("-inf"))
+                score[:, :, a:a + c] = s.amax(dim=(3, 5))
+            score = score.masked_fill(ce <= cs, float("-inf"))  # empty children last
             top = score.topk(K, dim=-1).indices
             starts, ends = cs.gather(-1, top), ce.gather(-1, top)
         lay = torch.zeros(B, H, nq, nk + 1, dtype=torch.bool, device=dev)

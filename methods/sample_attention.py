@@ -73,6 +73,8 @@ class SampleAttention(SparseMethod):
         self.last_index_ms = (_clock(q) - t0) * 1e3
         return out
 
+    score_bytes = 1 << 30  # sampled scores held at once (the sampled rows are chunked to fit)
+
     @torch.no_grad()
     def _index(self, q, k, key_padding_mask=None) -> torch.Tensor:
         """[B, H, Tk] bool: the column stripes I_kv (stage 1 and 2)."""
@@ -81,12 +83,16 @@ class SampleAttention(SparseMethod):
         rows = self.sampled_rows(tq).to(q.device)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         kk = repeat_kv(k, H // k.shape[1]).to(dt)
-        s = q[:, :, rows].to(dt) @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, n, Tk]
-        future = torch.arange(tk, device=q.device).view(1, tk) > (rows + tk - tq).view(-1, 1)
-        s = s.masked_fill(future, float("-inf"))
-        if key_padding_mask is not None:
-            s = s.masked_fill(~key_padding_mask.view(B, 1, 1, tk), float("-inf"))
-        a = torch.softmax(s, -1).nan_to_num(0.0).sum(2)  # [B, H, Tk] column mass
+        a = torch.zeros(B, H, tk, dtype=dt, device=q.device)  # column mass of the sampled rows
+        chunk = max(1, self.score_bytes // (4 * B * H * tk))
+        for c in range(0, len(rows), chunk):
+            r = rows[c:c + chunk]
+            s = q[:, :, r].to(dt) @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, c, Tk]
+            future = torch.arange(tk, device=q.device).view(1, tk) > (r + tk - tq).view(-1, 1)
+            s = s.masked_fill(future, float("-inf"))
+            if key_padding_mask is not None:
+                s = s.masked_fill(~key_padding_mask.view(B, 1, 1, tk), float("-inf"))
+            a += torch.softmax(s, -1).nan_to_num(0.0).sum(2)
         srt = a.sort(-1, descending=True)
         share = srt.values.cumsum(-1) / a.sum(-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
         count = ((share < self.alpha).sum(-1, keepdim=True) + 1).clamp(max=tk)  # reaches alpha

@@ -776,3 +776,14 @@ def test_hyper_attention_gradients_and_cost():
     exact = methods.load("hyper_attention", num_heads=2, head_dim=8)  # min_seq_len 4096
     assert exact.cost(64, 64, True).density == 1.0
     assert m.cost(4096, 4096, True).density < 1 and m.cost(4096, 4096, False).density < 1
+
+
+@pytest.mark.parametrize("name", ["sample_attention", "hip"])
+def test_index_in_chunks_equals_the_index_at_once(name):
+    """The index building bounds its score memory (score_bytes) by chunks: same pattern."""
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=64, D=8)
+    kw = dict(SMALL[name], row_ratio=0.3) if name == "sample_attention" else SMALL[name]
+    a, b = (methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **kw) for _ in "ab")
+    b.score_bytes = 1  # one sampled row / query block at a time
+    assert torch.equal(a.computed_keys(q, k, True), b.computed_keys(q, k, True))
+    torch.testing.assert_close(a(q, k, v, causal=True), b(q, k, v, causal=True), rtol=0, atol=0)
