@@ -1,0 +1,87 @@
+"""Check the issue-25 prefill methods on a GPU: every fast path (flex, triton) against the
+reference at one length, with the density, recall-relevant index time and attention time.
+
+    python scripts/prefill_family_check.py [--T 4096] [--dtype float16]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NAMES = ["s2_attention", "star_attention", "sample_attention", "sparge", "hip", "moa", "hyper_attention"]
+
+
+def load(name, **kw):
+    """The method from its YAML without Hydra (the GPU image has no hydra-core)."""
+    cfg = yaml.safe_load((ROOT / "conf" / "method" / f"{name}.yaml").read_text())
+    mod, cls = cfg.pop("_target_").rsplit(".", 1)
+    cfg.pop("_partial_", None)
+    return getattr(importlib.import_module(mod), cls)(**{**cfg, **kw})
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) / reps * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--dtype", default="float16")
+    args = ap.parse_args(argv)
+    dt = getattr(torch, args.dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, D, T = 1, 8, 2, 64, args.T
+    q = torch.randn(B, H, T, D, device="cuda", generator=g, dtype=dt) * 2
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g, dtype=dt)
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g, dtype=dt)
+    kpm = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    for name in NAMES:
+        probe = load(name, num_heads=H, num_kv_heads=Hkv, head_dim=D, max_seq_len=T)
+        for causal in (True, False):
+            if not (probe.supports_causal if causal else probe.supports_noncausal):
+                continue
+            ref = load(name, num_heads=H, num_kv_heads=Hkv, head_dim=D, max_seq_len=T,
+                               impl="reference").cuda()
+            with torch.no_grad():
+                want = ref(q.float(), k.float(), v.float(), causal=causal)
+            for impl in probe.impls[1:]:
+                m = load(name, num_heads=H, num_kv_heads=Hkv, head_dim=D, max_seq_len=T, impl=impl).cuda()
+                try:
+                    with torch.no_grad():
+                        out, ms = timed(lambda: m(q, k, v, causal=causal))
+                        padded = m(q, k, v, causal=causal, key_padding_mask=kpm)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"{name:16s} {impl:6s} causal={causal!s:5s} ERROR {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                err = (out.float() - want).abs().max().item()
+                perr = (padded.float() - want).abs().max().item()
+                idx = getattr(m, "last_index_ms", None)
+                print(f"{name:16s} {impl:6s} causal={causal!s:5s} path={m.last_path} max_err={err:.2e} "
+                      f"padded_err={perr:.2e} density={m.last_density:.3f} ref_density={ref.last_density:.3f} "
+                      f"call_ms={ms:.2f} index_ms={idx if idx is None else round(idx, 2)} "
+                      f"compiled={m.real_kernel}")
+        if len(probe.impls) == 1:
+            m = probe.cuda()
+            for causal in (True, False):
+                with torch.no_grad():
+                    _, ms = timed(lambda: m(q, k, v, causal=causal), reps=1)
+                print(f"{name:16s} reference causal={causal!s:5s} density={m.last_density:.3f} call_ms={ms:.1f}")
+
+
+if __name__ == "__main__":
+    main()
