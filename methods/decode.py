@@ -230,6 +230,8 @@ class DecodePath:
             if parent is None:
                 raise AttentionInputError(f"{self.decode_name()}: decode needs the KVCache filled by prefill")
             return parent(q_t, k_t, v_t)
+        self._check_step_kv(cache, k_t, v_t)
+        self._check_q(q_t, cache)  # all of the step checked before the cache changes
         self.append(cache, k_t, v_t)
         sel = self.select(q_t, cache)
         out = self.attend_selected(q_t, cache, sel)

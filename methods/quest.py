@@ -95,12 +95,13 @@ class Quest(DecodePath, AttentionMethod):
             cache.aux["page_max"][:, :, p] = kp.amax(2)
 
     def page_scores(self, q_t, cache: KVCache) -> torch.Tensor:
-        """U(P) of every held page for each query head: [B, H, pages] (fp32)."""
+        """U(P) of every held page for each query head: [B, H, pages] (fp32, fp64 for fp64 inputs)."""
         B, H, _, D = q_t.shape
         Hkv, P = cache.num_kv_heads, math.ceil(cache.length / self.page_size)
-        q = q_t.float().view(B, Hkv, H // Hkv, 1, D)
-        mn = cache.aux["page_min"][:, :, :P].float().unsqueeze(2)  # [B, Hkv, 1, P, D]
-        mx = cache.aux["page_max"][:, :, :P].float().unsqueeze(2)
+        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        q = q_t.to(dt).view(B, Hkv, H // Hkv, 1, D)
+        mn = cache.aux["page_min"][:, :, :P].to(dt).unsqueeze(2)  # [B, Hkv, 1, P, D]
+        mx = cache.aux["page_max"][:, :, :P].to(dt).unsqueeze(2)
         return torch.maximum(q * mx, q * mn).sum(-1).view(B, H, P)
 
     def select(self, q_t, cache: KVCache) -> Selection:

@@ -91,26 +91,29 @@ class SparQ(DecodePath, AttentionMethod):
         if self.k_mode == "store_twice":
             cache.aux["kt"] = cache.k.transpose(-1, -2).contiguous()  # [B, Hkv, D, capacity]
         if self.reallocation:
-            cache.aux["v_mean"] = cache.values().float().mean(2, keepdim=True)  # [B, Hkv, 1, D]
+            dt = torch.float64 if cache.dtype == torch.float64 else torch.float32
+            cache.aux["v_mean"] = cache.values().to(dt).mean(2, keepdim=True)  # [B, Hkv, 1, D]
 
     def update_index(self, cache: KVCache, slots, k_t, v_t) -> None:
         if self.k_mode == "store_twice":
             cache.aux["kt"][:, :, :, slots] = k_t.transpose(-1, -2)
         if self.reallocation:  # the official RunningVMean: (n * mean + v) / (n + 1)
             n = cache.seen - 1
-            cache.aux["v_mean"] = (n * cache.aux["v_mean"] + v_t.float()) / (n + 1)
+            vm = cache.aux["v_mean"]
+            cache.aux["v_mean"] = (n * vm + v_t.to(vm.dtype)) / (n + 1)
 
     def select(self, q_t, cache: KVCache) -> Selection:
         self._check_q(q_t, cache)
         B, H, _, D = q_t.shape
         Hkv, S, r = cache.num_kv_heads, cache.length, self.r
-        q = q_t[:, :, 0].float()  # [B, H, D]
+        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        q = q_t[:, :, 0].to(dt)  # [B, H, D]
         absq = q.abs()
         top_abs, i1 = absq.topk(r, dim=-1)  # [B, H, r]
         kt = cache.aux["kt"][..., :S] if self.k_mode == "store_twice" else cache.keys().transpose(-1, -2)
         k_hat = kt.gather(2, i1.reshape(B, Hkv, -1, 1).expand(-1, -1, -1, S)).view(B, H, r, S)
         tau = torch.sqrt(D * top_abs.sum(-1, keepdim=True) / absq.sum(-1, keepdim=True))  # [B, H, 1]
-        s_hat = torch.softmax((q.gather(-1, i1).unsqueeze(-2) @ k_hat.float()).squeeze(-2) / tau, dim=-1)
+        s_hat = torch.softmax((q.gather(-1, i1).unsqueeze(-2) @ k_hat.to(dt)).squeeze(-2) / tau, dim=-1)
         k = min(self.top_k(cache), S)
         s_top, i2 = s_hat.topk(k, dim=-1)  # [B, H, k]
         # step 1 read: the distinct components of each KV head's group, over every key
@@ -128,7 +131,7 @@ class SparQ(DecodePath, AttentionMethod):
             return y
         alpha = sel.extra["alpha"].view(*y.shape[:2], 1, 1)
         v_bar = cache.aux["v_mean"].repeat_interleave(self.num_heads // cache.num_kv_heads, 1)
-        return (alpha * y.float() + (1 - alpha) * v_bar).to(q_t.dtype)
+        return (alpha * y.to(alpha.dtype) + (1 - alpha) * v_bar.to(alpha.dtype)).to(q_t.dtype)
 
 
 __all__ = ["SparQ"]
