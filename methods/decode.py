@@ -118,28 +118,28 @@ class KVCache:
         return int(own + sum(t.numel() * t.element_size() for t in self.aux.values()))
 
     # ---- writing ------------------------------------------------------------------------
-    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Write ``k``, ``v`` [B, Hkv, n, D] into ``slots`` [n] (positions [n] absolute)."""
-        if slots.numel() and int(slots.max()) >= self.capacity:
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, pos0: int) -> None:
+        """Write ``k``, ``v`` [B, Hkv, n, D], the tokens at positions pos0 ... pos0 + n - 1, into
+        the consecutive slots slot ... slot + n - 1 (plain slices: no device synchronisation)."""
+        n = k.shape[2]
+        if slot + n > self.capacity:
             raise AttentionInputError(
-                f"KVCache: writing slot {int(slots.max())} past the cache's capacity of {self.capacity} "
-                f"tokens (build the cache with a larger capacity)")
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
-        self.pos[slots] = positions
-        self.length = max(self.length, int(slots.max()) + 1 if slots.numel() else 0)
+                f"KVCache: writing {n} tokens at slot {slot} exceeds the cache's capacity of "
+                f"{self.capacity} tokens (build the cache with a larger capacity)")
+        self.k[:, :, slot:slot + n] = k
+        self.v[:, :, slot:slot + n] = v
+        self.pos[slot:slot + n] = torch.arange(pos0, pos0 + n, device=self.device)
+        self.length = max(self.length, slot + n)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write ``k``, ``v`` [B, Hkv, n, D] at the next slots; returns the slots written."""
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` [B, Hkv, n, D], the next tokens, at the next slots."""
         n = k.shape[2]
         if self.length + n > self.capacity:
             raise AttentionInputError(
                 f"KVCache: {self.length} held + {n} new tokens exceed the cache's capacity of "
                 f"{self.capacity} tokens (build the cache with a larger capacity)")
-        slots = torch.arange(self.length, self.length + n, device=self.device)
-        self.write(slots, k, v, slots - self.length + self.seen)
+        self.write(self.length, k, v, self.seen)
         self.seen += n
-        return slots
 
 
 @dataclass
@@ -241,8 +241,8 @@ class DecodePath:
     def append(self, cache: KVCache, k_t, v_t) -> None:
         """Phase 1: the new key and value into the cache, the index updated."""
         self._check_step_kv(cache, k_t, v_t)
-        slots = self.store(cache, k_t, v_t)
-        self.update_index(cache, slots, k_t, v_t)
+        self.store(cache, k_t, v_t)
+        self.update_index(cache, k_t, v_t)
 
     def select(self, q_t, cache: KVCache) -> Selection:
         """Phase 2: which held keys each query head reads (default: all)."""
@@ -261,13 +261,16 @@ class DecodePath:
         return None
 
     # ---- what the cache keeps (default: every token, appended) ----------------------------
-    def store(self, cache: KVCache, k, v) -> torch.Tensor:
-        return cache.append(k, v)
+    def store(self, cache: KVCache, k, v) -> None:
+        """Write the new tokens' keys and values (default: append them all)."""
+        cache.append(k, v)
 
     def build_index(self, cache: KVCache) -> None:
+        """The index over what the prefill stored."""
         return None
 
-    def update_index(self, cache: KVCache, slots: torch.Tensor, k_t, v_t) -> None:
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        """The index after a decode step stored k_t, v_t (appended: at slot cache.length - 1)."""
         return None
 
     # ---- accounting -------------------------------------------------------------------------
@@ -344,15 +347,18 @@ class SinkWindowDecode(DecodePath):
     def cache_capacity(self, tokens: int) -> int:
         return min(tokens, self.decode_sinks + self.decode_window)
 
-    def store(self, cache: KVCache, k, v) -> torch.Tensor:
-        n, s, w = k.shape[2], self.decode_sinks, self.decode_window
-        pos = torch.arange(cache.seen, cache.seen + n, device=cache.device)
-        keep = (pos < s) | (pos > cache.seen + n - 1 - w)
-        pos = pos[keep]
-        slots = torch.where(pos < s, pos, s + (pos - s) % w)
-        cache.write(slots, k[:, :, keep], v[:, :, keep], pos)
+    def store(self, cache: KVCache, k, v) -> None:
+        n, s, w, p0 = k.shape[2], self.decode_sinks, self.decode_window, cache.seen
+        a = min(s, p0 + n)  # positions [p0, a): sinks, each in its own slot
+        if a > p0:
+            cache.write(p0, k[:, :, :a - p0], v[:, :, :a - p0], p0)
+        p = max(p0, a, p0 + n - w)  # positions [p, p0 + n): the window, in the ring (in runs up to its end)
+        while p < p0 + n:
+            slot = s + (p - s) % w
+            run = min(p0 + n - p, s + w - slot)
+            cache.write(slot, k[:, :, p - p0:p - p0 + run], v[:, :, p - p0:p - p0 + run], p)
+            p += run
         cache.seen += n
-        return slots
 
 
 class _Adapter(DecodePath):

@@ -77,22 +77,25 @@ class Quest(DecodePath, AttentionMethod):
 
     def build_index(self, cache: KVCache) -> None:
         B, Hkv, C, D = cache.k.shape
-        pages = math.ceil(C / self.page_size)
+        ps, S = self.page_size, cache.length
+        pages = math.ceil(C / ps)
         cache.aux["page_min"] = torch.zeros(B, Hkv, pages, D, dtype=cache.dtype, device=cache.device)
         cache.aux["page_max"] = torch.zeros_like(cache.aux["page_min"])
-        self._summarise(cache, 0, math.ceil(cache.length / self.page_size))
+        full = S // ps
+        kp = cache.k[:, :, :full * ps].reshape(B, Hkv, full, ps, D)
+        cache.aux["page_min"][:, :, :full] = kp.amin(3)
+        cache.aux["page_max"][:, :, :full] = kp.amax(3)
+        if S > full * ps:
+            self._summarise(cache, full)
 
-    def update_index(self, cache: KVCache, slots, k_t, v_t) -> None:
-        p = int(slots[0]) // self.page_size
-        self._summarise(cache, p, p + 1)
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        self._summarise(cache, (cache.length - 1) // self.page_size)
 
-    def _summarise(self, cache: KVCache, first: int, last: int) -> None:
-        """Min and max of the held keys of pages [first, last)."""
-        ps, S = self.page_size, cache.length
-        for p in range(first, last):  # one page per decode step; every page once at prefill
-            kp = cache.k[:, :, p * ps:min((p + 1) * ps, S)]
-            cache.aux["page_min"][:, :, p] = kp.amin(2)
-            cache.aux["page_max"][:, :, p] = kp.amax(2)
+    def _summarise(self, cache: KVCache, p: int) -> None:
+        """Min and max of the held keys of page p (the one a decode step wrote to)."""
+        kp = cache.k[:, :, p * self.page_size:min((p + 1) * self.page_size, cache.length)]
+        cache.aux["page_min"][:, :, p] = kp.amin(2)
+        cache.aux["page_max"][:, :, p] = kp.amax(2)
 
     def page_scores(self, q_t, cache: KVCache) -> torch.Tensor:
         """U(P) of every held page for each query head: [B, H, pages] (fp32, fp64 for fp64 inputs)."""

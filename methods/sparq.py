@@ -94,9 +94,9 @@ class SparQ(DecodePath, AttentionMethod):
             dt = torch.float64 if cache.dtype == torch.float64 else torch.float32
             cache.aux["v_mean"] = cache.values().to(dt).mean(2, keepdim=True)  # [B, Hkv, 1, D]
 
-    def update_index(self, cache: KVCache, slots, k_t, v_t) -> None:
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
         if self.k_mode == "store_twice":
-            cache.aux["kt"][:, :, :, slots] = k_t.transpose(-1, -2)
+            cache.aux["kt"][:, :, :, cache.length - 1] = k_t[:, :, 0]
         if self.reallocation:  # the official RunningVMean: (n * mean + v) / (n + 1)
             n = cache.seen - 1
             vm = cache.aux["v_mean"]
@@ -116,14 +116,18 @@ class SparQ(DecodePath, AttentionMethod):
         s_hat = torch.softmax((q.gather(-1, i1).unsqueeze(-2) @ k_hat.to(dt)).squeeze(-2) / tau, dim=-1)
         k = min(self.top_k(cache), S)
         s_top, i2 = s_hat.topk(k, dim=-1)  # [B, H, k]
-        # step 1 read: the distinct components of each KV head's group, over every key
-        comp = torch.zeros(B, Hkv, D, dtype=torch.bool, device=q.device)
-        comp.scatter_(2, i1.reshape(B, Hkv, -1), True)
-        index_bytes = float(comp.sum()) * S * cache.k.element_size()
+        return Selection(slots=i2, clamped=self.top_k(cache) > S, extra={"alpha": s_top.sum(-1), "i1": i1})
+
+    def step_info(self, cache: KVCache, sel: Selection) -> dict:
+        """Adds step 1's read (counted here, outside the timed phases): the distinct components
+        of each KV head's group over every key, and the value mean."""
+        B, Hkv, D, S = cache.batch, cache.num_kv_heads, cache.head_dim, cache.length
+        comp = torch.zeros(B, Hkv, D, dtype=torch.bool, device=cache.device)
+        comp.scatter_(2, sel.extra["i1"].reshape(B, Hkv, -1), True)
+        sel.index_bytes = float(comp.sum()) * S * cache.k.element_size()
         if self.reallocation:
-            index_bytes += cache.aux["v_mean"].numel() * cache.aux["v_mean"].element_size()
-        return Selection(slots=i2, index_bytes=index_bytes, clamped=self.top_k(cache) > S,
-                         extra={"alpha": s_top.sum(-1)})
+            sel.index_bytes += cache.aux["v_mean"].numel() * cache.aux["v_mean"].element_size()
+        return super().step_info(cache, sel)
 
     def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
         y = sdpa(q_t, gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots))

@@ -162,27 +162,28 @@ def _sink_window_row(q, k, v, i, b, h, sinks, window):
     return _softmax_attend(q[b, h, i], k[b, h // G, keep], v[b, h // G, keep]), keep
 
 
-@pytest.mark.parametrize("name,kw,sinks,window", [
-    ("streaming_llm", dict(num_sink=2, window=6, impl="reference"), 2, 6),
-    ("streaming_llm", dict(num_sink=0, window=5, impl="flex"), 0, 5),
-    ("sliding_window", dict(window=5, impl="reference"), 0, 5),
-    ("minference", dict(pattern="a_shape", num_sink=3, window=6, impl="reference"), 3, 6),
+@pytest.mark.parametrize("name,kw,sinks,window,L", [
+    ("streaming_llm", dict(num_sink=2, window=6, impl="reference"), 2, 6, 20),
+    ("streaming_llm", dict(num_sink=2, window=6, impl="reference"), 2, 6, 21),  # the prefill wraps the ring
+    ("streaming_llm", dict(num_sink=0, window=5, impl="flex"), 0, 5, 20),
+    ("sliding_window", dict(window=5, impl="reference"), 0, 5, 23),
+    ("minference", dict(pattern="a_shape", num_sink=3, window=6, impl="reference"), 3, 6, 2),  # L < sinks
 ])
-def test_sink_window_decode_matches_its_own_prefill_and_evicts(name, kw, sinks, window):
+def test_sink_window_decode_matches_its_own_prefill_and_evicts(name, kw, sinks, window, L):
     m = _load(name, **kw)
     path = decode_path(m)
     assert path.decode_fallback is None
     assert isinstance(path, SinkWindowAdapter) == (name != "streaming_llm")
     q, k, v = _qkv(32, seed=2)
     prefill = m(q, k, v, causal=True)  # the method's own prefill over all 32 tokens
-    for i, out, cache in _steps(path, q, k, v, 20):
+    for i, out, cache in _steps(path, q, k, v, L):
         torch.testing.assert_close(out[:, :, 0], prefill[:, :, i])
         for b in range(B):
             for h in range(H):
                 ref, keep = _sink_window_row(q, k, v, i, b, h, sinks, window)
                 torch.testing.assert_close(out[b, h, 0], ref)
         assert sorted(cache.positions().tolist()) == keep  # the cache holds exactly what is read
-        assert path.last_step["kv_bytes"] == 2 * B * HKV * (sinks + window) * D * 8
+        assert path.last_step["kv_bytes"] == 2 * B * HKV * len(keep) * D * 8
     assert cache.bytes_held() == 2 * B * HKV * (sinks + window) * D * 8  # constant, however long
 
 
