@@ -90,9 +90,8 @@ class DecodeRunner:
             rec.details.update({"decode_path": type(path).__name__, "decode_fallback": path.decode_fallback,
                                 "steps": int(self.steps), "inputs": self.inputs, "warmup": int(self.warmup),
                                 "real_kernel": "decode gathers (or keeps) only the keys it reads"})
-            if self.inputs == "structured":
-                rec.details["peakedness"] = {"num_dominant": int(task.cfg.num_dominant),
-                                             "dominance": float(task.cfg.dominance)}
+            rec.details["peakedness"] = None if self.inputs == "random" else {
+                "num_dominant": int(task.cfg.num_dominant), "dominance": float(task.cfg.dominance)}
             try:
                 with torch.no_grad():
                     self._measure(rec, path, method, task, op.shape, L, device, dtype, int(cfg.seed))

@@ -90,13 +90,19 @@ def test_quest_decode_against_the_papers_page_selection(budget):
     q, k, v = _qkv(46)
     steps = 0
     for i, out, _ in _steps(m, q, k, v, 37):  # decode crosses page boundaries (40, 44)
+        rows = 0  # K/V rows read: each (batch, KV head, key) once, whichever heads of the group read it
         for b in range(B):
-            for h in range(H):
-                ref, read = _quest_reference(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1], page, budget)
-                torch.testing.assert_close(out[b, h, 0], ref)
-                got = {int(p) for p in m.last_step["positions"][b, h] if p >= 0}
-                assert got == read
+            for kvh in range(HKV):
+                union = set()
+                for h in range(kvh * G, (kvh + 1) * G):
+                    ref, read = _quest_reference(q[b, h, i], k[b, kvh, :i + 1], v[b, kvh, :i + 1], page, budget)
+                    torch.testing.assert_close(out[b, h, 0], ref)
+                    assert {int(p) for p in m.last_step["positions"][b, h] if p >= 0} == read
+                    union |= read
+                rows += len(union)
         assert not m.last_step["clamped"]
+        assert m.last_step["kv_bytes"] == 2 * rows * D * 8
+        assert m.last_step["index_bytes"] == 2 * B * HKV * math.ceil((i + 1) / page) * D * 8  # every page's min, max
         steps += 1
     assert steps == 9
 
@@ -124,9 +130,9 @@ def _sparq_reference(q, keys, values, r, k, reallocation):
     i2 = sorted(range(S), key=lambda j: -float(s_hat[j]))[:min(k, S)]
     y = _softmax_attend(q, keys[i2], values[i2])
     if not reallocation:
-        return y, set(i2)
+        return y, set(i2), set(i1)
     alpha = float(s_hat[i2].sum())
-    return alpha * y + (1 - alpha) * values.mean(0), set(i2)
+    return alpha * y + (1 - alpha) * values.mean(0), set(i2), set(i1)
 
 
 @pytest.mark.parametrize("reallocation,k_mode", [(True, "store_twice"), (False, "store_once"), (True, "store_once")])
@@ -135,12 +141,20 @@ def test_sparq_decode_against_algorithm_1(reallocation, k_mode):
     m = _load("sparq", r=r, k=kk, reallocation=reallocation, k_mode=k_mode)
     q, k, v = _qkv(36, seed=1)
     for i, out, _ in _steps(m, q, k, v, 30):
+        rows = comps = 0
         for b in range(B):
-            for h in range(H):
-                ref, read = _sparq_reference(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1], r, kk,
-                                             reallocation)
-                torch.testing.assert_close(out[b, h, 0], ref)
-                assert {int(p) for p in m.last_step["positions"][b, h]} == read
+            for kvh in range(HKV):
+                keys, components = set(), set()
+                for h in range(kvh * G, (kvh + 1) * G):
+                    ref, read, i1 = _sparq_reference(q[b, h, i], k[b, kvh, :i + 1], v[b, kvh, :i + 1], r, kk,
+                                                     reallocation)
+                    torch.testing.assert_close(out[b, h, 0], ref)
+                    assert {int(p) for p in m.last_step["positions"][b, h]} == read
+                    keys, components = keys | read, components | i1
+                rows, comps = rows + len(keys), comps + len(components)
+        assert m.last_step["kv_bytes"] == 2 * rows * D * 8
+        # step 1 reads each component of the group's union over every key, and the value mean
+        assert m.last_step["index_bytes"] == comps * (i + 1) * 8 + (B * HKV * D * 8 if reallocation else 0)
 
 
 def test_sparq_defaults_follow_the_compression_ratio_and_all_of_it_is_dense():
@@ -265,6 +279,32 @@ def test_decode_runner_writes_a_record(method, extra, compose_cfg, store):
         assert rec.details["decode_fallback"] == (None if method == "dense" else "dense")
         assert mt["decode_rel_err_max"] < 1e-5 and mt["decode_recall_min"] == pytest.approx(1.0, abs=1e-5)
         assert mt["read_fraction"] == 1.0 and mt["kv_bytes_held_end"] == dense_held
+
+
+def test_decode_runner_fidelity_and_recall_against_a_computation_here(compose_cfg, store):
+    """StreamingLLM (2 sinks, 8 recent) on random inputs: each step's error against dense decode
+    and its recall (the dense mass on the sinks and the window), recomputed here from the same
+    inputs (the fidelity task's random q, k, v at seed + L)."""
+    from tasks.fidelity import random_qkv
+
+    cfg = compose_cfg("runner=decode", "method=streaming_llm", *RUN, "runner.inputs=random", "method.num_sink=2",
+                      "method.window=8", "method.impl=reference", tiny=False)
+    (rec,) = run(cfg)
+    assert rec.status == "ok", rec.error
+    assert rec.details["peakedness"] is None and rec.details["inputs"] == "random"
+    q, k, v = (t.double() for t in random_qkv(1, 4, 2, 52, 16, "cpu", torch.float32, 48))
+    for step, i in enumerate(range(48, 52)):
+        keep = [j for j in range(i + 1) if j < 2 or i - j < 8]
+        recall, err, ref_sq = 0.0, 0.0, 0.0
+        for h in range(4):
+            p = torch.softmax(k[0, h // 2, :i + 1] @ q[0, h, i] / 4.0, 0)
+            recall += float(p[keep].sum()) / 4
+            out = torch.softmax(k[0, h // 2, keep] @ q[0, h, i] / 4.0, 0) @ v[0, h // 2, keep]
+            ref = p @ v[0, h // 2, :i + 1]
+            err, ref_sq = err + float((out - ref).pow(2).sum()), ref_sq + float(ref.pow(2).sum())
+        assert rec.details["per_step"]["recall"][step] == pytest.approx(recall, rel=1e-4)
+        assert rec.details["per_step"]["rel_err"][step] == pytest.approx(math.sqrt(err / ref_sq), rel=1e-3)
+    assert rec.metrics["kv_bytes_held_end"] == 2 * 2 * 10 * 16 * 4  # sinks + window, however long
 
 
 def test_decode_runner_skips_methods_that_are_not_causal(compose_cfg, store):
