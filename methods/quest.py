@@ -43,7 +43,8 @@ class Quest(DecodePath, AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Tang et al. 2024"
     kind = "sparse decode (query-aware pages), training-free"
-    official_test = None
+    # the test's reference follows evaluation/quest_attention.py: the bound, max(3, budget // page) pages
+    official_test = "tests/test_decode.py::test_quest_decode_against_the_official_page_selection"
     exact = True  # the prefill is dense; the decode selects pages
     impls = ("reference",)
 

@@ -43,7 +43,8 @@ class SparQ(DecodePath, AttentionMethod):
     # what the README's method table says (python -m analysis.readme)
     paper = "Ribar et al. 2024"
     kind = "sparse decode (approximate scores), training-free"
-    official_test = None
+    # the test's reference follows the official sparq_attn: tau, top-k, lerp with the value mean
+    official_test = "tests/test_decode.py::test_sparq_decode_against_algorithm_1"
     exact = True  # the prefill is dense; the decode selects keys
     impls = ("reference",)
 

@@ -67,7 +67,8 @@ def test_methods_without_a_decode_path_decode_densely_and_say_so(name, fallback)
 
 # ---- Quest ----------------------------------------------------------------------------------
 def _quest_reference(q, keys, values, page_size, budget):
-    """Quest for one query head, from Sec. 3.3: per-page channel min/max, the bound
+    """Quest for one query head, from Sec. 3.3 and the official evaluation/quest_attention.py:
+    per-page channel min/max (pages from slot 0, the last one partial), the bound
     U = sum_i max(q_i M_i, q_i m_i), the top max(3, budget // page) pages, exact attention."""
     S = keys.shape[0]
     pages = [list(range(p, min(p + page_size, S))) for p in range(0, S, page_size)]
@@ -84,7 +85,7 @@ def _quest_reference(q, keys, values, page_size, budget):
 
 
 @pytest.mark.parametrize("budget", [12, 20])
-def test_quest_decode_against_the_papers_page_selection(budget):
+def test_quest_decode_against_the_official_page_selection(budget):
     page = 4
     m = _load("quest", page_size=page, token_budget=budget)
     q, k, v = _qkv(46)
@@ -121,8 +122,9 @@ def test_quest_budget_larger_than_the_cache_is_clamped_to_dense():
 
 # ---- SparQ ----------------------------------------------------------------------------------
 def _sparq_reference(q, keys, values, r, k, reallocation):
-    """SparQ Alg. 1 for one query head: r largest |q_i|, scores softened by
-    sqrt(D ||q[i1]||_1 / ||q||_1), the top k keys attended exactly, mean-value reallocation."""
+    """SparQ Alg. 1 for one query head, as the official sparq_attn computes it: the r largest
+    |q_i|, scores softened by sqrt(D ||q[i1]||_1 / ||q||_1), the top k keys attended exactly,
+    alpha * y + (1 - alpha) * mean(V) (torch.lerp(V_mean, y, alpha))."""
     Dh, S = q.shape[0], keys.shape[0]
     i1 = sorted(range(Dh), key=lambda c: -abs(float(q[c])))[:r]
     tau = math.sqrt(Dh * float(q[i1].abs().sum()) / float(q.abs().sum()))
