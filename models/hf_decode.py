@@ -90,10 +90,12 @@ def ContractCache(model, tokens: int):  # noqa: N802 - a factory that reads as t
 def _method(module, H, D, Hkv):
     m = getattr(module, "_attnbench_method", None)
     if m is None:
-        spec = dict(module.config.attnbench_method)
-        cfg = methods.compose_method(spec.pop("name"))
-        for k, v in spec.items():
-            cfg[k] = v
+        cfg = module.config.attnbench_method
+        if isinstance(cfg, dict) and "name" in cfg:  # a method name and hyperparameters (else a composed config)
+            spec = dict(cfg)
+            cfg = methods.compose_method(spec.pop("name"))
+            for k, v in spec.items():
+                cfg[k] = v
         m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
                           max_seq_len=getattr(module.config, "max_position_embeddings", None))
         module._attnbench_method = m
@@ -157,17 +159,23 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> Generated:
-    """Greedy generation: the prompt through each layer's prefill, then one decode step per token."""
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.Tensor | None = None) -> Generated:
+    """Greedy generation: the prompt through each layer's prefill, then one decode step per token.
+    With ``forced`` [B, max_new_tokens] the model is fed those tokens instead of its own choices
+    (teacher forcing: every method's logits on the same continuation); ``tokens`` are still its
+    greedy choices."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if forced is not None and tuple(forced.shape) != (input_ids.shape[0], max_new_tokens):
+        raise ValueError(f"generate: forced must be [B, max_new_tokens] = [{input_ids.shape[0]}, {max_new_tokens}], "
+                         f"got {tuple(forced.shape)}")
     cache = ContractCache(model, input_ids.shape[1] + max_new_tokens)
     ids, toks, logits = input_ids, [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
         last = out.logits[:, -1]
-        ids = last.argmax(-1, keepdim=True)
-        toks.append(ids)
+        toks.append(last.argmax(-1, keepdim=True))
+        ids = toks[-1] if forced is None else forced[:, step:step + 1]
         logits.append(last)
     stats = [{"path": type(la.path).__name__, "decode_fallback": la.path.decode_fallback,
               "bytes_held": la.kv.bytes_held(),

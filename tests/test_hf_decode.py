@@ -42,6 +42,12 @@ def test_streaming_llm_decode_steps_give_its_prefill_logits(tiny_llama):
     kw = dict(num_sink=2, window=8, impl="reference")
     got = hf_decode.generate(hf_decode.load(tiny_llama, "streaming_llm", **kw), _ids(), NEW)
     full = torch.cat([_ids(), got.tokens], 1)
+    forced = torch.randint(0, 64, (2, NEW), generator=torch.Generator().manual_seed(5))  # teacher forcing
+    fed = hf_decode.generate(hf_decode.load(tiny_llama, "streaming_llm", **kw), _ids(), NEW, forced=forced)
+    with torch.no_grad():
+        fed_pre = hf.load(tiny_llama, "streaming_llm", **kw)(input_ids=torch.cat([_ids(), forced], 1)).logits
+    for j, logits in enumerate(fed.logits):
+        torch.testing.assert_close(logits, fed_pre[:, PROMPT - 1 + j], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         pre = hf.load(tiny_llama, "streaming_llm", **kw)(input_ids=full).logits
     for j, logits in enumerate(got.logits):
