@@ -11,7 +11,8 @@ path (``methods.decode``): the contract's ``KVCache`` is the model's KV cache.
 ``attnbench_decode``) prefills the layer's decode path with the prompt (``path.prefill``) and
 then takes one ``path.decode`` per generated token, over the ``KVCache`` it owns (built for
 ``tokens``: prompt plus new tokens). Methods without a decode path decode densely over it
-(``decode_fallback``). Limits, each an error: one prompt length for the batch (no padding),
+(``decode_fallback``); ``dense_layers`` keeps the first layers dense, a model-level choice some
+papers make (Quest: its first two layers). Limits, each an error: one prompt length for the batch (no padding),
 one token per step after the prefill, and no more tokens than the cache was built for.
 """
 from __future__ import annotations
@@ -116,8 +117,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             if not bool(allowed[:, 0].any(dim=1).all()):
                 raise AttentionInputError(f"{NAME}: padded prompts are not supported (one length per batch)")
-        m = _method(module, H, D, key.shape[1]).to(query.device)
-        layer.path = decode_path(m)
+        if module.layer_idx < getattr(module.config, "attnbench_dense_layers", 0):  # Quest's first layers
+            m = methods.build(methods.compose_method("dense"), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
+        else:
+            m = _method(module, H, D, key.shape[1])
+        layer.path = decode_path(m.to(query.device))
         layer.kv = layer.path.new_cache(B, layer.tokens, key.dtype, key.device)
         out = layer.path.prefill(query, key, value, layer.kv)
     else:
@@ -136,13 +140,15 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def load(path_or_name: str, method: str = "dense", dtype=None, **method_kwargs):
-    """``from_pretrained`` with attention through ``method``'s decode path."""
+def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int = 0, **method_kwargs):
+    """``from_pretrained`` with attention through ``method``'s decode path; the first
+    ``dense_layers`` layers prefill and decode densely (Quest keeps its first two dense)."""
     from transformers import AutoModelForCausalLM
 
     register()
     model = AutoModelForCausalLM.from_pretrained(path_or_name, attn_implementation=NAME, dtype=dtype)
     model.config.attnbench_method = {"name": method, **method_kwargs}
+    model.config.attnbench_dense_layers = int(dense_layers)
     return model.eval()
 
 

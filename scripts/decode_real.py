@@ -19,6 +19,7 @@ from tasks import corpora
 from tasks.real_text import _tokens
 
 METHODS = [("dense", {"impl": "reference"}), ("quest", {"token_budget": 256}),
+           ("quest", {"token_budget": 256, "dense_layers": 2}),  # the paper's first two layers dense
            ("sparq", {}), ("streaming_llm", {"num_sink": 4, "window": 256, "impl": "reference"})]
 
 

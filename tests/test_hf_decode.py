@@ -62,6 +62,11 @@ def test_quest_in_the_model(tiny_llama):
     assert torch.equal(wide.tokens, dense.tokens)  # a budget over the cache reads it all
     narrow = hf_decode.generate(hf_decode.load(tiny_llama, "quest", page_size=4, token_budget=12), ids, NEW)
     assert all(n["bytes_read_per_step"] < d["bytes_read_per_step"] for n, d in zip(narrow.stats, dense.stats))
+    first = hf_decode.generate(hf_decode.load(tiny_llama, "quest", page_size=4, token_budget=12, dense_layers=1),
+                               ids, NEW, forced=narrow.tokens)  # the paper's dense first layers (here one)
+    assert [s["path"] for s in first.stats] == ["DenseAdapter", "Quest"]
+    assert first.stats[0]["bytes_read_per_step"] == dense.stats[0]["bytes_read_per_step"]
+    assert first.stats[1]["bytes_read_per_step"] < dense.stats[1]["bytes_read_per_step"]
 
 
 def test_bad_use_is_refused(tiny_llama):
