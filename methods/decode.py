@@ -1,0 +1,434 @@
+"""The decode contract (issue 24): a method's decode path over a KV cache that it fills and reads.
+
+    path = decode_path(method)                      # the method itself, or an adapter (below)
+    cache = path.new_cache(batch, capacity, dtype, device)
+    o = path.prefill(q, k, v, cache)                # causal; q [B, H, L, D], k, v [B, Hkv, L, D]
+    o_t = path.decode(q_t, k_t, v_t, cache)         # one token: q_t [B, H, 1, D], k_t, v_t [B, Hkv, 1, D]
+    path.last_step                                  # what the step read (below)
+    cache.bytes_held()                              # bytes of every tensor the cache owns
+
+A decode step is three phases, which ``runners.decode`` times apart:
+
+    append(cache, k_t, v_t)                write the new key and value, update the method's index
+    select(q_t, cache)                     choose the cached keys each query head reads (a ``Selection``)
+    attend_selected(q_t, cache, selection) exact attention over them (plus any correction: SparQ's)
+
+``KVCache`` owns the stored K/V (contiguous, [B, Hkv, capacity, D]), the absolute position of
+every slot, and the method's auxiliary index in ``aux`` (Quest's page summaries, SparQ's K^T
+copy and running value mean). ``bytes_held`` counts the tensors it owns, allocated (K, V and
+aux; the slot positions are bookkeeping and not counted). ``last_step`` after a decode says
+which absolute positions each query head read (``positions`` [B, H, n], -1 for padding;
+None: every held key), the bytes the step read (``index_bytes``: summaries or partial keys;
+``kv_bytes``: the K/V rows read, each (batch, KV head, slot) counted once however many query
+heads of its group read it) and ``clamped`` (below).
+
+Paths:
+  a method implementing the contract (``DecodePath``): Quest, SparQ (prefill dense, decode
+      selects), StreamingLLM (sinks + recent window, the rest evicted from the cache)
+  ``SinkWindowAdapter``: the existing methods whose decode is defined by their prefill pattern:
+      sliding window (window, no sinks) and MInference's A-shape (num_sink + window); the cache
+      keeps only those keys (a rolling buffer, as StreamingLLM and Mistral's sliding window do)
+  ``DenseAdapter``: every other method decodes densely over its whole cache: its
+      ``decode_fallback`` is "dense" (None for exact methods, whose decode is dense by definition)
+
+Dense decode over the full history is the reference the decode runner compares every path to.
+
+Rules (each raises ``AttentionInputError`` naming the problem, before any compute):
+  * a cache built for another shape (batch, KV heads, head dim, dtype) than the inputs or the
+    method, or filled by another method or other hyperparameters, is refused;
+  * decode before prefill is refused; so is prefill into a cache that already holds tokens, and
+    writing past the cache's capacity;
+  * a budget larger than the cache (Quest's token budget, SparQ's k) is clamped to the cache, as
+    the official code does (``min(kv_seq_len, token_budget)``, ``min(k, S)``): every held key is
+    read, and ``last_step["clamped"]`` says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import AttentionInputError
+
+
+class KVCache:
+    """K/V of one attention layer, stored contiguously, plus the method's index (``aux``).
+
+    Slots ``[0, length)`` hold keys; ``pos[s]`` is the absolute position of slot ``s`` (-1:
+    empty); ``seen`` counts the tokens written so far (the next token's position)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        for n, x in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                     ("capacity", capacity)):
+            if int(x) < 1:
+                raise ValueError(f"KVCache: {n} must be >= 1, got {x}")
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.length = 0
+        self.seen = 0
+        self.aux: dict[str, torch.Tensor] = {}
+        self.owner: str | None = None  # the decode path (and hyperparameters) that filled it
+
+    # ---- what it holds ------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, :self.length]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, :self.length]
+
+    def positions(self) -> torch.Tensor:
+        return self.pos[:self.length]
+
+    def row_bytes(self) -> int:
+        """Bytes of one key (or value) row of one KV head."""
+        return self.head_dim * self.k.element_size()
+
+    def bytes_held(self) -> int:
+        """Bytes of the tensors the cache owns: K and V at capacity plus the method's index."""
+        own = self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return int(own + sum(t.numel() * t.element_size() for t in self.aux.values()))
+
+    # ---- writing ------------------------------------------------------------------------
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, pos0: int) -> None:
+        """Write ``k``, ``v`` [B, Hkv, n, D], the tokens at positions pos0 ... pos0 + n - 1, into
+        the consecutive slots slot ... slot + n - 1 (plain slices: no device synchronisation)."""
+        n = k.shape[2]
+        if slot + n > self.capacity:
+            raise AttentionInputError(
+                f"KVCache: writing {n} tokens at slot {slot} exceeds the cache's capacity of "
+                f"{self.capacity} tokens (build the cache with a larger capacity)")
+        self.k[:, :, slot:slot + n] = k
+        self.v[:, :, slot:slot + n] = v
+        self.pos[slot:slot + n] = torch.arange(pos0, pos0 + n, device=self.device)
+        self.length = max(self.length, slot + n)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` [B, Hkv, n, D], the next tokens, at the next slots."""
+        n = k.shape[2]
+        if self.length + n > self.capacity:
+            raise AttentionInputError(
+                f"KVCache: {self.length} held + {n} new tokens exceed the cache's capacity of "
+                f"{self.capacity} tokens (build the cache with a larger capacity)")
+        self.write(self.length, k, v, self.seen)
+        self.seen += n
+
+
+@dataclass
+class Selection:
+    """What a decode step reads. ``slots`` [B, H, n]: the cache slots each query head reads
+    (None: every held slot); ``valid`` [B, H, n] bool: False marks padding among them (None: all
+    real); ``index_bytes``: bytes the selection itself read; ``clamped``: the budget exceeded
+    the cache and was clamped to it; ``extra``: what the method's attention needs besides."""
+
+    slots: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    index_bytes: float = 0.0
+    clamped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def gather_heads(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [B, Hkv, S, D] at ``slots`` [B, H, n] (query head h reads KV head
+    h // (H / Hkv), as ``repeat_kv`` pairs them): [B, H, n, D]. Slots out of range (padding,
+    masked by the caller) read the nearest real slot."""
+    B, Hkv, S, D = x.shape
+    H, n = slots.shape[1], slots.shape[2]
+    idx = slots.clamp(0, S - 1).reshape(B, Hkv, (H // Hkv) * n, 1).expand(-1, -1, -1, D)
+    return x.gather(2, idx).view(B, H, n, D)
+
+
+def sdpa(q, k, v, mask=None) -> torch.Tensor:
+    """Exact attention of the decode query (or queries) over the keys given, all allowed unless
+    ``mask`` [B, H, Tq, n] (True = read); grouped K/V broadcast to the query heads."""
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class DecodePath:
+    """The decode contract. Subclasses may override ``store`` (which tokens the cache keeps
+    and where), ``build_index``/``update_index`` (their auxiliary index), ``select`` and
+    ``attend_selected``; the defaults keep every token and read all of them (dense decode).
+
+    Needs ``num_heads``, ``num_kv_heads`` and ``head_dim`` (an ``AttentionMethod``'s, or set by
+    an adapter) and ``prefill_output(q, k, v)``: the method's own causal prefill."""
+
+    decode_fallback: str | None = None  # "dense": the method has no decode path of its own
+    last_step: dict | None = None
+
+    # ---- what the path is -----------------------------------------------------------------
+    def decode_params(self) -> dict:
+        """Hyperparameters that shape the cache's contents (a cache is refused by a path whose
+        parameters differ from those of the path that filled it)."""
+        return {}
+
+    def signature(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in sorted(self.decode_params().items()))
+        return f"{self.decode_name()}({p})"
+
+    def decode_name(self) -> str:
+        return getattr(self, "name", type(self).__name__)
+
+    def cache_capacity(self, tokens: int) -> int:
+        """Slots a cache needs to serve ``tokens`` tokens in all (prefill plus decode)."""
+        return tokens
+
+    def new_cache(self, batch: int, tokens: int, dtype=torch.float32, device="cpu") -> KVCache:
+        """An empty cache for this path, serving ``tokens`` tokens in all."""
+        return KVCache(batch, self.num_kv_heads, self.head_dim, self.cache_capacity(int(tokens)), dtype, device)
+
+    # ---- the contract ---------------------------------------------------------------------
+    def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        """The method's own causal prefill of q, k, v; k and v (those kept) go into ``cache``."""
+        self._check_cache(cache, k, "prefill")
+        if cache.seen:
+            raise AttentionInputError(
+                f"{self.decode_name()}: prefill into a cache that already holds {cache.seen} tokens "
+                f"(use a new cache)")
+        if q.dim() != 4 or q.shape[2] != k.shape[2]:
+            raise AttentionInputError(
+                f"{self.decode_name()}: prefill needs q [B, H, L, D] as long as k (L={k.shape[2]}), "
+                f"got q {tuple(q.shape)}")
+        out = self.prefill_output(q, k, v)
+        self.store(cache, k, v)
+        self.build_index(cache)
+        cache.owner = self.signature()
+        return out
+
+    def decode(self, q_t, k_t, v_t, cache: KVCache | None = None) -> torch.Tensor:
+        """One decode step: the new token's key and value are stored, its query attends."""
+        if cache is None:
+            parent = getattr(super(), "decode", None)  # SparseMethod.decode(q, k, v): k, v the whole cache
+            if parent is None:
+                raise AttentionInputError(f"{self.decode_name()}: decode needs the KVCache filled by prefill")
+            return parent(q_t, k_t, v_t)
+        self._check_step_kv(cache, k_t, v_t)
+        self._check_q(q_t, cache)  # all of the step checked before the cache changes
+        self.append(cache, k_t, v_t)
+        sel = self.select(q_t, cache)
+        out = self.attend_selected(q_t, cache, sel)
+        self.last_step = self.step_info(cache, sel)
+        return out
+
+    def append(self, cache: KVCache, k_t, v_t) -> None:
+        """Phase 1: the new key and value into the cache, the index updated."""
+        self._check_step_kv(cache, k_t, v_t)
+        self.store(cache, k_t, v_t)
+        self.update_index(cache, k_t, v_t)
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        """Phase 2: which held keys each query head reads (default: all)."""
+        self._check_q(q_t, cache)
+        return Selection()
+
+    def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
+        """Phase 3: exact attention over the selected keys."""
+        if sel.slots is None:
+            return sdpa(q_t, cache.keys(), cache.values())
+        k, v = gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots)
+        return sdpa(q_t, k, v, None if sel.valid is None else sel.valid.unsqueeze(2))
+
+    def calibrate(self, samples) -> None:
+        """Offline statistics, for methods that need them (none here); a no-op by default."""
+        return None
+
+    # ---- what the cache keeps (default: every token, appended) ----------------------------
+    def store(self, cache: KVCache, k, v) -> None:
+        """Write the new tokens' keys and values (default: append them all)."""
+        cache.append(k, v)
+
+    def build_index(self, cache: KVCache) -> None:
+        """The index over what the prefill stored."""
+        return None
+
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        """The index after a decode step stored k_t, v_t (appended: at slot cache.length - 1)."""
+        return None
+
+    # ---- accounting -------------------------------------------------------------------------
+    def step_info(self, cache: KVCache, sel: Selection) -> dict:
+        """What a step read: positions per query head, index and K/V bytes, clamping."""
+        B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
+        if sel.slots is None:
+            kv_rows, positions = B * Hkv * S, None
+        else:
+            H, n = sel.slots.shape[1], sel.slots.shape[2]
+            valid = torch.ones_like(sel.slots, dtype=torch.bool) if sel.valid is None else sel.valid
+            hit = torch.zeros(B, Hkv, S, dtype=torch.int32, device=cache.device)
+            hit.scatter_add_(2, sel.slots.clamp(0, S - 1).reshape(B, Hkv, -1),
+                             valid.reshape(B, Hkv, -1).to(torch.int32))
+            kv_rows = int((hit > 0).sum())
+            positions = torch.where(valid, cache.positions()[sel.slots.clamp(0, S - 1)], -1).view(B, H, n)
+        kv_bytes = 2.0 * kv_rows * cache.row_bytes()
+        return {"positions": positions, "index_bytes": float(sel.index_bytes), "kv_bytes": kv_bytes,
+                "bytes_read": float(sel.index_bytes) + kv_bytes, "clamped": bool(sel.clamped)}
+
+    # ---- checks -------------------------------------------------------------------------------
+    def _check_cache(self, cache, k, when: str) -> None:
+        me = self.decode_name()
+        if not isinstance(cache, KVCache):
+            raise AttentionInputError(f"{me}: {when} needs a KVCache, got {type(cache).__name__}")
+        want = (self.num_kv_heads, self.head_dim)
+        if (cache.num_kv_heads, cache.head_dim) != want:
+            raise AttentionInputError(
+                f"{me}: the cache holds K/V of {cache.num_kv_heads} KV heads x head dim {cache.head_dim}, "
+                f"the method is built for {want[0]} x {want[1]} (a cache from another model shape)")
+        if k.dim() != 4 or tuple(k.shape[:2]) != (cache.batch, cache.num_kv_heads) or k.shape[3] != cache.head_dim:
+            raise AttentionInputError(
+                f"{me}: k {tuple(k.shape)} does not fit the cache [B={cache.batch}, Hkv={cache.num_kv_heads}, "
+                f"T, D={cache.head_dim}]")
+        if k.dtype != cache.dtype or k.device != cache.device:
+            raise AttentionInputError(
+                f"{me}: k is {k.dtype} on {k.device}, the cache {cache.dtype} on {cache.device}")
+
+    def _check_step_kv(self, cache, k_t, v_t) -> None:
+        me = self.decode_name()
+        self._check_cache(cache, k_t, "decode")
+        if not cache.seen or cache.owner is None:
+            raise AttentionInputError(f"{me}: decode before prefill (the cache is empty; call prefill first)")
+        if cache.owner != self.signature():
+            raise AttentionInputError(
+                f"{me}: the cache was filled by {cache.owner}, not by {self.signature()}")
+        if k_t.shape[2] != 1 or k_t.shape != v_t.shape:
+            raise AttentionInputError(
+                f"{me}: a decode step takes one token: k_t and v_t [B, Hkv, 1, D], got "
+                f"{tuple(k_t.shape)} and {tuple(v_t.shape)}")
+
+    def _check_q(self, q_t, cache) -> None:
+        want = (cache.batch, self.num_heads, 1, cache.head_dim)
+        if q_t.dim() != 4 or tuple(q_t.shape) != want:
+            raise AttentionInputError(
+                f"{self.decode_name()}: a decode query must be [B, H, 1, D] = {list(want)}, got {tuple(q_t.shape)}")
+        if q_t.dtype != cache.dtype:
+            raise AttentionInputError(f"{self.decode_name()}: q_t is {q_t.dtype}, the cache {cache.dtype}")
+
+
+class SinkWindowDecode(DecodePath):
+    """Decode over the first ``decode_sinks`` tokens and the ``decode_window`` most recent ones
+    (the new token included); the cache keeps only those (a rolling buffer: position p >= sinks
+    lives in slot sinks + (p - sinks) mod window), and a step reads every key it keeps.
+    StreamingLLM (Xiao et al. 2024, Sec. 3.2: attention sinks + rolling KV cache), MInference's
+    A-shape, and the sliding window (no sinks)."""
+
+    decode_sinks: int = 0
+    decode_window: int = 1
+
+    def decode_params(self) -> dict:
+        return {"sinks": self.decode_sinks, "window": self.decode_window}
+
+    def cache_capacity(self, tokens: int) -> int:
+        return min(tokens, self.decode_sinks + self.decode_window)
+
+    def store(self, cache: KVCache, k, v) -> None:
+        n, s, w, p0 = k.shape[2], self.decode_sinks, self.decode_window, cache.seen
+        a = min(s, p0 + n)  # positions [p0, a): sinks, each in its own slot
+        if a > p0:
+            cache.write(p0, k[:, :, :a - p0], v[:, :, :a - p0], p0)
+        p = max(p0, a, p0 + n - w)  # positions [p, p0 + n): the window, in the ring (in runs up to its end)
+        while p < p0 + n:
+            slot = s + (p - s) % w
+            run = min(p0 + n - p, s + w - slot)
+            cache.write(slot, k[:, :, p - p0:p - p0 + run], v[:, :, p - p0:p - p0 + run], p)
+            p += run
+        cache.seen += n
+
+
+class _Adapter(DecodePath):
+    """A decode path around an existing method (which is not changed)."""
+
+    def __init__(self, method):
+        self.method = method
+        self.num_heads, self.num_kv_heads = method.num_heads, method.num_kv_heads
+        self.head_dim = method.head_dim
+
+    def decode_name(self) -> str:
+        return getattr(self.method, "name", type(self.method).__name__)
+
+    def prefill_output(self, q, k, v):
+        return self.method(q, k, v, causal=True)
+
+
+class SinkWindowAdapter(SinkWindowDecode, _Adapter):
+    """The decode path of a method whose pattern is sinks + a recent window."""
+
+    def __init__(self, method, sinks: int, window: int):
+        _Adapter.__init__(self, method)
+        self.decode_sinks, self.decode_window = int(sinks), int(window)
+
+
+class DenseAdapter(_Adapter):
+    """Dense decode over the whole cache, for a method without a decode path: ``decode_fallback``
+    is "dense" (None when the method is exact: its decode is dense attention)."""
+
+    def __init__(self, method):
+        super().__init__(method)
+        self.decode_fallback = None if getattr(method, "exact", False) else "dense"
+
+
+def sink_window_of(method) -> tuple[int, int] | None:
+    """(sinks, window) of an existing method whose decode keeps sinks and a recent window:
+    sliding window (0, window); MInference with every head A-shape of one budget (num_sink,
+    window). None for any other method."""
+    from methods.minference import MInference
+    from methods.sliding_window import SlidingWindow
+
+    if isinstance(method, SlidingWindow):
+        return 0, int(method.window)
+    if isinstance(method, MInference):
+        budgets = {(h["num_sink"], h["window"]) for h in method.heads if h["pattern"] == "a_shape"}
+        if len(budgets) == 1 and all(h["pattern"] == "a_shape" for h in method.heads):
+            return tuple(int(x) for x in budgets.pop())
+    return None
+
+
+def decode_path(method) -> DecodePath:
+    """The decode path of ``method``: its own if it implements the contract; sinks + window for
+    sliding window and A-shape; else dense decode (``decode_fallback`` "dense")."""
+    if isinstance(method, DecodePath):
+        return method
+    sw = sink_window_of(method)
+    if sw is not None:
+        return SinkWindowAdapter(method, *sw)
+    return DenseAdapter(method)
+
+
+def dense_decode_reference(q_t, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense decode in fp32: the output of q_t [B, H, 1, D] over all of k, v [B, Hkv, S, D] and
+    its attention probabilities [B, H, S] (what a decode runner measures paths against)."""
+    H, D = q_t.shape[1], q_t.shape[-1]
+    g = H // k.shape[1]
+    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    p = torch.softmax((q_t.float() @ kk.transpose(-1, -2)) / math.sqrt(D), dim=-1)  # [B, H, 1, S]
+    return (p @ vv).to(q_t.dtype), p[:, :, 0]
+
+
+__all__ = ["KVCache", "Selection", "DecodePath", "SinkWindowDecode", "SinkWindowAdapter", "DenseAdapter",
+           "decode_path", "sink_window_of", "gather_heads", "dense_decode_reference"]

@@ -1,0 +1,125 @@
+"""Quest: query-aware page selection at decode time.
+
+Tang, Zhao, Zhu, Xiao, Kasikci, Han, "Quest: Query-Aware Sparsity for Efficient Long-Context
+LLM Inference" (ICML 2024), Sec. 3 and Alg. 1; official code mit-han-lab/Quest
+(``evaluation/quest_attention.py``).
+
+The cache is cut into pages of ``page_size`` consecutive slots (from slot 0; the last page may
+be partial). For each page P and channel i the cache keeps the element-wise minimum and maximum
+of its keys, m_i = min_{j in P} k_ji and M_i = max_{j in P} k_ji (updated as keys arrive). A
+decode query q bounds each page's best score from above (Sec. 3.3):
+
+    U(P) = sum_i max(q_i * M_i, q_i * m_i)  >=  max_{j in P} q . k_j
+
+and reads the keys of the ``n = min(max(3, token_budget // page_size), pages)`` pages of largest
+U (the official code's count: at least 3 pages), each query head on its own (with grouped K/V
+the heads of a group use the same summaries); attention over those keys is exact.
+
+Defaults as the official code: page (chunk) size 16; token budget 1024 (the paper evaluates
+256-4096). The prefill is dense (the official code runs flash attention for every prompt).
+A budget of at least the pages held reads every page: it is clamped to the cache, and
+``last_step["clamped"]`` says so.
+Model-level choices of the paper that are not part of one attention layer: its first two layers
+decode densely (``layers`` of a model, not of this method).
+
+Bytes per step (``last_step``): the page summaries of every page (2 x pages x D per KV head) and
+the selected K/V rows (each row counted once per KV head group).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods import masks
+from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
+from methods.decode import DecodePath, KVCache, Selection
+
+MIN_PAGES = 3  # the official code reads at least 3 pages: max(3, token_budget // chunk_size)
+
+
+class Quest(DecodePath, AttentionMethod):
+    name = "quest"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Tang et al. 2024"
+    kind = "sparse decode (query-aware pages), training-free"
+    # the test's reference follows evaluation/quest_attention.py: the bound, max(3, budget // page) pages
+    official_test = "tests/test_decode.py::test_quest_decode_against_the_official_page_selection"
+    exact = True  # the prefill is dense; the decode selects pages
+    impls = ("reference",)
+
+    def __init__(self, page_size: int = 16, token_budget: int = 1024, impl: str = "reference", **structural):
+        super().__init__(impl=impl, **structural)
+        if page_size < 1 or token_budget < 1:
+            raise ValueError(f"Quest: page_size and token_budget must be >= 1, got {page_size}, {token_budget}")
+        self.page_size, self.token_budget = int(page_size), int(token_budget)
+
+    @property
+    def real_kernel(self) -> bool:
+        return True  # the prefill is dense (nothing skipped); decode gathers only the pages read
+
+    # ---- prefill: exact attention ------------------------------------------------------------
+    def attend(self, q, k, v, causal, key_padding_mask):
+        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
+                                    key_padding_mask, q.device)
+        return masked_attention(q, k, v, mask)
+
+    def prefill_output(self, q, k, v):
+        return self(q, k, v, causal=True)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        pages = math.ceil(tk / self.page_size)
+        return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
+                    kv_bytes=2.0 * self.num_kv_heads * (tk + pages) * self.head_dim * 2)
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def decode_params(self) -> dict:
+        return {"page_size": self.page_size}  # the budget is read per step; the index is per page
+
+    def build_index(self, cache: KVCache) -> None:
+        B, Hkv, C, D = cache.k.shape
+        ps, S = self.page_size, cache.length
+        pages = math.ceil(C / ps)
+        cache.aux["page_min"] = torch.zeros(B, Hkv, pages, D, dtype=cache.dtype, device=cache.device)
+        cache.aux["page_max"] = torch.zeros_like(cache.aux["page_min"])
+        full = S // ps
+        kp = cache.k[:, :, :full * ps].reshape(B, Hkv, full, ps, D)
+        cache.aux["page_min"][:, :, :full] = kp.amin(3)
+        cache.aux["page_max"][:, :, :full] = kp.amax(3)
+        if S > full * ps:
+            self._summarise(cache, full)
+
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        self._summarise(cache, (cache.length - 1) // self.page_size)
+
+    def _summarise(self, cache: KVCache, p: int) -> None:
+        """Min and max of the held keys of page p (the one a decode step wrote to)."""
+        kp = cache.k[:, :, p * self.page_size:min((p + 1) * self.page_size, cache.length)]
+        cache.aux["page_min"][:, :, p] = kp.amin(2)
+        cache.aux["page_max"][:, :, p] = kp.amax(2)
+
+    def page_scores(self, q_t, cache: KVCache) -> torch.Tensor:
+        """U(P) of every held page for each query head: [B, H, pages] (fp32, fp64 for fp64 inputs)."""
+        B, H, _, D = q_t.shape
+        Hkv, P = cache.num_kv_heads, math.ceil(cache.length / self.page_size)
+        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        q = q_t.to(dt).view(B, Hkv, H // Hkv, 1, D)
+        mn = cache.aux["page_min"][:, :, :P].to(dt).unsqueeze(2)  # [B, Hkv, 1, P, D]
+        mx = cache.aux["page_max"][:, :, :P].to(dt).unsqueeze(2)
+        return torch.maximum(q * mx, q * mn).sum(-1).view(B, H, P)
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        self._check_q(q_t, cache)
+        ps, S = self.page_size, cache.length
+        scores = self.page_scores(q_t, cache)
+        P = scores.shape[-1]
+        want = max(MIN_PAGES, self.token_budget // ps)
+        n = min(want, P)
+        top = scores.topk(n, dim=-1).indices  # [B, H, n]
+        slots = (top.unsqueeze(-1) * ps + torch.arange(ps, device=q_t.device)).flatten(-2)  # [B, H, n * ps]
+        index_bytes = 2.0 * cache.batch * cache.num_kv_heads * P * cache.row_bytes()
+        return Selection(slots=slots, valid=slots < S, index_bytes=index_bytes,
+                         clamped=want >= P)
+
+
+__all__ = ["Quest"]
