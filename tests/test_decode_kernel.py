@@ -95,6 +95,21 @@ def test_a_head_with_no_key_gives_zeros_and_minus_inf():
     torch.testing.assert_close(out[0, :3].cpu().double(), want[0, :3], atol=1e-4, rtol=1e-4)
 
 
+def test_gather_without_lengths_reads_positions_past_the_index_count():
+    """Positions anywhere in the cache, more of them than the list is long (a bound taken from
+    the list's length instead of the cache's would drop them)."""
+    q, k, v = _cache(B=1, T=300, device=_device())
+    idx = torch.tensor([[[290, 3, 150, 299, 64, 200, 17, 250], [0, 1, 2, 280, 281, 282, 100, -1]]],
+                       dtype=torch.int32)
+    keep = torch.zeros(1, 2, 300, dtype=torch.bool)
+    for h in range(2):
+        keep[0, h, [p for p in idx[0, h].tolist() if p >= 0]] = True
+    out, lse = decode.decode_attention(q, k, v, indices=idx.to(q.device), splits=2, block_n=16)
+    want, want_lse = _expected(q.cpu(), k.cpu(), v.cpu(), keep)
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("bad", ["q_shape", "heads", "lengths", "indices"])
 def test_bad_input_is_named(bad):
     q, k, v = _cache(B=1, T=20)

@@ -44,17 +44,17 @@ if triton is not None:
     @triton.jit
     def _decode_split(Q, K, V, LENS, IDX, OUT, M, L,
                       sqb, sqh, skb, skh, skt, svb, svh, svt, sib, sih,
-                      n_keys, split_len, hkv, qk_scale,
+                      n_keys, cache_len, split_len, hkv, qk_scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, HAS_IDX: tl.constexpr):
         """One (batch x KV head, split): the partial (o, m, l) of its G query heads over the keys
         [split * split_len, ...) of its cache (or of its index list)."""
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at long contexts x batch
         s = tl.program_id(1)
         b = bh // hkv
         hk = bh % hkv
-        n_loop = n_keys  # entries to walk: cache positions, or the index list
-        limit = n_keys   # cache positions below it are valid
+        n_loop = n_keys     # entries to walk: cache positions, or the index list
+        limit = cache_len   # cache positions below it are valid
         if HAS_LENS:
             limit = tl.load(LENS + b)
             if not HAS_IDX:
@@ -90,7 +90,7 @@ if triton is not None:
     def _decode_merge(OUT, M, L, O, LSE, sob, soh, splits, hkv,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
         """One (batch, query head): the log-sum-exp merge of its splits' partial results."""
-        bh = tl.program_id(0)  # b * H + h
+        bh = tl.program_id(0).to(tl.int64)  # b * H + h
         H = hkv * G
         b = bh // H
         h = bh % H
@@ -171,7 +171,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     _decode_split[(B * Hkv, S)](
         q, k, v, lens, idx, part, m, l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        sib, sih, n_keys, split_len, Hkv, scale * LOG2E,
+        sib, sih, n_keys, T, split_len, Hkv, scale * LOG2E,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, HAS_LENS=lengths is not None, HAS_IDX=indices is not None,
         num_warps=num_warps or DECODE_LAUNCH["num_warps"], num_stages=num_stages or DECODE_LAUNCH["num_stages"])
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
