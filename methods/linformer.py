@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, repeat_kv
+from methods.base import AttentionInputError, AttentionMethod, Cost, check_int, dense_flops, repeat_kv
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 
@@ -40,6 +40,7 @@ class Linformer(AttentionMethod):
         super().__init__(**structural)
         if sharing not in SHARING:
             raise ValueError(f"Linformer: sharing must be one of {SHARING}, got {sharing!r}")
+        check_int("Linformer", "proj_len", proj_len)
         if self.max_seq_len is None:
             raise ValueError("Linformer needs max_seq_len: its projections are [proj_len, max_seq_len]")
         self.proj_len, self.sharing = proj_len, sharing
