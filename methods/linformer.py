@@ -21,7 +21,14 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import AttentionInputError, AttentionMethod, Cost, check_int, dense_flops, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    AttentionMethod,
+    Cost,
+    check_int,
+    dense_flops,
+    repeat_kv,
+)
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 
@@ -78,7 +85,7 @@ class Linformer(AttentionMethod):
         return torch.matmul(torch.softmax(s.float() if dt != torch.float64 else s, -1).to(dt), vp).to(q.dtype)
 
     def check_inputs(self, q, k, v, causal, key_padding_mask):
-        if causal:
+        if causal in (True, False) and causal:  # (a causal flag that is no bool: the base check)
             raise AttentionInputError(
                 "Linformer is not causal: its projections mix every position, so causal=True "
                 "would leak the future")

@@ -54,7 +54,14 @@ import torch
 import torch.nn as nn
 
 from methods import masks
-from methods.base import AttentionInputError, Cost, SparseMethod, check_int, masked_attention, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    Cost,
+    SparseMethod,
+    check_int,
+    masked_attention,
+    repeat_kv,
+)
 
 
 class NSA(SparseMethod):

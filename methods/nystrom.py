@@ -37,7 +37,14 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import AttentionInputError, AttentionMethod, Cost, check_int, dense_flops, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    AttentionMethod,
+    Cost,
+    check_int,
+    dense_flops,
+    repeat_kv,
+)
 
 
 def segment_means(x: torch.Tensor, m: int, valid: torch.Tensor | None = None):

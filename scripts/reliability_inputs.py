@@ -29,8 +29,22 @@ INPUT, BUILD = "AttentionInputError", "ValueError"
 
 
 @functools.lru_cache(maxsize=None)
+def _composed(name: str):
+    return methods.compose_method(name)  # Hydra's compose once per method
+
+
+def _load(name: str, **kw):
+    """methods.load without composing again: the config, the hyperparameters, the structure."""
+    from omegaconf import OmegaConf
+
+    kw = {**SMALL, "impl": "reference", **kw}
+    structural = {n: kw.pop(n) for n in list(kw) if n in methods.STRUCTURAL}
+    return methods.build(OmegaConf.merge(_composed(name), kw), **structural)
+
+
+@functools.lru_cache(maxsize=None)
 def _method(name: str):
-    return methods.load(name, **SMALL, impl="reference")
+    return _load(name)
 
 
 def _qkv(B=2, T=16, tk=None, dtype=torch.float32):
@@ -50,7 +64,7 @@ def _call(name, q, k, v, **kw):
 
 
 def _build(name, **kw):
-    return lambda: methods.load(name, **{**SMALL, "impl": "reference", **kw})
+    return lambda: _load(name, **kw)
 
 
 def _poisoned(which: str, value: float):

@@ -6,11 +6,13 @@ edge cases (a batch element of padding only, length 0 or 1, a length that is not
 the block) give dense attention's answer, checked against a dense computation written here,
 for every method in a configuration where it is exact.
 """
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import methods
 from methods.base import AttentionInputError, masked_attention, value_checks
@@ -40,12 +42,20 @@ def test_every_method_is_listed():
     assert sorted(EXACT) == methods.available()
 
 
+@functools.lru_cache(maxsize=None)
+def _composed(name):
+    return methods.compose_method(name)  # Hydra's compose once per method (the slow part of load)
+
+
 def build(name, exact=False, T=None, **kw):
-    """The method on its reference path (small shapes), in its exact configuration if asked."""
+    """The method as methods.load builds it, on its reference path (small shapes), in its exact
+    configuration if asked."""
     cfg = {"impl": "reference", **((EXACT[name] or {}) if exact else {})}
     if exact and name == "nystrom":
         cfg["num_landmarks"] = T
-    return methods.load(name, **{**SMALL, **cfg, **kw})
+    kw = {**SMALL, **cfg, **kw}
+    structural = {n: kw.pop(n) for n in list(kw) if n in methods.STRUCTURAL}
+    return methods.build(OmegaConf.merge(_composed(name), kw), **structural)
 
 
 def settings(name):
@@ -124,7 +134,7 @@ def test_invalid_input_is_named(method_name, case):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_input_is_named(method_name, where, bad):
     t = dict(zip("qkv", qkv(dtype=torch.float32)))
-    t[where][1, 2, 3, 4] = bad
+    t[where][1, 1, 3, 4] = bad
     m = build(method_name)
     with pytest.raises(AttentionInputError, match=f"{where} has 1 NaN/Inf"):
         m(t["q"], t["k"], t["v"], causal=settings(method_name)[0])
