@@ -316,3 +316,38 @@ def test_the_bad_input_table_refuses_every_case():
     assert [r["case"] for r in rows if r["got"] == "accepted"] == []
     assert all(r["got"].startswith(r["expected"].split(":")[0]) for r in rows), rows
     assert mod.markdown(rows).count("\n") == len(rows) + 1
+
+
+# small blocks, so that T = 40 spans several of each (NSA: compressed blocks of 8 keys, stride 4)
+BLOCKY = {
+    "sliding_window": dict(window=5),
+    "bigbird": dict(block_size=4, num_random_blocks=1),
+    "nystrom": dict(num_landmarks=8, conv_kernel=3),
+    "nsa": dict(block_size=8, num_selected=2, window=8, compress_block=8, compress_stride=4),
+    "minference": dict(pattern="a_shape", num_sink=4, window=8),
+    "sparsek": dict(k=4, window=4),
+    "performer": dict(num_features=16),
+    "linformer": dict(proj_len=8),
+    "dense": {},
+}
+
+
+def test_padded_keys_change_nothing(method_name):
+    """Batch element 0 is all padding, element 1 has 13 padded keys at the end and 3 at the
+    start: their values may be anything (here: changed) and the output stays the same, zeros for
+    element 0. (NSA's compressed branch used to read padded keys.)"""
+    assert sorted(BLOCKY) == methods.available()
+    q, k, v = qkv(B=2, T=40)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    kpm[0] = False
+    kpm[1, 27:] = False
+    kpm[1, :3] = False
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, ~kpm[1]] = 5 * torch.randn_like(k2[:, :, ~kpm[1]])
+    v2[:, :, ~kpm[1]] = 5 * torch.randn_like(v2[:, :, ~kpm[1]])
+    m = build(method_name, **BLOCKY[method_name]).double()
+    for causal in settings(method_name):
+        a = m(q, k, v, causal=causal, key_padding_mask=kpm)
+        b = m(q, k2, v2, causal=causal, key_padding_mask=kpm)
+        assert (a[0] == 0).all() and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
