@@ -200,6 +200,12 @@ class AttentionMethod(nn.Module):
             return torch.zeros_like(q)
         return self.attend(q, k, v, causal, key_padding_mask)
 
+    def attend(self, q, k, v, causal, key_padding_mask):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cost(self, tq: int, tk: int, causal: bool) -> Cost:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def check_values(self, q, k, v) -> None:
         """Refuse NaN/Inf inputs (``value_checks``; tensors already found finite are not checked
         again, see ``check_finite``)."""
