@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,8 +42,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_int(owner: str, name: str, value, lo: int = 1, hi: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an integer (not a bool) in [lo, hi]: the range check
-    of a method's hyperparameters, at build time."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    of a method's hyperparameters and sizes, at build time."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo and (
+        hi is None or value <= hi)  # Integral: numpy integers too (sizes read from model files)
     if not ok:
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{owner}: {name} must be an integer {rng}, got {value!r}")

@@ -297,6 +297,13 @@ def test_dense_sdpa_agrees_on_padding_only_rows():
         torch.testing.assert_close(out, dense_attention(q, k, v, causal, kpm), rtol=1e-7, atol=1e-7)
 
 
+def test_numpy_integer_sizes_are_accepted():
+    """Sizes read from a model file may be numpy integers: integers all the same."""
+    m = build("sliding_window", head_dim=np.uint32(8), num_heads=np.int64(4), window=3)
+    q, k, v = qkv()
+    assert m(q, k, v).shape == q.shape
+
+
 def test_numpy_bool_causal_is_accepted():
     q, k, v = qkv()
     out = build("dense")(q, k, v, causal=np.bool_(True))
