@@ -28,7 +28,7 @@ Lengths not divisible by m: segments of s = ceil(T / m) tokens, ceil(T / s) land
 last segment averaging only its real tokens (padding with a mask, no assert). With m = T
 every token is its own landmark and the result is exact softmax attention. Padded keys
 (key_padding_mask) are left out of the key landmarks and of B; a batch element whose keys
-are all padding gets zeros, as in dense attention.
+are all padding gets zeros, as in dense attention (its values reach no other element).
 """
 from __future__ import annotations
 
@@ -132,9 +132,13 @@ class Nystrom(AttentionMethod):
 
     def attend(self, q, k, v, causal, key_padding_mask):
         empty = None
-        if key_padding_mask is not None:  # a batch element of padding only: zeros (as dense attention),
-            empty = ~key_padding_mask.any(-1)  # computed as if unpadded so that nothing is NaN
+        if key_padding_mask is not None:
+            # a batch element of padding only gets zeros (as dense attention), computed over zero
+            # keys taken as real: nothing is NaN, and its A is uniform (column sums 1), so the
+            # shared pinv scale of pinv_init=original stays what the other elements make it
+            empty = ~key_padding_mask.any(-1)
             key_padding_mask = key_padding_mask | empty[:, None]
+            k = k.masked_fill(empty[:, None, None, None], 0.0)
         rep = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
