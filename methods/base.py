@@ -4,10 +4,27 @@
         q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with Hkv dividing H (grouped-query attention)
         key_padding_mask: [B, Tk] bool, True for a real key, False for padding
     c = method.cost(tq, tk, causal)   # Cost(flops, density, kv_bytes), per batch element
+
+Input checks (``AttentionMethod.check_inputs``, before any compute; AttentionInputError names
+the problem): q, k, v are torch tensors of one floating dtype (float16, bfloat16, float32,
+float64) on one device, of 4 dimensions, with equal batch sizes and head dims, k and v of one
+shape, Hkv dividing H, H the method's num_heads (and D its head_dim where the method has
+weights of that size), causal a bool (causal: Tq <= Tk, the queries being the last Tq of the
+Tk positions), key_padding_mask bool [B, Tk] on the same device, and every value finite (NaN
+and Inf are refused, not propagated or hidden; see ``value_checks``). Hyperparameters are
+checked when a method is built (``check_int``): a ValueError naming the parameter.
+
+Legal edge cases, the same for every method (dense attention's answer):
+    a query with no allowed key (every key padding, or causal with no key before it) gets zeros
+    Tq = 0 or B = 0: an empty output of q's shape; Tk = 0: zeros of q's shape (no key at all)
+    budgets larger than the sequence (a window of at least T, more blocks than there are) are
+    not errors: the method attends to what there is (exact attention where it covers all)
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +35,43 @@ from methods import masks
 
 class AttentionInputError(ValueError):
     """The inputs (or the request) do not fit what the method can compute."""
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_int(owner: str, name: str, value, lo: int = 1, hi: int | None = None) -> None:
+    """Raise ValueError unless ``value`` is an integer (not a bool) in [lo, hi]: the range check
+    of a method's hyperparameters and sizes, at build time."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo and (
+        hi is None or value <= hi)  # Integral: numpy integers too (sizes read from model files)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{owner}: {name} must be an integer {rng}, got {value!r}")
+
+
+_VALUE_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the NaN/Inf check of every method's inputs on or off inside the block (on by
+    default). The check costs one reduction over q, k, v and one device sync per call; inputs
+    already checked (the same tensors, not modified since: a timing loop) are not checked again
+    (``check_finite``). Off, a NaN input gives NaN in the rows it reaches, as dense attention."""
+    old = _VALUE_CHECKS[0]
+    _VALUE_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS[0] = old
+
+
+def _capturing() -> bool:
+    """Inside torch.compile's tracing or a CUDA graph capture (no host sync allowed there)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True)
@@ -65,8 +119,8 @@ def masked_attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = p.nan_to_num(0.0)  # fully masked rows
+    if mask is not None:  # rows with no allowed key: zeros (only those: a NaN elsewhere stays)
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return torch.matmul(p, v.to(dt)).to(q.dtype)  # [B, H, Tq, D]
 
 
@@ -83,6 +137,7 @@ class AttentionMethod(nn.Module):
     trainable: bool = False  # has parameters that must be trained
     training_free: bool = True  # can replace attention in a trained model
     exact: bool = False  # equals softmax attention
+    fixed_head_dim: bool = False  # has weights sized by head_dim: inputs must have D == head_dim
     impls: tuple[str, ...] = ("reference",)
     # the README's method table (python -m analysis.readme): the paper (authors year; None:
     # no single paper), the kind of method, and the test showing that it matches the
@@ -100,13 +155,19 @@ class AttentionMethod(nn.Module):
         impl: str = "reference",
     ):
         super().__init__()
+        cls = type(self).__name__
         if impl not in self.impls:
             raise ValueError(
-                f"{type(self).__name__}: unknown impl {impl!r}; this method has {list(self.impls)}"
+                f"{cls}: unknown impl {impl!r}; this method has {list(self.impls)}"
             )
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_int(cls, "num_heads", num_heads)
+        check_int(cls, "num_kv_heads", num_kv_heads)
+        check_int(cls, "head_dim", head_dim)
+        if max_seq_len is not None:
+            check_int(cls, "max_seq_len", max_seq_len)
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+            raise ValueError(f"{cls}: num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.max_seq_len = max_seq_len
         self.impl = impl
@@ -136,6 +197,9 @@ class AttentionMethod(nn.Module):
     # ---- the contract -----------------------------------------------------------------
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None):
         self.check_inputs(q, k, v, causal, key_padding_mask)
+        self.check_values(q, k, v)
+        if q.numel() == 0 or k.shape[2] == 0:  # no query (an empty output) or no key (zeros)
+            return torch.zeros_like(q)
         return self.attend(q, k, v, causal, key_padding_mask)
 
     def attend(self, q, k, v, causal, key_padding_mask):  # pragma: no cover - abstract
@@ -144,11 +208,32 @@ class AttentionMethod(nn.Module):
     def cost(self, tq: int, tk: int, causal: bool) -> Cost:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_values(self, q, k, v) -> None:
+        """Refuse NaN/Inf inputs (``value_checks``; tensors already found finite are not checked
+        again, see ``check_finite``)."""
+        if not _VALUE_CHECKS[0] or _capturing():
+            return
+        try:
+            check_finite(q=q, k=k, v=v)
+        except AttentionInputError as e:
+            raise AttentionInputError(f"{type(self).__name__}: {e}") from None
+
     def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
+        """Structure of the inputs (module docstring), before any compute: AttentionInputError."""
         cls = type(self).__name__
         for n, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise AttentionInputError(f"{cls}: {n} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in FLOAT_DTYPES:
+                raise AttentionInputError(
+                    f"{cls}: {n} must be a floating tensor (float16, bfloat16, float32 or float64), "
+                    f"got {t.dtype}")
             if t.dim() != 4:
                 raise AttentionInputError(f"{cls}: {n} must be [B, H, T, D], got shape {tuple(t.shape)}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise AttentionInputError(f"{cls}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        if not (q.device == k.device == v.device):
+            raise AttentionInputError(f"{cls}: q, k, v devices differ ({q.device}, {k.device}, {v.device})")
         B, H, tq, D = q.shape
         if k.shape != v.shape:
             raise AttentionInputError(f"{cls}: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
@@ -156,28 +241,42 @@ class AttentionMethod(nn.Module):
             raise AttentionInputError(f"{cls}: batch size of q ({B}) and k ({k.shape[0]}) differ")
         if k.shape[-1] != D:
             raise AttentionInputError(f"{cls}: head dim of q ({D}) and k ({k.shape[-1]}) differ")
+        if D < 1 or k.shape[1] < 1:
+            raise AttentionInputError(f"{cls}: head dim and head counts must be >= 1, got q {tuple(q.shape)}, "
+                                      f"k {tuple(k.shape)}")
         if H % k.shape[1]:
             raise AttentionInputError(
                 f"{cls}: Hkv={k.shape[1]} key/value heads must divide H={H} query heads"
             )
         if H != self.num_heads:
             raise AttentionInputError(f"{cls}: built for num_heads={self.num_heads}, got q with H={H}")
-        if not (q.dtype == k.dtype == v.dtype):
-            raise AttentionInputError(f"{cls}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        if self.fixed_head_dim and D != self.head_dim:
+            raise AttentionInputError(f"{cls}: built for head_dim={self.head_dim} (its weights), got D={D}")
+        if causal not in (True, False):
+            raise AttentionInputError(f"{cls}: causal must be a bool, got {causal!r}")
         if causal and not self.supports_causal:
             raise AttentionInputError(f"{cls} is not causal: causal=True is not supported")
         if not causal and not self.supports_noncausal:
             raise AttentionInputError(f"{cls} is causal only: causal=False is not supported")
+        if causal and tq > k.shape[2]:
+            raise AttentionInputError(
+                f"{cls}: causal attention with Tq={tq} queries over Tk={k.shape[2]} keys: the queries "
+                f"are the last Tq of the Tk positions, so Tq must not exceed Tk")
         if self.max_seq_len is not None and k.shape[2] > self.max_seq_len:
             raise AttentionInputError(
                 f"{cls}: sequence length {k.shape[2]} exceeds max_seq_len={self.max_seq_len}"
             )
         if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, k.shape[2]):
+            if (not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool
+                    or tuple(key_padding_mask.shape) != (B, k.shape[2])):
                 raise AttentionInputError(
-                    f"{cls}: key_padding_mask must be bool [B, Tk] = [{B}, {k.shape[2]}], "
-                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                    f"{cls}: key_padding_mask must be bool [B, Tk] = [{B}, {k.shape[2]}], got "
+                    f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)} "
+                    f"{tuple(getattr(key_padding_mask, 'shape', ()))}"
                 )
+            if key_padding_mask.device != q.device:
+                raise AttentionInputError(
+                    f"{cls}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
 
 
 class SparseMethod(AttentionMethod):
@@ -292,12 +391,25 @@ class SparseMethod(AttentionMethod):
         return out
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version  # bumped by every in-place change
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
 def check_finite(**tensors: torch.Tensor) -> None:
-    """Raise AttentionInputError naming every input holding NaN or Inf (one sync each)."""
-    bad = []
-    for name, t in tensors.items():
-        n = int((~torch.isfinite(t)).sum())
-        if n:
-            bad.append(f"{name} has {n} NaN/Inf values")
+    """Raise AttentionInputError naming every input holding NaN or Inf (tensors on one device;
+    one sync in all). A tensor found finite is marked with its version: the same tensor, not
+    modified in place since, is not checked again (a timing loop pays nothing)."""
+    todo = {n: t for n, t in tensors.items()
+            if _version(t) is None or getattr(t, "_attnbench_finite_at", None) != _version(t)}
+    if not todo:
+        return
+    ns = torch.stack([(~torch.isfinite(t)).sum() for t in todo.values()]).tolist()
+    bad = [f"{name} has {n} NaN/Inf values" for name, n in zip(todo, ns) if n]
     if bad:
         raise AttentionInputError("non-finite inputs: " + "; ".join(bad))
+    for t in todo.values():
+        if _version(t) is not None:
+            t._attnbench_finite_at = _version(t)

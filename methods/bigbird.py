@@ -21,7 +21,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod
+from methods.base import Cost, SparseMethod, check_int
 
 
 class BigBird(SparseMethod):
@@ -37,8 +37,10 @@ class BigBird(SparseMethod):
     def __init__(self, block_size: int = 64, num_window_blocks: int = 3, num_global_blocks: int = 2,
                  num_random_blocks: int = 3, seed: int = 0, impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
-        if block_size < 1 or num_window_blocks < 1 or num_global_blocks < 0 or num_random_blocks < 0:
-            raise ValueError("BigBird: block_size, num_window_blocks >= 1; global, random >= 0")
+        for name, value, lo in (("block_size", block_size, 1), ("num_window_blocks", num_window_blocks, 1),
+                                ("num_global_blocks", num_global_blocks, 0),
+                                ("num_random_blocks", num_random_blocks, 0)):
+            check_int("BigBird", name, value, lo)
         self.block_size, self.num_window_blocks = block_size, num_window_blocks
         self.num_global_blocks, self.num_random_blocks, self.seed = num_global_blocks, num_random_blocks, seed
         self._layouts: dict = {}

@@ -69,8 +69,8 @@ class Dense(AttentionMethod):
                 out = F.scaled_dot_product_attention(
                     q, k, v, mask, is_causal=is_causal, enable_gqa=gqa
                 )
-        if mask is not None:
-            out = out.nan_to_num(0.0)  # rows with no allowed key, as in the reference
+        if mask is not None:  # rows with no allowed key: zeros, as in the reference (only those)
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return out
 
     def describe(self, q, k, v, causal, key_padding_mask=None) -> dict:

@@ -21,7 +21,14 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    AttentionMethod,
+    Cost,
+    check_int,
+    dense_flops,
+    repeat_kv,
+)
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 
@@ -40,6 +47,7 @@ class Linformer(AttentionMethod):
         super().__init__(**structural)
         if sharing not in SHARING:
             raise ValueError(f"Linformer: sharing must be one of {SHARING}, got {sharing!r}")
+        check_int("Linformer", "proj_len", proj_len)
         if self.max_seq_len is None:
             raise ValueError("Linformer needs max_seq_len: its projections are [proj_len, max_seq_len]")
         self.proj_len, self.sharing = proj_len, sharing
@@ -77,7 +85,7 @@ class Linformer(AttentionMethod):
         return torch.matmul(torch.softmax(s.float() if dt != torch.float64 else s, -1).to(dt), vp).to(q.dtype)
 
     def check_inputs(self, q, k, v, causal, key_padding_mask):
-        if causal:
+        if causal in (True, False) and causal:  # (a causal flag that is no bool: the base check)
             raise AttentionInputError(
                 "Linformer is not causal: its projections mix every position, so causal=True "
                 "would leak the future")

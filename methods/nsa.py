@@ -15,6 +15,9 @@ selected    the compressed attention probabilities (Eq. 8) are summed over the c
             query attends to their tokens (causally; Eq. 12).
 window      the ``window`` most recent keys (Sec. 3.3.3).
 out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates = sigmoid(Linear(q)) per head (Eq. 5).
+Padding (key_padding_mask; the paper has none): padded keys are masked in the selected and window
+branches, and a compressed block holding any padded key is left out of the compressed branch (and
+of the selection's importance); a branch with nothing visible gives zeros.
 
 Eq. 9, as we read the paper: p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[l'/d * j - m - n]
 (l = compress_block, d = compress_stride, l' = block_size): each compressed block counts once
@@ -51,7 +54,14 @@ import torch
 import torch.nn as nn
 
 from methods import masks
-from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    Cost,
+    SparseMethod,
+    check_int,
+    masked_attention,
+    repeat_kv,
+)
 
 
 class NSA(SparseMethod):
@@ -66,13 +76,16 @@ class NSA(SparseMethod):
     trainable = True
     training_free = False
     triton_backward = True  # training through backward kernels for all three branches
+    fixed_head_dim = True  # the compression MLP and the gates are sized by head_dim
 
     def __init__(self, block_size: int = 64, num_selected: int = 16, window: int = 512,
                  compress_block: int = 32, compress_stride: int = 16, query_chunk: int = 4096,
                  impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
-        if min(block_size, num_selected, window, compress_block, compress_stride) < 1:
-            raise ValueError("NSA: block_size, num_selected, window, compress_block, compress_stride >= 1")
+        for name, value in (("block_size", block_size), ("num_selected", num_selected), ("window", window),
+                            ("compress_block", compress_block), ("compress_stride", compress_stride),
+                            ("query_chunk", query_chunk)):
+            check_int("NSA", name, value)
         if compress_stride > compress_block:
             raise ValueError("NSA: compress_stride must not exceed compress_block (blocks would skip keys)")
         self.block_size, self.num_selected, self.window = block_size, num_selected, window
@@ -111,9 +124,10 @@ class NSA(SparseMethod):
         return (self.compress(k.to(dt), self.pos_k, self.comp_k),
                 self.compress(v.to(dt), self.pos_v, self.comp_v))
 
-    def _compressed(self, q, k, v):
+    def _compressed(self, q, k, v, key_padding_mask=None):
         """o_cmp and the selected blocks, from the selection-block importance (summed over each
-        GQA group), chunked over queries so that memory stays O(chunk x T / stride)."""
+        GQA group), chunked over queries so that memory stays O(chunk x T / stride). A compressed
+        block holding a padded key is left out; a query with no visible block gets zeros."""
         B, H, T, D = q.shape
         Hkv, rep = k.shape[1], H // k.shape[1]
         l, d, bs = self.compress_block, self.compress_stride, self.block_size
@@ -123,13 +137,20 @@ class NSA(SparseMethod):
         mt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else dt  # the two big products
         kc_s, vc_m = kc.to(mt).to(dt), vc.to(mt)  # scores: half-precision keys, summed in fp32
         ends = torch.arange(n, device=q.device) * d + l - 1  # last key of each compressed block
+        live = None  # [B, 1, 1, n]: compressed blocks of real keys only
+        if key_padding_mask is not None and n:
+            live = key_padding_mask.unfold(1, l, d).all(-1)[:, None, None, :n]
         outs, imps = [], []
         for a in range(0, T, self.query_chunk):
             b = min(a + self.query_chunk, T)
             t = torch.arange(a, b, device=q.device).view(-1, 1)
             # scores of the half-precision operands, summed in fp32 (as the Triton path does)
             s = (q[:, :, a:b].to(dt) @ kc_s.transpose(-1, -2)) / math.sqrt(D)  # [B, H, c, n]
-            p = torch.softmax(s.masked_fill(ends.view(1, n) > t, float("-inf")), -1).nan_to_num(0.0)
+            seen = ends.view(1, n) <= t  # [c, n]: blocks that end at or before the query
+            if live is not None:
+                seen = seen & live  # [B, 1, c, n]
+            p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1)
+            p = p.masked_fill(~seen.any(-1, keepdim=True), 0.0)  # no visible block: zeros (only there)
             outs.append((p.to(mt) @ vc_m).to(dt))
             grp = p.view(B, Hkv, rep, b - a, n).sum(2)  # [B, Hkv, c, n]: shared by the group
             imps.append(self.select(self.block_importance(grp, nsel), a))  # [B, Hkv, c, n]
@@ -220,15 +241,20 @@ class NSA(SparseMethod):
         return o_cmp, sel
 
     # ---- the three branches -------------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
+    def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
+        super().check_inputs(q, k, v, causal, key_padding_mask)
         if q.shape[2] != k.shape[2]:
-            raise ValueError("NSA: queries and keys must have the same length (prefill/training)")
+            raise AttentionInputError(
+                f"NSA: queries and keys must have the same length (prefill/training), got Tq={q.shape[2]}, "
+                f"Tk={k.shape[2]}")
+
+    def attend(self, q, k, v, causal, key_padding_mask):
         B, H, T, D = q.shape
         rep = H // k.shape[1]
         out = self._try_triton(q, k, v, causal, key_padding_mask, attend=self._triton_branches)
         if out is not None:
             return out
-        o_cmp, sel = self._compressed(q, k, v)  # sel: [B, Hkv, T, n]
+        o_cmp, sel = self._compressed(q, k, v, key_padding_mask)  # sel: [B, Hkv, T, n]
         chosen = self.chosen_mask(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel]
         bs, w = self.block_size, self.window
 

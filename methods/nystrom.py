@@ -27,7 +27,8 @@ a random convolution of V; training learns the skip from there.
 Lengths not divisible by m: segments of s = ceil(T / m) tokens, ceil(T / s) landmarks, the
 last segment averaging only its real tokens (padding with a mask, no assert). With m = T
 every token is its own landmark and the result is exact softmax attention. Padded keys
-(key_padding_mask) are left out of the key landmarks and of B.
+(key_padding_mask) are left out of the key landmarks and of B; a batch element whose keys
+are all padding gets zeros, as in dense attention (its values reach no other element).
 """
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ import math
 import torch
 import torch.nn as nn
 
-from methods.base import AttentionMethod, Cost, dense_flops, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    AttentionMethod,
+    Cost,
+    check_int,
+    dense_flops,
+    repeat_kv,
+)
 
 
 def segment_means(x: torch.Tensor, m: int, valid: torch.Tensor | None = None):
@@ -86,8 +94,9 @@ class Nystrom(AttentionMethod):
     def __init__(self, num_landmarks: int = 64, pinv_iters: int = 6, conv_kernel: int = 33,
                  pinv_init: str = "original", **structural):
         super().__init__(**structural)
-        if num_landmarks < 1 or pinv_iters < 0 or conv_kernel < 0:
-            raise ValueError("Nystrom: num_landmarks >= 1, pinv_iters >= 0, conv_kernel >= 0")
+        check_int("Nystrom", "num_landmarks", num_landmarks, 1)
+        check_int("Nystrom", "pinv_iters", pinv_iters, 0)
+        check_int("Nystrom", "conv_kernel", conv_kernel, 0)
         if pinv_init not in PINV_INITS:
             raise ValueError(f"Nystrom: pinv_init must be one of {PINV_INITS}, got {pinv_init!r}")
         self.num_landmarks, self.pinv_iters, self.conv_kernel = num_landmarks, pinv_iters, conv_kernel
@@ -108,7 +117,28 @@ class Nystrom(AttentionMethod):
     def real_kernel(self) -> bool:
         return True  # only T x m and m x m scores are computed
 
+    def landmarks(self, t: int) -> int:
+        """How many landmarks a sequence of t tokens gets: ceil(t / ceil(t / m))."""
+        return math.ceil(t / math.ceil(t / self.num_landmarks)) if t else 0
+
+    def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
+        super().check_inputs(q, k, v, causal, key_padding_mask)
+        tq, tk = q.shape[2], k.shape[2]
+        if tq and tk and self.landmarks(tq) != self.landmarks(tk):
+            raise AttentionInputError(
+                f"Nystrom: Tq={tq} and Tk={tk} give {self.landmarks(tq)} and {self.landmarks(tk)} landmarks "
+                f"(num_landmarks={self.num_landmarks}); A = softmax(Q~ K~^T) must be square "
+                f"(Tq == Tk is)")
+
     def attend(self, q, k, v, causal, key_padding_mask):
+        empty = None
+        if key_padding_mask is not None:
+            # a batch element of padding only gets zeros (as dense attention), computed over zero
+            # keys taken as real: nothing is NaN, and its A is uniform (column sums 1), so the
+            # shared pinv scale of pinv_init=original stays what the other elements make it
+            empty = ~key_padding_mask.any(-1)
+            key_padding_mask = key_padding_mask | empty[:, None]
+            k = k.masked_fill(empty[:, None, None, None], 0.0)
         rep = q.shape[1] // k.shape[1]
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -129,6 +159,8 @@ class Nystrom(AttentionMethod):
             skip = torch.nn.functional.conv2d(vc, self.conv.weight.to(dt),
                                               padding=(self.conv_kernel // 2, 0), groups=vc.shape[1])
             out = out + skip[:, :, skip.shape[2] - q.shape[2]:]  # [B, H, T, d]; last Tq rows
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
         return out.to(q.dtype)
 
     def cost(self, tq, tk, causal) -> Cost:

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from methods.base import AttentionMethod, Cost, dense_flops, repeat_kv
+from methods.base import AttentionMethod, Cost, check_int, dense_flops, repeat_kv
 
 RELU_EPS = 1e-3
 
@@ -69,6 +69,7 @@ class Performer(AttentionMethod):
     trainable = True  # trained models adapt to the feature map (it has no weights of its own)
     training_free = False
     impls = ("reference", "chunked", "triton")
+    fixed_head_dim = True  # the projection is [num_features, head_dim]
 
     def __init__(self, num_features: int = 256, kernel: str = "softmax", orthogonal: bool = True,
                  redraw_interval: int = 0, feature_seed: int = 0, chunk_size: int = 64,
@@ -76,8 +77,9 @@ class Performer(AttentionMethod):
         super().__init__(impl=impl, **structural)
         if kernel not in ("softmax", "relu"):
             raise ValueError(f"Performer: kernel must be 'softmax' or 'relu', got {kernel!r}")
-        if num_features < 1 or chunk_size < 1:
-            raise ValueError("Performer: num_features and chunk_size must be positive")
+        check_int("Performer", "num_features", num_features)
+        check_int("Performer", "chunk_size", chunk_size)
+        check_int("Performer", "redraw_interval", redraw_interval, 0)
         self.num_features, self.kernel, self.orthogonal = num_features, kernel, orthogonal
         self.redraw_interval, self.feature_seed, self.chunk_size = redraw_interval, feature_seed, chunk_size
         self.draws = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, dense_flops
+from methods.base import Cost, SparseMethod, check_int, dense_flops
 
 
 class SlidingWindow(SparseMethod):
@@ -30,8 +30,7 @@ class SlidingWindow(SparseMethod):
 
     def __init__(self, window: int = 512, **structural):
         super().__init__(**structural)
-        if window < 1:
-            raise ValueError(f"SlidingWindow: window must be >= 1, got {window}")
+        check_int("SlidingWindow", "window", window)
         self.window = window
 
     def mask_mod(self, q, k, causal):
