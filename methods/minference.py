@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, masked_attention, repeat_kv
+from methods.base import Cost, SparseMethod, check_int, masked_attention, repeat_kv
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
 A, VS, BS = range(3)
@@ -87,9 +87,8 @@ class MInference(SparseMethod):
         budgets = dict(num_sink=num_sink, window=window, vertical_size=vertical_size, slash_size=slash_size,
                        forced_sink=forced_sink, forced_local=forced_local, top_k_blocks=top_k_blocks,
                        block_size=block_size, last_q=last_q)
-        bad = {key: val for key, val in budgets.items() if val < 0 or (key in ("block_size", "last_q") and val < 1)}
-        if bad:
-            raise ValueError(f"MInference: budgets must be >= 0 (block_size, last_q >= 1), got {bad}")
+        for key, val in budgets.items():  # integers; block_size and last_q at least 1
+            check_int("MInference", key, val, lo=1 if key in ("block_size", "last_q") else 0)
         self.pattern, self.slash_mode, self.force_diagonal_block = pattern, slash_mode, force_diagonal_block
         H = self.num_heads
         heads = [dict(pattern=pattern, num_sink=num_sink, window=window, vertical_size=vertical_size,

@@ -54,7 +54,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from methods import masks
-from methods.base import AttentionMethod, Cost, repeat_kv
+from methods.base import AttentionMethod, Cost, check_int, repeat_kv
 
 
 class SparseKOp(torch.autograd.Function):
@@ -102,6 +102,7 @@ class SparseK(AttentionMethod):
     kind = "sparse (trainable top-k)"
     official_test = "tests/test_faithful.py::test_sparsek_scorer_and_masked_attention_equal_the_paper"  # the paper (no official code here)
     supports_noncausal = False
+    fixed_head_dim = True  # the scoring network is sized by head_dim
     trainable = True
     training_free = False
     impls = ("reference", "gather", "triton")
@@ -112,9 +113,8 @@ class SparseK(AttentionMethod):
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
                  kernel_chunk: int = 1024, position_slope: float = 0.0, **structural):
         super().__init__(impl=impl, **structural)
-        if k < 1 or window < 1 or kernel_chunk < 1:
-            raise ValueError(f"SparseK: k, window and kernel_chunk must be >= 1, got k={k}, window={window}, "
-                             f"kernel_chunk={kernel_chunk}")
+        for name, value in (("k", k), ("window", window), ("query_chunk", query_chunk), ("kernel_chunk", kernel_chunk)):
+            check_int("SparseK", name, value)
         self.k, self.window, self.query_chunk = k, window, query_chunk
         # the kernel holds nothing per chunk, so its selection takes at least this many queries
         # at a time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
