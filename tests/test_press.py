@@ -1,0 +1,247 @@
+"""KV-cache presses (methods.press and its methods) on hand-built caches: the tokens each press
+keeps, computed here from the paper's rule with loops; decode on the compressed cache against
+softmax over the kept keys written here; ratio bounds; bytes held measured after compaction;
+misuse refused; runner=decode with a press."""
+import math
+
+import pytest
+import torch
+
+import methods
+from methods.base import AttentionInputError
+from methods.decode import SinkWindowAdapter
+from runners import run
+from runners.records import read
+
+PRESSES = ["snapkv", "h2o", "random_press", "streaming_llm_press", "pyramidkv"]
+B, H, HKV, D, L = 2, 4, 2, 8, 24
+G = H // HKV
+
+
+def _load(name, **kw):
+    if name in ("snapkv", "pyramidkv"):
+        kw.setdefault("window_size", 4)
+    return methods.load(name, num_heads=H, head_dim=D, num_kv_heads=HKV, **kw)
+
+
+def _qkv(T=L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, T, D, generator=g, dtype=torch.float64).float() for n in (H, HKV, HKV)]
+
+
+def _pressed(name, T=L, spare=0, **kw):
+    m = _load(name, **kw)
+    q, k, v = _qkv(T)
+    cache = m.new_cache(B, T + spare)
+    m.prefill(q, k, v, cache)
+    return m, cache, (q, k, v)
+
+
+def _kept(cache):
+    return [[set(cache.head_positions()[b, h].tolist()) for h in range(HKV)] for b in range(B)]
+
+
+def _probs(q, k, b, h, i, T):
+    """Causal softmax of query head h at position i over keys 0..T-1 (fp64 lists)."""
+    s = [float(q[b, h, i].double() @ k[b, h // G, j].double()) / math.sqrt(D) if j <= i else -math.inf
+         for j in range(T)]
+    mx = max(s)
+    e = [math.exp(x - mx) for x in s]
+    return [x / sum(e) for x in e]
+
+
+def _top(scores, n):
+    return set(sorted(range(len(scores)), key=lambda j: -scores[j])[:n])
+
+
+# ---- which tokens each press keeps -----------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_snapkv_keeps_the_window_and_the_pooled_votes(ratio):
+    """SnapKV (Listing 1): votes of the last w queries for prefix token j, averaged over a
+    kernel of 5 with zero padding, the group's heads averaged; the window always kept."""
+    m, cache, (q, k, _) = _pressed("snapkv", ratio=ratio)
+    w, n = 4, int(L * (1 - ratio))
+    for b in range(B):
+        for hk in range(HKV):
+            pooled = [0.0] * (L - w)
+            for h in range(hk * G, (hk + 1) * G):
+                votes = [0.0] * (L - w)
+                for i in range(L - w, L):
+                    p = _probs(q, k, b, h, i, L)
+                    for j in range(L - w):
+                        votes[j] += p[j]
+                for j in range(L - w):
+                    pooled[j] += sum(votes[j + t] for t in range(-2, 3) if 0 <= j + t < L - w) / 5 / G
+            want = set(range(L - w, L)) | _top(pooled, n - w)
+            assert _kept(cache)[b][hk] == want
+    assert m.last_kept == n and cache.length == n
+
+
+def test_h2o_keeps_recent_tokens_and_heavy_hitters():
+    """H2O: accumulated causal attention over every prefill query, the group's heads averaged;
+    half the budget the most recent tokens, half the heavy hitters among the rest."""
+    _, cache, (q, k, _) = _pressed("h2o", ratio=0.5)
+    n = 12
+    r = n // 2
+    for b in range(B):
+        for hk in range(HKV):
+            acc = [0.0] * L
+            for h in range(hk * G, (hk + 1) * G):
+                for i in range(L):
+                    for j, p in enumerate(_probs(q, k, b, h, i, L)):
+                        acc[j] += p / G
+            want = set(range(L - r, L)) | _top(acc[:L - r], n - r)
+            assert _kept(cache)[b][hk] == want
+
+
+def test_streaming_llm_press_keeps_sinks_and_recent():
+    _, cache, _ = _pressed("streaming_llm_press", ratio=0.75, num_sink=2)  # 6 of 24: 2 sinks + 4 recent
+    for b in range(B):
+        for hk in range(HKV):
+            assert _kept(cache)[b][hk] == {0, 1, 20, 21, 22, 23}
+
+
+def test_random_press_draws_distinct_tokens_per_head_repeatably():
+    _, c1, _ = _pressed("random_press", ratio=0.5, seed=3)
+    _, c2, _ = _pressed("random_press", ratio=0.5, seed=3)
+    _, c3, _ = _pressed("random_press", ratio=0.5, seed=4)
+    pos = c1.head_positions()
+    assert pos.shape == (B, HKV, 12) and bool((pos.diff(dim=-1) > 0).all())  # distinct, sorted
+    assert bool((pos >= 0).all() & (pos < L).all())
+    assert torch.equal(pos, c2.head_positions()) and not torch.equal(pos, c3.head_positions())
+    flat = [tuple(pos[b, h].tolist()) for b in range(B) for h in range(HKV)]
+    assert len(set(flat)) > 1  # the heads draw independently
+
+
+@pytest.mark.parametrize("layers,beta", [(4, 20.0), (3, 2.0), (1, 20.0)])
+def test_pyramidkv_budgets_decrease_with_depth_and_average_to_the_ratio(layers, beta):
+    """k_{m-1} = a / beta, k_0 = 2a - k_{m-1} (capped at L), arithmetic between; each layer keeps
+    SnapKV's choice at its budget."""
+    a = L * 0.5
+    lo, hi = a / beta, 2 * a - a / beta
+    if hi > L:
+        hi, lo = L, 2 * a - L
+    want = [round(hi - i * (hi - lo) / (layers - 1)) for i in range(layers)] if layers > 1 else [int(a)]
+    got = []
+    for i in range(layers):
+        m, cache, _ = _pressed("pyramidkv", ratio=0.5, num_layers=layers, layer_idx=i, beta=beta)
+        _, snap, _ = _pressed("snapkv", ratio=1 - (want[i] + 0.5) / L)  # SnapKV keeping want[i] tokens
+        assert cache.length == want[i] and torch.equal(cache.head_positions(), snap.head_positions())
+        got.append(cache.length)
+    assert got == sorted(got, reverse=True) and abs(sum(got) / layers - a) <= 1
+
+
+# ---- decode on the compressed cache ----------------------------------------------------------
+@pytest.mark.parametrize("name", PRESSES)
+def test_decode_on_the_compressed_cache_is_softmax_over_the_kept_keys(name):
+    m, cache, (q, k, v) = _pressed(name, spare=2)
+    kept = _kept(cache)
+    g = torch.Generator().manual_seed(9)
+    for step in range(2):
+        qt, kt, vt = (torch.randn(B, n, 1, D, generator=g) for n in (H, HKV, HKV))
+        out = m.decode(qt, kt, vt, cache)
+        k = torch.cat([k, kt], 2)
+        v = torch.cat([v, vt], 2)
+        for b in range(B):
+            for h in range(H):
+                keep = sorted(kept[b][h // G] | set(range(L, L + step + 1)))
+                kk, vv = k[b, h // G, keep].double(), v[b, h // G, keep].double()
+                p = torch.softmax(kk @ qt[b, h, 0].double() / math.sqrt(D), 0)
+                torch.testing.assert_close(out[b, h, 0].double(), p @ vv, rtol=1e-5, atol=1e-5)
+                assert sorted(m.last_step["positions"][b, h].tolist()) == keep
+        assert m.last_step["kv_bytes"] == 2 * B * HKV * (len(kept[0][0]) + step + 1) * D * 4
+
+
+@pytest.mark.parametrize("name", PRESSES)
+def test_prefill_is_exact_and_bytes_held_shrink_by_the_ratio(name):
+    m = _load(name, ratio=0.5)
+    q, k, v = _qkv()
+    cache = m.new_cache(B, L)
+    full = cache.bytes_held()
+    out = m.prefill(q, k, v, cache)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                                           is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    n = cache.length
+    if name != "pyramidkv":  # PyramidKV's layer 0 keeps more than the average
+        assert n == L // 2
+    # measured from the tensors the cache now owns: they were replaced by smaller ones
+    assert cache.k.shape == (B, HKV, n, D) and cache.bytes_held() == 2 * B * HKV * n * D * 4
+    assert cache.bytes_held() == pytest.approx(full * n / L)
+
+
+def test_decode_slots_left_after_compaction():
+    """A cache built for L + 3 tokens keeps room for the 3 decode tokens after compaction."""
+    m, cache, _ = _pressed("streaming_llm_press", ratio=0.5, spare=3)
+    assert cache.capacity == 12 + 3 and cache.bytes_held() == 2 * B * HKV * 15 * D * 4
+    for _ in range(3):
+        m.decode(*(torch.randn(B, n, 1, D) for n in (H, HKV, HKV)), cache)
+    with pytest.raises(AttentionInputError, match="capacity"):
+        m.decode(*(torch.randn(B, n, 1, D) for n in (H, HKV, HKV)), cache)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRESSES)
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
+def test_a_ratio_outside_0_1_is_refused(name, ratio):
+    with pytest.raises(ValueError, match=r"ratio .* must be in \(0, 1\)"):
+        _load(name, ratio=ratio)
+
+
+def test_a_press_on_a_cache_it_cannot_handle_is_refused():
+    m, cache, (q, k, v) = _pressed("h2o")
+    with pytest.raises(AttentionInputError, match="already compressed"):
+        m.compress(cache, q[:, :, :cache.length])
+    # a cache that evicts as it stores (StreamingLLM's rolling buffer) holds not every token
+    sw = SinkWindowAdapter(methods.load("dense", num_heads=H, head_dim=D, num_kv_heads=HKV), 2, 6)
+    c = sw.new_cache(B, L)
+    sw.prefill(q, k, v, c)
+    with pytest.raises(AttentionInputError, match="every prefilled token"):
+        m.compress(c, q)
+    # queries that are not the prefill's
+    c = m.new_cache(B, L)
+    c.append(k, v)
+    with pytest.raises(AttentionInputError, match="prefill's"):
+        m.compress(c, q[:, :, :5])
+    # SnapKV's window must be shorter than the prefill; nothing is written before the error
+    snap = _load("snapkv", window_size=L)
+    c = snap.new_cache(B, L)
+    with pytest.raises(AttentionInputError, match="observation window"):
+        snap.prefill(q, k, v, c)
+    with pytest.raises(AttentionInputError, match="keep must"):
+        c.compact(torch.zeros(B, HKV, 2, dtype=torch.long) + L)
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("snapkv", {"kernel_size": 4}, "kernel_size"), ("snapkv", {"pooling": "sum"}, "pooling"),
+    ("h2o", {"recent_share": 1.5}, "recent_share"), ("pyramidkv", {"layer_idx": 32}, "layer_idx"),
+    ("pyramidkv", {"beta": 0.5}, "beta"), ("streaming_llm_press", {"num_sink": -1}, "num_sink"),
+])
+def test_bad_hyperparameters_are_named(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _load(name, **kw)
+
+
+# ---- runner=decode -----------------------------------------------------------------------------
+RUN = ["device=cpu", "dtype=float32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16",
+       "runner.seq_lens=[48]", "runner.steps=4", "runner.warmup=1", "runner.cpu_threads=1", "runner.inputs=random"]
+
+
+def test_decode_runner_with_a_press_records_the_compressed_cache(compose_cfg, store):
+    """StreamingLLM press at ratio 0.75 (12 of 48: 4 sinks, 8 recent): the bytes held after the
+    prefill, the recall of each step recomputed here from the same inputs."""
+    from tasks.fidelity import random_qkv
+
+    cfg = compose_cfg("runner=decode", "method=streaming_llm_press", *RUN, "method.ratio=0.75", tiny=False)
+    (rec,) = run(cfg)
+    assert rec.status == "ok", rec.error
+    (stored,) = read(store)
+    assert stored["details"]["press"]["kept_per_head"] == 12 and stored["details"]["press"]["ratio"] == 0.75
+    assert rec.metrics["kv_bytes_held_prefill"] == 2 * 1 * 2 * (12 + 4) * 16 * 4  # 4 decode slots left
+    assert rec.metrics["prefill_rel_err"] < 1e-5
+    q, k, _ = (t.double() for t in random_qkv(1, 4, 2, 52, 16, "cpu", torch.float32, 48))
+    for step, i in enumerate(range(48, 52)):
+        keep = [0, 1, 2, 3, *range(40, i + 1)]
+        recall = sum(float(torch.softmax(k[0, h // 2, :i + 1] @ q[0, h, i] / 4.0, 0)[keep].sum()) for h in range(4)) / 4
+        assert rec.details["per_step"]["recall"][step] == pytest.approx(recall, rel=1e-4)
+    assert rec.metrics["read_fraction"] < 0.5
