@@ -157,23 +157,28 @@ class KVCache:
         plus the ``capacity - length`` still free, and the old ones are released, so that
         ``bytes_held`` (measured from the tensors) shrinks. Each (batch, KV head) then holds
         its own positions (``head_pos``; bookkeeping, like ``pos``, not counted in
-        ``bytes_held``); later tokens are appended after slot n - 1, as before. A cache with
-        an index (``aux``) is refused: the index would describe slots that moved."""
+        ``bytes_held``); later tokens are appended after slot n - 1, as before. A slot -1 in
+        ``keep`` leaves that slot empty (position -1: heads keeping fewer tokens than others,
+        padded; a press masks them). A cache with an index (``aux``) is refused: the index
+        would describe slots that moved."""
         B, Hkv, S = self.batch, self.num_kv_heads, self.length
         if keep.dim() != 3 or tuple(keep.shape[:2]) != (B, Hkv) or keep.shape[2] < 1:
             raise AttentionInputError(
                 f"KVCache.compact: keep must be [B={B}, Hkv={Hkv}, n >= 1] slot indices, got {tuple(keep.shape)}")
-        if keep.dtype not in (torch.int32, torch.int64) or bool((keep < 0).any() | (keep >= S).any()):
-            raise AttentionInputError(f"KVCache.compact: keep must hold integer slots in [0, {S}), the held slots")
+        if keep.dtype not in (torch.int32, torch.int64) or bool((keep < -1).any() | (keep >= S).any()):
+            raise AttentionInputError(
+                f"KVCache.compact: keep must hold integer slots in [0, {S}) (the held slots) or -1 (empty)")
         if self.aux:
             raise AttentionInputError(
                 f"KVCache.compact: the cache holds an index ({', '.join(self.aux)}) that compaction would break")
         n, spare = keep.shape[2], self.capacity - S
-        idx = keep.long().unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
-        hp = self.head_positions().gather(2, keep.long())
+        empty = (keep < 0).unsqueeze(-1)
+        idx = keep.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        hp = self.head_positions().gather(2, keep.long().clamp_min(0)).masked_fill(keep < 0, -1)
         k = torch.empty(B, Hkv, n + spare, self.head_dim, dtype=self.dtype, device=self.device)
         v = torch.empty_like(k)
-        k[:, :, :n], v[:, :, :n] = self.k[:, :, :S].gather(2, idx), self.v[:, :, :S].gather(2, idx)
+        k[:, :, :n] = self.k[:, :, :S].gather(2, idx).masked_fill(empty, 0)
+        v[:, :, :n] = self.v[:, :, :S].gather(2, idx).masked_fill(empty, 0)
         self.k, self.v = k, v  # the old tensors are freed here (nothing else refers to them)
         self.head_pos = torch.full((B, Hkv, n + spare), -1, dtype=torch.long, device=self.device)
         self.head_pos[:, :, :n] = hp
@@ -317,7 +322,7 @@ class DecodePath:
         """What a step read: positions per query head, index and K/V bytes, clamping."""
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
         if sel.slots is None and cache.head_pos is not None:  # a pressed cache: each head its own tokens
-            kv_rows = B * Hkv * S
+            kv_rows = int((cache.head_positions() != -1).sum())  # empty slots are not read
             positions = cache.head_positions().repeat_interleave(self.num_heads // Hkv, 1)
         elif sel.slots is None:
             kv_rows, positions = B * Hkv * S, None

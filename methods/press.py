@@ -42,7 +42,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache
+from methods.decode import DecodePath, KVCache, sdpa
 
 
 def kept_count(length: int, ratio: float) -> int:
@@ -97,6 +97,21 @@ class Press(DecodePath, AttentionMethod):
         out = super().prefill(q, k, v, cache)
         cache.compact(self.compress(cache, q, self.layer_idx))
         return out
+
+    def attend_selected(self, q_t, cache: KVCache, sel) -> torch.Tensor:
+        """Exact attention over every held key of each head; empty slots (position -1) masked,
+        and ``aux["slot_bias"]`` [B, Hkv, capacity], where a press sets it, added to the scores
+        (RazorAttention's compensation token: log of the tokens it stands for)."""
+        if sel.slots is not None or cache.head_pos is None:
+            return super().attend_selected(q_t, cache, sel)
+        S, g = cache.length, q_t.shape[1] // cache.num_kv_heads
+        filled = cache.head_pos[:, :, :S] != -1
+        bias = cache.aux.get("slot_bias")
+        if bias is None and bool(filled.all()):
+            return sdpa(q_t, cache.keys(), cache.values())
+        add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device) if bias is None else bias[:, :, :S].to(q_t.dtype)
+        add = add.masked_fill(~filled, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
+        return sdpa(q_t, cache.keys(), cache.values(), add)
 
     def compress(self, cache: KVCache, q: torch.Tensor | None = None, layer_idx: int | None = None) -> torch.Tensor:
         """Slots kept per (batch, KV head), [B, Hkv, n] sorted: the top n of ``scores``."""

@@ -245,3 +245,90 @@ def test_decode_runner_with_a_press_records_the_compressed_cache(compose_cfg, st
         recall = sum(float(torch.softmax(k[0, h // 2, :i + 1] @ q[0, h, i] / 4.0, 0)[keep].sum()) for h in range(4)) / 4
         assert rec.details["per_step"]["recall"][step] == pytest.approx(recall, rel=1e-4)
     assert rec.metrics["read_fraction"] < 0.5
+
+
+# ---- RazorAttention ------------------------------------------------------------------------------
+def _razor(**kw):
+    return methods.load("razor_attention", num_heads=H, head_dim=D, num_kv_heads=HKV, **kw)
+
+
+@pytest.mark.parametrize("retrieval", [[1], []])
+def test_razor_attention_keeps_retrieval_heads_whole_and_compensates_the_others(retrieval):
+    """Non-retrieval heads: 4 sinks + max(6, int(24 * 0.2)) = 6 recent + one compensation token
+    (Eq. 4: the mean of the 14 dropped keys and values); decode against Eq. 5 written here."""
+    m = _razor(ratio=0.8, min_window=6, retrieval_heads=retrieval)
+    q, k, v = _qkv()
+    cache = m.new_cache(B, L + 1)
+    m.prefill(q, k, v, cache)
+    kept = sorted([*range(4), *range(18, 24)])
+    dropped = list(range(4, 18))
+    width = L if retrieval else len(kept) + 1
+    assert cache.k.shape[2] == width + 1  # + the decode token's slot
+    want_bytes = 2 * B * HKV * (width + 1) * D * 4 + B * HKV * (width + 1) * 4  # K, V + the score bias
+    assert cache.bytes_held() == want_bytes
+    qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(5)) for n in (H, HKV, HKV))
+    out = m.decode(qt, kt, vt, cache)
+    for b in range(B):
+        for h in range(H):
+            hk = h // G
+            qq = qt[b, h, 0].double()
+            if hk in retrieval:
+                kk = torch.cat([k[b, hk], kt[b, hk]]).double()
+                vv = torch.cat([v[b, hk], vt[b, hk]]).double()
+                ref = torch.softmax(kk @ qq / math.sqrt(D), 0) @ vv
+            else:
+                kk = torch.cat([k[b, hk, kept], kt[b, hk]]).double()
+                vv = torch.cat([v[b, hk, kept], vt[b, hk]]).double()
+                k_hat, v_hat = k[b, hk, dropped].double().mean(0), v[b, hk, dropped].double().mean(0)
+                e = torch.exp(kk @ qq / math.sqrt(D))
+                e_hat = len(dropped) * math.exp(float(k_hat @ qq) / math.sqrt(D))
+                ref = (e_hat * v_hat + e @ vv) / (e_hat + e.sum())
+                assert sorted(p for p in m.last_step["positions"][b, h].tolist() if p >= 0) == [*kept, L]
+            torch.testing.assert_close(out[b, h, 0].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_razor_attention_calibration_finds_the_induction_and_echo_heads():
+    """Repeated random tokens (P = 8): KV head 0's queries look for the token after the earlier
+    copy (induction), KV head 1's for the same token (echo), heads 2 and 3 at random. Scores
+    recomputed here by loops."""
+    P, Hkv, Hq = 8, 4, 8
+    m = methods.load("razor_attention", num_heads=Hq, head_dim=D, num_kv_heads=Hkv)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(P, D, generator=g)
+    k = torch.cat([base, base]).expand(1, Hkv, 2 * P, D).clone()
+    q = torch.randn(1, Hq, 2 * P, D, generator=g)
+    for i in range(P, 2 * P):
+        q[0, 0:2, i] = 6 * base[(i - P + 1) % P]  # induction (query heads 0, 1 -> KV head 0)
+        q[0, 2:4, i] = 6 * base[i - P]  # echo (KV head 1)
+    scores = m.calibrate(q, k, P)
+    for hk in range(Hkv):
+        echo, ind = [], []
+        for h in range(hk * 2, hk * 2 + 2):
+            pe, pi = 0.0, 0.0
+            for i in range(P, 2 * P):
+                s = [float(q[0, h, i].double() @ k[0, hk, j].double()) / math.sqrt(D) if j <= i else -math.inf
+                     for j in range(2 * P)]
+                mx = max(s)
+                e = [math.exp(x - mx) for x in s]
+                p = [x / sum(e) for x in e]
+                pe += p[i - P] / P
+                if i < 2 * P - 1:
+                    pi += p[i - P + 1] / (P - 1)
+            echo.append(pe)
+            ind.append(pi)
+        assert scores["echo"][hk] == pytest.approx(max(echo), rel=1e-6)
+        assert scores["induction"][hk] == pytest.approx(max(ind), rel=1e-6)
+    assert m.retrieval == [0, 1]
+
+
+def test_razor_attention_refuses_to_run_without_retrieval_heads():
+    m = _razor()
+    q, k, v = _qkv()
+    cache = m.new_cache(B, L)
+    with pytest.raises(AttentionInputError, match="no retrieval heads"):
+        m.prefill(q, k, v, cache)
+    assert cache.seen == 0  # refused before anything was written
+    with pytest.raises(AttentionInputError, match="calibrate needs"):
+        m.calibrate(q, k, 5)
+    with pytest.raises(ValueError, match="retrieval_heads"):
+        _razor(retrieval_heads=[2])
