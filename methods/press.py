@@ -59,12 +59,12 @@ class Press(DecodePath, AttentionMethod):
     impls = ("reference",)
     supports_noncausal = True  # the forward (prefill) is exact attention
 
-    def __init__(self, ratio: float = 0.5, impl: str = "reference", **structural):
+    def __init__(self, ratio: float | None = 0.5, impl: str = "reference", **structural):
         super().__init__(impl=impl, **structural)
-        if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
             raise ValueError(f"{type(self).__name__}: ratio (the share of tokens evicted) must be in (0, 1), "
                              f"got {ratio}")
-        self.ratio = float(ratio)
+        self.ratio = None if ratio is None else float(ratio)  # None: the press sets its own budgets (FastGen)
         self.layer_idx = 0  # set per layer by a model (PyramidKV's budgets depend on it)
         self.last_kept: int | None = None
 

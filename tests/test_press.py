@@ -332,3 +332,61 @@ def test_razor_attention_refuses_to_run_without_retrieval_heads():
         m.calibrate(q, k, 5)
     with pytest.raises(ValueError, match="retrieval_heads"):
         _razor(retrieval_heads=[2])
+
+
+# ---- FastGen ---------------------------------------------------------------------------------------
+FASTGEN_LADDER = ["special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full"]
+
+
+@pytest.mark.parametrize("recovery", [0.2, 0.3, 0.7, 0.75, 0.97])  # 0.3, 0.7: heads differ
+def test_fastgen_picks_the_cheapest_policy_that_recovers_the_attention(recovery):
+    """Per KV head: the group's averaged causal attention A; policies built here from the token
+    classes (special 0 and 5, punctuation 7 and 15), the top int(0.3 L) of column sums and the
+    last int(0.3 L) tokens; the first whose kept columns hold >= T of A's mass (L rows)."""
+    m = methods.load("fastgen", num_heads=H, head_dim=D, num_kv_heads=HKV, recovery=recovery)
+    q, k, v = _qkv()
+    special = torch.zeros(B, L, dtype=torch.bool)
+    special[:, [0, 5]] = True
+    punct = torch.zeros(B, L, dtype=torch.bool)
+    punct[:, [7, 15]] = True
+    m.set_token_classes(special, punct)
+    cache = m.new_cache(B, L + 1)
+    m.prefill(q, k, v, cache)
+    for b in range(B):
+        for hk in range(HKV):
+            col = [0.0] * L
+            for h in range(hk * G, (hk + 1) * G):
+                for i in range(L):
+                    for j, p in enumerate(_probs(q, k, b, h, i, L)):
+                        col[j] += p / G
+            sp = {0, 5}
+            pu = sp | {7, 15}
+            fr = pu | _top(col, 7)
+            lo = fr | set(range(L - 7, L))
+            ladder = [sp, pu, fr, lo, set(range(L))]
+            pick = next(i for i, c in enumerate(ladder) if sum(col[j] for j in c) / L >= recovery - 1e-6 or i == 4)
+            assert m.policies[b][hk] == FASTGEN_LADDER[pick]
+            assert {p for p in cache.head_positions()[b, hk].tolist() if p >= 0} == ladder[pick]
+    # decode: each head over its own kept tokens (the others' empty slots masked) and the new one
+    qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(2)) for n in (H, HKV, HKV))
+    out = m.decode(qt, kt, vt, cache)
+    for b in range(B):
+        for h in range(H):
+            keep = sorted(p for p in cache.head_positions()[b, h // G].tolist() if p >= 0)
+            kk = torch.cat([k[b, h // G], kt[b, h // G]])[keep].double()
+            vv = torch.cat([v[b, h // G], vt[b, h // G]])[keep].double()
+            ref = torch.softmax(kk @ qt[b, h, 0].double() / math.sqrt(D), 0) @ vv
+            torch.testing.assert_close(out[b, h, 0].double(), ref, rtol=1e-5, atol=1e-5)
+            assert sorted(p for p in m.last_step["positions"][b, h].tolist() if p >= 0) == keep
+
+
+def test_fastgen_refuses_token_classes_of_another_shape():
+    m = methods.load("fastgen", num_heads=H, head_dim=D, num_kv_heads=HKV)
+    q, k, v = _qkv()
+    m.set_token_classes(torch.zeros(B, L - 1, dtype=torch.bool))
+    with pytest.raises(AttentionInputError, match="token classes"):
+        m.prefill(q, k, v, m.new_cache(B, L))
+    with pytest.raises(AttentionInputError, match="bool mask"):
+        m.set_token_classes(torch.zeros(B, L))
+    with pytest.raises(ValueError, match="recovery"):
+        methods.load("fastgen", recovery=1.5)
