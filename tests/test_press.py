@@ -181,7 +181,7 @@ def test_decode_slots_left_after_compaction():
 
 
 # ---- bad input -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", PRESSES)
+@pytest.mark.parametrize("name", [*PRESSES, "razor_attention", "eigen_attention"])
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
 def test_a_ratio_outside_0_1_is_refused(name, ratio):
     with pytest.raises(ValueError, match=r"ratio .* must be in \(0, 1\)"):
@@ -390,3 +390,55 @@ def test_fastgen_refuses_token_classes_of_another_shape():
         m.set_token_classes(torch.zeros(B, L))
     with pytest.raises(ValueError, match="recovery"):
         methods.load("fastgen", recovery=1.5)
+
+
+# ---- Eigen Attention ---------------------------------------------------------------------------------
+def _basis(x, r):
+    """Top r right singular vectors per KV head, via the eigenvectors of X^T X (fp64)."""
+    out = []
+    for h in range(x.shape[1]):
+        rows = x[:, h].reshape(-1, x.shape[-1]).double()
+        w, vec = torch.linalg.eigh(rows.T @ rows)
+        out.append(vec[:, w.argsort(descending=True)[:r]])
+    return out
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_eigen_attention_attends_in_the_low_rank_space(calibrated):
+    """Prefill and decode against softmax((q U_K)(K U_K)^T / sqrt(D)) (V U_V) U_V^T written here
+    (the bases from X^T X's eigenvectors; a projection, so the sign of each vector cancels); the
+    cache holds r = D / 2 values per token."""
+    m = methods.load("eigen_attention", num_heads=H, head_dim=D, num_kv_heads=HKV, ratio=0.5)
+    q, k, v = _qkv()
+    _, kc, vc = _qkv(T=40, seed=7)
+    if calibrated:
+        m.calibrate(kc, vc)
+    src_k, src_v = (kc, vc) if calibrated else (k, v)
+    uk, uv = _basis(src_k, 4), _basis(src_v, 4)
+    cache = m.new_cache(B, L + 1)
+    dense = 2 * B * HKV * (L + 1) * D * 4
+    out = m.prefill(q, k, v, cache)
+    assert cache.k.shape == (B, HKV, L + 1, 4)
+    assert cache.bytes_held() == dense // 2 + 2 * HKV * D * 4 * 4  # half the K/V + the two bases
+    qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(3)) for n in (H, HKV, HKV))
+    o_t = m.decode(qt, kt, vt, cache)
+    k2, v2 = torch.cat([k, kt], 2), torch.cat([v, vt], 2)
+    for b in range(B):
+        for h in range(H):
+            Pk, Pv = uk[h // G] @ uk[h // G].T, uv[h // G] @ uv[h // G].T  # projections onto the bases
+            for i, o, kk, vv, qq in [(i, out[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1], q[b, h, i])
+                                     for i in (0, 11, L - 1)] + [(L, o_t[b, h, 0], k2[b, h // G], v2[b, h // G],
+                                                                  qt[b, h, 0])]:
+                s = (kk.double() @ Pk @ qq.double()) / math.sqrt(D)
+                ref = torch.softmax(s, 0) @ (vv.double() @ Pv)
+                torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_eigen_attention_refuses_bad_calibration_and_foreign_caches():
+    m = methods.load("eigen_attention", num_heads=H, head_dim=D, num_kv_heads=HKV, ratio=0.5)
+    q, k, v = _qkv()
+    with pytest.raises(AttentionInputError, match="calibrate needs"):
+        m.calibrate(k[:, :1], v[:, :1])
+    dense_cache = methods.load("snapkv", num_heads=H, head_dim=D, num_kv_heads=HKV).new_cache(B, L)
+    with pytest.raises(AttentionInputError, match="rank 4"):
+        m.prefill(q, k, v, dense_cache)
