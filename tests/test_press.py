@@ -442,3 +442,27 @@ def test_eigen_attention_refuses_bad_calibration_and_foreign_caches():
     dense_cache = methods.load("snapkv", num_heads=H, head_dim=D, num_kv_heads=HKV).new_cache(B, L)
     with pytest.raises(AttentionInputError, match="rank 4"):
         m.prefill(q, k, v, dense_cache)
+
+
+@pytest.mark.parametrize("method,extra,smaller", [
+    ("snapkv", ["method.window_size=8"], True),
+    ("h2o", [], True),
+    ("pyramidkv", ["method.window_size=8", "method.num_layers=4", "method.layer_idx=3"], True),
+    ("random_press", [], True),
+    ("razor_attention", ["method.retrieval_heads=[]", "method.min_window=8"], True),
+    ("razor_attention", ["method.retrieval_heads=[1]", "method.min_window=8"], False),
+    ("fastgen", ["method.recovery=0.3"], None),
+    ("eigen_attention", [], True),
+])
+def test_every_press_runs_through_runner_decode(method, extra, smaller, compose_cfg, store):
+    """Each press on runner=decode: a record, the press's details, the bytes held after the
+    prefill against dense's (smaller unless a head keeps everything)."""
+    cfg = compose_cfg("runner=decode", f"method={method}", *RUN, *extra, tiny=False)
+    (rec,) = run(cfg)
+    assert rec.status == "ok", rec.error
+    assert rec.details["press"]["press"] == method
+    dense = 2 * 1 * 2 * 52 * 16 * 4
+    held = rec.metrics["kv_bytes_held_prefill"]
+    if smaller is not None:
+        assert (held < 0.8 * dense) == smaller
+    assert 0 <= rec.metrics["decode_recall_min"] <= 1 + 1e-6
