@@ -466,3 +466,32 @@ def test_every_press_runs_through_runner_decode(method, extra, smaller, compose_
     if smaller is not None:
         assert (held < 0.8 * dense) == smaller
     assert 0 <= rec.metrics["decode_recall_min"] <= 1 + 1e-6
+
+
+# ---- generation in a transformers model through a press --------------------------------------------
+def test_generation_through_a_press_equals_the_model_with_the_evicted_keys_masked(tmp_path):
+    """A tiny GQA Llama generates through StreamingLLM-as-press (ratio 0.75: of a 40-token prompt
+    4 sinks and the 6 most recent kept) under teacher forcing (the forced tokens play a question
+    asked after the compression: the query-agnostic setting); its logits equal the eager model's
+    with a 4D mask written here (prompt rows causal, later rows: sinks, kept recent, new tokens)."""
+    transformers = pytest.importorskip("transformers")
+    from models import hf_decode
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    P, N = 40, 6
+    ids = torch.randint(0, 64, (2, P), generator=torch.Generator().manual_seed(1))
+    forced = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(2))
+    got = hf_decode.generate(hf_decode.load(str(tmp_path), "streaming_llm_press", ratio=0.75), ids, N, forced=forced)
+    T = P + N
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed[P:, 4:P - 6] = False  # evicted after the prefill, for every later token
+    mask = torch.zeros(2, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.cat([ids, forced], 1), attention_mask=mask).logits
+    for j, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=1e-4, atol=1e-4)
+    assert all(s["bytes_held"] == 2 * 2 * 2 * (10 + N) * 8 * 4 for s in got.stats)  # 10 kept + N new
