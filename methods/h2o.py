@@ -13,8 +13,9 @@ the query heads of a KV head averaged (GQA; the official code has one KV head pe
 and sums over the batch too: here each batch element ranks its own). Each (batch, KV head)
 keeps its ``r = int(n * recent_share)`` most recent tokens and the n - r other tokens of
 largest A, n = max(1, int(L (1 - ratio))) tokens in all; the official code's equal heavy and
-recent ratios give the default recent_share 0.5. As a press (kvpress's
-ObservedAttentionPress is the same score) the eviction is done once, after the prefill; the
+recent ratios give the default recent_share 0.5. (kvpress's ObservedAttentionPress divides
+A_j by the L - j queries that see token j and keeps no recent share: not this rule.) As a
+press the eviction is done once, after the prefill; the
 paper also evicts at each decode step (not done here: decode tokens are appended and kept).
 """
 from __future__ import annotations

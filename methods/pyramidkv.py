@@ -2,18 +2,20 @@
 
 Cai, Zhang, Gao, Liu, Liu, Lu, Xiong, Dong, Chang, Hu, Xiao, "PyramidKV: Dynamic KV Cache
 Compression based on Pyramidal Information Funneling" (2024), Sec. 3.2; official code
-Zefan-Cai/KVCache-Factory (``PyramidKVCluster``); kvpress's ``PyramidKVPress`` (beta 20).
+Zefan-Cai/KVCache-Factory (``pyramidkv_utils.py``); the budget as kvpress's ``PyramidKVPress``
+computes it (defaults beta 20, window 64, kernel 5), which always applies the ratio.
 
-With m layers and an average budget a = L (1 - ratio) tokens per (batch, KV head), the top
-layer keeps k_{m-1} = a / beta and the bottom k_0 = 2a - k_{m-1}, the layers between on the
-arithmetic sequence
+With m layers, L prefill tokens, observation window w and a = L (1 - ratio) (the average
+budget), the top layer's share is min = a / beta and the bottom's max = 2a - min; when
+max >= L - w, max = L - w and min = 2a - max. Layer l keeps
 
-    k_l = k_0 - l (k_0 - k_{m-1}) / (m - 1)      (rounded; the mean over layers is a)
+    k_l = round(max - l (max - min) / (m - 1))          (one layer: round(max))
 
-(when k_0 would exceed L: k_0 = L and k_{m-1} = 2a - L, so the mean stays a; one layer: a).
-Each layer keeps its k_l tokens by SnapKV's votes (``methods.snapkv``: observation window 64,
-kernel 5, average pooling). The layer is ``layer_idx`` of ``num_layers`` (hyperparameters:
-runner=decode measures one layer; a model sets ``layer_idx`` per layer).
+tokens, the mean over layers a; when not L >= max >= min >= w (short prompts, a large
+beta) every layer keeps max(1, round(a)), SnapKV's budget (kvpress's fallback). Each layer
+keeps its k_l tokens by SnapKV's votes (``methods.snapkv``: the window first). The layer is
+``layer_idx`` of ``num_layers`` (hyperparameters: runner=decode measures one layer; a model
+sets ``layer_idx`` per layer).
 """
 from __future__ import annotations
 
@@ -41,15 +43,17 @@ class PyramidKV(SnapKV):
                 "layer_idx": self.layer_idx}
 
     def budget(self, length: int, layer_idx: int | None = None) -> int:
-        a = length * (1.0 - self.ratio)
+        a, w = length * (1.0 - self.ratio), self.window_size
         m, layer = self.num_layers, self.layer_idx if layer_idx is None else int(layer_idx)
-        if m == 1:
-            return max(1, int(a))
         lo = a / self.beta
         hi = 2 * a - lo
-        if hi > length:
-            hi, lo = float(length), 2 * a - length
-        return max(1, min(length, round(hi - layer * (hi - lo) / (m - 1))))
+        if hi >= length - w:
+            hi = length - w
+            lo = 2 * a - hi
+        if not (length >= hi >= lo >= w):
+            return max(1, round(a))
+        steps = (hi - lo) / (m - 1) if m > 1 else 0.0
+        return max(1, round(hi - layer * steps))
 
 
 __all__ = ["PyramidKV"]
