@@ -16,7 +16,9 @@ A decode step is three phases, which ``runners.decode`` times apart:
 ``KVCache`` owns the stored K/V (contiguous, [B, Hkv, capacity, D]), the absolute position of
 every slot, and the method's auxiliary index in ``aux`` (Quest's page summaries, SparQ's K^T
 copy and running value mean). ``bytes_held`` counts the tensors it owns, allocated (K, V and
-aux; the slot positions are bookkeeping and not counted). ``last_step`` after a decode says
+aux; the slot positions are bookkeeping and not counted). A KV-cache press (``methods.press``)
+compresses it after the prefill with ``compact(keep)``: the kept slots of each (batch, KV head)
+move into smaller tensors, and each head then holds its own positions (``head_positions()``). ``last_step`` after a decode says
 which absolute positions each query head read (``positions`` [B, H, n], -1 for padding;
 None: every held key), the bytes the step read (``index_bytes``: summaries or partial keys;
 ``kv_bytes``: the K/V rows read, each (batch, KV head, slot) counted once however many query
