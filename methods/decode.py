@@ -16,7 +16,9 @@ A decode step is three phases, which ``runners.decode`` times apart:
 ``KVCache`` owns the stored K/V (contiguous, [B, Hkv, capacity, D]), the absolute position of
 every slot, and the method's auxiliary index in ``aux`` (Quest's page summaries, SparQ's K^T
 copy and running value mean). ``bytes_held`` counts the tensors it owns, allocated (K, V and
-aux; the slot positions are bookkeeping and not counted). ``last_step`` after a decode says
+aux; the slot positions are bookkeeping and not counted). A KV-cache press (``methods.press``)
+compresses it after the prefill with ``compact(keep)``: the kept slots of each (batch, KV head)
+move into smaller tensors, and each head then holds its own positions (``head_positions()``). ``last_step`` after a decode says
 which absolute positions each query head read (``positions`` [B, H, n], -1 for padding;
 None: every held key), the bytes the step read (``index_bytes``: summaries or partial keys;
 ``kv_bytes``: the K/V rows read, each (batch, KV head, slot) counted once however many query
@@ -73,6 +75,7 @@ class KVCache:
         self.seen = 0
         self.aux: dict[str, torch.Tensor] = {}
         self.owner: str | None = None  # the decode path (and hyperparameters) that filled it
+        self.head_pos: torch.Tensor | None = None  # [B, Hkv, capacity] after ``compact`` (a press)
 
     # ---- what it holds ------------------------------------------------------------------
     @property
@@ -108,6 +111,13 @@ class KVCache:
     def positions(self) -> torch.Tensor:
         return self.pos[:self.length]
 
+    def head_positions(self) -> torch.Tensor:
+        """Absolute position of each held slot per (batch, KV head): [B, Hkv, length] (after a
+        press's ``compact`` each head keeps its own tokens; before, all share ``positions()``)."""
+        if self.head_pos is not None:
+            return self.head_pos[:, :, :self.length]
+        return self.positions().expand(self.batch, self.num_kv_heads, -1)
+
     def row_bytes(self) -> int:
         """Bytes of one key (or value) row of one KV head."""
         return self.head_dim * self.k.element_size()
@@ -129,6 +139,8 @@ class KVCache:
         self.k[:, :, slot:slot + n] = k
         self.v[:, :, slot:slot + n] = v
         self.pos[slot:slot + n] = torch.arange(pos0, pos0 + n, device=self.device)
+        if self.head_pos is not None:
+            self.head_pos[:, :, slot:slot + n] = self.pos[slot:slot + n]
         self.length = max(self.length, slot + n)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -140,6 +152,40 @@ class KVCache:
                 f"{self.capacity} tokens (build the cache with a larger capacity)")
         self.write(self.length, k, v, self.seen)
         self.seen += n
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep only the held slots ``keep`` [B, Hkv, n] of each (batch, KV head) (a KV-cache
+        press: ``methods.press``), in that order: K and V move into new tensors of n slots
+        plus the ``capacity - length`` still free, and the old ones are released, so that
+        ``bytes_held`` (measured from the tensors) shrinks. Each (batch, KV head) then holds
+        its own positions (``head_pos``; bookkeeping, like ``pos``, not counted in
+        ``bytes_held``); later tokens are appended after slot n - 1, as before. A slot -1 in
+        ``keep`` leaves that slot empty (position -1: heads keeping fewer tokens than others,
+        padded; a press masks them). A cache with an index (``aux``) is refused: the index
+        would describe slots that moved."""
+        B, Hkv, S = self.batch, self.num_kv_heads, self.length
+        if keep.dim() != 3 or tuple(keep.shape[:2]) != (B, Hkv) or keep.shape[2] < 1:
+            raise AttentionInputError(
+                f"KVCache.compact: keep must be [B={B}, Hkv={Hkv}, n >= 1] slot indices, got {tuple(keep.shape)}")
+        if keep.dtype not in (torch.int32, torch.int64) or bool((keep < -1).any() | (keep >= S).any()):
+            raise AttentionInputError(
+                f"KVCache.compact: keep must hold integer slots in [0, {S}) (the held slots) or -1 (empty)")
+        if self.aux:
+            raise AttentionInputError(
+                f"KVCache.compact: the cache holds an index ({', '.join(self.aux)}) that compaction would break")
+        n, spare = keep.shape[2], self.capacity - S
+        empty = (keep < 0).unsqueeze(-1)
+        idx = keep.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        hp = self.head_positions().gather(2, keep.long().clamp_min(0)).masked_fill(keep < 0, -1)
+        k = torch.empty(B, Hkv, n + spare, self.head_dim, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        k[:, :, :n] = self.k[:, :, :S].gather(2, idx).masked_fill(empty, 0)
+        v[:, :, :n] = self.v[:, :, :S].gather(2, idx).masked_fill(empty, 0)
+        self.k, self.v = k, v  # the old tensors are freed here (nothing else refers to them)
+        self.head_pos = torch.full((B, Hkv, n + spare), -1, dtype=torch.long, device=self.device)
+        self.head_pos[:, :, :n] = hp
+        self.pos = torch.full((n + spare,), -1, dtype=torch.long, device=self.device)  # shared: none now
+        self.length = n
 
 
 @dataclass
@@ -277,7 +323,10 @@ class DecodePath:
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
         """What a step read: positions per query head, index and K/V bytes, clamping."""
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
-        if sel.slots is None:
+        if sel.slots is None and cache.head_pos is not None:  # a pressed cache: each head its own tokens
+            kv_rows = int((cache.head_positions() != -1).sum())  # empty slots are not read
+            positions = cache.head_positions().repeat_interleave(self.num_heads // Hkv, 1)
+        elif sel.slots is None:
             kv_rows, positions = B * Hkv * S, None
         else:
             H, n = sel.slots.shape[1], sel.slots.shape[2]
@@ -286,7 +335,8 @@ class DecodePath:
             hit.scatter_add_(2, sel.slots.clamp(0, S - 1).reshape(B, Hkv, -1),
                              valid.reshape(B, Hkv, -1).to(torch.int32))
             kv_rows = int((hit > 0).sum())
-            positions = torch.where(valid, cache.positions()[sel.slots.clamp(0, S - 1)], -1).view(B, H, n)
+            held = gather_heads(cache.head_positions().unsqueeze(-1), sel.slots)[..., 0]
+            positions = torch.where(valid, held, -1).view(B, H, n)
         kv_bytes = 2.0 * kv_rows * cache.row_bytes()
         return {"positions": positions, "index_bytes": float(sel.index_bytes), "kv_bytes": kv_bytes,
                 "bytes_read": float(sel.index_bytes) + kv_bytes, "clamped": bool(sel.clamped)}

@@ -12,7 +12,10 @@ prefill length L:
            append (K/V write and index update) + select = index time, attend = attention time;
            per-step p20/p50/p80/p99 over the steps, after ``warmup`` steps on a copy of the cache;
            the peak memory of the decode loop; the bytes each step read; the cache's bytes held
-           after the prefill and at the end
+           after the prefill (on CUDA also the allocator's count of them) and at the end
+  presses  a KV-cache press (``methods.press``) compresses the cache inside its prefill; its
+           ratio and kept tokens are recorded (``details.press``); the decode steps come after
+           the compression (the query-agnostic setting)
 
 Methods without a decode path of their own decode densely: ``details.decode_fallback`` is
 "dense" (``methods.decode``). Decode is causal: methods that are not are skipped.
@@ -119,10 +122,16 @@ class DecodeRunner:
         tok = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
 
         # ---- fidelity: every step against dense decode over the full history --------------
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         cache = path.new_cache(B, L + N, dtype, device)
         pre = path.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
+        if before is not None:  # the allocator's count of what the cache holds (blocks of 512 bytes)
+            rec.metrics["kv_bytes_allocated_prefill"] = (torch.cuda.memory_allocated(device) - before
+                                                         - pre.numel() * pre.element_size())
         rec.metrics["prefill_rel_err"] = errors(pre, exact(q[:, :, :L], k[:, :, :L], v[:, :, :L], True))["rel_err"]
         rec.metrics["kv_bytes_held_prefill"] = cache.bytes_held()
+        if hasattr(path, "press_details"):  # a KV-cache press (methods.press): compressed after the prefill
+            rec.details["press"] = path.press_details()
         rel, recall, read, clamped = [], [], [], 0
         for i in range(L, L + N):
             o = path.decode(tok(q, i), tok(k, i), tok(v, i), cache)

@@ -1,0 +1,162 @@
+"""KV-cache compression ("presses", issue 27): after the prefill, a press keeps a fraction of
+each (batch, KV head)'s cached tokens and the generation decodes over those only.
+
+    press = methods.load("snapkv", ratio=0.5, ...)            # a Press is a decode path
+    cache = press.new_cache(B, L + N, dtype, device)
+    o = press.prefill(q, k, v, cache)     # exact causal prefill; then the cache is compressed
+    keep = press.compress(cache, q, layer_idx=0)   # (what prefill does) slots kept [B, Hkv, n]
+    cache.compact(keep)                   # K/V moved into smaller tensors (methods.decode)
+    o_t = press.decode(q_t, k_t, v_t, cache)       # dense over the kept tokens + new ones
+
+The interface. ``ratio`` in (0, 1) is the share of the prefill's tokens evicted (the
+convention of kvpress, NVIDIA's reference library): each (batch, KV head) keeps
+
+    n = max(1, int(L * (1 - ratio)))   tokens of the L prefilled
+
+(PyramidKV: a budget per layer). ``compress(cache, q, layer_idx)`` returns the kept slots,
+[B, Hkv, n] (sorted), from the prefill's queries q [B, H, L, D] (those a press needs: SnapKV
+its observation window, H2O all of them) and the cached keys; scorer presses rank tokens by
+``scores`` [B, Hkv, L] and keep the top n. ``KVCache.compact`` then moves the kept K/V into
+new tensors and frees the old ones: ``bytes_held`` is measured from the tensors the cache
+owns after compaction (the runner also records the allocator's peak). Decode steps append the
+new tokens after the kept ones and read every held key (exact attention over them); the step's
+``positions`` are each head's own kept positions.
+
+Query-aware or query-agnostic is decided by what the caller prefills: a press sees only the
+prefill's queries, so a question inside the prompt steers it (query-aware), a question fed
+afterwards (as decode steps) does not (query-agnostic; runner=decode is this setting: its
+decode queries come after the compression). ``press_details()`` records the setting's inputs.
+
+Rules (``AttentionInputError``/``ValueError`` naming the problem, before any compute): a ratio
+outside (0, 1); a press on a cache it did not fill in full (one already compressed, or one that
+evicts as it stores, or one with an index); queries that do not match the cache.
+
+The prefill is exact (dense causal attention, as kvpress and the papers' code run it); the
+press changes only what later tokens read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods import masks
+from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
+from methods.decode import DecodePath, KVCache, sdpa
+
+
+def kept_count(length: int, ratio: float) -> int:
+    """Tokens a (batch, KV head) keeps of ``length`` at compression ``ratio``."""
+    return max(1, int(length * (1.0 - ratio)))
+
+
+class Press(DecodePath, AttentionMethod):
+    """A KV-cache press: exact prefill, then ``compress`` keeps ``kept_count`` tokens per
+    (batch, KV head); subclasses define ``scores`` (or override ``compress``)."""
+
+    kind = "KV-cache compression (press), training-free"
+    exact = True  # the prefill is exact; the press acts on what decode reads
+    impls = ("reference",)
+    supports_noncausal = True  # the forward (prefill) is exact attention
+
+    def __init__(self, ratio: float | None = 0.5, impl: str = "reference", **structural):
+        super().__init__(impl=impl, **structural)
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) < 1.0):
+            raise ValueError(f"{type(self).__name__}: ratio (the share of tokens evicted) must be in (0, 1), "
+                             f"got {ratio}")
+        self.ratio = None if ratio is None else float(ratio)  # None: the press sets its own budgets (FastGen)
+        self.layer_idx = 0  # set per layer by a model (PyramidKV's budgets depend on it)
+        self.last_kept: int | None = None
+
+    @property
+    def real_kernel(self) -> bool:
+        return True  # the evicted K/V are freed: decode reads only what is kept
+
+    # ---- prefill: exact ------------------------------------------------------------------
+    def attend(self, q, k, v, causal, key_padding_mask):
+        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
+                                    key_padding_mask, q.device)
+        return masked_attention(q, k, v, mask)
+
+    def prefill_output(self, q, k, v):
+        return self(q, k, v, causal=True)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
+                    kv_bytes=2.0 * self.num_kv_heads * self.budget(tk) * self.head_dim * 2)
+
+    # ---- the press -------------------------------------------------------------------------
+    def decode_params(self) -> dict:
+        return {"ratio": self.ratio}
+
+    def budget(self, length: int, layer_idx: int | None = None) -> int:
+        """Tokens kept of ``length`` (per (batch, KV head))."""
+        return kept_count(length, self.ratio)
+
+    def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        out = super().prefill(q, k, v, cache)
+        cache.compact(self.compress(cache, q, self.layer_idx))
+        return out
+
+    def attend_selected(self, q_t, cache: KVCache, sel) -> torch.Tensor:
+        """Exact attention over every held key of each head; empty slots (position -1) masked,
+        and ``aux["slot_bias"]`` [B, Hkv, capacity], where a press sets it, added to the scores
+        (RazorAttention's compensation token: log of the tokens it stands for)."""
+        if sel.slots is not None or cache.head_pos is None:
+            return super().attend_selected(q_t, cache, sel)
+        S, g = cache.length, q_t.shape[1] // cache.num_kv_heads
+        filled = cache.head_pos[:, :, :S] != -1
+        bias = cache.aux.get("slot_bias")
+        if bias is None and bool(filled.all()):
+            return sdpa(q_t, cache.keys(), cache.values())
+        add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device) if bias is None else bias[:, :, :S].to(q_t.dtype)
+        add = add.masked_fill(~filled, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
+        return sdpa(q_t, cache.keys(), cache.values(), add)
+
+    def compress(self, cache: KVCache, q: torch.Tensor | None = None, layer_idx: int | None = None) -> torch.Tensor:
+        """Slots kept per (batch, KV head), [B, Hkv, n] sorted: the top n of ``scores``."""
+        self.check_press(cache, q)
+        n = min(self.budget(cache.length, layer_idx), cache.length)
+        scores = self.scores(cache, q).float()
+        keep = scores.topk(n, dim=-1).indices.sort(-1).values
+        self.last_kept = n
+        return keep
+
+    def scores(self, cache: KVCache, q: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
+        """Importance of each held token, [B, Hkv, L] (higher is kept)."""
+        raise NotImplementedError
+
+    def press_details(self) -> dict:
+        return {"press": self.decode_name(), "ratio": self.ratio, "kept_per_head": self.last_kept,
+                "setting": "the prefill's queries only (query-aware iff the question is in the prefill)"}
+
+    def check_press(self, cache: KVCache, q) -> None:
+        me = self.decode_name()
+        if not isinstance(cache, KVCache):
+            raise AttentionInputError(f"{me}: a press needs a KVCache, got {type(cache).__name__}")
+        if cache.head_pos is not None or cache.length != cache.seen or cache.aux or cache.length < 1:
+            raise AttentionInputError(
+                f"{me}: a press needs a cache holding every prefilled token in order (this one holds "
+                f"{cache.length} of {cache.seen} tokens{', already compressed' if cache.head_pos is not None else ''}"
+                f"{', with an index' if cache.aux else ''})")
+        if q is not None and (q.dim() != 4 or q.shape[0] != cache.batch or q.shape[2] != cache.length
+                              or q.shape[3] != cache.head_dim or q.shape[1] % cache.num_kv_heads):
+            raise AttentionInputError(
+                f"{me}: the press's queries must be the prefill's, [B={cache.batch}, H, L={cache.length}, "
+                f"D={cache.head_dim}] with H a multiple of {cache.num_kv_heads}, got {tuple(q.shape)}")
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Tensor:
+    """Softmax attention probabilities of the last ``window`` queries of q [B, H, L, D] over the
+    keys k [B, Hkv, L, D], causal (query L - w + i sees keys <= L - w + i), in fp32:
+    [B, Hkv, H / Hkv, w, L] (the query heads grouped under their KV head)."""
+    B, H, L, D = q.shape
+    Hkv, w = k.shape[1], min(window, L)
+    qw = q[:, :, L - w:].float().view(B, Hkv, H // Hkv, w, D)
+    s = qw @ k.float().unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # [B, Hkv, g, w, L]
+    qpos = torch.arange(L - w, L, device=q.device).view(w, 1)
+    s = s.masked_fill(torch.arange(L, device=q.device).view(1, L) > qpos, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+__all__ = ["Press", "kept_count", "window_attention"]
