@@ -33,10 +33,14 @@ from methods.decode import KVCache
 from methods.press import Press
 
 
-def svd_basis(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Top ``r`` right singular vectors of each KV head's rows: x [B, Hkv, T, D] -> [Hkv, D, r] (fp32)."""
+def svd_basis(x: torch.Tensor, r: int, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Top ``r`` right singular vectors of each KV head's rows: x [B, Hkv, T, D] -> [Hkv, D, r]
+    (fp32); padded positions (``key_padding_mask`` [B, T] False) are left out (zero rows)."""
     B, Hkv, T, D = x.shape
-    rows = x.detach().double().transpose(0, 1).reshape(Hkv, B * T, D)
+    x = x.detach().double()
+    if key_padding_mask is not None:
+        x = x * key_padding_mask[:, None, :, None].to(x.dtype)
+    rows = x.transpose(0, 1).reshape(Hkv, B * T, D)
     return torch.linalg.svd(rows, full_matrices=False).Vh[:, :r].transpose(-1, -2).float()
 
 
@@ -66,10 +70,11 @@ class EigenAttention(Press):
                 f"B * T >= rank {self.rank}")
         self.basis_k, self.basis_v = svd_basis(k, self.rank), svd_basis(v, self.rank)
 
-    def bases(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    def bases(self, k, v, key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.basis_k is not None:
             return self.basis_k.to(k.device), self.basis_v.to(k.device)
-        return svd_basis(k, self.rank).to(k.device), svd_basis(v, self.rank).to(k.device)
+        return (svd_basis(k, self.rank, key_padding_mask).to(k.device),
+                svd_basis(v, self.rank, key_padding_mask).to(k.device))
 
     # ---- attention in the low-rank space --------------------------------------------------------
     def low_rank_attention(self, q, kr, vr, uk, uv, mask=None) -> torch.Tensor:
@@ -80,7 +85,7 @@ class EigenAttention(Press):
         return (o @ uv.repeat_interleave(g, 0).transpose(-1, -2)).to(q.dtype)
 
     def attend(self, q, k, v, causal, key_padding_mask):
-        uk, uv = self.bases(k, v)
+        uk, uv = self.bases(k, v, key_padding_mask)  # padded keys do not shape the basis
         mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
         return self.low_rank_attention(q, k.float() @ uk, v.float() @ uv, uk, uv, mask)
 
