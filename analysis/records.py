@@ -13,6 +13,7 @@ COLUMNS = ["run_id", "time", "method", "impl", "real_kernel", "model", "task", "
            "seq_len", "batch_size", "dtype", "device", "causal", "status", "error", "seed"]
 
 
+DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "setting"]
 PASSES = ("forward", "backward")
 
 
@@ -54,11 +55,26 @@ def _flat(rec: dict) -> dict:
     return row
 
 
+def failure(status: str, error) -> str:
+    """How a table shows a run that did not succeed: its status and the reason (an OOM is its
+    own reason), on one line and without the characters that break a markdown table."""
+    if status == "ok":
+        return "ok"
+    err = "" if error is None or (isinstance(error, float) and pd.isna(error)) else str(error)
+    err = " ".join(err.replace("|", "/").split())
+    if not err or status == "oom":
+        return str(status)
+    return f"{status}: {err[:60]}{'...' if len(err) > 60 else ''}"
+
+
 def load(*stores, latest: bool = True) -> pd.DataFrame:
     """All records of the given JSONL stores; with ``latest``, one row per run_id (the
     newest record: a forced re-run replaces the old result)."""
     rows = [_flat(r) for s in stores for r in store.read(s)]
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS)
+    for c in DERIVED:  # an empty store still has every column the tables look up
+        if c not in df:
+            df[c] = None
     if latest and len(df):
         df = df.sort_values("time", kind="stable").drop_duplicates("run_id", keep="last")
     return df.reset_index(drop=True)

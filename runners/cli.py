@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -37,6 +38,14 @@ def main(cfg: DictConfig) -> None:
     from runners.callbacks import write_job_summary
 
     write_job_summary(HydraConfig.get().runtime.output_dir, recs, started)
+    failed = [r for r in recs if r.status != "ok"]
+    if failed:
+        log.error("%d of %d record(s) failed: %s", len(failed), len(recs),
+                  "; ".join(f"{r.method} T={r.seq_len}: {r.status} ({r.error})" for r in failed[:5]))
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.RUN:  # a sweep's jobs are counted at its end (analysis.sweep)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

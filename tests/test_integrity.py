@@ -1,0 +1,80 @@
+"""Results you can trust (issue 22, items 1-5): no mixed rows, no stale reuse, failures that
+name themselves, errors before compute, no orphaned workers or duplicated jobs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from analysis.records import load
+from analysis.render import render
+from runners import records
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = [sys.executable, "-m", "runners.cli"]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _cli(args, tmp_path, sweep="m", timeout=300, **kw):
+    flags = [a for a in args if a.startswith("-")]
+    args = [a for a in args if not a.startswith("-")]
+    return subprocess.run([*EXE, *flags, *TINY, f"store={tmp_path}/r.jsonl", f"hydra.run.dir={tmp_path}/h",
+                           f"hydra.sweep.dir={tmp_path}/{sweep}", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=ENV, timeout=timeout, **kw)
+
+
+def _rec(method, T, status="ok", ms=1.0, run_id=None, time="2026-01-01T00:00:00", runner="kernel",
+         task="fidelity", config=None, **kw):
+    return {"run_id": run_id or f"{method}-{T}-{status}-{ms}", "time": time, "method": method,
+            "impl": "sdpa", "real_kernel": True, "model": "attn_op", "task": task, "runner": runner,
+            "seq_len": T, "batch_size": 1, "dtype": "float32", "device": "cpu", "causal": False,
+            "status": status, "error": None if status == "ok" else "ValueError: num_landmarks must divide 96",
+            "seed": 0, "method_params": {}, "env": {}, "details": {}, "config": config or {},
+            "metrics": {"rel_err_random": 0.1} if status == "ok" else {},
+            "latency_ms": {"forward": {"p20": ms, "p50": ms, "p80": ms}} if status == "ok" else {},
+            "peak_mem_bytes": {}, "cost": None, **kw}
+
+
+def _store(path, recs):
+    for r in recs:
+        records.append(path, r)
+    return path
+
+
+# --- item 3: failures that look like success ------------------------------------------------
+
+def test_empty_store_renders_a_clear_message_not_a_key_error(tmp_path):
+    from analysis import leaderboard
+
+    empty = tmp_path / "r.jsonl"
+    empty.write_text("")
+    assert "no records" in render(load(empty))
+    assert leaderboard.main(["--store", str(empty)]) == 1
+
+
+def test_a_store_where_every_record_failed_shows_each_failure_with_its_reason(tmp_path):
+    path = _store(tmp_path / "r.jsonl", [
+        _rec("nystrom", 96, status="error"), _rec("dense", 96, status="oom"),
+        _rec("dense", 0, status="error", runner="train", task="lra/listops")])
+    text = render(load(path))
+    assert "error: ValueError: num_landmarks must divide 96" in text  # the reason, not a blank
+    assert "| oom" in text
+    assert "### Failed runs (3)" in text
+    lra = text.split("### Long Range Arena")[1].split("###")[0]
+    assert "error: ValueError" in lra
+
+
+def test_a_run_whose_records_all_failed_exits_non_zero(tmp_path):
+    p = _cli(["method.impl=nope"], tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "2 of 2 record(s) failed" in p.stdout + p.stderr
+    assert {r["status"] for r in records.read(tmp_path / "r.jsonl")} == {"error"}
+
+
+def test_a_sweep_with_failed_jobs_exits_non_zero_and_says_how_many(tmp_path):
+    p = _cli(["-m", "method=dense,nystrom", "method.impl=reference,nope", "runner.seq_lens=[64]"], tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-2000:]
+    assert "sweep: 2 of 4 job(s) failed" in out
+    assert json.loads((tmp_path / "m/summary.json").read_text())["jobs_failed"] == 2
