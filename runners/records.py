@@ -191,6 +191,32 @@ def environment(device) -> dict:
     return env
 
 
+MIN_FREE_BYTES = 1 << 20
+
+
+def check_writable(path: str | os.PathLike, what: str = "results store", is_dir: bool = False) -> None:
+    """Fail now, before any compute, when ``path`` (a file appended to, or a folder written
+    into) cannot be written: a parent that is a file, no permission, a read-only or full file
+    system. Creates the folders (and an empty store file) it needs."""
+    path = Path(path)
+    folder = path if is_dir else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            probe = folder / f".attnbench-write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        st = os.statvfs(folder)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the {what} {path} cannot be written ({type(exc).__name__}: "
+                                 f"{exc.strerror or exc}); nothing was run") from exc
+    if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+        raise OSError(f"the {what} {path} is on a full file system ({st.f_bavail * st.f_frsize} bytes "
+                      "free); nothing was run")
+
+
 def append(store: str | os.PathLike, record: RunRecord | dict) -> None:
     """Append one record as one line, atomically with respect to other writers."""
     line = record.to_json() if isinstance(record, RunRecord) else json.dumps(record, sort_keys=True)

@@ -84,6 +84,10 @@ class TrainRunner:
     cpu_threads: int
     force: bool
 
+    def output_dirs(self) -> dict:
+        """Where the run writes besides the store (checked before it starts)."""
+        return {"checkpoint folder": self.checkpoint_dir}
+
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
         r = self
         device = resolve_device(cfg.device)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from analysis.records import load
 from analysis.render import render
 from runners import records
@@ -78,3 +80,41 @@ def test_a_sweep_with_failed_jobs_exits_non_zero_and_says_how_many(tmp_path):
     assert p.returncode == 1, out[-2000:]
     assert "sweep: 2 of 4 job(s) failed" in out
     assert json.loads((tmp_path / "m/summary.json").read_text())["jobs_failed"] == 2
+
+
+# --- item 4: late errors ----------------------------------------------------------------------
+
+def test_an_unwritable_store_is_refused_before_anything_is_measured(compose_cfg, tmp_path, monkeypatch):
+    from runners import run
+    from runners.kernel import KernelRunner
+
+    measured = []
+    monkeypatch.setattr(KernelRunner, "_check_and_measure", lambda self, *a, **k: measured.append(a))
+    (tmp_path / "a_file").write_text("")
+    cfg = compose_cfg(f"store={tmp_path}/a_file/r.jsonl")  # its parent is a file: never writable
+    with pytest.raises(OSError, match="results store .*a_file/r.jsonl cannot be written"):
+        run(cfg)
+    assert measured == []
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(compose_cfg, tmp_path, monkeypatch):
+    from runners import run, train
+
+    monkeypatch.setattr(train, "_train", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "a_file").write_text("")
+    cfg = compose_cfg("runner=train", "model=lra_encoder", "task=lra/listops", "runner.steps=1",
+                      f"runner.checkpoint_dir={tmp_path}/a_file/ck", tiny=False)
+    with pytest.raises(OSError, match="checkpoint folder .*a_file/ck cannot be written"):
+        run(cfg)
+    assert not Path(cfg.store).exists() or records.read(cfg.store) == []
+
+
+def test_a_full_disk_is_refused_before_anything_is_measured(compose_cfg, monkeypatch):
+    from collections import namedtuple
+
+    from runners import run
+
+    full = namedtuple("st", "f_bavail f_frsize")(0, 4096)
+    monkeypatch.setattr(os, "statvfs", lambda p: full)
+    with pytest.raises(OSError, match="full file system"):
+        run(compose_cfg())
