@@ -27,6 +27,21 @@ from tasks.fidelity import Fidelity
 log = logging.getLogger(__name__)
 
 
+def model_inputs(cfg) -> dict:
+    """{"model_file": path} of the pretrained model's weights (part of the run's identity:
+    ``records.identity`` hashes it), or {} where the model class names no known file."""
+    from hydra.utils import get_class
+
+    from models.pretrained import SPECS, cache_dir
+
+    try:
+        name = get_class(str(cfg.model._target_)).model_name
+        folder, gguf, _ = SPECS[name]
+    except (AttributeError, KeyError, ImportError, ValueError):
+        return {}
+    return {"model_file": str(cache_dir() / folder / gguf)}
+
+
 @dataclass
 class PretrainedRunner:
     """conf/runner/pretrained.yaml."""
@@ -44,7 +59,7 @@ class PretrainedRunner:
         if device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)
         rec = records.new(cfg, device, dtype, seq_len=int(cfg.task.get("seq_len") or self.timing_len),
-                          causal=True)
+                          causal=True, inputs=model_inputs(cfg))
         if not self.force and rec.run_id in records.done_ids(cfg.store):
             log.info("an ok record with run_id %s exists; skipped", rec.run_id)
             return []

@@ -145,7 +145,10 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
     amp = autocast(device, dtype)
     state = {"step": 0, "best_val": -float("inf"), "wall_s": 0.0, "tokens": 0, "losses": []}
     last = ckdir / "last.pt"
-    if r.resume and last.exists():
+    if r.force and last.exists():  # force: start over, never resume (not even a finished run)
+        log.info("runner.force: %s is not resumed; training starts over", last)
+    if r.resume and not r.force and last.exists():
+        rec.details["resumed_from_sha1"] = records.file_hash(last)
         ck = torch.load(last, weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])

@@ -118,3 +118,87 @@ def test_a_full_disk_is_refused_before_anything_is_measured(compose_cfg, monkeyp
     monkeypatch.setattr(os, "statvfs", lambda p: full)
     with pytest.raises(OSError, match="full file system"):
         run(compose_cfg())
+
+
+# --- item 2: stale reuse ------------------------------------------------------------------------
+
+def _id(cfg, device="cpu", dtype="float32"):
+    import torch
+
+    return records.new(cfg, torch.device(device), getattr(torch, dtype), seq_len=64).run_id
+
+
+def test_run_id_covers_the_resolved_device_and_dtype(compose_cfg):
+    import torch
+
+    cfg = compose_cfg("device=auto", "dtype=auto")  # the same config on a CPU and on a GPU
+    assert _id(cfg, "cpu") != _id(cfg, "meta")
+    assert _id(cfg, "cpu", "float32") != _id(cfg, "cpu", "float64")
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    on_gpu = records.identity(config, torch.device("cuda", 1), torch.bfloat16, {"gpu": "NVIDIA H200"})
+    on_cpu = records.identity(config, torch.device("cpu"), torch.float32, {})
+    assert records.run_id(config, identity=on_gpu) != records.run_id(config, identity=on_cpu)
+    assert on_gpu["device"] == "cuda" and on_gpu["gpu"] == "NVIDIA H200"  # any cuda:N of one model
+
+
+def test_run_id_covers_library_versions(compose_cfg, monkeypatch):
+    from importlib import metadata
+
+    cfg = compose_cfg()
+    before = _id(cfg)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda p: "99.0" if p == "transformers" else real(p))
+    assert _id(cfg) != before
+
+
+def test_run_id_covers_the_code_of_the_method_and_its_kernels(compose_cfg, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(ROOT / "methods", tmp_path / "methods")
+    monkeypatch.setattr(records, "PROJECT_ROOT", tmp_path)
+    cfg = compose_cfg("method=performer")
+    before = _id(cfg)
+    with open(tmp_path / "methods/linformer.py", "a") as f:  # another method's code: same id
+        f.write("\n# unrelated change\n")
+    assert _id(cfg) == before
+    with open(tmp_path / "methods/kernels/linear_attn.py", "a") as f:  # the kernel it runs
+        f.write("\nCHANGED = 1\n")
+    assert _id(cfg) != before
+    assert records.new(cfg, "cpu", "float32", seq_len=64).identity["code"] is not None
+
+
+def test_run_id_covers_the_content_of_the_checkpoint_it_loads(compose_cfg, tmp_path):
+    ck = tmp_path / "best.pt"
+    ck.write_bytes(b"weights v1")
+    cfg = compose_cfg("runner=evaluate", "model=lm", "task=needle", f"runner.checkpoint={ck}", tiny=False)
+    before = _id(cfg)
+    ck.write_bytes(b"weights v2")  # the same path, another model
+    assert _id(cfg) != before
+    assert records.new(cfg, "cpu", "float32").identity["inputs"] == {
+        "runner.checkpoint": records.file_hash(ck)}
+
+
+def _listops(store, ck, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from methods import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[
+            "experiment=lra/listops-smoke", "runner.steps=2", "runner.eval_every=2", "runner.ckpt_every=1",
+            f"runner.checkpoint_dir={ck}", f"store={store}", *extra])
+
+
+def test_force_on_a_training_run_trains_again_instead_of_resuming(tmp_path):
+    from runners import run
+
+    store = tmp_path / "r.jsonl"
+    first = run(_listops(store, tmp_path / "ck"))[0]
+    assert first.status == "ok" and "resumed_from_step" not in first.details
+    assert run(_listops(store, tmp_path / "ck")) == []  # done: skipped
+    again = run(_listops(store, tmp_path / "ck", "runner.force=true"))[0]
+    assert again.status == "ok" and "resumed_from_step" not in again.details  # started over
+    assert again.train["steps"] == 2 and len(again.train["loss_curve"]) == 2
+    assert again.run_id == first.run_id and len(records.read(store)) == 2
