@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.records import failure, labelled, variants
+from analysis.records import failure, labelled, setting_labels, variants, with_setting
 
 BASELINE = "dense"
 
@@ -133,14 +133,25 @@ def _first_below(g: pd.DataFrame, col: str, base: dict) -> str:
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 
 
+def per_task_settings(df: pd.DataFrame) -> pd.Series:
+    """The setting label (``setting_labels``) of each record among the records of its task:
+    a smoke run and a full run of one task are rows of their own, never one cell."""
+    out = pd.Series("", index=df.index, dtype=object)
+    for _, g in df.groupby("task", dropna=False):
+        out.loc[g.index] = setting_labels(g)
+    return out
+
+
 def lra_table(df: pd.DataFrame) -> pd.DataFrame:
     """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
     records, with the average over the tasks present; a failed run shows its status, a task
-    not run shows "-" (the newest record of each method and task counts)."""
+    not run shows "-" (the newest record of each method, task and setting counts: runs of one
+    task that differ in a setting that changes the result, e.g. steps or batch size, are rows of
+    their own, named by it)."""
     df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
     if df.empty:
         return pd.DataFrame()
-    df["label"] = variants(df)
+    df["label"] = with_setting(variants(df), per_task_settings(df))
     rows = []
     for label, g in df.groupby("label", sort=True):
         row, accs = {"method": label}, []
@@ -202,7 +213,11 @@ def settings(df: pd.DataFrame):
         df["shape"] = None
     for (where, dtype, causal, shape), g in df.groupby(["where", "dtype", "causal", "shape"], dropna=False):
         shape = "" if pd.isna(shape) else f", {shape}"
-        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
+        title = f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}"
+        # runs that differ in another setting (warm-up, repeats, batch, the task's inputs: a smoke
+        # run beside a full one) are tables of their own, each with its own dense baseline
+        for setting, part in g.groupby(setting_labels(g), sort=True):
+            yield (f"{title} [{setting}]" if setting else title), part
 
 
 def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -213,7 +228,7 @@ def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["runner"] == "pretrained"]
     if df.empty:
         return pd.DataFrame()
-    df = df.assign(label=variants(df)).sort_values("time", kind="stable")  # newest last per task
+    df = df.assign(label=with_setting(variants(df), per_task_settings(df))).sort_values("time", kind="stable")
     needle_cols = sorted((c for c in df if c.startswith("metric.needle@")), key=lambda c: int(c.split("@")[1]))
     rows = []
     for (label, impl), g in df.groupby(["label", "impl"], sort=False):

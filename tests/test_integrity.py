@@ -202,3 +202,57 @@ def test_force_on_a_training_run_trains_again_instead_of_resuming(tmp_path):
     assert again.status == "ok" and "resumed_from_step" not in again.details  # started over
     assert again.train["steps"] == 2 and len(again.train["loss_curve"]) == 2
     assert again.run_id == first.run_id and len(records.read(store)) == 2
+
+
+# --- item 1: mixed runs in one row -------------------------------------------------------------
+
+FULL = {"runner": {"repeats": 5, "warmup": 2}, "task": {"max_len": 4096}, "model": {"batch_size": 1}}
+SMOKE = {"runner": {"repeats": 2, "warmup": 1}, "task": {"max_len": 4096}, "model": {"batch_size": 4}}
+
+
+def test_a_smoke_run_in_the_same_store_does_not_change_the_full_runs_speedup(tmp_path):
+    later = "2026-02-01T00:00:00"
+    path = _store(tmp_path / "r.jsonl", [
+        _rec("dense", 4096, ms=10.0, config=FULL), _rec("nsa", 4096, ms=232.0, config=FULL),
+        _rec("dense", 4096, ms=65.0, config=SMOKE, time=later)])  # a smoke run's dense, newer
+    text = render(load(path))
+    full = text.split("[model.batch_size=1")[1].split("###")[0]
+    assert "| 0.04x" in full and "0.28x" not in text  # 10 / 232, never 65 / 232
+    assert "10.000" in full and "65.000" not in full
+    smoke = text.split("[model.batch_size=4")[1].split("###")[0]
+    assert "65.000" in smoke and "nsa" not in smoke
+    from analysis.tables import kernel_table
+
+    t = kernel_table(load(path))  # one table over both: the setting splits the rows
+    assert sorted(t["method"]) == ["dense [model.batch_size=1 runner.repeats=5 runner.warmup=2]",
+                                   "dense [model.batch_size=4 runner.repeats=2 runner.warmup=1]",
+                                   "nsa [model.batch_size=1 runner.repeats=5 runner.warmup=2]"]
+
+
+def test_the_lra_table_never_puts_a_smoke_accuracy_in_a_full_runs_cell(tmp_path):
+    from analysis.tables import lra_table
+
+    full, smoke = {"runner": {"steps": 5000, "batch_size": 32}}, {"runner": {"steps": 20, "batch_size": 16}}
+    lra = dict(runner="train", task="lra/listops")
+    path = _store(tmp_path / "r.jsonl", [
+        _rec("dense", 2000, config=full, metrics={"test_acc": 0.625}, **lra),
+        _rec("dense", 48, config=smoke, metrics={"test_acc": 0.1406}, time="2026-02-01T00:00:00", **lra),
+        _rec("dense", 4000, config={"runner": {"steps": 5000}}, task="lra/text", runner="train",
+             metrics={"test_acc": 0.6})])
+    t = lra_table(load(path)).set_index("method")
+    assert t.loc["dense [runner.steps=5000 runner.batch_size=32]", "listops"] == "62.50"
+    assert t.loc["dense [runner.steps=20 runner.batch_size=16]", "listops"] == "14.06"
+    assert t.loc["dense", "text"] == "60.00"  # one setting of text: no label
+
+
+def test_reproduce_refuses_records_of_several_settings(tmp_path):
+    from analysis.reproduce import table
+
+    _store(tmp_path / "r.jsonl", [
+        _rec("nsa", 4096, config=FULL, metrics={"rel_err_random": 0.1}),
+        _rec("nsa", 4096, ms=3.0, config=SMOKE, metrics={"rel_err_random": 0.9}, time="2026-02-01T00:00:00")])
+    entry = {"id": "x", "metric": "err", "value": 0.1, "tolerance": 0.05, "source": "paper",
+             "ours": {"store": "r.jsonl", "method": "nsa", "seq_len": 4096, "metric": "rel_err_random"}}
+    row = table([entry], root=tmp_path).iloc[0]
+    assert row["ours"].startswith("refused: records of several settings match")
+    assert row["within"] == "-"
