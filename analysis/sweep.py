@@ -48,7 +48,36 @@ def summarize(sweep_dir) -> dict:
             "jobs_crashed": crashed, "errors": [e for j in js for e in j["errors"]]}
 
 
+LOCK = ".sweep.lock"
+
+
+def hold_sweep_dir(sweep_dir):
+    """An exclusive lock on the sweep folder for this process's life (its open file), or exit
+    with a message naming the sweep that holds it: two sweeps never share one output folder.
+    A killed sweep's lock ends with it."""
+    import fcntl
+    import os
+
+    folder = Path(sweep_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 100).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        log.error("hydra.sweep.dir %s is in use by another sweep (pid %s): give this one another "
+                  "hydra.sweep.dir", folder, holder)
+        sys.exit(1)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._lock = hold_sweep_dir(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         s = summarize(config.hydra.sweep.dir)
         status = ", ".join(f"{n} {k}" for k, n in sorted(s["by_status"].items())) or "no records"

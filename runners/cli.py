@@ -17,10 +17,38 @@ from runners import run
 log = logging.getLogger("attnbench")
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+SWEEP_PID = "ATTNBENCH_SWEEP_PID"
+
+
+def watch_parent(interval: float = 0.5) -> bool:
+    """In a sweep's worker process (a job not run by the ``attnbench`` process itself): stop this
+    process when its parent dies (a SIGKILLed sweep leaves no orphan appending records). A
+    record being appended is one write: it lands whole or not at all. True when watching."""
+    import os
+    import threading
     import time
 
+    sweep = os.environ.get(SWEEP_PID)
+    ppid = os.getppid()
+    if not sweep or int(sweep) == os.getpid() or ppid <= 1:
+        return False
+
+    def watch():
+        while os.getppid() == ppid:
+            time.sleep(interval)
+        log.error("the sweep's process (pid %d) is gone: job process %d stops", ppid, os.getpid())
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="attnbench-parent-watch", daemon=True).start()
+    return True
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    import time
+
+    watch_parent()
     started = time.time()
     recs = run(cfg)
     for r in recs:
@@ -46,6 +74,15 @@ def main(cfg: DictConfig) -> None:
 
         if HydraConfig.get().mode == RunMode.RUN:  # a sweep's jobs are counted at its end (analysis.sweep)
             sys.exit(1)
+
+
+def main() -> None:
+    """The ``attnbench`` command: the Hydra app, its process named to the jobs it starts (so that
+    a worker knows it is one, ``watch_parent``)."""
+    import os
+
+    os.environ.setdefault(SWEEP_PID, str(os.getpid()))
+    _main()
 
 
 if __name__ == "__main__":

@@ -60,9 +60,18 @@ class PretrainedRunner:
             torch.set_num_threads(self.cpu_threads)
         rec = records.new(cfg, device, dtype, seq_len=int(cfg.task.get("seq_len") or self.timing_len),
                           causal=True, inputs=model_inputs(cfg))
-        if not self.force and rec.run_id in records.done_ids(cfg.store):
-            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-            return []
+        with records.claim(cfg.store, rec.run_id) as mine:
+            if not mine:
+                log.info("run_id %s is being run by another process; skipped", rec.run_id)
+                return []
+            if not self.force and rec.run_id in records.done_ids(cfg.store):
+                log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+                return []
+            self._run(rec, cfg, device, dtype)
+            records.append(cfg.store, rec)
+        return [rec]
+
+    def _run(self, rec, cfg, device, dtype) -> None:
         try:
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
@@ -89,8 +98,6 @@ class PretrainedRunner:
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
             records.fail(rec, exc)
             log.error("%s on %s failed: %s", rec.method, rec.task, rec.error)
-        records.append(cfg.store, rec)
-        return [rec]
 
     def _measure(self, rec, model, device) -> None:
         n = int(rec.seq_len)

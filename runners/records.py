@@ -8,6 +8,7 @@ and the next append starts on a fresh line so it never glues onto the fragment.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -390,6 +391,40 @@ def append(store: str | os.PathLike, record: RunRecord | dict) -> None:
         os.fsync(fd)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim(store: str | os.PathLike, run_id: str):
+    """Claim ``run_id`` of ``store`` for this process: yields True when no other process holds
+    it (two sweeps on one store never run one job twice), False when another does. The claim is
+    an exclusive ``flock`` on ``<store>.claims/<run_id>.lock``, held until the block ends; the
+    claim of a killed process ends with it."""
+    folder = Path(f"{store}.claims")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file as we opened it: claim the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)
 
 

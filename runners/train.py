@@ -10,6 +10,7 @@ for a fixed seed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -106,9 +107,19 @@ class TrainRunner:
             if int(r.batch_size) % world:
                 raise ValueError(f"runner.batch_size={r.batch_size} (the global batch) must divide "
                                  f"evenly over {world} processes")
-        if not r.force and rec.run_id in records.done_ids(cfg.store):
-            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-            return []
+        # one process trains a run_id at a time (the ranks of one torchrun job are that process)
+        claimed = records.claim(cfg.store, rec.run_id) if world == 1 else contextlib.nullcontext(True)
+        with claimed as mine:
+            if not mine:
+                log.info("run_id %s is being trained by another process; skipped", rec.run_id)
+                return []
+            if not r.force and rec.run_id in records.done_ids(cfg.store):
+                log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+                return []
+            return self._run(cfg, rec, device, dtype, rank, world)
+
+    def _run(self, cfg, rec, device, dtype, rank, world) -> list[records.RunRecord]:
+        r = self
         ckdir = Path(r.checkpoint_dir) / rec.run_id
         try:
             task = instantiate(cfg.task)

@@ -18,10 +18,10 @@ EXE = [sys.executable, "-m", "runners.cli"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def _cli(args, tmp_path, sweep="m", timeout=300, **kw):
+def _cli(args, tmp_path, sweep="m", timeout=300, store="r.jsonl", **kw):
     flags = [a for a in args if a.startswith("-")]
     args = [a for a in args if not a.startswith("-")]
-    return subprocess.run([*EXE, *flags, *TINY, f"store={tmp_path}/r.jsonl", f"hydra.run.dir={tmp_path}/h",
+    return subprocess.run([*EXE, *flags, *TINY, f"store={tmp_path}/{store}", f"hydra.run.dir={tmp_path}/h",
                            f"hydra.sweep.dir={tmp_path}/{sweep}", *args], cwd=ROOT, capture_output=True,
                           text=True, env=ENV, timeout=timeout, **kw)
 
@@ -256,3 +256,104 @@ def test_reproduce_refuses_records_of_several_settings(tmp_path):
     row = table([entry], root=tmp_path).iloc[0]
     assert row["ours"].startswith("refused: records of several settings match")
     assert row["within"] == "-"
+
+
+# --- item 5: orphans and collisions -------------------------------------------------------------
+
+def test_a_claim_is_exclusive_and_ends_with_its_holder(tmp_path):
+    import signal
+    import time
+
+    store = tmp_path / "r.jsonl"
+    with records.claim(store, "abc") as a:
+        with records.claim(store, "abc") as b, records.claim(store, "other") as c:
+            assert a and not b and c
+    with records.claim(store, "abc") as again:
+        assert again  # released at the end of the block
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from runners import records
+with records.claim({str(store)!r}, "abc") as mine:
+    print(mine, flush=True)
+    time.sleep(60)
+"""], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    with records.claim(store, "abc") as mine:
+        assert not mine  # held by a live process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    with records.claim(store, "abc") as mine:
+        assert mine  # a killed holder's claim is gone with it
+
+
+SWEEP = ["-m", "method=dense,performer,nystrom,sliding_window", "runner.seq_lens=[64,80,96,112,128]"]
+
+
+def _popen(args, tmp_path, sweep, store="r.jsonl"):
+    flags = [a for a in args if a.startswith("-")]
+    rest = [a for a in args if not a.startswith("-")]
+    return subprocess.Popen([*EXE, *flags, *TINY, f"store={tmp_path}/{store}", f"hydra.sweep.dir={tmp_path}/{sweep}",
+                             *rest], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_sweeps_at_once_on_one_store_run_each_job_once(tmp_path):
+    a, b = _popen(SWEEP, tmp_path, "m1"), _popen(SWEEP, tmp_path, "m2")
+    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    recs = records.read(tmp_path / "r.jsonl")
+    ids = [r["run_id"] for r in recs]
+    assert len(ids) == len(set(ids)) == 20, "every job once, none twice"
+    assert all(r["status"] == "ok" for r in recs)
+    assert len({r["env"]["pid"] for r in recs}) == 2, "both sweeps did part of the work"
+
+
+def test_two_sweeps_never_share_an_output_folder(tmp_path):
+    import time
+
+    first = _popen(SWEEP, tmp_path, "m")
+    deadline = time.time() + 120
+    while not (tmp_path / "m/.sweep.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = _cli(["-m", "method=dense"], tmp_path, store="r2.jsonl")  # the same hydra.sweep.dir
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out[-2000:]
+    assert second.returncode == 1 and "is in use by another sweep" in second.stdout + second.stderr
+    assert not (tmp_path / "r2.jsonl").exists() or records.read(tmp_path / "r2.jsonl") == []
+    # and the default folder is unique per sweep: a timestamp to the microsecond
+    dirs = [subprocess.run([*EXE, "--cfg", "hydra", "-p", "hydra.sweep.dir"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True).stdout.strip() for _ in range(2)]
+    assert dirs[0] != dirs[1] and all(d.startswith("results/local/multirun/") for d in dirs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_the_sweep_process_is_killed(tmp_path):
+    import signal
+    import time
+
+    store = tmp_path / "r.jsonl"
+    p = _popen(["-m", "hydra/launcher=local", "method=dense,performer,nystrom,sliding_window",
+                "runner.seq_lens=[64,80,96,112,128,144,160,176,192,208,224,240]", "runner.repeats=20"],
+               tmp_path, "m")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if store.exists() and len(records.read(store)) >= 2:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, p.stdout.read()[-2000:]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    workers = {r["env"]["pid"] for r in records.read(store)}
+    time.sleep(3)
+    assert not [w for w in workers if _alive(w)], "no worker outlives the sweep"
+    n = len(store.read_text().splitlines())
+    time.sleep(2)
+    assert len(store.read_text().splitlines()) == n, "nothing appended after the sweep died"
+    assert len(records.read(store)) == n  # every line whole
