@@ -357,3 +357,34 @@ def test_workers_stop_when_the_sweep_process_is_killed(tmp_path):
     time.sleep(2)
     assert len(store.read_text().splitlines()) == n, "nothing appended after the sweep died"
     assert len(records.read(store)) == n  # every line whole
+
+
+# --- issue 28, item 5: where and how a record was measured ---------------------------------------
+
+def test_environment_names_versions_and_on_a_gpu_its_driver_and_clocks(tmp_path, monkeypatch):
+    env = records.environment("cpu")
+    for key in ("torch", "cuda", "triton", "transformers", "gpu", "gpu_driver", "gpu_clocks"):
+        assert key in env, key
+    assert env["transformers"] == records.version("transformers") and env["gpu"] is None
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$@\" > %s/args\necho '550.54.15, 1980, 2619, 1980, 2619, 34, 118.20, P0'\n"
+                    % tmp_path)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    got = records.gpu_clocks(1)
+    assert got["gpu_driver"] == "550.54.15"
+    assert got["gpu_clocks"]["clocks.sm"] == "1980" and got["gpu_clocks"]["clocks.max.mem"] == "2619"
+    assert "--id=5" in (tmp_path / "args").read_text()  # the physical GPU of visible index 1
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert records.gpu_clocks(0) == {"gpu_driver": None, "gpu_clocks": None}
+
+
+def test_timings_carry_their_counts_and_min_median_max(compose_cfg):
+    from runners import run
+
+    rec = run(compose_cfg("runner.seq_lens=[64]", "runner.warmup=1", "runner.repeats=3"))[0]
+    fwd = rec.latency_ms["forward"]
+    assert fwd["warmup"] == 1 and fwd["repeats"] == 3
+    assert fwd["min"] <= fwd["p20"] <= fwd["median"] <= fwd["p80"] <= fwd["max"]
+    assert fwd["median"] == fwd["p50"]
