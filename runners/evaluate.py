@@ -68,7 +68,7 @@ class EvaluateRunner:
         if not self.checkpoint:
             info["note"] = "random initialisation (no checkpoint): a pipeline test, not a result"
             return info
-        state = torch.load(self.checkpoint, map_location=device, weights_only=True)
+        state = records.load_checkpoint(self.checkpoint, map_location=device)
         if isinstance(state, dict) and "model" in state and "opt" in state:  # a training state
             state = state["model"]
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -264,6 +264,21 @@ def code_hash(target: str) -> str | None:
     return h.hexdigest()[:16]
 
 
+def load_checkpoint(path, map_location=None):
+    """``torch.load(path, weights_only=True)``, failing with an error that names the file: a
+    truncated, corrupt or crafted (code-running pickle) checkpoint is refused, never run."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        msg = str(exc)
+        if "WeightsUnpickler error:" in msg:  # torch's advice first, the reason after it
+            msg = "refused by the weights-only loader: " + msg.split("WeightsUnpickler error:", 1)[1].strip()
+        first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
+        raise ValueError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first})") from exc
+
+
 def fail(rec: RunRecord, exc: BaseException) -> None:
     """The record of a run that raised ``exc``: status oom or error, and the error, named by
     its cause (a failed build's cause, not Hydra's wrapper around it)."""

@@ -160,7 +160,7 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         log.info("runner.force: %s is not resumed; training starts over", last)
     if r.resume and not r.force and last.exists():
         rec.details["resumed_from_sha1"] = records.file_hash(last)
-        ck = torch.load(last, weights_only=True, map_location=device)
+        ck = records.load_checkpoint(last, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -238,7 +238,7 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         return
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
-        model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=True, map_location=device))
+        model.load_state_dict(records.load_checkpoint(ckdir / "best.pt", map_location=device))
     rec.metrics.update(task.test(model, data["test"], device, amp, int(r.eval_batch_size), state["best_val"]))
     rec.metrics["final_train_loss"] = state["losses"][-1] if state["losses"] else None
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],

@@ -388,3 +388,26 @@ def test_timings_carry_their_counts_and_min_median_max(compose_cfg):
     assert fwd["warmup"] == 1 and fwd["repeats"] == 3
     assert fwd["min"] <= fwd["p20"] <= fwd["median"] <= fwd["p80"] <= fwd["max"]
     assert fwd["median"] == fwd["p50"]
+
+
+def test_a_corrupt_truncated_or_crafted_checkpoint_is_refused_naming_the_file(tmp_path):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": torch.zeros(64)}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02" + os.urandom(512))
+    (tmp_path / "crafted.pt").write_bytes(pickle.dumps({"model": Payload()}, protocol=2))
+    for name in ("truncated", "corrupt", "crafted"):
+        with pytest.raises(ValueError, match=f"checkpoint .*{name}.pt cannot be loaded"):
+            records.load_checkpoint(tmp_path / f"{name}.pt")
+    assert not marker.exists()
+    assert torch.equal(records.load_checkpoint(tmp_path / "whole.pt")["x"], torch.zeros(64))
