@@ -44,8 +44,9 @@ def summarize(sweep_dir) -> dict:
                      if p.is_dir() and p.name.isdigit() and p.name not in written) if Path(sweep_dir).is_dir() else []
     return {"jobs": len(js) + len(crashed), "records_ok": c.get("ok", 0), "records_failed": failed,
             "by_status": dict(c), "jobs_skipped": sum(j["skipped"] for j in js),
-            "jobs_failed": sum(any(s != "ok" for s in j["statuses"]) for j in js) + len(crashed),
-            "jobs_crashed": crashed, "errors": [e for j in js for e in j["errors"]]}
+            "jobs_failed": sum(j.get("crashed", False) or any(s != "ok" for s in j["statuses"]) for j in js)
+            + len(crashed),
+            "jobs_crashed": crashed + [j["job"] for j in js if j.get("crashed")], "errors": [e for j in js for e in j["errors"]]}
 
 
 LOCK = ".sweep.lock"

@@ -18,6 +18,7 @@ log = logging.getLogger("attnbench")
 
 
 SWEEP_PID = "ATTNBENCH_SWEEP_PID"
+_WATCHING = False
 
 
 def watch_parent(interval: float = 0.5) -> bool:
@@ -28,10 +29,14 @@ def watch_parent(interval: float = 0.5) -> bool:
     import threading
     import time
 
+    global _WATCHING
     sweep = os.environ.get(SWEEP_PID)
     ppid = os.getppid()
     if not sweep or int(sweep) == os.getpid() or ppid <= 1:
         return False
+    if _WATCHING:  # a worker that runs several jobs watches once
+        return True
+    _WATCHING = True
 
     def watch():
         while os.getppid() == ppid:
@@ -48,9 +53,24 @@ def watch_parent(interval: float = 0.5) -> bool:
 def _main(cfg: DictConfig) -> None:
     import time
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from runners.callbacks import write_job_summary
+
     watch_parent()
     started = time.time()
-    recs = run(cfg)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        recs = run(cfg)
+    except Exception as exc:
+        if not multirun:
+            raise  # Hydra prints it, and the command exits 1
+        # one job's crash is counted at the sweep's end (analysis.sweep), the other jobs go on
+        log.error("job failed before writing a record: %s: %s", type(exc).__name__, exc)
+        write_job_summary(HydraConfig.get().runtime.output_dir, [], started,
+                          error=f"{type(exc).__name__}: {exc}")
+        return
     for r in recs:
         lat = r.latency_ms.get("forward", {}).get("p50")
         what = f"forward p50 {lat:.3f} ms" if lat is not None else ", ".join(
@@ -61,18 +81,12 @@ def _main(cfg: DictConfig) -> None:
     from runners.logger import log_records
 
     log_records(cfg, recs)
-    from hydra.core.hydra_config import HydraConfig
-
-    from runners.callbacks import write_job_summary
-
     write_job_summary(HydraConfig.get().runtime.output_dir, recs, started)
     failed = [r for r in recs if r.status != "ok"]
     if failed:
         log.error("%d of %d record(s) failed: %s", len(failed), len(recs),
                   "; ".join(f"{r.method} T={r.seq_len}: {r.status} ({r.error})" for r in failed[:5]))
-        from hydra.types import RunMode
-
-        if HydraConfig.get().mode == RunMode.RUN:  # a sweep's jobs are counted at its end (analysis.sweep)
+        if not multirun:  # a sweep's jobs are counted at its end (analysis.sweep)
             sys.exit(1)
 
 

@@ -82,6 +82,16 @@ def test_a_sweep_with_failed_jobs_exits_non_zero_and_says_how_many(tmp_path):
     assert json.loads((tmp_path / "m/summary.json").read_text())["jobs_failed"] == 2
 
 
+def test_a_job_that_crashes_before_its_record_is_counted_and_the_sweep_goes_on(tmp_path):
+    p = _cli(["-m", "device=cpu,cuda:99", "runner.seq_lens=[64]"], tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-2000:]
+    assert "sweep: 1 of 2 job(s) failed" in out
+    s = json.loads((tmp_path / "m/summary.json").read_text())
+    assert s["jobs"] == 2 and any("cuda:99" in e for e in s["errors"])
+    assert [r["device"] for r in records.read(tmp_path / "r.jsonl") if r["status"] == "ok"] == ["cpu"]
+
+
 # --- item 4: late errors ----------------------------------------------------------------------
 
 def test_an_unwritable_store_is_refused_before_anything_is_measured(compose_cfg, tmp_path, monkeypatch):
