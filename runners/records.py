@@ -273,8 +273,12 @@ def load_checkpoint(path, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         msg = str(exc)
-        if "WeightsUnpickler error:" in msg:  # torch's advice first, the reason after it
-            msg = "refused by the weights-only loader: " + msg.split("WeightsUnpickler error:", 1)[1].strip()
+        if msg.startswith("Weights only load failed"):  # torch's advice first, the reason after it
+            if "WeightsUnpickler error:" in msg:
+                msg = msg.split("WeightsUnpickler error:", 1)[1]
+            reasons = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+            msg = "refused by the weights-only loader: " + (reasons[0] if reasons else "?")
         first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
         raise ValueError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first})") from exc
 
