@@ -30,6 +30,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     df = load(*args.store)
+    if df.empty:
+        print(f"no records in {', '.join(args.store)}: the store is empty (or holds only corrupt lines)",
+              file=sys.stderr)
+        return 1
     text = render(df)
     print(text)
     if args.out:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from analysis.tables import (
     efficiency_lengths,
+    failures_table,
     kernel_table,
     lra_table,
     real_model_table,
@@ -92,4 +93,10 @@ def _markdown(df: pd.DataFrame) -> str:
         if not eff.empty:
             parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
                          + eff.to_markdown(index=False, disable_numparse=True) + "\n")
-    return "\n".join(parts) if parts else "(no records)\n"
+    bad = failures_table(df)
+    if not bad.empty:
+        parts.append(f"### Failed runs ({len(bad)})\n\n" + bad.to_markdown(index=False, disable_numparse=True) + "\n")
+    return "\n".join(parts) if parts else NO_RECORDS
+
+
+NO_RECORDS = "(no records: the store is empty; run `attnbench` or `make run` first)\n"

@@ -45,6 +45,10 @@ def _peers_speedup(sel: dict, root: Path) -> float | None:
     return p50[sel["baseline"]] / p50[sel["kernel"]]
 
 
+class MixedSettings(ValueError):
+    """The records an entry selects differ in a setting that changes the result."""
+
+
 def ours(entry: dict, root: Path = ROOT) -> float | None:
     sel = entry["ours"]
     if "peers" in sel:
@@ -56,9 +60,15 @@ def ours(entry: dict, root: Path = ROOT) -> float | None:
     rows = _select(df, sel)
     if rows.empty:
         return None
+    if rows["config_key"].nunique() > 1:  # the newest would be any of them: say so, show none
+        from analysis.records import setting_labels
+
+        raise MixedSettings("records of several settings match: " + "; ".join(
+            sorted(set(setting_labels(rows))))[:200])
     row = rows.iloc[-1]
     if sel.get("speedup"):
         base = _select(df, {"method": "dense", "seq_len": row["seq_len"], "causal": row["causal"]})
+        base = base[base["config_key"] == row["config_key"]]  # the baseline of the same setting
         base = base[base["method_params"].apply(lambda p: p.get("backend", "auto") == "auto")]
         if base.empty:
             return None
@@ -69,10 +79,13 @@ def ours(entry: dict, root: Path = ROOT) -> float | None:
 def table(entries: list[dict], root: Path = ROOT) -> pd.DataFrame:
     rows = []
     for e in entries:
-        v = ours(e, root)
+        try:
+            v, why = ours(e, root), "not run"
+        except MixedSettings as exc:
+            v, why = None, f"refused: {exc}"
         diff = None if v is None else v - e["value"]
         rows.append({"id": e["id"], "metric": e["metric"], "theirs": e["value"],
-                     "ours": "not run" if v is None else f"{v:.2f}",
+                     "ours": why if v is None else f"{v:.2f}",
                      "difference": "-" if diff is None else f"{diff:+.2f}",
                      "tolerance": e["tolerance"],
                      "within": "-" if diff is None else ("yes" if abs(diff) <= e["tolerance"] else "no"),

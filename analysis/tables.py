@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.records import labelled, variants
+from analysis.records import failure, labelled, setting_labels, variants, with_setting
 
 BASELINE = "dense"
 
@@ -32,9 +32,9 @@ def _cell(rows, col, fmt, scale: float = 1.0):
     if rows is None or (isinstance(rows, list) and not rows):
         return "-"
     rows = rows if isinstance(rows, list) else [rows]
-    bad = [r["status"] for r in rows if r["status"] != "ok"]
+    bad = [r for r in rows if r["status"] != "ok"]
     if bad:
-        return bad[0]
+        return failure(bad[0]["status"], bad[0].get("error"))
     vals = [r.get(col) for r in rows]
     vals = [float(v) * scale for v in vals if v is not None and not pd.isna(v)]
     if not vals:
@@ -69,7 +69,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
     dense = dense[auto] if auto.any() else dense  # the default backend: PyTorch's fastest
-    base = dense.groupby("seq_len")["latency.forward.p50"].mean().to_dict()
+    base = (dense.groupby("seq_len")["latency.forward.p50"].mean().to_dict()
+            if "latency.forward.p50" in dense else {})
     rows = []
     for (label, timed, impl), g in df.groupby(row_key, sort=True):
         by_len: dict[int, list] = {}
@@ -132,14 +133,25 @@ def _first_below(g: pd.DataFrame, col: str, base: dict) -> str:
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 
 
+def per_task_settings(df: pd.DataFrame) -> pd.Series:
+    """The setting label (``setting_labels``) of each record among the records of its task:
+    a smoke run and a full run of one task are rows of their own, never one cell."""
+    out = pd.Series("", index=df.index, dtype=object)
+    for _, g in df.groupby("task", dropna=False):
+        out.loc[g.index] = setting_labels(g)
+    return out
+
+
 def lra_table(df: pd.DataFrame) -> pd.DataFrame:
     """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
     records, with the average over the tasks present; a failed run shows its status, a task
-    not run shows "-" (the newest record of each method and task counts)."""
+    not run shows "-" (the newest record of each method, task and setting counts: runs of one
+    task that differ in a setting that changes the result, e.g. steps or batch size, are rows of
+    their own, named by it)."""
     df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
     if df.empty:
         return pd.DataFrame()
-    df["label"] = variants(df)
+    df["label"] = with_setting(variants(df), per_task_settings(df))
     rows = []
     for label, g in df.groupby("label", sort=True):
         row, accs = {"method": label}, []
@@ -150,7 +162,7 @@ def lra_table(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             r = r.iloc[-1]
             if r["status"] != "ok":
-                row[t] = r["status"]
+                row[t] = failure(r["status"], r["error"])
                 continue
             acc = 100 * float(r["metric.test_acc"])
             accs.append(acc)
@@ -194,12 +206,18 @@ def settings(df: pd.DataFrame):
     """(title, sub-frame) per (device/gpu, dtype, causal, attention shape) setting of kernel
     records (the shape, e.g. ``H=32 Hkv=32 D=64``, is named where the records hold it)."""
     df = df[df["runner"] == "kernel"].copy()
+    if df.empty:
+        return
     df["where"] = df["gpu"].fillna(df["device"])
     if "shape" not in df:
         df["shape"] = None
     for (where, dtype, causal, shape), g in df.groupby(["where", "dtype", "causal", "shape"], dropna=False):
         shape = "" if pd.isna(shape) else f", {shape}"
-        yield f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}", g
+        title = f"{where}, {dtype}, {'causal' if causal else 'non-causal'}{shape}"
+        # runs that differ in another setting (warm-up, repeats, batch, the task's inputs: a smoke
+        # run beside a full one) are tables of their own, each with its own dense baseline
+        for setting, part in g.groupby(setting_labels(g), sort=True):
+            yield (f"{title} [{setting}]" if setting else title), part
 
 
 def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -210,7 +228,7 @@ def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["runner"] == "pretrained"]
     if df.empty:
         return pd.DataFrame()
-    df = df.assign(label=variants(df)).sort_values("time", kind="stable")  # newest last per task
+    df = df.assign(label=with_setting(variants(df), per_task_settings(df))).sort_values("time", kind="stable")
     needle_cols = sorted((c for c in df if c.startswith("metric.needle@")), key=lambda c: int(c.split("@")[1]))
     rows = []
     for (label, impl), g in df.groupby(["label", "impl"], sort=False):
@@ -245,6 +263,17 @@ def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.assign(_o=order).sort_values(["_o", "method"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
+def failures_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every record that did not succeed, with its reason in full: what ran, where, and why it
+    failed (the tables show the status and the start of the reason)."""
+    bad = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
+    rows = [{"method": r["method"], "impl": r["impl"], "runner": r["runner"], "task": r["task"],
+             "length": "-" if pd.isna(r["seq_len"]) else int(r["seq_len"]), "device": r["device"],
+             "status": r["status"], "reason": " ".join(str(r["error"] or "-").replace("|", "/").split())[:300]}
+            for _, r in bad.sort_values("time", kind="stable").iterrows()]
+    return pd.DataFrame(rows)
+
+
 def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(title, table) of every leaderboard table the records allow."""
     out = []
@@ -257,6 +286,9 @@ def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         out.append(("Long Range Arena, test accuracy (%)", lra))
     for title, g in settings(df):
         out.append((title, kernel_table(g)))
+    bad = failures_table(df)
+    if not bad.empty:
+        out.append(("Failed runs", bad))
     return out
 
 

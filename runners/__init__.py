@@ -8,7 +8,7 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runners.records import RunRecord
+from runners.records import RunRecord, check_writable
 
 
 def with_impl(cfg: DictConfig) -> DictConfig:
@@ -22,4 +22,8 @@ def with_impl(cfg: DictConfig) -> DictConfig:
 def run(cfg: DictConfig) -> list[RunRecord]:
     """Run one composed config; returns the records it appended to ``cfg.store``."""
     cfg = with_impl(cfg)
-    return instantiate(cfg.runner, _convert_="all").run(cfg)
+    runner = instantiate(cfg.runner, _convert_="all")
+    check_writable(cfg.store)  # and every other output path: before any compute is spent
+    for what, folder in getattr(runner, "output_dirs", dict)().items():
+        check_writable(folder, what, is_dir=True)
+    return runner.run(cfg)

@@ -19,7 +19,8 @@ QUANTILES = (0.2, 0.5, 0.8)
 def _quantiles(samples: list[float]) -> dict:
     t = torch.tensor(samples, dtype=torch.float64)
     qs = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return {"p20": qs[0], "p50": qs[1], "p80": qs[2]}
+    return {"p20": qs[0], "p50": qs[1], "p80": qs[2], "min": float(t.min()), "median": float(t.median()),
+            "max": float(t.max())}
 
 
 def is_cuda(device) -> bool:
@@ -31,22 +32,30 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+GPU_WARMUP_MS = 25
+
+
 def time_ms(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 7, rep_ms: int = 100) -> dict:
-    """p20/p50/p80 latency of ``fn()`` in milliseconds."""
+    """p20/p50/p80, min, median and max latency of ``fn()`` in milliseconds, and how it was
+    timed: the warm-up calls, the timed repetitions (CPU) or the time budget do_bench spends on
+    them (GPU: ``rep_ms``, after ``warmup_ms`` of its own warm-up)."""
     for _ in range(warmup):
         fn()
     sync(device)
     if is_cuda(device):
         import triton.testing
 
-        qs = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES))
-        return {"p20": qs[0], "p50": qs[1], "p80": qs[2], "timer": "triton.do_bench"}
+        qs = triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=rep_ms, quantiles=[0.0, *QUANTILES, 1.0])
+        return {"p20": qs[1], "p50": qs[2], "p80": qs[3], "min": qs[0], "median": qs[2], "max": qs[4],
+                "warmup": warmup, "warmup_ms": GPU_WARMUP_MS, "repeats": None, "rep_ms": rep_ms,
+                "timer": "triton.do_bench"}
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return {**_quantiles(samples), "timer": "perf_counter"}
+    return {**_quantiles(samples), "warmup": warmup, "repeats": repeats, "rep_ms": None,
+            "timer": "perf_counter"}
 
 
 def _status_kb(field: str) -> int:

@@ -39,22 +39,26 @@ class EvaluateRunner:
         if device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)
         rec = records.new(cfg, device, dtype, seq_len=max(int(x) for x in cfg.task.lengths), causal=True)
-        if not self.force and rec.run_id in records.done_ids(cfg.store):
-            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-            return []
-        try:
-            task = instantiate(cfg.task)
-            model = instantiate(cfg.model, method=cfg.method, vocab_size=256, num_classes=256,
-                                max_len=self.max_len, _recursive_=False).to(device).eval()
-            rec.details.update(self._load_checkpoint(model, device, records.names(cfg)["model"]))
-            rec.metrics.update(task.evaluate(model, device, autocast(device, dtype),
-                                             self.max_new_tokens, int(cfg.seed)))
-            rec.details["decode_fallback"] = getattr(model, "decode_fallback", None)
-            rec.real_kernel = bool(model.method.real_kernel)
-        except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
-            records.fail(rec, exc)
-            log.error("evaluation failed: %s", rec.error)
-        records.append(cfg.store, rec)
+        with records.claim(cfg.store, rec.run_id) as mine:
+            if not mine:
+                log.info("run_id %s is being run by another process; skipped", rec.run_id)
+                return []
+            if not self.force and rec.run_id in records.done_ids(cfg.store):
+                log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+                return []
+            try:
+                task = instantiate(cfg.task)
+                model = instantiate(cfg.model, method=cfg.method, vocab_size=256, num_classes=256,
+                                    max_len=self.max_len, _recursive_=False).to(device).eval()
+                rec.details.update(self._load_checkpoint(model, device, records.names(cfg)["model"]))
+                rec.metrics.update(task.evaluate(model, device, autocast(device, dtype),
+                                                 self.max_new_tokens, int(cfg.seed)))
+                rec.details["decode_fallback"] = getattr(model, "decode_fallback", None)
+                rec.real_kernel = bool(model.method.real_kernel)
+            except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
+                records.fail(rec, exc)
+                log.error("evaluation failed: %s", rec.error)
+            records.append(cfg.store, rec)
         return [rec]
 
     def _load_checkpoint(self, model, device, model_name: str) -> dict:
@@ -64,7 +68,7 @@ class EvaluateRunner:
         if not self.checkpoint:
             info["note"] = "random initialisation (no checkpoint): a pipeline test, not a result"
             return info
-        state = torch.load(self.checkpoint, map_location=device, weights_only=True)
+        state = records.load_checkpoint(self.checkpoint, map_location=device)
         if isinstance(state, dict) and "model" in state and "opt" in state:  # a training state
             state = state["model"]
         missing, unexpected = model.load_state_dict(state, strict=False)

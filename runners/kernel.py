@@ -81,17 +81,24 @@ class KernelRunner:
             if rec.run_id in done:
                 log.info("T=%d: an ok record with run_id %s exists; skipped", T, rec.run_id)
                 continue
-            try:
-                # the backward is timed on one retained graph: compiled FlexAttention donates its
-                # buffers to a backward that runs once unless told not to, from its first compile
-                with _no_donated_buffers():
-                    self._check_and_measure(rec, method, task, op.shape, T, device, dtype,
-                                            int(cfg.seed), backward)
-            except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
-                records.fail(rec, exc)
-                log.warning("T=%d: %s", T, rec.error)
-            rec.real_kernel = method.real_kernel  # known once the implementation has run
-            records.append(cfg.store, rec)
+            with records.claim(cfg.store, rec.run_id) as mine:
+                if not mine:
+                    log.info("T=%d: run_id %s is being run by another process; skipped", T, rec.run_id)
+                    continue
+                if not self.force and rec.run_id in records.done_ids(cfg.store):
+                    log.info("T=%d: run_id %s was finished by another process; skipped", T, rec.run_id)
+                    continue
+                try:
+                    # the backward is timed on one retained graph: compiled FlexAttention donates its
+                    # buffers to a backward that runs once unless told not to, from its first compile
+                    with _no_donated_buffers():
+                        self._check_and_measure(rec, method, task, op.shape, T, device, dtype,
+                                                int(cfg.seed), backward)
+                except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
+                    records.fail(rec, exc)
+                    log.warning("T=%d: %s", T, rec.error)
+                rec.real_kernel = method.real_kernel  # known once the implementation has run
+                records.append(cfg.store, rec)
             out.append(rec)
             gc.collect()
             if device.type == "cuda":

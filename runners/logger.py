@@ -14,7 +14,7 @@ def _flat(rec) -> dict:
     out = {"seq_len": rec.seq_len, "status": rec.status}
     out.update({f"metrics/{k}": v for k, v in rec.metrics.items() if isinstance(v, (int, float))})
     for phase, q in rec.latency_ms.items():
-        out.update({f"latency_ms/{phase}/{k}": v for k, v in q.items()})
+        out.update({f"latency_ms/{phase}/{k}": v for k, v in q.items() if isinstance(v, (int, float))})
     out.update({f"peak_mem_bytes/{k}": v for k, v in rec.peak_mem_bytes.items() if v is not None})
     out.update({f"cost/{k}": v for k, v in (rec.cost or {}).items()})
     return out

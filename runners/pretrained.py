@@ -28,6 +28,21 @@ from tasks.fidelity import Fidelity
 log = logging.getLogger(__name__)
 
 
+def model_inputs(cfg) -> dict:
+    """{"model_file": path} of the pretrained model's weights (part of the run's identity:
+    ``records.identity`` hashes it), or {} where the model class names no known file."""
+    from hydra.utils import get_class
+
+    from models.pretrained import SPECS, cache_dir
+
+    try:
+        name = get_class(str(cfg.model._target_)).model_name
+        folder, gguf, _ = SPECS[name]
+    except (AttributeError, KeyError, ImportError, ValueError):
+        return {}
+    return {"model_file": str(cache_dir() / folder / gguf)}
+
+
 @dataclass
 class PretrainedRunner:
     """conf/runner/pretrained.yaml."""
@@ -45,10 +60,19 @@ class PretrainedRunner:
         if device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)
         rec = records.new(cfg, device, dtype, seq_len=int(cfg.task.get("seq_len") or self.timing_len),
-                          causal=True)
-        if not self.force and rec.run_id in records.done_ids(cfg.store):
-            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-            return []
+                          causal=True, inputs=model_inputs(cfg))
+        with records.claim(cfg.store, rec.run_id) as mine:
+            if not mine:
+                log.info("run_id %s is being run by another process; skipped", rec.run_id)
+                return []
+            if not self.force and rec.run_id in records.done_ids(cfg.store):
+                log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+                return []
+            self._run(rec, cfg, device, dtype)
+            records.append(cfg.store, rec)
+        return [rec]
+
+    def _run(self, rec, cfg, device, dtype) -> None:
         try:
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
@@ -75,8 +99,6 @@ class PretrainedRunner:
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
             records.fail(rec, exc)
             log.error("%s on %s failed: %s", rec.method, rec.task, rec.error)
-        records.append(cfg.store, rec)
-        return [rec]
 
     def _measure(self, rec, model, device) -> None:
         n = int(rec.seq_len)

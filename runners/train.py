@@ -10,6 +10,7 @@ for a fixed seed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -84,6 +85,10 @@ class TrainRunner:
     cpu_threads: int
     force: bool
 
+    def output_dirs(self) -> dict:
+        """Where the run writes besides the store (checked before it starts)."""
+        return {"checkpoint folder": self.checkpoint_dir}
+
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
         r = self
         device = resolve_device(cfg.device)
@@ -102,9 +107,19 @@ class TrainRunner:
             if int(r.batch_size) % world:
                 raise ValueError(f"runner.batch_size={r.batch_size} (the global batch) must divide "
                                  f"evenly over {world} processes")
-        if not r.force and rec.run_id in records.done_ids(cfg.store):
-            log.info("an ok record with run_id %s exists; skipped", rec.run_id)
-            return []
+        # one process trains a run_id at a time (the ranks of one torchrun job are that process)
+        claimed = records.claim(cfg.store, rec.run_id) if world == 1 else contextlib.nullcontext(True)
+        with claimed as mine:
+            if not mine:
+                log.info("run_id %s is being trained by another process; skipped", rec.run_id)
+                return []
+            if not r.force and rec.run_id in records.done_ids(cfg.store):
+                log.info("an ok record with run_id %s exists; skipped", rec.run_id)
+                return []
+            return self._run(cfg, rec, device, dtype, rank, world)
+
+    def _run(self, cfg, rec, device, dtype, rank, world) -> list[records.RunRecord]:
+        r = self
         ckdir = Path(r.checkpoint_dir) / rec.run_id
         try:
             task = instantiate(cfg.task)
@@ -141,8 +156,11 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
     amp = autocast(device, dtype)
     state = {"step": 0, "best_val": -float("inf"), "wall_s": 0.0, "tokens": 0, "losses": []}
     last = ckdir / "last.pt"
-    if r.resume and last.exists():
-        ck = torch.load(last, weights_only=True, map_location=device)
+    if r.force and last.exists():  # force: start over, never resume (not even a finished run)
+        log.info("runner.force: %s is not resumed; training starts over", last)
+    if r.resume and not r.force and last.exists():
+        rec.details["resumed_from_sha1"] = records.file_hash(last)
+        ck = records.load_checkpoint(last, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -220,7 +238,7 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         return
     state["wall_s"] += time.perf_counter() - t0
     if (ckdir / "best.pt").exists():
-        model.load_state_dict(torch.load(ckdir / "best.pt", weights_only=True, map_location=device))
+        model.load_state_dict(records.load_checkpoint(ckdir / "best.pt", map_location=device))
     rec.metrics.update(task.test(model, data["test"], device, amp, int(r.eval_batch_size), state["best_val"]))
     rec.metrics["final_train_loss"] = state["losses"][-1] if state["losses"] else None
     rec.train = {"steps": state["step"], "tokens": state["tokens"], "wall_s": state["wall_s"],

@@ -41,7 +41,7 @@ def test_failed_and_oom_runs_show_their_status_not_zeros(tmp_path):
     rows = {r["method"]: r for _, r in table.iterrows()}
     assert set(rows) == {"dense backend=auto", "dense backend=flash", "nsa", "bigbird"}
     assert rows["nsa"]["fwd ms @512"] == "oom" and rows["nsa"]["fwd ms @256"] == "1.000"
-    assert rows["bigbird"]["fwd ms @256"] == "failed_correctness"
+    assert rows["bigbird"]["fwd ms @256"] == "failed_correctness: boom"  # the status and its reason
     assert rows["dense backend=flash"]["speedup @512"] == "0.50x"  # against the default backend
     assert rows["dense backend=auto"]["speedup @512"] == "1.00x"
     assert "oom" in render(load(path))
@@ -93,7 +93,7 @@ def test_a_run_timed_with_its_backward_is_its_own_row_named_by_its_timed_passes(
     assert t.loc[("sliding_window", "forward+backward"), "fwd ms @256"] == "3.000"
     assert t.loc[("sliding_window", "forward+backward"), "bwd ms @256"] == "5.000"
     assert t.loc[("sliding_window", "forward"), "bwd ms @256"] == "-"
-    assert t.loc[("bigbird", "forward+backward"), "fwd ms @256"] == "oom"
+    assert t.loc[("bigbird", "forward+backward"), "fwd ms @256"] == "oom"  # an OOM is its own reason
     assert t.loc[("sliding_window", "forward"), "useful TFLOP/s @256"] == "3"  # 3 GFLOP of work in 1 ms
 
 
@@ -167,9 +167,10 @@ def test_sweep_summary_adds_up_the_job_files(tmp_path):
         recs = [SimpleNamespace(status=s, error=None if s == "ok" else "out of memory") for s in statuses]
         write_job_summary(tmp_path / job, recs, started=0.0)
     assert [j["job"] for j in jobs(tmp_path)] == ["0", "1", "10"]
+    (tmp_path / "11").mkdir()  # a job that crashed before writing its file
     s = summarize(tmp_path)
-    assert s == {"jobs": 3, "records_ok": 2, "records_failed": 1, "by_status": {"ok": 2, "oom": 1},
-                 "jobs_skipped": 1, "errors": ["out of memory"]}
+    assert s == {"jobs": 4, "records_ok": 2, "records_failed": 1, "by_status": {"ok": 2, "oom": 1},
+                 "jobs_skipped": 1, "jobs_failed": 2, "jobs_crashed": ["11"], "errors": ["out of memory"]}
 
 
 def test_reproduce_compares_ours_with_theirs(tmp_path):

@@ -104,7 +104,8 @@ def test_oom_in_one_of_six_parallel_jobs_is_recorded_and_summarised(tmp_path):
     """A real out-of-memory error (a 32 GiB allocation on a 24 GiB machine) in one job."""
     lens = "[64],[72],[80],[88],[96],[268435456]"
     p = _run(["-m", "hydra/launcher=local", f"runner.seq_lens={lens}"], tmp_path)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr  # a sweep with a failed job is not a success
+    assert "sweep: 1 of 6 job(s) failed" in p.stderr + p.stdout
     recs = read(tmp_path / "r.jsonl")
     assert sorted(r["status"] for r in recs) == ["ok"] * 5 + ["oom"]
     oom = next(r for r in recs if r["status"] == "oom")
