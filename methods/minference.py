@@ -306,9 +306,26 @@ class MInference(SparseMethod):
         self._index = {}
         out = super().attend(q, k, v, causal, key_padding_mask)
         if key_padding_mask is None:  # the effective density of the construction (padding: the path's count)
-            B, H, tq, _ = q.shape
-            self.last_density = self.effective_pairs(B, tq, k.shape[2]) / float(B * H * masks.causal_pairs(tq, k.shape[2]))
+            # counted when read, not here: the call is what runner=kernel times, and the count is
+            # host work (A-shape: a [T] range per head; block-sparse: an [nq, nk] table copied to
+            # the device and a sync) that took 42 of 47 ms at 128k on an H200 (issue 28)
+            self._density_of = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return out
+
+    @property
+    def last_density(self) -> float | None:
+        """The last call's density: without padding, the effective density of the construction
+        (``effective_pairs`` over the causal pairs), counted on the first read after the call."""
+        pending = self.__dict__.get("_density_of")
+        if pending is not None:
+            B, H, tq, tk = pending
+            self.__dict__["_last_density"] = self.effective_pairs(B, tq, tk) / float(B * H * masks.causal_pairs(tq, tk))
+            self.__dict__["_density_of"] = None
+        return self.__dict__.get("_last_density")
+
+    @last_density.setter
+    def last_density(self, value: float | None) -> None:
+        self.__dict__["_density_of"], self.__dict__["_last_density"] = None, value
 
     def effective_pairs(self, B, tq, tk) -> float:
         """Causal (query, key) pairs the last call's construction kept, summed over the batch (B)
