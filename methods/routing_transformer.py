@@ -24,7 +24,10 @@ Centroids with no member keep their value. The centroids are a buffer, drawn fro
 Readings chosen: the official code balances clusters by letting each centroid take its top
 T/C queries and keys (``balanced=true`` here: a query attends to the keys in the clusters
 that chose it, i.e. pair (i, j) is kept when some centroid picked both); ``balanced=false``
-is the paper's equation (nearest centroid). Causal masking is applied on top; a query with
+is the paper's equation (nearest centroid). Balanced membership is ranked over the whole
+sequence, so with ``causal=True`` which past keys a query sees can depend on later tokens (as
+in the official code), and a decode step (one query) is not the prefill's row; the nearest-
+centroid routing has neither issue. Causal masking is applied on top; a query with
 no key in its cluster before it gets zeros (the masked-attention convention). The paper
 mixes routing heads with local-attention heads in a model; this method is the routing
 attention alone (``local_window`` > 0 adds the local window of that many keys to every head).

@@ -12,7 +12,7 @@ import methods
 from methods.base import AttentionInputError
 from tests.conftest import seeded_qkv
 
-NEW = ["sparse_transformer", "routing_transformer", "scatterbrain", "biformer"]
+NEW = ["sparse_transformer", "routing_transformer", "scatterbrain", "biformer", "sea"]
 
 
 def _load(name, H=4, Hkv=2, D=8, **kw):
@@ -303,11 +303,57 @@ def test_biformer_kernels_equal_the_reference(impl):
     assert m.last_path == impl
 
 
+# ---- SEA -----------------------------------------------------------------------------------
+def _sea_mask(m, q, k, causal, kpm=None):
+    """Block means of the real keys, the Performer estimate phi(q).phi(K^) by its formula, each
+    row's top-k candidate blocks by sorting (causal: whole past blocks, plus the own block)."""
+    B, H, tq, D = q.shape
+    tk, b, top = k.shape[2], m.block_size, m.top_k_blocks
+    k = _rep(k, H)
+    W = m.estimator.projection.double()
+    phi = lambda x: torch.exp(x @ W.T * D ** -0.25 - (x ** 2).sum(-1) / 2 / math.sqrt(D))  # noqa: E731
+    n = math.ceil(tk / b)
+    allowed = torch.zeros(B, H, tq, tk, dtype=torch.bool)
+    for bi in range(B):
+        real = torch.ones(tk, dtype=torch.bool) if kpm is None else kpm[bi]
+        for h in range(H):
+            kc = [k[bi, h, [j for j in range(c * b, min(tk, (c + 1) * b)) if real[j]]] for c in range(n)]
+            for i in range(tq):
+                p = tk - tq + i
+                cands = [c for c in range(n) if len(kc[c]) and (not causal or (c + 1) * b - 1 <= p)]
+                est = {c: float(phi(q[bi, h, i]) @ phi(kc[c].mean(0))) for c in cands}
+                chosen = sorted(cands, key=lambda c: -est[c])[:top] + ([p // b] if causal else [])
+                for c in chosen:
+                    allowed[bi, h, i, c * b:(c + 1) * b] = True
+    return allowed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_attends_the_top_blocks_of_its_estimate(causal):
+    m = _load("sea", impl="reference", block_size=3, top_k_blocks=2, num_features=16)
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=13, D=8, tk=16)
+    kpm = torch.ones(2, 16, dtype=torch.bool)
+    kpm[1, 10:] = False
+    allowed = _sea_mask(m, q, k, causal, kpm)
+    ref = _softmax_attention(q, k, v, allowed & _causal_padding(2, 13, 16, causal, kpm))
+    torch.testing.assert_close(m(q, k, v, causal=causal, key_padding_mask=kpm), ref)
+    assert m.last_density < 0.8
+
+
+def test_sea_with_every_block_is_exact():
+    m = _load("sea", impl="reference", block_size=4, top_k_blocks=4, num_features=8)
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=16, D=8)
+    for causal in (False, True):
+        torch.testing.assert_close(m(q, k, v, causal=causal),
+                                   _softmax_attention(q, k, v, _causal_padding(1, 16, 16, causal)))
+
+
 # ---- all of them ---------------------------------------------------------------------------
 SMALL = {"sparse_transformer": dict(impl="reference", stride=3),
          "routing_transformer": dict(impl="reference", num_clusters=3, balanced=False),
          "scatterbrain": dict(num_features=8, num_buckets=4),
-         "biformer": dict(impl="reference", region_size=4, topk=2)}
+         "biformer": dict(impl="reference", region_size=4, topk=2),
+         "sea": dict(impl="reference", block_size=3, top_k_blocks=2, num_features=8)}
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -332,7 +378,7 @@ def test_padded_keys_do_not_matter(name):
                                    m(q, k2, v2, causal=causal, key_padding_mask=kpm))
 
 
-@pytest.mark.parametrize("name", ["sparse_transformer", "routing_transformer", "scatterbrain"])
+@pytest.mark.parametrize("name", ["sparse_transformer", "routing_transformer", "scatterbrain", "sea"])
 def test_decode_is_the_last_row_of_the_prefill(name):
     m = _load(name, **SMALL[name])
     q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=10, D=8)
@@ -356,6 +402,9 @@ def test_decode_is_the_last_row_of_the_prefill(name):
     ("scatterbrain", dict(num_hashes=0), "num_hashes"),
     ("biformer", dict(topk=0), "topk"),
     ("biformer", dict(region_size=0), "region_size"),
+    ("sea", dict(top_k_blocks=0), "top_k_blocks"),
+    ("sea", dict(block_size=0), "block_size"),
+    ("sea", dict(num_features=0), "num_features"),
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
