@@ -45,6 +45,16 @@ from methods import masks
 from methods.base import Cost, SparseMethod, repeat_kv
 
 
+def pack_bits(m: torch.Tensor) -> torch.Tensor:
+    """[..., C] bool -> [..., ceil(C / 62)] int64: cluster memberships as bit sets."""
+    C = m.shape[-1]
+    words = []
+    for a in range(0, C, 62):
+        part = m[..., a:a + 62].long()
+        words.append((part << torch.arange(part.shape[-1], device=m.device)).sum(-1))
+    return torch.stack(words, -1)
+
+
 class RoutingTransformer(SparseMethod):
     name = "routing_transformer"
     # what the README's method table says (python -m analysis.readme)
@@ -93,14 +103,16 @@ class RoutingTransformer(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         k = repeat_kv(k, q.shape[1] // k.shape[1])
-        mq, mk = self.members(q).float(), self.members(k).float()
-        shared = (mq @ mk.transpose(-1, -2)) > 0  # [B, H, Tq, Tk]: some cluster holds both
+        mq, mk = self.members(q), self.members(k)
         if self.training and torch.is_grad_enabled():
-            self._update(q, k, mq, mk)
-        win, off = self.local_window, k.shape[2] - q.shape[2]
+            self._update(q, k, mq.float(), mk.float())
+        bq, bk = pack_bits(mq), pack_bits(mk)  # [B, H, T, W] int64: O(T) memory, not T x T
+        win, off, words = self.local_window, k.shape[2] - q.shape[2], bq.shape[-1]
 
         def routing_mask(b, h, q_idx, kv_idx):
-            keep = shared[b, h, q_idx, kv_idx]
+            keep = (bq[b, h, q_idx, 0] & bk[b, h, kv_idx, 0]) != 0  # some cluster holds both
+            for w in range(1, words):
+                keep = keep | ((bq[b, h, q_idx, w] & bk[b, h, kv_idx, w]) != 0)
             if win:
                 keep = keep | ((q_idx + off - kv_idx).abs() < win)
             return keep
