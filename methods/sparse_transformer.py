@@ -24,6 +24,8 @@ no Triton block-sparse plan (flex skips the wholly masked tiles). Decoding keeps
 """
 from __future__ import annotations
 
+import torch
+
 from methods import masks
 from methods.base import Cost, SparseMethod
 
@@ -74,20 +76,40 @@ class SparseTransformer(SparseMethod):
 
         return sparse_transformer_mask
 
-    def cost(self, tq, tk, causal) -> Cost:
-        import torch
+    def row_counts(self, tq: int, tk: int, causal: bool):
+        """Keys of A1, A2 and of both for every query row, in closed form: three [Tq] int64
+        tensors (O(T), for long sequences; the test counts the loop-built pattern)."""
+        l, c = self.stride, self.summary
+        p = torch.arange(tq, dtype=torch.int64) + (tk - tq)  # query positions
+        hi = p if causal else torch.full_like(p, tk - 1)  # the last key a row may see
+        one = torch.ones_like(p)
+        if self.pattern == "strided":
+            a1 = torch.minimum(hi, p + l) - (p - l).clamp_min(0) + 1
+            a2 = p // l + 1 + (hi - p) // l
+            both = one + (p - l >= 0).long() + (p + l <= hi).long()
+        else:
+            def summaries(n):  # j in [0, n) with j mod l >= l - c
+                return (n // l) * c + (n % l - (l - c)).clamp_min(0)
 
-        mod = self.mask_mod(torch.empty(1, 1, tq, 1), torch.empty(1, 1, tk, 1), causal)
-        if causal:
-            mod = masks.and_masks(mod, masks.causal(tk - tq))
-        pairs = 0.0
-        for h in range(min(self.num_heads, 2)):  # the pattern differs between even and odd heads only
-            rows = 1 + (self.num_heads - 1 - h) // 2
-            step = max(1, 2**22 // max(tk, 1))
-            for s in range(0, tq, step):  # in row blocks: long sequences do not materialise T x T
-                qi = torch.arange(s, min(tq, s + step)).view(-1, 1)
-                pairs += rows * float(mod(torch.zeros(()), torch.tensor(h), qi, torch.arange(tk).view(1, -1)).sum())
-        pairs /= self.num_heads
+            start = (p // l) * l
+            end = torch.minimum(torch.minimum(start + l - 1, torch.full_like(p, tk - 1)), hi)
+            a1 = end - start + 1
+            a2 = summaries(hi + 1)
+            both = summaries(end + 1) - summaries(start)
+        return a1, a2, both
+
+    def cost(self, tq, tk, causal) -> Cost:
+        if tq > tk:  # queries before the first key (rare): count the materialised pattern
+            mod = self.mask_mod(torch.empty(1, 1, tq, 1), torch.empty(1, 1, tk, 1), causal)
+            mod = masks.and_masks(mod, masks.causal(tk - tq)) if causal else mod
+            pairs = float(masks.materialize(mod, 1, self.num_heads, tq, tk).sum()) / self.num_heads
+        else:
+            a1, a2, both = (float(x.sum()) for x in self.row_counts(tq, tk, causal))
+            if self.heads == "merged":
+                pairs = a1 + a2 - both
+            else:
+                even = (self.num_heads + 1) // 2
+                pairs = (even * a1 + (self.num_heads - even) * a2) / self.num_heads
         dense_pairs = masks.causal_pairs(tq, tk) if causal else tq * tk
         return Cost(flops=4.0 * self.num_heads * pairs * self.head_dim, density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)

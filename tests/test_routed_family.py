@@ -90,12 +90,16 @@ def test_sparse_transformer_flex_equals_reference(causal):
     assert m.last_path == "flex"
 
 
-def test_sparse_transformer_cost_counts_the_pattern():
-    m = _load("sparse_transformer", impl="reference", stride=4, heads="split")
+@pytest.mark.parametrize("pattern,heads", [("strided", "merged"), ("fixed", "merged"), ("strided", "split"),
+                                           ("fixed", "split")])
+def test_sparse_transformer_cost_counts_the_pattern(pattern, heads):
+    m = _load("sparse_transformer", impl="reference", stride=4, summary=3, pattern=pattern, heads=heads,
+              H=5, Hkv=1)
     for causal in (False, True):
-        pat = _sparse_transformer_pattern(4, 20, 20, "strided", 4, 8, "split", causal)
-        dense = 20 * 21 / 2 if causal else 400
-        assert m.cost(20, 20, causal).density == pytest.approx(float(pat.sum()) / 4 / dense)
+        for tq, tk in ((21, 21), (7, 23), (24, 24)):
+            pat = _sparse_transformer_pattern(5, tq, tk, pattern, 4, 3, heads, causal)
+            dense = tq * (tk - tq) + tq * (tq + 1) / 2 if causal else tq * tk
+            assert m.cost(tq, tk, causal).density == pytest.approx(float(pat.sum()) / 5 / dense)
 
 
 # ---- Routing Transformer -------------------------------------------------------------------
