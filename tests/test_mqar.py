@@ -1,0 +1,106 @@
+"""MQAR (tasks/mqar.py): the generator against the task's definition (the answer of every query
+is its key's value, by a dictionary lookup; the layout; distinct keys and values), parameter
+checks, determinism, the loss on the answers only, the state bytes of the record, and the CPU
+smoke experiment through runner=train."""
+import pytest
+import torch
+
+import methods
+from runners import run
+from tasks import mqar
+
+
+def test_every_answer_is_the_value_of_its_query_key():
+    D, T, V = 6, 40, 50
+    x, ans = mqar.generate(20, D, T, V, seed=3)
+    assert x.shape == ans.shape == (20, T + 1)
+    for row, a in zip(x.tolist(), ans.tolist()):
+        kv = {row[2 * i]: row[2 * i + 1] for i in range(D)}
+        assert len(kv) == D and len(set(kv.values())) == D  # distinct keys and values
+        assert all(1 <= k < V // 2 for k in kv) and all(V // 2 <= v < V for v in kv.values())
+        answered = [p for p in range(T + 1) if a[p]]
+        assert len(answered) == D
+        assert sorted(row[p - 1] for p in answered) == sorted(kv)  # every key queried once
+        for p in answered:
+            assert p >= 2 * D + 1 and (p - 2 * D) % 2 == 1  # a query at an even offset, its answer after
+            assert row[p] == kv[row[p - 1]]
+
+
+def test_generation_is_deterministic_and_seeded():
+    a = mqar.generate(8, 4, 32, 64, seed=0)
+    b = mqar.generate(8, 4, 32, 64, seed=0)
+    c = mqar.generate(8, 4, 32, 64, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_power_law_gaps_put_queries_near_the_context():
+    x, ans = mqar.generate(200, 4, 400, 64, seed=0)
+    pos = ans.nonzero()[:, 1].float()
+    assert pos.median() < 8 + (401 - 8) / 4  # a = 0.01: gaps far from uniform (median half-way)
+
+
+def test_non_queries_are_random_or_zero():
+    x, ans = mqar.generate(4, 4, 64, 64, seed=0, random_non_queries=False)
+    rest = torch.ones_like(ans)
+    rest[:, :8] = False
+    rest &= ~ans & ~torch.roll(ans, -1, 1)  # neither a query key nor an answer
+    assert (x[rest] == 0).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_kv_pairs=0), "num_kv_pairs"),
+    (dict(vocab_size=8), "vocab_size"),
+    (dict(max_len=14), "max_len"),
+    (dict(power_a=0.0), "power_a"),
+])
+def test_bad_parameters_are_named(kw, match):
+    args = dict(num_kv_pairs=4, max_len=32, vocab_size=64, power_a=0.01, **{})
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        mqar.generate(2, args["num_kv_pairs"], args["max_len"], args["vocab_size"], seed=0, power_a=args["power_a"])
+    mqar.generate(2, 4, 15, 64, seed=0)  # the shortest length for 4 pairs is accepted
+
+
+def test_state_bytes_of_a_cache_grow_and_of_a_recurrent_state_do_not():
+    from models.lm import DecoderLM
+
+    for name, constant in (("dense", False), ("based", True), ("performer", True)):
+        cfg = methods.compose_method(name)
+        lm = DecoderLM(cfg, vocab_size=16, max_len=64, dim=32, depth=2, heads=2, num_kv_heads=1, head_dim=16,
+                       mlp_dim=32)
+        out = mqar.state_bytes(lm, 64)
+        one = lm.blocks[0].method.cost(1, 64, True).kv_bytes
+        assert out == {"state_bytes": 2 * one, "state_constant": constant}
+    assert mqar.state_bytes(lm, 64)["state_bytes"] == 2 * 2 * (256 * 16 + 256)  # Performer: m x d + m, bf16
+
+
+def test_smoke_experiment_trains_on_the_answers_and_records_the_state(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    cfg = compose_cfg("experiment=mqar/smoke", "method=based", f"runner.checkpoint_dir={tmp_path}/ck",
+                      f"store={tmp_path}/mqar.jsonl", "runner.steps=4", "runner.eval_every=2", tiny=False)
+    task = mqar.MQAR(**{k: v for k, v in cfg.task.items() if k != "_target_"})
+    data = task.load()
+    x, ans = data["val"]
+    assert data["kind"] == "lm" and torch.equal(data["loss_weight"].bool(), mqar.generate(
+        512, 4, 32, 64, seed=0)[1])  # the loss weighs the train split's answers only
+    rec = run(cfg)[0]
+    assert rec.status == "ok", rec.error
+    assert rec.task == "mqar" and rec.seq_len == 32
+    assert 0 <= rec.metrics["test_acc"] <= 1 and rec.metrics["state_constant"] is True
+    assert rec.metrics["state_bytes"] > 0 and rec.train["steps"] == 4
+
+
+def test_answer_accuracy_counts_the_answers_only():
+    x, ans = mqar.generate(6, 4, 32, 64, seed=0)
+
+    class Oracle(torch.nn.Module):  # predicts the next token of x itself except at one answer
+        def forward(self, inp):
+            assert torch.equal(inp, x[:, :-1])  # one batch of all six
+            nxt = x[:, 1:].clone()
+            j = ans[0, 1:].nonzero()[0, 0]
+            nxt[0, j] = (nxt[0, j] + 1) % 64  # one wrong answer
+            nxt[:, 0] = 0  # a wrong non-answer prediction does not count
+            return torch.nn.functional.one_hot(nxt, 64).float()
+
+    acc = mqar.answer_accuracy(Oracle(), (x, ans), "cpu", torch.autocast("cpu", enabled=False), 6)
+    assert acc == pytest.approx(1 - 1 / 24)
