@@ -52,7 +52,7 @@ class PretrainedRunner:
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
                 raise ValueError(f"task={rec.task} has no evaluation on a pretrained model; "
-                                 "use task=perplexity, needle or fidelity")
+                                 "use task=perplexity, needle, fidelity or ruler")
             fidelity = isinstance(task, Fidelity)
             model_method = methods.compose_method("dense") if fidelity else cfg.method
             model = instantiate(cfg.model, method=model_method, _recursive_=False).to(device, dtype).eval()
@@ -67,8 +67,8 @@ class PretrainedRunner:
                 else:
                     result = task.evaluate_pretrained(model, int(cfg.seed))
                     self._measure(rec, model, device)
-            for k, v in result.items():  # numbers are metrics; the text source, scoring: details
-                (rec.metrics if isinstance(v, (int, float, dict)) else rec.details)[k] = v
+            for k, v in result.items():  # numbers (and cells of them) are metrics; text, examples: details
+                (rec.details if isinstance(v, str) or k == "examples" else rec.metrics)[k] = v
             rec.real_kernel = bool(method.real_kernel) if fidelity else self._ran_real_kernel(model)
             rec.details["method_is_causal"] = bool(method.supports_causal)
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
