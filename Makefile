@@ -30,31 +30,33 @@ assets: | $(PY)
 # Default benchmark: every method inside SmolLM2-135M on real text (perplexity, needle,
 # real-attention fidelity and recall, prefill latency and peak memory), then the leaderboard
 # (terminal + results/local/leaderboard.md). On a GPU (experiment=real_gpu): the fast paths at
-# 4k-8k tokens, one sweep. On a CPU (experiment=real, about 5 minutes on 2 cores): each method's
-# cheapest exact path at 1024 tokens (needle at 512 and 1024), in three sweeps of one process
-# each: own default paths (dense: sdpa, performer: chunked); the mask paths (impl=reference:
-# FlexAttention is slower on a CPU); SparseK and NSA, whose CPU paths cost 4-10x dense's,
-# capped at 512 tokens (needle at 256 and 512), which the leaderboard states.
+# 4k-8k tokens, one sweep. On a CPU (experiment=real, at most 6 minutes on 2 cores): each
+# method's cheapest exact path at 1024 tokens (needle at 256 and 512), in three sweeps of one
+# process each: own default paths (dense: sdpa, performer: chunked); the mask paths
+# (impl=reference: FlexAttention is slower on a CPU); SparseK and NSA, whose CPU paths cost
+# 4-10x dense's, capped at 512 tokens, which the leaderboard states. RUN_ARGS: more overrides
+# for every sweep (e.g. runner.cpu_threads=4).
 # `make kernels` times the operation alone.
 REAL_METHODS ?= dense,performer,sliding_window,bigbird,minference,sparsek,nsa,linformer,nystrom
 CPU_OWN      ?= dense,performer,linformer,nystrom
 CPU_MASKS    ?= sliding_window,bigbird,minference
 CPU_CAPPED   ?= sparsek,nsa
 REAL_TASKS   := task=perplexity,needle,fidelity
-CPU_NOTE     := CPU run (experiment=real): 1024 tokens (needle at 512 and 1024, 3 depths x 1 prompt each); \
-  $(CPU_CAPPED) capped at 512 tokens (perplexity, fidelity, prefill; needle at 256 and 512). Training-free use: \
+RUN_ARGS     ?=
+CPU_NOTE     := CPU run (experiment=real): perplexity, fidelity and prefill at 1024 tokens, needle at 256 and \
+  512 (3 depths x 1 prompt each); $(CPU_CAPPED) capped at 512 tokens (perplexity, fidelity, prefill). Training-free use: \
   Performer (fixed random features), SparseK (scoring network at its initialisation), NSA (compression = block \
   means, gates = 1/2: their initialisation). Linformer, Nystromformer: not causal, trained with the model in \
   their papers: real-attention fidelity only (non-causal).
 run: $(STAMP)
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(VENV)/bin/attnbench -m method=$(REAL_METHODS) $(REAL_TASKS) experiment=real_gpu && \
+	  $(VENV)/bin/attnbench -m method=$(REAL_METHODS) $(REAL_TASKS) experiment=real_gpu $(RUN_ARGS) && \
 	  $(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md; \
 	else \
-	  $(VENV)/bin/attnbench -m method=$(CPU_OWN) $(REAL_TASKS) experiment=real impl=null '~hydra.callbacks.summary' && \
-	  $(VENV)/bin/attnbench -m method=$(CPU_MASKS) $(REAL_TASKS) experiment=real '~hydra.callbacks.summary' && \
+	  $(VENV)/bin/attnbench -m method=$(CPU_OWN) $(REAL_TASKS) experiment=real impl=null '~hydra.callbacks.summary' $(RUN_ARGS) && \
+	  $(VENV)/bin/attnbench -m method=$(CPU_MASKS) $(REAL_TASKS) experiment=real '~hydra.callbacks.summary' $(RUN_ARGS) && \
 	  $(VENV)/bin/attnbench -m method=$(CPU_CAPPED) $(REAL_TASKS) experiment=real '~hydra.callbacks.summary' \
-	    task.seq_len=512 task.token_lengths=[256,512] runner.timing_len=512 && \
+	    task.seq_len=512 runner.timing_len=512 $(RUN_ARGS) && \
 	  $(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md && \
 	  printf "\n%s\n" "$(CPU_NOTE)" | tee -a results/local/leaderboard.md; \
 	fi

@@ -53,7 +53,8 @@ def test_ruler_record_on_the_real_model(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "experiment=real", f"store={store}", "task=ruler", "method=dense", "task.tasks=[niah_single,vt]",
-            "task.token_lengths=[320]", "task.trials=1", "task.max_new_tokens=12", "runner.timing_len=128"])
+            "task.token_lengths=[320]", "task.trials=1", "task.max_new_tokens=12", "runner.timing_len=128",
+            "runner.timed_tasks=[ruler]"])
     run(cfg)
     (rec,) = [json.loads(line) for line in store.read_text().splitlines()]
     assert rec["status"] == "ok", rec["error"]
