@@ -50,6 +50,7 @@ class PretrainedRunner:
             log.info("an ok record with run_id %s exists; skipped", rec.run_id)
             return []
         try:
+            torch.manual_seed(int(cfg.seed))  # a method's initial weights (random features, projections)
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
                 raise ValueError(f"task={rec.task} has no evaluation on a pretrained model; "
