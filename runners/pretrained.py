@@ -54,7 +54,7 @@ class PretrainedRunner:
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
                 raise ValueError(f"task={rec.task} has no evaluation on a pretrained model; "
-                                 "use task=perplexity, needle, fidelity or ruler")
+                                 "use task=perplexity, needle, fidelity, ruler or lm_harness")
             fidelity = isinstance(task, Fidelity)
             model_method = methods.compose_method("dense") if fidelity else cfg.method
             model = instantiate(cfg.model, method=model_method, _recursive_=False).to(device, dtype).eval()
