@@ -4,7 +4,10 @@ attnbench method, so that any lm-eval task runs with any method.
     python -m models.lm_eval_model --model attnbench \\
         --model_args pretrained=PATH,method=minference,method.pattern=a_shape --tasks TASKS
 (the same arguments as ``lm_eval``; this entry point registers the model first). Method
-hyperparameters are ``method.<name>=<value>`` model arguments.
+hyperparameters are ``method.<name>=<value>`` model arguments. ``pretrained`` is a path, a hub
+name, or a model of the asset cache (``smollm2_135m``: ``models.pretrained``, checked against
+its hash). Records like the other runs': ``attnbench model=smollm2_135m task=lm_harness
+method=M`` (tasks/lm_harness.py: a local task generated from the essays, read by lm-eval).
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ from models import hf
 @register_model("attnbench")
 class AttnbenchLM(HFLM):
     def __init__(self, pretrained, method: str = "dense", **kwargs):
+        from models import pretrained as assets
+
         hf.register()
+        if pretrained in assets.SPECS:  # a model of the asset cache, by name
+            pretrained = str(assets.checkpoint(pretrained)[0])
         spec = {"name": method}
         for k in [k for k in kwargs if k.startswith("method.")]:
             spec[k.split(".", 1)[1]] = kwargs.pop(k)

@@ -44,7 +44,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench"))
 
 
+_HASHED: dict = {}  # (path, size, mtime) -> sha256: a sweep hashes the file once per process
+
+
 def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _hash_file(path)
+    return _HASHED[key]
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -85,21 +96,10 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
     in eval mode, with ``.tokenizer`` and ``.asset`` (name, file, sha256, context, heads)."""
     import transformers
 
-    path, sha = model_file(name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    saved = path.parent / "hf" / sha[:16]
-    if not (saved / "config.json").exists():  # first load: dequantize once and keep it
-        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                 dtype=torch.float32)
-        tmp = saved.with_name(saved.name + ".partial")
-        base.hf_quantizer = None  # the weights are dequantized: save them as plain fp32 tensors
-        base.config.__dict__.pop("quantization_config", None)
-        base.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(saved)
-        del base
+    saved, sha = checkpoint(name)
+    path = saved.parents[1] / SPECS[name][1]  # the GGUF file it came from
     config = transformers.AutoConfig.from_pretrained(saved)
     if method is None:
         method = methods.compose_method("dense")
@@ -113,6 +113,27 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
         "chat_template": SPECS[name][2],
     }
     return model
+
+
+def checkpoint(name: str) -> tuple[Path, str]:
+    """(folder of the model as a plain ``transformers`` checkpoint, the GGUF file's sha256):
+    dequantized from the checked GGUF file on the first call, kept beside it."""
+    import transformers
+
+    path, sha = model_file(name)
+    saved = path.parent / "hf" / sha[:16]
+    if not (saved / "config.json").exists():  # first load: dequantize once and keep it
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32)
+        tmp = saved.with_name(saved.name + ".partial")
+        base.hf_quantizer = None  # the weights are dequantized: save them as plain fp32 tensors
+        base.config.__dict__.pop("quantization_config", None)
+        base.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(saved)
+        del base
+    return saved, sha
 
 
 class PretrainedLM(torch.nn.Module):

@@ -53,6 +53,7 @@ class PretrainedRunner:
     rep_ms: int
     cpu_threads: int
     force: bool
+    timed_tasks: list | None = None  # tasks whose records time the prefill (None: all but fidelity)
 
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
         device = resolve_device(cfg.device)
@@ -74,10 +75,11 @@ class PretrainedRunner:
 
     def _run(self, rec, cfg, device, dtype) -> None:
         try:
+            torch.manual_seed(int(cfg.seed))  # a method's initial weights (random features, projections)
             task = instantiate(cfg.task)
             if not hasattr(task, "evaluate_pretrained"):
                 raise ValueError(f"task={rec.task} has no evaluation on a pretrained model; "
-                                 "use task=perplexity, needle or fidelity")
+                                 "use task=perplexity, needle, fidelity, ruler or lm_harness")
             fidelity = isinstance(task, Fidelity)
             model_method = methods.compose_method("dense") if fidelity else cfg.method
             model = instantiate(cfg.model, method=model_method, _recursive_=False).to(device, dtype).eval()
@@ -85,15 +87,18 @@ class PretrainedRunner:
             method = methods.build(cfg.method, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"],
                                    head_dim=a["head_dim"], max_seq_len=a["context"]).to(device)
             rec.details["model_asset"] = a
+            rec.details["method_weights"] = "initialisation (training-free use)" if any(
+                True for _ in method.parameters()) else "none"
             rec.details["decode"] = "no decode step: answers are scored in the prefill pass"
             with torch.no_grad():
                 if fidelity:
                     result = task.evaluate_pretrained(model, method, int(cfg.seed))
                 else:
                     result = task.evaluate_pretrained(model, int(cfg.seed))
-                    self._measure(rec, model, device)
-            for k, v in result.items():  # numbers are metrics; the text source, scoring: details
-                (rec.metrics if isinstance(v, (int, float, dict)) else rec.details)[k] = v
+                    if self.timed_tasks is None or rec.task in self.timed_tasks:
+                        self._measure(rec, model, device)
+            for k, v in result.items():  # numbers (and cells of them) are metrics; text, examples: details
+                (rec.details if isinstance(v, str) or k == "examples" else rec.metrics)[k] = v
             rec.real_kernel = bool(method.real_kernel) if fidelity else self._ran_real_kernel(model)
             rec.details["method_is_causal"] = bool(method.supports_causal)
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on

