@@ -62,8 +62,15 @@ def test_byte_and_pixel_encoding():
     assert hub.grayscale_tokens(img).tolist() == [256, 1, 1, round(100 * 0.2989) + 1]
 
 
+# The loaders are what this module tests; that every method trains in the LRA encoder is
+# tests/test_lra.py's smoke test. Here one method of each kind: exact, sparse with a kernel
+# path, data-dependent sparse, low-rank, linear, routed.
+KINDS = ["dense", "bigbird", "minference", "linformer", "performer", "routing_transformer"]
+
+
+@pytest.mark.parametrize("method_name", KINDS)
 @pytest.mark.parametrize("task", ["text", "retrieval", "image"])
-def test_smoke_trains_with_every_method(task, fixtures, compose_cfg, tmp_path, method_name):
+def test_smoke_trains_with_each_kind_of_method(task, fixtures, compose_cfg, tmp_path, method_name):
     cfg = compose_cfg(f"experiment=lra/{task}-smoke", *fixtures[task],
                       f"method={method_name}", f"runner.checkpoint_dir={tmp_path}/ck",
                       f"store={tmp_path}/r.jsonl", tiny=False)
