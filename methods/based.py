@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention, repeat_kv
-from methods.lightning import tiled_causal
+from methods.lightning import run_steps, tiled_causal
 
 EPS = 1e-12
 
@@ -150,11 +150,7 @@ class Based(AttentionMethod):
 
     def recurrent(self, q, k, v) -> torch.Tensor:
         """The causal output token by token through ``step``: [B, H, T, D]."""
-        state, outs = None, []
-        for t in range(q.shape[2]):
-            o, state = self.step(state, q[:, :, t], k[:, :, t], v[:, :, t])
-            outs.append(o)
-        return torch.stack(outs, 2)
+        return run_steps(self.step, q, k, v)
 
     def cost(self, tq, tk, causal) -> Cost:
         h, d, w = self.num_heads, self.head_dim, self.window

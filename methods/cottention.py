@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.base import AttentionMethod, Cost, dense_flops, repeat_kv
-from methods.lightning import tiled_causal
+from methods.lightning import run_steps, tiled_causal
 
 LENGTH_SCALES = ("value", "output", "none")
 
@@ -126,11 +126,7 @@ class Cottention(AttentionMethod):
 
     def recurrent(self, q, k, v) -> torch.Tensor:
         """The causal output token by token through ``step``: [B, H, T, D]."""
-        state, outs = None, []
-        for t in range(q.shape[2]):
-            o, state = self.step(state, q[:, :, t], k[:, :, t], v[:, :, t])
-            outs.append(o)
-        return torch.stack(outs, 2)
+        return run_steps(self.step, q, k, v)
 
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim

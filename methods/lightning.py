@@ -62,6 +62,16 @@ def alibi_slopes(n: int) -> list[float]:
     return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: n - closest]
 
 
+def run_steps(step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A recurrent form unrolled: ``step(state, q_t, k_t, v_t) -> (o_t, state)`` over the
+    positions of q, k, v [B, H, T, D] (state None at the start); the outputs [B, H, T, D]."""
+    state, outs = None, []
+    for t in range(q.shape[2]):
+        o, state = step(state, q[:, :, t], k[:, :, t], v[:, :, t])
+        outs.append(o)
+    return torch.stack(outs, 2)
+
+
 def tiled_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
                  log_decay: torch.Tensor | None = None) -> torch.Tensor:
     """sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j for every i, in blocks (Lightning Attention).
@@ -210,11 +220,7 @@ class Lightning(AttentionMethod):
 
     def recurrent(self, q, k, v) -> torch.Tensor:
         """The causal output token by token through ``step``: [B, H, T, D]."""
-        state, outs = None, []
-        for t in range(q.shape[2]):
-            o, state = self.step(state, q[:, :, t], k[:, :, t], v[:, :, t])
-            outs.append(o)
-        return torch.stack(outs, 2)
+        return run_steps(self.step, q, k, v)
 
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim
