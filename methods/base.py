@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,6 +49,15 @@ def check_int(owner: str, name: str, value, lo: int = 1, hi: int | None = None) 
     if not ok:
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{owner}: {name} must be an integer {rng}, got {value!r}")
+
+
+def synced_clock(x: torch.Tensor) -> float:
+    """Wall time in seconds after the device's queued work (the index-building time some
+    methods record as ``last_index_ms``). On CUDA it synchronises: a call that records it is
+    not free of host syncs."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 _VALUE_CHECKS = [True]

@@ -33,12 +33,11 @@ sets ``last_density``.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv
+from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
 
 
 class HiP(SparseMethod):
@@ -73,9 +72,9 @@ class HiP(SparseMethod):
     def block_layout(self, q, k, causal, key_padding_mask=None):
         """The block layout (below), timed: sets ``last_index_ms`` (the index-building step's
         wall time, apart from the attention's)."""
-        t0 = _clock(q)
+        t0 = synced_clock(q)
         out = self._block_layout(q, k, causal, key_padding_mask)
-        self.last_index_ms = (_clock(q) - t0) * 1e3
+        self.last_index_ms = (synced_clock(q) - t0) * 1e3
         return out
 
     score_bytes = 1 << 30  # representative scores held at once (query blocks chunked to fit)
@@ -153,10 +152,3 @@ class HiP(SparseMethod):
         index = 2.0 * tq * 2 * K * self.block_k * levels * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
-
-
-def _clock(x: torch.Tensor) -> float:
-    """Wall time in seconds, after the device's queued work (index timing)."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return time.perf_counter()

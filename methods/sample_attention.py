@@ -28,12 +28,11 @@ every call sets ``last_density`` (the kept share of the causal pairs) and ``last
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv
+from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
 
 
 class SampleAttention(SparseMethod):
@@ -68,9 +67,9 @@ class SampleAttention(SparseMethod):
     def index(self, q, k, key_padding_mask=None):
         """The column stripes (below), timed: sets ``last_index_ms`` (the index-building step's
         wall time, apart from the attention's)."""
-        t0 = _clock(q)
+        t0 = synced_clock(q)
         out = self._index(q, k, key_padding_mask)
-        self.last_index_ms = (_clock(q) - t0) * 1e3
+        self.last_index_ms = (synced_clock(q) - t0) * 1e3
         return out
 
     score_bytes = 1 << 30  # sampled scores held at once (the sampled rows are chunked to fit)
@@ -143,10 +142,3 @@ class SampleAttention(SparseMethod):
         index = 2.0 * len(self.sampled_rows(tq)) * tk * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
-
-
-def _clock(x: torch.Tensor) -> float:
-    """Wall time in seconds, after the device's queued work (index timing)."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return time.perf_counter()

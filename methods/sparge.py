@@ -40,12 +40,11 @@ was skipped, under ``pv_skip``). ``impl=triton`` runs the map's tiles with
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv
+from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
 
 
 class SpargeAttn(SparseMethod):
@@ -101,9 +100,9 @@ class SpargeAttn(SparseMethod):
     def block_map(self, q, k, causal):
         """The block map (below), timed: sets ``last_index_ms`` (the index-building step's
         wall time, apart from the attention's)."""
-        t0 = _clock(q)
+        t0 = synced_clock(q)
         out = self._block_map(q, k, causal)
-        self.last_index_ms = (_clock(q) - t0) * 1e3
+        self.last_index_ms = (synced_clock(q) - t0) * 1e3
         return out
 
     @torch.no_grad()
@@ -218,10 +217,3 @@ class SpargeAttn(SparseMethod):
         index = 2.0 * nq * nk * self.head_dim + 2.0 * (tq * self.block_q + tk * self.block_k) * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * density * dense_pairs * self.head_dim + index),
                     density=density, kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
-
-
-def _clock(x: torch.Tensor) -> float:
-    """Wall time in seconds, after the device's queued work (index timing)."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return time.perf_counter()
