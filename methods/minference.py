@@ -132,7 +132,7 @@ class MInference(SparseMethod):
         ar = torch.arange(tk, device=q.device).view(1, 1, tk)
         vert = vert.masked_fill(ar < sink.view(1, H, 1), float("inf"))
         slash = slash.masked_fill(ar < loc.view(1, H, 1), float("inf"))
-        nv, ns = self._per_head("vertical_size", q.device), self._per_head("slash_size", q.device)
+        nv, ns = ([int(h.get(key, 0)) for h in self.heads] for key in ("vertical_size", "slash_size"))
         return _top_per_head(vert, nv), _top_per_head(slash, ns)
 
     def vertical_slash_index(self, q, k) -> dict:
@@ -142,7 +142,7 @@ class MInference(SparseMethod):
         vert, slash = self.vertical_slash_sets(q, k)
         idx = dict(vert=vert, slash=slash)
         if self.slash_mode == "ranges":
-            starts, end = slash_ranges(slash)
+            starts, end = slash_ranges(slash, n=max(int(h.get("slash_size", 0)) for h in self.heads))
             a, b = range_cover(starts, k.shape[2])
             idx.update(starts=starts, end=end, cover_a=a, cover_b=b)
         return idx
@@ -422,14 +422,14 @@ class MInference(SparseMethod):
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
 
 
-def _top_per_head(score, n_per_head):
+def _top_per_head(score, n_per_head: list[int]):
     """[B, H, T] bool: each head's n_per_head[h] best entries, by one top-k of the largest
-    budget for all heads (no loop over heads, one host sync)."""
+    budget for all heads (no loop over heads; the budgets are host integers: no sync)."""
     B, H, T = score.shape
     out = torch.zeros_like(score, dtype=torch.bool)
-    n = n_per_head.clamp(max=T).view(1, H, 1)
-    width = int(n.max())
+    width = min(max(n_per_head, default=0), T)
     if width:
+        n = torch.tensor(n_per_head).clamp(max=T).view(1, H, 1).to(score.device, non_blocking=True)
         keep = torch.arange(width, device=score.device).view(1, 1, width) < n
         out.scatter_(-1, score.topk(width, dim=-1).indices, keep.expand(B, H, width))
     return out
@@ -467,19 +467,29 @@ def _pairs_below(p0, p1, k0, k1):
 
 
 # ---- the official vertical-slash construction ----------------------------------------------
-def slash_ranges(slash: torch.Tensor, block: int = VS_BLOCK):
+def slash_ranges(slash: torch.Tensor, block: int = VS_BLOCK, n: int | None = None):
     """``convert_vertical_slash_indexes`` (microsoft/MInference, csrc): per block row of
     ``block`` query positions [m0, m1), the slashes (offsets o = i - j, [B, H, T] bool) with
     o < m1 in decreasing order each give the range [s - block, s), s = max(m1 - o, block); a
     range starting more than ``block`` past the current one's end opens a new one, one past
     its end extends it by ``block``. Returns (starts [B, H, R, n]: the 64-wide blocks the
     ranges consist of, sorted, ``NONE`` where unused; end [B, H, R]: the last range's end, 0
-    where none), R = ceil(T / block) block rows, n = the most slashes of a head."""
+    where none), R = ceil(T / block) block rows, n = the most slashes of a head (pass it when
+    known, e.g. the slash budget: counting it is a host sync). On a GPU (or the CPU under
+    TRITON_INTERPRET=1) one Triton program walks a head's slashes for a tile of block rows
+    (``methods.kernels.slash_ranges``); otherwise the walk is a PyTorch loop over slashes."""
+    from methods.kernels import slash_ranges as sr
+
     B, H, T = slash.shape
     R = math.ceil(T / block)
     dev = slash.device
-    n = int(slash.sum(-1).max()) if slash.numel() else 0
-    offs = torch.where(slash, torch.arange(T, device=dev), -1).sort(-1, descending=True).values[..., :n]
+    if n is None:
+        n = int(slash.sum(-1).max()) if slash.numel() else 0
+    n = min(n, T)
+    offs = torch.where(slash, torch.arange(T, device=dev), -1).topk(n, dim=-1).values  # decreasing
+    if n and sr.usable(slash) and (slash.is_cuda or KERNEL_SCAN_ON_CPU):
+        starts, end = sr.slash_range_starts(offs, R, block, NONE)
+        return starts.sort(-1).values, end
     m1 = (torch.arange(R, device=dev) + 1).view(1, 1, R, 1) * block
     s_all = (m1 - offs.unsqueeze(2)).clamp_min(block)  # [B, H, R, n]
     ok_all = (offs.unsqueeze(2) >= 0) & (offs.unsqueeze(2) < m1)
@@ -494,6 +504,9 @@ def slash_ranges(slash: torch.Tensor, block: int = VS_BLOCK):
         end = torch.where(new, s, torch.where(grow, end + block, end))
         started = started | ok
     return starts.sort(-1).values, end
+
+
+KERNEL_SCAN_ON_CPU = False  # the interpreter is slower than the PyTorch loop: tests turn it on
 
 
 def range_cover(starts: torch.Tensor, T: int, block: int = VS_BLOCK):

@@ -277,3 +277,24 @@ def test_sparsek_scorer_and_masked_attention_equal_the_paper(slope):
         flat.load_state_dict(base.state_dict())
         with torch.no_grad():
             assert not torch.allclose(flat(q, k, v, causal=True), want)
+
+
+@pytest.mark.parametrize("T,ns", [(768, 20), (1000, 9)])
+def test_minference_slash_scan_kernel_equals_the_official_convert(T, ns, monkeypatch):
+    """The Triton slash walk (methods/kernels/slash_ranges.py, here in the interpreter) gives,
+    per block row, the key blocks of the official convert_vertical_slash_indexes loop."""
+    from methods import minference as mi
+
+    monkeypatch.setattr(mi, "KERNEL_SCAN_ON_CPU", True)
+    g = torch.Generator().manual_seed(T)
+    slash = torch.zeros(1, 2, T, dtype=torch.bool)
+    for h in range(2):
+        slash[0, h, torch.randperm(T, generator=g)[: ns - h]] = True
+        slash[0, h, :3] = True  # the main diagonal and its neighbours, as the forced locals
+    starts, _ = mi.slash_ranges(slash, n=int(slash.sum(-1).max()))
+    for h in range(2):
+        s_idx = sorted(slash[0, h].nonzero().flatten().tolist(), reverse=True)
+        v_idx = [T + 64]  # no verticals (a sentinel past every row)
+        for r, (blocks, _) in enumerate(official_convert(v_idx, s_idx, T)):
+            got = [int(x) for x in starts[0, h, r] if int(x) < mi.NONE]
+            assert got == sorted(blocks), (h, r)
