@@ -20,7 +20,8 @@ DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "config_key"]
 # method (the row's label), the seed (averaged), the lengths (one record each), the passes timed
 # (the ``timed`` column), whether it was forced or resumed; device and dtype are taken resolved
 NOT_SETTING = ("store", "seed", "impl", "method", "hydra", "logger", "device", "dtype", "runner.force",
-               "runner.seq_lens", "runner.backward", "runner.checkpoint_dir", "runner.resume")
+               "runner.seq_lens", "runner.backward", "runner.checkpoint_dir", "runner.resume",
+               "task.batch_size")  # task.batch_size: prompts scored per forward (needle, lm_harness): memory, not results
 FIRST = ("runner.steps", "runner.batch_size", "model.batch_size")  # named first in a setting label
 PASSES = ("forward", "backward")
 

@@ -9,6 +9,8 @@
 #   PART=default bash scripts/real_model_gpu.sh     # each method at its default impl
 #   PART=triton bash scripts/real_model_gpu.sh      # the methods with a Triton path, through it
 #   METHODS=dense,nsa PART=default bash scripts/real_model_gpu.sh
+#   PART=lengths bash scripts/real_model_gpu.sh     # perplexity at 1k, 2k, 4k (8 windows, stride 512)
+#                                                   # into results/real_model/lengths/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STORE=${STORE:-results/real_model/records.jsonl}
@@ -22,5 +24,14 @@ sweep() { python3 -m runners.cli -m "$@" task=perplexity,needle,fidelity experim
     "task.token_lengths=[4096,8000]" "task.depths=[0.0,0.5,1.0]" store="$STORE"; }
 if [ "$PART" = all ] || [ "$PART" = default ]; then sweep "method=$METHODS" "${@}"; fi
 if [ "$PART" = all ] || [ "$PART" = triton ]; then sweep "method=$TRITON_METHODS" method.impl=triton "${@}"; fi
+if [ "$PART" = lengths ]; then
+    LSTORE=${LSTORE:-results/real_model/lengths/records.jsonl}
+    mkdir -p "$(dirname "$LSTORE")"
+    python3 -m runners.cli -m "method=${LMETHODS:-dense,sliding_window,bigbird,minference}" model=smollm2_135m \
+        runner=pretrained task=perplexity task.seq_len=1024,2048,4096 task.prose_windows=8 task.prose_stride=512 \
+        store="$LSTORE" "${@}"
+    python3 -m analysis.leaderboard --store "$LSTORE" --out "$(dirname "$LSTORE")/leaderboard.md"
+    exit 0
+fi
 OUT=$(dirname "$STORE")
 python3 -m analysis.leaderboard --store "$STORE" --out "$OUT/leaderboard.md" --real-pareto "$OUT/pareto.png"
