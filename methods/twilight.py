@@ -39,6 +39,7 @@ and their per-token scale and minimum.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -121,8 +122,8 @@ class Twilight(DecodePath, AttentionMethod):
 
     def cost(self, tq, tk, causal) -> Cost:
         c = self.base.cost(tq, tk, causal)
-        c.kv_bytes += self.num_kv_heads * tk * (self.head_dim * self.quant_bits / 8 + 2 * 2)
-        return c
+        quantized = self.num_kv_heads * tk * (self.head_dim * self.quant_bits / 8 + 2 * 2)
+        return dataclasses.replace(c, kv_bytes=c.kv_bytes + quantized)
 
     # ---- calibration: the base's ----------------------------------------------------------------
     @property
