@@ -103,11 +103,10 @@ class Loki(DecodePath, AttentionMethod):
         rows = torch.cat([k.detach().to(torch.float64).cpu().permute(1, 0, 2, 3).reshape(Hkv, -1, D)
                           for _, k in pairs], 1)  # [Hkv, N, D]
         centred = rows - rows.mean(1, keepdim=True)
-        _, s, vh = torch.linalg.svd(centred, full_matrices=True)  # singular values in decreasing order
-        var = torch.zeros(Hkv, D, dtype=torch.float64)
-        var[:, :s.shape[1]] = s ** 2
+        var, vecs = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # the scatter matrix, ascending
+        var, vecs = var.flip(-1).clamp_min(0), vecs.flip(-1)  # by decreasing explained variance
         self.explained_variance_ratio = var / var.sum(1, keepdim=True).clamp_min(1e-300)
-        self.pca = vh.transpose(-1, -2).contiguous().to(pairs[0][1].device)  # [Hkv, D, D] columns
+        self.pca = vecs.contiguous().to(pairs[0][1].device)  # [Hkv, D, D]: columns the components
         self._fingerprint = hashlib.sha1(self.pca.cpu().numpy().tobytes()).hexdigest()[:12]
 
     def calibrated(self) -> bool:

@@ -20,6 +20,8 @@ one token per step after the prefill, and no more tokens than the cache was buil
 """
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -91,13 +93,20 @@ def ContractCache(model, tokens: int):  # noqa: N802 - a factory that reads as t
     return Cache(layers=layers)
 
 
+@functools.lru_cache(maxsize=None)
+def _composed(name: str):
+    """A method's composed config, once per process (Hydra's compose costs about a second; a
+    model asks for it once per layer). Callers change a copy."""
+    return methods.compose_method(name)
+
+
 def _method(module, H, D, Hkv):
     m = getattr(module, "_attnbench_method", None)
     if m is None:
         cfg = module.config.attnbench_method
         if isinstance(cfg, dict) and "name" in cfg:  # a method name and hyperparameters (else a composed config)
             spec = dict(cfg)
-            cfg = methods.compose_method(spec.pop("name"))
+            cfg = copy.deepcopy(_composed(spec.pop("name")))
             for k, v in spec.items():
                 cfg[k] = v
         m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
@@ -127,7 +136,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             if not bool(allowed[:, 0].any(dim=1).all()):
                 raise AttentionInputError(f"{NAME}: padded prompts are not supported (one length per batch)")
         if module.layer_idx < getattr(module.config, "attnbench_dense_layers", 0):  # Quest's first layers
-            m = methods.build(methods.compose_method("dense"), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
+            m = methods.build(copy.deepcopy(_composed("dense")), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
         else:
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))

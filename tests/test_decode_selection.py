@@ -388,3 +388,81 @@ def test_decode_runner_calibrates_and_records_the_budget(method, extra, compose_
     else:  # calibrated on other inputs than the measured ones
         assert rec.details["calibration"]["seed"] != cfg.seed + 64 and rec.details["calibration"]["tokens"] == 68
         assert "budget" not in rec.details["per_step"]
+
+
+# ---- generation through the decode paths (models/hf_decode.py) --------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def _ids(n=40, seed=1):
+    return torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,full,narrow", [
+    ("loki", dict(k_f=1.0), dict(k=6)),
+    ("double_sparsity", dict(token_budget=4096), dict(token_budget=6)),
+    ("twilight", dict(page_size=4, token_budget=4096, top_p=1.0), dict(page_size=4, token_budget=16, top_p=0.5)),
+])
+def test_generation_through_the_decode_path(tiny_llama, name, full, narrow):
+    from models import hf_decode
+
+    ids, new = _ids(), 6
+    dense = hf_decode.generate(hf_decode.load(tiny_llama, "dense", impl="reference"), ids, new)
+    model = hf_decode.load(tiny_llama, name, **full)
+    if model.config.attnbench_method["name"] != "twilight":  # Loki and Double Sparsity calibrate first
+        with pytest.raises(AttentionInputError, match="calibrate"):
+            hf_decode.generate(model, ids, new)
+        assert hf_decode.calibrate(model, [_ids(48, seed=9)]) == 2  # both layers
+    wide = hf_decode.generate(model, ids, new)
+    assert torch.equal(wide.tokens, dense.tokens)  # every key read: dense decode's tokens
+    for w, d in zip(wide.logits, dense.logits):
+        torch.testing.assert_close(w, d, rtol=1e-4, atol=1e-4)
+    model = hf_decode.load(tiny_llama, name, **narrow)
+    if name != "twilight":
+        hf_decode.calibrate(model, [_ids(48, seed=9)])
+    few = hf_decode.generate(model, ids, new, forced=dense.tokens)
+    assert all(s["path"] == type(model.model.layers[0].self_attn._attnbench_method).__name__ for s in few.stats)
+    assert all(f["bytes_read_per_step"] < d["bytes_read_per_step"] for f, d in zip(few.stats, dense.stats))
+
+
+
+def _smollm2():
+    from models import pretrained
+
+    if not (pretrained.cache_dir() / "smollm2_135m" / "MANIFEST.json").exists():
+        pytest.skip("the SmolLM2-135M asset is not in the cache")
+    return str(pretrained.checkpoint("smollm2_135m")[0])
+
+
+def test_loki_generates_on_smollm2():
+    """The real model (30 layers, 9 query heads over 3 KV heads, head dim 64): Loki calibrated on
+    one stretch of Austen prose, generating after another; every key read gives dense decode's
+    tokens, a quarter of them (the paper's k_f) reads fewer bytes per step."""
+    import transformers
+
+    from models import hf_decode
+    from tasks import corpora
+    from tasks.real_text import _tokens
+
+    saved = _smollm2()
+    tok = transformers.AutoTokenizer.from_pretrained(saved)
+    text = _tokens(tok, corpora.prose("austen"), 2000, 112)
+    calib, ids = text[:64].unsqueeze(0), text[64:].unsqueeze(0)  # 64 calibration tokens, a 48-token prompt
+    dense = hf_decode.generate(hf_decode.load(saved, "dense", impl="reference"), ids, 3)
+    full = hf_decode.load(saved, "loki", k_f=1.0)
+    assert hf_decode.calibrate(full, [calib]) == 30
+    got = hf_decode.generate(full, ids, 3)
+    assert torch.equal(got.tokens, dense.tokens)
+    quarter = hf_decode.load(saved, "loki")
+    hf_decode.calibrate(quarter, [calib])
+    few = hf_decode.generate(quarter, ids, 3, forced=dense.tokens)
+    assert all(s["path"] == "Loki" for s in few.stats)
+    assert sum(s["bytes_read_per_step"] for s in few.stats) < 0.6 * sum(s["bytes_read_per_step"] for s in dense.stats)
