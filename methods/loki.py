@@ -13,7 +13,7 @@ P [D, D]. Since P P^T = I, q . k = (q P) . (k P) for every key: the cache stores
 rotated, K' = K P (Alg. 1: the KV cache holds the keys in PCA space), and the query is rotated
 at each step, q' = q P. A decode step, per query head (grouped heads use their KV head's P):
 
- 1. approximate scores from the first d components only (Alg. 1, line 6; the official
+ 1. approximate scores from the first d components only (Alg. 1; the official
     ``mask_attn_pca_topk``, which scales by the full sqrt(D)):
         s^_j = q'[:d] . K'_j[:d] / sqrt(D)
  2. i = the k positions of largest s^; exact attention over them (in the rotated space, equal
@@ -23,7 +23,9 @@ at each step, q' = q P. A decode step, per query head (grouped heads use their K
 Defaults as the paper's main setting (d_f = 0.25, k_f = 0.25: d = D/4 components, k = a quarter
 of the cache; the official command line takes them as ``--top-r`` and ``--top-k``, with k a
 fraction of the current key count, ``int(top_k * S)``, when below 1); ``d`` and ``k`` set
-explicitly override the fractions. PCA of post-rotary keys (the official default,
+explicitly override the fractions; ``variance`` v in (0, 1) sets d at calibration as the
+official ``get_pca_components`` reads a fractional ``top_r``: the largest, over KV heads, count
+of components whose cumulative explained variance stays below v. PCA of post-rotary keys (the official default,
 ``--rotary-type postrotary``): the keys this layer sees are the model's post-rotary keys, so a
 pre-rotary basis is not available here. The official projection does not subtract the PCA mean
 (the basis comes from centred keys, the keys are projected as they are); so here. The prefill is
@@ -59,7 +61,7 @@ class Loki(DecodePath, AttentionMethod):
     needs_calibration = True
 
     def __init__(self, d_f: float = 0.25, k_f: float = 0.25, d: int | None = None, k: int | None = None,
-                 impl: str = "reference", **structural):
+                 variance: float | None = None, impl: str = "reference", **structural):
         super().__init__(impl=impl, **structural)
         if not 0 < d_f <= 1 or not 0 < k_f <= 1:
             raise ValueError(f"Loki: d_f and k_f must be in (0, 1], got {d_f}, {k_f}")
@@ -68,7 +70,9 @@ class Loki(DecodePath, AttentionMethod):
             raise ValueError(f"Loki: d must be in [1, head_dim={self.head_dim}], got {self.d}")
         if k is not None and k < 1:
             raise ValueError(f"Loki: k must be >= 1, got {k}")
-        self.d_f, self.k_f, self.k = float(d_f), float(k_f), k
+        if variance is not None and not 0 < variance < 1:
+            raise ValueError(f"Loki: variance must be in (0, 1) or null, got {variance}")
+        self.d_f, self.k_f, self.k, self.variance = float(d_f), float(k_f), k, variance
         self.register_buffer("pca", None)  # [Hkv, D, D]: columns the principal components, from calibrate
         self.register_buffer("explained_variance_ratio", None)  # [Hkv, D]
         self._fingerprint = None
@@ -107,6 +111,9 @@ class Loki(DecodePath, AttentionMethod):
         var, vecs = var.flip(-1).clamp_min(0), vecs.flip(-1)  # by decreasing explained variance
         self.explained_variance_ratio = var / var.sum(1, keepdim=True).clamp_min(1e-300)
         self.pca = vecs.contiguous().to(pairs[0][1].device)  # [Hkv, D, D]: columns the components
+        if self.variance is not None:  # the official fractional top_r: max over heads (at least 1 here)
+            below = (self.explained_variance_ratio.cumsum(-1) < self.variance).sum(-1)
+            self.d = max(1, int(below.max()))
         self._fingerprint = hashlib.sha1(self.pca.cpu().numpy().tobytes()).hexdigest()[:12]
 
     def calibrated(self) -> bool:

@@ -89,6 +89,17 @@ def test_loki_calibration_is_the_pca_of_the_keys():
         torch.testing.assert_close((m.pca[kvh] * P).sum(0).abs(), torch.ones(D, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("v", [0.5, 0.9])
+def test_loki_rank_from_explained_variance(v):
+    """A fractional top_r in the official code: the components whose cumulative explained
+    variance stays below v, the largest count over the KV heads."""
+    m = _load("loki", variance=v)
+    samples = _calibration()
+    m.calibrate(samples)
+    want = max(sum(1 for c in range(D) if float(_pca(samples, kvh)[1][:c + 1].sum()) < v) for kvh in range(HKV))
+    assert m.d == max(1, want) and 1 < m.d < D
+
+
 def _loki_reference(q, keys, values, P, d, k):
     """Alg. 1 for one query head (official mask_attn_pca_topk): scores from the first d
     components of q P and K P over sqrt(D), the top k keys, exact attention over them."""
@@ -354,6 +365,7 @@ def test_a_budget_larger_than_the_cache_is_clamped(name, kw):
 
 @pytest.mark.parametrize("name,kw,match", [
     ("loki", dict(d_f=0.0), "d_f"), ("loki", dict(d=D + 1), "d must be"), ("loki", dict(k=0), "k must be"),
+    ("loki", dict(variance=1.0), "variance"),
     ("double_sparsity", dict(group_factor=3), "group_factor"), ("double_sparsity", dict(channel="v"), "channel"),
     ("double_sparsity", dict(label_bits=16), "label_bits"), ("double_sparsity", dict(token_budget=0), "token_budget"),
     ("twilight", dict(top_p=0.0), "top_p"), ("twilight", dict(quant_bits=3), "quant_bits"),
