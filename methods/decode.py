@@ -6,6 +6,7 @@
     o_t = path.decode(q_t, k_t, v_t, cache)         # one token: q_t [B, H, 1, D], k_t, v_t [B, Hkv, 1, D]
     path.last_step                                  # what the step read (below)
     cache.bytes_held()                              # bytes of every tensor the cache owns
+    path.calibrate(samples)                         # offline statistics, where the path needs them
 
 A decode step is three phases, which ``runners.decode`` times apart:
 
@@ -35,11 +36,16 @@ Paths:
 
 Dense decode over the full history is the reference the decode runner compares every path to.
 
+Calibration: a path whose index rests on offline statistics (Loki's PCA of keys, Double
+Sparsity's heavy channels) sets ``needs_calibration``; ``calibrate(samples)`` takes calibration
+data of the layer, a list of (q, k) pairs (q [B, H, T, D], k [B, Hkv, T, D]; the convention of
+``MInference.calibrate``), and a prefill before it is refused.
+
 Rules (each raises ``AttentionInputError`` naming the problem, before any compute):
   * a cache built for another shape (batch, KV heads, head dim, dtype) than the inputs or the
     method, or filled by another method or other hyperparameters, is refused;
-  * decode before prefill is refused; so is prefill into a cache that already holds tokens, and
-    writing past the cache's capacity;
+  * decode before prefill is refused; so is prefill into a cache that already holds tokens,
+    writing past the cache's capacity, and a prefill of a path that needs calibration before it;
   * a budget larger than the cache (Quest's token budget, SparQ's k) is clamped to the cache, as
     the official code does (``min(kv_seq_len, token_budget)``, ``min(k, S)``): every held key is
     read, and ``last_step["clamped"]`` says so.
@@ -229,6 +235,7 @@ class DecodePath:
 
     decode_fallback: str | None = None  # "dense": the method has no decode path of its own
     last_step: dict | None = None
+    needs_calibration: bool = False  # True: ``calibrate(samples)`` must run before the prefill
 
     # ---- what the path is -----------------------------------------------------------------
     def decode_params(self) -> dict:
@@ -255,6 +262,10 @@ class DecodePath:
     def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """The method's own causal prefill of q, k, v; k and v (those kept) go into ``cache``."""
         self._check_cache(cache, k, "prefill")
+        if self.needs_calibration and not self.calibrated():
+            raise AttentionInputError(
+                f"{self.decode_name()}: calibrate(samples) first: its decode index rests on offline "
+                f"statistics (calibration (q, k) pairs of this layer)")
         if cache.seen:
             raise AttentionInputError(
                 f"{self.decode_name()}: prefill into a cache that already holds {cache.seen} tokens "
@@ -303,8 +314,35 @@ class DecodePath:
         return sdpa(q_t, k, v, None if sel.valid is None else sel.valid.unsqueeze(2))
 
     def calibrate(self, samples) -> None:
-        """Offline statistics, for methods that need them (none here); a no-op by default."""
+        """Offline statistics from ``samples``, a list of (q, k) pairs of this layer (q [B, H,
+        T, D], k [B, Hkv, T, D]), for paths that need them (``needs_calibration``); a no-op by
+        default."""
         return None
+
+    def calibrated(self) -> bool:
+        """Whether ``calibrate`` has run (always, for paths that need no calibration)."""
+        return True
+
+    def calibration_pairs(self, samples) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``samples`` checked: a non-empty list of (q, k) pairs of this path's shape."""
+        me = self.decode_name()
+        try:
+            pairs = [(s[0], s[1]) for s in samples]
+        except (TypeError, IndexError, KeyError):
+            raise AttentionInputError(f"{me}: calibrate needs a list of (q, k) pairs") from None
+        if not pairs:
+            raise AttentionInputError(f"{me}: calibrate needs at least one (q, k) pair")
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        for q, k in pairs:
+            if (not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4
+                    or q.shape[1] != H or k.shape[1] != Hkv or q.shape[3] != D or k.shape[3] != D
+                    or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] < 1):
+                raise AttentionInputError(
+                    f"{me}: calibration pairs must be q [B, {H}, T, {D}] and k [B, {Hkv}, T, {D}] (T >= 1), got "
+                    f"{tuple(getattr(q, 'shape', ()))} and {tuple(getattr(k, 'shape', ()))}")
+            if not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+                raise AttentionInputError(f"{me}: calibration q, k hold NaN or Inf")
+        return pairs
 
     # ---- what the cache keeps (default: every token, appended) ----------------------------
     def store(self, cache: KVCache, k, v) -> None:

@@ -12,11 +12,16 @@ path (``methods.decode``): the contract's ``KVCache`` is the model's KV cache.
 then takes one ``path.decode`` per generated token, over the ``KVCache`` it owns (built for
 ``tokens``: prompt plus new tokens). Methods without a decode path decode densely over it
 (``decode_fallback``); ``dense_layers`` keeps the first layers dense, a model-level choice some
-papers make (Quest: its first two layers). Limits, each an error: one prompt length for the batch (no padding),
+papers make (Quest: its first two layers). Methods that need offline statistics (Loki, Double
+Sparsity: ``needs_calibration``) are calibrated first with ``calibrate(model, batches)``: the
+model runs each batch of calibration tokens with dense attention, and each layer's method
+calibrates on its (q, k) pairs. Limits, each an error: one prompt length for the batch (no padding),
 one token per step after the prefill, and no more tokens than the cache was built for.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -88,13 +93,20 @@ def ContractCache(model, tokens: int):  # noqa: N802 - a factory that reads as t
     return Cache(layers=layers)
 
 
+@functools.lru_cache(maxsize=None)
+def _composed(name: str):
+    """A method's composed config, once per process (Hydra's compose costs about a second; a
+    model asks for it once per layer). Callers change a copy."""
+    return methods.compose_method(name)
+
+
 def _method(module, H, D, Hkv):
     m = getattr(module, "_attnbench_method", None)
     if m is None:
         cfg = module.config.attnbench_method
         if isinstance(cfg, dict) and "name" in cfg:  # a method name and hyperparameters (else a composed config)
             spec = dict(cfg)
-            cfg = methods.compose_method(spec.pop("name"))
+            cfg = copy.deepcopy(_composed(spec.pop("name")))
             for k, v in spec.items():
                 cfg[k] = v
         m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=Hkv,
@@ -108,6 +120,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     B, H, T, D = query.shape
     if scaling is not None and abs(scaling * D ** 0.5 - 1) > 1e-4:
         raise ValueError(f"attnbench methods use the scale 1/sqrt({D}); this model uses {scaling}")
+    pairs = getattr(module, "_attnbench_calibration", None)
+    if pairs is not None:  # hf_decode.calibrate: keep this layer's (q, k), attend densely
+        pairs.append((query.detach(), key.detach()))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                               enable_gqa=key.shape[1] != H)
+        return out.transpose(1, 2).contiguous(), None
     layer = getattr(module, "_attnbench_decode_layer", None)
     held = 0 if layer is None or layer.kv is None else layer.kv.seen
     if layer is None or layer.seen != held + T or key.shape[2] != T:  # its update handed on these tokens
@@ -118,7 +136,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             if not bool(allowed[:, 0].any(dim=1).all()):
                 raise AttentionInputError(f"{NAME}: padded prompts are not supported (one length per batch)")
         if module.layer_idx < getattr(module.config, "attnbench_dense_layers", 0):  # Quest's first layers
-            m = methods.build(methods.compose_method("dense"), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
+            m = methods.build(copy.deepcopy(_composed("dense")), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
         else:
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))
@@ -150,6 +168,32 @@ def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int
     model.config.attnbench_method = {"name": method, **method_kwargs}
     model.config.attnbench_dense_layers = int(dense_layers)
     return model.eval()
+
+
+@torch.no_grad()
+def calibrate(model, batches) -> int:
+    """Calibrate each attention layer's method that needs it (``needs_calibration``) on the
+    model's own (q, k) of ``batches`` (token ids [B, T] each, unpadded), computed with dense
+    causal attention; the layers kept dense (``dense_layers``) are not calibrated. Returns the
+    number of layers calibrated."""
+    attn = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "head_dim")]
+    for m in attn:
+        m._attnbench_calibration = []
+    try:
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        pairs = {id(m): m.__dict__.pop("_attnbench_calibration") for m in attn}
+    done = 0
+    for m in attn:
+        if m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not pairs[id(m)]:
+            continue
+        q, k = pairs[id(m)][0]
+        method = _method(m, q.shape[1], q.shape[3], k.shape[1]).to(q.device)
+        if getattr(method, "needs_calibration", False):
+            method.calibrate(pairs[id(m)])
+            done += 1
+    return done
 
 
 def cache_kwarg(model) -> str:
@@ -190,5 +234,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.
     return Generated(torch.cat(toks, 1), logits, stats)
 
 
-__all__ = ["ContractCache", "ContractLayer", "attention", "register", "load", "generate", "cache_kwarg", "Generated",
-           "NAME"]
+__all__ = ["ContractCache", "ContractLayer", "attention", "register", "load", "generate", "calibrate", "cache_kwarg",
+           "Generated", "NAME"]

@@ -13,6 +13,11 @@ prefill length L:
            per-step p20/p50/p80/p99 over the steps, after ``warmup`` steps on a copy of the cache;
            the peak memory of the decode loop; the bytes each step read; the cache's bytes held
            after the prefill (on CUDA also the allocator's count of them) and at the end
+  calibration  a path that needs offline statistics (``needs_calibration``: Loki, Double
+           Sparsity) is calibrated first on other inputs of the same kind (L + steps tokens,
+           seed + L + CALIBRATION_SEED), recorded in ``details.calibration``
+  budget   a path that reports a per-step budget (``last_step["budget"]``: Twilight's top-p)
+           has it recorded per step (``details.per_step.budget``, ``metrics.budget_mean``)
   presses  a KV-cache press (``methods.press``) compresses the cache inside its prefill; its
            ratio and kept tokens are recorded (``details.press``); the decode steps come after
            the compression (the query-agnostic setting)
@@ -41,6 +46,7 @@ from tasks.fidelity import Fidelity, errors, exact, random_qkv, structured_qkv
 log = logging.getLogger(__name__)
 INPUTS = ("random", "structured")
 QUANTILES = (0.2, 0.5, 0.8, 0.99)
+CALIBRATION_SEED = 1_000_003  # calibration inputs: seed + L + this (not the measured inputs)
 
 
 @dataclass
@@ -121,6 +127,13 @@ class DecodeRunner:
         check_finite(q=q, k=k, v=v)
         tok = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
 
+        if getattr(path, "needs_calibration", False):  # offline statistics, from other inputs
+            cs = seed + L + CALIBRATION_SEED
+            cq, ck, _ = self.inputs_for(task, shape, L + N, device, dtype, cs)
+            path.calibrate([(cq, ck)])
+            rec.details["calibration"] = {"seed": cs, "tokens": L + N, "inputs": self.inputs}
+            del cq, ck
+
         # ---- fidelity: every step against dense decode over the full history --------------
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         cache = path.new_cache(B, L + N, dtype, device)
@@ -132,7 +145,7 @@ class DecodeRunner:
         rec.metrics["kv_bytes_held_prefill"] = cache.bytes_held()
         if hasattr(path, "press_details"):  # a KV-cache press (methods.press): compressed after the prefill
             rec.details["press"] = path.press_details()
-        rel, recall, read, clamped = [], [], [], 0
+        rel, recall, read, clamped, budget = [], [], [], 0, []
         for i in range(L, L + N):
             o = path.decode(tok(q, i), tok(k, i), tok(v, i), cache)
             ref, p = dense_decode_reference(tok(q, i), k[:, :, :i + 1], v[:, :, :i + 1])  # p [B, H, i + 1]
@@ -140,6 +153,8 @@ class DecodeRunner:
             recall.append(_recall(p, path.last_step["positions"], cache))
             read.append(path.last_step["bytes_read"])
             clamped += path.last_step["clamped"]
+            if path.last_step.get("budget") is not None:
+                budget.append(float(path.last_step["budget"]))
         dense_read = [2.0 * B * shape[2] * (i + 1) * shape[3] * q.element_size() for i in range(L, L + N)]
         rec.metrics.update({
             "decode_rel_err_mean": _mean(rel), "decode_rel_err_max": max(rel),
@@ -151,6 +166,9 @@ class DecodeRunner:
             "budget_clamped_steps": clamped,
         })
         rec.details["per_step"] = {"rel_err": rel, "recall": recall, "bytes_read": read}
+        if budget:  # keys read per query head, chosen per step (Twilight's top-p)
+            rec.details["per_step"]["budget"] = budget
+            rec.metrics["budget_mean"] = _mean(budget)
         del cache
 
         # ---- timing: a fresh cache, phases apart -------------------------------------------
