@@ -76,6 +76,10 @@ class KVCache:
         self.aux: dict[str, torch.Tensor] = {}
         self.owner: str | None = None  # the decode path (and hyperparameters) that filled it
         self.head_pos: torch.Tensor | None = None  # [B, Hkv, capacity] after ``compact`` (a press)
+        # a model's layer: its index, and a store shared by the caches of all its layers (set by
+        # models.hf_decode; TidalDecode's selecting layers leave their choice there for the next)
+        self.layer_idx: int | None = None
+        self.shared: dict | None = None
 
     # ---- what it holds ------------------------------------------------------------------
     @property

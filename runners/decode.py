@@ -132,7 +132,7 @@ class DecodeRunner:
         rec.metrics["kv_bytes_held_prefill"] = cache.bytes_held()
         if hasattr(path, "press_details"):  # a KV-cache press (methods.press): compressed after the prefill
             rec.details["press"] = path.press_details()
-        rel, recall, read, clamped = [], [], [], 0
+        rel, recall, read, clamped, stats = [], [], [], 0, {}
         for i in range(L, L + N):
             o = path.decode(tok(q, i), tok(k, i), tok(v, i), cache)
             ref, p = dense_decode_reference(tok(q, i), k[:, :, :i + 1], v[:, :, :i + 1])  # p [B, H, i + 1]
@@ -140,6 +140,8 @@ class DecodeRunner:
             recall.append(_recall(p, path.last_step["positions"], cache))
             read.append(path.last_step["bytes_read"])
             clamped += path.last_step["clamped"]
+            for n, x in (path.last_step.get("stats") or {}).items():  # a method's own (RetrievalAttention's recall)
+                stats.setdefault(n, []).append(float(x))
         dense_read = [2.0 * B * shape[2] * (i + 1) * shape[3] * q.element_size() for i in range(L, L + N)]
         rec.metrics.update({
             "decode_rel_err_mean": _mean(rel), "decode_rel_err_max": max(rel),
@@ -150,7 +152,8 @@ class DecodeRunner:
             "dense_kv_bytes_end": 2.0 * B * shape[2] * (L + N) * shape[3] * q.element_size(),
             "budget_clamped_steps": clamped,
         })
-        rec.details["per_step"] = {"rel_err": rel, "recall": recall, "bytes_read": read}
+        rec.metrics.update({f"decode_{n}_mean": _mean(xs) for n, xs in stats.items()})
+        rec.details["per_step"] = {"rel_err": rel, "recall": recall, "bytes_read": read, **stats}
         del cache
 
         # ---- timing: a fresh cache, phases apart -------------------------------------------
