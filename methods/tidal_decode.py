@@ -129,16 +129,17 @@ class TidalDecode(DecodePath, AttentionMethod):
 
     def _reuse(self, q_t, cache: KVCache) -> Selection:
         me, layer = self.decode_name(), cache.layer_idx
-        got = None if cache.shared is None else cache.shared.get(STORE)
-        if got is None:
+        if cache.shared is None:
             raise AttentionInputError(
                 f"{me}: layer {layer} reuses the selection of an earlier layer, but its cache shares no "
                 f"selection store (KVCache.shared: models.hf_decode sets it for every layer)")
-        if got["token"] != cache.seen - 1 or got["layer"] >= layer:
+        got = cache.shared.get(STORE)
+        if got is None or got["token"] != cache.seen - 1 or got["layer"] >= layer:
+            held = "nothing" if got is None else f"layer {got['layer']}'s selection for token {got['token']}"
             raise AttentionInputError(
-                f"{me}: layer {layer} decodes token {cache.seen - 1}, but the shared selection is layer "
-                f"{got['layer']}'s for token {got['token']} (the layers must decode in order, each token "
-                f"through every layer)")
+                f"{me}: layer {layer} decodes token {cache.seen - 1}, but the shared store holds {held}, "
+                f"no earlier layer's selection for this token (the layers must decode in order, each "
+                f"token through every layer)")
         pos = got["positions"]
         if tuple(pos.shape[:2]) != (cache.batch, self.num_heads) or bool((pos >= cache.length).any()):
             raise AttentionInputError(
