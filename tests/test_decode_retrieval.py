@@ -176,14 +176,15 @@ def test_tidal_decode_generates_in_a_model(tmp_path):
 
 
 # ---- k-means ------------------------------------------------------------------------------------
-def test_kmeans_against_a_plain_lloyd_loop():
+@pytest.mark.parametrize("iters", [1, 2, 6])
+def test_kmeans_against_a_plain_lloyd_loop(iters):
     from methods.squeezed_attention import kmeans
 
     x = torch.randn(2, 3, 23, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    c, lab = kmeans(x, 4, 6)
+    c, lab = kmeans(x, 4, iters)
     for i in range(2):
         for j in range(3):
-            rc, rl = _lloyd(x[i, j], 4, 6)
+            rc, rl = _lloyd(x[i, j], 4, iters)
             torch.testing.assert_close(c[i, j], rc)
             assert lab[i, j].tolist() == rl
     with pytest.raises(ValueError, match="num_clusters"):
