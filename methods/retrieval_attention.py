@@ -20,8 +20,9 @@ themselves):
           (None: ceil(sqrt(n))) lists; each key in the list of its nearest centroid; and, for
           every prefill query q_i (each head of the group), its ``query_links`` keys of largest
           q_i . k_j (j <= i, indexed) added to the list of the centroid the query probes first,
-          argmax_c q_i . c (the query-to-key links; 0: a plain IVF over keys). A key leaving the
-          recent window joins the list of its nearest centroid.
+          argmax_c q_i . c (the query-to-key links; 0: a plain IVF over keys); each list keeps
+          its ``max_links`` most linked keys (a degree bound, as a graph index has; None: the mean
+          list size). A key leaving the recent window joins the list of its nearest centroid.
   search  per query head: the ``nprobe`` centroids of largest q . c; candidates = the keys of
           their lists; the ``top_k`` candidates of largest q . k_j (exact) are retrieved.
   attend  exact attention over static + retrieved keys; the paper computes the two parts on GPU
@@ -30,7 +31,8 @@ themselves):
 
 Defaults: top_k 100, 128 sinks and a window of 512 (as we read the paper's setting; the public
 repository ships its successor's binaries, not this configuration), nprobe 8 of ceil(sqrt(n))
-lists (about 2% of the keys at 128k: the paper's "1-3% of keys scanned"), 16 links per query.
+lists (about 2% of the keys at 128k: the paper's "1-3% of keys scanned"), 16 links per query,
+at most the mean list size of linked keys per list.
 A top_k of at least the indexed keys retrieves them all (``last_step["clamped"]``). The prefill
 is dense. The reference scores every key exactly (for the recall statistic) but counts as read
 only what the search touches.
@@ -64,8 +66,8 @@ class RetrievalAttention(DecodePath, AttentionMethod):
     impls = ("reference",)
 
     def __init__(self, top_k: int = 100, num_sink: int = 128, window: int = 512, num_clusters: int | None = None,
-                 nprobe: int = 8, query_links: int = 16, kmeans_iters: int = 10, impl: str = "reference",
-                 **structural):
+                 nprobe: int = 8, query_links: int = 16, max_links: int | None = None, kmeans_iters: int = 10,
+                 impl: str = "reference", **structural):
         super().__init__(impl=impl, **structural)
         for n, x in (("top_k", top_k), ("nprobe", nprobe), ("window", window)):
             if x < 1:
@@ -73,8 +75,10 @@ class RetrievalAttention(DecodePath, AttentionMethod):
         for n, x in (("num_sink", num_sink), ("query_links", query_links), ("kmeans_iters", kmeans_iters)):
             if x < 0:
                 raise ValueError(f"RetrievalAttention: {n} must be >= 0, got {x}")
-        if num_clusters is not None and num_clusters < 1:
-            raise ValueError(f"RetrievalAttention: num_clusters must be >= 1 (or null), got {num_clusters}")
+        for n, x in (("num_clusters", num_clusters), ("max_links", max_links)):
+            if x is not None and x < 1:
+                raise ValueError(f"RetrievalAttention: {n} must be >= 1 (or null), got {x}")
+        self.max_links = None if max_links is None else int(max_links)
         self.top_k, self.num_sink, self.window = int(top_k), int(num_sink), int(window)
         self.num_clusters_set = None if num_clusters is None else int(num_clusters)
         self.nprobe, self.query_links, self.kmeans_iters = int(nprobe), int(query_links), int(kmeans_iters)
@@ -99,7 +103,7 @@ class RetrievalAttention(DecodePath, AttentionMethod):
     # ---- the index --------------------------------------------------------------------------------
     def decode_params(self) -> dict:
         return {"num_sink": self.num_sink, "window": self.window, "num_clusters": self.num_clusters_set,
-                "query_links": self.query_links, "kmeans_iters": self.kmeans_iters}
+                "query_links": self.query_links, "max_links": self.max_links, "kmeans_iters": self.kmeans_iters}
 
     def indexed_range(self, length: int) -> tuple[int, int]:
         """Positions [a, b) of a prefill of ``length`` tokens that go into the index."""
@@ -126,14 +130,16 @@ class RetrievalAttention(DecodePath, AttentionMethod):
     def _links(self, q, cache: KVCache, chunk: int = 1024) -> torch.Tensor:
         """The query-to-key links: for each prefill query (every head of a KV head's group), its
         ``query_links`` indexed keys of largest q . k (causal), put in the list of the centroid it
-        probes first. [B, Hkv, C, E] slots, -1 padding (E: the longest list)."""
+        probes first; each list keeps its E = ``max_links`` most linked keys (a graph index's degree
+        bound; None: the mean list size ceil(n / C)). [B, Hkv, C, E] slots, -1 padding."""
         B, H, L, D = q.shape
         Hkv, G = cache.num_kv_heads, H // cache.num_kv_heads
         a, b = self.indexed_range(L)
         c = cache.aux["centroids"]
         C, dt = c.shape[2], torch.float64 if q.dtype == torch.float64 else torch.float32
         keys = cache.k[:, :, a:b].to(dt)  # [B, Hkv, n, D]
-        member = torch.zeros(B, Hkv, C, cache.capacity, dtype=torch.bool, device=cache.device)
+        cap = cache.capacity
+        count = torch.zeros(B, Hkv, C * cap, dtype=torch.long, device=cache.device)  # links per (list, key)
         m = min(self.query_links, b - a)
         for i0 in range(a, L, chunk):  # queries before the first indexed key link to nothing
             qi = q[:, :, i0:min(L, i0 + chunk)].to(dt).reshape(B, Hkv, -1, D)  # [B, Hkv, G T, D]
@@ -143,12 +149,13 @@ class RetrievalAttention(DecodePath, AttentionMethod):
             s = s.masked_fill(torch.arange(a, b, device=q.device) > pos.unsqueeze(-1), float("-inf"))
             val, top = s.topk(m, dim=-1)
             probe = (qi @ c.to(dt).transpose(-1, -2)).argmax(-1, keepdim=True)  # [B, Hkv, G T, 1]
-            flat = (probe * cache.capacity + top + a).masked_fill(val == float("-inf"), -1)
-            ok = flat >= 0
-            view = member.view(B, Hkv, C * cache.capacity)
-            view.scatter_(2, flat.clamp_min(0).flatten(2), ok.flatten(2))
-        slots, valid = mask_slots(member.view(B, Hkv * C, cache.capacity))
-        return slots.masked_fill(~valid, -1).view(B, Hkv, C, -1).to(torch.int32)
+            flat = probe * cap + top + a
+            count.scatter_add_(2, flat.flatten(2), (val > float("-inf")).long().flatten(2))
+        count = count.view(B, Hkv, C, cap)
+        E = min(cap, self.max_links or math.ceil((b - a) / C))  # the most linked keys, lowest slot first on a tie
+        rank = count * (cap + 1) + (cap - torch.arange(cap, device=cache.device))
+        best, slots = rank.topk(E, dim=-1)
+        return slots.masked_fill(best <= cap, -1).to(torch.int32)
 
     def update_index(self, cache: KVCache, k_t, v_t) -> None:
         p = cache.seen - 1 - self.window  # the token that left the window

@@ -264,13 +264,14 @@ def _nearest(x, cent):
     return min(range(len(cent)), key=lambda i: float(((x - cent[i]) ** 2).sum()))
 
 
-def test_retrieval_attention_searches_its_query_linked_ivf():
+@pytest.mark.parametrize("max_links", [None, 3])
+def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
     """The index (k-means lists, query-to-key links from the prefill queries, keys leaving the
     window added to their nearest list), the search (nprobe lists by q.c, exact top_k of the
     candidates), attention over sinks + window + retrieved, and the recall of the true top_k."""
     L, T, sinks, win, C, nprobe, topk, links, iters = 40, 46, 2, 5, 4, 1, 4, 3, 4
     m = _load("retrieval_attention", top_k=topk, num_sink=sinks, window=win, num_clusters=C, nprobe=nprobe,
-              query_links=links, kmeans_iters=iters)
+              query_links=links, max_links=max_links, kmeans_iters=iters)
     q, k, v = _qkv(T, seed=7)
     cache = m.new_cache(B, T, q.dtype)
     m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
@@ -281,12 +282,16 @@ def test_retrieval_attention_searches_its_query_linked_ivf():
             cent, lab = _lloyd(k[b, kvh, a:e], C, iters)
             torch.testing.assert_close(cache.aux["centroids"][b, kvh], cent)
             lists = {c: {a + j for j in range(e - a) if lab[j] == c} for c in range(C)}
-            linked = {c: set() for c in range(C)}
+            counts = {c: {} for c in range(C)}
             for h in range(kvh * G, (kvh + 1) * G):
                 for i in range(a, L):  # each prefill query: its top keys (indexed, causal) to its first list
                     qi = q[b, h, i]
-                    near = _top(k[b, kvh] @ qi, links, [j for j in range(a, min(e, i + 1))])
-                    linked[max(range(C), key=lambda c: float(cent[c] @ qi))] |= near
+                    first = max(range(C), key=lambda c: float(cent[c] @ qi))
+                    for j in _top(k[b, kvh] @ qi, links, [j for j in range(a, min(e, i + 1))]):
+                        counts[first][j] = counts[first].get(j, 0) + 1
+            E = max_links or math.ceil((e - a) / C)  # each list: its E most linked keys, lowest first on a tie
+            linked = {c: set(sorted(counts[c], key=lambda j: (-counts[c][j], j))[:E]) for c in range(C)}
+            assert sum(len(x) for x in counts.values()) > sum(len(x) for x in linked.values())  # the bound bites
             got = cache.aux["links"][b, kvh]
             assert {c: {int(s) for s in got[c] if s >= 0} for c in range(C)} == linked
             index[b, kvh] = cent, lists, linked
@@ -360,6 +365,7 @@ def test_bad_input_is_refused_before_any_compute(name, kw):
     ("tidal_decode", dict(token_budget=0), "token_budget"),
     ("tidal_decode", dict(reselection_layers=[1]), "after sparse_layer_start"),
     ("retrieval_attention", dict(nprobe=0), "nprobe"), ("retrieval_attention", dict(num_clusters=0), "num_clusters"),
+    ("retrieval_attention", dict(max_links=0), "max_links"),
     ("squeezed_attention", dict(sparsity=1.0), "sparsity"), ("squeezed_attention", dict(selection="top"), "selection"),
     ("squeezed_attention", dict(percent_clusters=0), "percent_clusters"),
 ])
