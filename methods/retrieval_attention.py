@@ -139,7 +139,7 @@ class RetrievalAttention(DecodePath, AttentionMethod):
         C, dt = c.shape[2], torch.float64 if q.dtype == torch.float64 else torch.float32
         keys = cache.k[:, :, a:b].to(dt)  # [B, Hkv, n, D]
         cap = cache.capacity
-        count = torch.zeros(B, Hkv, C * cap, dtype=torch.long, device=cache.device)  # links per (list, key)
+        count = torch.zeros(B, Hkv, C * cap, dtype=torch.int32, device=cache.device)  # links per (list, key)
         m = min(self.query_links, b - a)
         for i0 in range(a, L, chunk):  # queries before the first indexed key link to nothing
             qi = q[:, :, i0:min(L, i0 + chunk)].to(dt).reshape(B, Hkv, -1, D)  # [B, Hkv, G T, D]
@@ -150,12 +150,15 @@ class RetrievalAttention(DecodePath, AttentionMethod):
             val, top = s.topk(m, dim=-1)
             probe = (qi @ c.to(dt).transpose(-1, -2)).argmax(-1, keepdim=True)  # [B, Hkv, G T, 1]
             flat = probe * cap + top + a
-            count.scatter_add_(2, flat.flatten(2), (val > float("-inf")).long().flatten(2))
+            count.scatter_add_(2, flat.flatten(2), (val > float("-inf")).to(torch.int32).flatten(2))
         count = count.view(B, Hkv, C, cap)
         E = min(cap, self.max_links or math.ceil((b - a) / C))  # the most linked keys, lowest slot first on a tie
-        rank = count * (cap + 1) + (cap - torch.arange(cap, device=cache.device))
-        best, slots = rank.topk(E, dim=-1)
-        return slots.masked_fill(best <= cap, -1).to(torch.int32)
+        out = torch.empty(B, Hkv, C, E, dtype=torch.int32, device=cache.device)
+        tie = cap - torch.arange(cap, device=cache.device)
+        for h in range(Hkv):  # one KV head at a time: the ranks are int64
+            best, slots = (count[:, h].long() * (cap + 1) + tie).topk(E, dim=-1)
+            out[:, h] = slots.masked_fill(best <= cap, -1)
+        return out
 
     def update_index(self, cache: KVCache, k_t, v_t) -> None:
         p = cache.seen - 1 - self.window  # the token that left the window

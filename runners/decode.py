@@ -7,7 +7,8 @@ prefill length L:
   fidelity the method's decode path (``methods.decode.decode_path``) prefills L tokens through
            its own prefill, then takes ``steps`` decode steps; each step's output is compared
            with dense decode over the full history (the same K/V: relative error) and the
-           share of dense attention's probability mass on the keys the step read (recall)
+           share of dense attention's probability mass on the keys the step read (recall);
+           a method's own per-step numbers (``last_step["stats"]``) are recorded beside them
   timing   the same again on a fresh cache, each step's three phases timed apart (synchronised):
            append (K/V write and index update) + select = index time, attend = attention time;
            per-step p20/p50/p80/p99 over the steps, after ``warmup`` steps on a copy of the cache;
