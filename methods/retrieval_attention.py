@@ -127,7 +127,7 @@ class RetrievalAttention(DecodePath, AttentionMethod):
             cache.aux["links"] = self._links(q, cache)
         return out
 
-    def _links(self, q, cache: KVCache, chunk: int = 1024) -> torch.Tensor:
+    def _links(self, q, cache: KVCache, chunk: int = 256) -> torch.Tensor:
         """The query-to-key links: for each prefill query (every head of a KV head's group), its
         ``query_links`` indexed keys of largest q . k (causal), put in the list of the centroid it
         probes first; each list keeps its E = ``max_links`` most linked keys (a graph index's degree

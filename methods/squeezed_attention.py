@@ -29,7 +29,8 @@ sparsity 0.7 (their 70% setting; the paper also reports 90%). Not implemented: t
 hierarchical (two-level) lookup. k-means (``kmeans``) starts from n / C evenly spaced keys
 (deterministic) and runs ``kmeans_iters`` Lloyd iterations on the L2 distance.
 
-Bytes per step (``last_step``): the centroids and each clustered key's label (``index_bytes``),
+Bytes per step (``last_step``): the centroids, their sizes N_i and each clustered key's label
+(``index_bytes``),
 and the K/V rows read (each (batch, KV head, row) once). ``last_step["stats"]["kept_fraction"]``:
 the share of clustered keys read.
 """
@@ -59,18 +60,25 @@ def kmeans(x: torch.Tensor, num_clusters: int, iters: int) -> tuple[torch.Tensor
     c = x[..., start, :].clone()
     labels = _nearest(x, c)
     for _ in range(int(iters)):
-        onehot = torch.nn.functional.one_hot(labels, num_clusters).to(dt)  # [..., n, C]
-        count = onehot.sum(-2).unsqueeze(-1)  # [..., C, 1]
-        mean = (onehot.transpose(-1, -2) @ x) / count.clamp_min(1)
-        c = torch.where(count > 0, mean, c)
+        count = cluster_sizes(labels, num_clusters).to(dt).unsqueeze(-1)  # [..., C, 1]
+        total = torch.zeros_like(c).scatter_add_(-2, labels.unsqueeze(-1).expand_as(x), x)
+        c = torch.where(count > 0, total / count.clamp_min(1), c)
         labels = _nearest(x, c)
     return c, labels
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid (L2) of every row of x [..., n, D] among c [..., C, D]."""
-    d = (c * c).sum(-1).unsqueeze(-2) - 2 * x @ c.transpose(-1, -2)  # ||x||^2 is the same for all
-    return d.argmin(-1)
+def cluster_sizes(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """N_i: the members of each cluster, labels [..., n] -> [..., C] (int32)."""
+    out = torch.zeros(*labels.shape[:-1], num_clusters, dtype=torch.int32, device=labels.device)
+    return out.scatter_add_(-1, labels, torch.ones_like(labels, dtype=torch.int32))
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centroid (L2) of every row of x [..., n, D] among c [..., C, D] (rows in
+    chunks: the distances of a chunk at a time)."""
+    cc = (c * c).sum(-1).unsqueeze(-2)  # ||x||^2 is the same for all centroids
+    return torch.cat([(cc - 2 * x[..., i:i + chunk, :] @ c.transpose(-1, -2)).argmin(-1)
+                      for i in range(0, x.shape[-2], chunk)], dim=-1)
 
 
 def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +152,7 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         c, labels = kmeans(cache.k[:, :, :n], self.num_clusters(n), self.kmeans_iters)
         cache.aux["centroids"] = c.to(cache.dtype)
         cache.aux["labels"] = labels.to(torch.int32)
+        cache.aux["counts"] = cluster_sizes(labels, c.shape[2])  # N_i
 
     def log_scores(self, q, cache: KVCache) -> torch.Tensor:
         """log S_i of every centroid for queries q [B, H, T, D]: [B, H, T, C] (fp32, fp64 inputs fp64)."""
@@ -152,8 +161,7 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         c = cache.aux["centroids"].to(dt)  # [B, Hkv, C, D]
         C = c.shape[2]
-        count = torch.zeros(B, Hkv, C, dtype=dt, device=q.device)
-        count.scatter_add_(2, cache.aux["labels"].long(), torch.ones_like(cache.aux["labels"], dtype=dt))
+        count = cache.aux["counts"].to(dt)
         z = (q.to(dt).reshape(B, Hkv, H // Hkv * T, D) @ c.transpose(-1, -2)) / math.sqrt(D)  # [B, Hkv, G T, C]
         log_den = torch.logsumexp(z + count.log().unsqueeze(2), dim=-1, keepdim=True)
         return (z - log_den).view(B, H, T, C)
@@ -168,9 +176,7 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         s = self.log_scores(obs, cache).exp()  # [B, H, Tw, C]
         B, H, Tw, C = s.shape
         Hkv = cache.num_kv_heads
-        count = torch.zeros(B, Hkv, C, dtype=s.dtype, device=s.device)
-        count.scatter_add_(2, cache.aux["labels"].long(), torch.ones_like(cache.aux["labels"], dtype=s.dtype))
-        weight = count.repeat_interleave(H // Hkv, 1).unsqueeze(2).expand(B, H, Tw, C)
+        weight = cache.aux["counts"].to(s.dtype).repeat_interleave(H // Hkv, 1).unsqueeze(2).expand(B, H, Tw, C)
         vals, order = s.flatten().sort()
         cum = weight.flatten()[order].cumsum(0)
         i = int(torch.searchsorted(cum, self.sparsity * float(cum[-1])))
@@ -188,9 +194,7 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         if self.selection == "threshold":
             keep = logs.exp() >= float(cache.aux["threshold"])
         else:  # the largest S_i until (1 - sparsity) of the clustered keys
-            count = torch.zeros(B, Hkv, C, dtype=logs.dtype, device=logs.device)
-            count.scatter_add_(2, labels, torch.ones_like(labels, dtype=logs.dtype))
-            count = count.repeat_interleave(H // Hkv, 1)
+            count = cache.aux["counts"].to(logs.dtype).repeat_interleave(H // Hkv, 1)
             order = logs.argsort(-1, descending=True)
             before = count.gather(-1, order).cumsum(-1) - count.gather(-1, order)  # keys of the clusters ahead
             keep = torch.zeros_like(logs, dtype=torch.bool).scatter(-1, order, before < (1 - self.sparsity) * n)
@@ -198,7 +202,7 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         mask = torch.ones(B, H, S, dtype=torch.bool, device=q_t.device)
         mask[:, :, :n] = kept
         slots, valid = mask_slots(mask)
-        index_bytes = float(B * Hkv * (C * cache.row_bytes() + n * cache.aux["labels"].element_size()))
+        index_bytes = float(B * Hkv * (C * (cache.row_bytes() + 4) + n * 4))  # centroids, N_i, labels (int32)
         return Selection(slots=slots, valid=valid, index_bytes=index_bytes,
                          extra={"kept_fraction": float(kept.float().mean())})
 

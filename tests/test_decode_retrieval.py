@@ -152,7 +152,15 @@ def test_tidal_decode_refuses_a_reusing_layer_without_a_selection():
         m.decode(one(q, 10), one(k, 10), one(v, 10), caches[1])
 
 
-def test_tidal_decode_generates_in_a_model(tmp_path):
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tidal_decode_generates_in_a_model(tmp_path, one_thread):
     """A 4-layer Llama through models.hf_decode: layers 0 dense, 1 selects, 2 reuses, 3
     re-selects; a budget over the cache generates dense decode's tokens; a small one reads less
     in the reusing layer only."""
@@ -163,12 +171,21 @@ def test_tidal_decode_generates_in_a_model(tmp_path):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def gen(name, **kw):  # each layer builds its method from one composed config (Hydra's compose once)
+        model = hf_decode.load(str(tmp_path), name)
+        cfg = methods.compose_method(name)
+        for key, x in kw.items():
+            cfg[key] = x
+        model.config.attnbench_method = cfg
+        return hf_decode.generate(model, ids, 4)
+
     kw = dict(sparse_layer_start=1, reselection_layers=[3])
-    dense = hf_decode.generate(hf_decode.load(str(tmp_path), "dense", impl="reference"), ids, 6)
-    wide = hf_decode.generate(hf_decode.load(str(tmp_path), "tidal_decode", token_budget=4096, **kw), ids, 6)
+    dense = gen("dense", impl="reference")
+    wide = gen("tidal_decode", token_budget=4096, **kw)
     assert torch.equal(wide.tokens, dense.tokens)
-    narrow = hf_decode.generate(hf_decode.load(str(tmp_path), "tidal_decode", token_budget=8, **kw), ids, 6)
+    narrow = gen("tidal_decode", token_budget=8, **kw)
     assert [s["path"] for s in narrow.stats] == ["TidalDecode"] * 4
     read = [s["bytes_read_per_step"] for s in narrow.stats]
     assert read[0] == read[1] == read[3] == dense.stats[0]["bytes_read_per_step"]
@@ -242,7 +259,7 @@ def test_squeezed_attention_reads_the_passing_clusters(selection):
                 torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], k[b, h // G, :i + 1],
                                                                  v[b, h // G, :i + 1], idx))
         assert m.last_step["stats"]["kept_fraction"] == pytest.approx(kept_all / (B * H * n))
-        assert m.last_step["index_bytes"] == B * HKV * (C * D * 8 + n * 4)  # centroids, labels
+        assert m.last_step["index_bytes"] == B * HKV * (C * (D * 8 + 4) + n * 4)  # centroids, sizes, labels
 
 
 @pytest.mark.parametrize("kw", [dict(sparsity=0.0), dict(sparsity=0.0, selection="fraction"),
