@@ -23,7 +23,10 @@ move into smaller tensors, and each head then holds its own positions (``head_po
 which absolute positions each query head read (``positions`` [B, H, n], -1 for padding;
 None: every held key), the bytes the step read (``index_bytes``: summaries or partial keys;
 ``kv_bytes``: the K/V rows read, each (batch, KV head, slot) counted once however many query
-heads of its group read it) and ``clamped`` (below).
+heads of its group read it), ``clamped`` (below) and, for some methods, ``stats``: numbers of
+their own per step (RetrievalAttention's top-k recall), which ``runner=decode`` records. In a
+model (``models.hf_decode``) each layer's cache also carries its ``layer_idx`` and a ``shared``
+store common to the layers (TidalDecode's selecting layers leave their choice there).
 
 Paths:
   a method implementing the contract (``DecodePath``): Quest, SparQ (prefill dense, decode
@@ -82,6 +85,10 @@ class KVCache:
         self.aux: dict[str, torch.Tensor] = {}
         self.owner: str | None = None  # the decode path (and hyperparameters) that filled it
         self.head_pos: torch.Tensor | None = None  # [B, Hkv, capacity] after ``compact`` (a press)
+        # a model's layer: its index, and a store shared by the caches of all its layers (set by
+        # models.hf_decode; TidalDecode's selecting layers leave their choice there for the next)
+        self.layer_idx: int | None = None
+        self.shared: dict | None = None
 
     # ---- what it holds ------------------------------------------------------------------
     @property

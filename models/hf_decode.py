@@ -53,6 +53,7 @@ class ContractLayer(_cache_layer_base()):
         self.path = None
         self.kv = None  # the contract's KVCache, built at the prefill
         self.bytes_read: list[float] = []
+        self.shared: dict = {}  # common to the layers of one ContractCache (KVCache.shared)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
@@ -88,6 +89,9 @@ def ContractCache(model, tokens: int):  # noqa: N802 - a factory that reads as t
     if not attn:
         raise ValueError("ContractCache: found no attention modules (with layer_idx) in the model")
     layers = [ContractLayer(tokens) for _ in range(max(m.layer_idx for m in attn) + 1)]
+    shared: dict = {}  # what a layer's decode path leaves for the later layers (TidalDecode's selection)
+    for la in layers:
+        la.shared = shared
     for m in attn:
         m._attnbench_decode_layer = layers[m.layer_idx]
     return Cache(layers=layers)
@@ -141,6 +145,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))
         layer.kv = layer.path.new_cache(B, layer.tokens, key.dtype, key.device)
+        layer.kv.layer_idx, layer.kv.shared = module.layer_idx, layer.shared
         out = layer.path.prefill(query, key, value, layer.kv)
     else:
         if T != 1:

@@ -7,7 +7,8 @@ prefill length L:
   fidelity the method's decode path (``methods.decode.decode_path``) prefills L tokens through
            its own prefill, then takes ``steps`` decode steps; each step's output is compared
            with dense decode over the full history (the same K/V: relative error) and the
-           share of dense attention's probability mass on the keys the step read (recall)
+           share of dense attention's probability mass on the keys the step read (recall);
+           a method's own per-step numbers (``last_step["stats"]``) are recorded beside them
   timing   the same again on a fresh cache, each step's three phases timed apart (synchronised):
            append (K/V write and index update) + select = index time, attend = attention time;
            per-step p20/p50/p80/p99 over the steps, after ``warmup`` steps on a copy of the cache;
@@ -145,7 +146,7 @@ class DecodeRunner:
         rec.metrics["kv_bytes_held_prefill"] = cache.bytes_held()
         if hasattr(path, "press_details"):  # a KV-cache press (methods.press): compressed after the prefill
             rec.details["press"] = path.press_details()
-        rel, recall, read, clamped, budget = [], [], [], 0, []
+        rel, recall, read, clamped, budget, stats = [], [], [], 0, [], {}
         for i in range(L, L + N):
             o = path.decode(tok(q, i), tok(k, i), tok(v, i), cache)
             ref, p = dense_decode_reference(tok(q, i), k[:, :, :i + 1], v[:, :, :i + 1])  # p [B, H, i + 1]
@@ -155,6 +156,8 @@ class DecodeRunner:
             clamped += path.last_step["clamped"]
             if path.last_step.get("budget") is not None:
                 budget.append(float(path.last_step["budget"]))
+            for n, x in (path.last_step.get("stats") or {}).items():  # a method's own (RetrievalAttention's recall)
+                stats.setdefault(n, []).append(float(x))
         dense_read = [2.0 * B * shape[2] * (i + 1) * shape[3] * q.element_size() for i in range(L, L + N)]
         rec.metrics.update({
             "decode_rel_err_mean": _mean(rel), "decode_rel_err_max": max(rel),
@@ -165,7 +168,8 @@ class DecodeRunner:
             "dense_kv_bytes_end": 2.0 * B * shape[2] * (L + N) * shape[3] * q.element_size(),
             "budget_clamped_steps": clamped,
         })
-        rec.details["per_step"] = {"rel_err": rel, "recall": recall, "bytes_read": read}
+        rec.metrics.update({f"decode_{n}_mean": _mean(xs) for n, xs in stats.items()})
+        rec.details["per_step"] = {"rel_err": rel, "recall": recall, "bytes_read": read, **stats}
         if budget:  # keys read per query head, chosen per step (Twilight's top-p)
             rec.details["per_step"]["budget"] = budget
             rec.metrics["budget_mean"] = _mean(budget)

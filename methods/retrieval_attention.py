@@ -1,0 +1,242 @@
+"""RetrievalAttention: approximate nearest-neighbour search over the keys at decode time, with an
+index that links the prefill's queries to their keys.
+
+Liu, Chen, Lu, Jiang, Han, Zhang, Chen, Zhang, Ding, Zhang, Chen, Yang, Yang, Qiu,
+"RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval"
+(arXiv 2409.10516, 2024), Sec. 3 (the query/key distribution gap) and Sec. 4 (attention-aware
+vector index; CPU-GPU co-execution).
+
+The cache is split into a static part, the first ``num_sink`` tokens and the ``window`` most
+recent ones (kept on the GPU in the paper, read at every step), and the rest, held in a vector
+index and searched by each decode query. Queries and keys are differently distributed (Sec. 3),
+so an index built on the keys alone must scan a large share of them; the paper builds its graph
+index from the prefill's queries, linking each query to its exact nearest keys (inner product),
+so that a search guided by a query finds the keys similar queries attended. This module keeps
+that idea with an inverted-file index (IVF), the brief's fallback to a graph library (no
+well-kept ANN library on PyPI models the query-to-key links: faiss and hnswlib index keys by
+themselves):
+
+  index   k-means (Lloyd, L2) over the indexed keys of each KV head into C = num_clusters
+          (None: ceil(sqrt(n))) lists; each key in the list of its nearest centroid; and, for
+          every prefill query q_i (each head of the group), its ``query_links`` keys of largest
+          q_i . k_j (j <= i, indexed) added to the list of the centroid the query probes first,
+          argmax_c q_i . c (the query-to-key links; 0: a plain IVF over keys); each list keeps
+          its ``max_links`` most linked keys (a degree bound, as a graph index has; None: the mean
+          list size). A key leaving the recent window joins the list of its nearest centroid.
+  search  per query head: the ``nprobe`` centroids of largest q . c; candidates = the keys of
+          their lists; the ``top_k`` candidates of largest q . k_j (exact) are retrieved.
+  attend  exact attention over static + retrieved keys; the paper computes the two parts on GPU
+          and CPU and merges them by their log-sum-exp, which is the same softmax:
+              o = softmax(q K_R^T / sqrt(D)) V_R,   R = sinks + window + retrieved
+
+Defaults: top_k 100, 128 sinks and a window of 512 (as we read the paper's setting; the public
+repository ships its successor's binaries, not this configuration), nprobe 8 of ceil(sqrt(n))
+lists (about 2% of the keys at 128k: the paper's "1-3% of keys scanned"), 16 links per query,
+at most the mean list size of linked keys per list.
+A top_k of at least the indexed keys retrieves them all (``last_step["clamped"]``). The prefill
+is dense. The reference scores every key exactly (for the recall statistic) but counts as read
+only what the search touches.
+
+Bytes per step (``last_step``): the centroids and the candidate keys scanned (``index_bytes``,
+each (batch, KV head, key) once) and the K/V rows attended. ``last_step["stats"]``:
+``topk_recall`` (share of the exact top_k of the indexed keys, by q . k, that the search
+retrieved, mean over batch and heads) and ``scanned_fraction`` (candidates / indexed keys).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods import masks
+from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
+from methods.decode import DecodePath, KVCache, Selection
+from methods.squeezed_attention import _nearest, kmeans, mask_slots
+
+STATIC, FLAT = -1, -2  # assign: a static key (sink or window; or an empty slot), an indexed key with no centroid
+
+
+class RetrievalAttention(DecodePath, AttentionMethod):
+    name = "retrieval_attention"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Liu et al. 2024"
+    kind = "sparse decode (query-aware vector retrieval), training-free"
+    official_test = None  # the test follows the paper's description; the official code is not public
+    exact = True  # the prefill is dense; the decode retrieves keys
+    impls = ("reference",)
+
+    def __init__(self, top_k: int = 100, num_sink: int = 128, window: int = 512, num_clusters: int | None = None,
+                 nprobe: int = 8, query_links: int = 16, max_links: int | None = None, kmeans_iters: int = 10,
+                 impl: str = "reference", **structural):
+        super().__init__(impl=impl, **structural)
+        for n, x in (("top_k", top_k), ("nprobe", nprobe), ("window", window)):
+            if x < 1:
+                raise ValueError(f"RetrievalAttention: {n} must be >= 1, got {x}")
+        for n, x in (("num_sink", num_sink), ("query_links", query_links), ("kmeans_iters", kmeans_iters)):
+            if x < 0:
+                raise ValueError(f"RetrievalAttention: {n} must be >= 0, got {x}")
+        for n, x in (("num_clusters", num_clusters), ("max_links", max_links)):
+            if x is not None and x < 1:
+                raise ValueError(f"RetrievalAttention: {n} must be >= 1 (or null), got {x}")
+        self.max_links = None if max_links is None else int(max_links)
+        self.top_k, self.num_sink, self.window = int(top_k), int(num_sink), int(window)
+        self.num_clusters_set = None if num_clusters is None else int(num_clusters)
+        self.nprobe, self.query_links, self.kmeans_iters = int(nprobe), int(query_links), int(kmeans_iters)
+
+    @property
+    def real_kernel(self) -> bool:
+        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
+
+    # ---- prefill: exact attention ------------------------------------------------------------
+    def attend(self, q, k, v, causal, key_padding_mask):
+        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
+                                    key_padding_mask, q.device)
+        return masked_attention(q, k, v, mask)
+
+    def prefill_output(self, q, k, v):
+        return self(q, k, v, causal=True)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
+                    kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+    # ---- the index --------------------------------------------------------------------------------
+    def decode_params(self) -> dict:
+        return {"num_sink": self.num_sink, "window": self.window, "num_clusters": self.num_clusters_set,
+                "query_links": self.query_links, "max_links": self.max_links, "kmeans_iters": self.kmeans_iters}
+
+    def indexed_range(self, length: int) -> tuple[int, int]:
+        """Positions [a, b) of a prefill of ``length`` tokens that go into the index."""
+        return self.num_sink, max(self.num_sink, length - self.window)
+
+    def build_index(self, cache: KVCache) -> None:
+        B, Hkv, cap, D = cache.k.shape
+        a, b = self.indexed_range(cache.length)
+        cache.aux["assign"] = torch.full((B, Hkv, cap), STATIC, dtype=torch.int32, device=cache.device)
+        if b <= a:
+            return  # nothing to index yet: keys leaving the window are scanned flat (FLAT)
+        n = b - a
+        C = min(n, self.num_clusters_set or math.ceil(math.sqrt(n)))
+        c, labels = kmeans(cache.k[:, :, a:b], C, self.kmeans_iters)
+        cache.aux["centroids"] = c.to(cache.dtype)
+        cache.aux["assign"][:, :, a:b] = labels.to(torch.int32)
+
+    def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        out = super().prefill(q, k, v, cache)  # checks, stores, clusters (build_index)
+        if "centroids" in cache.aux and self.query_links:
+            cache.aux["links"] = self._links(q, cache)
+        return out
+
+    def _links(self, q, cache: KVCache, chunk: int = 256) -> torch.Tensor:
+        """The query-to-key links: for each prefill query (every head of a KV head's group), its
+        ``query_links`` indexed keys of largest q . k (causal), put in the list of the centroid it
+        probes first; each list keeps its E = ``max_links`` most linked keys (a graph index's degree
+        bound; None: the mean list size ceil(n / C)). [B, Hkv, C, E] slots, -1 padding."""
+        B, H, L, D = q.shape
+        Hkv, G = cache.num_kv_heads, H // cache.num_kv_heads
+        a, b = self.indexed_range(L)
+        c = cache.aux["centroids"]
+        C, dt = c.shape[2], torch.float64 if q.dtype == torch.float64 else torch.float32
+        keys = cache.k[:, :, a:b].to(dt)  # [B, Hkv, n, D]
+        cap = cache.capacity
+        count = torch.zeros(B, Hkv, C * cap, dtype=torch.int32, device=cache.device)  # links per (list, key)
+        m = min(self.query_links, b - a)
+        for i0 in range(a, L, chunk):  # queries before the first indexed key link to nothing
+            qi = q[:, :, i0:min(L, i0 + chunk)].to(dt).reshape(B, Hkv, -1, D)  # [B, Hkv, G T, D]
+            T = qi.shape[2] // G
+            s = qi @ keys.transpose(-1, -2)  # [B, Hkv, G T, n]
+            pos = torch.arange(i0, i0 + T, device=q.device).repeat(G)  # each row's query position
+            s = s.masked_fill(torch.arange(a, b, device=q.device) > pos.unsqueeze(-1), float("-inf"))
+            val, top = s.topk(m, dim=-1)
+            probe = (qi @ c.to(dt).transpose(-1, -2)).argmax(-1, keepdim=True)  # [B, Hkv, G T, 1]
+            flat = probe * cap + top + a
+            count.scatter_add_(2, flat.flatten(2), (val > float("-inf")).to(torch.int32).flatten(2))
+        count = count.view(B, Hkv, C, cap)
+        E = min(cap, self.max_links or math.ceil((b - a) / C))  # the most linked keys, lowest slot first on a tie
+        out = torch.empty(B, Hkv, C, E, dtype=torch.int32, device=cache.device)
+        tie = cap - torch.arange(cap, device=cache.device)
+        for h in range(Hkv):  # one KV head at a time: the ranks are int64
+            best, slots = (count[:, h].long() * (cap + 1) + tie).topk(E, dim=-1)
+            out[:, h] = slots.masked_fill(best <= cap, -1)
+        return out
+
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        p = cache.seen - 1 - self.window  # the token that left the window
+        if p < self.num_sink:
+            return
+        if "centroids" not in cache.aux:
+            cache.aux["assign"][:, :, p] = FLAT
+            return
+        cache.aux["assign"][:, :, p] = _nearest(cache.k[:, :, p:p + 1].to(cache.aux["centroids"].dtype),
+                                                cache.aux["centroids"])[..., 0].to(torch.int32)
+
+    # ---- the search -------------------------------------------------------------------------------
+    def static_mask(self, cache: KVCache) -> torch.Tensor:
+        pos = cache.positions()
+        return (pos < self.num_sink) | (pos >= cache.seen - self.window)  # [S]
+
+    def candidates(self, q_t, cache: KVCache) -> torch.Tensor:
+        """The keys the search scans for each query head: [B, H, S] bool."""
+        B, H, _, D = q_t.shape
+        Hkv, S, G = cache.num_kv_heads, cache.length, H // cache.num_kv_heads
+        assign = cache.aux["assign"][:, :, :S].long().repeat_interleave(G, 1)  # [B, H, S]
+        cand = assign == FLAT
+        if "centroids" not in cache.aux:
+            return cand
+        c = cache.aux["centroids"]
+        z = (q_t.to(c.dtype).view(B, Hkv, G, D) @ c.transpose(-1, -2)).view(B, H, -1)  # [B, H, C]
+        probe = z.topk(min(self.nprobe, c.shape[2]), dim=-1).indices  # [B, H, nprobe]
+        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True)
+        cand |= probed.gather(-1, assign.clamp_min(0)) & (assign >= 0)
+        if "links" in cache.aux:
+            links = cache.aux["links"].long().repeat_interleave(G, 1)  # [B, H, C, E]
+            got = links.gather(2, probe.unsqueeze(-1).expand(-1, -1, -1, links.shape[-1])).flatten(2)
+            hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
+            hit.scatter_(-1, torch.where(got >= 0, got, S), True)
+            cand |= hit[..., :S]
+        return cand
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        self._check_q(q_t, cache)
+        B, H, _, D = q_t.shape
+        Hkv, S = cache.num_kv_heads, cache.length
+        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        cand = self.candidates(q_t, cache)
+        s = (q_t.to(dt).view(B, Hkv, H // Hkv, D) @ cache.keys().to(dt).transpose(-1, -2)).view(B, H, S)
+        val, top = s.masked_fill(~cand, float("-inf")).topk(min(self.top_k, S), dim=-1)
+        read = self.static_mask(cache).expand(B, H, S).clone()
+        hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=q_t.device)
+        hit.scatter_(-1, torch.where(val > float("-inf"), top, S), True)
+        read |= hit[..., :S]
+        slots, valid = mask_slots(read)
+        indexed = int((cache.aux["assign"][0, 0, :S] != STATIC).sum())
+        return Selection(slots=slots, valid=valid, clamped=self.top_k >= indexed > 0,
+                         extra={"cand": cand, "retrieved": hit[..., :S], "q": q_t, "indexed": indexed})
+
+    def step_info(self, cache: KVCache, sel: Selection) -> dict:
+        """Adds what the search read (centroids, candidate keys) and the statistics (counted here,
+        outside the timed phases): the recall of the exact top_k of the indexed keys, the share
+        of them scanned."""
+        B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
+        H, G = self.num_heads, self.num_heads // Hkv
+        cand, retrieved, n = sel.extra["cand"], sel.extra["retrieved"], sel.extra["indexed"]
+        scanned = cand.view(B, Hkv, G, S).any(2)
+        C = cache.aux["centroids"].shape[2] if "centroids" in cache.aux else 0
+        sel.index_bytes = float(B * Hkv * C * cache.row_bytes() + int(scanned.sum()) * cache.row_bytes())
+        info = super().step_info(cache, sel)
+        if n == 0:
+            info["stats"] = {"topk_recall": 1.0, "scanned_fraction": 1.0}
+            return info
+        q = sel.extra["q"]
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = (q.to(dt).view(B, Hkv, G, -1) @ cache.keys().to(dt).transpose(-1, -2)).view(B, H, S)
+        indexed = (cache.aux["assign"][:, :, :S] != STATIC).repeat_interleave(G, 1)
+        k = min(self.top_k, n)
+        true = s.masked_fill(~indexed, float("-inf")).topk(k, dim=-1).indices
+        recall = retrieved.gather(-1, true).float().sum(-1) / k
+        info["stats"] = {"topk_recall": float(recall.mean()),
+                         "scanned_fraction": float((cand & indexed).float().sum(-1).mean()) / n}
+        return info
+
+
+__all__ = ["RetrievalAttention"]

@@ -1,0 +1,215 @@
+"""Squeezed Attention: offline clustering of a fixed context's keys, centroid lookup at decode.
+
+Hooper, Kim, Mohammadzadeh, Maheswaran, Paik, Mahoney, Keutzer, Gholami, "Squeezed Attention:
+Accelerating Long Context Length LLM Inference" (arXiv 2411.09688, 2024), Sec. 3 (Eq. 1-3) and
+Sec. 4; official code SqueezeAILab/SqueezedAttention (``offline_clustering.py``:
+``--percent_clusters``, ``--observation_window 100``, ``run_global_threshold``).
+
+The prefill is the fixed context (a document asked many questions). Offline, its keys (all but
+the last ``observation_window`` tokens) are clustered per KV head with k-means (Lloyd), into
+C = max(1, floor(percent_clusters / 100 * n)) centroids c_i with N_i keys each. At decode the
+query q of a head compares itself with the centroids only; the estimated attention of a key in
+cluster i is the centroid's score, normalised as if each centroid stood for its N_i keys
+(Sec. 3.2):
+
+    S_i = exp(q . c_i / sqrt(D)) / sum_l N_l exp(q . c_l / sqrt(D))
+
+and the keys of the clusters with S_i >= T are read (``selection="threshold"``); T is calibrated
+once per layer on the prefill: the ``sparsity`` quantile of S_{label(j)} over the clustered keys
+j and the queries of the observation window, every head (the official ``run_global_threshold``:
+a global threshold for a target sparsity). ``selection="fraction"`` keeps, per step and head,
+the clusters of largest S_i until they hold (1 - sparsity) of the clustered keys (a fixed
+budget instead of a threshold). Attention is exact over the kept keys and over every key not
+clustered (the observation window and each generated token: the paper attends them densely):
+
+    o = softmax(q K_R^T / sqrt(D)) V_R,   R = {j : S_label(j) >= T} + unclustered keys
+
+Defaults as the official scripts: 5% of the keys as centroids, an observation window of 100,
+sparsity 0.7 (their 70% setting; the paper also reports 90%). Not implemented: the
+hierarchical (two-level) lookup. k-means (``kmeans``) starts from n / C evenly spaced keys
+(deterministic) and runs ``kmeans_iters`` Lloyd iterations on the L2 distance.
+
+Bytes per step (``last_step``): the centroids, their sizes N_i and each clustered key's label
+(``index_bytes``),
+and the K/V rows read (each (batch, KV head, row) once). ``last_step["stats"]["kept_fraction"]``:
+the share of clustered keys read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from methods import masks
+from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
+from methods.decode import DecodePath, KVCache, Selection
+
+SELECTIONS = ("threshold", "fraction")
+
+
+def kmeans(x: torch.Tensor, num_clusters: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on the L2 distance of each row set x [..., n, D] (batched over the leading
+    dimensions): centroids [..., C, D] and labels [..., n] (long). Starts from the keys at the C
+    evenly spaced indices round(i (n - 1) / (C - 1)); an empty cluster keeps its centroid."""
+    n = x.shape[-2]
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"kmeans: num_clusters must be in [1, {n}], got {num_clusters}")
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dt)
+    start = torch.linspace(0, n - 1, num_clusters, device=x.device).round().long()
+    c = x[..., start, :].clone()
+    labels = _nearest(x, c)
+    for _ in range(int(iters)):
+        count = cluster_sizes(labels, num_clusters).to(dt).unsqueeze(-1)  # [..., C, 1]
+        total = torch.zeros_like(c).scatter_add_(-2, labels.unsqueeze(-1).expand_as(x), x)
+        c = torch.where(count > 0, total / count.clamp_min(1), c)
+        labels = _nearest(x, c)
+    return c, labels
+
+
+def cluster_sizes(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """N_i: the members of each cluster, labels [..., n] -> [..., C] (int32)."""
+    out = torch.zeros(*labels.shape[:-1], num_clusters, dtype=torch.int32, device=labels.device)
+    return out.scatter_add_(-1, labels, torch.ones_like(labels, dtype=torch.int32))
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centroid (L2) of every row of x [..., n, D] among c [..., C, D] (rows in
+    chunks: the distances of a chunk at a time)."""
+    cc = (c * c).sum(-1).unsqueeze(-2)  # ||x||^2 is the same for all centroids
+    return torch.cat([(cc - 2 * x[..., i:i + chunk, :] @ c.transpose(-1, -2)).argmin(-1)
+                      for i in range(0, x.shape[-2], chunk)], dim=-1)
+
+
+def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The True positions of each row of ``mask`` [B, H, S], in order, padded to the longest row:
+    slots [B, H, n] and valid [B, H, n] (False: padding)."""
+    n = max(1, int(mask.sum(-1).max()))
+    order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
+    return order.indices[..., :n], order.values[..., :n].bool()
+
+
+class SqueezedAttention(DecodePath, AttentionMethod):
+    name = "squeezed_attention"
+    # what the README's method table says (python -m analysis.readme)
+    paper = "Hooper et al. 2024"
+    kind = "sparse decode (key clusters of a fixed context), training-free"
+    official_test = None  # the test follows the paper's equations; no test against the official code yet
+    exact = True  # the prefill is dense; the decode selects clusters
+    impls = ("reference",)
+
+    def __init__(self, percent_clusters: float = 5.0, sparsity: float = 0.7, observation_window: int = 100,
+                 selection: str = "threshold", kmeans_iters: int = 10, impl: str = "reference", **structural):
+        super().__init__(impl=impl, **structural)
+        if not 0 < percent_clusters <= 100:
+            raise ValueError(f"SqueezedAttention: percent_clusters must be in (0, 100], got {percent_clusters}")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"SqueezedAttention: sparsity must be in [0, 1), got {sparsity}")
+        if observation_window < 0 or kmeans_iters < 0:
+            raise ValueError(f"SqueezedAttention: observation_window and kmeans_iters must be >= 0, got "
+                             f"{observation_window}, {kmeans_iters}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"SqueezedAttention: selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        self.percent_clusters, self.sparsity = float(percent_clusters), float(sparsity)
+        self.observation_window, self.selection = int(observation_window), selection
+        self.kmeans_iters = int(kmeans_iters)
+
+    @property
+    def real_kernel(self) -> bool:
+        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
+
+    # ---- prefill: exact attention ------------------------------------------------------------
+    def attend(self, q, k, v, causal, key_padding_mask):
+        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
+                                    key_padding_mask, q.device)
+        return masked_attention(q, k, v, mask)
+
+    def prefill_output(self, q, k, v):
+        return self(q, k, v, causal=True)
+
+    def cost(self, tq, tk, causal) -> Cost:
+        return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
+                    kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def decode_params(self) -> dict:
+        return {"percent_clusters": self.percent_clusters, "observation_window": self.observation_window,
+                "kmeans_iters": self.kmeans_iters, "sparsity": self.sparsity}
+
+    def num_clusters(self, n: int) -> int:
+        return max(1, math.floor(self.percent_clusters / 100 * n))
+
+    def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        out = super().prefill(q, k, v, cache)  # checks, stores, clusters (build_index)
+        if "centroids" in cache.aux:
+            cache.aux["threshold"] = self._calibrate(q, cache)
+        return out
+
+    def build_index(self, cache: KVCache) -> None:
+        n = cache.length - self.observation_window
+        if n < 1:
+            return  # nothing to cluster: every key is read
+        c, labels = kmeans(cache.k[:, :, :n], self.num_clusters(n), self.kmeans_iters)
+        cache.aux["centroids"] = c.to(cache.dtype)
+        cache.aux["labels"] = labels.to(torch.int32)
+        cache.aux["counts"] = cluster_sizes(labels, c.shape[2])  # N_i
+
+    def log_scores(self, q, cache: KVCache) -> torch.Tensor:
+        """log S_i of every centroid for queries q [B, H, T, D]: [B, H, T, C] (fp32, fp64 inputs fp64)."""
+        B, H, T, D = q.shape
+        Hkv = cache.num_kv_heads
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        c = cache.aux["centroids"].to(dt)  # [B, Hkv, C, D]
+        C = c.shape[2]
+        count = cache.aux["counts"].to(dt)
+        z = (q.to(dt).reshape(B, Hkv, H // Hkv * T, D) @ c.transpose(-1, -2)) / math.sqrt(D)  # [B, Hkv, G T, C]
+        log_den = torch.logsumexp(z + count.log().unsqueeze(2), dim=-1, keepdim=True)
+        return (z - log_den).view(B, H, T, C)
+
+    def _calibrate(self, q, cache: KVCache) -> torch.Tensor:
+        """T: the ``sparsity`` quantile of S_label(j) over clustered keys j and the observation
+        window's queries (a weighted quantile over clusters, each weighing its N_i keys)."""
+        if self.sparsity == 0:
+            return torch.zeros((), dtype=torch.float64)  # every cluster passes
+        L, w = q.shape[2], self.observation_window
+        obs = q[:, :, max(0, L - w):]
+        s = self.log_scores(obs, cache).exp()  # [B, H, Tw, C]
+        B, H, Tw, C = s.shape
+        Hkv = cache.num_kv_heads
+        weight = cache.aux["counts"].to(s.dtype).repeat_interleave(H // Hkv, 1).unsqueeze(2).expand(B, H, Tw, C)
+        vals, order = s.flatten().sort()
+        cum = weight.flatten()[order].cumsum(0)
+        i = int(torch.searchsorted(cum, self.sparsity * float(cum[-1])))
+        return vals[min(i, vals.numel() - 1)].double().cpu()
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        self._check_q(q_t, cache)
+        if "centroids" not in cache.aux:
+            return Selection(extra={"kept_fraction": 1.0})
+        B, H = q_t.shape[:2]
+        Hkv, S = cache.num_kv_heads, cache.length
+        labels = cache.aux["labels"].long()  # [B, Hkv, n]
+        n, C = labels.shape[2], cache.aux["centroids"].shape[2]
+        logs = self.log_scores(q_t, cache)[:, :, 0]  # [B, H, C]
+        if self.selection == "threshold":
+            keep = logs.exp() >= float(cache.aux["threshold"])
+        else:  # the largest S_i until (1 - sparsity) of the clustered keys
+            count = cache.aux["counts"].to(logs.dtype).repeat_interleave(H // Hkv, 1)
+            order = logs.argsort(-1, descending=True)
+            before = count.gather(-1, order).cumsum(-1) - count.gather(-1, order)  # keys of the clusters ahead
+            keep = torch.zeros_like(logs, dtype=torch.bool).scatter(-1, order, before < (1 - self.sparsity) * n)
+        kept = keep.gather(-1, labels.repeat_interleave(H // Hkv, 1))  # [B, H, n]
+        mask = torch.ones(B, H, S, dtype=torch.bool, device=q_t.device)
+        mask[:, :, :n] = kept
+        slots, valid = mask_slots(mask)
+        index_bytes = float(B * Hkv * (C * (cache.row_bytes() + 4) + n * 4))  # centroids, N_i, labels (int32)
+        return Selection(slots=slots, valid=valid, index_bytes=index_bytes,
+                         extra={"kept_fraction": float(kept.float().mean())})
+
+    def step_info(self, cache: KVCache, sel: Selection) -> dict:
+        info = super().step_info(cache, sel)
+        info["stats"] = {"kept_fraction": sel.extra["kept_fraction"]}
+        return info
+
+
+__all__ = ["SqueezedAttention", "kmeans", "mask_slots"]
