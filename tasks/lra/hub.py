@@ -4,7 +4,9 @@ local files) and tokenised as LRA does; cached on disk by everything that shapes
 text       IMDB reviews, byte level (Maas et al. 2011): UTF-8 bytes, 2 classes
 retrieval  AAN citation pairs (Radev et al. 2013), byte level, two documents, 2 classes
 image      CIFAR-10 (Krizhevsky 2009) as 1024 grayscale pixels (0.2989 R + 0.587 G + 0.114 B,
-           LRA's conversion), 10 classes
+           LRA's conversion), 10 classes: the original task, through this module with
+           ``task.source=cifar10`` or ``data_files``; the default image task here is
+           Fashion-MNIST from its Debian package (``tasks/lra/image.py``)
 
 Tokens are byte or pixel values + 1 (0 is padding; a black pixel is not padding). LRA cuts
 documents at ``max_len`` (that cut is part of the benchmark); the number cut is reported in
@@ -14,7 +16,8 @@ training examples unless the source has a validation split.
 Getting the data: with network access, the hub names (``imdb``, ``cifar10``; AAN pairs are
 in the LRA release, ``lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv``) download
 on first use; offline, point ``data_files`` at local csv/json/parquet/tsv files with the
-columns named in the task config.
+columns named in the task config. Data that is not there (a missing file, no source, the hub
+unreachable) raises ``DataAbsent``: the run's record says "not run: data absent (why)".
 """
 from __future__ import annotations
 
