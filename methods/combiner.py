@@ -35,7 +35,8 @@ Harness readings (the official code has self-attention over a length divisible b
 span may be shorter; padded keys are left out of every set, pool and softmax, and padded
 positions out of the query pooling; a span with no real key is no region. Combiner pools the
 queries of each span, so it needs Tq == Tk (self-attention); a decode step over a cache is
-refused. The factorization has no weights of its own, but q(j | Omega_r) pools queries and keys:
+refused, and a decoder's KV cache holds no queries to pool, so there is no decode path (models
+decode dense after a Combiner prefill, and say so). The factorization has no weights of its own, but q(j | Omega_r) pools queries and keys:
 a model trains with it (``training_free = False``: in place of softmax in a pretrained model it
 is an approximation, which the fidelity task measures).
 """

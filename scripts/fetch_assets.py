@@ -133,8 +133,8 @@ def fashion_mnist(folder: Path, tmp: Path) -> None:
         shutil.copyfile(src, out[-1])
     if len(out) != 4:
         sys.exit(f"fetch_assets: {deb.name} holds {len(out)} idx files, expected 4")
-    _finish(folder, {"package": deb.name.split("_")[0] + "=" + deb.name.split("_")[1].replace("%7e", "~"),
-                     "registry": "Debian", "license": "MIT"}, out)
+    _finish(folder, {"package": "dataset-fashion-mnist", "deb": deb.name, "registry": "Debian",
+                     "license": "MIT"}, out)
 
 
 ASSETS = {"smollm2_135m": smollm2, "paul_graham_essays": essays, "prose": prose, "gemma3_270m": gemma,

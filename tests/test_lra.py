@@ -287,3 +287,40 @@ def test_lra_notes_say_the_image_task_is_fashion_mnist_not_cifar10():
                        "config_key": [json.dumps({"task.source": "fashion_mnist"})]})
     assert "Fashion-MNIST" in lra_notes(df) and "CIFAR-10" in lra_notes(df)
     assert lra_notes(df.assign(config_key=json.dumps({"task.source": "cifar10"}))) == ""
+
+
+@pytest.mark.skipif(__import__("shutil").which("dpkg-deb") is None, reason="needs dpkg-deb to build a .deb")
+def test_fetch_assets_takes_the_image_idx_files_out_of_the_debian_package(tmp_path, monkeypatch):
+    """fetch_assets' Fashion-MNIST step on a .deb built here with the package's layout (apt-get
+    download replaced): the four idx files land in the asset folder with their sha256, and the
+    image task reads them."""
+    import hashlib
+    import importlib.util
+    import json
+    import shutil
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("fetch_assets", ROOT / "scripts" / "fetch_assets.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+    pkg = tmp_path / "pkg"
+    _fashion_folder(pkg / "usr" / "share" / "datasets" / "fashion-mnist", n_train=20, n_test=5)
+    (pkg / "DEBIAN").mkdir()
+    (pkg / "DEBIAN" / "control").write_text("Package: dataset-fashion-mnist\nVersion: 0.0~test-1\n"
+                                           "Architecture: all\nMaintainer: t <t@t>\nDescription: t\n")
+    deb = tmp_path / "dataset-fashion-mnist_0.0~test-1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True,
+                   capture_output=True)
+
+    def fake_download(packages, dest):
+        assert packages == ["dataset-fashion-mnist"]
+        return [Path(shutil.copy(deb, dest))]
+
+    monkeypatch.setattr(fa, "_apt_download", fake_download)
+    folder = fa.fetch("fashion_mnist", tmp_path / "assets")
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert sorted(manifest["files"]) == sorted(f for pair in image.FILES.values() for f in pair)
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    x, y = image.idx_split(folder, "test")
+    assert x.shape == (5, 784) and y.tolist() == [0, 1, 2, 3, 4]
