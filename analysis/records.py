@@ -122,6 +122,8 @@ def failure(status: str, error) -> str:
     err = " ".join(err.replace("|", "/").split())
     if not err or status == "oom":
         return str(status)
+    if status == "skipped" and err.startswith("not run"):  # e.g. "not run: data absent (...)"
+        return err.split(" (", 1)[0]
     return f"{status}: {err[:60]}{'...' if len(err) > 60 else ''}"
 
 

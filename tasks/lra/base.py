@@ -6,6 +6,14 @@ import torch
 from tasks.base import Task, to_device
 
 
+class DataAbsent(FileNotFoundError):
+    """A task's real data is not on this machine (a file, a fetched asset, an unreachable hub):
+    the run records "not run: data absent" (status skipped) with this reason, not a failure of
+    the method."""
+
+    not_run = "data absent"
+
+
 @torch.no_grad()
 def accuracy(model, split, batch_size: int, device, amp, max_batches: int | None = None) -> float:
     """The fraction of ``split``'s (inputs, labels) that ``model`` classifies right, in batches

@@ -4,7 +4,9 @@ local files) and tokenised as LRA does; cached on disk by everything that shapes
 text       IMDB reviews, byte level (Maas et al. 2011): UTF-8 bytes, 2 classes
 retrieval  AAN citation pairs (Radev et al. 2013), byte level, two documents, 2 classes
 image      CIFAR-10 (Krizhevsky 2009) as 1024 grayscale pixels (0.2989 R + 0.587 G + 0.114 B,
-           LRA's conversion), 10 classes
+           LRA's conversion), 10 classes: the original task, through this module with
+           ``task.source=cifar10`` or ``data_files``; the default image task here is
+           Fashion-MNIST from its Debian package (``tasks/lra/image.py``)
 
 Tokens are byte or pixel values + 1 (0 is padding; a black pixel is not padding). LRA cuts
 documents at ``max_len`` (that cut is part of the benchmark); the number cut is reported in
@@ -14,26 +16,46 @@ training examples unless the source has a validation split.
 Getting the data: with network access, the hub names (``imdb``, ``cifar10``; AAN pairs are
 in the LRA release, ``lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv``) download
 on first use; offline, point ``data_files`` at local csv/json/parquet/tsv files with the
-columns named in the task config.
+columns named in the task config. Data that is not there (a missing file, no source, the hub
+unreachable) raises ``DataAbsent``: the run's record says "not run: data absent (why)".
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from tasks.cache import cached
+from tasks.lra.base import DataAbsent
 
 PAD = 0
+HOW = {"text": "IMDB reviews as csv/json/parquet with columns text, label",
+       "retrieval": "the LRA release's lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv",
+       "image": "images and labels as parquet, or task.source=fashion_mnist"}
 
 
-def _load(cfg):
+def _load(cfg, kind="text"):
+    """The dataset from local files or the hub; DataAbsent (the run is "not run: data absent")
+    when a file is missing, no source is set, or the hub cannot be reached."""
     import datasets
 
     if cfg.get("data_files"):
         files = {k: str(v) for k, v in cfg.data_files.items()}
+        missing = [f"{k}={v}" for k, v in files.items() if not Path(v).exists()]
+        if missing:
+            raise DataAbsent(f"LRA {kind}: data file(s) not found: {', '.join(missing)}")
         fmt = cfg.get("format") or next(iter(files.values())).rsplit(".", 1)[-1]
         kw = {"delimiter": "\t"} if fmt == "tsv" else {}
         return datasets.load_dataset("csv" if fmt == "tsv" else fmt, data_files=files, **kw)
-    return datasets.load_dataset(cfg.source)
+    if not cfg.get("source"):
+        raise DataAbsent(f"LRA {kind}: no data here: set ++task.data_files.train=... and "
+                         f"++task.data_files.test=... ({HOW.get(kind, 'see tasks/lra/hub.py')})")
+    try:
+        return datasets.load_dataset(cfg.source)
+    except OSError as e:  # ConnectionError (no network), FileNotFoundError (no such dataset)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataAbsent(f"LRA {kind}: the hub dataset {cfg.source!r} could not be loaded "
+                         f"({type(e).__name__}: {first}); offline, set ++task.data_files") from e
 
 
 def _splits(ds, cfg):
@@ -67,7 +89,7 @@ def grayscale_tokens(img) -> torch.Tensor:
 
 
 def _build(cfg, kind):
-    ds = _load(cfg)
+    ds = _load(cfg, kind)
     out, cut = {}, 0
     for name, split in zip(("train", "val", "test"), _splits(ds, cfg)):
         y = torch.tensor(split[cfg.label_column], dtype=torch.long)
