@@ -208,3 +208,33 @@ def test_decode_runner_records_the_decode_path(method, extra, path, compose_cfg,
         assert mt["kv_bytes_held_end"] == mt["kv_bytes_held_prefill"] == 1 * HKV * D * D * 4
     else:
         assert 0 < mt["decode_recall_min"] <= 1 + 1e-6
+
+
+# ---- the decode leaderboard: table and plots from runner=decode records ------------------------
+def test_decode_report_table_and_plots(compose_cfg, store, tmp_path):
+    from analysis.leaderboard import decode_report, main
+    from analysis.records import load
+    from analysis.tables import decode_table
+
+    runs = [("dense", ["method.impl=reference"]), ("quest", ["method.page_size=4", "method.token_budget=8"]),
+            ("lightning", [])]
+    for method, extra in runs:
+        cfg = compose_cfg("runner=decode", f"method={method}", *RUN, *extra, "runner.seq_lens=[24,40]", tiny=False)
+        assert all(r.status == "ok" for r in run(cfg))
+    df = load(store)
+    table = decode_table(df)
+    assert list(table["method"]) == ["dense"] * 2 + ["lightning"] * 2 + ["quest"] * 2  # dense first
+    assert list(table["L"]) == [24, 40] * 3
+    assert list(table["decode path"]) == ["DenseAdapter"] * 2 + ["LightningDecode"] * 2 + ["Quest"] * 2
+    for _, row in table.iterrows():  # each cell is its record's figure
+        r = df[(df["method"] == row["method"]) & (df["seq_len"] == row["L"])].iloc[0]
+        assert row["step p50 ms"] == f"{r['latency.decode_step.p50']:.3f}"
+        assert row["selection share"] == f"{r['latency.decode_index.p50'] / r['latency.decode_step.p50']:.0%}"
+        assert row["KiB read / step"] == f"{r['metric.bytes_read_per_step'] / 1024:.1f}"
+        assert row["recall"] == f"{r['metric.decode_recall_mean']:.3f}"
+    files = decode_report(df, tmp_path / "decode")
+    assert [f.name for f in files] == ["decode_table.md", "step_latency.png", "recall_vs_bytes.png"]
+    assert all(f.stat().st_size > 1000 for f in files[1:])
+    assert "| quest " in files[0].read_text() and "LightningDecode" in files[0].read_text()
+    assert main(["--store", store, "--decode-dir", str(tmp_path / "again")]) == 0  # the one command
+    assert (tmp_path / "again" / "recall_vs_bytes.png").exists()
