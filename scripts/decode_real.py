@@ -3,7 +3,7 @@ cache's dequantized checkpoint). Every layer prefills the prompt with the method
 and generates through its decode path (``models.hf_decode``); a method without one decodes
 densely, and the record says so (``phases``).
 
-    python scripts/decode_real.py --prompt 1024 --steps 32 --needle-lengths 1024 --out results/decode/real_model
+    python scripts/decode_real.py --prompt 1024 --steps 32 --needle-lengths 1024 --budget 256 --out results/decode/real_model
 
 Two measurements per method:
   fidelity  a prompt of Austen prose; dense decode's greedy continuation is fed to every method
@@ -34,16 +34,21 @@ from models import hf_decode, pretrained
 from tasks import corpora, real_text
 from tasks.real_text import _tokens
 
+
 # (name, kwargs): decode paths of their own (Quest, SparQ, StreamingLLM, NSA, SparseK) and the
 # sliding window's (sinks + window adapter). NSA and SparseK are trained with the model: their
 # gates and scorer here are at initialisation (NSA: every gate 0.5), so they measure the decode
 # path, not the trained method. The linear family is left out: its outputs are not softmax's.
-METHODS = [("dense", {"impl": "reference"}), ("quest", {"token_budget": 256}),
-           ("quest", {"token_budget": 256, "dense_layers": 2}),  # the paper's first two layers dense
-           ("sparq", {}), ("streaming_llm", {"num_sink": 4, "window": 256, "impl": "reference"}),
-           ("sliding_window", {"window": 256, "impl": "reference"}),
-           ("nsa", {"impl": "reference", "block_size": 32, "num_selected": 8, "window": 128}),
-           ("sparsek", {"k": 128, "window": 128})]
+# Every budget is ``--budget`` tokens (B): Quest's token budget, StreamingLLM's and the sliding
+# window's window, NSA's selected blocks (B / 32 blocks of 32, plus a window of B / 2), SparseK's
+# k + window (B / 2 each); SparQ keeps its default (1/8 of the cache).
+def methods(b: int) -> list[tuple[str, dict]]:
+    return [("dense", {"impl": "reference"}), ("quest", {"token_budget": b}),
+            ("quest", {"token_budget": b, "dense_layers": 2}),  # the paper's first two layers dense
+            ("sparq", {}), ("streaming_llm", {"num_sink": 4, "window": b, "impl": "reference"}),
+            ("sliding_window", {"window": b, "impl": "reference"}),
+            ("nsa", {"impl": "reference", "block_size": 32, "num_selected": max(1, b // 32), "window": b // 2}),
+            ("sparsek", {"k": b // 2, "window": b // 2})]
 
 
 def phases(name: str, kw: dict, stats: list) -> dict:
@@ -83,6 +88,7 @@ def main(argv=None) -> None:
     ap.add_argument("--needle-lengths", default="1024", help="needle prompt lengths, comma separated ('' = none)")
     ap.add_argument("--depths", default="0,0.5,1")
     ap.add_argument("--trials", type=int, default=2, help="needle prompts per (length, depth)")
+    ap.add_argument("--budget", type=int, default=256, help="tokens each sparse method reads (above)")
     ap.add_argument("--methods", default=None, help="only these method names, comma separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write <out>.jsonl and <out>.md")
@@ -95,9 +101,10 @@ def main(argv=None) -> None:
     del dense
     lengths = [int(x) for x in args.needle_lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",")]
-    chosen = METHODS if args.methods is None else [m for m in METHODS if m[0] in args.methods.split(",")]
+    every = methods(args.budget)
+    chosen = every if args.methods is None else [m for m in every if m[0] in args.methods.split(",")]
     if chosen[0][0] != "dense":
-        chosen = [METHODS[0], *chosen]  # dense decode is the reference
+        chosen = [every[0], *chosen]  # dense decode is the reference
     ref, rows = None, []
     head = ("| method | prefill / decode | greedy = dense | KL(dense || method) | needle | bytes held / layer | "
             "bytes read / step / layer |")
@@ -132,7 +139,8 @@ def main(argv=None) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        note = (f"SmolLM2-135M-Instruct, CPU, fidelity prompt {args.prompt} tokens x {args.steps} steps; needle "
+        note = (f"SmolLM2-135M-Instruct, CPU, budget {args.budget} tokens, fidelity prompt {args.prompt} tokens x "
+                f"{args.steps} steps; needle "
                 f"lengths {lengths}, depths {depths}, {args.trials} trials each "
                 f"(`python scripts/decode_real.py` with these options).")
         out.with_suffix(".md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
