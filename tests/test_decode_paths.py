@@ -238,3 +238,30 @@ def test_decode_report_table_and_plots(compose_cfg, store, tmp_path):
     assert "| quest " in files[0].read_text() and "LightningDecode" in files[0].read_text()
     assert main(["--store", store, "--decode-dir", str(tmp_path / "again")]) == 0  # the one command
     assert (tmp_path / "again" / "recall_vs_bytes.png").exists()
+
+
+# ---- generation in a transformers model through these decode paths ------------------------------
+@pytest.mark.parametrize("name,kw,cls", [
+    ("nsa", dict(block_size=4, num_selected=2, window=4, compress_block=4, compress_stride=2, impl="reference"),
+     "NSADecode"),
+    ("lightning", dict(), "LightningDecode"),
+])
+def test_generation_through_the_decode_path_gives_the_prefill_logits(name, kw, cls, tmp_path):
+    """A tiny Llama (4 query heads, 2 KV heads) generates through each layer's decode path; fed
+    the same tokens (teacher forcing), each step's logits equal those of the method's own
+    prefill over the whole sequence at that position, and the stats name the decode path."""
+    transformers = pytest.importorskip("transformers")
+    from models import hf, hf_decode
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    forced = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    got = hf_decode.generate(hf_decode.load(str(tmp_path), name, **kw), ids, 6, forced=forced)
+    assert [s["path"] for s in got.stats] == [cls, cls] and all(s["decode_fallback"] is None for s in got.stats)
+    with torch.no_grad():
+        pre = hf.load(str(tmp_path), name, **kw)(input_ids=torch.cat([ids, forced], 1)).logits
+    for j, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, pre[:, 20 + j], rtol=1e-4, atol=1e-4)
