@@ -90,6 +90,8 @@ class DecodeRunner:
             if rec.run_id in done:
                 log.info("L=%d: an ok record with run_id %s exists; skipped", L, rec.run_id)
                 continue
+            decoded = "dense (fallback: no decode path)" if path.decode_fallback == "dense" else type(path).__name__
+            rec.details["phases"] = {"prefill": f"{name} (its own causal prefill)", "decode": decoded}
             rec.details.update({"decode_path": type(path).__name__, "decode_fallback": path.decode_fallback,
                                 "steps": int(self.steps), "inputs": self.inputs, "warmup": int(self.warmup),
                                 "real_kernel": "decode gathers (or keeps) only the keys it reads"})

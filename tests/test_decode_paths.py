@@ -201,6 +201,7 @@ def test_decode_runner_records_the_decode_path(method, extra, path, compose_cfg,
     (rec,) = run(compose_cfg("runner=decode", f"method={method}", *RUN, *extra, tiny=False))
     assert rec.status == "ok", rec.error
     assert rec.details["decode_path"] == path and rec.details["decode_fallback"] is None
+    assert rec.details["phases"] == {"prefill": f"{method} (its own causal prefill)", "decode": path}
     mt = rec.metrics
     assert mt["read_fraction"] < 1 and math.isfinite(mt["decode_rel_err_max"])
     if method == "lightning":  # a state: no key read, the same bytes however long the context
