@@ -105,6 +105,6 @@ def _markdown(df: pd.DataFrame) -> str:
 
 DECODE_NOTE = ("runner=decode: prefill L tokens, then decode steps; step = index (append + select) + attention, "
                "timed apart; selection share = index / step at p50; read fraction: bytes read over dense "
-               "decode's; recall: dense attention mass on the keys read (0 for a recurrent state, which "
+               "decode's; recall: dense attention mass on the keys read (- for a recurrent state, which "
                "reads no key); rel err: against dense decode over the same history.\n")
 NO_RECORDS = "(no records: the store is empty; run `attnbench` or `make run` first)\n"

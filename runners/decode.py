@@ -143,9 +143,11 @@ class DecodeRunner:
             read.append(path.last_step["bytes_read"])
             clamped += path.last_step["clamped"]
         dense_read = [2.0 * B * shape[2] * (i + 1) * shape[3] * q.element_size() for i in range(L, L + N)]
+        no_keys = any(r is None for r in recall)  # a recurrent state: no key is read, recall is undefined
         rec.metrics.update({
             "decode_rel_err_mean": _mean(rel), "decode_rel_err_max": max(rel),
-            "decode_recall_mean": _mean(recall), "decode_recall_min": min(recall),
+            "decode_recall_mean": None if no_keys else _mean(recall),
+            "decode_recall_min": None if no_keys else min(recall),
             "bytes_read_per_step": _mean(read), "dense_bytes_read_per_step": _mean(dense_read),
             "read_fraction": _mean(read) / _mean(dense_read),
             "kv_bytes_held_end": cache.bytes_held(),
@@ -196,7 +198,10 @@ class DecodeRunner:
 
 def _recall(p: torch.Tensor, positions: torch.Tensor | None, cache) -> float:
     """Share of dense probability mass ``p`` [B, H, S] on the positions read ([B, H, n], -1
-    padding; None: every key the cache holds), averaged over batch and heads."""
+    padding; None: every key the cache holds), averaged over batch and heads; None where the
+    cache holds no key (a recurrent state: ``methods.recurrent_decode``)."""
+    if positions is None and cache.length == 0:
+        return None
     if positions is None:
         held = cache.positions()
         return float(p[:, :, held].sum(-1).mean())

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     lengths = [int(x) for x in args.needle_lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",")]
     every = methods(args.budget)
-    chosen = every if args.methods is None else [m for m in every if m[0] in args.methods.split(",")]
+    chosen = every if args.methods is None else [m for n in args.methods.split(",") for m in every if m[0] == n]
     if chosen[0][0] != "dense":
         chosen = [every[0], *chosen]  # dense decode is the reference
     ref, rows = None, []
@@ -135,15 +135,18 @@ def main(argv=None) -> None:
                 f"{row['bytes_held_per_layer']:.0f} | {row['bytes_read_per_step_per_layer']:.0f} |")
         lines.append(line)
         print(line, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        note = (f"SmolLM2-135M-Instruct, CPU, budget {args.budget} tokens, fidelity prompt {args.prompt} tokens x "
-                f"{args.steps} steps; needle "
-                f"lengths {lengths}, depths {depths}, {args.trials} trials each "
-                f"(`python scripts/decode_real.py` with these options).")
-        out.with_suffix(".md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
+        if args.out:  # after each method: a long run that is stopped keeps what it measured
+            write(args, lengths, depths, rows, lines)
+
+
+def write(args, lengths, depths, rows, lines) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    note = (f"SmolLM2-135M-Instruct, CPU, budget {args.budget} tokens, fidelity prompt {args.prompt} tokens x "
+            f"{args.steps} steps; needle lengths {lengths}, depths {depths}, {args.trials} trials each "
+            f"(`python scripts/decode_real.py` with these options).")
+    out.with_suffix(".md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
