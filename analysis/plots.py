@@ -195,3 +195,67 @@ def needle_heatmap(cells, path, title: str = "") -> Path:
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _decode_records(df: pd.DataFrame) -> pd.DataFrame:
+    from analysis.records import labelled
+
+    return labelled(df[(df["runner"] == "decode") & (df["status"] == "ok")])
+
+
+def decode_latency(df: pd.DataFrame, path, title: str = "") -> Path:
+    """runner=decode: the decode step's latency (p50, index + attention) against the context
+    length L, log-log, one line per method variant and impl, dense in black; the index part
+    (append + select) dotted beside it where a method has one."""
+    df = _decode_records(df).dropna(subset=["latency.decode_step.p50"])
+    if df.empty:
+        raise ValueError("no ok runner=decode records with step latencies")
+    color = _method_colours(df)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (label, impl), g in df.groupby(["label", "impl"], sort=True):
+        g = g.groupby("seq_len", as_index=False)[["latency.decode_step.p50", "latency.decode_index.p50"]].mean()
+        ax.plot(g["seq_len"], g["latency.decode_step.p50"], marker="o", color=color[label], label=f"{label} ({impl})")
+        idx = g["latency.decode_index.p50"]
+        if (idx > 0.05 * g["latency.decode_step.p50"]).any():  # a method that spends time selecting
+            ax.plot(g["seq_len"], idx, ls=":", color=color[label], lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (prefill tokens)")
+    ax.set_ylabel("decode step p50 (ms); dotted: its index/selection part")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def decode_frontier(df: pd.DataFrame, path, title: str = "", seq_len: int | None = None) -> Path:
+    """runner=decode: attention recall against the bytes a decode step read at one context
+    length (the longest with records by default), x log; the quality-cost frontier (nothing
+    reads fewer bytes with more recall) as a dashed line; dense in black."""
+    df = _decode_records(df).dropna(subset=["metric.bytes_read_per_step", "metric.decode_recall_mean"])
+    if df.empty:
+        raise ValueError("no ok runner=decode records with bytes read and recall")
+    seq_len = seq_len or int(df["seq_len"].max())
+    df = df[df["seq_len"] == seq_len].groupby(["method", "label", "impl"], as_index=False)[
+        ["metric.bytes_read_per_step", "metric.decode_recall_mean"]].mean()
+    pts = [(float(r["metric.bytes_read_per_step"]), -float(r["metric.decode_recall_mean"])) for _, r in df.iterrows()]
+    front = pareto_front(pts)
+    color = _method_colours(df)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (_, r) in enumerate(df.iterrows()):
+        ax.scatter(pts[i][0], -pts[i][1], s=70 if i in front else 50, marker="*" if i in front else "o",
+                   color=color[r["label"]], label=f"{r['label']} ({r['impl']})", zorder=3)
+    fx = sorted(pts[i] for i in front)
+    if fx:
+        ax.step([p[0] for p in fx], [-p[1] for p in fx], where="post", color="grey", ls="--", lw=1,
+                label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"bytes read per decode step at L={seq_len} (index + K/V)")
+    ax.set_ylabel("attention recall (dense mass on the keys read)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -15,7 +15,7 @@ COLUMNS = ["run_id", "time", "method", "impl", "real_kernel", "model", "task", "
            "seq_len", "batch_size", "dtype", "device", "causal", "status", "error", "seed"]
 
 
-DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "config_key"]
+DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "config_key", "decode_path", "decode_fallback"]
 # config keys that do not change a result, or that rows already show: where it is stored, the
 # method (the row's label), the seed (averaged), the lengths (one record each), the passes timed
 # (the ``timed`` column), whether it was forced or resumed; device and dtype are taken resolved
@@ -90,6 +90,8 @@ def _flat(rec: dict) -> dict:
     row["config_key"] = config_key(rec)
     row["gpu"] = (rec.get("env") or {}).get("gpu")
     row["backend"] = (rec.get("details") or {}).get("backend")
+    row["decode_path"] = (rec.get("details") or {}).get("decode_path")  # runner=decode: the path, and
+    row["decode_fallback"] = (rec.get("details") or {}).get("decode_fallback")  # "dense" where it has none
     row["timed"] = timed_passes(rec)
     m = (rec.get("config") or {}).get("model") or {}
     row["shape"] = (f"H={m['num_heads']} Hkv={m.get('num_kv_heads') or m['num_heads']} D={m['head_dim']}"

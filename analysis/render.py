@@ -7,6 +7,7 @@ import html
 import pandas as pd
 
 from analysis.tables import (
+    decode_table,
     efficiency_lengths,
     failures_table,
     kernel_table,
@@ -112,10 +113,17 @@ def _markdown(df: pd.DataFrame) -> str:
         if not eff.empty:
             parts.append("Efficiency length (shortest length at which the method beats dense attention):\n\n"
                          + eff.to_markdown(index=False, disable_numparse=True) + "\n")
+    for title, g in settings(df, "decode"):
+        parts.append(f"### Decode: {title}\n\n" + decode_table(g).to_markdown(index=False, disable_numparse=True)
+                     + "\n\n" + DECODE_NOTE)
     bad = failures_table(df)
     if not bad.empty:
         parts.append(f"### Failed runs ({len(bad)})\n\n" + bad.to_markdown(index=False, disable_numparse=True) + "\n")
     return "\n".join(parts) if parts else NO_RECORDS
 
 
+DECODE_NOTE = ("runner=decode: prefill L tokens, then decode steps; step = index (append + select) + attention, "
+               "timed apart; selection share = index / step at p50; read fraction: bytes read over dense "
+               "decode's; recall: dense attention mass on the keys read (- for a recurrent state, which "
+               "reads no key); rel err: against dense decode over the same history.\n")
 NO_RECORDS = "(no records: the store is empty; run `attnbench` or `make run` first)\n"

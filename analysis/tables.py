@@ -202,10 +202,11 @@ def needle_cells(store) -> dict[str, list]:
     return out
 
 
-def settings(df: pd.DataFrame):
+def settings(df: pd.DataFrame, runner: str = "kernel"):
     """(title, sub-frame) per (device/gpu, dtype, causal, attention shape) setting of kernel
-    records (the shape, e.g. ``H=32 Hkv=32 D=64``, is named where the records hold it)."""
-    df = df[df["runner"] == "kernel"].copy()
+    records (or of another runner's: ``decode``) (the shape, e.g. ``H=32 Hkv=32 D=64``, is
+    named where the records hold it)."""
+    df = df[df["runner"] == runner].copy()
     if df.empty:
         return
     df["where"] = df["gpu"].fillna(df["device"])
@@ -263,6 +264,47 @@ def real_model_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.assign(_o=order).sort_values(["_o", "method"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
+def decode_table(df: pd.DataFrame) -> pd.DataFrame:
+    """runner=decode records of one setting: a row per method variant, impl and prefill length L
+    (dense first): the decode path (``dense fallback`` where the method has none of its own),
+    the step latency p50 and p99 (index + attention), the selection share (index time, i.e.
+    append and select, over the step, at p50), the bytes a step read and the share of dense
+    decode's, the KV bytes held at the end, the attention recall (dense probability mass on
+    the keys read) and the fidelity (relative error against dense decode), means over the
+    steps; seeds averaged (``_cell``)."""
+    df = labelled(df[df["runner"] == "decode"])
+    if df.empty:
+        return pd.DataFrame()
+    df = df.copy()
+    for c in ("latency.decode_index.p50", "latency.decode_step.p50"):
+        if c not in df:
+            df[c] = None
+    df["selection_share"] = pd.to_numeric(df["latency.decode_index.p50"], errors="coerce") / pd.to_numeric(
+        df["latency.decode_step.p50"], errors="coerce")
+    cols = [("step p50 ms", "latency.decode_step.p50", "{:.3f}", 1.0),
+            ("step p99 ms", "latency.decode_step.p99", "{:.3f}", 1.0),
+            ("selection share", "selection_share", "{:.0%}", 1.0),
+            ("KiB read / step", "metric.bytes_read_per_step", "{:.1f}", 1 / 1024),
+            ("read fraction", "metric.read_fraction", "{:.3f}", 1.0),
+            ("KiB held", "metric.kv_bytes_held_end", "{:.1f}", 1 / 1024),
+            ("recall", "metric.decode_recall_mean", "{:.3f}", 1.0),
+            ("rel err", "metric.decode_rel_err_mean", "{:.2e}", 1.0)]
+    rows = []
+    for (label, impl, L), g in df.groupby(["label", "impl", "seq_len"], sort=True):
+        recs = [r for _, r in g.iterrows()]
+        path = next((r["decode_path"] for r in recs if isinstance(r.get("decode_path"), str)), "-")
+        if any(r.get("decode_fallback") == "dense" for r in recs):
+            path += " (dense fallback)"
+        row = {"method": label, "impl": impl, "L": int(L), "decode path": path}
+        for name, col, fmt, scale in cols:
+            row[name] = _cell(recs, col, fmt, scale) if col in g else "-"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = out["method"].astype(str).str.startswith(BASELINE).map({True: 0, False: 1})
+    return out.assign(_o=order).sort_values(["_o", "method", "impl", "L"], kind="stable").drop(
+        columns="_o").reset_index(drop=True)
+
+
 def failures_table(df: pd.DataFrame) -> pd.DataFrame:
     """Every record that did not succeed, with its reason in full: what ran, where, and why it
     failed (the tables show the status and the start of the reason)."""
@@ -286,6 +328,8 @@ def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         out.append(("Long Range Arena, test accuracy (%)", lra))
     for title, g in settings(df):
         out.append((title, kernel_table(g)))
+    for title, g in settings(df, "decode"):
+        out.append((f"Decode: {title}", decode_table(g)))
     bad = failures_table(df)
     if not bad.empty:
         out.append(("Failed runs", bad))

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention, repeat_kv
+from methods.decode import SinkWindowDecode, sdpa
 from methods.lightning import run_steps, tiled_causal
+from methods.recurrent_decode import RecurrentDecode, grouped
 
 EPS = 1e-12
 
@@ -152,6 +154,10 @@ class Based(AttentionMethod):
         """The causal output token by token through ``step``: [B, H, T, D]."""
         return run_steps(self.step, q, k, v)
 
+    def decode_adapter(self) -> BasedDecode:
+        """The decode path over a KV cache (``methods.decode``): the Taylor state and the window."""
+        return BasedDecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         h, d, w = self.num_heads, self.head_dim, self.window
         f = 1 + d + d * d
@@ -168,3 +174,43 @@ class Based(AttentionMethod):
             flops += 4.0 * h * band * d
         return Cost(flops=flops, density=flops / dense,
                     kv_bytes=2.0 * self.num_kv_heads * (f * d + f + 2 * w * d))
+
+
+class BasedDecode(RecurrentDecode):
+    """BASED's decode path: the Taylor state S [B, Hkv, F, D] and normaliser z [B, Hkv, F] (one
+    per KV head, shared by its query heads), S <- S + phi(k)^T v, z <- z + phi(k), and the last
+    ``window`` keys and values as rows of a ring buffer (``SinkWindowDecode`` without sinks);
+    o_t = (phi(q_t) S / (phi(q_t) . z + eps) + softmax window attention) / 2."""
+
+    decode_sinks = 0
+
+    def __init__(self, method):
+        super().__init__(method)
+        self.decode_window = method.window
+
+    def decode_params(self) -> dict:
+        return {"window": self.decode_window}
+
+    def cache_capacity(self, tokens: int) -> int:
+        return min(tokens, self.decode_window)
+
+    def keep(self, cache, k, v) -> None:
+        SinkWindowDecode.store(self, cache, k, v)  # the ring of the last ``window`` tokens
+
+    def absorb(self, cache, k, v) -> None:
+        dt = self.state_dtype(cache)
+        fk = taylor_features(k.to(dt))  # [B, Hkv, n, F]
+        add_s, add_z = fk.transpose(-1, -2) @ v.to(dt), fk.sum(2)
+        if "S" not in cache.aux:
+            cache.aux["S"], cache.aux["z"] = add_s, add_z
+        else:
+            cache.aux["S"], cache.aux["z"] = cache.aux["S"] + add_s, cache.aux["z"] + add_z
+
+    def readout(self, q_t, cache):
+        dt = self.state_dtype(cache)
+        qq = q_t.to(dt)
+        fq = taylor_features(qq)
+        y = grouped(fq, cache.aux["S"]) / (grouped(fq, cache.aux["z"][..., None]) + EPS)
+        if self.decode_window:
+            y = (y + sdpa(qq, cache.keys().to(dt), cache.values().to(dt))) / 2
+        return y

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from methods.base import AttentionMethod, Cost, dense_flops, repeat_kv
 from methods.lightning import run_steps, tiled_causal
+from methods.recurrent_decode import RecurrentDecode, grouped
 
 LENGTH_SCALES = ("value", "output", "none")
 
@@ -128,6 +129,10 @@ class Cottention(AttentionMethod):
         """The causal output token by token through ``step``: [B, H, T, D]."""
         return run_steps(self.step, q, k, v)
 
+    def decode_adapter(self) -> CottentionDecode:
+        """The decode path over a KV cache (``methods.decode``): the recurrent state."""
+        return CottentionDecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim
         dense = dense_flops(h, d, tq, tk, causal)
@@ -139,3 +144,29 @@ class Cottention(AttentionMethod):
                 flops += h * 4.0 * tq * self.chunk_size * d  # the blocks' own masked products
         flops += h * 3.0 * (tq + tk) * d  # the L2 norms
         return Cost(flops=flops, density=flops / dense, kv_bytes=2.0 * self.num_heads * d * d)
+
+
+class CottentionDecode(RecurrentDecode):
+    """Cottention's decode path: the state S [B, Hs, D, D] of its RNN form (module docstring),
+    S <- S + sum_j k^_j v'_j^T over the new tokens, o_t = q^_t S_t (divided by the count of
+    keys for ``length_scale=output``); one state per query head with ``length_scale=value``
+    (each head scales the values by its own exponent), else one per KV head."""
+
+    def absorb(self, cache, k, v) -> None:
+        m, dt = self.method, self.state_dtype(cache)
+        kn, vv = F.normalize(k.to(dt), dim=-1), v.to(dt)
+        if m.length_scale == "value":  # v_j / max(1, c_j^sigma(m_h)), c_j = j + 1 keys at and before j
+            rep = self.num_heads // self.num_kv_heads
+            kn, vv = repeat_kv(kn, rep), repeat_kv(vv, rep)
+            c = torch.arange(cache.seen + 1, cache.seen + k.shape[2] + 1, device=k.device, dtype=dt)
+            vv = vv / (c.view(1, 1, -1, 1) ** m._exponent(dt, k.device)).clamp_min(1.0)
+        add = kn.transpose(-1, -2) @ vv
+        cache.aux["S"] = add if "S" not in cache.aux else cache.aux["S"] + add
+
+    def readout(self, q_t, cache):
+        m, dt = self.method, self.state_dtype(cache)
+        o = grouped(F.normalize(q_t.to(dt), dim=-1), cache.aux["S"])
+        if m.length_scale == "output":  # the count of keys the query sees (its own included)
+            o = o / (torch.tensor(float(cache.seen), dtype=dt, device=o.device)
+                     ** m._exponent(dt, o.device)).clamp_min(1.0)
+        return o

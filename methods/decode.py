@@ -34,6 +34,9 @@ Paths:
   ``SinkWindowAdapter``: the existing methods whose decode is defined by their prefill pattern:
       sliding window (window, no sinks) and MInference's A-shape (num_sink + window); the cache
       keeps only those keys (a rolling buffer, as StreamingLLM and Mistral's sliding window do)
+  ``decode_adapter()``: a method whose decode path is an adapter built in its own module (the
+      method's names would clash with the contract's): NSA (its three branches over the cache),
+      SparseK (scores kept per key), the linear family (``methods.recurrent_decode``: a state)
   ``DenseAdapter``: every other method decodes densely over its whole cache: its
       ``decode_fallback`` is "dense" (None for exact methods, whose decode is dense by definition)
 
@@ -505,10 +508,13 @@ def sink_window_of(method) -> tuple[int, int] | None:
 
 
 def decode_path(method) -> DecodePath:
-    """The decode path of ``method``: its own if it implements the contract; sinks + window for
-    sliding window and A-shape; else dense decode (``decode_fallback`` "dense")."""
+    """The decode path of ``method``: its own if it implements the contract, or the one its
+    ``decode_adapter()`` builds (NSA, SparseK, the linear family); sinks + window for sliding
+    window and A-shape; else dense decode (``decode_fallback`` "dense")."""
     if isinstance(method, DecodePath):
         return method
+    if callable(getattr(method, "decode_adapter", None)):
+        return method.decode_adapter()
     sw = sink_window_of(method)
     if sw is not None:
         return SinkWindowAdapter(method, *sw)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, repeat_kv
+from methods.recurrent_decode import RecurrentDecode, grouped
 
 ACTIVATIONS = ("silu", "1+elu", "relu", "identity")
 NORMS = ("heads", "head", "none")
@@ -222,6 +223,10 @@ class Lightning(AttentionMethod):
         """The causal output token by token through ``step``: [B, H, T, D]."""
         return run_steps(self.step, q, k, v)
 
+    def decode_adapter(self) -> LightningDecode:
+        """The decode path over a KV cache (``methods.decode``): the recurrent state."""
+        return LightningDecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim
         dense = dense_flops(h, d, tq, tk, causal)
@@ -234,3 +239,32 @@ class Lightning(AttentionMethod):
         flops += h * 4.0 * (tq + tk) * d  # the activation and the norm
         heads = self.num_heads if self.decay else self.num_kv_heads  # a state per decay rate
         return Cost(flops=flops, density=flops / dense, kv_bytes=2.0 * heads * d * d)
+
+
+class LightningDecode(RecurrentDecode):
+    """Lightning's decode path: the state S [B, Hs, D, D] of the recurrent form (module
+    docstring), one per KV head without decay (shared by its query heads), one per query head
+    with decay (each decays at its own rate). n tokens at once (the prefill's, or one step's):
+    S <- lambda^n S + sum_j lambda^(n-1-j) phi(k_j)^T v_j; o_t = Norm(phi(q_t) S_t)."""
+
+    def absorb(self, cache, k, v) -> None:
+        m, dt = self.method, self.state_dtype(cache)
+        rep, n = self.num_heads // self.num_kv_heads, k.shape[2]
+        fk, vv = m.phi(k.to(dt)), v.to(dt)
+        ld = m.log_decay()
+        if ld is not None:  # a state per query head
+            fk, vv = repeat_kv(fk, rep), repeat_kv(vv, rep)
+            ld = ld.to(device=k.device)
+            fk = fk * torch.exp(ld.view(-1, 1) * torch.arange(n - 1, -1, -1, device=k.device,
+                                                               dtype=torch.float64)).to(dt)[None, :, :, None]
+        add = fk.transpose(-1, -2) @ vv  # [B, Hs, D, D]
+        s = cache.aux.get("S")
+        if s is None:
+            cache.aux["S"] = add
+        else:
+            lam = 1.0 if ld is None else torch.exp(ld * n).to(dt).view(1, -1, 1, 1)
+            cache.aux["S"] = lam * s + add
+
+    def readout(self, q_t, cache):
+        m = self.method
+        return m.normalise(grouped(m.phi(q_t.to(self.state_dtype(cache))), cache.aux["S"]))

@@ -62,6 +62,7 @@ from methods.base import (
     masked_attention,
     repeat_kv,
 )
+from methods.decode import KVCache, Selection, _Adapter
 
 
 class NSA(SparseMethod):
@@ -296,6 +297,10 @@ class NSA(SparseMethod):
         chosen from the compressed branch per GQA group (attention recall: None, not a crash)."""
         return None
 
+    def decode_adapter(self) -> NSADecode:
+        """The decode path over a KV cache (``methods.decode``): the three branches per step."""
+        return NSADecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         """Budgeted: selected blocks plus window per query (at most all visible keys), plus the
         compressed branch, against causal dense attention."""
@@ -310,3 +315,86 @@ class NSA(SparseMethod):
         flops = 4.0 * self.num_heads * self.head_dim * (pairs + cmp_pairs)
         return Cost(flops=flops, density=(pairs + cmp_pairs) / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+class NSADecode(_Adapter):
+    """NSA's decode path (Sec. 3.3 at decode time; the paper's kernels serve training and
+    prefill, its decode reads the same three branches): the cache keeps every key and value
+    (a later query may select any block) and, as its index, the compressed keys and values of
+    every complete compression block (``cmp_k``, ``cmp_v`` [B, Hkv, blocks, D], fp32): the
+    prefill compresses the blocks it holds, and a step that completes a block (its last key at
+    position i*d + l - 1) compresses it (Eq. 7). At position t, with q_t:
+
+      select  the compressed attention over the blocks so far (Eq. 8), its probabilities summed
+              over the GQA group (Eq. 10) and mapped to selection-block importance (Eq. 9,
+              ``NSA.block_importance``), the top ``num_selected`` blocks with the first and two
+              local ones forced (Eq. 11, ``NSA.select``)
+      attend  exact attention over the selected blocks' keys up to t (Eq. 12) and over the
+              ``window`` most recent keys, gated with the compressed output (Eq. 5)
+
+    so that the step's output equals the prefill's row t. Bytes read: the compressed keys and
+    values (index), and the K/V rows of the selected blocks and the window (each row once)."""
+
+    def decode_params(self) -> dict:
+        return self.method.hyperparameters()
+
+    def blocks(self, length: int) -> int:
+        """Complete compression blocks among ``length`` keys."""
+        l, d = self.method.compress_block, self.method.compress_stride
+        return 0 if length < l else (length - l) // d + 1
+
+    def build_index(self, cache: KVCache) -> None:
+        B, Hkv, C, D = cache.k.shape
+        dt = torch.float64 if cache.dtype == torch.float64 else torch.float32
+        for name in ("cmp_k", "cmp_v"):
+            cache.aux[name] = torch.zeros(B, Hkv, self.blocks(C), D, dtype=dt, device=cache.device)
+        n = self.blocks(cache.length)
+        if n:
+            kc, vc = self.method.compressed_kv(cache.keys(), cache.values())
+            cache.aux["cmp_k"][:, :, :n], cache.aux["cmp_v"][:, :, :n] = kc, vc
+
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        S, l, d = cache.length, self.method.compress_block, self.method.compress_stride
+        if S >= l and (S - l) % d == 0:  # the step completed compression block (S - l) / d
+            kc, vc = self.method.compressed_kv(cache.k[:, :, S - l:S], cache.v[:, :, S - l:S])
+            i = (S - l) // d
+            cache.aux["cmp_k"][:, :, i], cache.aux["cmp_v"][:, :, i] = kc[:, :, 0], vc[:, :, 0]
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        self._check_q(q_t, cache)
+        m = self.method
+        B, H, _, D = q_t.shape
+        Hkv, rep = cache.num_kv_heads, H // cache.num_kv_heads
+        t, bs, w = cache.length - 1, m.block_size, m.window  # every token is kept: slot = position
+        n, nsel = self.blocks(cache.length), t // bs + 1
+        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+        mt = q_t.dtype if q_t.dtype in (torch.float16, torch.bfloat16) else dt  # as the prefill rounds
+        kc = repeat_kv(cache.aux["cmp_k"][:, :, :n], rep).to(mt).to(dt)
+        vc = repeat_kv(cache.aux["cmp_v"][:, :, :n], rep).to(mt)
+        if n:  # the compressed branch: every complete block ends at or before t
+            p = torch.softmax((q_t.to(dt) @ kc.transpose(-1, -2)) / math.sqrt(D), -1)  # [B, H, 1, n]
+            o_cmp = (p.to(mt) @ vc).to(dt)
+        else:
+            p, o_cmp = q_t.new_zeros(B, H, 1, 0, dtype=dt), q_t.new_zeros(B, H, 1, D, dtype=dt)
+        imp = m.block_importance(p.view(B, Hkv, rep, 1, n).sum(2), nsel)  # [B, Hkv, 1, nsel]
+        top = m.select(imp, t)[:, :, 0]  # [B, Hkv, k]: block indices, -1 where none
+        ar = torch.arange(bs, device=q_t.device)
+        slc = (top.clamp_min(0).unsqueeze(-1) * bs + ar).clamp_max(t).flatten(-2)  # [B, Hkv, k * bs]
+        slc_ok = ((top >= 0).unsqueeze(-1) & (top.unsqueeze(-1) * bs + ar <= t)).flatten(-2)
+        win = torch.arange(max(0, t - w + 1), t + 1, device=q_t.device).expand(B, Hkv, -1)
+        chosen = m.chosen_mask(top.unsqueeze(2), nsel)[:, :, 0]  # [B, Hkv, nsel]
+        win_new = ~chosen.gather(-1, win // bs)  # window keys not already read by the selection
+        slots = torch.cat([slc, win], -1).repeat_interleave(rep, 1)  # [B, H, k * bs + w]
+        valid = torch.cat([slc_ok, win_new], -1).repeat_interleave(rep, 1)
+        index_bytes = 2.0 * B * Hkv * n * D * cache.aux["cmp_k"].element_size()
+        return Selection(slots=slots, valid=valid, index_bytes=index_bytes,
+                         extra={"o_cmp": o_cmp, "slc": slc, "slc_ok": slc_ok, "win": win[0, 0]})
+
+    def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
+        x = sel.extra
+        k, v = cache.keys(), cache.values()
+        gather = lambda t: t.gather(2, x["slc"].unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        o_slc = masked_attention(q_t, gather(k), gather(v), x["slc_ok"].repeat_interleave(
+            self.num_heads // cache.num_kv_heads, 1).unsqueeze(2))
+        o_win = masked_attention(q_t, k[:, :, x["win"]], v[:, :, x["win"]])
+        return self.method._combine(q_t, x["o_cmp"], o_slc, o_win)

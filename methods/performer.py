@@ -33,6 +33,7 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, check_int, dense_flops, repeat_kv
+from methods.recurrent_decode import RecurrentDecode, grouped
 
 RELU_EPS = 1e-3
 
@@ -100,15 +101,19 @@ class Performer(AttentionMethod):
         self.projection.copy_(self._draw().to(self.projection.device))
 
     # ---- feature maps ----------------------------------------------------------------
+    def feature_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """W x - |x|^2 / 2 with x scaled by d^(-1/4) (softmax kernel), or W x (relu kernel):
+        [B, H, T, d] -> [B, H, T, m], in fp32 (fp64 for fp64 inputs)."""
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(dt) * self.head_dim ** -0.25
+        proj = x @ self.projection.to(dt).T  # [B, H, T, m]
+        return proj if self.kernel == "relu" else proj - 0.5 * (x * x).sum(-1, keepdim=True)
+
     def features(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
         """[B, H, T, d] -> [B, H, T, m], stabilised, in fp32 (fp64 for fp64 inputs)."""
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = self.projection.to(dt)
-        x = x.to(dt) * self.head_dim ** -0.25
-        proj = x @ w.T  # [B, H, T, m]
+        logits = self.feature_logits(x)
         if self.kernel == "relu":
-            return torch.relu(proj) / math.sqrt(self.num_features) + RELU_EPS
-        logits = proj - 0.5 * (x * x).sum(-1, keepdim=True)
+            return torch.relu(logits) / math.sqrt(self.num_features) + RELU_EPS
         if is_query:  # one maximum per query row: cancels in that row's ratio
             stab = logits.amax(dim=-1, keepdim=True)
         else:  # one maximum per (batch, head) over all its keys: cancels in every ratio
@@ -190,6 +195,10 @@ class Performer(AttentionMethod):
         flat = lambda x: x.reshape(*x.shape[:2], n * C, x.shape[-1])[:, :, :tq]  # noqa: E731
         return flat(num), flat(den)
 
+    def decode_adapter(self) -> PerformerDecode:
+        """The decode path over a KV cache (``methods.decode``): the recurrent state."""
+        return PerformerDecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         m, d, h = self.num_features, self.head_dim, self.num_heads
         flops = h * (2.0 * (tq + tk) * d * m  # feature maps
@@ -199,3 +208,38 @@ class Performer(AttentionMethod):
             flops += h * 2.0 * tq * self.chunk_size * (m + d)  # intra-chunk products (half used)
         return Cost(flops=flops, density=flops / dense_flops(h, d, tq, tk, causal),
                     kv_bytes=2.0 * self.num_kv_heads * (m * d + m))
+
+
+class PerformerDecode(RecurrentDecode):
+    """Performer's decode path: the causal form's state (module docstring), S = sum_j phi(k_j)
+    v_j^T [B, Hkv, m, D] and z = sum_j phi(k_j) [B, Hkv, m], one per KV head (the key features
+    do not depend on the query head). Softmax kernel: the key features are stabilised by the
+    running maximum ``mx`` [B, Hkv, 1, 1] of the key logits (the prefill divides by the maximum
+    over all keys; either cancels between numerator and denominator): when a new key raises it,
+    S and z are rescaled by exp(old - new)."""
+
+    def absorb(self, cache, k, v) -> None:
+        m, dt = self.method, self.state_dtype(cache)
+        logits = m.feature_logits(k)  # [B, Hkv, n, m]
+        if m.kernel == "relu":
+            fk = torch.relu(logits) / math.sqrt(m.num_features) + RELU_EPS
+        else:
+            top = logits.amax(dim=(-1, -2), keepdim=True)
+            if "mx" in cache.aux:
+                new = torch.maximum(cache.aux["mx"], top)
+                shrink = torch.exp(cache.aux["mx"] - new)
+                cache.aux["S"], cache.aux["z"] = cache.aux["S"] * shrink, cache.aux["z"] * shrink[..., 0]
+                top = new
+            cache.aux["mx"] = top
+            fk = torch.exp(logits - top) / math.sqrt(m.num_features)
+        add_s, add_z = fk.transpose(-1, -2) @ v.to(dt), fk.sum(2)
+        if "S" not in cache.aux:
+            cache.aux["S"], cache.aux["z"] = add_s, add_z
+        else:
+            cache.aux["S"], cache.aux["z"] = cache.aux["S"] + add_s, cache.aux["z"] + add_z
+
+    def readout(self, q_t, cache):
+        fq = self.method.features(q_t, True)  # [B, H, 1, m]
+        num = grouped(fq, cache.aux["S"])
+        den = grouped(fq, cache.aux["z"][..., None])
+        return num / den.clamp_min(1e-30)

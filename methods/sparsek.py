@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, check_int, repeat_kv
+from methods.decode import KVCache, Selection, _Adapter
 
 
 class SparseKOp(torch.autograd.Function):
@@ -379,6 +380,10 @@ class SparseK(AttentionMethod):
         count = int((m > 0).sum())  # pairs really attended (selected with weight > 0, window)
         return out, count
 
+    def decode_adapter(self) -> SparseKDecode:
+        """The decode path over a KV cache (``methods.decode``): scores kept, top-k plus window."""
+        return SparseKDecode(self)
+
     def cost(self, tq, tk, causal) -> Cost:
         off = tk - tq
         pairs = sum(min(self.window, i + off + 1) + min(self.k, max(0, i + off + 1 - self.window))
@@ -395,3 +400,54 @@ def _weighted_softmax(s, m):
     mx = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
     e = torch.exp(s - mx) * m
     return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+class SparseKDecode(_Adapter):
+    """SparseK's decode path: the cache keeps every key and value (any earlier key can be among
+    the top k) and, as its index, the scoring network's score of each (``score`` [B, Hkv,
+    capacity], fp32): u_j = w . k_j + b + position_slope * j, computed once, when key j arrives
+    (the prefill scores its keys). At position t the candidates are the keys j <= t - window;
+    the SparseK operator over their scores gives the weights p and the top k of them are read
+    with their weights, the ``window`` most recent keys with weight 1 (readings (1)-(4) of the
+    module docstring), so that the step's output equals the prefill's row t. Bytes read: the
+    candidates' scores (index) and the K/V rows of the top k (weight > 0) and the window."""
+
+    def decode_params(self) -> dict:
+        return self.method.hyperparameters()
+
+    def _dt(self, cache) -> torch.dtype:
+        return torch.float64 if cache.dtype == torch.float64 else torch.float32
+
+    def build_index(self, cache: KVCache) -> None:
+        B, Hkv, C, _ = cache.k.shape
+        cache.aux["score"] = torch.zeros(B, Hkv, C, dtype=self._dt(cache), device=cache.device)
+        cache.aux["score"][:, :, :cache.length] = self.method.scores(cache.keys())
+
+    def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        m, t = self.method, cache.length - 1
+        u = m.score(k_t.to(m.score.weight.dtype)).squeeze(-1)  # [B, Hkv, 1]
+        if m.position_slope:
+            u = u + m.position_slope * torch.tensor([t], device=u.device, dtype=u.dtype)
+        cache.aux["score"][:, :, t] = u[:, :, 0]
+
+    def select(self, q_t, cache: KVCache) -> Selection:
+        self._check_q(q_t, cache)
+        m, S = self.method, cache.length
+        t, rep, w = S - 1, self.num_heads // self.num_kv_heads, m.window
+        rows = torch.tensor([t], device=q_t.device)
+        with torch.no_grad():
+            idx, wsel, ok = m._soft_mask_rows(cache.aux["score"][:, :, :S], rows, S, None)  # [B, Hkv, 1, k']
+        win = torch.arange(max(0, t - w + 1), t + 1, device=q_t.device).expand(*idx.shape[:2], -1)
+        slots = torch.cat([idx[:, :, 0], win], -1).repeat_interleave(rep, 1)
+        valid = torch.cat([ok[:, :, 0] & (wsel[:, :, 0] > 0), torch.ones_like(win, dtype=torch.bool)], -1)
+        cand = max(0, t - w + 1)  # the candidates' scores are read
+        index_bytes = float(cache.batch * cache.num_kv_heads * cand * cache.aux["score"].element_size())
+        return Selection(slots=slots, valid=valid.repeat_interleave(rep, 1), index_bytes=index_bytes,
+                         extra={"idx": idx, "wsel": wsel, "rows": rows})
+
+    def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
+        x, dt = sel.extra, self._dt(cache)
+        out, _ = self.method._gather_chunk(q_t.to(dt), cache.keys(), cache.values(), x["idx"], x["wsel"], x["rows"],
+                                           None, self.num_heads // self.num_kv_heads, dt,
+                                           1.0 / math.sqrt(q_t.shape[-1]))
+        return out.to(q_t.dtype)

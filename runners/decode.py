@@ -97,6 +97,8 @@ class DecodeRunner:
             if rec.run_id in done:
                 log.info("L=%d: an ok record with run_id %s exists; skipped", L, rec.run_id)
                 continue
+            decoded = "dense (fallback: no decode path)" if path.decode_fallback == "dense" else type(path).__name__
+            rec.details["phases"] = {"prefill": f"{name} (its own causal prefill)", "decode": decoded}
             rec.details.update({"decode_path": type(path).__name__, "decode_fallback": path.decode_fallback,
                                 "steps": int(self.steps), "inputs": self.inputs, "warmup": int(self.warmup),
                                 "real_kernel": "decode gathers (or keeps) only the keys it reads"})
@@ -159,9 +161,11 @@ class DecodeRunner:
             for n, x in (path.last_step.get("stats") or {}).items():  # a method's own (RetrievalAttention's recall)
                 stats.setdefault(n, []).append(float(x))
         dense_read = [2.0 * B * shape[2] * (i + 1) * shape[3] * q.element_size() for i in range(L, L + N)]
+        no_keys = any(r is None for r in recall)  # a recurrent state: no key is read, recall is undefined
         rec.metrics.update({
             "decode_rel_err_mean": _mean(rel), "decode_rel_err_max": max(rel),
-            "decode_recall_mean": _mean(recall), "decode_recall_min": min(recall),
+            "decode_recall_mean": None if no_keys else _mean(recall),
+            "decode_recall_min": None if no_keys else min(recall),
             "bytes_read_per_step": _mean(read), "dense_bytes_read_per_step": _mean(dense_read),
             "read_fraction": _mean(read) / _mean(dense_read),
             "kv_bytes_held_end": cache.bytes_held(),
@@ -216,7 +220,10 @@ class DecodeRunner:
 
 def _recall(p: torch.Tensor, positions: torch.Tensor | None, cache) -> float:
     """Share of dense probability mass ``p`` [B, H, S] on the positions read ([B, H, n], -1
-    padding; None: every key the cache holds), averaged over batch and heads."""
+    padding; None: every key the cache holds), averaged over batch and heads; None where the
+    cache holds no key (a recurrent state: ``methods.recurrent_decode``)."""
+    if positions is None and cache.length == 0:
+        return None
     if positions is None:
         held = cache.positions()
         return float(p[:, :, held].sum(-1).mean())
