@@ -47,7 +47,8 @@ def _cell(rows, col, fmt, scale: float = 1.0):
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows: method variant, the passes its runs timed and impl; columns: forward (and, where
-    measured, backward) latency per length, and fidelity, peak memory, useful TFLOP/s (the
+    measured, backward) latency per length (beside it the index step's ms for methods that record
+    ``metric.index_ms``), and fidelity, peak memory, useful TFLOP/s (the
     FLOPs of the work the method must do, ``cost.flops``, over its forward time) and speedup
     over dense at the summary length: the longest length that at least half of the rows
     reached (a 1M-token run of a few methods does not empty the columns)."""
@@ -65,6 +66,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         df["useful_tflops"] = None
     bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
     bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
+    idx = df["metric.index_ms"].notna() if "metric.index_ms" in df else pd.Series(False, df.index)
+    idx_lens = sorted(int(t) for t in df.loc[idx, "seq_len"].unique())  # methods that time their index
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
@@ -84,6 +87,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")
         for t in lens:
             row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
+            if t in idx_lens:  # the index step's share of the forward, beside it
+                row[f"index ms @{t}"] = _cell(by_len.get(t), "metric.index_ms", "{:.3f}")
         for t in bwd_lens:  # backward timings, at the lengths some run has them
             row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
         row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)

@@ -5,7 +5,10 @@ one record per sequence length, each in one pass:
   check    the running implementation against the method's reference on a small shape; a
            failure is the record's status, and nothing is timed
   measure  fidelity metrics against exact attention, cost, latency (forward; backward when the
-           method is trainable) and peak memory
+           method is trainable) and peak memory; for a method that builds an index
+           (``has_index``), one more untimed call under ``index_timing(True)`` gives its index
+           step's wall time: ``metrics.index_ms`` and ``metrics.attention_ms`` = forward p50 -
+           index_ms (the timed repeats run without the index timing's syncs)
   record   appended to the store as soon as the length is measured, so that a later failure
            never loses a finished result
 """
@@ -22,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from methods.base import check_finite
+from methods.base import check_finite, index_timing
 from runners import bench, records
 from runners.device import resolve_device, resolve_dtype
 from tasks.fidelity import Fidelity, max_rel_err
@@ -130,6 +133,7 @@ class KernelRunner:
             rec.peak_mem_bytes["forward"], how = bench.peak_memory_bytes(fwd, device)
         rec.details["memory"] = how
         rec.details["timer"] = rec.latency_ms["forward"].pop("timer")
+        rec.metrics.update(index_split(method, q, k, v, causal, rec.latency_ms["forward"]["p50"]))
 
         if backward:
             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -158,6 +162,21 @@ class KernelRunner:
         tol = GATE_TOL[dtype]
         return {"checked": True, "passed": bool(err <= tol), "max_rel_err": err, "tol": tol,
                 "len": self.gate_len}
+
+
+def index_split(method, q, k, v, causal, forward_ms: float) -> dict:
+    """{index_ms, attention_ms} of a method that builds an index (``has_index``): one call, after
+    the timed repeats, with its index step timed (synced, ``index_timing``); attention_ms is the
+    forward latency less the index time (the timed calls did not sync). {} for other methods, or
+    where the call built no index (A-shape heads)."""
+    if not getattr(method, "has_index", False):
+        return {}
+    with torch.no_grad(), index_timing(True):
+        method(q, k, v, causal=causal)
+    ms = method.last_index_ms
+    if ms is None:
+        return {}
+    return {"index_ms": float(ms), "attention_ms": float(forward_ms) - float(ms)}
 
 
 def _no_donated_buffers():
