@@ -103,6 +103,29 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def budget_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Equal-budget runs (runner=kernel with ``runner.target_density``: methods.budget): one row
+    per method, impl and length; per target density, the quality at that budget (relative error
+    on the structured and random inputs) and the density the fitted knob achieved."""
+    if "metric.target_density" not in df:
+        return pd.DataFrame()
+    df = df[(df["runner"] == "kernel") & df["metric.target_density"].notna()]
+    if df.empty:
+        return pd.DataFrame()
+    targets = sorted(float(t) for t in df["metric.target_density"].unique())
+    rows = []
+    for (method, impl, T), g in df.groupby(["method", "impl", "seq_len"], sort=True):
+        row = {"method": method, "impl": impl, "len": int(T)}
+        for t in targets:
+            at = [r for _, r in g[g["metric.target_density"] == t].iterrows()] or None
+            pct = f"{100 * t:g}%"
+            row[f"rel err @{pct}"] = _cell(at, "metric.rel_err_structured", "{:.3f}")
+            row[f"rel err (random) @{pct}"] = _cell(at, "metric.rel_err_random", "{:.3f}")
+            row[f"density @{pct}"] = _cell(at, "metric.density_achieved", "{:.3f}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def efficiency_lengths(df: pd.DataFrame) -> pd.DataFrame:
     """The efficiency length of each method, as the CAB benchmark defines it: the shortest
     measured sequence length at which it is faster than dense attention (forward p50) and
@@ -291,6 +314,9 @@ def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         out.append(("Long Range Arena, test accuracy (%)", lra))
     for title, g in settings(df):
         out.append((title, kernel_table(g)))
+    budget = budget_table(df)
+    if not budget.empty:
+        out.append(("Equal budget: quality at a target density", budget))
     bad = failures_table(df)
     if not bad.empty:
         out.append(("Failed runs", bad))
