@@ -22,11 +22,16 @@ INDEXED = {
     "nsa": dict(block_size=8, num_selected=2, window=8, compress_block=8, compress_stride=4),
     "sparsek": dict(k=8, window=4),
     "hyper_attention": dict(block_size=8, sample_size=4, min_seq_len=8),
+    "sea": dict(block_size=8, top_k_blocks=2, num_features=8),
+    "biformer": dict(region_size=8, topk=2),
+    "seer_attention": dict(block_size=8, hidden_size=8, selection="topk", nz_ratio=0.3),
 }
+NONCAUSAL = ("biformer",)
 
 
 def build(name):
-    return methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **INDEXED[name])
+    extra = {"gate": "untrained"} if name == "seer_attention" else {}
+    return methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **INDEXED[name], **extra)
 
 
 @pytest.fixture
@@ -46,7 +51,7 @@ def clock_calls(monkeypatch):
 
 def test_every_method_with_an_index_says_so():
     for name in INDEXED:
-        assert methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8).has_index, name
+        assert build(name).has_index, name
     assert not methods.load("dense", num_heads=4, head_dim=8).has_index
 
 
@@ -54,16 +59,17 @@ def test_every_method_with_an_index_says_so():
 def test_index_timing_is_off_by_default_and_on_when_asked(name, clock_calls):
     q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=48, D=8, dtype=torch.float32)
     m = build(name)
+    causal = name not in NONCAUSAL
     with torch.no_grad():
-        m(q, k, v, causal=True)
+        m(q, k, v, causal=causal)
     assert clock_calls == [] and m.last_index_ms is None  # off: no sync, no value
     with torch.no_grad(), index_timing(True):
-        m(q, k, v, causal=True)
+        m(q, k, v, causal=causal)
     assert len(clock_calls) >= 2 and "cuda.synchronize" not in clock_calls  # CPU inputs: no CUDA sync
     assert m.last_index_ms is not None and m.last_index_ms >= 0
     n = len(clock_calls)
     with torch.no_grad():  # off again: the value of the timed call does not linger
-        m(q, k, v, causal=True)
+        m(q, k, v, causal=causal)
     assert len(clock_calls) == n and m.last_index_ms is None
 
 
