@@ -9,7 +9,8 @@ layer are captured (tasks/capture.py: after RoPE, as a method receives them). Th
 layer and window is the block-pooled dense attention map (``distill_target``: max-pooled over
 block tiles, rows normalised); the gate of each layer (W_q, W_k; nothing else trains) learns it
 by AdamW on KL(target || gate) (``distill_loss``), cycling over the training windows. The last
-window is held out: its loss before and after training is reported per layer.
+window is held out: its loss before and after training is reported per layer. Training starts
+at token 50000 (``--skip``), past the prose windows the real-model tasks evaluate on.
 
 The gates are saved with ``torch.save`` as {"meta": ..., "layers": {layer: state_dict}, "loss":
 ...} (tensors and plain values only: ``torch.load(weights_only=True)`` reads it) into the asset
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prose", default="austen")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=8, help="windows of prose (the last is held out)")
-    ap.add_argument("--skip", type=int, default=2000, help="tokens skipped at the start (title pages)")
+    ap.add_argument("--skip", type=int, default=50000,
+                    help="tokens skipped at the start: past the windows the real-model tasks read (from 2000 on)")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps per layer")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--block-size", type=int, default=64)

@@ -188,7 +188,7 @@ def test_training_script_on_smollm2_at_tiny_size(tmp_path):
     from scripts.train_seer_gate import main
 
     out = tmp_path / "gate.pt"
-    assert main(["--device", "cpu", "--seq-len", "64", "--windows", "2", "--steps", "8", "--layers", "1",
+    assert main(["--device", "cpu", "--seq-len", "64", "--windows", "2", "--steps", "8", "--layers", "1", "--skip", "2000",
                  "--block-size", "16", "--hidden-size", "16", "--lr", "1e-2", "--out", str(out)]) == 0
     saved = torch.load(out, weights_only=True)
     assert set(saved["layers"]) == {1} and saved["meta"]["block_size"] == 16
