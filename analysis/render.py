@@ -8,6 +8,7 @@ import pandas as pd
 
 from analysis.tables import (
     decode_table,
+    budget_table,
     efficiency_lengths,
     failures_table,
     kernel_table,
@@ -116,6 +117,13 @@ def _markdown(df: pd.DataFrame) -> str:
     for title, g in settings(df, "decode"):
         parts.append(f"### Decode: {title}\n\n" + decode_table(g).to_markdown(index=False, disable_numparse=True)
                      + "\n\n" + DECODE_NOTE)
+    budget = budget_table(df)
+    if not budget.empty:
+        parts.append("### Equal budget: quality at a target density\n\n"
+                     + mark_best(budget).to_markdown(index=False, disable_numparse=True) + "\n\n"
+                     "Each method's budget knob fitted per length to the target density on the timed "
+                     "inputs (methods/budget.py); rel err on the fidelity task's structured (and random) "
+                     "inputs at that budget; density: what the fitted knob achieved.\n")
     bad = failures_table(df)
     if not bad.empty:
         parts.append(f"### Failed runs ({len(bad)})\n\n" + bad.to_markdown(index=False, disable_numparse=True) + "\n")

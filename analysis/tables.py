@@ -47,7 +47,8 @@ def _cell(rows, col, fmt, scale: float = 1.0):
 
 def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows: method variant, the passes its runs timed and impl; columns: forward (and, where
-    measured, backward) latency per length, and fidelity, peak memory, useful TFLOP/s (the
+    measured, backward) latency per length (beside it the index step's ms for methods that record
+    ``metric.index_ms``), and fidelity, peak memory, useful TFLOP/s (the
     FLOPs of the work the method must do, ``cost.flops``, over its forward time) and speedup
     over dense at the summary length: the longest length that at least half of the rows
     reached (a 1M-token run of a few methods does not empty the columns)."""
@@ -65,6 +66,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         df["useful_tflops"] = None
     bwd = df["latency.backward.p50"].notna() if "latency.backward.p50" in df else pd.Series(False, df.index)
     bwd_lens = sorted(int(t) for t in df.loc[bwd, "seq_len"].unique())
+    idx = df["metric.index_ms"].notna() if "metric.index_ms" in df else pd.Series(False, df.index)
+    idx_lens = sorted(int(t) for t in df.loc[idx, "seq_len"].unique())  # methods that time their index
     dense = df[(df["method"] == BASELINE) & (df["status"] == "ok")]
     dense = dense[dense["impl"] != "reference"] if (dense["impl"] != "reference").any() else dense
     auto = dense["method_params"].apply(lambda p: isinstance(p, dict) and p.get("backend", "auto") == "auto")
@@ -84,6 +87,8 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
         row["rel err (structured)"] = _cell(last, "metric.rel_err_structured", "{:.3f}")
         for t in lens:
             row[f"fwd ms @{t}"] = _cell(by_len.get(t), "latency.forward.p50", "{:.3f}")
+            if t in idx_lens:  # the index step's share of the forward, beside it
+                row[f"index ms @{t}"] = _cell(by_len.get(t), "metric.index_ms", "{:.3f}")
         for t in bwd_lens:  # backward timings, at the lengths some run has them
             row[f"bwd ms @{t}"] = _cell(by_len.get(t), "latency.backward.p50", "{:.3f}")
         row[f"peak MiB @{tmax}"] = _cell(last, "mem.forward", "{:.1f}", scale=2.0**-20)
@@ -94,6 +99,29 @@ def kernel_table(df: pd.DataFrame) -> pd.DataFrame:
             p50 = sum(r["latency.forward.p50"] for r in last) / len(last)
             sp = f"{base[tmax] / p50:.2f}x"
         row[f"speedup @{tmax}"] = sp
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def budget_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Equal-budget runs (runner=kernel with ``runner.target_density``: methods.budget): one row
+    per method, impl and length; per target density, the quality at that budget (relative error
+    on the structured and random inputs) and the density the fitted knob achieved."""
+    if "metric.target_density" not in df:
+        return pd.DataFrame()
+    df = df[(df["runner"] == "kernel") & df["metric.target_density"].notna()]
+    if df.empty:
+        return pd.DataFrame()
+    targets = sorted(float(t) for t in df["metric.target_density"].unique())
+    rows = []
+    for (method, impl, T), g in df.groupby(["method", "impl", "seq_len"], sort=True):
+        row = {"method": method, "impl": impl, "len": int(T)}
+        for t in targets:
+            at = [r for _, r in g[g["metric.target_density"] == t].iterrows()] or None
+            pct = f"{100 * t:g}%"
+            row[f"rel err @{pct}"] = _cell(at, "metric.rel_err_structured", "{:.3f}")
+            row[f"rel err (random) @{pct}"] = _cell(at, "metric.rel_err_random", "{:.3f}")
+            row[f"density @{pct}"] = _cell(at, "metric.density_achieved", "{:.3f}")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -330,6 +358,9 @@ def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         out.append((title, kernel_table(g)))
     for title, g in settings(df, "decode"):
         out.append((f"Decode: {title}", decode_table(g)))
+    budget = budget_table(df)
+    if not budget.empty:
+        out.append(("Equal budget: quality at a target density", budget))
     bad = failures_table(df)
     if not bad.empty:
         out.append(("Failed runs", bad))

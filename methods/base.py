@@ -53,11 +53,44 @@ def check_int(owner: str, name: str, value, lo: int = 1, hi: int | None = None) 
 
 def synced_clock(x: torch.Tensor) -> float:
     """Wall time in seconds after the device's queued work (the index-building time some
-    methods record as ``last_index_ms``). On CUDA it synchronises: a call that records it is
-    not free of host syncs."""
+    methods record as ``last_index_ms``, under ``index_timing``). On CUDA it synchronises: a
+    call that records it is not free of host syncs."""
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     return time.perf_counter()
+
+
+_INDEX_TIMING = [False]
+
+
+@contextlib.contextmanager
+def index_timing(enabled: bool):
+    """Time the index-building step of the methods that have one (``AttentionMethod.has_index``)
+    inside the block: off by default. On, each such call syncs the device before and after its
+    index step (``synced_clock``) and sets ``last_index_ms``; off, nothing is synced and
+    ``last_index_ms`` stays None, so that a timed call measures the method as it runs."""
+    old = _INDEX_TIMING[0]
+    _INDEX_TIMING[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _INDEX_TIMING[0] = old
+
+
+@contextlib.contextmanager
+def timed_index(method: "AttentionMethod", x: torch.Tensor):
+    """The index-building step of ``method`` inside the block, on ``x``'s device: under
+    ``index_timing(True)`` its wall time (synced) is added to ``method.last_index_ms`` (reset
+    to None by every call of the method: a call with several index steps sums them); otherwise
+    the block runs as it is (no sync) and ``last_index_ms`` is left None."""
+    if not _INDEX_TIMING[0] or _capturing():
+        yield
+        return
+    t0 = synced_clock(x)
+    try:
+        yield
+    finally:
+        method.last_index_ms = (method.last_index_ms or 0.0) + (synced_clock(x) - t0) * 1e3
 
 
 _VALUE_CHECKS = [True]
@@ -155,6 +188,10 @@ class AttentionMethod(nn.Module):
     paper: str | None = None
     kind: str = "exact"
     official_test: str | None = None
+    # builds an index before attending (blocks, stripes, selections): under ``index_timing`` its
+    # calls record the index step's wall time in ``last_index_ms`` (runner=kernel: ``index_ms``)
+    has_index: bool = False
+    last_index_ms: float | None = None
 
     def __init__(
         self,
@@ -208,6 +245,8 @@ class AttentionMethod(nn.Module):
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None):
         self.check_inputs(q, k, v, causal, key_padding_mask)
         self.check_values(q, k, v)
+        if self.has_index:
+            self.last_index_ms = None  # set by the index step of this call under index_timing
         if q.numel() == 0 or k.shape[2] == 0:  # no query (an empty output) or no key (zeros)
             return torch.zeros_like(q)
         return self.attend(q, k, v, causal, key_padding_mask)

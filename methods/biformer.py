@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from methods.base import Cost, SparseMethod, repeat_kv
+from methods.base import Cost, SparseMethod, repeat_kv, timed_index
 
 
 class BiFormer(SparseMethod):
@@ -37,6 +37,7 @@ class BiFormer(SparseMethod):
     paper = "Zhu et al. 2023"
     kind = "sparse (region routing)"
     official_test = None
+    has_index = True  # the region routing, under index_timing
     supports_causal = False
     impls = ("reference", "flex", "triton")
     triton_backward = True  # the block-sparse kernel has one
@@ -61,8 +62,9 @@ class BiFormer(SparseMethod):
         return xs / cnt.clamp_min(1)[:, None, :, None], cnt > 0
 
     def layout(self, q, k, key_padding_mask=None) -> torch.Tensor:
-        """[B, H, nq, nk] bool: the key regions each query region is routed to."""
-        with torch.no_grad():
+        """[B, H, nq, nk] bool: the key regions each query region is routed to (the index step,
+        timed into ``last_index_ms`` under ``methods.base.index_timing(True)``)."""
+        with torch.no_grad(), timed_index(self, q):
             dt = torch.float64 if q.dtype == torch.float64 else torch.float32
             k = repeat_kv(k, q.shape[1] // k.shape[1])
             qr, _ = self._region_means(q.detach().to(dt))

@@ -27,7 +27,7 @@ window is added on top of the top-k (the official kernel adds its window likewis
 ignores the causal order inside the query block (the block's last query sees every key of the
 range), and padded keys are never representatives. The non-causal form (all keys in range)
 is this module's extension: the paper's kernels are causal.
-``block_layout(q, k, causal)`` is the index-building step on its own, timed into ``last_index_ms`` (for timing); each call
+``block_layout(q, k, causal)`` is the index-building step on its own, timed into ``last_index_ms`` under ``index_timing(True)``; each call
 sets ``last_density``.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
+from methods.base import Cost, SparseMethod, repeat_kv, timed_index
 
 
 class HiP(SparseMethod):
@@ -46,12 +46,12 @@ class HiP(SparseMethod):
     paper = "Lee et al. 2024"
     kind = "sparse (hierarchical top-k blocks)"
     official_test = None
+    has_index = True  # the index step is timed apart under index_timing
     impls = ("reference", "flex")
 
     def __init__(self, top_k: int = 512, block_q: int = 32, block_k: int = 2, window: int = 128,
                  impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
-        self.last_index_ms: float | None = None  # the last index building, ms
         for n, val, low in (("top_k", top_k, 1), ("block_q", block_q, 1), ("block_k", block_k, 1),
                             ("window", window, 0)):
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
@@ -70,12 +70,10 @@ class HiP(SparseMethod):
         return torch.div(last, self.block_k, rounding_mode="floor") + 1
 
     def block_layout(self, q, k, causal, key_padding_mask=None):
-        """The block layout (below), timed: sets ``last_index_ms`` (the index-building step's
-        wall time, apart from the attention's)."""
-        t0 = synced_clock(q)
-        out = self._block_layout(q, k, causal, key_padding_mask)
-        self.last_index_ms = (synced_clock(q) - t0) * 1e3
-        return out
+        """The block layout (below): the index-building step, timed into ``last_index_ms`` under
+        ``methods.base.index_timing(True)`` (no sync otherwise)."""
+        with timed_index(self, q):
+            return self._block_layout(q, k, causal, key_padding_mask)
 
     score_bytes = 1 << 30  # representative scores held at once (query blocks chunked to fit)
 

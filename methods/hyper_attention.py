@@ -37,7 +37,8 @@ and samples come from a generator seeded by ``seed`` (and, for the samples, by t
 offsets), and padded keys are neither computed nor sampled in effect (their weight is 0).
 Reference implementation only (it forms the weights w as a dense matrix: true quality, not
 true speed); ``computed_keys`` are the pairs with w > 0 (attention recall), ``last_density``
-their share.
+their share. The weights (hashing, sorting, sampling) are the index step, timed into
+``last_index_ms`` under ``methods.base.index_timing(True)``.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import AttentionMethod, Cost, repeat_kv
+from methods.base import AttentionMethod, Cost, repeat_kv, timed_index
 
 
 class HyperAttention(AttentionMethod):
@@ -55,6 +56,7 @@ class HyperAttention(AttentionMethod):
     paper = "Han et al. 2024"
     kind = "sparse (LSH blocks + sampled columns)"
     official_test = None
+    has_index = True  # sortLSH and sampling (the weights w), under index_timing
     impls = ("reference",)
     last_path: str | None = None  # as the sparse methods': the path the last call took
 
@@ -144,7 +146,8 @@ class HyperAttention(AttentionMethod):
         B, H, tq, D = q.shape
         tk = k.shape[2]
         self.last_path = "reference"
-        w = self.weights(q, k, causal)
+        with timed_index(self, q):  # sortLSH and the sampled columns
+            w = self.weights(q, k, causal)
         if key_padding_mask is not None:
             w = w * key_padding_mask.view(B, 1, 1, tk)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32

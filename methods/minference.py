@@ -39,6 +39,8 @@ minima (30 columns, 50 diagonals). ``calibrate(samples)`` picks per head, among 
 patterns and budgets, the one that keeps the most attention mass within a density budget.
 Decode steps (one query) fall back to dense attention: ``last_fallback`` says so.
 
+The index step (the vertical/slash estimate, the pooled block choice) is timed into
+``last_index_ms`` under ``methods.base.index_timing(True)`` (A-shape heads build none).
 ``last_density`` is the effective density: the causal pairs the construction keeps over all
 causal pairs (not the tiles a kernel visits).
 """
@@ -52,7 +54,7 @@ from pathlib import Path
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, check_int, masked_attention, repeat_kv
+from methods.base import Cost, SparseMethod, check_int, masked_attention, repeat_kv, timed_index
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
 A, VS, BS = range(3)
@@ -71,6 +73,7 @@ class MInference(SparseMethod):
     official_test = "tests/test_faithful.py::test_minference_index_and_mask_equal_the_official_construction"
     supports_noncausal = False
     training_free = True
+    has_index = True  # vertical-slash and block-sparse heads: their index step, under index_timing
 
     impls = ("reference", "flex", "triton")
 
@@ -200,10 +203,11 @@ class MInference(SparseMethod):
         off, bs = k.shape[2] - q.shape[2], self.block_size
         sink, win = self._per_head("num_sink", dev), self._per_head("window", dev)
         vs = lay = None
-        if "vertical_slash" in kinds:
-            vs = self.vertical_slash_index(q, k)
-        if "block_sparse" in kinds:
-            lay = self.block_layout(q, k)
+        with timed_index(self, q):  # the index step (vertical/slash sets, block layout)
+            if "vertical_slash" in kinds:
+                vs = self.vertical_slash_index(q, k)
+            if "block_sparse" in kinds:
+                lay = self.block_layout(q, k)
         heads_of = lambda kind: [i for i, h in enumerate(self.heads) if h["pattern"] == kind]  # noqa: E731
         self._index = {}  # per pattern: (its heads, their index), for the effective density
         if vs is not None:
@@ -268,13 +272,15 @@ class MInference(SparseMethod):
             elif kind == "block_sparse":
                 bs = self.block_size
                 m = self if not sub else self._subset(hs)
-                idx, cnt = m.block_lists(qs, ks)
+                with timed_index(self, q):
+                    idx, cnt = m.block_lists(qs, ks)
                 self._index[kind] = (hs, dict(idx=idx, cnt=cnt))
                 o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, block_m=bs, block_n=bs, causal=True)
                 work += bsk.tile_work(cnt, bs, bs, B, len(hs))
             else:
                 m = self if not sub else self._subset(hs)
-                index = m.vertical_slash_index(qs, ks)
+                with timed_index(self, q):
+                    index = m.vertical_slash_index(qs, ks)
                 self._index[kind] = (hs, index)
                 if self.slash_mode == "ranges":  # the official 64-wide ranges: block-sparse launches
                     o, w = ranges_attention(qs, ks, vs, index)

@@ -45,6 +45,9 @@ Training with impl=triton: each branch has a backward kernel (``NSACompressedAtt
 chose it; ``BlockSparseAttention`` for the window), the
 compression MLP and the gates by autograd. Among blocks of equal importance the earlier is
 chosen (on every path).
+The index step is the compressed branch with the importance and top-n selection it yields
+(one pass: o_cmp comes with it), timed into ``last_index_ms`` under
+``methods.base.index_timing(True)``.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ from methods.base import (
     check_int,
     masked_attention,
     repeat_kv,
+    timed_index,
 )
 from methods.decode import KVCache, Selection, _Adapter
 
@@ -71,6 +75,7 @@ class NSA(SparseMethod):
     paper = "Yuan et al. 2025"
     kind = "sparse (trainable)"
     official_test = "tests/test_nsa_importance.py::test_reference_importance_is_eq9"  # the paper (no official code)
+    has_index = True  # the compressed branch and the selection, under index_timing
     importance_bytes = 1 << 30  # Triton path: selection scores held at once (rows chunked to fit)
     impls = ("reference", "flex", "triton")
     supports_noncausal = False
@@ -204,7 +209,8 @@ class NSA(SparseMethod):
             return None  # padded batches: the flex path
         B, H, T, D = q.shape
         training = self._wants_grad(q, k, v)
-        o_cmp, sel = self._triton_compressed(q, k, v)
+        with timed_index(self, q):  # the compressed branch and the selection
+            o_cmp, sel = self._triton_compressed(q, k, v)
         o_slc = nsa_selected.nsa_selected_attention(q, k, v, sel, self.block_size)
         bm, bn = 64, 64
         idx, cnt, nin = block_sparse.window_lists(T, bm, bn, True, (self.window,), (block_sparse.BIG,), (0,),
@@ -255,7 +261,8 @@ class NSA(SparseMethod):
         out = self._try_triton(q, k, v, causal, key_padding_mask, attend=self._triton_branches)
         if out is not None:
             return out
-        o_cmp, sel = self._compressed(q, k, v, key_padding_mask)  # sel: [B, Hkv, T, n]
+        with timed_index(self, q):  # the compressed branch and the selection
+            o_cmp, sel = self._compressed(q, k, v, key_padding_mask)  # sel: [B, Hkv, T, n]
         chosen = self.chosen_mask(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel]
         bs, w = self.block_size, self.window
 

@@ -20,7 +20,7 @@ Defaults alpha = 0.95, row_ratio = 0.05, window_ratio = 0.08 are this module's r
 paper's evaluation settings (its official code is not available offline). Also a reading: the
 stripes alone reach alpha of the sampled mass (the paper counts the window's mass too, so this
 keeps at least as many stripes), and the sampled rows are evenly spaced.
-``index(q, k)`` is the index-building step on its own, timed into ``last_index_ms`` (for timing it apart from attention);
+``index(q, k)`` is the index-building step on its own, timed into ``last_index_ms`` under ``index_timing(True)``;
 every call sets ``last_density`` (the kept share of the causal pairs) and ``last_columns``
 (the mean number of stripes per head). ``impl=triton`` runs the vertical-slash kernel of
 ``methods.kernels.vertical_slash`` (stripes as verticals, the window as the first slashes).
@@ -32,7 +32,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
+from methods.base import Cost, SparseMethod, repeat_kv, timed_index
 
 
 class SampleAttention(SparseMethod):
@@ -41,13 +41,13 @@ class SampleAttention(SparseMethod):
     paper = "Zhu et al. 2024"
     kind = "sparse (sampled stripes + window)"
     official_test = None
+    has_index = True  # the index step is timed apart under index_timing
     supports_noncausal = False
     impls = ("reference", "flex", "triton")
 
     def __init__(self, alpha: float = 0.95, row_ratio: float = 0.05, window_ratio: float = 0.08,
                  impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
-        self.last_index_ms: float | None = None  # the last index building, ms
         for n, val in (("alpha", alpha), ("row_ratio", row_ratio)):
             if not 0 < val <= 1:
                 raise ValueError(f"SampleAttention: {n} must be in (0, 1], got {val!r}")
@@ -65,12 +65,10 @@ class SampleAttention(SparseMethod):
         return math.ceil(self.window_ratio * tk)
 
     def index(self, q, k, key_padding_mask=None):
-        """The column stripes (below), timed: sets ``last_index_ms`` (the index-building step's
-        wall time, apart from the attention's)."""
-        t0 = synced_clock(q)
-        out = self._index(q, k, key_padding_mask)
-        self.last_index_ms = (synced_clock(q) - t0) * 1e3
-        return out
+        """The column stripes (below): the index-building step, timed into ``last_index_ms`` under
+        ``methods.base.index_timing(True)`` (no sync otherwise)."""
+        with timed_index(self, q):
+            return self._index(q, k, key_padding_mask)
 
     score_bytes = 1 << 30  # sampled scores held at once (the sampled rows are chunked to fit)
 

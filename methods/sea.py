@@ -28,7 +28,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv
+from methods.base import Cost, SparseMethod, repeat_kv, timed_index
 from methods.performer import Performer
 
 
@@ -38,6 +38,7 @@ class SEA(SparseMethod):
     paper = "Lee et al. 2024"
     kind = "sparse (top-k of a linear estimate)"
     official_test = None
+    has_index = True  # the estimate and the top-k blocks, under index_timing
     supports_decode = True
 
     def __init__(self, block_size: int = 16, top_k_blocks: int = 8, num_features: int = 64, feature_seed: int = 0,
@@ -69,8 +70,9 @@ class SEA(SparseMethod):
         return a / a.sum(-1, keepdim=True).clamp_min(1e-30), cnt > 0
 
     def selected(self, q, k, causal, key_padding_mask=None) -> torch.Tensor:
-        """[B, H, Tq, nb] bool: the key blocks each query attends."""
-        with torch.no_grad():
+        """[B, H, Tq, nb] bool: the key blocks each query attends (the index step, timed into
+        ``last_index_ms`` under ``methods.base.index_timing(True)``)."""
+        with torch.no_grad(), timed_index(self, q):
             a, real = self.estimate(q.detach(), k.detach(), key_padding_mask)
             tq, tk, b = q.shape[2], k.shape[2], self.block_size
             n = a.shape[-1]

@@ -32,7 +32,7 @@ Defaults are the official ``spas_sage2_attn_meansim_cuda``'s: blocks 128 x 64,
 sim_threshold (simthreshd1) 0.6, cdf_threshold (cdfthreshd) 0.98, pv_threshold (pvthreshd) 50,
 attention_sink off; pv_skip is off by default (the issue asks for it as an option; the
 official kernel always applies it, so with pv_threshold 50 its effect is negligible).
-``block_map(q, k, causal)`` is the index-building step on its own, timed into ``last_index_ms`` (for timing); every call
+``block_map(q, k, causal)`` is the index-building step on its own, timed into ``last_index_ms`` under ``index_timing(True)``; every call
 sets ``last_density`` (and ``last_pv_skipped``, the share of visited blocks whose PV product
 was skipped, under ``pv_skip``). ``impl=triton`` runs the map's tiles with
 ``methods.kernels.block_sparse`` (Tq == Tk).
@@ -44,7 +44,7 @@ import math
 import torch
 
 from methods import masks
-from methods.base import Cost, SparseMethod, repeat_kv, synced_clock
+from methods.base import Cost, SparseMethod, repeat_kv, timed_index
 
 
 class SpargeAttn(SparseMethod):
@@ -53,13 +53,13 @@ class SpargeAttn(SparseMethod):
     paper = "Zhang et al. 2025"
     kind = "sparse (data-dependent blocks)"
     official_test = None
+    has_index = True  # the index step is timed apart under index_timing
     impls = ("reference", "flex", "triton")
 
     def __init__(self, block_q: int = 128, block_k: int = 64, sim_threshold: float = 0.6,
                  cdf_threshold: float = 0.98, pv_threshold: float = 50.0, pv_skip: bool = False,
                  smooth_k: bool = True, attention_sink: bool = False, impl: str = "flex", **structural):
         super().__init__(impl=impl, **structural)
-        self.last_index_ms: float | None = None  # the last index building, ms
         for n, val in (("block_q", block_q), ("block_k", block_k)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"SpargeAttn: {n} must be an integer >= 1, got {val!r}")
@@ -98,12 +98,10 @@ class SpargeAttn(SparseMethod):
         return (torch.arange(nk, device=device) * self.block_k).view(1, nk) <= last.view(nq, 1)
 
     def block_map(self, q, k, causal):
-        """The block map (below), timed: sets ``last_index_ms`` (the index-building step's
-        wall time, apart from the attention's)."""
-        t0 = synced_clock(q)
-        out = self._block_map(q, k, causal)
-        self.last_index_ms = (synced_clock(q) - t0) * 1e3
-        return out
+        """The block map (below): the index-building step, timed into ``last_index_ms`` under
+        ``methods.base.index_timing(True)`` (no sync otherwise)."""
+        with timed_index(self, q):
+            return self._block_map(q, k, causal)
 
     @torch.no_grad()
     def _block_map(self, q, k, causal) -> torch.Tensor:

@@ -44,6 +44,8 @@ impl=gather     per chunk of queries, the k selected keys are gathered and the w
                 operator on full rows (its backward needs each row's free set), and each
                 chunk is recomputed in the backward (checkpointed): training memory holds
                 one chunk's selection, not every chunk's
+The scorer (u over the keys) is timed into ``last_index_ms`` under
+``methods.base.index_timing(True)``; the threshold search runs per chunk with the attention.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from methods import masks
-from methods.base import AttentionMethod, Cost, check_int, repeat_kv
+from methods.base import AttentionMethod, Cost, check_int, repeat_kv, timed_index
 from methods.decode import KVCache, Selection, _Adapter
 
 
@@ -102,6 +104,7 @@ class SparseK(AttentionMethod):
     paper = "Lou et al. 2024"
     kind = "sparse (trainable top-k)"
     official_test = "tests/test_faithful.py::test_sparsek_scorer_and_masked_attention_equal_the_paper"  # the paper (no official code here)
+    has_index = True  # the scorer u (not the per-chunk selection), under index_timing
     supports_noncausal = False
     fixed_head_dim = True  # the scoring network is sized by head_dim
     trainable = True
@@ -288,7 +291,8 @@ class SparseK(AttentionMethod):
         B, H, tq, D = q.shape
         tk, rep = k.shape[2], H // k.shape[1]
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        u = self.scores(k).to(dt)
+        with timed_index(self, q):  # the scorer (the selection itself runs per chunk, with the attention)
+            u = self.scores(k).to(dt)
         off = tk - tq
         scale = 1.0 / math.sqrt(D)
         outs, counted = [], 0

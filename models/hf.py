@@ -46,6 +46,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
                 cfg[k] = v
         m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=key.shape[1],
                           max_seq_len=getattr(module.config, "max_position_embeddings", None))
+        if hasattr(m, "bind_layer"):  # per-layer weights trained for this model (SeerAttention's gate)
+            m.bind_layer(int(module.layer_idx))
         module._attnbench_method = m.to(query.device)
     store = getattr(module, "_attnbench_capture", None)
     if store is not None:  # tasks.capture: q/k/v as the method sees them (after RoPE, GQA layout)

@@ -5,9 +5,18 @@ one record per sequence length, each in one pass:
   check    the running implementation against the method's reference on a small shape; a
            failure is the record's status, and nothing is timed
   measure  fidelity metrics against exact attention, cost, latency (forward; backward when the
-           method is trainable) and peak memory
+           method is trainable) and peak memory; for a method that builds an index
+           (``has_index``), one more untimed call under ``index_timing(True)`` gives its index
+           step's wall time: ``metrics.index_ms`` and ``metrics.attention_ms`` = forward p50 -
+           index_ms (the timed repeats run without the index timing's syncs)
   record   appended to the store as soon as the length is measured, so that a later failure
            never loses a finished result
+
+With ``runner.target_density`` set, each length first fits the method's budget knob to that
+density on its timed inputs (``methods.budget.fit_density``); everything is then measured at
+that budget, and the record carries ``metrics.target_density``, ``metrics.density_achieved``
+and ``details.budget`` (the knob, its value, the search's calls). A method without a knob runs as
+configured (``details.budget`` says so) with its density as achieved.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from methods.base import check_finite
+from methods.base import check_finite, index_timing
 from runners import bench, records
 from runners.device import resolve_device, resolve_dtype
 from tasks.fidelity import Fidelity, max_rel_err
@@ -44,6 +53,10 @@ class KernelRunner:
     cpu_threads: int
     gate_len: int
     force: bool
+    # equal-budget runs (``+runner.target_density=0.1``, or experiment=efficiency/equal_budget):
+    # the method's budget knob is fitted per length on the timed inputs (methods.budget); not in
+    # conf/runner/kernel.yaml, so that the run_ids of the other runs stay as they were
+    target_density: float | None = None
 
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
         task = instantiate(cfg.task)
@@ -88,16 +101,17 @@ class KernelRunner:
                 if not self.force and rec.run_id in records.done_ids(cfg.store):
                     log.info("T=%d: run_id %s was finished by another process; skipped", T, rec.run_id)
                     continue
+                measured = None
                 try:
                     # the backward is timed on one retained graph: compiled FlexAttention donates its
                     # buffers to a backward that runs once unless told not to, from its first compile
                     with _no_donated_buffers():
-                        self._check_and_measure(rec, method, task, op.shape, T, device, dtype,
-                                                int(cfg.seed), backward)
+                        measured = self._check_and_measure(rec, method, task, op.shape, T, device, dtype,
+                                                           int(cfg.seed), backward)
                 except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
                     records.fail(rec, exc)
                     log.warning("T=%d: %s", T, rec.error)
-                rec.real_kernel = method.real_kernel  # known once the implementation has run
+                rec.real_kernel = (method if measured is None else measured).real_kernel  # known once the implementation has run
                 records.append(cfg.store, rec)
             out.append(rec)
             gc.collect()
@@ -105,10 +119,12 @@ class KernelRunner:
                 torch.cuda.empty_cache()
         return out
 
-    def _check_and_measure(self, rec, method, task, shape, T, device, dtype, seed, backward) -> None:
+    def _check_and_measure(self, rec, method, task, shape, T, device, dtype, seed, backward):
         causal = self.causal
         q, k, v = task.inputs(shape, T, device, dtype, seed + T)
         check_finite(q=q, k=k, v=v)
+        if self.target_density is not None:
+            method = self._at_budget(rec, method, q, k, v)
         rec.details.update(method.describe(q, k, v, causal))
 
         rec.correctness = self._check(method, task, shape, device, dtype, seed)
@@ -123,6 +139,10 @@ class KernelRunner:
             method(q, k, v, causal=causal)
         if method.last_density is not None:  # data-dependent sparsity, counted from its index sets
             rec.metrics["density_measured"] = method.last_density
+        if self.target_density is not None:
+            rec.metrics["target_density"] = float(self.target_density)
+            rec.metrics["density_achieved"] = (method.last_density if method.last_density is not None
+                                               else rec.cost["density"])
 
         with torch.no_grad():
             fwd = lambda: method(q, k, v, causal=causal)  # noqa: E731
@@ -130,6 +150,7 @@ class KernelRunner:
             rec.peak_mem_bytes["forward"], how = bench.peak_memory_bytes(fwd, device)
         rec.details["memory"] = how
         rec.details["timer"] = rec.latency_ms["forward"].pop("timer")
+        rec.metrics.update(index_split(method, q, k, v, causal, rec.latency_ms["forward"]["p50"]))
 
         if backward:
             qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -145,6 +166,19 @@ class KernelRunner:
                 o.backward(grad)
 
             rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
+        return method  # the method measured (at the fitted budget in an equal-budget run)
+
+    def _at_budget(self, rec, method, q, k, v):
+        """The method with its budget knob fitted to ``target_density`` on q, k, v (or as it is,
+        where it has no knob)."""
+        from methods import budget
+
+        if budget.knob(method) is None:
+            rec.details["budget"] = "no budget knob: run as configured"
+            return method
+        fit = budget.fit_density(method, q, k, v, self.causal, float(self.target_density))
+        rec.details["budget"] = fit.record()
+        return fit.method
 
     def _check(self, method, task, shape, device, dtype, seed) -> dict:
         """The running implementation against the method's reference at ``gate_len`` tokens."""
@@ -158,6 +192,21 @@ class KernelRunner:
         tol = GATE_TOL[dtype]
         return {"checked": True, "passed": bool(err <= tol), "max_rel_err": err, "tol": tol,
                 "len": self.gate_len}
+
+
+def index_split(method, q, k, v, causal, forward_ms: float) -> dict:
+    """{index_ms, attention_ms} of a method that builds an index (``has_index``): one call, after
+    the timed repeats, with its index step timed (synced, ``index_timing``); attention_ms is the
+    forward latency less the index time (the timed calls did not sync). {} for other methods, or
+    where the call built no index (A-shape heads)."""
+    if not getattr(method, "has_index", False):
+        return {}
+    with torch.no_grad(), index_timing(True):
+        method(q, k, v, causal=causal)
+    ms = method.last_index_ms
+    if ms is None:
+        return {}
+    return {"index_ms": float(ms), "attention_ms": float(forward_ms) - float(ms)}
 
 
 def _no_donated_buffers():

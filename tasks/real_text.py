@@ -256,6 +256,8 @@ def attention_fidelity(method, captured: dict, causal: bool = True) -> dict:
     per_layer, rec = {}, []
     for layer, (q, k, v) in tqdm(captured.items(), desc="fidelity", unit="layer", leave=False):
         q32, k32, v32 = q.float(), k.float(), v.float()
+        if hasattr(method, "bind_layer"):  # weights trained per layer (SeerAttention's gate)
+            method.bind_layer(int(layer))
         H, Hkv = q.shape[1], k.shape[1]
         kk, vv = k32.repeat_interleave(H // Hkv, 1), v32.repeat_interleave(H // Hkv, 1)
         ref = torch.nn.functional.scaled_dot_product_attention(q32, kk, vv, is_causal=causal)

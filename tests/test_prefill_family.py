@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import methods
-from methods.base import AttentionInputError
+from methods.base import AttentionInputError, index_timing
 from tests.conftest import seeded_qkv
 
 
@@ -547,11 +547,12 @@ DATA_DEPENDENT = ("sample_attention", "sparge", "hip")
 def test_recall_pairs_gradients_and_index_time(name):
     """computed_keys (attention recall's pairs) are what the output attends to; gradients flow
     through the reference path (the index is built without them); the data-dependent methods
-    time their index building apart (last_index_ms)."""
+    time their index building apart (last_index_ms, under index_timing)."""
     q, k, v = (x.requires_grad_() for x in seeded_qkv(B=1, H=4, Hkv=2, T=40, D=8))
     m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=8, impl="reference", **SMALL[name])
     keep = m.computed_keys(q, k, causal=True)
-    out = check_against(m, q, k, v, keep.numpy(), True)
+    with index_timing(True):
+        out = check_against(m, q, k, v, keep.numpy(), True)
     assert m.last_density == pytest.approx(float(keep.sum()) / allowed_pairs(1, 4, 40, 40, True))
     assert m.last_density < 1
     out.sum().backward()
