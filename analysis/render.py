@@ -7,8 +7,8 @@ import html
 import pandas as pd
 
 from analysis.tables import (
-    decode_table,
     budget_table,
+    decode_table,
     efficiency_lengths,
     failures_table,
     kernel_table,
