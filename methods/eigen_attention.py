@@ -72,6 +72,10 @@ class EigenAttention(Press):
 
     calibration_text = "text"
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.basis_k is None  # the paper's basis comes from calibration (else: the prompt's)
+
     def calibrate_layer(self, q, k, v, period: int | None = None) -> dict:
         """``calibrate`` on this layer's k, v of calibration text, inside a model
         (``models.hf_decode.calibrate``)."""
