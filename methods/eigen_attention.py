@@ -70,6 +70,18 @@ class EigenAttention(Press):
                 f"B * T >= rank {self.rank}")
         self.basis_k, self.basis_v = svd_basis(k, self.rank), svd_basis(v, self.rank)
 
+    calibration_text = "text"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.basis_k is None  # the paper's basis comes from calibration (else: the prompt's)
+
+    def calibrate_layer(self, q, k, v, period: int | None = None) -> dict:
+        """``calibrate`` on this layer's k, v of calibration text, inside a model
+        (``models.hf_decode.calibrate``)."""
+        self.calibrate(k, v)
+        return {"rank": self.rank, "rows": int(k.shape[0] * k.shape[2])}
+
     def bases(self, k, v, key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.basis_k is not None:
             return self.basis_k.to(k.device), self.basis_v.to(k.device)

@@ -20,8 +20,9 @@ recover a share T of the attention,
 
 (our reading of Eq. 2's |A - softmax(Q K_C^T)| <= 1 - T as recovered attention mass). Token
 classes come from the tokens, which one attention layer does not see: ``set_token_classes``
-gives the special and punctuation masks [B, L] before the prefill (a model's harness from
-its tokenizer); without them the first token is special and there is no punctuation. Heads
+gives the special and punctuation masks [B, L] before the prefill (inside a model,
+``models.hf_decode`` passes the prompt's ids and the tokenizer's special and punctuation
+ids to ``set_tokens``); without them the first token is special and there is no punctuation. Heads
 keep different counts: the cache is one tensor as wide as the widest head, the others' slots
 past their count empty (masked; ``bytes_held`` falls only when every head compresses). The
 policy per head is in ``press_details()``. Decode tokens are appended and kept (the paper
@@ -70,6 +71,16 @@ class FastGen(Press):
             if x is not None and (x.dim() != 2 or x.dtype != torch.bool):
                 raise AttentionInputError(f"FastGen: {n} must be a [B, L] bool mask, got {tuple(x.shape)} {x.dtype}")
         self.special, self.punct = special, punct
+
+    def set_tokens(self, input_ids: torch.Tensor, special_ids: torch.Tensor, punct_ids: torch.Tensor) -> None:
+        """The token classes of the next prefill from its ids [B, L] (``models.hf_decode`` passes
+        them with the tokenizer's special and punctuation ids): C_special, the special tokens
+        (the first token too, as without classes), and C_punct."""
+        if input_ids.dim() != 2:
+            raise AttentionInputError(f"FastGen: input_ids must be [B, L], got {tuple(input_ids.shape)}")
+        special = torch.isin(input_ids, special_ids.to(input_ids.device))
+        special[:, 0] = True
+        self.set_token_classes(special, torch.isin(input_ids, punct_ids.to(input_ids.device)))
 
     def policy_sets(self, attn: torch.Tensor, special: torch.Tensor, punct: torch.Tensor) -> torch.Tensor:
         """The policies' kept tokens, [len(POLICIES), B, Hkv, L] bool, from the averaged attention

@@ -22,6 +22,13 @@ owns after compaction (the runner also records the allocator's peak). Decode ste
 new tokens after the kept ones and read every held key (exact attention over them); the step's
 ``positions`` are each head's own kept positions.
 
+Inside a model (``models.hf_decode``) each layer's press is told, before its prefill, its
+layer index and the model's layer count (``set_layer``: PyramidKV's budget by depth, the
+random press's seed), the prompt's token ids with the tokenizer's special and punctuation ids
+(``set_tokens``: FastGen's token classes; a no-op for the others), and, once per model,
+calibration text's q/k/v (``calibrate_layer``: RazorAttention's retrieval heads, Eigen
+Attention's basis; a no-op for the others).
+
 Query-aware or query-agnostic is decided by what the caller prefills: a press sees only the
 prefill's queries, so a question inside the prompt steers it (query-aware), a question fed
 afterwards (as decode steps) does not (query-agnostic; runner=decode is this setting: its
@@ -93,6 +100,26 @@ class Press(DecodePath, AttentionMethod):
         """Tokens kept of ``length`` (per (batch, KV head))."""
         return kept_count(length, self.ratio)
 
+    # ---- per layer, inside a model ---------------------------------------------------------
+    def set_layer(self, layer_idx: int, num_layers: int) -> None:
+        """This press compresses layer ``layer_idx`` of ``num_layers`` (a model's layer)."""
+        if not 0 <= int(layer_idx) < int(num_layers):
+            raise ValueError(f"{self.decode_name()}: layer_idx must be in [0, num_layers={num_layers}), got {layer_idx}")
+        self.layer_idx = int(layer_idx)
+
+    def set_tokens(self, input_ids: torch.Tensor, special_ids: torch.Tensor, punct_ids: torch.Tensor) -> None:
+        """The next prefill's token ids [B, L] and the vocabulary's special and punctuation ids
+        (presses that read token classes use them; the others ignore them)."""
+        return None
+
+    def calibrate_layer(self, q, k, v, period: int | None = None):
+        """Calibration text's q [B, H, T, D], k, v [B, Hkv, T, D] at this layer (presses that
+        calibrate use them; the others ignore them). ``period``: T = 2 P of P tokens repeated."""
+        return None
+
+    needs_calibration = False  # True: the press cannot run before calibrate_layer (or its own settings)
+    calibration_text = None  # "repeated": P tokens repeated twice (RazorAttention); "text": plain text
+
     def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
         out = super().prefill(q, k, v, cache)
         cache.compact(self.compress(cache, q, self.layer_idx))
@@ -107,11 +134,12 @@ class Press(DecodePath, AttentionMethod):
         S, g = cache.length, q_t.shape[1] // cache.num_kv_heads
         filled = cache.head_pos[:, :, :S] != -1
         bias = cache.aux.get("slot_bias")
+        k, v = cache.keys(), cache.values()
         if bias is None and bool(filled.all()):
-            return sdpa(q_t, cache.keys(), cache.values())
+            return sdpa(q_t, k, v)
         add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device) if bias is None else bias[:, :, :S].to(q_t.dtype)
         add = add.masked_fill(~filled, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
-        return sdpa(q_t, cache.keys(), cache.values(), add)
+        return sdpa(q_t, k, v, add)
 
     def compress(self, cache: KVCache, q: torch.Tensor | None = None, layer_idx: int | None = None) -> torch.Tensor:
         """Slots kept per (batch, KV head), [B, Hkv, n] sorted: the top n of ``scores``."""

@@ -14,8 +14,8 @@ max >= L - w, max = L - w and min = 2a - max. Layer l keeps
 tokens, the mean over layers a; when not L >= max >= min >= w (short prompts, a large
 beta) every layer keeps max(1, round(a)), SnapKV's budget (kvpress's fallback). Each layer
 keeps its k_l tokens by SnapKV's votes (``methods.snapkv``: the window first). The layer is
-``layer_idx`` of ``num_layers`` (hyperparameters: runner=decode measures one layer; a model
-sets ``layer_idx`` per layer).
+``layer_idx`` of ``num_layers`` (hyperparameters: runner=decode measures one layer; inside a model,
+``models.hf_decode`` sets both per layer from the model: ``set_layer``).
 """
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ class PyramidKV(SnapKV):
     def decode_params(self) -> dict:
         return {**super().decode_params(), "beta": self.beta, "num_layers": self.num_layers,
                 "layer_idx": self.layer_idx}
+
+    def set_layer(self, layer_idx: int, num_layers: int) -> None:
+        """Layer ``layer_idx`` of a model of ``num_layers`` layers (the model's count replaces the
+        config's ``num_layers``: the pyramid spans the model's depth)."""
+        if int(num_layers) < 1:
+            raise ValueError(f"PyramidKV: num_layers must be >= 1, got {num_layers}")
+        self.num_layers = int(num_layers)
+        super().set_layer(layer_idx, num_layers)
 
     def budget(self, length: int, layer_idx: int | None = None) -> int:
         a, w = length * (1.0 - self.ratio), self.window_size

@@ -104,6 +104,21 @@ class RazorAttention(Press):
         self.head_scores = {"echo": echo_kv.tolist(), "induction": ind_kv.tolist()}
         return self.head_scores
 
+    calibration_text = "repeated"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.retrieval is None
+
+    def calibrate_layer(self, q, k, v, period: int | None = None) -> dict:
+        """``calibrate`` on this layer's q, k of P tokens repeated twice (``period`` P), inside a
+        model (``models.hf_decode.calibrate``)."""
+        if period is None:
+            raise AttentionInputError("RazorAttention.calibrate_layer needs period=P: calibration text of P tokens "
+                                      "repeated twice")
+        scores = self.calibrate(q, k, period)
+        return {"retrieval_heads": list(self.retrieval), **scores}
+
     # ---- the press ------------------------------------------------------------------------------
     def buffer(self, length: int) -> tuple[int, int]:
         """(sinks, recent buffer) a non-retrieval head keeps of ``length`` tokens."""

@@ -13,10 +13,23 @@ then takes one ``path.decode`` per generated token, over the ``KVCache`` it owns
 ``tokens``: prompt plus new tokens). Methods without a decode path decode densely over it
 (``decode_fallback``); ``dense_layers`` keeps the first layers dense, a model-level choice some
 papers make (Quest: its first two layers). Methods that need offline statistics (Loki, Double
-Sparsity: ``needs_calibration``) are calibrated first with ``calibrate(model, batches)``: the
-model runs each batch of calibration tokens with dense attention, and each layer's method
+Sparsity: ``needs_calibration``) are calibrated first with ``calibrate(model, batches)`` (below):
+the model runs each batch of calibration tokens with dense attention, and each layer's method
 calibrates on its (q, k) pairs. Limits, each an error: one prompt length for the batch (no padding),
 one token per step after the prefill, and no more tokens than the cache was built for.
+
+Per layer (KV-cache presses, ``methods.press``): before its prefill each layer's path gets its
+layer index and the model's layer count (``set_layer``: PyramidKV's budget by depth, a
+random press's seed) and, where a ``Session`` is given the tokenizer's classes
+(``token_classes``), the prompt's token ids (``set_tokens``: FastGen's special and
+punctuation tokens). ``calibrate(model, ids, period)`` runs the model densely on calibration
+text and hands each layer's q/k/v to its method's ``calibrate_layer`` (RazorAttention's
+retrieval heads, Eigen Attention's basis), once per model.
+
+    s = Session(model, tokens=L + n, classes=token_classes(tokenizer))
+    logits = s.prefill(prompt_ids)          # compressed here, once (a press)
+    logits = s.feed(question_ids)           # one decode step per token, on the compressed cache
+    s.memory()                              # bytes held (measured from the tensors), CUDA allocator
 """
 from __future__ import annotations
 
@@ -54,6 +67,7 @@ class ContractLayer(_cache_layer_base()):
         self.kv = None  # the contract's KVCache, built at the prefill
         self.bytes_read: list[float] = []
         self.shared: dict = {}  # common to the layers of one ContractCache (KVCache.shared)
+        self.token_info = None  # (input ids [B, L], special ids, punctuation ids) for the prefill's press
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
@@ -75,7 +89,7 @@ class ContractLayer(_cache_layer_base()):
         return self.tokens
 
     def reset(self) -> None:
-        self.seen, self.path, self.kv, self.bytes_read = 0, None, None, []
+        self.seen, self.path, self.kv, self.bytes_read, self.token_info = 0, None, None, [], None
 
 
 def ContractCache(model, tokens: int):  # noqa: N802 - a factory that reads as the class it builds
@@ -124,11 +138,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     B, H, T, D = query.shape
     if scaling is not None and abs(scaling * D ** 0.5 - 1) > 1e-4:
         raise ValueError(f"attnbench methods use the scale 1/sqrt({D}); this model uses {scaling}")
-    pairs = getattr(module, "_attnbench_calibration", None)
-    if pairs is not None:  # hf_decode.calibrate: keep this layer's (q, k), attend densely
-        pairs.append((query.detach(), key.detach()))
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
-                                                               enable_gqa=key.shape[1] != H)
+    store = getattr(module, "_attnbench_calibration", None)
+    if store is not None:  # calibrate(): dense causal attention, q/k/v kept for the layer's method
+        store.append((query.detach(), key.detach(), value.detach()))
+        gqa = key.shape[1] != H
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     layer = getattr(module, "_attnbench_decode_layer", None)
     held = 0 if layer is None or layer.kv is None else layer.kv.seen
@@ -144,6 +158,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         else:
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))
+        if hasattr(layer.path, "set_layer"):  # a press: its layer of the model's (PyramidKV's budget)
+            layer.path.set_layer(module.layer_idx, module.config.num_hidden_layers)
+        if hasattr(layer.path, "set_tokens") and layer.token_info is not None:  # FastGen's token classes
+            layer.path.set_tokens(*layer.token_info)
         layer.kv = layer.path.new_cache(B, layer.tokens, key.dtype, key.device)
         layer.kv.layer_idx, layer.kv.shared = module.layer_idx, layer.shared
         out = layer.path.prefill(query, key, value, layer.kv)
@@ -163,47 +181,176 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int = 0, **method_kwargs):
-    """``from_pretrained`` with attention through ``method``'s decode path; the first
-    ``dense_layers`` layers prefill and decode densely (Quest keeps its first two dense)."""
+def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int = 0, method_cfg=None,
+         **method_kwargs):
+    """``from_pretrained`` with attention through ``method``'s decode path (or ``method_cfg``'s,
+    a composed method config); the first ``dense_layers`` layers prefill and decode densely
+    (Quest keeps its first two dense)."""
     from transformers import AutoModelForCausalLM
 
     register()
     model = AutoModelForCausalLM.from_pretrained(path_or_name, attn_implementation=NAME, dtype=dtype)
-    model.config.attnbench_method = {"name": method, **method_kwargs}
+    model.config.attnbench_method = method_cfg if method_cfg is not None else {"name": method, **method_kwargs}
     model.config.attnbench_dense_layers = int(dense_layers)
     return model.eval()
-
-
-@torch.no_grad()
-def calibrate(model, batches) -> int:
-    """Calibrate each attention layer's method that needs it (``needs_calibration``) on the
-    model's own (q, k) of ``batches`` (token ids [B, T] each, unpadded), computed with dense
-    causal attention; the layers kept dense (``dense_layers``) are not calibrated. Returns the
-    number of layers calibrated."""
-    attn = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "head_dim")]
-    for m in attn:
-        m._attnbench_calibration = []
-    try:
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
-    finally:
-        pairs = {id(m): m.__dict__.pop("_attnbench_calibration") for m in attn}
-    done = 0
-    for m in attn:
-        if m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not pairs[id(m)]:
-            continue
-        q, k = pairs[id(m)][0]
-        method = _method(m, q.shape[1], q.shape[3], k.shape[1]).to(q.device)
-        if getattr(method, "needs_calibration", False):
-            method.calibrate(pairs[id(m)])
-            done += 1
-    return done
 
 
 def cache_kwarg(model) -> str:
     """The name under which the model's forward takes its cache (``cache`` in transformers 5)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _attention_modules(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and hasattr(m, "head_dim")]
+
+
+def token_classes(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(special token ids, punctuation token ids) of ``tokenizer``'s vocabulary: its special
+    tokens, and the tokens whose text (spaces stripped) is punctuation only (Unicode
+    category P*), for FastGen's C_special and C_punct."""
+    import unicodedata
+
+    special = sorted({int(i) for i in tokenizer.all_special_ids})
+    punct = []
+    for i in range(len(tokenizer)):
+        t = tokenizer.decode([i]).strip()
+        if t and all(unicodedata.category(c).startswith("P") for c in t):
+            punct.append(i)
+    return torch.tensor(special, dtype=torch.long), torch.tensor(punct, dtype=torch.long)
+
+
+@torch.no_grad()
+def calibrate(model, input_ids, period: int | None = None) -> dict:
+    """Run the calibration tokens through the model with dense attention and calibrate each
+    layer's method on its own q [B, H, T, D], k, v [B, Hkv, T, D]: a press's
+    ``calibrate_layer(q, k, v, period)`` (``period``: the repeat length of text made of P tokens
+    repeated twice, RazorAttention's) on the first batch, a decode path that
+    ``needs_calibration`` (Loki, Double Sparsity) ``calibrate([(q, k), ...])`` on every batch.
+    ``input_ids``: token ids [B, T] (unpadded), or a list of them. Layers kept dense
+    (``dense_layers``) are left out. Returns what each calibrated layer's method reports (True
+    for a decode path), by layer index."""
+    batches = [input_ids] if torch.is_tensor(input_ids) else list(input_ids)
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError("calibrate: found no attention modules (with layer_idx) in the model")
+    stores = {}
+    for m in mods:
+        stores[m.layer_idx] = m._attnbench_calibration = []
+    try:
+        for ids in batches:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for m in mods:
+            del m._attnbench_calibration
+    out = {}
+    for m in mods:
+        if m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not stores[m.layer_idx]:
+            continue
+        q, k, v = stores[m.layer_idx][0]
+        meth = _method(m, q.shape[1], q.shape[3], k.shape[1]).to(q.device)
+        if hasattr(meth, "set_layer"):
+            meth.set_layer(m.layer_idx, m.config.num_hidden_layers)
+        if hasattr(meth, "calibrate_layer"):
+            out[m.layer_idx] = meth.calibrate_layer(q, k, v, period)
+        elif getattr(meth, "needs_calibration", False):
+            meth.calibrate([(q, k) for q, k, _ in stores[m.layer_idx]])
+            out[m.layer_idx] = True
+    return out
+
+
+def _cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+class Session:
+    """One generation over a ``ContractCache`` of ``tokens`` slots per layer: ``prefill`` the
+    prompt (each layer's path stores it; a press compresses it there, once), then ``step`` /
+    ``feed`` tokens one decode step each, reading each layer's (compressed) cache. Logits are
+    those of the last position, [B, vocab]. ``classes`` (``token_classes``) hands the prompt's
+    ids to presses that read token classes (FastGen). ``memory()``: bytes held by the caches'
+    tensors, after the prefill and now; on CUDA the allocator's count beside them."""
+
+    def __init__(self, model, tokens: int, classes: tuple | None = None):
+        self.model, self.tokens = model, int(tokens)
+        self.cache = ContractCache(model, self.tokens)
+        self.kw = cache_kwarg(model)
+        self.classes = classes
+        self.device = next(model.parameters()).device
+        self.after_prefill: dict = {}
+        if _cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            self.mem0 = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cache.layers[0].kv is not None:
+            raise AttentionInputError("Session: the prompt is prefilled once (feed later tokens)")
+        if self.classes is not None:
+            special, punct = (c.to(input_ids.device) for c in self.classes)
+            for la in self.cache.layers:
+                la.token_info = (input_ids, special, punct)
+        logits = self._forward(input_ids)
+        self.after_prefill = {"bytes_held": self.bytes_held()}
+        if _cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            self.after_prefill["allocated"] = torch.cuda.memory_allocated(self.device) - self.mem0
+        return logits
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """One token [B, 1] (or [B]) through a decode step."""
+        return self._forward(token.view(-1, 1))
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens [B, n] one decode step each; the logits after each."""
+        return [self.step(ids[:, j]) for j in range(ids.shape[1])]
+
+    @torch.no_grad()
+    def greedy(self, logits: torch.Tensor, max_new_tokens: int, stop=()) -> list[int]:
+        """Greedy tokens (batch of one) from ``logits`` on, up to ``max_new_tokens`` or a token
+        in ``stop`` (kept); each chosen token but the last is fed."""
+        out = []
+        for j in range(int(max_new_tokens)):
+            t = int(logits[0].argmax())
+            out.append(t)
+            if t in stop or j == max_new_tokens - 1:
+                break
+            logits = self.step(torch.tensor([[t]], device=self.device))
+        return out
+
+    def bytes_held(self) -> int:
+        """Bytes of the tensors every layer's cache owns (``KVCache.bytes_held``), summed."""
+        return sum(la.kv.bytes_held() for la in self.cache.layers if la.kv is not None)
+
+    def dense_bytes(self) -> int:
+        """Bytes a dense cache of this session's size holds: K and V of every token, every layer."""
+        cfg, la = self.model.config, self.cache.layers[0]
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(2 * la.kv.batch * cfg.num_key_value_heads * self.tokens * D * la.kv.k.element_size()
+                   * len(self.cache.layers))
+
+    def memory(self) -> dict:
+        """Measured bytes: held after the prefill (compressed) and now; dense's for the same tokens;
+        on CUDA the allocator's bytes after the prefill and its peak, both over the session's start."""
+        out = {"kv_bytes_held_prefill": self.after_prefill.get("bytes_held"), "kv_bytes_held_end": self.bytes_held(),
+               "kv_bytes_dense": self.dense_bytes()}
+        if _cuda(self.device):
+            out["kv_bytes_allocated_prefill"] = self.after_prefill.get("allocated")
+            out["peak_bytes_allocated"] = torch.cuda.max_memory_allocated(self.device) - self.mem0
+        return out
+
+    def stats(self) -> list[dict]:
+        return [{"path": type(la.path).__name__, "decode_fallback": la.path.decode_fallback,
+                 "bytes_held": la.kv.bytes_held(),
+                 "bytes_read_per_step": sum(la.bytes_read) / max(1, len(la.bytes_read)),
+                 **(la.path.press_details() if hasattr(la.path, "press_details") else {})}
+                for la in self.cache.layers]
 
 
 @dataclass
@@ -214,30 +361,26 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.Tensor | None = None) -> Generated:
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.Tensor | None = None,
+             classes: tuple | None = None) -> Generated:
     """Greedy generation: the prompt through each layer's prefill, then one decode step per token.
     With ``forced`` [B, max_new_tokens] the model is fed those tokens instead of its own choices
     (teacher forcing: every method's logits on the same continuation); ``tokens`` are still its
-    greedy choices."""
+    greedy choices. ``classes``: ``token_classes`` of the tokenizer, for FastGen."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if forced is not None and tuple(forced.shape) != (input_ids.shape[0], max_new_tokens):
         raise ValueError(f"generate: forced must be [B, max_new_tokens] = [{input_ids.shape[0]}, {max_new_tokens}], "
                          f"got {tuple(forced.shape)}")
-    cache = ContractCache(model, input_ids.shape[1] + max_new_tokens)
-    ids, toks, logits = input_ids, [], []
+    s = Session(model, input_ids.shape[1] + max_new_tokens, classes)
+    last, toks, logits = s.prefill(input_ids), [], []
     for step in range(max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
-        last = out.logits[:, -1]
         toks.append(last.argmax(-1, keepdim=True))
-        ids = toks[-1] if forced is None else forced[:, step:step + 1]
         logits.append(last)
-    stats = [{"path": type(la.path).__name__, "decode_fallback": la.path.decode_fallback,
-              "bytes_held": la.kv.bytes_held(),
-              "bytes_read_per_step": sum(la.bytes_read) / max(1, len(la.bytes_read))}
-             for la in cache.layers]
-    return Generated(torch.cat(toks, 1), logits, stats)
+        if step < max_new_tokens - 1:
+            last = s.step(toks[-1] if forced is None else forced[:, step:step + 1])
+    return Generated(torch.cat(toks, 1), logits, s.stats())
 
 
-__all__ = ["ContractCache", "ContractLayer", "attention", "register", "load", "generate", "calibrate", "cache_kwarg",
-           "Generated", "NAME"]
+__all__ = ["ContractCache", "ContractLayer", "attention", "register", "load", "generate", "cache_kwarg", "Generated",
+           "Session", "calibrate", "token_classes", "NAME"]

@@ -10,7 +10,10 @@ gguf_file=<name>)`` (the ``gguf`` package dequantizes it), and the first load sa
 dequantized model and its tokenizer beside it (``hf/``, a plain ``transformers`` checkpoint)
 so later loads take a second instead of half a minute. Every attention layer goes through
 the method via ``models.hf`` (RoPE is applied before the method sees q/k; grouped-query K/V
-are passed as they are).
+are passed as they are). A KV-cache press (``methods.press``) acts on the cache, which a
+prefill-only model does not keep: its model is built on ``models.hf_decode`` (``pressed``
+true), and tasks generate through ``session(tokens)`` (prefill compressed once, then decode
+steps on the compressed cache); ``calibrate(ids, period)`` calibrates every layer's press.
 
 Checked before any compute, each with an error that names the problem: a missing model file
 (and the command that fetches it), a file whose sha256 differs from the one recorded when it
@@ -26,7 +29,8 @@ from pathlib import Path
 import torch
 
 import methods
-from models import hf
+from methods.press import Press
+from models import hf, hf_decode
 
 FETCH = "python scripts/fetch_assets.py (or `make install`)"
 SPECS = {
@@ -81,14 +85,18 @@ def model_file(name: str) -> tuple[Path, str]:
     return path, got
 
 
-def check_method(method_cfg, config) -> None:
-    """Build the method once at the model's head layout: errors before any weights move."""
+def check_method(method_cfg, config):
+    """Build the method once at the model's head layout: errors before any weights move.
+    Returns the instance (a probe: each layer builds its own)."""
     m = methods.build(method_cfg, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                       max_seq_len=config.max_position_embeddings)
     if not m.supports_causal:
         raise methods.AttentionInputError(
             f"method {type(m).__name__} cannot attend causally, so it cannot run inside a causal language model")
+    if isinstance(m, Press) and getattr(m, "num_layers", config.num_hidden_layers) != config.num_hidden_layers:
+        m.set_layer(0, config.num_hidden_layers)  # PyramidKV: the pyramid spans the model's layers
+    return m
 
 
 def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | None = None, **_):
@@ -103,8 +111,10 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
     config = transformers.AutoConfig.from_pretrained(saved)
     if method is None:
         method = methods.compose_method("dense")
-    check_method(method, config)
-    model = hf.load(str(saved), method_cfg=method, dtype=dtype or torch.float32)
+    probe = check_method(method, config)
+    load_with = hf_decode.load if isinstance(probe, Press) else hf.load
+    model = load_with(str(saved), method_cfg=method, dtype=dtype or torch.float32)
+    model.attnbench_press = probe if isinstance(probe, Press) else None
     model.tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
     model.asset = {
         "name": name, "file": path.name, "sha256": sha, "context": int(config.max_position_embeddings),
@@ -146,9 +156,29 @@ class PretrainedLM(torch.nn.Module):
         super().__init__()
         self.lm = load(self.model_name, method=method, dtype=dtype)
         self.tokenizer, self.asset = self.lm.tokenizer, self.lm.asset
+        self.press = self.lm.attnbench_press  # a probe instance of the press (None: not a press)
+        self.pressed = self.press is not None
+        self.press_log: list[dict] = []  # what each session held (tasks.real_text)
+        self._classes = None
 
     def forward(self, **inputs):
+        if self.pressed and "cache" not in inputs and "past_key_values" not in inputs:
+            raise methods.AttentionInputError(
+                f"{self.asset['name']} runs a KV-cache press: generate through session(tokens), not forward")
         return self.lm(**inputs)
+
+    def session(self, tokens: int) -> hf_decode.Session:
+        """A generation of ``tokens`` tokens in all through the press (``hf_decode.Session``),
+        the prompt's token classes handed on (FastGen)."""
+        if not self.pressed:
+            raise ValueError("session: the model does not run a KV-cache press (it has no decode path)")
+        if self._classes is None:
+            self._classes = hf_decode.token_classes(self.tokenizer)
+        return hf_decode.Session(self.lm, tokens, self._classes)
+
+    def calibrate(self, input_ids: torch.Tensor, period: int | None = None) -> dict:
+        """Every layer's press calibrated on ``input_ids`` (``hf_decode.calibrate``)."""
+        return hf_decode.calibrate(self.lm, input_ids.to(next(self.parameters()).device), period)
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)

@@ -10,6 +10,11 @@ record per run, in one pass:
            pass at the task's length through the method (logits of the last position only,
            as a prefill before generation computes them)
   record   the model's name and file hash, the text source and the tokens evaluated
+
+A KV-cache press (``methods.press``) runs in a model built on ``models.hf_decode``: a press that
+calibrates (RazorAttention's retrieval heads, Eigen Attention's basis) is calibrated first on
+prose (``tasks.real_text.calibration_ids``), the tasks answer on the cache compressed once
+after the prefill, and the timed prefill is the prefill plus the compression.
 """
 from __future__ import annotations
 
@@ -90,6 +95,10 @@ class PretrainedRunner:
             rec.details["method_weights"] = "initialisation (training-free use)" if any(
                 True for _ in method.parameters()) else "none"
             rec.details["decode"] = "no decode step: answers are scored in the prefill pass"
+            if getattr(model, "pressed", False):
+                rec.details["decode"] = ("KV-cache press: prefill, compression once, then decode steps on the "
+                                         "compressed cache (models.hf_decode)")
+                self._calibrate(rec, model)
             with torch.no_grad():
                 if fidelity:
                     result = task.evaluate_pretrained(model, method, int(cfg.seed))
@@ -98,12 +107,27 @@ class PretrainedRunner:
                     if self.timed_tasks is None or rec.task in self.timed_tasks:
                         self._measure(rec, model, device)
             for k, v in result.items():  # numbers (and cells of them) are metrics; text, examples: details
-                (rec.details if isinstance(v, str) or k == "examples" else rec.metrics)[k] = v
+                (rec.details if isinstance(v, str) or k in ("examples", "press") else rec.metrics)[k] = v
             rec.real_kernel = bool(method.real_kernel) if fidelity else self._ran_real_kernel(model)
             rec.details["method_is_causal"] = bool(method.supports_causal)
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on
             records.fail(rec, exc)
             log.error("%s on %s failed: %s", rec.method, rec.task, rec.error)
+
+    @staticmethod
+    def _calibrate(rec, model) -> None:
+        """A press that needs calibration (``needs_calibration``) calibrated on prose."""
+        from tasks.real_text import calibration_ids
+
+        press = model.press
+        if not press.needs_calibration:
+            return
+        ids, period = calibration_ids(model.tokenizer, press.calibration_text)
+        got = model.calibrate(ids, period)
+        rec.details["calibration"] = {"text": f"prose:austen, {ids.shape[1]} tokens"
+                                      + (f" ({period} repeated twice)" if period else ""),
+                                      "layers": {str(k): {n: x for n, x in v.items() if n == "retrieval_heads"}
+                                                 for k, v in got.items() if isinstance(v, dict)}}
 
     def _measure(self, rec, model, device) -> None:
         n = int(rec.seq_len)
@@ -112,6 +136,8 @@ class PretrainedRunner:
         # A prefill computes the next-token logits of the last position only (as generation
         # does): the full (n x vocab) logits would dominate time and memory and hide the method.
         fwd = lambda: model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+        if getattr(model, "pressed", False):  # the prefill and the press's compression, into a new cache
+            fwd = lambda: model.session(n + 1).prefill(ids)  # noqa: E731
         rec.latency_ms["prefill"] = bench.time_ms(fwd, device, self.warmup, self.repeats, self.rep_ms)
         rec.details["timer"] = rec.latency_ms["prefill"].pop("timer")
         rec.details["prefill"] = f"one forward of {n} tokens, logits of the last position only"

@@ -108,4 +108,5 @@ class Needle(Task):
 
         t = self.cfg
         return real_text.needle(model, [int(n) for n in t.token_lengths], [float(d) for d in t.depths],
-                                int(t.trials), seed, int(t.get("batch_size") or 1))
+                                int(t.trials), seed, int(t.get("batch_size") or 1),
+                                str(t.get("setting") or "query_aware"))

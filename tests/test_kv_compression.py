@@ -1,0 +1,338 @@
+"""KV-cache presses inside models (issue 27, second part): measured bytes held, per-layer
+plumbing through models/hf_decode.py (a tiny Llama, and SmolLM2 where it is fetched), the
+shared-context multi-turn task, the press.ratio / press.setting shorthand and its errors."""
+import math
+import string
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from methods.decode import KVCache  # noqa: E402
+from models import hf_decode, pretrained  # noqa: E402
+from runners import with_press  # noqa: E402
+from tasks import multiturn  # noqa: E402
+
+HAVE_SMOL = (pretrained.cache_dir() / "smollm2_135m" / "MANIFEST.json").exists()
+needs_smol = pytest.mark.skipif(not HAVE_SMOL, reason="SmolLM2 is not fetched (python scripts/fetch_assets.py)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, loaded CPU two threads make each small op ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- measured bytes ----------------------------------------------------------------------------------
+def test_bytes_held_are_the_bytes_of_the_tensors_the_cache_owns():
+    """A hand-built cache, compacted to ragged heads (-1 slots) with an index added: bytes_held is
+    the sum of the storages of K, V and the index, and the count written here."""
+    B, Hkv, D, cap, L = 2, 3, 8, 20, 12
+    c = KVCache(B, Hkv, D, cap, torch.float16)
+    c.append(torch.randn(B, Hkv, L, D).half(), torch.randn(B, Hkv, L, D).half())
+    keep = torch.tensor([[0, 3, 5, 11], [1, 2, -1, -1], [4, 7, 9, -1]]).expand(B, -1, -1)
+    c.compact(keep)
+    c.aux["slot_bias"] = torch.zeros(B, Hkv, c.capacity)
+    storages = sum(t.untyped_storage().nbytes() for t in (c.k, c.v, c.aux["slot_bias"]))
+    n, spare = 4, cap - L
+    assert c.bytes_held() == storages == 2 * B * Hkv * (n + spare) * D * 2 + B * Hkv * (n + spare) * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama4")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_session_memory_is_measured_from_every_layer_cache(tiny_llama):
+    P, N = 40, 5
+    model = hf_decode.load(tiny_llama, "streaming_llm_press", ratio=0.75)
+    s = hf_decode.Session(model, P + N)
+    logits = s.prefill(torch.randint(0, 64, (1, P), generator=torch.Generator().manual_seed(0)))
+    s.feed(logits.argmax(-1, keepdim=True).expand(1, N - 1))
+    mem = s.memory()
+    kept = int(P * 0.25)
+    per_layer = 2 * 1 * 2 * (kept + N) * 8 * 4  # K and V, B=1, Hkv=2, slots kept + room for N, D=8, fp32
+    assert mem["kv_bytes_held_prefill"] == mem["kv_bytes_held_end"] == 4 * per_layer
+    assert mem["kv_bytes_dense"] == 4 * 2 * 2 * (P + N) * 8 * 4
+    assert mem["kv_bytes_held_prefill"] == sum(la.kv.k.nbytes + la.kv.v.nbytes for la in s.cache.layers)
+
+
+# ---- per layer ---------------------------------------------------------------------------------------
+def _pyramid(L, ratio, layers, beta=20.0, w=64):
+    """PyramidKV's budget per layer (kvpress's PyramidKVPress), written out again."""
+    a = L * (1 - ratio)
+    lo, hi = a / beta, 2 * a - a / beta
+    if hi >= L - w:
+        hi, lo = L - w, 2 * a - (L - w)
+    if not (L >= hi >= lo >= w):
+        return [max(1, round(a))] * layers
+    return [round(hi - i * (hi - lo) / (layers - 1)) for i in range(layers)]
+
+
+def test_pyramidkv_in_a_model_gets_its_layer_and_the_model_depth(tiny_llama):
+    P = 120
+    model = hf_decode.load(tiny_llama, "pyramidkv", ratio=0.5, window_size=16)  # config num_layers 32: replaced
+    g = hf_decode.generate(model, torch.randint(0, 64, (1, P), generator=torch.Generator().manual_seed(0)), 2)
+    want = _pyramid(P, 0.5, 4, w=16)
+    assert want[0] > want[-1]
+    assert [s["kept_per_head"] for s in g.stats] == want
+    assert [s["bytes_held"] for s in g.stats] == [2 * 2 * (n + 2) * 8 * 4 for n in want]
+
+
+def test_random_press_draws_differently_per_layer(tiny_llama):
+    s = hf_decode.Session(hf_decode.load(tiny_llama, "random_press", ratio=0.5), 60)
+    s.prefill(torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(0)))
+    kept = [la.kv.head_positions()[0].sort(-1).values for la in s.cache.layers]
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_fastgen_gets_the_token_classes_of_the_prompt(tiny_llama):
+    """Through a Session with classes, FastGen's policy 'special' keeps exactly the special ids
+    (and the first token), 'special+punct' those and the punctuation ids: recovery 1e-3 makes
+    the cheapest policy win in every head."""
+    ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(3))
+    special, punct = torch.tensor([7]), torch.tensor([1, 2, 3])
+    s = hf_decode.Session(hf_decode.load(tiny_llama, "fastgen", recovery=1e-3), 50, classes=(special, punct))
+    s.prefill(ids)
+    want = sorted({0} | {i for i in range(50) if int(ids[0, i]) == 7})
+    for la in s.cache.layers:
+        assert la.path.policies == [["special", "special"]]
+        hp = la.kv.head_positions()[0]
+        for h in range(2):
+            assert sorted(p for p in hp[h].tolist() if p >= 0) == want
+    s2 = hf_decode.Session(hf_decode.load(tiny_llama, "fastgen", recovery=1e-3), 50, classes=(torch.tensor([], dtype=torch.long), punct))
+    s2.prefill(ids)
+    assert sorted(p for p in s2.cache.layers[0].kv.head_positions()[0, 0].tolist() if p >= 0) == [0]
+
+
+def test_token_classes_of_a_tokenizer():
+    tok = transformers.AutoTokenizer.from_pretrained(next((pretrained.cache_dir() / "smollm2_135m" / "hf").iterdir())) \
+        if HAVE_SMOL else pytest.skip("SmolLM2 is not fetched")
+    special, punct = hf_decode.token_classes(tok)
+    for c in ".,;:?!)(":
+        (i,) = tok(c, add_special_tokens=False).input_ids
+        assert i in punct.tolist()
+    assert tok.convert_tokens_to_ids("<|im_start|>") in special.tolist()
+    for w in (" the", "abc", "7"):
+        assert all(i not in punct.tolist() for i in tok(w, add_special_tokens=False).input_ids)
+
+
+# ---- the real model ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_path():
+    if not HAVE_SMOL:
+        pytest.skip("SmolLM2 is not fetched")
+    return str(pretrained.checkpoint("smollm2_135m")[0])
+
+
+def _prose(tok, n, skip=2000):
+    from tasks import real_text
+
+    return real_text.essay_tokens(tok, skip + n)[skip:]
+
+
+@needs_smol
+def test_pyramidkv_on_smollm2_keeps_budgets_decreasing_with_depth(smol_path):
+    model = pretrained.load("smollm2_135m", method=_cfg("pyramidkv", ratio=0.5))
+    L = 400
+    s = hf_decode.Session(model, L + 1)
+    s.prefill(torch.tensor([_prose(pretrained_tok(smol_path), L)]))
+    kept = [la.path.last_kept for la in s.cache.layers]
+    assert kept == _pyramid(L, 0.5, 30) and kept[0] > kept[15] > kept[-1]
+    held = [la.kv.bytes_held() for la in s.cache.layers]
+    assert all(a >= b for a, b in zip(held, held[1:])) and held[0] > held[-1]
+
+
+def pretrained_tok(path):
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _cfg(name, **kw):
+    import methods
+
+    cfg = methods.compose_method(name)
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+@needs_smol
+def test_fastgen_on_smollm2_sees_the_punctuation_of_the_prompt(smol_path, monkeypatch):
+    from methods.fastgen import FastGen
+
+    seen = []
+    orig = FastGen.set_token_classes
+    monkeypatch.setattr(FastGen, "set_token_classes", lambda self, sp=None, pu=None: (seen.append((sp, pu)),
+                                                                                      orig(self, sp, pu))[1])
+    from models.smollm2_135m import SmolLM2
+
+    lm = SmolLM2(method=_cfg("fastgen"))
+    ids = _prose(lm.tokenizer, 120)
+    lm.session(121).prefill(torch.tensor([ids]))
+    want = [i for i, t in enumerate(ids) if lm.tokenizer.decode([t]).strip() and
+            all(c in string.punctuation for c in lm.tokenizer.decode([t]).strip())]
+    assert len(want) >= 3 and len(seen) == 30  # every layer got the prompt's classes
+    for sp, pu in seen:
+        assert pu[0].nonzero().flatten().tolist() == want
+        assert sp[0].nonzero().flatten().tolist()[:1] == [0]
+
+
+@needs_smol
+def test_razor_calibration_on_real_text_picks_the_heads_of_largest_induction(smol_path):
+    """calibrate() on 128 prose tokens repeated twice: per layer the echo and induction scores
+    equal those computed here from the captured q/k (dense softmax written out), the retrieval
+    heads are the top-scoring ones, and some layer holds a strong induction head (as LLMs do)."""
+    from tasks import real_text
+    from tasks.capture import capture
+
+    tok = pretrained_tok(smol_path)
+    ids, P = real_text.calibration_ids(tok, "repeated", 128)
+    model = hf_decode.load(smol_path, method_cfg=_cfg("razor_attention"))
+    got = hf_decode.calibrate(model, ids, P)
+    assert sorted(got) == list(range(30))
+    from models import hf
+
+    dense = hf.load(smol_path, "dense", impl="reference")
+    with torch.no_grad(), capture(dense, layers=[3, 20]) as qkv:
+        dense(input_ids=ids, logits_to_keep=1)
+    for layer in (3, 20):
+        q, k, _ = qkv[layer][0]
+        s = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(3, 1)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(torch.ones(2 * P, 2 * P, dtype=torch.bool).triu(1), -math.inf).softmax(-1)[0]
+        ind = torch.stack([s[:, i, i - P + 1] for i in range(P, 2 * P - 1)], 1).mean(1).view(3, 3).amax(1)
+        echo = torch.stack([s[:, i, i - P] for i in range(P, 2 * P)], 1).mean(1).view(3, 3).amax(1)
+        torch.testing.assert_close(torch.tensor(got[layer]["induction"]), ind.float(), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got[layer]["echo"]), echo.float(), rtol=1e-3, atol=1e-4)
+        assert int(ind.argmax()) in got[layer]["retrieval_heads"] and int(echo.argmax()) in got[layer]["retrieval_heads"]
+    assert max(max(v["induction"]) for v in got.values()) > 0.3
+
+
+# ---- multi-turn ----------------------------------------------------------------------------------------
+@needs_smol
+def test_multiturn_conversation_is_the_chat_template(smol_path):
+    tok = pretrained_tok(smol_path)
+    hay = _prose(tok, 1500, skip=0)
+    t = multiturn.make_trial(tok, hay, 300, needles=3, turns=2, seed=1)
+    assert len(t["context"]) == 300 and len(set(t["keys"])) == 2
+    text = tok.decode(t["context"] + t["prompts"][0] + t["answers"][0] + t["prompts"][1] + t["answers"][1])
+    for k, v in zip(t["keys"], t["values"]):
+        assert f"The special magic number for {k} is {v}." in text  # the needle, in the context
+        assert f"<|im_start|>assistant\nThe special magic number for {k} is {v}" in text  # its turn
+    assert text.startswith("<|im_start|>system") and text.count("<|im_start|>user") == 2
+
+
+class _FakeSession:
+    def __init__(self, log):
+        self.log = log
+
+    def prefill(self, ids):
+        self.log.append(("prefill", ids.shape[1]))
+        return torch.zeros(1, 10)
+
+    def feed(self, ids):
+        self.log.append(("feed", ids.shape[1]))
+        return [torch.zeros(1, 10)] * ids.shape[1]
+
+    def step(self, t):
+        self.log.append(("step", 1))
+        return torch.zeros(1, 10)
+
+    def memory(self):
+        return {"kv_bytes_held_prefill": 1, "kv_bytes_held_end": 1, "kv_bytes_dense": 2}
+
+    def stats(self):
+        return [{"press": "x", "ratio": 0.5}]
+
+
+class _FakeModel(torch.nn.Module):
+    pressed = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.log, self.press_log = [], []
+
+    def session(self, tokens):
+        self.log.append(("tokens", tokens))
+        return _FakeSession(self.log)
+
+
+@pytest.mark.parametrize("setting", ["query_agnostic", "query_aware"])
+def test_multiturn_compresses_once_and_the_setting_decides_the_prefill(setting):
+    trial = {"context": [1] * 30, "prompts": [[2] * 5, [3] * 4], "answers": [[4, 4], [5, 5, 5]]}
+    m = _FakeModel()
+    preds = multiturn.answer_turns(m, trial, setting)
+    assert [len(p) for p in preds] == [3, 4]  # each answer's positions and one past
+    prefill = 35 if setting == "query_aware" else 30
+    assert m.log[0] == ("tokens", 30 + 5 + 4 + 2 + 3) and m.log[1] == ("prefill", prefill)
+    assert [e for e in m.log if e[0] == "prefill"] == [("prefill", prefill)]  # one prefill: compressed once
+    fed = sum(n for op, n in m.log[2:] if op in ("feed", "step"))
+    assert prefill + fed == 30 + 5 + 4 + 2 + 3
+
+
+@needs_smol
+def test_multiturn_record_on_smollm2_through_a_press(tmp_path):
+    """attnbench method=streaming_llm_press task=multiturn model=smollm2_135m press.ratio=0.5
+    press.setting=query_agnostic at 200 tokens, 2 turns: per-turn accuracy, the setting, the ratio,
+    the measured bytes held (what the caches' tensors hold) below dense's."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from methods import CONF_DIR
+    from runners import run
+
+    store = tmp_path / "r.jsonl"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=smollm2_135m", "task=multiturn", "method=streaming_llm_press", "press.ratio=0.5",
+            "press.setting=query_agnostic", f"store={store}", "device=cpu", "task.token_lengths=[200]", "task.trials=1",
+            "task.needles=2", "runner.timing_len=64", "runner.warmup=0", "runner.repeats=1", "runner.cpu_threads=1"])
+    run(cfg)
+    (rec,) = [json.loads(x) for x in store.read_text().splitlines()]
+    assert rec["status"] == "ok", rec["error"]
+    m, d = rec["metrics"], rec["details"]
+    assert rec["method_params"]["ratio"] == 0.5 and "press" not in rec["config"]
+    assert d["setting"] == "query_agnostic" and d["press"]["setting"] == "query_agnostic"
+    assert d["press"]["ratio"] == 0.5 and [la["kept_per_head"] for la in d["press"]["layers"]] == [100] * 30
+    assert set(m) >= {"multiturn@200", "multiturn_turn1", "multiturn_turn2", "kv_bytes_held_prefill", "kv_bytes_dense"}
+    assert m["multiturn@200"] == (m["multiturn_turn1"] + m["multiturn_turn2"]) / 2
+    tokens = m["kv_bytes_dense"] / (30 * 2 * 3 * 64 * 4)  # dense: every token of the session, K and V, fp32
+    assert m["kv_bytes_held_prefill"] == 30 * 2 * 3 * (100 + tokens - 200) * 64 * 4  # 100 kept + room for the turns
+    assert m["kv_share_held"] < 0.8
+
+
+# ---- the shorthand -------------------------------------------------------------------------------------
+def test_press_shorthand_sets_the_ratio_and_the_setting(compose_cfg):
+    cfg = with_press(compose_cfg("method=snapkv", "task=needle", "press.ratio=0.25", "press.setting=query_agnostic"))
+    assert cfg.method.ratio == 0.25 and cfg.task.setting == "query_agnostic" and "press" not in cfg
+    plain = compose_cfg("method=dense")
+    assert "press" not in with_press(plain) and with_press(plain).method == plain.method
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["method=snapkv", "press.ratio=1.5"], r"press.ratio .* must be in \(0, 1\), got 1.5"),
+    (["method=h2o", "press.ratio=0"], r"must be in \(0, 1\), got 0"),
+    (["method=dense", "press.ratio=0.5"], "applies to a KV-cache press"),
+    (["method=fastgen", "press.ratio=0.5"], "method.recovery"),
+    (["method=snapkv", "press.setting=both"], "query_aware or query_agnostic"),
+])
+def test_bad_press_shorthand_is_refused_before_anything_runs(compose_cfg, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        with_press(compose_cfg(*overrides))
+
+
+def test_a_bad_method_ratio_fails_at_build(compose_cfg):
+    import methods
+
+    with pytest.raises(ValueError, match=r"ratio .* must be in \(0, 1\)"):
+        methods.load("pyramidkv", ratio=1.0)
