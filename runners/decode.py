@@ -132,10 +132,13 @@ class DecodeRunner:
 
         if getattr(path, "needs_calibration", False):  # offline statistics, from other inputs
             cs = seed + L + CALIBRATION_SEED
-            cq, ck, _ = self.inputs_for(task, shape, L + N, device, dtype, cs)
-            path.calibrate([(cq, ck)])
+            cq, ck, cv = self.inputs_for(task, shape, L + N, device, dtype, cs)
+            if hasattr(path, "calibrate_layer"):  # a press (methods.press): q, k, v of one layer
+                path.calibrate_layer(cq, ck, cv)
+            else:  # a decode path (methods.decode): (q, k) samples
+                path.calibrate([(cq, ck)])
             rec.details["calibration"] = {"seed": cs, "tokens": L + N, "inputs": self.inputs}
-            del cq, ck
+            del cq, ck, cv
 
         # ---- fidelity: every step against dense decode over the full history --------------
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
