@@ -93,10 +93,15 @@ def chat_frame(tokenizer):
     """``frame(question, lead) -> (head ids, tail ids)``: the model's chat template around a
     body of text that the caller puts between them, the question after the body in the user
     turn, then the assistant turn opened with ``lead``. Token ids are joined, so a body of
-    tokens is cut exactly."""
+    tokens is cut exactly. A tokenizer without a chat template (a base model: Gemma-3-270M)
+    frames it as plain text: its begin-of-text token, the body, then "Question: ..." and
+    "Answer: <lead>" on lines of their own."""
     marker = "\x00BODY\x00"
 
     def frame(question: str, lead: str) -> tuple[list[int], list[int]]:
+        if getattr(tokenizer, "chat_template", None) is None:
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            return bos, tokenizer(f"\n\nQuestion: {question}\nAnswer: {lead}", add_special_tokens=False).input_ids
         text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + question}],
                                              tokenize=False, add_generation_prompt=True) + lead
         head, tail = text.split(marker)
