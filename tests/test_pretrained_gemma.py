@@ -71,22 +71,20 @@ def test_tiny_gemma_with_another_scale_or_a_softcap_is_refused(tmp_path):
 
 @needs_gemma
 def test_gemma_dense_through_the_adapter_equals_the_unadapted_model():
-    import transformers
-
     with pytest.raises(ValueError, match="window 512"):
         pretrained.load("gemma3_270m")  # layers=all: refused before the weights load
     model = pretrained.load("gemma3_270m", layers="full_attention")
     a = model.asset
     assert (a["num_heads"], a["num_kv_heads"], a["head_dim"], a["context"]) == (4, 1, 256, 32768)
     assert a["routed_layers"] == _full(model.config) == [5, 11, 17] and a["num_layers"] == 18
-    ref = transformers.AutoModelForCausalLM.from_pretrained(pretrained.checkpoint("gemma3_270m")[0],
-                                                            attn_implementation="eager").eval()
     ids = model.tokenizer("It is a truth universally acknowledged, that a single man in possession "
                           "of a good fortune, must be in want of a wife. " * 24, return_tensors="pt").input_ids
     assert ids.shape[1] > 600  # past the sliding window of 512
     with torch.no_grad():
-        got, want = model(input_ids=ids, logits_to_keep=64).logits, ref(input_ids=ids, logits_to_keep=64).logits
-    assert _with_method(model) == [5, 11, 17]
+        got = model(input_ids=ids, logits_to_keep=64).logits
+        assert _with_method(model) == [5, 11, 17]
+        model.set_attn_implementation("eager")  # the unadapted model: transformers' own attention
+        want = model(input_ids=ids, logits_to_keep=64).logits
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -99,8 +97,8 @@ def _run(tmp_path, *overrides):
 
     store = tmp_path / f"records{len(list(tmp_path.iterdir()))}.jsonl"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=gemma3_270m", f"store={store}", "runner.warmup=0",
-                                                       "runner.repeats=1", *overrides])
+        cfg = compose(config_name="config", overrides=["model=gemma3_270m", f"store={store}", "runner.timed_tasks=[]",
+                                                       *overrides])  # no timed prefill: quality only
     run(cfg)
     return [json.loads(line) for line in store.read_text().splitlines()]
 
@@ -109,8 +107,9 @@ def _run(tmp_path, *overrides):
 def test_gemma_perplexity_and_needle_records(tmp_path):
     ppl = {}
     for method in ("dense", "sliding_window"):
-        (rec,) = _run(tmp_path, "task=perplexity", f"method={method}", *(['method.window=128'] if method == "sliding_window" else []), "task.seq_len=512", "task.prose_windows=1",
-                      "runner.timing_len=512")
+        window = ["method.window=128"] if method == "sliding_window" else []  # 128 < 512 tokens
+        (rec,) = _run(tmp_path, "task=perplexity", f"method={method}", *window, "task.seq_len=512",
+                      "task.prose_windows=1")
         assert rec["status"] == "ok", rec["error"]
         assert rec["model"] == "gemma3_270m" and rec["details"]["model_asset"]["routed_layers"] == [5, 11, 17]
         assert rec["metrics"]["tokens_scored"] == 511
@@ -119,6 +118,6 @@ def test_gemma_perplexity_and_needle_records(tmp_path):
     assert ppl["sliding_window"] != ppl["dense"]  # the method ran (window 128 < 512 tokens)
 
     (ndl,) = _run(tmp_path, "task=needle", "method=dense", "task.token_lengths=[1024]", "task.depths=[0.5]",
-                  "task.trials=1", "runner.timing_len=256")
+                  "task.trials=1")
     assert ndl["status"] == "ok", ndl["error"]
     assert ndl["metrics"]["needle@1024"] == 1.0
