@@ -121,3 +121,19 @@ def test_gemma_perplexity_and_needle_records(tmp_path):
                   "task.trials=1")
     assert ndl["status"] == "ok", ndl["error"]
     assert ndl["metrics"]["needle@1024"] == 1.0
+
+
+def test_a_tokenizer_without_a_chat_template_frames_plain_text():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tasks import real_text
+
+    words = ["[UNK]", "<bos>", "Question", ":", "Answer", "Why", "?", "Because"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>")
+    assert fast.chat_template is None
+    head, tail = real_text.chat_frame(fast)("Why?", "Because")
+    assert head == [1]  # the begin-of-text token, then the body
+    assert tail == [2, 3, 5, 6, 4, 3, 7]  # Question: Why? Answer: Because
