@@ -97,7 +97,7 @@ def _run(tmp_path, *overrides):
 
     store = tmp_path / f"records{len(list(tmp_path.iterdir()))}.jsonl"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=gemma3_270m", f"store={store}", "runner.timed_tasks=[]",
+        cfg = compose(config_name="config", overrides=["model=gemma3_270m", f"store={store}", "+runner.timed_tasks=[]",
                                                        *overrides])  # no timed prefill: quality only
     run(cfg)
     return [json.loads(line) for line in store.read_text().splitlines()]
