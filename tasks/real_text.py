@@ -3,7 +3,8 @@
 - ``perplexity``: held-out prose (``tasks.corpora.prose``), strided evaluation: windows of
   ``seq_len`` tokens moved by ``stride``; every token after the first window's first is scored
   once, with at least ``seq_len - stride`` tokens before it (the first window's with fewer).
-  Perplexity = exp(mean NLL per scored token).
+  Perplexity = exp(mean NLL per scored token). A model whose tokenizer opens texts with a
+  begin-of-text token (Gemma) gets it at the start of every window, unscored.
 - ``needle``: Paul Graham's essays as haystack, one needle sentence ("The special magic number
   is <7 digits>.") at a depth, the question in the model's chat template, and the assistant's
   answer opened with the sentence that leads to the value (MODELS.md's recipe). Scored by exact
@@ -65,15 +66,20 @@ def perplexity(model, source: str = "austen", seq_len: int = 1024, stride: int =
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
     text = corpora.prose(source)
+    # A tokenizer that opens every text with its begin-of-text token (Gemma) opens every window
+    # with it too, in the window's seq_len tokens and not scored: the model was trained so, and
+    # without it Gemma's perplexity is several times higher. SmolLM2 adds none.
+    bos = model.tokenizer("").input_ids[:1]
+    span = seq_len - len(bos)  # text tokens per window
     if max_windows is None:
         ids = model.tokenizer(text, return_tensors="pt").input_ids[0, skip_tokens:]
-        windows = max(1, (len(ids) - seq_len) // stride + 1)
+        windows = max(1, (len(ids) - span) // stride + 1)
     else:
         windows = int(max_windows)
-        ids = _tokens(model.tokenizer, text, skip_tokens, (windows - 1) * stride + seq_len)
+        ids = _tokens(model.tokenizer, text, skip_tokens, (windows - 1) * stride + span)
     nll, count, dev = 0.0, 0, _device(model)
     for w in tqdm(range(windows), desc=f"perplexity {seq_len} tok", unit="window", leave=False):
-        x = ids[w * stride: w * stride + seq_len].unsqueeze(0).to(dev)
+        x = torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[w * stride: w * stride + span]]).unsqueeze(0).to(dev)
         logits = model(input_ids=x).logits[0, :-1].float()
         losses = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
         scored = losses if w == 0 else losses[-stride:]  # later windows: the new tokens only
@@ -98,10 +104,15 @@ def chat_frame(tokenizer):
     """``frame(question, lead) -> (head ids, tail ids)``: the model's chat template around a
     body of text that the caller puts between them, the question after the body in the user
     turn, then the assistant turn opened with ``lead``. Token ids are joined, so a body of
-    tokens is cut exactly."""
+    tokens is cut exactly. A tokenizer without a chat template (a base model: Gemma-3-270M)
+    frames it as plain text: its begin-of-text token, the body, then "Question: ..." and
+    "Answer: <lead>" on lines of their own."""
     marker = "\x00BODY\x00"
 
     def frame(question: str, lead: str) -> tuple[list[int], list[int]]:
+        if getattr(tokenizer, "chat_template", None) is None:
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            return bos, tokenizer(f"\n\nQuestion: {question}\nAnswer: {lead}", add_special_tokens=False).input_ids
         text = tokenizer.apply_chat_template([{"role": "user", "content": marker + "\n\n" + question}],
                                              tokenize=False, add_generation_prompt=True) + lead
         head, tail = text.split(marker)
