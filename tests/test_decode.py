@@ -325,3 +325,19 @@ def test_attnbench_runner_decode_runs_on_the_cpu(tmp_path):
     assert rec["status"] == "ok" and rec["method"] == "sparq", json.dumps(rec.get("error"))
     assert rec["details"]["peakedness"] == {"num_dominant": 4, "dominance": 8.0}
     assert rec["metrics"]["read_fraction"] < 1
+
+
+def test_the_prefill_check_takes_the_last_rows_by_chunks():
+    """runner=decode checks the prefill's last rows against exact attention in chunks of rows
+    (an [L, L] matrix at 128k would need terabytes): equal to a full masked softmax here."""
+    from runners.decode import exact_last_rows
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, L, D = 2, 4, 2, 300, 8
+    q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kk.transpose(-1, -2)) / D ** 0.5
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    want = (torch.softmax(s, -1) @ vv)[:, :, -70:]
+    got = exact_last_rows(q, k, v, 70, chunk=32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
