@@ -228,6 +228,13 @@ def gather_heads(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx).view(B, H, n, D)
 
 
+def causal_prefill(q, k, v) -> torch.Tensor:
+    """Exact causal attention of a whole prompt through SDPA, grouped K/V broadcast (no [L, L]
+    matrix: memory-light at 128k): the prefill of the decode-time selectors, whose prefill is
+    dense attention as in their official code."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def sdpa(q, k, v, mask=None) -> torch.Tensor:
     """Exact attention of the decode query (or queries) over the keys given, all allowed unless
     ``mask`` [B, H, Tq, n] (True = read); grouped K/V broadcast to the query heads."""

@@ -46,7 +46,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, gather_heads, sdpa
+from methods.decode import DecodePath, KVCache, Selection, causal_prefill, gather_heads, sdpa
 
 
 class Loki(DecodePath, AttentionMethod):
@@ -92,7 +92,7 @@ class Loki(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,

@@ -33,7 +33,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection
+from methods.decode import DecodePath, KVCache, Selection, causal_prefill
 
 MIN_PAGES = 3  # the official code reads at least 3 pages: max(3, token_budget // chunk_size)
 
@@ -65,7 +65,7 @@ class Quest(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         pages = math.ceil(tk / self.page_size)

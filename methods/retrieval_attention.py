@@ -50,7 +50,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection
+from methods.decode import DecodePath, KVCache, Selection, causal_prefill
 from methods.squeezed_attention import _nearest, kmeans, mask_slots
 
 STATIC, FLAT = -1, -2  # assign: a static key (sink or window; or an empty slot), an indexed key with no centroid
@@ -94,7 +94,7 @@ class RetrievalAttention(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,

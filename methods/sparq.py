@@ -33,7 +33,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, gather_heads, sdpa
+from methods.decode import DecodePath, KVCache, Selection, causal_prefill, gather_heads, sdpa
 
 K_MODES = ("store_twice", "store_once")
 
@@ -77,7 +77,7 @@ class SparQ(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         copies = 3 if self.k_mode == "store_twice" else 2

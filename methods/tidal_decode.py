@@ -42,7 +42,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection
+from methods.decode import DecodePath, KVCache, Selection, causal_prefill
 
 STORE = "tidal_decode"  # the key of the selection in KVCache.shared
 
@@ -82,7 +82,7 @@ class TidalDecode(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
