@@ -95,7 +95,10 @@ def test_shakespeare_corpus_through_datasets():
     assert "ROMEO" in "".join(docs["train"] + docs["val"] + docs["test"])
 
 
-def test_lm_smoke_trains_with_every_causal_method(compose_cfg, tmp_path, monkeypatch, method_name):
+def test_lm_smoke_trains_with_one_method_of_each_family(compose_cfg, tmp_path, monkeypatch, representative):
+    """The LM runner end to end (train, checkpoints, strided test perplexity); causal training
+    with every method is test_layers.py's."""
+    method_name = representative
     monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
     cfg = compose_cfg("experiment=lm/shakespeare-smoke", f"method={method_name}",
                       f"runner.checkpoint_dir={tmp_path}/ck", f"store={tmp_path}/r.jsonl", tiny=False)
