@@ -54,6 +54,31 @@ def method_name(request):
     return request.param
 
 
+# One method per family for the expensive end-to-end paths (a model trained by a runner: LM and
+# LRA smoke runs). What is per method is tested for every method elsewhere: forward in both
+# settings and the runner contract (test_contract.py), bad input (test_bad_input.py), training
+# as a layer in every setting it supports (test_layers.py), exactness against an independent
+# computation (each family's own test module).
+FAMILIES = {
+    "dense": "dense",
+    "block-sparse mask (FlexAttention)": "bigbird",
+    "learned sparse with Triton kernels (NSA)": "nsa",
+    "top-k gather": "sparsek",
+    "linear": "performer",
+    "low-rank, not causal": "linformer",
+    "routed": "routing_transformer",
+    "decode-time KV selection": "quest",
+    "sink + window decode": "streaming_llm",
+    "press (KV compression)": "snapkv",
+}
+REPRESENTATIVES = sorted(set(FAMILIES.values()))
+
+
+@pytest.fixture(params=REPRESENTATIVES)
+def representative(request):
+    return request.param
+
+
 def seeded_qkv(B=2, H=4, Hkv=2, T=63, D=16, tk=None, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     tk = T if tk is None else tk

@@ -19,37 +19,45 @@ class TinyBlock(nn.Module):
             if hasattr(a, "share_parameters_with"):
                 a.share_parameters_with(self.attn[0])
 
-    def forward(self, x, causal):
+    def forward(self, x, causal, key_padding_mask=None):
         B, T, _ = x.shape
         for qkv, attn, out in zip(self.qkv, self.attn, self.out):
             q, k, v = qkv(x).view(B, T, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)
-            x = x + out(attn(q, k, v, causal=causal).transpose(1, 2).reshape(B, T, -1))
+            o = attn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+            x = x + out(o.transpose(1, 2).reshape(B, T, -1))
         return x
 
 
 def test_method_trains_as_a_layer(method_name):
-    torch.manual_seed(0)
-    model = TinyBlock(method_name)
-    causal = not model.attn[0].supports_noncausal
-    own = {n for n, _ in model.attn.named_parameters()}
-    assert bool(own) == any(p.requires_grad for p in model.attn.parameters())
-    buffers = dict(model.attn.named_buffers())
-    if method_name == "performer":
-        assert any(n.endswith("projection") for n in buffers) and not own
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randn(4, 64, 16)  # NSA: several compressed blocks
-    target = torch.randn(4, 64, 16)
-    losses = []
-    before = {n: p.detach().clone() for n, p in model.attn.named_parameters()}
-    for _ in range(8):
-        loss = (model(x, causal) - target).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    for n, p in model.attn.named_parameters():  # the method's own parameters train too
-        assert not torch.equal(p.detach(), before[n]), n
+    """In each setting the method supports, on padded batches as LRA's (the LM and LRA smoke runs
+    train one method of each family end to end; this is every method's training)."""
+    probe = methods.load(method_name)
+    settings = [c for c in (False, True) if (probe.supports_causal if c else probe.supports_noncausal)]
+    assert settings
+    for causal in settings:
+        torch.manual_seed(0)
+        model = TinyBlock(method_name)
+        own = {n for n, _ in model.attn.named_parameters()}
+        assert bool(own) == any(p.requires_grad for p in model.attn.parameters())
+        buffers = dict(model.attn.named_buffers())
+        if method_name == "performer":
+            assert any(n.endswith("projection") for n in buffers) and not own
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randn(4, 64, 16)  # NSA: several compressed blocks
+        target = torch.randn(4, 64, 16)
+        kpm = torch.ones(4, 64, dtype=torch.bool)
+        kpm[2:, 48:] = False  # two sequences right-padded
+        losses = []
+        before = {n: p.detach().clone() for n, p in model.attn.named_parameters()}
+        for _ in range(8):
+            loss = ((model(x, causal, kpm) - target).pow(2) * kpm[..., None]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], (causal, losses)
+        for n, p in model.attn.named_parameters():  # the method's own parameters train too
+            assert not torch.equal(p.detach(), before[n]), (causal, n)
 
 
 def test_linformer_layerwise_sharing_ties_layers():

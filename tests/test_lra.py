@@ -91,8 +91,10 @@ def lra_cfg(compose_cfg, tmp_path, monkeypatch):
     return _cfg
 
 
-def test_smoke_trains_with_every_method(lra_cfg, method_name):
-    rec = run(lra_cfg(f"method={method_name}", "runner.steps=6", "runner.eval_every=3"))[0]
+def test_smoke_trains_with_one_method_of_each_family(lra_cfg, representative):
+    """The LRA runner end to end (padded batches, validation, test accuracy); training with
+    every method in every setting it supports is test_layers.py's."""
+    rec = run(lra_cfg(f"method={representative}", "runner.steps=6", "runner.eval_every=3"))[0]
     assert rec.status == "ok", rec.error
     assert rec.train["steps"] == 6 and rec.train["tokens"] == 6 * 16 * 48
     assert 0 <= rec.metrics["test_acc"] <= 1
