@@ -74,7 +74,7 @@ kernels: $(STAMP)
 
 # The layer contracts (pyproject.toml, [tool.importlinter]) and ruff, then the suite.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

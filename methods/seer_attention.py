@@ -110,6 +110,9 @@ class SeerAttention(SparseMethod):
     has_index = True  # the gate, under index_timing
     impls = ("reference", "flex", "triton")
     fixed_head_dim = True  # the gate's weights are sized by head_dim
+    # the gate trains on its own objective (distill_loss), never through the task's loss: its
+    # scores see detached q, k and the block choice is discrete
+    trained_apart = True
 
     def __init__(self, block_size: int = 64, hidden_size: int = 128, q_pooling: str = "avg",
                  k_pooling: str = "maxminavg", selection: str = "threshold", threshold: float = 5e-4,
