@@ -235,6 +235,27 @@ def causal_prefill(q, k, v) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+class DensePrefill:
+    """The prefill of the decode-time selectors (Quest, SparQ, Loki, ...): exact attention, as
+    in their official code; only their decode reads part of the cache. Mixed in before
+    ``DecodePath``."""
+
+    @property
+    def real_kernel(self) -> bool:
+        return True  # the prefill is dense (nothing skipped); decode gathers only what it reads
+
+    def attend(self, q, k, v, causal, key_padding_mask):
+        from methods import masks
+        from methods.base import masked_attention
+
+        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
+                                    key_padding_mask, q.device)
+        return masked_attention(q, k, v, mask)
+
+    def prefill_output(self, q, k, v):
+        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
+
+
 def sdpa(q, k, v, mask=None) -> torch.Tensor:
     """Exact attention of the decode query (or queries) over the keys given, all allowed unless
     ``mask`` [B, H, Tq, n] (True = read); grouped K/V broadcast to the query heads."""

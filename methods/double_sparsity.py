@@ -44,9 +44,8 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection
 
 CHANNELS = ("qk", "q", "k")
 
@@ -62,7 +61,7 @@ def pseudo_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round((x - lo) * scale).clamp(0, top) / scale + lo
 
 
-class DoubleSparsity(DecodePath, AttentionMethod):
+class DoubleSparsity(DensePrefill, DecodePath, AttentionMethod):
     name = "double_sparsity"
     # what the README's method table says (python -m analysis.readme)
     paper = "Yang et al. 2024"
@@ -93,19 +92,6 @@ class DoubleSparsity(DecodePath, AttentionMethod):
         self.register_buffer("heavy", None)  # [H, r] channel indices per query head, from calibrate
         self.register_buffer("channel_stats", None)  # [H, D] the outlier statistic
         self._fingerprint = None
-
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         label = self.num_heads * tk * self.r * 2.0

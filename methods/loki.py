@@ -44,12 +44,11 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill, gather_heads, sdpa
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, gather_heads, sdpa
 
 
-class Loki(DecodePath, AttentionMethod):
+class Loki(DensePrefill, DecodePath, AttentionMethod):
     name = "loki"
     # what the README's method table says (python -m analysis.readme)
     paper = "Singhania et al. 2024"
@@ -77,22 +76,9 @@ class Loki(DecodePath, AttentionMethod):
         self.register_buffer("explained_variance_ratio", None)  # [Hkv, D]
         self._fingerprint = None
 
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
     def top_k(self, S: int) -> int:
         """k for a cache holding S keys: the set value, else int(k_f * S) (at least 1)."""
         return int(self.k) if self.k is not None else max(1, int(self.k_f * S))
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,

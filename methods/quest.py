@@ -31,14 +31,13 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection
 
 MIN_PAGES = 3  # the official code reads at least 3 pages: max(3, token_budget // chunk_size)
 
 
-class Quest(DecodePath, AttentionMethod):
+class Quest(DensePrefill, DecodePath, AttentionMethod):
     name = "quest"
     # what the README's method table says (python -m analysis.readme)
     paper = "Tang et al. 2024"
@@ -53,19 +52,6 @@ class Quest(DecodePath, AttentionMethod):
         if page_size < 1 or token_budget < 1:
             raise ValueError(f"Quest: page_size and token_budget must be >= 1, got {page_size}, {token_budget}")
         self.page_size, self.token_budget = int(page_size), int(token_budget)
-
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the pages read
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         pages = math.ceil(tk / self.page_size)

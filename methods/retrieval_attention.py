@@ -48,15 +48,14 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection
 from methods.squeezed_attention import _nearest, kmeans, mask_slots
 
 STATIC, FLAT = -1, -2  # assign: a static key (sink or window; or an empty slot), an indexed key with no centroid
 
 
-class RetrievalAttention(DecodePath, AttentionMethod):
+class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
     name = "retrieval_attention"
     # what the README's method table says (python -m analysis.readme)
     paper = "Liu et al. 2024"
@@ -82,19 +81,6 @@ class RetrievalAttention(DecodePath, AttentionMethod):
         self.top_k, self.num_sink, self.window = int(top_k), int(num_sink), int(window)
         self.num_clusters_set = None if num_clusters is None else int(num_clusters)
         self.nprobe, self.query_links, self.kmeans_iters = int(nprobe), int(query_links), int(kmeans_iters)
-
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill, gather_heads, sdpa
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, gather_heads, sdpa
 
 K_MODES = ("store_twice", "store_once")
 
 
-class SparQ(DecodePath, AttentionMethod):
+class SparQ(DensePrefill, DecodePath, AttentionMethod):
     name = "sparq"
     # what the README's method table says (python -m analysis.readme)
     paper = "Ribar et al. 2024"
@@ -62,22 +61,9 @@ class SparQ(DecodePath, AttentionMethod):
             raise ValueError(f"SparQ: k must be >= 1, got {k}")
         self.ratio, self.k, self.reallocation, self.k_mode = int(ratio), k, bool(reallocation), k_mode
 
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
     def top_k(self, cache: KVCache) -> int:
         """k for this cache: the set value, else round(capacity / (2 ratio)) (at least 1)."""
         return int(self.k) if self.k is not None else max(1, round(cache.capacity / (2 * self.ratio)))
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         copies = 3 if self.k_mode == "store_twice" else 2

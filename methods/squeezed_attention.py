@@ -40,9 +40,8 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill
+from methods.base import AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection
 
 SELECTIONS = ("threshold", "fraction")
 
@@ -89,7 +88,7 @@ def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.indices[..., :n], order.values[..., :n].bool()
 
 
-class SqueezedAttention(DecodePath, AttentionMethod):
+class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     name = "squeezed_attention"
     # what the README's method table says (python -m analysis.readme)
     paper = "Hooper et al. 2024"
@@ -113,19 +112,6 @@ class SqueezedAttention(DecodePath, AttentionMethod):
         self.percent_clusters, self.sparsity = float(percent_clusters), float(sparsity)
         self.observation_window, self.selection = int(observation_window), selection
         self.kmeans_iters = int(kmeans_iters)
-
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,

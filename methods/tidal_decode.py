@@ -40,14 +40,13 @@ import math
 
 import torch
 
-from methods import masks
-from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, Selection, causal_prefill
+from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection
 
 STORE = "tidal_decode"  # the key of the selection in KVCache.shared
 
 
-class TidalDecode(DecodePath, AttentionMethod):
+class TidalDecode(DensePrefill, DecodePath, AttentionMethod):
     name = "tidal_decode"
     # what the README's method table says (python -m analysis.readme)
     paper = "Yang et al. 2024"
@@ -70,19 +69,6 @@ class TidalDecode(DecodePath, AttentionMethod):
                              f"{sparse_layer_start}, got {list(reselection_layers)}")
         self.token_budget, self.sparse_layer_start = int(token_budget), int(sparse_layer_start)
         self.reselection_layers = reselection_layers
-
-    @property
-    def real_kernel(self) -> bool:
-        return True  # the prefill is dense (nothing skipped); decode gathers only the keys read
-
-    # ---- prefill: exact attention ------------------------------------------------------------
-    def attend(self, q, k, v, causal, key_padding_mask):
-        mask = masks.attention_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal,
-                                    key_padding_mask, q.device)
-        return masked_attention(q, k, v, mask)
-
-    def prefill_output(self, q, k, v):
-        return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
