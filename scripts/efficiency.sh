@@ -2,7 +2,15 @@
 # Efficiency suite: every method's fast path against SDPA (default backend, and flash),
 # forward, bf16, B=1, H=32, D=128, causal (4k-128k) and non-causal (4k-64k).
 #   bash scripts/efficiency.sh [STORE] [extra Hydra overrides...]
-#   PART=causal|noncausal|triton|backward|1m|d64 bash scripts/efficiency.sh ...   (one part; default all)
+#   PART="causal d64" bash scripts/efficiency.sh ...   (the parts named; default all)
+# Parts: causal (dense, flex paths, dense flash), minference (its flex patterns, SparseK's gather path),
+# noncausal, triton, backward (dense, sliding window, BigBird, NSA), backward2 (Performer, NSA at its paper
+# shape, SparseK, the non-causal methods), 1m, d64. On a host of two GPUs the whole table takes two
+# 10-minute windows, one store shared by both (records are appended under a per-run lock):
+#   CUDA_VISIBLE_DEVICES=0 PART="causal d64" bash scripts/efficiency.sh &
+#   CUDA_VISIBLE_DEVICES=1 PART="minference triton noncausal" bash scripts/efficiency.sh; wait
+#   CUDA_VISIBLE_DEVICES=0 PART=backward bash scripts/efficiency.sh &
+#   CUDA_VISIBLE_DEVICES=1 PART="backward2 1m" bash scripts/efficiency.sh; wait
 # The sparse methods run twice: FlexAttention block masks (impl=flex, the baseline with the
 # same mask) and attnbench's Triton kernels (impl=triton, methods/kernels/block_sparse.py).
 # Writes records to STORE (default results/efficiency/records.jsonl), then, next to it, the
@@ -14,19 +22,22 @@ STORE=${1:-results/efficiency/records.jsonl}
 shift || true
 AB=${ATTNBENCH:-attnbench}
 run() { $AB "$@" store="$STORE" || echo "attnbench $* failed (its records say why)"; }
+want() { [ "${PART:-all}" = all ] || [[ " ${PART} " == *" $1 "* ]]; }
 
-if [ "${PART:-all}" = all ] || [ "${PART}" = causal ]; then
+if want causal; then
 run -m method=dense,sliding_window,bigbird,nsa,performer experiment=efficiency/causal "$@"
-run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse experiment=efficiency/causal "$@"
 run -m method=dense method.backend=flash experiment=efficiency/causal "$@"
+fi
+if want minference; then
+run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse experiment=efficiency/causal "$@"
 # SparseK's gather path is a PyTorch loop over query chunks (no kernel yet): short lengths only
 run -m method=sparsek experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = noncausal ]; then
+if want noncausal; then
 run -m method=dense,sliding_window,bigbird,performer,linformer,nystrom experiment=efficiency/noncausal "$@"
 run -m method=dense method.backend=flash experiment=efficiency/noncausal "$@"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = triton ]; then
+if want triton; then
 run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment=efficiency/causal "$@"
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal "$@"
@@ -34,7 +45,7 @@ run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/no
 # SparseK: its selection stays a PyTorch pass per query chunk (the kernel does the attention)
 run -m method=sparsek method.impl=triton experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = backward ]; then  # forward + backward, trainable paths
+if want backward; then  # forward + backward, trainable paths
 run -m method=dense runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=true \
     experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
@@ -42,6 +53,8 @@ run -m method=sliding_window,bigbird method.impl=flex,triton runner.backward=tru
 # Performer and SparseK, whose Triton paths are forward only, through their default paths
 run -m method=nsa method.impl=flex,triton runner.backward=true experiment=efficiency/causal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
+fi
+if want backward2; then
 run -m method=performer runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 # NSA at its paper's shape (64 query heads, 4 KV heads) against dense at the same shape
 run -m method=dense runner.backward=true experiment=efficiency/causal model.num_heads=64 model.num_kv_heads=4 \
@@ -52,13 +65,13 @@ run -m method=sparsek runner.backward=true experiment=efficiency/causal 'runner.
 run -m method=dense,linformer,nystrom runner.backward=true experiment=efficiency/noncausal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
-if [ "${PART:-all}" = all ] || [ "${PART}" = 1m ]; then  # 1M-token prefill: MInference against dense
+if want 1m; then  # 1M-token prefill: MInference against dense
 run -m method=dense experiment=efficiency/causal 'runner.seq_lens=[1048576]' runner.warmup=1 "$@"
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal 'runner.seq_lens=[1048576]' runner.warmup=1 "$@"
 fi
 
-if [ "${PART:-all}" = all ] || [ "${PART}" = d64 ]; then  # head dim 64: the fast paths and both SDPA backends
+if want d64; then  # head dim 64: the fast paths and both SDPA backends
 run -m method=dense method.backend=auto,flash experiment=efficiency/causal model.head_dim=64 "$@"
 run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment=efficiency/causal \
     model.head_dim=64 "$@"
