@@ -200,6 +200,18 @@ class NSA(SparseMethod):
         out = torch.zeros(*sel.shape[:-1], nsel + 1, dtype=torch.bool, device=sel.device)
         return out.scatter_(-1, dump, True)[..., :nsel]
 
+    @staticmethod
+    def chosen_bits(sel, nsel):
+        """[B, Hkv, T, n] block indices -> [B, Hkv, T, ceil(nsel / 8)] uint8, bit j % 8 of byte
+        j // 8 set where block j is chosen: the selected-branch mask of the flex path, 8x smaller
+        than ``chosen_mask`` and under 2^31 elements at 128k (FlexAttention's compiled mask
+        indexes captured tensors with 32-bit offsets: an [B, H, 128k, 2048] bool overflows them)."""
+        words = (nsel + 7) // 8
+        word = torch.where(sel < 0, words, torch.div(sel, 8, rounding_mode="floor"))  # -1: an extra byte, dropped
+        bit = torch.where(sel < 0, 0, torch.bitwise_left_shift(1, sel.remainder(8))).to(torch.uint8)
+        out = torch.zeros(*sel.shape[:-1], words + 1, dtype=torch.uint8, device=sel.device)
+        return out.scatter_add_(-1, word, bit)[..., :words]  # distinct blocks per row: add == or
+
     def _triton_branches(self, q, k, v, causal, key_padding_mask):
         """All three branches through Triton kernels: the compressed attention and the
         selection-block importance, the selected blocks, the window. Returns (out, pairs)."""
@@ -263,11 +275,13 @@ class NSA(SparseMethod):
             return out
         with timed_index(self, q):  # the compressed branch and the selection
             o_cmp, sel = self._compressed(q, k, v, key_padding_mask)  # sel: [B, Hkv, T, n]
-        chosen = self.chosen_mask(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel]
+        chosen = self.chosen_bits(sel, math.ceil(T / self.block_size))  # [B, Hkv, T, nsel / 8]
         bs, w = self.block_size, self.window
 
         def selected_mask(b, h, q_idx, kv_idx):
-            return chosen[b, h // rep, q_idx, kv_idx // bs] & (kv_idx <= q_idx)
+            blk = kv_idx // bs
+            byte = chosen[b, h // rep, q_idx, blk // 8].to(torch.int32)
+            return ((byte >> (blk % 8)) & 1 != 0) & (kv_idx <= q_idx)
 
         def window_mask(b, h, q_idx, kv_idx):
             return (q_idx - kv_idx < w) & (kv_idx <= q_idx)

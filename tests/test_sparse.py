@@ -469,3 +469,21 @@ def test_minference_calibrate_switches_to_the_searched_heads():
     for h in range(2):
         assert float((p[0, h] * keys[0, h]).sum(-1).mean()) == pytest.approx(heads[h]["recall"], abs=1e-4)
     assert torch.isfinite(m(q, k, v, causal=True)).all()
+
+
+def test_nsa_chosen_bits_pack_the_selected_blocks():
+    """The flex path's packed selection (8 blocks a byte, so that the mask indexes fewer than 2^31
+    elements at 128k) holds exactly the chosen blocks: unpacked here bit by bit, against a set
+    built from the indices; -1 (no block) sets nothing, and a count not a multiple of 8 works."""
+    from methods.nsa import NSA
+
+    g = torch.Generator().manual_seed(0)
+    nsel = 21
+    sel = torch.stack([torch.randperm(nsel, generator=g)[:5] for _ in range(2 * 3 * 7)]).view(2, 3, 7, 5)
+    sel[0, 1, 2, 3:] = -1
+    bits = NSA.chosen_bits(sel, nsel)
+    assert bits.dtype == torch.uint8 and bits.shape == (2, 3, 7, 3)
+    for idx in itertools.product(range(2), range(3), range(7)):
+        want = {int(j) for j in sel[idx] if j >= 0}
+        got = {j for j in range(nsel) if (int(bits[idx][j // 8]) >> (j % 8)) & 1}
+        assert got == want, idx
