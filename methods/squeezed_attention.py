@@ -171,7 +171,7 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     def select(self, q_t, cache: KVCache) -> Selection:
         self._check_q(q_t, cache)
         if "centroids" not in cache.aux:
-            return Selection(extra={"kept_fraction": 1.0})
+            return Selection()
         B, H = q_t.shape[:2]
         Hkv, S = cache.num_kv_heads, cache.length
         labels = cache.aux["labels"].long()  # [B, Hkv, n]
@@ -189,12 +189,12 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         mask[:, :, :n] = kept
         slots, valid = mask_slots(mask)
         index_bytes = float(B * Hkv * (C * (cache.row_bytes() + 4) + n * 4))  # centroids, N_i, labels (int32)
-        return Selection(slots=slots, valid=valid, index_bytes=index_bytes,
-                         extra={"kept_fraction": float(kept.float().mean())})
+        return Selection(slots=slots, valid=valid, index_bytes=index_bytes, extra={"kept": kept})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
         info = super().step_info(cache, sel)
-        info["stats"] = {"kept_fraction": sel.extra["kept_fraction"]}
+        kept = sel.extra.get("kept")
+        info["stats"] = {"kept_fraction": 1.0 if kept is None else float(kept.float().mean())}
         return info
 
 
