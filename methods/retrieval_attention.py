@@ -194,7 +194,7 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         cand = self.candidates(q_t, cache)
         s = (q_t.view(B, Hkv, H // Hkv, D) @ cache.keys().transpose(-1, -2)).view(B, H, S).to(dt)
         val, top = s.masked_fill(~cand, float("-inf")).topk(min(self.top_k, S), dim=-1)
-        cut = max(self.num_sink, S - self.window)  # static: [0, num_sink) and [cut, S)
+        cut = min(S, max(self.num_sink, S - self.window))  # static: [0, num_sink) and [cut, S)
         static = torch.cat([torch.arange(min(self.num_sink, S), device=q_t.device),
                             torch.arange(cut, S, device=q_t.device)]).expand(B, H, -1)
         found = val > float("-inf")

@@ -317,7 +317,8 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
 def test_retrieval_attention_full_budget_is_dense_and_a_short_prefill_scans_flat():
     q, k, v = qkv(40, seed=8)
     for kw, L in ((dict(top_k=4096, nprobe=64, num_sink=2, window=4), 30),
-                  (dict(top_k=3, num_sink=2, window=4), 5)):  # nothing indexed at the prefill
+                  (dict(top_k=3, num_sink=2, window=4), 5),  # nothing indexed at the prefill
+                  (dict(top_k=3, num_sink=50, window=4), 30)):  # nothing indexed: all sinks
         m = load("retrieval_attention", **kw)
         cache = m.new_cache(B, 40, q.dtype)
         m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
@@ -326,12 +327,12 @@ def test_retrieval_attention_full_budget_is_dense_and_a_short_prefill_scans_flat
             for b in range(B):
                 for h in range(H):
                     keys, vals = k[b, h // G, :i + 1], v[b, h // G, :i + 1]
-                    static = set(range(2)) | set(range(i - 3, i + 1))
+                    static = set(range(min(kw["num_sink"], i + 1))) | set(range(i - 3, i + 1))
                     flat = [j for j in range(i + 1) if j not in static]  # every indexed key a candidate
                     idx = static | _top(keys @ q[b, h, i], kw["top_k"], flat)
                     torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], keys, vals, idx))
             assert m.last_step["stats"]["topk_recall"] == 1.0
-        assert m.last_step["clamped"] == (kw["top_k"] > 40)
+        assert m.last_step["clamped"] == (kw["top_k"] > 40 and kw["num_sink"] < 40)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
