@@ -145,3 +145,23 @@ def test_select_and_attend_on_cuda_do_not_synchronise(name, kw):
     if name != "sparq":
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     assert math.isfinite(float(out.float().abs().sum()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,extra,captured", [("dense", [], True), ("quest", ["method.token_budget=64"], True),
+                                                   ("squeezed_attention", [], False)])
+def test_decode_runner_times_the_step_from_a_cuda_graph(method, extra, captured, compose_cfg):
+    """On CUDA the runner also replays the last step's select + attend from a CUDA graph; a path
+    that synchronises with the host (Squeezed Attention's variable-size selection) says why not."""
+    from runners import run
+
+    cfg = compose_cfg("runner=decode", f"method={method}", "device=cuda", "dtype=bfloat16", "model.num_heads=8",
+                      "model.num_kv_heads=2", "model.head_dim=64", "runner.seq_lens=[1024]", "runner.steps=4",
+                      "runner.warmup=1", *extra, tiny=False)
+    (rec,) = run(cfg)
+    assert rec.status == "ok", rec.error
+    if captured:
+        g = rec.latency_ms["decode_step_graph"]
+        assert 0 < g["p50"] <= rec.latency_ms["decode_step"]["p50"]
+    else:
+        assert "decode_step_graph" not in rec.latency_ms and rec.details["graph"].startswith("not captured")
