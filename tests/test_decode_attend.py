@@ -149,10 +149,10 @@ def test_select_and_attend_on_cuda_do_not_synchronise(name, kw):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,extra,captured", [("dense", [], True), ("quest", ["method.token_budget=64"], True),
-                                                   ("squeezed_attention", [], False)])
+                                                   ("squeezed_attention", [], True)])
 def test_decode_runner_times_the_step_from_a_cuda_graph(method, extra, captured, compose_cfg):
-    """On CUDA the runner also replays the last step's select + attend from a CUDA graph; a path
-    that synchronises with the host (Squeezed Attention's variable-size selection) says why not."""
+    """On CUDA the runner also replays the last step's select + attend from a CUDA graph (a path
+    that synchronises with the host would say why not in details.graph)."""
     from runners import run
 
     cfg = compose_cfg("runner=decode", f"method={method}", "device=cuda", "dtype=bfloat16", "model.num_heads=8",
