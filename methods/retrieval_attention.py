@@ -165,15 +165,16 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         """The keys the search scans for each query head: [B, H, S] bool."""
         B, H, _, D = q_t.shape
         Hkv, S, G = cache.num_kv_heads, cache.length, H // cache.num_kv_heads
-        assign = cache.aux["assign"][:, :, :S].long().repeat_interleave(G, 1)  # [B, H, S]
-        cand = assign == FLAT
+        assign = cache.aux["assign"][:, :, :S].unsqueeze(2)  # [B, Hkv, 1, S]: a group's heads share it
+        cand = (assign == FLAT).expand(B, Hkv, G, S).reshape(B, H, S)
         if "centroids" not in cache.aux:
             return cand
         c = cache.aux["centroids"]
         z = (q_t.to(c.dtype).view(B, Hkv, G, D) @ c.transpose(-1, -2)).view(B, H, -1)  # [B, H, C]
         probe = z.topk(min(self.nprobe, c.shape[2]), dim=-1).indices  # [B, H, nprobe]
-        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True)
-        cand |= probed.gather(-1, assign.clamp_min(0)) & (assign >= 0)
+        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True).view(B, Hkv, G, -1)
+        hit = probed.gather(-1, assign.clamp_min(0).long().expand(B, Hkv, G, S)) & (assign >= 0)
+        cand |= hit.view(B, H, S)
         if "links" in cache.aux:
             links = cache.aux["links"].long().repeat_interleave(G, 1)  # [B, H, C, E]
             got = links.gather(2, probe.unsqueeze(-1).expand(-1, -1, -1, links.shape[-1])).flatten(2)
