@@ -118,7 +118,7 @@ class Twilight(DecodePath, AttentionMethod):
         return self.base.attend(q, k, v, causal, key_padding_mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return self.base.prefill_output(q, k, v)  # dense through SDPA: no [L, L] matrix at long prompts
 
     def cost(self, tq, tk, causal) -> Cost:
         c = self.base.cost(tq, tk, causal)

@@ -40,15 +40,21 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     if [ -z "${BUDGET:-}" ]; then
         $AB -m runner=decode "method=$METHODS" "store=$STORE" "${ARGS[@]}" "$@" \
             || echo "decode_table: some runs failed (their records say why)"
-    else  # one sweep per budget name: the methods that take it, and the rest without
+    else  # one sweep per budget name (the methods that take it; "none": the rest), in the order
+        # the names first appear in METHODS; dense decode, the baseline, first of all
         declare -A GROUPS_=()
+        ORDER=()
         for m in ${METHODS//,/ }; do
             b=$(budget_of "$m")
             b=${b:-none}
+            [ "$m" = dense ] && b=dense
+            [ -z "${GROUPS_[$b]:-}" ] && ORDER+=("$b")
             GROUPS_[$b]="${GROUPS_[$b]:+${GROUPS_[$b]},}$m"
         done
-        for b in "${!GROUPS_[@]}"; do
-            $AB -m runner=decode "method=${GROUPS_[$b]}" "store=$STORE" "${ARGS[@]}" ${b#none} "$@" \
+        for b in "${ORDER[@]}"; do
+            extra=${b#none}
+            extra=${extra#dense}
+            $AB -m runner=decode "method=${GROUPS_[$b]}" "store=$STORE" "${ARGS[@]}" $extra "$@" \
                 || echo "decode_table: some runs of ${GROUPS_[$b]} failed (their records say why)"
         done
     fi
