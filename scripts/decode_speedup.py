@@ -6,7 +6,8 @@ and prefill length L: each method's step time (p50 of index + attention, ms), de
 the same L and setting, the speed-up dense / method, the same from the CUDA-graph replay of the
 last step's select + attend (``decode_step_graph``: device time without Python's launch cost;
 "-" where it was not captured), the selection share of the step, the share of dense decode's
-bytes read, and the attention recall. Rows of L without a dense record are
+bytes read and the speed-up it bounds (1 / that share: a step that only streamed its bytes at
+dense decode's rate), and the attention recall. Rows of L without a dense record are
 left out (nothing to compare with).
 
     python scripts/decode_speedup.py --store results/decode/records.jsonl --out results/decode/speedup.md
@@ -52,6 +53,7 @@ def speedup_table(g: pd.DataFrame) -> pd.DataFrame:
                      "graph speed-up": "-" if pd.isna(gup) else f"{gup:.1f}x",
                      "selection share": "-" if pd.isna(r["index"]) else f"{r['index'] / r['step']:.0%}",
                      "read fraction": "-" if pd.isna(r["read"]) else f"{r['read']:.4f}",
+                     "bytes bound": "-" if pd.isna(r["read"]) or r["read"] <= 0 else f"{1 / r['read']:.1f}x",
                      "recall": "-" if pd.isna(r["recall"]) else f"{r['recall']:.3f}", "_up": up})
     if not rows:
         return pd.DataFrame()
