@@ -176,8 +176,10 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         hit = probed.gather(-1, assign.clamp_min(0).long().expand(B, Hkv, G, S)) & (assign >= 0)
         cand |= hit.view(B, H, S)
         if "links" in cache.aux:
-            links = cache.aux["links"].long().repeat_interleave(G, 1)  # [B, H, C, E]
-            got = links.gather(2, probe.unsqueeze(-1).expand(-1, -1, -1, links.shape[-1])).flatten(2)
+            links = cache.aux["links"]  # [B, Hkv, C, E]: the lists of the probed centroids, per query head
+            E, P = links.shape[-1], probe.shape[-1]
+            idx = probe.view(B, Hkv, G * P, 1).expand(-1, -1, -1, E)
+            got = links.gather(2, idx).view(B, H, P * E).long()
             hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
             hit.scatter_(-1, torch.where(got >= 0, got, S), True)
             cand |= hit[..., :S]
