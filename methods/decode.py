@@ -290,8 +290,10 @@ def select_then_attend(q_t, cache: KVCache, sel: Selection, q: torch.Tensor | No
     ``sel.slots`` is None. ``q`` replaces ``q_t`` as the query (Loki's rotated query).
 
     ``impl``: "kernel" runs the Triton gather decode kernel (``methods.kernels.decode``) on the
-    slots, padding as -1: no host synchronisation, no gathered copy of K/V, nothing sized by the
-    cache; "reference" gathers the rows (``gather_heads``) and runs SDPA; "auto" (default): the
+    slots, padding as -1, each row chosen by several heads of a group read once for all of them
+    (``_gather_kernel``): no host synchronisation, no gathered copy of K/V, nothing sized by the
+    cache but the group's owner bits (int32 per slot and KV head, 1/64 of K at head dim 128 in
+    bf16); "reference" gathers the rows (``gather_heads``) and runs SDPA; "auto" (default): the
     kernel on CUDA (fp16, bf16, fp32; head dims a power of two from 16), the reference elsewhere.
     Returns [B, H, 1, D] in the query's dtype."""
     q = q_t if q is None else q
@@ -312,18 +314,29 @@ def _kernel_fits(q: torch.Tensor) -> bool:
 
 
 def _gather_kernel(q, cache: KVCache, slots: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The Triton gather kernel over per-query-head slots: each (batch, KV head) pair is a batch
-    entry and its G query heads are G "KV heads" that all point at its K/V (stride 0), each
-    with its own index list; the kernel's grouped heads are then one per program."""
+    """The Triton gather kernel over per-query-head slots (distinct within each head, as a top-k
+    gives them). One program per (batch, KV head, split) takes the group's G query heads: the
+    group's lists are laid end to end, each position kept under its first owner only (-1 for
+    the others), and ``owners`` [B, Hkv, S] holds the bits of the heads that chose it, so every
+    chosen row is read once for the group and each head scores only its own."""
     from methods.kernels.decode import decode_attention
 
     B, H, _, D = q.shape
     Hkv, S = cache.num_kv_heads, cache.length
-    G = H // Hkv
-    k = cache.keys().reshape(B * Hkv, 1, S, D).expand(-1, G, -1, -1)  # a view: no copy
-    v = cache.values().reshape(B * Hkv, 1, S, D).expand(-1, G, -1, -1)
-    idx = slots if valid is None else torch.where(valid, slots, -1)
-    out, _ = decode_attention(q.reshape(B * Hkv, G, D), k, v, indices=idx.reshape(B * Hkv, G, -1))
+    G, n = H // Hkv, slots.shape[-1]
+    ok = (slots >= 0) & (slots < S) if valid is None else valid & (slots >= 0) & (slots < S)
+    idx = torch.where(ok, slots, -1)
+    if G == 1:
+        return decode_attention(q.reshape(B, H, D), cache.keys(), cache.values(), indices=idx)[0].view(B, H, 1, D)
+    bit = (1 << torch.arange(G, device=q.device, dtype=torch.int32)).view(1, 1, G, 1)
+    at = torch.where(ok, slots, S).view(B, Hkv, G * n)  # the invalid ones to a spare slot S
+    owners = torch.zeros(B, Hkv, S + 1, dtype=torch.int32, device=q.device)
+    owners.scatter_add_(2, at, (bit * ok.view(B, Hkv, G, n)).view(B, Hkv, G * n))
+    lower = bit - 1  # the bits of the heads before each
+    first = (owners.gather(2, at).view(B, Hkv, G, n) & lower) == 0
+    union = torch.where(first, idx.view(B, Hkv, G, n), -1).view(B, Hkv, G * n)
+    out, _ = decode_attention(q.reshape(B, H, D), cache.keys(), cache.values(), indices=union,
+                              owners=owners[:, :, :S])
     return out.view(B, H, 1, D)
 
 

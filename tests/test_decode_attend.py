@@ -25,11 +25,18 @@ def _filled(S, dtype=torch.float32, seed=0, capacity=None, device="cpu"):
     return cache, k, v
 
 
-def _selection(S, n, seed=1, pad=True):
+def _selection(S, n, seed=1, pad=True, group="overlap"):
     """Distinct slots per query head (a random permutation's first n) and, with ``pad``, the
-    last two of each head marked as padding."""
+    last two of each head marked as padding; ``group``: the heads of a KV head's group choose
+    independently ("overlap"), the same slots ("same") or disjoint ones ("disjoint")."""
     g = torch.Generator().manual_seed(seed)
-    slots = torch.stack([torch.stack([torch.randperm(S, generator=g)[:n] for _ in range(H)]) for _ in range(B)])
+    if group == "overlap":
+        slots = torch.stack([torch.stack([torch.randperm(S, generator=g)[:n] for _ in range(H)]) for _ in range(B)])
+    elif group == "same":
+        slots = torch.stack([torch.randperm(S, generator=g)[:n] for _ in range(B * HKV)]).view(B, HKV, 1, n)
+        slots = slots.expand(B, HKV, G, n).reshape(B, H, n)
+    else:
+        slots = torch.stack([torch.randperm(S, generator=g)[:G * n] for _ in range(B * HKV)]).view(B, H, n)
     valid = torch.ones(B, H, n, dtype=torch.bool)
     if pad:
         valid[..., -2:] = False
@@ -50,12 +57,13 @@ def _expected(q, k, v, sel):
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("kernel", marks=needs_kernel)])
 @pytest.mark.parametrize("pad", [True, False])
-def test_select_then_attend_is_softmax_over_the_chosen_keys(impl, pad):
+@pytest.mark.parametrize("group", ["overlap", "same", "disjoint"])
+def test_select_then_attend_is_softmax_over_the_chosen_keys(impl, pad, group):
     S, dev = 37, DEV if impl == "kernel" else "cpu"
     tol = TOL if impl == "kernel" else 2e-5
     cache, k, v = _filled(S, device=dev)
     q = qkv(1, seed=5, dtype=torch.float32)[0]
-    sel = _selection(S, 9, pad=pad)
+    sel = _selection(S, 9, pad=pad, group=group)
     on = Selection(slots=sel.slots.to(dev), valid=None if sel.valid is None else sel.valid.to(dev))
     out = select_then_attend(q.to(dev), cache, on, impl=impl)
     assert out.shape == (B, H, 1, D) and out.dtype == q.dtype
