@@ -42,6 +42,12 @@ Paths:
 
 Dense decode over the full history is the reference the decode runner compares every path to.
 
+The decode-time selectors (Quest, SparQ, Loki, Double Sparsity, TidalDecode, RetrievalAttention,
+Squeezed Attention, Twilight) share one shape: approximate scores -> top-k (``top_k_selection``)
+-> exact attention over the chosen keys (``select_then_attend``, the default ``attend_selected``:
+on CUDA the Triton gather kernel of ``methods.kernels.decode`` reads the chosen rows in place,
+with no host synchronisation; elsewhere the reference gathers them and runs SDPA).
+
 Calibration: a path whose index rests on offline statistics (Loki's PCA of keys, Double
 Sparsity's heavy channels) sets ``needs_calibration``; ``calibrate(samples)`` takes calibration
 data of the layer, a list of (q, k) pairs (q [B, H, T, D], k [B, Hkv, T, D]; the convention of
@@ -256,6 +262,84 @@ class DensePrefill:
         return causal_prefill(q, k, v)  # dense, without an [L, L] matrix
 
 
+ATTEND_IMPLS = ("auto", "kernel", "reference")
+
+
+def top_k_selection(scores: torch.Tensor, k: int, page_size: int = 1, length: int | None = None,
+                    **fields) -> Selection:
+    """The selection step the selectors share: the ``k`` (at most all) largest ``scores`` [B, H, n]
+    of each query head, as cache slots; with ``page_size`` > 1 the scores are pages' and each
+    chosen page p stands for its slots p * page_size ... (p + 1) * page_size - 1, those from
+    ``length`` on (past the held keys) marked invalid. ``fields`` go to the ``Selection``."""
+    top = scores.topk(min(int(k), scores.shape[-1]), dim=-1).indices  # [B, H, k]
+    if page_size == 1:
+        return Selection(slots=top, **fields)
+    slots = (top.unsqueeze(-1) * page_size + torch.arange(page_size, device=top.device)).flatten(-2)
+    return Selection(slots=slots, valid=None if length is None else slots < length, **fields)
+
+
+def select_then_attend(q_t, cache: KVCache, sel: Selection, q: torch.Tensor | None = None,
+                       impl: str = "auto") -> torch.Tensor:
+    """The attention phase the decode-time selectors share (Quest, SparQ, Loki, Double Sparsity,
+    TidalDecode, RetrievalAttention, Squeezed Attention, Twilight: approximate scores -> top-k ->
+    this): exact attention of the decode query over the keys ``sel`` chose,
+
+        o_h = softmax(q_h . K[I_h]^T / sqrt(D)) V[I_h],   I_h = sel.slots[b, h] where sel.valid,
+
+    each query head h over its own slots of its KV head h // (H / Hkv); every held key when
+    ``sel.slots`` is None. ``q`` replaces ``q_t`` as the query (Loki's rotated query).
+
+    ``impl``: "kernel" runs the Triton gather decode kernel (``methods.kernels.decode``) on the
+    slots, padding as -1, each row chosen by several heads of a group read once for all of them
+    (``_gather_kernel``): no host synchronisation, no gathered copy of K/V, nothing sized by the
+    cache but the group's owner bits (int32 per slot and KV head, 1/64 of K at head dim 128 in
+    bf16); "reference" gathers the rows (``gather_heads``) and runs SDPA; "auto" (default): the
+    kernel on CUDA (fp16, bf16, fp32; head dims a power of two from 16), the reference elsewhere.
+    Returns [B, H, 1, D] in the query's dtype."""
+    q = q_t if q is None else q
+    if impl not in ATTEND_IMPLS:
+        raise ValueError(f"select_then_attend: impl must be one of {list(ATTEND_IMPLS)}, got {impl!r}")
+    if sel.slots is None:
+        return sdpa(q, cache.keys(), cache.values())
+    if impl == "kernel" or (impl == "auto" and _kernel_fits(q)):
+        return _gather_kernel(q, cache, sel.slots, sel.valid)
+    k, v = gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots)
+    return sdpa(q, k, v, None if sel.valid is None else sel.valid.unsqueeze(2))
+
+
+def _kernel_fits(q: torch.Tensor) -> bool:
+    D = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and D >= 16 and not D & (D - 1))
+
+
+def _gather_kernel(q, cache: KVCache, slots: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The Triton gather kernel over per-query-head slots (distinct within each head, as a top-k
+    gives them). One program per (batch, KV head, split) takes the group's G query heads: the
+    group's lists are laid end to end, each position kept under its first owner only (-1 for
+    the others), and ``owners`` [B, Hkv, S] holds the bits of the heads that chose it, so every
+    chosen row is read once for the group and each head scores only its own."""
+    from methods.kernels.decode import decode_attention
+
+    B, H, _, D = q.shape
+    Hkv, S = cache.num_kv_heads, cache.length
+    G, n = H // Hkv, slots.shape[-1]
+    ok = (slots >= 0) & (slots < S) if valid is None else valid & (slots >= 0) & (slots < S)
+    idx = torch.where(ok, slots, -1)
+    if G == 1:
+        return decode_attention(q.reshape(B, H, D), cache.keys(), cache.values(), indices=idx)[0].view(B, H, 1, D)
+    bit = (1 << torch.arange(G, device=q.device, dtype=torch.int32)).view(1, 1, G, 1)
+    at = torch.where(ok, slots, S).view(B, Hkv, G * n)  # the invalid ones to a spare slot S
+    owners = torch.zeros(B, Hkv, S + 1, dtype=torch.int32, device=q.device)
+    owners.scatter_add_(2, at, (bit * ok.view(B, Hkv, G, n)).view(B, Hkv, G * n))
+    lower = bit - 1  # the bits of the heads before each
+    first = (owners.gather(2, at).view(B, Hkv, G, n) & lower) == 0
+    union = torch.where(first, idx.view(B, Hkv, G, n), -1).view(B, Hkv, G * n)
+    out, _ = decode_attention(q.reshape(B, H, D), cache.keys(), cache.values(), indices=union,
+                              owners=owners[:, :, :S])
+    return out.view(B, H, 1, D)
+
+
 def sdpa(q, k, v, mask=None) -> torch.Tensor:
     """Exact attention of the decode query (or queries) over the keys given, all allowed unless
     ``mask`` [B, H, Tq, n] (True = read); grouped K/V broadcast to the query heads."""
@@ -345,11 +429,8 @@ class DecodePath:
         return Selection()
 
     def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
-        """Phase 3: exact attention over the selected keys."""
-        if sel.slots is None:
-            return sdpa(q_t, cache.keys(), cache.values())
-        k, v = gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots)
-        return sdpa(q_t, k, v, None if sel.valid is None else sel.valid.unsqueeze(2))
+        """Phase 3: exact attention over the selected keys (``select_then_attend``)."""
+        return select_then_attend(q_t, cache, sel)
 
     def calibrate(self, samples) -> None:
         """Offline statistics from ``samples``, a list of (q, k) pairs of this layer (q [B, H,
@@ -559,5 +640,5 @@ def dense_decode_reference(q_t, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     return (p @ vv).to(q_t.dtype), p[:, :, 0]
 
 
-__all__ = ["KVCache", "Selection", "DecodePath", "SinkWindowDecode", "SinkWindowAdapter", "DenseAdapter",
+__all__ = ["KVCache", "Selection", "DecodePath", "select_then_attend", "top_k_selection", "SinkWindowDecode", "SinkWindowAdapter", "DenseAdapter",
            "decode_path", "sink_window_of", "gather_heads", "dense_decode_reference"]

@@ -34,6 +34,10 @@ of at least the cache reads every key (clamped, as Quest and SparQ here;
 ``last_step["clamped"]``). Model-level choices not part of one layer: the official evaluation
 keeps the first two layers dense.
 
+The label scores are computed in the cache's dtype (as the official code's), the top k taken
+in fp32; the exact attention is ``methods.decode.select_then_attend`` (the Triton gather
+kernel on CUDA).
+
 Bytes per step (``last_step``): the label rows of every held key (r channels per query head),
 and the selected K/V rows. Held: K, V and the label cache (H x r per token).
 """
@@ -45,7 +49,7 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, top_k_selection
 
 CHANNELS = ("qk", "q", "k")
 
@@ -143,12 +147,11 @@ class DoubleSparsity(DensePrefill, DecodePath, AttentionMethod):
         self._check_q(q_t, cache)
         S = cache.length
         dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
-        ql = self._labels(q_t).to(dt)  # [B, H, 1, r]
-        lab = cache.aux["k_label"][:, :, :S].to(dt)  # [B, H, S, r]
-        s_hat = (ql @ lab.transpose(-1, -2))[:, :, 0] / math.sqrt(self.r)  # [B, H, S]
-        top = s_hat.topk(min(self.token_budget, S), dim=-1).indices
+        ql = self._labels(q_t).to(cache.dtype)  # [B, H, 1, r]
+        lab = cache.aux["k_label"][:, :, :S]  # [B, H, S, r], read in place
+        s_hat = (ql @ lab.transpose(-1, -2))[:, :, 0].to(dt) / math.sqrt(self.r)  # [B, H, S]
         index_bytes = float(cache.batch * self.num_heads * S * self.r * cache.k.element_size())
-        return Selection(slots=top, index_bytes=index_bytes, clamped=self.token_budget > S)
+        return top_k_selection(s_hat, self.token_budget, index_bytes=index_bytes, clamped=self.token_budget > S)
 
 
 __all__ = ["DoubleSparsity", "pseudo_quantize"]

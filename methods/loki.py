@@ -33,6 +33,10 @@ dense (the official HF integration also sparsifies prefill rows; Alg. 1 and its 
 decode step). A k of at least the cache reads every key (clamped, ``min(k, S)`` as the official
 code; ``last_step["clamped"]``).
 
+The scores are computed in the cache's dtype (fp16 and bf16 as the official code runs the
+model), the top k taken in fp32; the exact attention is ``methods.decode.select_then_attend``
+(the Triton gather kernel on CUDA).
+
 Bytes per step (``last_step``): the first d components of every rotated key (each KV head's
 group reads them once), and the k selected K/V rows. Held: K' and V as dense (the rotation
 replaces K; P itself is a per-layer parameter, like the model's weights, not counted).
@@ -45,7 +49,14 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection, gather_heads, sdpa
+from methods.decode import (
+    DecodePath,
+    DensePrefill,
+    KVCache,
+    Selection,
+    select_then_attend,
+    top_k_selection,
+)
 
 
 class Loki(DensePrefill, DecodePath, AttentionMethod):
@@ -125,16 +136,14 @@ class Loki(DensePrefill, DecodePath, AttentionMethod):
         Hkv, S, d = cache.num_kv_heads, cache.length, self.d
         dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
         q_rot = self._rotate(q_t)  # [B, H, 1, D]
-        kr = cache.keys()[..., :d].to(dt)  # [B, Hkv, S, d]: the leading components of every key
-        s_hat = (q_rot[..., :d].to(dt).view(B, Hkv, H // Hkv, d) @ kr.transpose(-1, -2)).view(B, H, S) / math.sqrt(D)
+        kr = cache.keys()[..., :d]  # [B, Hkv, S, d]: the leading components of every key, read in place
+        s_hat = (q_rot[..., :d].view(B, Hkv, H // Hkv, d) @ kr.transpose(-1, -2)).view(B, H, S).to(dt) / math.sqrt(D)
         want = self.top_k(S)
-        top = s_hat.topk(min(want, S), dim=-1).indices  # [B, H, k]
         index_bytes = float(B * Hkv * S * d * cache.k.element_size())
-        return Selection(slots=top, index_bytes=index_bytes, clamped=want > S, extra={"q_rot": q_rot})
+        return top_k_selection(s_hat, want, index_bytes=index_bytes, clamped=want > S, extra={"q_rot": q_rot})
 
     def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
-        k, v = gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots)
-        return sdpa(sel.extra["q_rot"], k, v)  # (q P) . (k P) = q . k: exact attention on the keys read
+        return select_then_attend(q_t, cache, sel, q=sel.extra["q_rot"])  # (q P) . (k P) = q . k: exact
 
 
 __all__ = ["Loki"]

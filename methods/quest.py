@@ -13,7 +13,8 @@ decode query q bounds each page's best score from above (Sec. 3.3):
 
 and reads the keys of the ``n = min(max(3, token_budget // page_size), pages)`` pages of largest
 U (the official code's count: at least 3 pages), each query head on its own (with grouped K/V
-the heads of a group use the same summaries); attention over those keys is exact.
+the heads of a group use the same summaries); attention over those keys is exact
+(``methods.decode.select_then_attend``: the Triton gather kernel on CUDA).
 
 Defaults as the official code: page (chunk) size 16; token budget 1024 (the paper evaluates
 256-4096). The prefill is dense (the official code runs flash attention for every prompt).
@@ -32,7 +33,7 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, top_k_selection
 
 MIN_PAGES = 3  # the official code reads at least 3 pages: max(3, token_budget // chunk_size)
 
@@ -85,27 +86,27 @@ class Quest(DensePrefill, DecodePath, AttentionMethod):
         cache.aux["page_max"][:, :, p] = kp.amax(2)
 
     def page_scores(self, q_t, cache: KVCache) -> torch.Tensor:
-        """U(P) of every held page for each query head: [B, H, pages] (fp32, fp64 for fp64 inputs)."""
+        """U(P) of every held page for each query head: [B, H, pages]. As max(q_i M_i, q_i m_i) is
+        q_i M_i where q_i >= 0 and q_i m_i where q_i < 0, U = max(q, 0) . M + min(q, 0) . m: two
+        products over the summaries, no [pages, D] temporary. In the query's dtype (fp16 and
+        bf16 as the official code, which scores in the model's dtype); fp32 out."""
         B, H, _, D = q_t.shape
         Hkv, P = cache.num_kv_heads, math.ceil(cache.length / self.page_size)
-        dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
-        q = q_t.to(dt).view(B, Hkv, H // Hkv, 1, D)
-        mn = cache.aux["page_min"][:, :, :P].to(dt).unsqueeze(2)  # [B, Hkv, 1, P, D]
-        mx = cache.aux["page_max"][:, :, :P].to(dt).unsqueeze(2)
-        return torch.maximum(q * mx, q * mn).sum(-1).view(B, H, P)
+        dt = q_t.dtype if q_t.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+        q = q_t.to(dt).view(B, Hkv, H // Hkv, D)
+        mn = cache.aux["page_min"][:, :, :P].to(dt).transpose(-1, -2)  # [B, Hkv, D, P]
+        mx = cache.aux["page_max"][:, :, :P].to(dt).transpose(-1, -2)
+        u = q.clamp_min(0) @ mx + q.clamp_max(0) @ mn  # [B, Hkv, G, P]
+        return u.view(B, H, P).to(torch.float64 if dt == torch.float64 else torch.float32)
 
     def select(self, q_t, cache: KVCache) -> Selection:
         self._check_q(q_t, cache)
-        ps, S = self.page_size, cache.length
         scores = self.page_scores(q_t, cache)
         P = scores.shape[-1]
-        want = max(MIN_PAGES, self.token_budget // ps)
-        n = min(want, P)
-        top = scores.topk(n, dim=-1).indices  # [B, H, n]
-        slots = (top.unsqueeze(-1) * ps + torch.arange(ps, device=q_t.device)).flatten(-2)  # [B, H, n * ps]
+        want = max(MIN_PAGES, self.token_budget // self.page_size)
         index_bytes = 2.0 * cache.batch * cache.num_kv_heads * P * cache.row_bytes()
-        return Selection(slots=slots, valid=slots < S, index_bytes=index_bytes,
-                         clamped=want >= P)
+        return top_k_selection(scores, want, page_size=self.page_size, length=cache.length,
+                               index_bytes=index_bytes, clamped=want >= P)
 
 
 __all__ = ["Quest"]

@@ -50,7 +50,7 @@ import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
 from methods.decode import DecodePath, DensePrefill, KVCache, Selection
-from methods.squeezed_attention import _nearest, kmeans, mask_slots
+from methods.squeezed_attention import _nearest, kmeans
 
 STATIC, FLAT = -1, -2  # assign: a static key (sink or window; or an empty slot), an indexed key with no centroid
 
@@ -165,39 +165,47 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         """The keys the search scans for each query head: [B, H, S] bool."""
         B, H, _, D = q_t.shape
         Hkv, S, G = cache.num_kv_heads, cache.length, H // cache.num_kv_heads
-        assign = cache.aux["assign"][:, :, :S].long().repeat_interleave(G, 1)  # [B, H, S]
-        cand = assign == FLAT
+        assign = cache.aux["assign"][:, :, :S].unsqueeze(2)  # [B, Hkv, 1, S]: a group's heads share it
+        cand = (assign == FLAT).expand(B, Hkv, G, S).reshape(B, H, S)
         if "centroids" not in cache.aux:
             return cand
         c = cache.aux["centroids"]
         z = (q_t.to(c.dtype).view(B, Hkv, G, D) @ c.transpose(-1, -2)).view(B, H, -1)  # [B, H, C]
         probe = z.topk(min(self.nprobe, c.shape[2]), dim=-1).indices  # [B, H, nprobe]
-        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True)
-        cand |= probed.gather(-1, assign.clamp_min(0)) & (assign >= 0)
+        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True).view(B, Hkv, G, -1)
+        hit = probed.gather(-1, assign.clamp_min(0).long().expand(B, Hkv, G, S)) & (assign >= 0)
+        cand |= hit.view(B, H, S)
         if "links" in cache.aux:
-            links = cache.aux["links"].long().repeat_interleave(G, 1)  # [B, H, C, E]
-            got = links.gather(2, probe.unsqueeze(-1).expand(-1, -1, -1, links.shape[-1])).flatten(2)
+            links = cache.aux["links"]  # [B, Hkv, C, E]: the lists of the probed centroids, per query head
+            E, P = links.shape[-1], probe.shape[-1]
+            idx = probe.view(B, Hkv, G * P, 1).expand(-1, -1, -1, E)
+            got = links.gather(2, idx).view(B, H, P * E).long()
             hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
             hit.scatter_(-1, torch.where(got >= 0, got, S), True)
             cand |= hit[..., :S]
         return cand
 
     def select(self, q_t, cache: KVCache) -> Selection:
+        """The static keys (sinks, window) and the top_k candidates of largest q . k: slots [B, H,
+        static + top_k], a retrieved slot invalid where fewer candidates were found. Slots are
+        positions here (nothing is evicted), so the static ones are known from the counts alone:
+        no host synchronisation, no sort of the cache's slots."""
         self._check_q(q_t, cache)
         B, H, _, D = q_t.shape
         Hkv, S = cache.num_kv_heads, cache.length
         dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
         cand = self.candidates(q_t, cache)
-        s = (q_t.to(dt).view(B, Hkv, H // Hkv, D) @ cache.keys().to(dt).transpose(-1, -2)).view(B, H, S)
+        s = (q_t.view(B, Hkv, H // Hkv, D) @ cache.keys().transpose(-1, -2)).view(B, H, S).to(dt)
         val, top = s.masked_fill(~cand, float("-inf")).topk(min(self.top_k, S), dim=-1)
-        read = self.static_mask(cache).expand(B, H, S).clone()
-        hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=q_t.device)
-        hit.scatter_(-1, torch.where(val > float("-inf"), top, S), True)
-        read |= hit[..., :S]
-        slots, valid = mask_slots(read)
-        indexed = int((cache.aux["assign"][0, 0, :S] != STATIC).sum())
+        cut = min(S, max(self.num_sink, S - self.window))  # static: [0, num_sink) and [cut, S)
+        static = torch.cat([torch.arange(min(self.num_sink, S), device=q_t.device),
+                            torch.arange(cut, S, device=q_t.device)]).expand(B, H, -1)
+        found = val > float("-inf")
+        slots = torch.cat([static, top], -1)
+        valid = torch.cat([torch.ones_like(static, dtype=torch.bool), found], -1)
+        indexed = max(0, S - self.window - self.num_sink)  # the keys between the sinks and the window
         return Selection(slots=slots, valid=valid, clamped=self.top_k >= indexed > 0,
-                         extra={"cand": cand, "retrieved": hit[..., :S], "q": q_t, "indexed": indexed})
+                         extra={"cand": cand, "top": top, "found": found, "q": q_t, "indexed": indexed})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
         """Adds what the search read (centroids, candidate keys) and the statistics (counted here,
@@ -205,7 +213,9 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         of them scanned."""
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
         H, G = self.num_heads, self.num_heads // Hkv
-        cand, retrieved, n = sel.extra["cand"], sel.extra["retrieved"], sel.extra["indexed"]
+        cand, n = sel.extra["cand"], sel.extra["indexed"]
+        retrieved = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
+        retrieved = retrieved.scatter(-1, torch.where(sel.extra["found"], sel.extra["top"], S), True)[..., :S]
         scanned = cand.view(B, Hkv, G, S).any(2)
         C = cache.aux["centroids"].shape[2] if "centroids" in cache.aux else 0
         sel.index_bytes = float(B * Hkv * C * cache.row_bytes() + int(scanned.sum()) * cache.row_bytes())

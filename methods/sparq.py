@@ -26,13 +26,19 @@ than the cache is clamped to it (``min(k, S)``, as the official code does; ``las
 
 Bytes per step (``last_step``): the r components of every key read by step 1 (each component
 counted once per KV head group), the value mean, and the k selected K/V rows.
+
+Implementation: step 1 multiplies the query with its other D - r components zeroed by K^T (the
+same sums as q[i1] . K[:, i1], in the cache's dtype for fp16 and bf16, the softmax in fp32): it
+streams every component of K^T where a kernel of the method reads only the r rows, so its time
+is an upper bound of step 1's (the bytes above are the method's); step 2's exact attention is
+``methods.decode.select_then_attend`` (the Triton gather kernel on CUDA).
 """
 from __future__ import annotations
 
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection, gather_heads, sdpa
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, select_then_attend
 
 K_MODES = ("store_twice", "store_once")
 
@@ -97,12 +103,13 @@ class SparQ(DensePrefill, DecodePath, AttentionMethod):
         q = q_t[:, :, 0].to(dt)  # [B, H, D]
         absq = q.abs()
         top_abs, i1 = absq.topk(r, dim=-1)  # [B, H, r]
-        kt = cache.aux["kt"][..., :S] if self.k_mode == "store_twice" else cache.keys().transpose(-1, -2)
-        k_hat = kt.gather(2, i1.reshape(B, Hkv, -1, 1).expand(-1, -1, -1, S)).view(B, H, r, S)
         tau = torch.sqrt(D * top_abs.sum(-1, keepdim=True) / absq.sum(-1, keepdim=True))  # [B, H, 1]
-        s_hat = torch.softmax((q.gather(-1, i1).unsqueeze(-2) @ k_hat.to(dt)).squeeze(-2) / tau, dim=-1)
-        k = min(self.top_k(cache), S)
-        s_top, i2 = s_hat.topk(k, dim=-1)  # [B, H, k]
+        # q[i1] . K[:, i1] as the query with its other components zeroed, times K^T: the same sums,
+        # and nothing sized by the cache but the score vector (no gathered copy of r rows per head)
+        q_r = torch.zeros_like(q).scatter(-1, i1, q.gather(-1, i1)).to(cache.dtype).view(B, Hkv, H // Hkv, D)
+        kt = cache.aux["kt"][..., :S] if self.k_mode == "store_twice" else cache.keys().transpose(-1, -2)
+        s_hat = torch.softmax((q_r @ kt).view(B, H, S).to(dt) / tau, dim=-1)  # [B, H, S]
+        s_top, i2 = s_hat.topk(min(self.top_k(cache), S), dim=-1)  # [B, H, k]
         return Selection(slots=i2, clamped=self.top_k(cache) > S, extra={"alpha": s_top.sum(-1), "i1": i1})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
@@ -117,7 +124,7 @@ class SparQ(DensePrefill, DecodePath, AttentionMethod):
         return super().step_info(cache, sel)
 
     def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
-        y = sdpa(q_t, gather_heads(cache.keys(), sel.slots), gather_heads(cache.values(), sel.slots))
+        y = select_then_attend(q_t, cache, sel)
         if not self.reallocation:
             return y
         alpha = sel.extra["alpha"].view(*y.shape[:2], 1, 1)

@@ -80,14 +80,6 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 8192) -> torch.Tenso
                       for i in range(0, x.shape[-2], chunk)], dim=-1)
 
 
-def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The True positions of each row of ``mask`` [B, H, S], in order, padded to the longest row:
-    slots [B, H, n] and valid [B, H, n] (False: padding)."""
-    n = max(1, int(mask.sum(-1).max()))
-    order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    return order.indices[..., :n], order.values[..., :n].bool()
-
-
 class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     name = "squeezed_attention"
     # what the README's method table says (python -m analysis.readme)
@@ -171,7 +163,7 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     def select(self, q_t, cache: KVCache) -> Selection:
         self._check_q(q_t, cache)
         if "centroids" not in cache.aux:
-            return Selection(extra={"kept_fraction": 1.0})
+            return Selection()
         B, H = q_t.shape[:2]
         Hkv, S = cache.num_kv_heads, cache.length
         labels = cache.aux["labels"].long()  # [B, Hkv, n]
@@ -184,18 +176,21 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
             order = logs.argsort(-1, descending=True)
             before = count.gather(-1, order).cumsum(-1) - count.gather(-1, order)  # keys of the clusters ahead
             keep = torch.zeros_like(logs, dtype=torch.bool).scatter(-1, order, before < (1 - self.sparsity) * n)
-        kept = keep.gather(-1, labels.repeat_interleave(H // Hkv, 1))  # [B, H, n]
-        mask = torch.ones(B, H, S, dtype=torch.bool, device=q_t.device)
-        mask[:, :, :n] = kept
-        slots, valid = mask_slots(mask)
+        G = H // Hkv
+        kept = keep.view(B, Hkv, G, C).gather(-1, labels.unsqueeze(2).expand(-1, -1, G, -1)).view(B, H, n)
+        valid = torch.ones(B, H, S, dtype=torch.bool, device=q_t.device)  # the observation window: always read
+        valid[:, :, :n] = kept
+        # every slot, those of pruned clusters invalid: a selection of fixed size (no host
+        # synchronisation to count the kept keys, no sort); the gather kernel skips invalid rows
+        slots = torch.arange(S, device=q_t.device).expand(B, H, S)
         index_bytes = float(B * Hkv * (C * (cache.row_bytes() + 4) + n * 4))  # centroids, N_i, labels (int32)
-        return Selection(slots=slots, valid=valid, index_bytes=index_bytes,
-                         extra={"kept_fraction": float(kept.float().mean())})
+        return Selection(slots=slots, valid=valid, index_bytes=index_bytes, extra={"kept": kept})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
         info = super().step_info(cache, sel)
-        info["stats"] = {"kept_fraction": sel.extra["kept_fraction"]}
+        kept = sel.extra.get("kept")
+        info["stats"] = {"kept_fraction": 1.0 if kept is None else float(kept.float().mean())}
         return info
 
 
-__all__ = ["SqueezedAttention", "kmeans", "mask_slots"]
+__all__ = ["SqueezedAttention", "kmeans"]

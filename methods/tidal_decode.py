@@ -30,6 +30,10 @@ Defaults as the official code: token budget 256, selection at layer 2, re-select
 (the official code runs full attention for the prompt). A budget of at least the held tokens
 reads them all (``min(S, top_k)`` as the official code): ``last_step["clamped"]`` says so.
 
+Scores in the cache's dtype (the official code's is the model's), the top k in fp32; every
+layer's exact attention is ``methods.decode.select_then_attend`` (the Triton gather kernel on
+CUDA for the reusing layers; SDPA over the whole cache for the dense and selecting ones).
+
 Bytes per step (``last_step``): a selecting layer reads every K/V row (full attention); a
 reusing layer the selected rows (each (batch, KV head, row) once); a layer on its own also the
 keys its selection scored (``index_bytes``).
@@ -41,7 +45,7 @@ import math
 import torch
 
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, top_k_selection
 
 STORE = "tidal_decode"  # the key of the selection in KVCache.shared
 
@@ -92,8 +96,8 @@ class TidalDecode(DensePrefill, DecodePath, AttentionMethod):
         B, H, _, D = q_t.shape
         Hkv, S = cache.num_kv_heads, cache.length
         dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
-        q = q_t.to(dt).view(B, Hkv, H // Hkv, D)
-        return (q @ cache.keys().to(dt).transpose(-1, -2)).view(B, H, S) / math.sqrt(D)
+        q = q_t.view(B, Hkv, H // Hkv, D)  # in the cache's dtype (the model's, as the official code)
+        return (q @ cache.keys().transpose(-1, -2)).view(B, H, S).to(dt) / math.sqrt(D)
 
     def select(self, q_t, cache: KVCache) -> Selection:
         self._check_q(q_t, cache)
@@ -102,16 +106,15 @@ class TidalDecode(DensePrefill, DecodePath, AttentionMethod):
             return Selection()
         if role == "reuse":
             return self._reuse(q_t, cache)
-        k = min(self.token_budget, S)
-        top = self.scores(q_t, cache).topk(k, dim=-1).indices  # [B, H, k]: slots = positions (no eviction)
         clamped = self.token_budget >= S
-        if role == "select":
+        top = top_k_selection(self.scores(q_t, cache), self.token_budget, clamped=clamped,
+                              index_bytes=float(cache.batch * cache.num_kv_heads * S * cache.row_bytes()))
+        if role == "select":  # slots = positions (no eviction)
             if cache.shared is not None:
                 cache.shared[STORE] = {"layer": cache.layer_idx, "token": cache.seen - 1,
-                                       "positions": cache.positions()[top]}
+                                       "positions": cache.positions()[top.slots]}
             return Selection(clamped=clamped)  # full attention in the selecting layer
-        return Selection(slots=top, clamped=clamped,
-                         index_bytes=float(cache.batch * cache.num_kv_heads * S * cache.row_bytes()))
+        return top
 
     def _reuse(self, q_t, cache: KVCache) -> Selection:
         me, layer = self.decode_name(), cache.layer_idx

@@ -118,7 +118,7 @@ class Twilight(DecodePath, AttentionMethod):
         return self.base.attend(q, k, v, causal, key_padding_mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return self.base.prefill_output(q, k, v)  # dense through SDPA: no [L, L] matrix at long prompts
 
     def cost(self, tq, tk, causal) -> Cost:
         c = self.base.cost(tq, tk, causal)
@@ -176,18 +176,18 @@ class Twilight(DecodePath, AttentionMethod):
         p_sorted, order = p_hat.sort(-1, descending=True)
         keep_sorted = (p_sorted.cumsum(-1) - p_sorted) < self.top_p
         keep = torch.zeros_like(valid).scatter(-1, order, keep_sorted) & valid
-        # bytes: the base's index, and each candidate's b-bit row once per (batch, KV head)
-        Hkv = cache.num_kv_heads
-        hit = torch.zeros(B, Hkv, S, dtype=torch.bool, device=cache.device)
-        hit.scatter_(2, slots.clamp(0, S - 1).reshape(B, Hkv, -1), valid.reshape(B, Hkv, -1))
-        row = D * self.quant_bits / 8 + 2 * cache.aux["kq_scale"].element_size()
-        return Selection(slots=slots, valid=keep, index_bytes=base.index_bytes + float(hit.sum()) * row,
-                         clamped=base.clamped,
-                         extra={"budget": keep.sum(-1), "budget_base": valid.sum(-1)})
+        return Selection(slots=slots, valid=keep, index_bytes=base.index_bytes, clamped=base.clamped,
+                         extra={"budget": keep.sum(-1), "budget_base": valid.sum(-1), "candidates": valid})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
-        """Adds the step's budget: keys kept per query head (mean over batch and heads), and
-        the base's candidates before pruning."""
+        """Adds the b-bit rows the estimator read (each candidate's once per (batch, KV head),
+        counted here, outside the timed phases) and the step's budget: keys kept per query head
+        (mean over batch and heads), and the base's candidates before pruning."""
+        B, Hkv, S, D = cache.batch, cache.num_kv_heads, cache.length, cache.head_dim
+        hit = torch.zeros(B, Hkv, S, dtype=torch.bool, device=cache.device)
+        hit.scatter_(2, sel.slots.clamp(0, S - 1).reshape(B, Hkv, -1), sel.extra["candidates"].reshape(B, Hkv, -1))
+        row = D * self.quant_bits / 8 + 2 * cache.aux["kq_scale"].element_size()
+        sel.index_bytes += float(hit.sum()) * row
         info = super().step_info(cache, sel)
         info["budget"] = float(sel.extra["budget"].double().mean())
         info["budget_base"] = float(sel.extra["budget_base"].double().mean())

@@ -12,7 +12,10 @@ path (``methods.decode``): the contract's ``KVCache`` is the model's KV cache.
 then takes one ``path.decode`` per generated token, over the ``KVCache`` it owns (built for
 ``tokens``: prompt plus new tokens). Methods without a decode path decode densely over it
 (``decode_fallback``); ``dense_layers`` keeps the first layers dense, a model-level choice some
-papers make (Quest: its first two layers). Methods that need offline statistics (Loki, Double
+papers make (Quest: its first two layers). Only full-attention layers run the method: a
+sliding-window layer (Gemma 3's "sliding_attention", ``sliding_window``) keeps its window, as
+the sliding-window method (windowed prefill, a rolling cache of its ``sliding_window`` last
+keys at decode), and is left out of calibration. Methods that need offline statistics (Loki, Double
 Sparsity: ``needs_calibration``) are calibrated first with ``calibrate(model, batches)`` (below):
 the model runs each batch of calibration tokens with dense attention, and each layer's method
 calibrates on its (q, k) pairs. Limits, each an error: one prompt length for the batch (no padding),
@@ -133,6 +136,28 @@ def _method(module, H, D, Hkv):
     return m
 
 
+def sliding_window(module, kwargs=None) -> int | None:
+    """The window of a sliding-window layer (what the model hands its attention function, else
+    ``config.layer_types``: Gemma 3's "sliding_attention" layers); None for a full-attention layer."""
+    w = (kwargs or {}).get("sliding_window")
+    if w is None:
+        types = getattr(module.config, "layer_types", None)
+        if types and types[module.layer_idx] == "sliding_attention":
+            w = getattr(module.config, "sliding_window", None)
+    return None if w is None else int(w)
+
+
+def _dense_causal(query, key, value, window: int | None):
+    """Dense causal attention (calibration's forward), within ``window`` keys on a sliding layer."""
+    gqa = key.shape[1] != query.shape[1]
+    if window is None:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=gqa)
+    i = torch.arange(query.shape[2], device=query.device).view(-1, 1)
+    j = torch.arange(key.shape[2], device=query.device).view(1, -1)
+    mask = (j <= i) & (i - j < window)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=gqa)
+
+
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, H, T, D]; key, value [B, Hkv, T, D] (the new tokens) -> ([B, T, H, D], None)."""
     B, H, T, D = query.shape
@@ -141,8 +166,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     store = getattr(module, "_attnbench_calibration", None)
     if store is not None:  # calibrate(): dense causal attention, q/k/v kept for the layer's method
         store.append((query.detach(), key.detach(), value.detach()))
-        gqa = key.shape[1] != H
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=gqa)
+        out = _dense_causal(query, key, value, sliding_window(module, kwargs))
         return out.transpose(1, 2).contiguous(), None
     layer = getattr(module, "_attnbench_decode_layer", None)
     held = 0 if layer is None or layer.kv is None else layer.kv.seen
@@ -153,7 +177,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
             if not bool(allowed[:, 0].any(dim=1).all()):
                 raise AttentionInputError(f"{NAME}: padded prompts are not supported (one length per batch)")
-        if module.layer_idx < getattr(module.config, "attnbench_dense_layers", 0):  # Quest's first layers
+        window = sliding_window(module, kwargs)
+        if window is not None:  # a sliding-window layer (Gemma 3) keeps its window, whatever the method
+            cfg = copy.deepcopy(_composed("sliding_window"))
+            cfg["window"] = window
+            m = methods.build(cfg, num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
+        elif module.layer_idx < getattr(module.config, "attnbench_dense_layers", 0):  # Quest's first layers
             m = methods.build(copy.deepcopy(_composed("dense")), num_heads=H, head_dim=D, num_kv_heads=key.shape[1])
         else:
             m = _method(module, H, D, key.shape[1])
@@ -244,7 +273,8 @@ def calibrate(model, input_ids, period: int | None = None) -> dict:
             del m._attnbench_calibration
     out = {}
     for m in mods:
-        if m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not stores[m.layer_idx]:
+        if (m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not stores[m.layer_idx]
+                or sliding_window(m) is not None):  # layers that do not run the method
             continue
         q, k, v = stores[m.layer_idx][0]
         meth = _method(m, q.shape[1], q.shape[3], k.shape[1]).to(q.device)
@@ -382,5 +412,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.
     return Generated(torch.cat(toks, 1), logits, s.stats())
 
 
-__all__ = ["ContractCache", "ContractLayer", "attention", "register", "load", "generate", "cache_kwarg", "Generated",
+__all__ = ["ContractCache", "ContractLayer", "attention", "sliding_window", "register", "load", "generate", "cache_kwarg", "Generated",
            "Session", "calibrate", "token_classes", "NAME"]

@@ -13,7 +13,11 @@ prefill length L:
            append (K/V write and index update) + select = index time, attend = attention time;
            per-step p20/p50/p80/p99 over the steps, after ``warmup`` steps on a copy of the cache;
            the peak memory of the decode loop; the bytes each step read; the cache's bytes held
-           after the prefill (on CUDA also the allocator's count of them) and at the end
+           after the prefill (on CUDA also the allocator's count of them) and at the end; on CUDA
+           also ``decode_step_graph``: select + attend of the last step replayed from a CUDA
+           graph (``graph_ms``: the device time without Python's launch cost, which at one token
+           per step is most of an eager step), or in ``details.graph`` why it could not be
+           captured (a path that synchronises with the host)
   calibration  a path that needs offline statistics (``needs_calibration``: Loki, Double
            Sparsity) is calibrated first on other inputs of the same kind (L + steps tokens,
            seed + L + CALIBRATION_SEED), recorded in ``details.calibration``
@@ -239,7 +243,53 @@ class DecodeRunner:
                                "decode_append": _quantiles(phases["append"]),
                                "decode_select": _quantiles(phases["select"])})
         rec.details["timer"] = "perf_counter, synchronised after each phase"
+        if device.type == "cuda":  # the device time of a step, without Python's launch cost
+            i = L + N - 1
+            try:
+                ms = graph_ms(lambda: path.attend_selected(tok(q, i), cache, path.select(tok(q, i), cache)), device)
+                rec.latency_ms["decode_step_graph"] = _quantiles(ms)
+                rec.details["graph"] = (f"select + attend of the last step (cache of {L + N} tokens) replayed from a "
+                                        f"CUDA graph, {GRAPH_REPLAYS} replays per sample; append not included")
+            except Exception as exc:  # noqa: BLE001 - a path that synchronises cannot be captured: said so
+                rec.details["graph"] = f"not captured: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         rec.cost = method.cost(L, L, True).asdict()
+
+
+GRAPH_REPLAYS = 20
+
+
+def graph_ms(fn, device, replays: int = GRAPH_REPLAYS, samples: int = 5) -> list[float]:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph (each sample the mean of
+    ``replays`` replays between CUDA events): the device's time for the work, without the Python
+    and launch cost of eager calls. ``fn`` runs once first with host synchronisation refused
+    (``torch.cuda.set_sync_debug_mode``: a step that synchronises cannot be captured, and raises
+    here before any capture), on a side stream (Triton's compilation, library workspaces)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    out = []
+    for _ in range(samples):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / replays)
+    del graph
+    return out
 
 
 def _recall(p: torch.Tensor, positions: torch.Tensor | None, cache) -> float:

@@ -11,55 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
-import methods
 from methods.base import AttentionInputError
 from methods.decode import DenseAdapter, KVCache, SinkWindowAdapter, decode_path
 from runners import run
 from runners.records import read
-from tests.conftest import seeded_qkv
-
-B, H, HKV, D = 2, 4, 2, 16
-G = H // HKV
-
-
-def _qkv(T, seed=0, dtype=torch.float64):
-    return seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, dtype=dtype, seed=seed)
-
-
-def _load(name, **kw):
-    return methods.load(name, num_heads=H, head_dim=D, num_kv_heads=HKV, max_seq_len=512, **kw)
-
-
-def _softmax_attend(q, keys, values):
-    """One query head: q [D] over keys, values [n, D], exact."""
-    p = torch.softmax(keys @ q / math.sqrt(q.shape[-1]), 0)
-    return p @ values
-
-
-def _steps(path, q, k, v, L):
-    """Prefill L tokens through ``path``, decode the rest; yields (position, output, cache)."""
-    T = q.shape[2]
-    cache = path.new_cache(B, T, q.dtype)
-    path.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
-    for i in range(L, T):
-        yield i, path.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache), cache
-
-
-def _dense_row(q, k, v, i, b, h):
-    return _softmax_attend(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1])
+from tests.decode_helpers import HKV, B, D, G, H, dense_row, load, qkv, softmax_attend, steps
 
 
 # ---- dense decode: the reference -------------------------------------------------------------
 @pytest.mark.parametrize("name,fallback", [("dense", None), ("bigbird", "dense")])
 def test_methods_without_a_decode_path_decode_densely_and_say_so(name, fallback):
-    m = _load(name, impl="reference")
+    m = load(name, impl="reference")
     path = decode_path(m)
     assert isinstance(path, DenseAdapter) and path.decode_fallback == fallback
-    q, k, v = _qkv(40)
-    for i, out, cache in _steps(path, q, k, v, 32):
+    q, k, v = qkv(40)
+    for i, out, cache in steps(path, q, k, v, 32):
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
         assert path.last_step["positions"] is None and cache.length == i + 1
         assert path.last_step["kv_bytes"] == 2 * B * HKV * (i + 1) * D * 8
     assert cache.bytes_held() == 2 * B * HKV * 40 * D * 8
@@ -81,16 +50,16 @@ def _quest_reference(q, keys, values, page_size, budget):
     n = min(max(3, budget // page_size), len(pages))
     chosen = sorted(range(len(pages)), key=lambda p: -bound[p])[:n]
     read = sorted(j for p in chosen for j in pages[p])
-    return _softmax_attend(q, keys[read], values[read]), set(read)
+    return softmax_attend(q, keys[read], values[read]), set(read)
 
 
 @pytest.mark.parametrize("budget", [12, 20])
 def test_quest_decode_against_the_official_page_selection(budget):
     page = 4
-    m = _load("quest", page_size=page, token_budget=budget)
-    q, k, v = _qkv(46)
-    steps = 0
-    for i, out, _ in _steps(m, q, k, v, 37):  # decode crosses page boundaries (40, 44)
+    m = load("quest", page_size=page, token_budget=budget)
+    q, k, v = qkv(46)
+    taken = 0
+    for i, out, _ in steps(m, q, k, v, 37):  # decode crosses page boundaries (40, 44)
         rows = 0  # K/V rows read: each (batch, KV head, key) once, whichever heads of the group read it
         for b in range(B):
             for kvh in range(HKV):
@@ -104,18 +73,18 @@ def test_quest_decode_against_the_official_page_selection(budget):
         assert not m.last_step["clamped"]
         assert m.last_step["kv_bytes"] == 2 * rows * D * 8
         assert m.last_step["index_bytes"] == 2 * B * HKV * math.ceil((i + 1) / page) * D * 8  # every page's min, max
-        steps += 1
-    assert steps == 9
+        taken += 1
+    assert taken == 9
 
 
 def test_quest_budget_larger_than_the_cache_is_clamped_to_dense():
-    m = _load("quest", page_size=4, token_budget=4096)
-    q, k, v = _qkv(30)
-    for i, out, cache in _steps(m, q, k, v, 26):
+    m = load("quest", page_size=4, token_budget=4096)
+    q, k, v = qkv(30)
+    for i, out, cache in steps(m, q, k, v, 26):
         assert m.last_step["clamped"]
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
     # held: K, V and the page minima and maxima at the cache's capacity (30 slots, 8 pages)
     assert cache.bytes_held() == (2 * 30 + 2 * 8) * B * HKV * D * 8
 
@@ -130,7 +99,7 @@ def _sparq_reference(q, keys, values, r, k, reallocation):
     tau = math.sqrt(Dh * float(q[i1].abs().sum()) / float(q.abs().sum()))
     s_hat = torch.softmax(keys[:, i1] @ q[i1] / tau, 0)
     i2 = sorted(range(S), key=lambda j: -float(s_hat[j]))[:min(k, S)]
-    y = _softmax_attend(q, keys[i2], values[i2])
+    y = softmax_attend(q, keys[i2], values[i2])
     if not reallocation:
         return y, set(i2), set(i1)
     alpha = float(s_hat[i2].sum())
@@ -140,9 +109,9 @@ def _sparq_reference(q, keys, values, r, k, reallocation):
 @pytest.mark.parametrize("reallocation,k_mode", [(True, "store_twice"), (False, "store_once"), (True, "store_once")])
 def test_sparq_decode_against_algorithm_1(reallocation, k_mode):
     r, kk = 4, 7
-    m = _load("sparq", r=r, k=kk, reallocation=reallocation, k_mode=k_mode)
-    q, k, v = _qkv(36, seed=1)
-    for i, out, _ in _steps(m, q, k, v, 30):
+    m = load("sparq", r=r, k=kk, reallocation=reallocation, k_mode=k_mode)
+    q, k, v = qkv(36, seed=1)
+    for i, out, _ in steps(m, q, k, v, 30):
         rows = comps = 0
         for b in range(B):
             for kvh in range(HKV):
@@ -160,22 +129,22 @@ def test_sparq_decode_against_algorithm_1(reallocation, k_mode):
 
 
 def test_sparq_defaults_follow_the_compression_ratio_and_all_of_it_is_dense():
-    m = _load("sparq")
-    q, k, v = _qkv(8)
+    m = load("sparq")
+    q, k, v = qkv(8)
     cache = m.new_cache(B, 320, q.dtype)
     assert m.r == round(D / 8) and m.top_k(cache) == round(320 / 16)  # the official r, k for ratio 8
-    full = _load("sparq", r=D, k=10_000)  # every component, every key: alpha = 1, exact attention
-    for i, out, _ in _steps(full, q, k, v, 5):
+    full = load("sparq", r=D, k=10_000)  # every component, every key: alpha = 1, exact attention
+    for i, out, _ in steps(full, q, k, v, 5):
         assert full.last_step["clamped"]
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
 
 
 # ---- sinks + window: StreamingLLM and the existing methods --------------------------------------
 def _sink_window_row(q, k, v, i, b, h, sinks, window):
     keep = [j for j in range(i + 1) if j < sinks or i - j < window]
-    return _softmax_attend(q[b, h, i], k[b, h // G, keep], v[b, h // G, keep]), keep
+    return softmax_attend(q[b, h, i], k[b, h // G, keep], v[b, h // G, keep]), keep
 
 
 @pytest.mark.parametrize("name,kw,sinks,window,L", [
@@ -186,13 +155,13 @@ def _sink_window_row(q, k, v, i, b, h, sinks, window):
     ("minference", dict(pattern="a_shape", num_sink=3, window=6, impl="reference"), 3, 6, 2),  # L < sinks
 ])
 def test_sink_window_decode_matches_its_own_prefill_and_evicts(name, kw, sinks, window, L):
-    m = _load(name, **kw)
+    m = load(name, **kw)
     path = decode_path(m)
     assert path.decode_fallback is None
     assert isinstance(path, SinkWindowAdapter) == (name != "streaming_llm")
-    q, k, v = _qkv(32, seed=2)
+    q, k, v = qkv(32, seed=2)
     prefill = m(q, k, v, causal=True)  # the method's own prefill over all 32 tokens
-    for i, out, cache in _steps(path, q, k, v, L):
+    for i, out, cache in steps(path, q, k, v, L):
         torch.testing.assert_close(out[:, :, 0], prefill[:, :, i])
         for b in range(B):
             for h in range(H):
@@ -205,15 +174,15 @@ def test_sink_window_decode_matches_its_own_prefill_and_evicts(name, kw, sinks, 
 
 def test_models_lm_decode_of_streaming_llm_keeps_its_pattern():
     """models.lm calls ``decode(q, k, v)`` with the whole cache (SparseMethod's decode)."""
-    m = _load("streaming_llm", num_sink=2, window=6, impl="reference")
-    q, k, v = _qkv(24, seed=3)
+    m = load("streaming_llm", num_sink=2, window=6, impl="reference")
+    q, k, v = qkv(24, seed=3)
     torch.testing.assert_close(m.decode(q[:, :, -1:], k, v)[:, :, 0], m(q, k, v, causal=True)[:, :, -1])
 
 
 # ---- bad input -------------------------------------------------------------------------------
 def test_bad_input_is_refused_before_any_compute():
-    m = _load("quest", page_size=4, token_budget=8)
-    q, k, v = _qkv(12)
+    m = load("quest", page_size=4, token_budget=8)
+    q, k, v = qkv(12)
     one = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
     with pytest.raises(AttentionInputError, match="another model shape"):
         m.prefill(q, k, v, KVCache(B, 4, D, 16, torch.float64))
@@ -224,9 +193,9 @@ def test_bad_input_is_refused_before_any_compute():
     with pytest.raises(AttentionInputError, match="already holds 11 tokens"):
         m.prefill(q, k, v, cache)
     with pytest.raises(AttentionInputError, match="filled by quest"):
-        _load("sparq").decode(one(q, 11), one(k, 11), one(v, 11), cache)
+        load("sparq").decode(one(q, 11), one(k, 11), one(v, 11), cache)
     with pytest.raises(AttentionInputError, match="filled by quest"):  # other hyperparameters
-        _load("quest", page_size=8).decode(one(q, 11), one(k, 11), one(v, 11), cache)
+        load("quest", page_size=8).decode(one(q, 11), one(k, 11), one(v, 11), cache)
     with pytest.raises(AttentionInputError, match="one token"):
         m.decode(q[:, :, :2], k[:, :, :2], v[:, :, :2], cache)
     with pytest.raises(AttentionInputError, match="decode query"):
@@ -246,7 +215,7 @@ def test_bad_input_is_refused_before_any_compute():
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
-        _load(name, **kw)
+        load(name, **kw)
 
 
 # ---- runner=decode ----------------------------------------------------------------------------

@@ -110,6 +110,43 @@ def test_gather_without_lengths_reads_positions_past_the_index_count():
     torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-4)
 
 
+def test_owner_bits_give_each_query_head_of_a_group_its_own_keys():
+    """With ``owners`` query head g of a KV head's group attends only the listed positions whose
+    bit g is set (a softmax per query head written here); a head owning none gives zeros."""
+    q, k, v = _cache(T=90, device=_device())  # B=2, H=6, Hkv=2: groups of 3
+    B, H, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = H // Hkv
+    g = torch.Generator().manual_seed(2)
+    owners = torch.randint(0, 2 ** G, (B, Hkv, T), generator=g, dtype=torch.int32)
+    owners[1, 1] &= ~2  # query head 4 (batch 1) owns nothing
+    idx = torch.full((B, Hkv, T + 7), -1, dtype=torch.int32)
+    idx[:, :, :T] = torch.stack([torch.stack([torch.randperm(T, generator=g) for _ in range(Hkv)]) for _ in range(B)])
+    idx[0, 0, 3] = -1  # a position not listed is not read, whatever its bits
+    out, lse = decode.decode_attention(q, k, v, indices=idx.to(q.device), owners=owners.to(q.device),
+                                       splits=3, block_n=16)
+    for b in range(B):
+        for h in range(H):
+            hk, bit = h // G, h % G
+            sel = [p for p in idx[b, hk].tolist() if p >= 0 and (int(owners[b, hk, p]) >> bit) & 1]
+            if not sel:
+                assert torch.all(out[b, h] == 0) and torch.isinf(lse[b, h])
+                continue
+            s = (k[b, hk, sel].cpu().double() @ q[b, h].cpu().double()) / math.sqrt(D)
+            want = torch.softmax(s, 0) @ v[b, hk, sel].cpu().double()
+            torch.testing.assert_close(out[b, h].cpu().double(), want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(float(lse[b, h]), float(torch.logsumexp(s, 0)), atol=1e-4, rtol=1e-4)
+
+
+def test_owners_need_indices_and_the_cache_shape():
+    q, k, v = _cache(B=1, T=20)
+    with pytest.raises(ValueError, match="owners must be"):
+        decode.decode_attention(q, k, v, owners=torch.zeros(1, 2, 20, dtype=torch.int32))
+    with pytest.raises(ValueError, match="owners must be"):
+        decode.decode_attention(q, k, v, indices=torch.zeros(1, 2, 4, dtype=torch.int32),
+                                owners=torch.zeros(1, 2, 19, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("bad", ["q_shape", "heads", "lengths", "indices"])
 def test_bad_input_is_named(bad):
     q, k, v = _cache(B=1, T=20)

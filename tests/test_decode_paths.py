@@ -13,10 +13,9 @@ from methods.base import AttentionInputError
 from methods.decode import KVCache, decode_path
 from methods.recurrent_decode import StateCache
 from runners import run
-from tests.conftest import seeded_qkv
+from tests.decode_helpers import HKV, B, D, G, H, qkv
 
-B, H, HKV, D, T = 2, 4, 2, 16, 40
-G = H // HKV
+T = 40
 
 NSA_KW = dict(block_size=8, num_selected=3, window=8, compress_block=8, compress_stride=4, impl="reference")
 PATHS = [
@@ -63,7 +62,7 @@ def test_decode_step_equals_the_methods_own_prefill_row(name, kw, cls, dtype, L)
     m = _load(name, **kw)
     path = decode_path(m)
     assert type(path).__name__ == cls and path.decode_fallback is None
-    q, k, v = seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, dtype=dtype, seed=3)
+    q, k, v = qkv(T, dtype=dtype, seed=3)
     with torch.no_grad():
         want = m(q, k, v, causal=True)  # the method's own prefill over all T tokens
         tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
@@ -95,7 +94,7 @@ def _state_bytes(name, kw, dtype):
 @pytest.mark.parametrize("name,kw,cls", [p for p in PATHS if p[0] not in ("nsa", "sparsek")])
 def test_linear_decode_holds_a_state_of_fixed_size(name, kw, cls):
     path = decode_path(_load(name, **kw))
-    q, k, v = seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, seed=4)
+    q, k, v = qkv(T, seed=4)
     want = _state_bytes(name, kw, torch.float64)
     with torch.no_grad():
         for i, _, cache in _steps(path, q, k, v, 9):
@@ -112,7 +111,7 @@ def test_nsa_decode_compresses_blocks_as_they_complete_and_reads_selection_plus_
     the chosen blocks (at or before t) or the window, each counted once."""
     m = _load("nsa", **NSA_KW)
     path = decode_path(m)
-    q, k, v = seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, seed=5)
+    q, k, v = qkv(T, seed=5)
     l, d, bs, w = 8, 4, 8, 8
     with torch.no_grad():
         for i, _, cache in _steps(path, q, k, v, 11):
@@ -143,7 +142,7 @@ def test_sparsek_decode_reads_the_top_k_scores_and_the_window():
     kk, w, slope = 3, 6, 0.3
     m = _load("sparsek", k=kk, window=w, impl="reference", position_slope=slope)
     path = decode_path(m)
-    q, k, v = seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, seed=6)
+    q, k, v = qkv(T, seed=6)
     wt, bias = m.score.weight.detach().double()[0], float(m.score.bias.detach())
     u = k @ wt + bias + slope * torch.arange(T, dtype=torch.float64)  # [B, Hkv, T]
     with torch.no_grad():
@@ -166,7 +165,7 @@ def test_sparsek_decode_reads_the_top_k_scores_and_the_window():
 @pytest.mark.parametrize("name,kw,cls", [PATHS[0], PATHS[2], PATHS[4], PATHS[9], PATHS[11]])
 def test_bad_input_is_refused(name, kw, cls):
     path = decode_path(_load(name, **kw))
-    q, k, v = seeded_qkv(B=B, H=H, Hkv=HKV, T=12, D=D)
+    q, k, v = qkv(12)
     one = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
     cache = path.new_cache(B, 12, torch.float64)
     with pytest.raises(AttentionInputError, match="decode before prefill"):

@@ -11,27 +11,7 @@ import methods
 from methods.base import AttentionInputError
 from methods.decode import KVCache
 from runners import run
-from tests.conftest import seeded_qkv
-
-B, H, HKV, D = 2, 4, 2, 16
-G = H // HKV
-
-
-def _qkv(T, seed=0, dtype=torch.float64):
-    return seeded_qkv(B=B, H=H, Hkv=HKV, T=T, D=D, dtype=dtype, seed=seed)
-
-
-def _load(name, **kw):
-    return methods.load(name, num_heads=H, head_dim=D, num_kv_heads=HKV, max_seq_len=512, **kw)
-
-
-def _attend(q, keys, values, idx=None):
-    """One query head: q [D] over keys[idx], values[idx] (all when idx is None), exact."""
-    if idx is not None:
-        idx = sorted(idx)
-        keys, values = keys[idx], values[idx]
-    p = torch.softmax(keys @ q / math.sqrt(q.shape[-1]), 0)
-    return p @ values
+from tests.decode_helpers import HKV, B, D, G, H, load, qkv, softmax_attend
 
 
 def _top(scores, k, allowed=None):
@@ -81,14 +61,14 @@ def test_tidal_decode_layers_reuse_the_selecting_layers_positions():
     reads layer 3's choice (the official llama_tidal_attention_forward with sparse_layer_start=1,
     correction_layer=3)."""
     budget, L, T = 6, 20, 25
-    m = _load("tidal_decode", token_budget=budget, sparse_layer_start=1, reselection_layers=[3])
-    qkv = [_qkv(T, seed=10 + layer) for layer in range(5)]
+    m = load("tidal_decode", token_budget=budget, sparse_layer_start=1, reselection_layers=[3])
+    inputs = [qkv(T, seed=10 + layer) for layer in range(5)]
     caches = _layers(5, T, m)
-    for layer, (q, k, v) in enumerate(qkv):
+    for layer, (q, k, v) in enumerate(inputs):
         m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], caches[layer])
     for i in range(L, T):
         chosen = None
-        for layer, (q, k, v) in enumerate(qkv):
+        for layer, (q, k, v) in enumerate(inputs):
             out = m.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], caches[layer])
             picks, rows = {}, 0
             for b in range(B):
@@ -98,9 +78,9 @@ def test_tidal_decode_layers_reuse_the_selecting_layers_positions():
                         keys, vals = k[b, kvh, :i + 1], v[b, kvh, :i + 1]
                         picks[b, h] = _top(keys @ q[b, h, i], budget)
                         if layer in (0, 1, 3):  # dense; selecting layers attend fully
-                            torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], keys, vals))
+                            torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], keys, vals))
                         else:  # the positions the last selecting layer chose, read here
-                            torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], keys, vals, chosen[b, h]))
+                            torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], keys, vals, chosen[b, h]))
                             assert _positions(m, b, h) == chosen[b, h]
                             union |= chosen[b, h]
                     rows += len(union)
@@ -114,9 +94,9 @@ def test_tidal_decode_layers_reuse_the_selecting_layers_positions():
 
 
 def test_tidal_decode_alone_reads_its_own_top_k_and_a_full_budget_is_dense():
-    q, k, v = _qkv(30, seed=3)
+    q, k, v = qkv(30, seed=3)
     for budget in (5, 4096):
-        m = _load("tidal_decode", token_budget=budget)
+        m = load("tidal_decode", token_budget=budget)
         cache = m.new_cache(B, 30, q.dtype)  # no layer index: one layer on its own
         m.prefill(q[:, :, :26], k[:, :, :26], v[:, :, :26], cache)
         for i in range(26, 30):
@@ -127,13 +107,13 @@ def test_tidal_decode_alone_reads_its_own_top_k_and_a_full_budget_is_dense():
                     keys, vals = k[b, h // G, :i + 1], v[b, h // G, :i + 1]
                     idx = _top(keys @ q[b, h, i], budget)
                     assert _positions(m, b, h) == idx
-                    torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], keys, vals, idx))
+                    torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], keys, vals, idx))
             assert m.last_step["index_bytes"] == B * HKV * (i + 1) * D * 8  # every key scored
 
 
 def test_tidal_decode_refuses_a_reusing_layer_without_a_selection():
-    m = _load("tidal_decode", token_budget=4, sparse_layer_start=0, reselection_layers=[])
-    q, k, v = _qkv(13)
+    m = load("tidal_decode", token_budget=4, sparse_layer_start=0, reselection_layers=[])
+    q, k, v = qkv(13)
     one = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
     caches = _layers(2, 13, m)
     for c in caches:
@@ -219,9 +199,9 @@ def _squeezed_scores(q, cent, counts):
 @pytest.mark.parametrize("selection", ["threshold", "fraction"])
 def test_squeezed_attention_reads_the_passing_clusters(selection):
     L, T, w, pc, sp, iters = 36, 41, 6, 20.0, 0.6, 5
-    m = _load("squeezed_attention", percent_clusters=pc, sparsity=sp, observation_window=w,
+    m = load("squeezed_attention", percent_clusters=pc, sparsity=sp, observation_window=w,
               selection=selection, kmeans_iters=iters)
-    q, k, v = _qkv(T, seed=5)
+    q, k, v = qkv(T, seed=5)
     cache = m.new_cache(B, T, q.dtype)
     m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
     n = L - w
@@ -256,7 +236,7 @@ def test_squeezed_attention_reads_the_passing_clusters(selection):
                 idx = {j for j in range(n) if lab[j] in keep} | set(range(n, i + 1))
                 kept_all += len(idx) - (i + 1 - n)
                 assert _positions(m, b, h) == idx
-                torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], k[b, h // G, :i + 1],
+                torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], k[b, h // G, :i + 1],
                                                                  v[b, h // G, :i + 1], idx))
         assert m.last_step["stats"]["kept_fraction"] == pytest.approx(kept_all / (B * H * n))
         assert m.last_step["index_bytes"] == B * HKV * (C * (D * 8 + 4) + n * 4)  # centroids, sizes, labels
@@ -265,15 +245,15 @@ def test_squeezed_attention_reads_the_passing_clusters(selection):
 @pytest.mark.parametrize("kw", [dict(sparsity=0.0), dict(sparsity=0.0, selection="fraction"),
                                 dict(sparsity=0.9, observation_window=64)])  # nothing clustered
 def test_squeezed_attention_without_pruning_is_dense(kw):
-    m = _load("squeezed_attention", percent_clusters=10.0, **{"observation_window": 4, **kw})
-    q, k, v = _qkv(40, seed=6)
+    m = load("squeezed_attention", percent_clusters=10.0, **{"observation_window": 4, **kw})
+    q, k, v = qkv(40, seed=6)
     cache = m.new_cache(B, 40, q.dtype)
     m.prefill(q[:, :, :36], k[:, :, :36], v[:, :, :36], cache)
     for i in range(36, 40):
         out = m.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache)
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1]))
+                torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1]))
 
 
 # ---- RetrievalAttention -------------------------------------------------------------------------------
@@ -287,9 +267,9 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
     window added to their nearest list), the search (nprobe lists by q.c, exact top_k of the
     candidates), attention over sinks + window + retrieved, and the recall of the true top_k."""
     L, T, sinks, win, C, nprobe, topk, links, iters = 40, 46, 2, 5, 4, 1, 4, 3, 4
-    m = _load("retrieval_attention", top_k=topk, num_sink=sinks, window=win, num_clusters=C, nprobe=nprobe,
+    m = load("retrieval_attention", top_k=topk, num_sink=sinks, window=win, num_clusters=C, nprobe=nprobe,
               query_links=links, max_links=max_links, kmeans_iters=iters)
-    q, k, v = _qkv(T, seed=7)
+    q, k, v = qkv(T, seed=7)
     cache = m.new_cache(B, T, q.dtype)
     m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
     a, e = sinks, L - win
@@ -327,7 +307,7 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
                     got = _top(keys @ qh, topk, sorted(cand))
                     static = set(range(sinks)) | set(range(i + 1 - win, i + 1))
                     assert _positions(m, b, h) == static | got
-                    torch.testing.assert_close(out[b, h, 0], _attend(qh, keys, v[b, kvh, :i + 1], static | got))
+                    torch.testing.assert_close(out[b, h, 0], softmax_attend(qh, keys, v[b, kvh, :i + 1], static | got))
                     indexed = sorted(set().union(*lists.values()))
                     recall.append(len(got & _top(keys @ qh, topk, indexed)) / topk)
         assert m.last_step["stats"]["topk_recall"] == pytest.approx(sum(recall) / len(recall))
@@ -335,10 +315,11 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
 
 
 def test_retrieval_attention_full_budget_is_dense_and_a_short_prefill_scans_flat():
-    q, k, v = _qkv(40, seed=8)
+    q, k, v = qkv(40, seed=8)
     for kw, L in ((dict(top_k=4096, nprobe=64, num_sink=2, window=4), 30),
-                  (dict(top_k=3, num_sink=2, window=4), 5)):  # nothing indexed at the prefill
-        m = _load("retrieval_attention", **kw)
+                  (dict(top_k=3, num_sink=2, window=4), 5),  # nothing indexed at the prefill
+                  (dict(top_k=3, num_sink=50, window=4), 30)):  # nothing indexed: all sinks
+        m = load("retrieval_attention", **kw)
         cache = m.new_cache(B, 40, q.dtype)
         m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
         for i in range(L, 40):
@@ -346,12 +327,12 @@ def test_retrieval_attention_full_budget_is_dense_and_a_short_prefill_scans_flat
             for b in range(B):
                 for h in range(H):
                     keys, vals = k[b, h // G, :i + 1], v[b, h // G, :i + 1]
-                    static = set(range(2)) | set(range(i - 3, i + 1))
+                    static = set(range(min(kw["num_sink"], i + 1))) | set(range(i - 3, i + 1))
                     flat = [j for j in range(i + 1) if j not in static]  # every indexed key a candidate
                     idx = static | _top(keys @ q[b, h, i], kw["top_k"], flat)
-                    torch.testing.assert_close(out[b, h, 0], _attend(q[b, h, i], keys, vals, idx))
+                    torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], keys, vals, idx))
             assert m.last_step["stats"]["topk_recall"] == 1.0
-        assert m.last_step["clamped"] == (kw["top_k"] > 40)
+        assert m.last_step["clamped"] == (kw["top_k"] > 40 and kw["num_sink"] < 40)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -359,8 +340,8 @@ def test_retrieval_attention_full_budget_is_dense_and_a_short_prefill_scans_flat
                                      ("retrieval_attention", dict(top_k=4, num_sink=1, window=2)),
                                      ("squeezed_attention", dict(observation_window=2))])
 def test_bad_input_is_refused_before_any_compute(name, kw):
-    m = _load(name, **kw)
-    q, k, v = _qkv(12)
+    m = load(name, **kw)
+    q, k, v = qkv(12)
     one = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
     with pytest.raises(AttentionInputError, match="another model shape"):
         m.prefill(q, k, v, KVCache(B, 4, D, 16, torch.float64))
@@ -370,7 +351,7 @@ def test_bad_input_is_refused_before_any_compute(name, kw):
     m.prefill(q[:, :, :11], k[:, :, :11], v[:, :, :11], cache)
     other = "quest" if name != "quest" else "sparq"
     with pytest.raises(AttentionInputError, match=f"filled by {name}"):
-        _load(other).decode(one(q, 11), one(k, 11), one(v, 11), cache)
+        load(other).decode(one(q, 11), one(k, 11), one(v, 11), cache)
     with pytest.raises(AttentionInputError, match="decode query"):
         m.decode(one(q, 11)[:, :2], one(k, 11), one(v, 11), cache)
     m.decode(one(q, 11), one(k, 11), one(v, 11), cache)
@@ -388,7 +369,7 @@ def test_bad_input_is_refused_before_any_compute(name, kw):
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
-        _load(name, **kw)
+        load(name, **kw)
 
 
 # ---- runner=decode ----------------------------------------------------------------------------------

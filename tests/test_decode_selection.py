@@ -9,53 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import methods
 from methods.base import AttentionInputError
 from methods.decode import KVCache
 from runners import run
-
-B, H, HKV, D = 2, 4, 2, 16
-G = H // HKV
-
-
-def _load(name, **kw):
-    return methods.load(name, num_heads=H, head_dim=D, num_kv_heads=HKV, max_seq_len=512, **kw)
-
-
-def _qkv(T, seed=0, dtype=torch.float64):
-    """q, k, v with anisotropic keys (distinct variances along a random basis per KV head), so
-    that the keys' principal components are well separated."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.linspace(3.0, 0.2, D, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.randn(HKV, D, D, generator=torch.Generator().manual_seed(99),
-                                        dtype=torch.float64))[0]  # the same basis for every seed
-    k = (torch.randn(B, HKV, T, D, generator=g, dtype=torch.float64) * scales) @ basis.transpose(-1, -2).unsqueeze(0)
-    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64) * 1.5
-    v = torch.randn(B, HKV, T, D, generator=g, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+from tests.decode_helpers import HKV, B, D, G, H, dense_row, load, qkv, softmax_attend, steps
 
 
 def _calibration(seed=7, T=48):
-    q, k, _ = _qkv(T, seed=seed)
+    q, k, _ = qkv(anisotropic=True, T=T, seed=seed)
     return [(q, k), (q[:, :, :20] * 0.5, k[:, :, :20])]  # two samples, of different lengths
-
-
-def _softmax_attend(q, keys, values):
-    """One query head: q [D] over keys, values [n, D], exact."""
-    return torch.softmax(keys @ q / math.sqrt(q.shape[-1]), 0) @ values
-
-
-def _steps(path, q, k, v, L):
-    """Prefill L tokens through ``path``, decode the rest; yields (position, output, cache)."""
-    T = q.shape[2]
-    cache = path.new_cache(B, T, q.dtype)
-    path.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
-    for i in range(L, T):
-        yield i, path.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache), cache
-
-
-def _dense_row(q, k, v, i, b, h):
-    return _softmax_attend(q[b, h, i], k[b, h // G, :i + 1], v[b, h // G, :i + 1])
 
 
 def _read(m, b, h):
@@ -79,7 +41,7 @@ def _pca(samples, kvh):
 
 
 def test_loki_calibration_is_the_pca_of_the_keys():
-    m = _load("loki")
+    m = load("loki")
     samples = _calibration()
     m.calibrate(samples)
     for kvh in range(HKV):
@@ -93,7 +55,7 @@ def test_loki_calibration_is_the_pca_of_the_keys():
 def test_loki_rank_from_explained_variance(v):
     """A fractional top_r in the official code: the components whose cumulative explained
     variance stays below v, the largest count over the KV heads."""
-    m = _load("loki", variance=v)
+    m = load("loki", variance=v)
     samples = _calibration()
     m.calibrate(samples)
     want = max(sum(1 for c in range(D) if float(_pca(samples, kvh)[1][:c + 1].sum()) < v) for kvh in range(HKV))
@@ -106,20 +68,20 @@ def _loki_reference(q, keys, values, P, d, k):
     Dh, S = q.shape[0], keys.shape[0]
     s_hat = (keys @ P[:, :d]) @ (q @ P[:, :d]) / math.sqrt(Dh)
     top = sorted(range(S), key=lambda j: -float(s_hat[j]))[:min(k, S)]
-    return _softmax_attend(q, keys[top], values[top]), set(top)
+    return softmax_attend(q, keys[top], values[top]), set(top)
 
 
 @pytest.mark.parametrize("kw,k_of", [(dict(), lambda S: int(0.25 * S)),  # the paper's d_f = k_f = 0.25
                                      (dict(d=6, k=5), lambda S: 5)])
 def test_loki_decode_against_algorithm_1(kw, k_of):
-    m = _load("loki", **kw)
+    m = load("loki", **kw)
     samples = _calibration()
     m.calibrate(samples)
     d = kw.get("d", D // 4)
     assert m.d == d
     P = [_pca(samples, kvh)[0] for kvh in range(HKV)]
-    q, k, v = _qkv(40, seed=1)
-    for i, out, cache in _steps(m, q, k, v, 33):
+    q, k, v = qkv(anisotropic=True, T=40, seed=1)
+    for i, out, cache in steps(m, q, k, v, 33):
         reads = {}
         for b in range(B):
             for h in range(H):
@@ -136,13 +98,13 @@ def test_loki_decode_against_algorithm_1(kw, k_of):
 
 
 def test_loki_every_key_is_dense_decode():
-    m = _load("loki", k_f=1.0, d=2)
+    m = load("loki", k_f=1.0, d=2)
     m.calibrate(_calibration())
-    q, k, v = _qkv(30, seed=2)
-    for i, out, _ in _steps(m, q, k, v, 24):
+    q, k, v = qkv(anisotropic=True, T=30, seed=2)
+    for i, out, _ in steps(m, q, k, v, 24):
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
 
 
 # ---- Double Sparsity ------------------------------------------------------------------------
@@ -165,7 +127,7 @@ def _heavy_reference(samples, r, channel="qk"):
 
 @pytest.mark.parametrize("channel", ["qk", "q", "k"])
 def test_double_sparsity_calibration_picks_the_outlier_channels(channel):
-    m = _load("double_sparsity", channel=channel)
+    m = load("double_sparsity", channel=channel)
     samples = _calibration()
     m.calibrate(samples)
     assert m.r == D // 4  # group_factor 4: the official 32 of 128
@@ -189,18 +151,18 @@ def _ds_reference(q, keys, values, heavy, budget, bits):
     s_hat = [float((keys[j, heavy] if bits is None else _quantize_label(keys[j, heavy], bits)) @ ql) / math.sqrt(r)
              for j in range(S)]
     top = sorted(range(S), key=lambda j: -s_hat[j])[:min(budget, S)]
-    return _softmax_attend(q, keys[top], values[top]), set(top)
+    return softmax_attend(q, keys[top], values[top]), set(top)
 
 
 @pytest.mark.parametrize("kw", [dict(token_budget=9), dict(token_budget=7, group_factor=2, label_bits=4)])
 def test_double_sparsity_decode_against_the_official_label_scores(kw):
-    m = _load("double_sparsity", **kw)
+    m = load("double_sparsity", **kw)
     samples = _calibration()
     m.calibrate(samples)
     r = D // kw.get("group_factor", 4)
     heavy = _heavy_reference(samples, r)
-    q, k, v = _qkv(38, seed=3)
-    for i, out, cache in _steps(m, q, k, v, 32):
+    q, k, v = qkv(anisotropic=True, T=38, seed=3)
+    for i, out, cache in steps(m, q, k, v, 32):
         reads = {}
         for b in range(B):
             for h in range(H):
@@ -215,14 +177,14 @@ def test_double_sparsity_decode_against_the_official_label_scores(kw):
 
 
 def test_double_sparsity_budget_over_the_cache_is_dense_decode():
-    m = _load("double_sparsity", token_budget=4096)
+    m = load("double_sparsity", token_budget=4096)
     m.calibrate(_calibration())
-    q, k, v = _qkv(30, seed=4)
-    for i, out, _ in _steps(m, q, k, v, 26):
+    q, k, v = qkv(anisotropic=True, T=30, seed=4)
+    for i, out, _ in steps(m, q, k, v, 26):
         assert m.last_step["clamped"]
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
 
 
 # ---- Twilight -------------------------------------------------------------------------------
@@ -256,16 +218,16 @@ def _twilight_reference(q, keys, values, cand, top_p, bits):
             break
         kept.append(cand[i])
         mass += float(p[i])
-    return _softmax_attend(q, keys[kept], values[kept]), set(kept)
+    return softmax_attend(q, keys[kept], values[kept]), set(kept)
 
 
 @pytest.mark.parametrize("top_p,bits", [(0.85, 4), (0.5, 2), (0.95, 8)])
 def test_twilight_decode_against_select_then_prune(top_p, bits):
     page, budget = 4, 20
-    m = _load("twilight", page_size=page, token_budget=budget, top_p=top_p, quant_bits=bits)
-    q, k, v = _qkv(44, seed=5)
+    m = load("twilight", page_size=page, token_budget=budget, top_p=top_p, quant_bits=bits)
+    q, k, v = qkv(anisotropic=True, T=44, seed=5)
     budgets = []
-    for i, out, _ in _steps(m, q, k, v, 37):
+    for i, out, _ in steps(m, q, k, v, 37):
         reads, sizes = {}, []
         for b in range(B):
             for h in range(H):
@@ -283,26 +245,26 @@ def test_twilight_decode_against_select_then_prune(top_p, bits):
 
 
 def test_twilight_top_p_one_over_the_whole_cache_is_dense_decode():
-    m = _load("twilight", page_size=4, token_budget=4096, top_p=1.0)
-    q, k, v = _qkv(30, seed=6)
-    for i, out, cache in _steps(m, q, k, v, 25):
+    m = load("twilight", page_size=4, token_budget=4096, top_p=1.0)
+    q, k, v = qkv(anisotropic=True, T=30, seed=6)
+    for i, out, cache in steps(m, q, k, v, 25):
         assert m.last_step["clamped"] and m.last_step["budget"] == i + 1
         for b in range(B):
             for h in range(H):
-                torch.testing.assert_close(out[b, h, 0], _dense_row(q, k, v, i, b, h))
+                torch.testing.assert_close(out[b, h, 0], dense_row(q, k, v, i, b, h))
     # held: K, V, Quest's page min/max (8 pages) and the 4-bit keys (D/2 bytes) with scale and minimum
     assert cache.bytes_held() == (2 * 30 * D + 2 * 8 * D) * B * HKV * 8 + B * HKV * 30 * (D // 2 + 2 * 8)
 
 
 def test_twilight_on_double_sparsity_needs_its_calibration():
-    m = _load("twilight", base="double_sparsity", token_budget=10, top_p=0.9, base_kw={"group_factor": 2})
-    q, k, v = _qkv(36, seed=8)
+    m = load("twilight", base="double_sparsity", token_budget=10, top_p=0.9, base_kw={"group_factor": 2})
+    q, k, v = qkv(anisotropic=True, T=36, seed=8)
     with pytest.raises(AttentionInputError, match="calibrate"):
         m.prefill(q, k, v, m.new_cache(B, 36, q.dtype))
     samples = _calibration()
     m.calibrate(samples)
     heavy = _heavy_reference(samples, D // 2)
-    for i, out, _ in _steps(m, q, k, v, 32):
+    for i, out, _ in steps(m, q, k, v, 32):
         for b in range(B):
             for h in range(H):
                 keys, values = k[b, h // G, :i + 1], v[b, h // G, :i + 1]
@@ -319,8 +281,8 @@ CASES = [("loki", dict(k=4)), ("double_sparsity", dict(token_budget=4)),
 
 @pytest.mark.parametrize("name,kw", CASES)
 def test_bad_use_is_refused_before_any_compute(name, kw):
-    m = _load(name, **kw)
-    q, k, v = _qkv(12)
+    m = load(name, **kw)
+    q, k, v = qkv(anisotropic=True, T=12)
     one = lambda t, i: t[:, :, i:i + 1]  # noqa: E731
     if m.needs_calibration:
         with pytest.raises(AttentionInputError, match="calibrate"):  # calibration missing
@@ -339,9 +301,9 @@ def test_bad_use_is_refused_before_any_compute(name, kw):
     with pytest.raises(AttentionInputError, match="decode query"):
         m.decode(one(q, 11)[:, :2], one(k, 11), one(v, 11), cache)
     with pytest.raises(AttentionInputError, match="filled by"):  # a cache of another method
-        _load("quest", page_size=4).decode(one(q, 11), one(k, 11), one(v, 11), cache)
+        load("quest", page_size=4).decode(one(q, 11), one(k, 11), one(v, 11), cache)
     if m.needs_calibration:  # or of another calibration
-        other = _load(name, **kw)
+        other = load(name, **kw)
         other.calibrate(_calibration(seed=11))
         with pytest.raises(AttentionInputError, match="filled by"):
             other.decode(one(q, 11), one(k, 11), one(v, 11), cache)
@@ -353,14 +315,14 @@ def test_bad_use_is_refused_before_any_compute(name, kw):
 @pytest.mark.parametrize("name,kw", CASES)
 def test_a_budget_larger_than_the_cache_is_clamped(name, kw):
     big = {"loki": dict(k=99), "double_sparsity": dict(token_budget=99), "twilight": dict(token_budget=99, top_p=1.0)}
-    m = _load(name, **{**kw, **big[name]})
+    m = load(name, **{**kw, **big[name]})
     if m.needs_calibration:
         m.calibrate(_calibration())
-    q, k, v = _qkv(14, seed=9)
-    for i, out, _ in _steps(m, q, k, v, 12):
+    q, k, v = qkv(anisotropic=True, T=14, seed=9)
+    for i, out, _ in steps(m, q, k, v, 12):
         assert m.last_step["clamped"]
         assert {int(p) for p in m.last_step["positions"][1, 3] if p >= 0} == set(range(i + 1))
-        torch.testing.assert_close(out[1, 3, 0], _dense_row(q, k, v, i, 1, 3))
+        torch.testing.assert_close(out[1, 3, 0], dense_row(q, k, v, i, 1, 3))
 
 
 @pytest.mark.parametrize("name,kw,match", [
@@ -373,7 +335,7 @@ def test_a_budget_larger_than_the_cache_is_clamped(name, kw):
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
-        _load(name, **kw)
+        load(name, **kw)
 
 
 # ---- runner=decode ----------------------------------------------------------------------------

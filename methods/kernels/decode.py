@@ -18,7 +18,11 @@ a second kernel merges the pieces of each head (log-sum-exp merge):
     q [B, H, D]; k, v [B, Hkv, T, D] (a cache buffer: its first ``lengths[b]`` positions are
     valid, all T when None); with ``indices`` [B, Hkv, N] (int, positions into the cache, -1 for
     none) only those keys are read: the gather path of decode-time selection methods (Quest's
-    pages expanded to their tokens, SparQ's or Loki's top-k). Returns (out [B, H, D] in q's
+    pages expanded to their tokens, SparQ's or Loki's top-k). With ``owners`` [B, Hkv, T] (int32,
+    beside ``indices``) query head g of a KV head's group scores only the positions p whose bit g
+    is set in owners[b, hk, p]: the group's heads each attend their own selection while every
+    position listed is read once for all of them (``methods.decode.select_then_attend`` lists
+    each selected position once, under its first owner). Returns (out [B, H, D] in q's
     dtype, lse [B, H] fp32, natural log; -inf for a head that saw no key, whose output is 0).
 
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``; tests compare with a softmax
@@ -42,13 +46,15 @@ if triton is not None:
     from methods.kernels._common import _softmax_update
 
     @triton.jit
-    def _decode_split(Q, K, V, LENS, IDX, OUT, M, L,
-                      sqb, sqh, skb, skh, skt, svb, svh, svt, sib, sih,
+    def _decode_split(Q, K, V, LENS, IDX, OWN, OUT, M, L,
+                      sqb, sqh, skb, skh, skt, svb, svh, svt, sib, sih, sob, soh,
                       n_keys, cache_len, split_len, hkv, qk_scale,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, HAS_IDX: tl.constexpr):
+                      BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, HAS_IDX: tl.constexpr,
+                      HAS_OWN: tl.constexpr):
         """One (batch x KV head, split): the partial (o, m, l) of its G query heads over the keys
-        [split * split_len, ...) of its cache (or of its index list)."""
+        [split * split_len, ...) of its cache (or of its index list; with owners, each head
+        scores only the positions whose owner bit it holds)."""
         bh = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements at long contexts x batch
         s = tl.program_id(1)
         b = bh // hkv
@@ -80,7 +86,11 @@ if triton is not None:
                 pos = tl.where(live, pos, 0)
             k = tl.load(kbase + pos[:, None] * skt + offs_d[None, :], mask=live[:, None], other=0.0)
             v = tl.load(vbase + pos[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)), qk_scale, v, live[None, :])
+            ok = live[None, :]
+            if HAS_OWN:  # the heads of the group that chose each position
+                own = tl.load(OWN + b * sob + hk * soh + pos, mask=live, other=0)
+                ok = ok & (((own[None, :] >> offs_g[:, None]) & 1) != 0)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)), qk_scale, v, ok)
         row = bh * tl.num_programs(1) * BLOCK_G + s * BLOCK_G + offs_g  # [B*Hkv, S, BLOCK_G]
         tl.store(M + row, m_i)
         tl.store(L + row, l_i)
@@ -130,7 +140,8 @@ def num_splits(batch: int, kv_heads: int, n_keys: int, device, block_n: int | No
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
-                     indices: torch.Tensor | None = None, scale: float | None = None,
+                     indices: torch.Tensor | None = None, owners: torch.Tensor | None = None,
+                     scale: float | None = None,
                      splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K attention of one query token per head against a cache (module docstring)."""
@@ -154,6 +165,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
                              f"{tuple(indices.shape)} {indices.dtype}")
         indices = indices.to(torch.int32).contiguous()
     G = H // Hkv
+    if owners is not None:
+        if indices is None or owners.shape != (B, Hkv, T) or owners.dtype != torch.int32 or G > 31:
+            raise ValueError(f"owners must be an int32 tensor [B={B}, Hkv={Hkv}, T={T}] beside indices, with at most "
+                             f"31 query heads per KV head; got {tuple(owners.shape)} {owners.dtype}, G={G}")
+        if owners.stride(-1) != 1:
+            owners = owners.contiguous()
     BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot takes at least 16 rows
     block_n = block_n or DECODE_LAUNCH["block_n"]
     n_keys = T if indices is None else indices.shape[-1]
@@ -168,11 +185,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     lens = lengths.to(torch.int32).contiguous() if lengths is not None else m  # unused without HAS_LENS
     idx = indices if indices is not None else m
     sib, sih = (indices.stride(0), indices.stride(1)) if indices is not None else (0, 0)
+    own = owners if owners is not None else m
+    sob, soh = (owners.stride(0), owners.stride(1)) if owners is not None else (0, 0)
     _decode_split[(B * Hkv, S)](
-        q, k, v, lens, idx, part, m, l,
+        q, k, v, lens, idx, own, part, m, l,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        sib, sih, n_keys, T, split_len, Hkv, scale * LOG2E,
+        sib, sih, sob, soh, n_keys, T, split_len, Hkv, scale * LOG2E,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, HAS_LENS=lengths is not None, HAS_IDX=indices is not None,
+        HAS_OWN=owners is not None,
         num_warps=num_warps or DECODE_LAUNCH["num_warps"], num_stages=num_stages or DECODE_LAUNCH["num_stages"])
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, device=q.device, dtype=torch.float32)
