@@ -406,6 +406,27 @@ class SparseMethod(AttentionMethod):
         self._compiled = q.is_cuda  # the interpreter runs the same kernel, but is no speed test
         return out
 
+    def flex_layout(self, q, k, causal: bool, block: int):
+        """(any, full) [B|1, H|1, nq, nk] bool at FlexAttention's ``block``: the blocks the
+        pattern touches and those it wholly keeps, causality aside (``flex.clip`` applies
+        it), from the method's own index; None (the default) where the method does not know
+        them, and ``create_block_mask`` evaluates ``mask_mod`` on every element instead.
+        Called after ``mask_mod`` for the same inputs (an index it built may be reused)."""
+        return None
+
+    def _flex_block_mask(self, mod, q, k, causal, key_padding_mask):
+        """The BlockMask of ``mod``: from ``flex_layout``'s block lists where the method gives
+        them (no padding, Tq == Tk), else ``create_block_mask`` on every element."""
+        from methods.kernels import flex
+
+        B, H, tq, _ = q.shape
+        tk, blk = k.shape[2], self.flex_block_size
+        lay = self.flex_layout(q, k, causal, blk) if key_padding_mask is None and tq == tk else None
+        self.last_flex_build = "create_block_mask" if lay is None else "from_kv_blocks"
+        if lay is None:
+            return flex.block_mask(mod, B, H, tq, tk, q.device, blk)
+        return flex.from_layout(*flex.clip(*lay, tq, tk, blk, causal), mod, tq, tk, blk)
+
     def attend(self, q, k, v, causal, key_padding_mask):
         out = self._try_triton(q, k, v, causal, key_padding_mask)
         if out is not None:
@@ -431,7 +452,7 @@ class SparseMethod(AttentionMethod):
         if self.static_mask and key_padding_mask is None and key in cache:
             bm = cache[key]
         else:
-            bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
+            bm = self._flex_block_mask(mod, q, k, causal, key_padding_mask)
             if self.static_mask and key_padding_mask is None:
                 cache.clear()  # one shape at a time: block masks of long sequences are large
                 cache[key] = bm

@@ -236,6 +236,74 @@ class MInference(SparseMethod):
 
         return minference_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """The blocks of ``mask_mod`` at FlexAttention's ``block`` from the index its call
+        built (``self._index``), per head by pattern: A-shape from its sink and window
+        (``flex.band``: touched and wholly kept blocks), block-sparse from its layout
+        (``flex.coarsen``), vertical-slash (no full blocks) from ``_vs_blocks``. None where
+        the blocks do not divide (then ``create_block_mask``)."""
+        from methods.kernels import flex
+
+        B, H, T, _ = q.shape
+        dev = q.device
+        pid = torch.tensor([PATTERNS.index(h["pattern"]) for h in self.heads], device=dev).view(1, H, 1, 1)
+        sink = self._per_head("num_sink", dev).view(H, 1, 1)
+        win = self._per_head("window", dev).view(H, 1, 1)
+        w_any, w_full = flex.band(T, T, block, -(2**40), win - 1, dev)
+        nk = w_any.shape[-1]
+        ks = torch.arange(nk, device=dev).view(1, nk) * block
+        ke = torch.clamp(ks + block - 1, max=T - 1)
+        any_ = (pid == A) & ((ks < sink) | w_any).unsqueeze(0)
+        full = (pid == A) & ((ke < sink) | w_full).unsqueeze(0)
+        if "block_sparse" in self._index:
+            lay = flex.coarsen(self._index["block_sparse"][1]["layout"], self.block_size, self.block_size, block, T, T)
+            if lay is None:
+                return None
+            any_, full = any_ | ((pid == BS) & lay[0]), full | ((pid == BS) & lay[1])
+        if "vertical_slash" in self._index:
+            touched = self._vs_blocks(self._index["vertical_slash"][1], T, block)
+            if touched is None:
+                return None
+            any_ = any_ | ((pid == VS) & touched)
+        return any_, full
+
+    def _vs_blocks(self, vs, T, block):
+        """[B, H, nq, nk] bool: the blocks of ``block`` that the vertical-slash index touches
+        (causal pairs), exactly: on a grid of g = gcd(block, 64) cells, a vertical column in
+        the cell's keys at or before its last query (and, for ranges, before the row's
+        ``end``), a slash (lines) whose diagonal crosses the cell, or (ranges) a covered
+        column (``cover_a``, ``cover_b``) in the cell; the cells OR-ed into blocks."""
+        from methods.kernels import flex
+
+        g = math.gcd(block, VS_BLOCK)
+        dev = vs["vert"].device
+        n = math.ceil(T / g)
+        s0 = torch.arange(n, device=dev) * g
+        s1 = torch.clamp(s0 + g - 1, max=T - 1)
+        qmax, ks, ke = s1.view(n, 1), s0.view(1, n), s1.view(1, n)
+        hi = torch.minimum(ke, qmax)  # the cell's last causal key
+
+        def any_in(flags, lo, hi):  # a True in flags[..., lo..hi] (empty where hi < lo)
+            c = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+            B, H = c.shape[:2]
+            lo, hi = torch.broadcast_tensors(lo, hi)
+            lo, hi = lo.expand(B, H, -1, -1) if lo.dim() == 2 else lo, hi.expand(B, H, -1, -1) if hi.dim() == 2 else hi
+            get = lambda i: c.gather(-1, i.clamp(0, T).reshape(B, H, -1)).view(i.shape)  # noqa: E731
+            return (hi >= lo) & (get(hi + 1) > get(lo))
+
+        if self.slash_mode == "lines":
+            dmin, dmax = (s0.view(n, 1) - ke).clamp_min(0), qmax - ks
+            cell = any_in(vs["vert"], ks, hi) | any_in(vs["slash"], dmin, dmax)
+        else:
+            r = (s0 // VS_BLOCK).view(n, 1)
+            c = (s0 // VS_BLOCK).view(1, n)
+            end = vs["end"][:, :, r.view(-1)].unsqueeze(-1)  # [B, H, n, 1]
+            cell = any_in(vs["vert"], ks, torch.minimum(hi, end - 1))
+            a, b = vs["cover_a"][:, :, r, c].long(), vs["cover_b"][:, :, r, c].long()
+            lo_in = ks % VS_BLOCK
+            cell = cell | ((hi >= ks) & ((lo_in < a) | (lo_in + (hi - ks) >= b)))
+        return flex.coarsen(cell, g, g, block, T, T)[0]
+
     vs_block = 64  # square tile of the vertical-slash kernel
 
     def triton_attend(self, q, k, v, causal, key_padding_mask):

@@ -42,6 +42,12 @@ class SlidingWindow(SparseMethod):
 
         return window_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """The band |q - k| < window at FlexAttention's blocks (``flex.band``)."""
+        from methods.kernels import flex
+
+        return flex.band(q.shape[2], k.shape[2], block, 1 - self.window, self.window - 1, q.device)
+
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 
