@@ -219,6 +219,9 @@ class AttentionMethod(nn.Module):
         self.max_seq_len = max_seq_len
         self.impl = impl
         self.last_density: float | None = None  # data-dependent methods set it on each call
+        # the running implementation's configuration at the last call (path, tiles, launch
+        # settings) where the method records it: runner=kernel puts it in details.kernel_config
+        self.last_kernel_config: dict | None = None
 
     # ---- what a record says about the run -------------------------------------------
     @property
@@ -396,11 +399,13 @@ class SparseMethod(AttentionMethod):
             return None
         if not self.triton_backward and self._wants_grad(q, k, v):
             return None  # forward-only kernels: training takes the flex path (it has a backward)
+        self.last_kernel_config = {}  # the Triton path's launch settings, where it records them
         res = (attend or self.triton_attend)(q, k, v, causal, key_padding_mask)
         if res is None:
             return None
         out, work = res
         self.last_path = "triton"
+        self.last_kernel_config = {"path": "triton", **self.last_kernel_config}
         B, H, tq, _ = q.shape
         self.last_density = min(1.0, work / float(B * H * (masks.causal_pairs(tq, tq) if causal else tq * tq)))
         self._compiled = q.is_cuda  # the interpreter runs the same kernel, but is no speed test
@@ -446,6 +451,7 @@ class SparseMethod(AttentionMethod):
             self._compiled = False
             mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
             self.last_density = float(mask.sum()) / pairs
+            self.last_kernel_config = {"path": "reference"}
             return masked_attention(q, k, v, mask)
         key = (B, H, tq, tk, causal, str(q.device))
         cache = self.__dict__.setdefault("_block_masks", {})
@@ -458,6 +464,8 @@ class SparseMethod(AttentionMethod):
                 cache[key] = bm
         self.last_density = min(1.0, flex.block_density(bm, pairs))
         out, self._compiled = flex.attention(q, k, v, bm)
+        self.last_kernel_config = {"path": "flex", "block_size": list(bm.BLOCK_SIZE), "compiled": self._compiled,
+                                   "block_mask": getattr(self, "last_flex_build", "cached")}
         return out
 
 

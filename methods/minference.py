@@ -330,12 +330,15 @@ class MInference(SparseMethod):
                 ks, vs = (repeat_kv(x, rep)[:, hs] for x in (k, v))
             heads = [self.heads[i] for i in hs]
             if kind == "a_shape":  # data-independent: the tile lists are cached per length
-                bm, bn = 64, 64
                 win = tuple(h["window"] for h in heads)
                 sink = tuple(h["num_sink"] for h in heads)
+                tiles = bsk.tiles_for(D, T, q.dtype, True, window=max(win) + max(sink), grad=self._wants_grad(q, k, v))
+                self.last_kernel_config["a_shape"] = tiles
+                bm, bn = tiles["block_m"], tiles["block_n"]
                 idx, cnt, nin = bsk.window_lists(T, bm, bn, True, win, (bsk.BIG,) * len(win), sink, str(q.device))
                 o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                               win_l=torch.tensor(win), sink=torch.tensor(sink))
+                                               win_l=torch.tensor(win), sink=torch.tensor(sink),
+                                               num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 work += bsk.tile_work(cnt, bm, bn, B, len(hs))
             elif kind == "block_sparse":
                 bs = self.block_size

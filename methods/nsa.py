@@ -212,11 +212,14 @@ class NSA(SparseMethod):
         with timed_index(self, q):  # the compressed branch and the selection
             o_cmp, sel = self._triton_compressed(q, k, v)
         o_slc = nsa_selected.nsa_selected_attention(q, k, v, sel, self.block_size)
-        bm, bn = 64, 64
+        tiles = block_sparse.tiles_for(D, T, q.dtype, True, window=self.window, grad=training)
+        self.last_kernel_config["window"] = tiles
+        bm, bn = tiles["block_m"], tiles["block_n"]
         idx, cnt, nin = block_sparse.window_lists(T, bm, bn, True, (self.window,), (block_sparse.BIG,), (0,),
                                                   str(q.device))
         o_win = block_sparse.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                                    win_l=torch.tensor([self.window]))
+                                                    win_l=torch.tensor([self.window]), num_warps=tiles["num_warps"],
+                                                    num_stages=tiles["num_stages"])
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + block_sparse.tile_work(cnt, bm, bn, B, H)
         if training or q.dtype == torch.float64:  # autograd (in fp32); the interpreter's fp64 tests
