@@ -123,3 +123,20 @@ def test_kernel_record_carries_versions_configuration_and_spread(compose_cfg):
     assert rec.details["kernel_config"]["block_size"] == [128, 128]
     stored = records.read(rec.config["store"])[-1]
     assert stored["details"]["kernel_config"] == rec.details["kernel_config"] and stored["env"]["peers"] == env["peers"]
+
+
+def test_gpu_timing_keeps_every_do_bench_time_and_counts_them(monkeypatch):
+    import triton.testing
+
+    from runners import bench
+
+    times = [3.0, 1.0, 2.0, 5.0, 4.0]
+    calls = []
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, return_mode: calls.append((warmup, rep, return_mode)) or list(times))
+    got = bench.time_ms(lambda: None, "cuda", warmup=2, rep_ms=50)
+    assert calls == [(bench.GPU_WARMUP_MS, 50, "all")]
+    assert (got["min"], got["median"], got["max"], got["p50"]) == (1.0, 3.0, 5.0, 3.0)
+    assert got["p20"] == pytest.approx(1.8) and got["p80"] == pytest.approx(4.2)  # linear between order statistics
+    assert got["repeats"] == 5 and got["warmup"] == 2 and got["rep_ms"] == 50 and got["timer"] == "triton.do_bench"
