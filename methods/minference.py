@@ -267,42 +267,50 @@ class MInference(SparseMethod):
             any_ = any_ | ((pid == VS) & touched)
         return any_, full
 
+    vs_cells = 1 << 24  # _vs_blocks: cells (B x H x rows x columns) held at once (rows chunked)
+
     def _vs_blocks(self, vs, T, block):
         """[B, H, nq, nk] bool: the blocks of ``block`` that the vertical-slash index touches
         (causal pairs), exactly: on a grid of g = gcd(block, 64) cells, a vertical column in
         the cell's keys at or before its last query (and, for ranges, before the row's
         ``end``), a slash (lines) whose diagonal crosses the cell, or (ranges) a covered
-        column (``cover_a``, ``cover_b``) in the cell; the cells OR-ed into blocks."""
+        column (``cover_a``, ``cover_b``) in the cell; the cells OR-ed into blocks, by chunks
+        of whole block rows of at most ``vs_cells`` cells."""
         from methods.kernels import flex
 
         g = math.gcd(block, VS_BLOCK)
+        B, H = vs["vert"].shape[:2]
         dev = vs["vert"].device
-        n = math.ceil(T / g)
+        n, fr = math.ceil(T / g), block // g
         s0 = torch.arange(n, device=dev) * g
         s1 = torch.clamp(s0 + g - 1, max=T - 1)
-        qmax, ks, ke = s1.view(n, 1), s0.view(1, n), s1.view(1, n)
-        hi = torch.minimum(ke, qmax)  # the cell's last causal key
+        ks, ke = s0.view(1, n), s1.view(1, n)
+        counts = {key: torch.nn.functional.pad(vs[key].to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+                  for key in ("vert", "slash")}
 
-        def any_in(flags, lo, hi):  # a True in flags[..., lo..hi] (empty where hi < lo)
-            c = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
-            B, H = c.shape[:2]
-            lo, hi = torch.broadcast_tensors(lo, hi)
-            lo, hi = lo.expand(B, H, -1, -1) if lo.dim() == 2 else lo, hi.expand(B, H, -1, -1) if hi.dim() == 2 else hi
+        def any_in(key, lo, hi):  # a True in vs[key][..., lo..hi] (empty where hi < lo)
+            c = counts[key]
+            lo, hi = (x.expand(B, H, *x.shape[-2:]) for x in torch.broadcast_tensors(lo, hi))
             get = lambda i: c.gather(-1, i.clamp(0, T).reshape(B, H, -1)).view(i.shape)  # noqa: E731
             return (hi >= lo) & (get(hi + 1) > get(lo))
 
-        if self.slash_mode == "lines":
-            dmin, dmax = (s0.view(n, 1) - ke).clamp_min(0), qmax - ks
-            cell = any_in(vs["vert"], ks, hi) | any_in(vs["slash"], dmin, dmax)
-        else:
-            r = (s0 // VS_BLOCK).view(n, 1)
-            c = (s0 // VS_BLOCK).view(1, n)
-            end = vs["end"][:, :, r.view(-1)].unsqueeze(-1)  # [B, H, n, 1]
-            cell = any_in(vs["vert"], ks, torch.minimum(hi, end - 1))
-            a, b = vs["cover_a"][:, :, r, c].long(), vs["cover_b"][:, :, r, c].long()
-            lo_in = ks % VS_BLOCK
-            cell = cell | ((hi >= ks) & ((lo_in < a) | (lo_in + (hi - ks) >= b)))
-        return flex.coarsen(cell, g, g, block, T, T)[0]
+        step = max(fr, self.vs_cells // max(1, B * H * n) // fr * fr)
+        out = []
+        for a in range(0, n, step):
+            rows = torch.arange(a, min(a + step, n), device=dev)
+            q0, qmax = s0[rows].view(-1, 1), s1[rows].view(-1, 1)
+            hi = torch.minimum(ke, qmax)  # the cell's last causal key
+            if self.slash_mode == "lines":
+                cell = any_in("vert", ks, hi) | any_in("slash", (q0 - ke).clamp_min(0), qmax - ks)
+            else:
+                r, c = (q0 // VS_BLOCK).view(-1), (s0 // VS_BLOCK).view(1, n)
+                end = vs["end"][:, :, r].unsqueeze(-1)  # [B, H, rows, 1]
+                cell = any_in("vert", ks, torch.minimum(hi, end - 1))
+                ca, cb = vs["cover_a"][:, :, r.view(-1, 1), c].long(), vs["cover_b"][:, :, r.view(-1, 1), c].long()
+                lo_in = ks % VS_BLOCK
+                cell = cell | ((hi >= ks) & ((lo_in < ca) | (lo_in + (hi - ks) >= cb)))
+            out.append(flex.coarsen(cell, g, g, block, min(T, (a + step) * g) - a * g, T)[0])
+        return torch.cat(out, -2)
 
     vs_block = 64  # square tile of the vertical-slash kernel
 

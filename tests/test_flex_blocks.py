@@ -69,6 +69,10 @@ def test_block_lists_equal_the_element_mask_and_the_reference(case):
             assert torch.equal(full.expand_as(el_all), el_all)
         else:
             assert not full.any()
+        if name == "minference":  # the vertical-slash cells by chunks of one block row: the same blocks
+            m.vs_cells = 1
+            bm = m._flex_block_mask(mod, q, k, causal, None)
+            assert torch.equal(listed(bm.kv_num_blocks, bm.kv_indices, nk), part)
 
 
 def test_nsa_block_lists_equal_the_element_mask_and_the_reference():
