@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lens", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--device", default="cuda", help="cpu: the Triton interpreter at toy sizes (tests)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", default=None, help="write the fastest settings to this tile table")
     ap.add_argument("--from-jsonl", nargs="+", default=None, help="build --table from these rows; no timing")
@@ -93,11 +95,11 @@ def main(argv=None) -> int:
                 for line in Path(f).read_text().splitlines() if line.strip()]
         write_table(args.table, table_entries(rows))
         return 0
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("scripts/tune_block_sparse.py times CUDA kernels: no CUDA device here")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
-    H, dtype, t0 = 32, getattr(torch, args.dtype), time.monotonic()
-    env = records.environment("cuda")
+    H, dtype, dev, t0 = args.heads, getattr(torch, args.dtype), args.device, time.monotonic()
+    env = records.environment(dev)
     meta = dict(dtype=args.dtype, gpu=env["gpu"], commit=records.git_commit(), source=args.out)
     measured = []
 
@@ -110,11 +112,11 @@ def main(argv=None) -> int:
 
     for D in args.head_dims:
         for T in args.lens:
-            q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=dtype) for _ in range(3))
+            q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=dtype) for _ in range(3))
             for causal in sorted({CASES[c][0] for c in args.cases}, reverse=True):
                 flops = 4.0 * H * D * (masks.causal_pairs(T, T) if causal else T * T)
                 sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-                t = bench.time_ms(sdpa, "cuda", 3, rep_ms=100)["p50"]
+                t = bench.time_ms(sdpa, dev, 3, rep_ms=100)["p50"]
                 keep(dict(T=T, D=D, causal=causal, case="causal" if causal else "full", kernel="cuDNN SDPA",
                           ms=t, tflops=flops / t / 1e9))
             for bm, bn, warps, stages in configs:
@@ -125,12 +127,12 @@ def main(argv=None) -> int:
                         continue
                     causal, win = CASES[case]
                     w = torch.tensor([win])
-                    idx, cnt, nin = bsk.window_lists(T, bm, bn, causal, (win,), (win,), (0,), "cuda")
+                    idx, cnt, nin = bsk.window_lists(T, bm, bn, causal, (win,), (win,), (0,), dev)
                     fn = lambda: bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn,  # noqa: E731
                                                             causal=causal, win_l=w, win_r=w, num_warps=warps,
                                                             num_stages=stages)
                     try:
-                        t = bench.time_ms(fn, "cuda", 3, rep_ms=100)["p50"]
+                        t = bench.time_ms(fn, dev, 3, rep_ms=100)["p50"]
                     except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                         print(T, D, case, bm, bn, warps, stages, type(exc).__name__, str(exc)[:120], flush=True)
                         continue

@@ -140,3 +140,27 @@ def test_gpu_timing_keeps_every_do_bench_time_and_counts_them(monkeypatch):
     assert (got["min"], got["median"], got["max"], got["p50"]) == (1.0, 3.0, 5.0, 3.0)
     assert got["p20"] == pytest.approx(1.8) and got["p80"] == pytest.approx(4.2)  # linear between order statistics
     assert got["repeats"] == 5 and got["warmup"] == 2 and got["rep_ms"] == 50 and got["timer"] == "triton.do_bench"
+
+
+def test_tuning_script_measures_and_writes_the_table_in_one_call(tmp_path):
+    """The GPU call's code path at toy sizes on the CPU (the Triton interpreter)."""
+    out, table = tmp_path / "rows.jsonl", tmp_path / "tiles.json"
+    assert tune_main(["--device", "cpu", "--dtype", "float32", "--heads", "1", "--lens", "48", "--head-dims", "16",
+                      "--configs", "16,16,4,2", "32,16,4,2", "--cases", "causal", "full", "window512",
+                      "--out", str(out), "--table", str(table)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    timed = {(r["case"], r["kernel"]) for r in rows}
+    assert timed == {("causal", "cuDNN SDPA"), ("full", "cuDNN SDPA")} | {
+        (c, f"triton {t} w4 s2") for c in ("causal", "full", "window512") for t in ("16x16", "32x16")}
+    fastest = {}
+    for r in rows:
+        if r["kernel"].startswith("triton"):
+            key = (r["causal"], "window" if r["case"] == "window512" else "dense")
+            fastest[key] = min(fastest.get(key, (float("inf"), "")), (r["ms"], r["kernel"].split()[1]))
+    got = {(e["causal"], e["case"]): f"{e['block_m']}x{e['block_n']}" for e in json.loads(table.read_text())["entries"]}
+    assert got == {key: tile for key, (_, tile) in fastest.items()}
+    assert all(e["head_dim"] == 16 and e["seq_len"] == 48 and e["dtype"] == "float32"
+               for e in json.loads(table.read_text())["entries"])
+    assert tune_main(["--device", "cpu", "--dtype", "float32", "--heads", "1", "--lens", "48", "--head-dims", "16",
+                      "--configs", "16,16,4,2", "--budget-s", "0", "--out", str(tmp_path / "none.jsonl")]) == 0
+    assert all(r["kernel"] == "cuDNN SDPA" for r in map(json.loads, (tmp_path / "none.jsonl").read_text().splitlines()))
