@@ -219,6 +219,9 @@ class AttentionMethod(nn.Module):
         self.max_seq_len = max_seq_len
         self.impl = impl
         self.last_density: float | None = None  # data-dependent methods set it on each call
+        # the running implementation's configuration at the last call (path, tiles, launch
+        # settings) where the method records it: runner=kernel puts it in details.kernel_config
+        self.last_kernel_config: dict | None = None
 
     # ---- what a record says about the run -------------------------------------------
     @property
@@ -396,15 +399,38 @@ class SparseMethod(AttentionMethod):
             return None
         if not self.triton_backward and self._wants_grad(q, k, v):
             return None  # forward-only kernels: training takes the flex path (it has a backward)
+        self.last_kernel_config = {}  # the Triton path's launch settings, where it records them
         res = (attend or self.triton_attend)(q, k, v, causal, key_padding_mask)
         if res is None:
             return None
         out, work = res
         self.last_path = "triton"
+        self.last_kernel_config = {"path": "triton", **self.last_kernel_config}
         B, H, tq, _ = q.shape
         self.last_density = min(1.0, work / float(B * H * (masks.causal_pairs(tq, tq) if causal else tq * tq)))
         self._compiled = q.is_cuda  # the interpreter runs the same kernel, but is no speed test
         return out
+
+    def flex_layout(self, q, k, causal: bool, block: int):
+        """(any, full) [B|1, H|1, nq, nk] bool at FlexAttention's ``block``: the blocks the
+        pattern touches and those it wholly keeps, causality aside (``flex.clip`` applies
+        it), from the method's own index; None (the default) where the method does not know
+        them, and ``create_block_mask`` evaluates ``mask_mod`` on every element instead.
+        Called after ``mask_mod`` for the same inputs (an index it built may be reused)."""
+        return None
+
+    def _flex_block_mask(self, mod, q, k, causal, key_padding_mask):
+        """The BlockMask of ``mod``: from ``flex_layout``'s block lists where the method gives
+        them (no padding, Tq == Tk), else ``create_block_mask`` on every element."""
+        from methods.kernels import flex
+
+        B, H, tq, _ = q.shape
+        tk, blk = k.shape[2], self.flex_block_size
+        lay = self.flex_layout(q, k, causal, blk) if key_padding_mask is None and tq == tk else None
+        self.last_flex_build = "create_block_mask" if lay is None else "from_kv_blocks"
+        if lay is None:
+            return flex.block_mask(mod, B, H, tq, tk, q.device, blk)
+        return flex.from_layout(*flex.clip(*lay, tq, tk, blk, causal), mod, tq, tk, blk)
 
     def attend(self, q, k, v, causal, key_padding_mask):
         out = self._try_triton(q, k, v, causal, key_padding_mask)
@@ -425,18 +451,21 @@ class SparseMethod(AttentionMethod):
             self._compiled = False
             mask = masks.materialize(mod, B, H, tq, tk, device=q.device)
             self.last_density = float(mask.sum()) / pairs
+            self.last_kernel_config = {"path": "reference"}
             return masked_attention(q, k, v, mask)
         key = (B, H, tq, tk, causal, str(q.device))
         cache = self.__dict__.setdefault("_block_masks", {})
         if self.static_mask and key_padding_mask is None and key in cache:
             bm = cache[key]
         else:
-            bm = flex.block_mask(mod, B, H, tq, tk, q.device, self.flex_block_size)
+            bm = self._flex_block_mask(mod, q, k, causal, key_padding_mask)
             if self.static_mask and key_padding_mask is None:
                 cache.clear()  # one shape at a time: block masks of long sequences are large
                 cache[key] = bm
         self.last_density = min(1.0, flex.block_density(bm, pairs))
         out, self._compiled = flex.attention(q, k, v, bm)
+        self.last_kernel_config = {"path": "flex", "block_size": list(bm.BLOCK_SIZE), "compiled": self._compiled,
+                                   "block_mask": getattr(self, "last_flex_build", "cached")}
         return out
 
 

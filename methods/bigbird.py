@@ -91,6 +91,15 @@ class BigBird(SparseMethod):
 
         return bigbird_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """``layout`` (blocks of ``block_size``) at FlexAttention's blocks (``flex.coarsen``:
+        None where block_size does not divide them)."""
+        from methods.kernels import flex
+
+        bs, tq, tk = self.block_size, q.shape[2], k.shape[2]
+        lay = self.layout(math.ceil(tq / bs), math.ceil(tk / bs), causal).to(q.device).unsqueeze(0)
+        return flex.coarsen(lay, bs, bs, block, tq, tk)
+
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 

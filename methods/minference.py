@@ -236,6 +236,82 @@ class MInference(SparseMethod):
 
         return minference_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """The blocks of ``mask_mod`` at FlexAttention's ``block`` from the index its call
+        built (``self._index``), per head by pattern: A-shape from its sink and window
+        (``flex.band``: touched and wholly kept blocks), block-sparse from its layout
+        (``flex.coarsen``), vertical-slash (no full blocks) from ``_vs_blocks``. None where
+        the blocks do not divide (then ``create_block_mask``)."""
+        from methods.kernels import flex
+
+        B, H, T, _ = q.shape
+        dev = q.device
+        pid = torch.tensor([PATTERNS.index(h["pattern"]) for h in self.heads], device=dev).view(1, H, 1, 1)
+        sink = self._per_head("num_sink", dev).view(H, 1, 1)
+        win = self._per_head("window", dev).view(H, 1, 1)
+        w_any, w_full = flex.band(T, T, block, -(2**40), win - 1, dev)
+        nk = w_any.shape[-1]
+        ks = torch.arange(nk, device=dev).view(1, nk) * block
+        ke = torch.clamp(ks + block - 1, max=T - 1)
+        any_ = (pid == A) & ((ks < sink) | w_any).unsqueeze(0)
+        full = (pid == A) & ((ke < sink) | w_full).unsqueeze(0)
+        if "block_sparse" in self._index:
+            lay = flex.coarsen(self._index["block_sparse"][1]["layout"], self.block_size, self.block_size, block, T, T)
+            if lay is None:
+                return None
+            any_, full = any_ | ((pid == BS) & lay[0]), full | ((pid == BS) & lay[1])
+        if "vertical_slash" in self._index:
+            touched = self._vs_blocks(self._index["vertical_slash"][1], T, block)
+            if touched is None:
+                return None
+            any_ = any_ | ((pid == VS) & touched)
+        return any_, full
+
+    vs_cells = 1 << 24  # _vs_blocks: cells (B x H x rows x columns) held at once (rows chunked)
+
+    def _vs_blocks(self, vs, T, block):
+        """[B, H, nq, nk] bool: the blocks of ``block`` that the vertical-slash index touches
+        (causal pairs), exactly: on a grid of g = gcd(block, 64) cells, a vertical column in
+        the cell's keys at or before its last query (and, for ranges, before the row's
+        ``end``), a slash (lines) whose diagonal crosses the cell, or (ranges) a covered
+        column (``cover_a``, ``cover_b``) in the cell; the cells OR-ed into blocks, by chunks
+        of whole block rows of at most ``vs_cells`` cells."""
+        from methods.kernels import flex
+
+        g = math.gcd(block, VS_BLOCK)
+        B, H = vs["vert"].shape[:2]
+        dev = vs["vert"].device
+        n, fr = math.ceil(T / g), block // g
+        s0 = torch.arange(n, device=dev) * g
+        s1 = torch.clamp(s0 + g - 1, max=T - 1)
+        ks, ke = s0.view(1, n), s1.view(1, n)
+        counts = {key: torch.nn.functional.pad(vs[key].to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+                  for key in ("vert", "slash")}
+
+        def any_in(key, lo, hi):  # a True in vs[key][..., lo..hi] (empty where hi < lo)
+            c = counts[key]
+            lo, hi = (x.expand(B, H, *x.shape[-2:]) for x in torch.broadcast_tensors(lo, hi))
+            get = lambda i: c.gather(-1, i.clamp(0, T).reshape(B, H, -1)).view(i.shape)  # noqa: E731
+            return (hi >= lo) & (get(hi + 1) > get(lo))
+
+        step = max(fr, self.vs_cells // max(1, B * H * n) // fr * fr)
+        out = []
+        for a in range(0, n, step):
+            rows = torch.arange(a, min(a + step, n), device=dev)
+            q0, qmax = s0[rows].view(-1, 1), s1[rows].view(-1, 1)
+            hi = torch.minimum(ke, qmax)  # the cell's last causal key
+            if self.slash_mode == "lines":
+                cell = any_in("vert", ks, hi) | any_in("slash", (q0 - ke).clamp_min(0), qmax - ks)
+            else:
+                r, c = (q0 // VS_BLOCK).view(-1), (s0 // VS_BLOCK).view(1, n)
+                end = vs["end"][:, :, r].unsqueeze(-1)  # [B, H, rows, 1]
+                cell = any_in("vert", ks, torch.minimum(hi, end - 1))
+                ca, cb = vs["cover_a"][:, :, r.view(-1, 1), c].long(), vs["cover_b"][:, :, r.view(-1, 1), c].long()
+                lo_in = ks % VS_BLOCK
+                cell = cell | ((hi >= ks) & ((lo_in < ca) | (lo_in + (hi - ks) >= cb)))
+            out.append(flex.coarsen(cell, g, g, block, min(T, (a + step) * g) - a * g, T)[0])
+        return torch.cat(out, -2)
+
     vs_block = 64  # square tile of the vertical-slash kernel
 
     def triton_attend(self, q, k, v, causal, key_padding_mask):
@@ -262,12 +338,15 @@ class MInference(SparseMethod):
                 ks, vs = (repeat_kv(x, rep)[:, hs] for x in (k, v))
             heads = [self.heads[i] for i in hs]
             if kind == "a_shape":  # data-independent: the tile lists are cached per length
-                bm, bn = 64, 64
                 win = tuple(h["window"] for h in heads)
                 sink = tuple(h["num_sink"] for h in heads)
+                tiles = bsk.tiles_for(D, T, q.dtype, True, window=max(win) + max(sink), grad=self._wants_grad(q, k, v))
+                self.last_kernel_config["a_shape"] = tiles
+                bm, bn = tiles["block_m"], tiles["block_n"]
                 idx, cnt, nin = bsk.window_lists(T, bm, bn, True, win, (bsk.BIG,) * len(win), sink, str(q.device))
                 o = bsk.block_sparse_attention(qs, ks, vs, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                               win_l=torch.tensor(win), sink=torch.tensor(sink))
+                                               win_l=torch.tensor(win), sink=torch.tensor(sink),
+                                               num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
                 work += bsk.tile_work(cnt, bm, bn, B, len(hs))
             elif kind == "block_sparse":
                 bs = self.block_size

@@ -224,11 +224,14 @@ class NSA(SparseMethod):
         with timed_index(self, q):  # the compressed branch and the selection
             o_cmp, sel = self._triton_compressed(q, k, v)
         o_slc = nsa_selected.nsa_selected_attention(q, k, v, sel, self.block_size)
-        bm, bn = 64, 64
+        tiles = block_sparse.tiles_for(D, T, q.dtype, True, window=self.window, grad=training)
+        self.last_kernel_config["window"] = tiles
+        bm, bn = tiles["block_m"], tiles["block_n"]
         idx, cnt, nin = block_sparse.window_lists(T, bm, bn, True, (self.window,), (block_sparse.BIG,), (0,),
                                                   str(q.device))
         o_win = block_sparse.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=True,
-                                                    win_l=torch.tensor([self.window]))
+                                                    win_l=torch.tensor([self.window]), num_warps=tiles["num_warps"],
+                                                    num_stages=tiles["num_stages"])
         rep = H // k.shape[1]
         work = float((sel >= 0).sum()) * self.block_size * rep + block_sparse.tile_work(cnt, bm, bn, B, H)
         if training or q.dtype == torch.float64:  # autograd (in fp32); the interpreter's fp64 tests
@@ -299,11 +302,30 @@ class NSA(SparseMethod):
             o_slc, o_win = (masked_attention(q, k, v, m) for m in ms)
             self.last_density = float(ms[0].sum() + ms[1].sum()) / pairs
         else:
-            bms = [flex.block_mask(m, B, H, T, T, q.device, self.flex_block_size) for m in mods]
+            bms = [flex.block_mask(m, B, H, T, T, q.device, self.flex_block_size) for m in mods] \
+                if key_padding_mask is not None else self._flex_block_masks(chosen, mods, T, rep)
             (o_slc, c1), (o_win, c2) = (flex.attention(q, k, v, bm) for bm in bms)
             self._compiled = c1 and c2
             self.last_density = sum(flex.block_density(bm, pairs) for bm in bms)
         return self._combine(q, o_cmp, o_slc, o_win)
+
+    def _flex_block_masks(self, chosen, mods, T, rep):
+        """The BlockMasks of the selected and window branches from their blocks (no mask
+        function on every element): a key block touched where any query of the block chose
+        it (chosen [B, Hkv, T, nsel], ``flex.coarsen``), wholly kept where all did; the window
+        a band (``flex.band``). Selection blocks that do not divide FlexAttention's blocks
+        fall back to ``create_block_mask``."""
+        from methods.kernels import flex
+
+        blk, B = self.flex_block_size, chosen.shape[0]
+        H = chosen.shape[1] * rep
+        sel = flex.coarsen(chosen, 1, self.block_size, blk, T, T)
+        self.last_flex_build = "create_block_mask" if sel is None else "from_kv_blocks"
+        if sel is None:
+            return [flex.block_mask(m, B, H, T, T, chosen.device, blk) for m in mods]
+        sel = [x.repeat_interleave(rep, 1) for x in sel]
+        win = flex.band(T, T, blk, 0, self.window - 1, chosen.device)
+        return [flex.from_layout(*flex.clip(*lay, T, T, blk, True), m, T, T, blk) for lay, m in zip((sel, win), mods)]
 
     def _gates(self, q):
         return torch.sigmoid(self.gate(q.to(self.gate.weight.dtype)))  # [B, H, T, 3]

@@ -25,7 +25,9 @@ class SlidingWindow(SparseMethod):
 
     impls = ("reference", "flex", "triton")
     triton_backward = True  # the block-sparse kernel has one
-    triton_tiles = (64, 64)  # query x key tile of the Triton path (scripts/tune_block_sparse.py)
+    # query x key tile of the Triton path; None: block_sparse.tiles_for (the table that
+    # scripts/tune_block_sparse.py --table writes, by head dim, length, dtype, causality, case)
+    triton_tiles: tuple[int, int] | None = None
     supports_decode = True  # a decode step sees the last `window` keys, as in the prefill
 
     def __init__(self, window: int = 512, **structural):
@@ -42,14 +44,26 @@ class SlidingWindow(SparseMethod):
 
         return window_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """The band |q - k| < window at FlexAttention's blocks (``flex.band``)."""
+        from methods.kernels import flex
+
+        return flex.band(q.shape[2], k.shape[2], block, 1 - self.window, self.window - 1, q.device)
+
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 
-        T, (bm, bn), w = q.shape[2], self.triton_tiles, self.window
+        T, w = q.shape[2], self.window
+        tiles = bsk.tiles_for(q.shape[3], T, q.dtype, causal, window=w, grad=self._wants_grad(q, k, v)) \
+            if self.triton_tiles is None else {**bsk.DEFAULT_TILES, "block_m": self.triton_tiles[0],
+                                               "block_n": self.triton_tiles[1], "source": "triton_tiles"}
+        self.last_kernel_config.update(tiles)
+        bm, bn = tiles["block_m"], tiles["block_n"]
         idx, cnt, nin = bsk.window_lists(T, bm, bn, causal, (w,), (w,), (0,), str(q.device))
         out = bsk.block_sparse_attention(q, k, v, idx, cnt, nin=nin, block_m=bm, block_n=bn, causal=causal,
                                          win_l=torch.tensor([w]), win_r=torch.tensor([w]),
-                                         key_padding_mask=key_padding_mask)
+                                         key_padding_mask=key_padding_mask, num_warps=tiles["num_warps"],
+                                         num_stages=tiles["num_stages"])
         return out, bsk.tile_work(cnt, bm, bn, q.shape[0], q.shape[1])
 
     def pairs(self, tq: int, tk: int, causal: bool) -> int:

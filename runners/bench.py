@@ -38,17 +38,17 @@ GPU_WARMUP_MS = 25
 def time_ms(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 7, rep_ms: int = 100) -> dict:
     """p20/p50/p80, min, median and max latency of ``fn()`` in milliseconds, and how it was
     timed: the warm-up calls, the timed repetitions (CPU) or the time budget do_bench spends on
-    them (GPU: ``rep_ms``, after ``warmup_ms`` of its own warm-up)."""
+    them (GPU: ``rep_ms``, after ``warmup_ms`` of its own warm-up; ``repeats``: the timed calls
+    do_bench made in that budget, each of its times kept for the quantiles)."""
     for _ in range(warmup):
         fn()
     sync(device)
     if is_cuda(device):
         import triton.testing
 
-        qs = triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=rep_ms, quantiles=[0.0, *QUANTILES, 1.0])
-        return {"p20": qs[1], "p50": qs[2], "p80": qs[3], "min": qs[0], "median": qs[2], "max": qs[4],
-                "warmup": warmup, "warmup_ms": GPU_WARMUP_MS, "repeats": None, "rep_ms": rep_ms,
-                "timer": "triton.do_bench"}
+        times = triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=rep_ms, return_mode="all")
+        return {**_quantiles(times), "warmup": warmup, "warmup_ms": GPU_WARMUP_MS, "repeats": len(times),
+                "rep_ms": rep_ms, "timer": "triton.do_bench"}
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()

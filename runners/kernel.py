@@ -5,7 +5,8 @@ one record per sequence length, each in one pass:
   check    the running implementation against the method's reference on a small shape; a
            failure is the record's status, and nothing is timed
   measure  fidelity metrics against exact attention, cost, latency (forward; backward when the
-           method is trainable) and peak memory; for a method that builds an index
+           method is trainable: warm-up and repetition counts, p20/p50/p80, min/median/max),
+           the configuration that ran (``details.kernel_config``: path, tiles) and peak memory; for a method that builds an index
            (``has_index``), one more untimed call under ``index_timing(True)`` gives its index
            step's wall time: ``metrics.index_ms`` and ``metrics.attention_ms`` = forward p50 -
            index_ms (the timed repeats run without the index timing's syncs)
@@ -137,6 +138,8 @@ class KernelRunner:
         rec.cost = method.cost(T, T, causal).asdict()
         with torch.no_grad():
             method(q, k, v, causal=causal)
+        # the configuration that ran (path, tiles, launch settings; None where the method keeps none)
+        rec.details["kernel_config"] = copy.deepcopy(getattr(method, "last_kernel_config", None))
         if method.last_density is not None:  # data-dependent sparsity, counted from its index sets
             rec.metrics["density_measured"] = method.last_density
         if self.target_density is not None:

@@ -321,9 +321,13 @@ def git_commit() -> str | None:
         return None
 
 
+PEERS = ("flash-linear-attention", "fla-core", "flash-attn")  # scripts/peers.py compares with them
+
+
 def environment(device) -> dict:
-    """Where a record ran: Python, torch, CUDA, triton and transformers versions, host, process,
-    threads; on a GPU its name, uuid, driver and the clocks at the start (``gpu_clocks``)."""
+    """Where a record ran: Python, torch, CUDA, cuDNN, triton, transformers and peer (``PEERS``)
+    versions, host, process, threads; on a GPU its name, uuid, driver and the clocks at the
+    start (``gpu_clocks``)."""
     import torch
 
     env: dict[str, Any] = {
@@ -332,6 +336,8 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "triton": version("triton"),
         "transformers": version("transformers"),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "peers": {p: version(p) for p in PEERS},  # the peer kernels' packages (None: not installed)
         "host": platform.node(),
         "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -14,7 +14,9 @@ Reference: ``methods.base.masked_attention`` with the matching mask (tests/test_
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -162,6 +164,44 @@ if triton is not None:
         out = b * sdb + h * sdh + offs_n[:, None] * sdt + offs_d[None, :]
         tl.store(DK + out, dk * scale, mask=kin0[:, None])
         tl.store(DV + out, dv, mask=kin0[:, None])
+
+
+# ---- launch settings: the tile table -------------------------------------------------------
+TILES_FILE = Path(__file__).with_name("tiles.json")  # written by scripts/tune_block_sparse.py --table
+DEFAULT_TILES = {"block_m": 64, "block_n": 64, "num_warps": None, "num_stages": 3}
+SPARSE_BELOW = 0.25  # a window under this fraction of the length is a sparse case (else dense)
+
+
+@functools.lru_cache(maxsize=4)
+def tile_table(path: str | None = None) -> tuple[dict, ...]:
+    """The entries of the tile table (``TILES_FILE``; empty where there is none)."""
+    p = Path(path) if path else TILES_FILE
+    if not p.exists():
+        return ()
+    return tuple(json.loads(p.read_text())["entries"])
+
+
+def tiles_for(head_dim: int, seq_len: int, dtype, causal: bool, window: int | None = None,
+              grad: bool = False, path: str | None = None) -> dict:
+    """Launch settings of a window pattern whose tiles are free (sliding window, A-shape, NSA's
+    window): {block_m, block_n, num_warps, num_stages, source}. The table entry of this head
+    dim, dtype (``str(dtype)`` without ``torch.``), causality and case (``dense``: no window or
+    one of at least ``SPARSE_BELOW`` of the length; else ``window``) at the largest length
+    bucket at or below ``seq_len`` (the smallest bucket where all are above); the defaults
+    (``DEFAULT_TILES``) where the table has no such entry, and under autograd (the backward
+    kernels are tuned at the default tiles)."""
+    case = "dense" if window is None or window >= SPARSE_BELOW * seq_len else "window"
+    if grad:
+        return {**DEFAULT_TILES, "source": "default (backward)"}
+    dt = str(dtype).replace("torch.", "")
+    rows = [e for e in tile_table(path) if (e["head_dim"], e["dtype"], bool(e["causal"]), e["case"]) ==
+            (head_dim, dt, bool(causal), case)]
+    if not rows:
+        return {**DEFAULT_TILES, "source": "default"}
+    below = [e for e in rows if e["seq_len"] <= seq_len]
+    e = max(below, key=lambda e: e["seq_len"]) if below else min(rows, key=lambda e: e["seq_len"])
+    return {**{k: e[k] for k in DEFAULT_TILES},
+            "source": f"tiles.json: {e.get('gpu')}, D={head_dim} {dt} causal={bool(causal)} {case} T={e['seq_len']}"}
 
 
 # ---- plans: what each query tile visits -------------------------------------------------

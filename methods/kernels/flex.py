@@ -4,9 +4,17 @@ On CUDA both the block mask (``_compile=True``: a plain ``create_block_mask`` at
 tries to allocate 512 GiB) and the attention are compiled, so masked-out blocks are skipped.
 On the CPU the attention runs eagerly (correct, but it materialises the scores): such a run
 is not a real kernel, and ``ran_compiled`` says which one ran.
+
+``create_block_mask`` evaluates the mask function on every (query, key) element to find the
+blocks (180 ms at 16k for MInference's index look-ups, issue 28). Methods that know their
+blocks give them instead (``SparseMethod.flex_layout``): ``from_layout`` builds the BlockMask
+from block layouts with ``BlockMask.from_kv_blocks``, the blocks wholly inside the pattern
+marked full (no mask function runs in them), the others partial (it still does); ``band``
+and ``coarsen`` are the layouts of a diagonal band and of a pattern of other blocks.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -34,6 +42,61 @@ def block_mask(mask_mod, B, H, tq, tk, device, block_size: int = 128):
     compiled = torch.device(device).type == "cuda"
     return create_block_mask(mask_mod, B, H, tq, tk, device=device, BLOCK_SIZE=block_size,
                              _compile=compiled)
+
+
+def from_layout(partial, full, mask_mod, tq: int, tk: int, block_size: int = 128):
+    """BlockMask from block layouts [B|1, H|1, nq, nk] bool: ``partial`` blocks (the mask
+    function runs inside them) and ``full`` ones (wholly kept: it does not)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = torch.broadcast_tensors(partial & ~full, full)
+    partial, full = (x.reshape((1,) * (4 - x.dim()) + x.shape) for x in (partial, full))
+
+    def lists(lay):  # kept blocks first, in increasing order (a stable sort of the flags)
+        lay = lay.contiguous()
+        num = lay.sum(-1, dtype=torch.int32)
+        idx = torch.sort(lay.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+        return num.contiguous(), idx.to(torch.int32).contiguous()
+
+    kn, ki = lists(partial)
+    fn, fi = lists(full)
+    return BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(tq, tk))
+
+
+def band(tq: int, tk: int, block: int, lo, hi, device=None):
+    """(any, full) [.., nq, nk] for the pairs with lo <= q + (tk - tq) - k <= hi (lo, hi:
+    ints or [H, 1, 1] tensors): blocks the band touches, and blocks wholly inside it."""
+    nq, nk = math.ceil(tq / block), math.ceil(tk / block)
+    qs = torch.arange(nq, device=device).view(nq, 1) * block + (tk - tq)
+    qe = torch.clamp(qs + block - 1, max=tk - 1)
+    ks = torch.arange(nk, device=device).view(1, nk) * block
+    ke = torch.clamp(ks + block - 1, max=tk - 1)
+    dmin, dmax = qs - ke, qe - ks
+    return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
+
+
+def coarsen(lay, rows: int, cols: int, block: int, tq: int, tk: int):
+    """(any, full) at ``block`` of a layout [.., nq, nk] bool of ``rows`` x ``cols`` blocks
+    (each a divisor of ``block``), or None where they do not divide it."""
+    if block % rows or block % cols:
+        return None
+    fr, fc = block // rows, block // cols
+    nq, nk = math.ceil(tq / block), math.ceil(tk / block)
+    lay = lay[..., :nq * fr, :nk * fc]
+    pad = (0, nk * fc - lay.shape[-1], 0, nq * fr - lay.shape[-2])
+    x = torch.nn.functional.pad(lay, pad).reshape(*lay.shape[:-2], nq, fr, nk, fc)
+    return x.any(-1).any(-2), x.all(-1).all(-2)
+
+
+def clip(any_, full, tq: int, tk: int, block: int, causal: bool):
+    """Causality and the sequence ends on a method's (any, full): blocks wholly after the
+    diagonal dropped, full blocks only wholly before it and wholly inside [0, tq) x [0, tk)."""
+    lo = -(2**40) if not causal else 0
+    vis, inside = band(tq, tk, block, lo, 2**40, any_.device)
+    nq, nk = vis.shape
+    edge = (torch.arange(nq, device=any_.device).view(nq, 1) + 1) * block <= tq
+    edge = edge & ((torch.arange(nk, device=any_.device).view(1, nk) + 1) * block <= tk)
+    return any_ & vis, full & any_ & inside & edge
 
 
 def block_density(bm, pairs: float) -> float:
