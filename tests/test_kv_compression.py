@@ -190,7 +190,8 @@ def test_fastgen_on_smollm2_sees_the_punctuation_of_the_prompt(smol_path, monkey
 def test_razor_calibration_on_real_text_picks_the_heads_of_largest_induction(smol_path):
     """calibrate() on 128 prose tokens repeated twice: per layer the echo and induction scores
     equal those computed here from the captured q/k (dense softmax written out), the retrieval
-    heads are the top-scoring ones, and some layer holds a strong induction head (as LLMs do)."""
+    heads are the top-scoring ones of the whole model, and some layer holds a strong induction
+    head (as LLMs do)."""
     from tasks import real_text
     from tasks.capture import capture
 
@@ -212,7 +213,12 @@ def test_razor_calibration_on_real_text_picks_the_heads_of_largest_induction(smo
         echo = torch.stack([s[:, i, i - P] for i in range(P, 2 * P)], 1).mean(1).view(3, 3).amax(1)
         torch.testing.assert_close(torch.tensor(got[layer]["induction"]), ind.float(), rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(torch.tensor(got[layer]["echo"]), echo.float(), rtol=1e-3, atol=1e-4)
-        assert int(ind.argmax()) in got[layer]["retrieval_heads"] and int(echo.argmax()) in got[layer]["retrieval_heads"]
+    # the retrieval heads: of all 30 x 3 = 90 KV heads, the round(90 x 0.14) = 13 of largest induction
+    # score plus the round(90 x 0.01) = 1 of largest echo score (ranked together, not per layer)
+    ranked = lambda key: sorted(((v[key][h], li, h) for li, v in got.items() for h in range(3)), reverse=True)  # noqa: E731
+    want = {(li, h) for _, li, h in ranked("induction")[:13]} | {(li, h) for _, li, h in ranked("echo")[:1]}
+    assert {(li, h) for li, v in got.items() for h in v["retrieval_heads"]} == want
+    assert any(not v["retrieval_heads"] for v in got.values())  # some layers keep no head whole
     assert max(max(v["induction"]) for v in got.values()) > 0.3
 
 
