@@ -342,3 +342,33 @@ def test_a_bad_method_ratio_fails_at_build(compose_cfg):
 
     with pytest.raises(ValueError, match=r"ratio .* must be in \(0, 1\)"):
         methods.load("pyramidkv", ratio=1.0)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "razor_attention", "fastgen"])
+def test_a_press_on_a_task_without_a_compressed_cache_is_refused_before_loading(method, tmp_path, monkeypatch):
+    """task=perplexity scores a forward pass, which keeps no cache to compress: a press is refused
+    before the model's weights load (the loader here fails if called) and no record is written;
+    the same press on needle, ruler, multiturn and fidelity, and dense on perplexity, pass the check."""
+    from hydra import compose, initialize_config_dir
+
+    import models.pretrained
+    from methods import CONF_DIR
+    from runners import run
+    from runners.pretrained import check_press_task
+
+    def no_loading(*a, **k):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(models.pretrained, "load", no_loading)
+    store = tmp_path / "r.jsonl"
+
+    def cfg(*o):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=["model=smollm2_135m", f"store={store}", "device=cpu", *o])
+
+    with pytest.raises(ValueError, match=rf"method={method} is a KV-cache press: .* not task=perplexity"):
+        run(cfg(f"method={method}", "task=perplexity"))
+    assert not store.exists() or not store.read_text().strip()
+    for task in ("needle", "ruler", "multiturn", "fidelity"):
+        check_press_task(cfg(f"method={method}", f"task={task}"))
+    check_press_task(cfg("method=dense", "task=perplexity"))
