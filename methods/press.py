@@ -51,7 +51,7 @@ import torch
 
 from methods import masks
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, sdpa
+from methods.decode import DecodePath, KVCache, causal_prefill, sdpa
 
 COMPENSATION = -2  # position of a compensation token (RazorAttention) in ``head_pos``
 
@@ -187,7 +187,7 @@ class Press(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # exact, through SDPA (no [L, L] matrix: light at 8k)
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
