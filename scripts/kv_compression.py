@@ -3,21 +3,25 @@ press on needle, RULER-like and the shared-context multi-turn task, each run as
 
     attnbench method=<press> task=<needle|ruler|multiturn> model=smollm2_135m press.ratio=<r>
 
-(in this process, through ``runners.run``), then the table and the frontier plot
-(``analysis.kv_compression``):
+(in this process, through ``runners.run``, SmolLM2 loaded once), then the table and the
+frontier plot (``analysis.kv_compression``):
 
-    python scripts/kv_compression.py                 # GPU: 4000 and 8000 tokens (SmolLM2's context is 8192)
+    python scripts/kv_compression.py --budget-s 420  # GPU: 4000 and 8000 tokens, about 8 minutes on one H200
     python scripts/kv_compression.py --cpu-tiny      # CPU: 256 tokens, one prompt per cell (a smoke run)
 
 Presses: StreamingLLM, H2O, SnapKV, PyramidKV, random, RazorAttention, Eigen Attention at
-ratios 0.25, 0.5, 0.75, 0.9 (``press.ratio``); FastGen has no ratio (its budget is its
-``recovery``): it runs at recoveries 0.99, 0.95, 0.9, 0.8 and is placed by the compression it
-measured. Dense (no press: the prefill path) is the reference on each task. Needle and RULER
-run query-aware (the question ends the prompt); multi-turn in each ``--multiturn-settings``.
-The x axis of the frontier is the measured share of cache bytes evicted (1 - bytes held /
-dense bytes, from the caches' tensors), not the nominal ratio. Records go to
-``<out>/records.jsonl`` (a finished run is skipped when run again), the table to
-``<out>/table.md`` and the plot to ``<out>/frontier.png``.
+ratios 0.5, 0.9, 0.25, 0.75 (``press.ratio``, run in that order); FastGen has no ratio (its
+budget is its ``recovery``): it runs at recoveries 0.95, 0.8, 0.99, 0.9 and is placed by the
+compression it measured. Dense (no press: the prefill path) is the reference on each task and
+runs first. Needle and RULER run query-aware (the question ends the prompt); multi-turn in each
+``--multiturn-settings`` (default query-agnostic). The GPU grid fits one 9-minute run: one
+prompt per cell (``--trials``), RULER niah_single, niah_multikey and vt, multi-turn 2 turns, no
+prefill timing (results/kv_compression/README.md has the estimate). ``--budget-s``: no run
+starts after that many seconds (the rest are listed; the same command resumes). The x axis of
+the frontier is the measured share of cache bytes evicted (1 - bytes held / dense bytes, from
+the caches' tensors), not the nominal ratio. Records go to ``<out>/records.jsonl`` (a finished
+run is skipped when run again), the table to ``<out>/table.md`` and the plot to
+``<out>/frontier.png``; each run's line gives its prefills, decode steps and their time.
 """
 from __future__ import annotations
 
