@@ -32,6 +32,13 @@ def _accuracy(rec: dict) -> float | None:
     return m.get("accuracy")
 
 
+def _by_length(rec: dict) -> dict:
+    """Accuracy per prompt length ({tokens: accuracy}, from the ``<task>@<tokens>`` metrics)."""
+    pre = rec["task"] + "@"
+    return {int(k[len(pre):]): float(v) for k, v in rec.get("metrics", {}).items()
+            if k.startswith(pre) and k[len(pre):].isdigit() and v is not None}
+
+
 def rows(store) -> pd.DataFrame:
     """One row per newest ok record of a (method, task, setting) in ``store``."""
     from runners.records import read
@@ -51,7 +58,8 @@ def rows(store) -> pd.DataFrame:
                     "kv_bytes_held": m.get("kv_bytes_held_prefill"), "kv_bytes_dense": m.get("kv_bytes_dense"),
                     "kv_bytes_allocated": m.get("kv_bytes_allocated_prefill"),
                     "peak_bytes_allocated": m.get("peak_bytes_allocated"),
-                    "turns": [m[k] for k in sorted(m) if k.startswith("multiturn_turn")], "time": rec["time"]})
+                    "turns": [m[k] for k in sorted(m) if k.startswith("multiturn_turn")],
+                    "by_length": _by_length(rec), "time": rec["time"]})
     df = pd.DataFrame(out)
     if df.empty:
         return df
@@ -69,7 +77,9 @@ def table(df: pd.DataFrame) -> str:
     for (task, setting), g in df.groupby(["task", "setting"], sort=True):
         parts.append(f"### {task}" + (f" ({setting})" if task == "multiturn" else "") + "\n")
         parts.append("accuracy (measured compression: 1 - bytes held / dense bytes)"
-                     + ("; per turn in brackets" if task == "multiturn" else "") + "\n")
+                     + ("; per turn in brackets" if task == "multiturn" else "")
+                     + ("; per prompt length in braces (the compression is the mean over all the run's prompts)"
+                        if g["by_length"].map(lambda d: len(d or {}) > 1).any() else "") + "\n")
         nominal = sorted({x for x in g["nominal"].dropna() if g[g["nominal"] == x]["knob"].iloc[0] == "ratio"})
         parts.append("| method | " + " | ".join(f"ratio {r:g}" for r in nominal) + " | other |")
         parts.append("|:--|" + "--:|" * (len(nominal) + 1))
@@ -90,41 +100,51 @@ def _cell(row, task: str) -> str:
     acc = "n/a" if row["accuracy"] is None or pd.isna(row["accuracy"]) else f"{row['accuracy']:.2f}"
     comp = "" if row["compression"] is None or pd.isna(row["compression"]) else f" ({row['compression']:.2f})"
     turns = " [" + ", ".join(f"{t:.2f}" for t in row["turns"]) + "]" if task == "multiturn" and row["turns"] else ""
-    return acc + comp + turns
+    bl = row.get("by_length") or {}
+    lengths = " {" + ", ".join(f"{n}: {a:.2f}" for n, a in sorted(bl.items())) + "}" if len(bl) > 1 else ""
+    return acc + comp + turns + lengths
 
 
 def frontier(df: pd.DataFrame, path, title: str = "") -> Path:
     """Accuracy against measured compression, one panel per task (and multi-turn setting), one
     line per method; dense as a horizontal line; the frontier (nothing compresses more at a
-    higher accuracy) as a dashed grey step with starred points."""
+    higher accuracy) as a dashed grey step with starred points. Records of several prompt
+    lengths: one row of panels per length (that length's accuracy; the compression is the
+    run's mean over all its prompts)."""
     if df.empty:
         raise ValueError("no records to draw")
     panels = [(t, s) for t, s in sorted(set(zip(df["task"], df["setting"])))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    lengths = sorted({n for d in df["by_length"] for n in (d or {})}) if "by_length" in df else []
+    lengths = lengths if len(lengths) > 1 else [None]
+    fig, axes = plt.subplots(len(lengths), len(panels), figsize=(5 * len(panels), 4.2 * len(lengths)), squeeze=False)
     methods = sorted(set(df["method"]) - {"dense"})
     cmap = plt.get_cmap("tab10")
     colour = {m: cmap(i % 10) for i, m in enumerate(methods)}
-    for ax, (task, setting) in zip(axes[0], panels):
-        g = df[(df["task"] == task) & (df["setting"] == setting)].dropna(subset=["accuracy", "compression"])
-        for m in methods:
-            mg = g[g["method"] == m].sort_values("compression")
-            if len(mg):
-                ax.plot(mg["compression"], mg["accuracy"], "o-", color=colour[m], label=m, ms=4, lw=1)
-        dense = g[g["method"] == "dense"]
-        if len(dense):
-            ax.axhline(float(dense["accuracy"].iloc[-1]), color="black", lw=1, label="dense (no press)")
-        pts = [(-c, -a) for c, a in zip(g["compression"], g["accuracy"])]
-        front = sorted((-pts[i][0], -pts[i][1]) for i in pareto_front(pts))
-        if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="pre", color="grey", ls="--", lw=1,
-                    label="frontier")
-            ax.scatter([p[0] for p in front], [p[1] for p in front], marker="*", s=80, color="grey", zorder=4)
-        ax.set_xlabel("measured compression (1 - bytes held / dense)")
-        ax.set_ylabel("accuracy")
-        ax.set_xlim(-0.02, 1.0)
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(True, alpha=0.3)
-        ax.set_title(task + (f" ({setting})" if task == "multiturn" else ""))
+    for r, n in enumerate(lengths):
+        for ax, (task, setting) in zip(axes[r], panels):
+            g = df[(df["task"] == task) & (df["setting"] == setting)].copy()
+            if n is not None:
+                g["accuracy"] = g["by_length"].map(lambda d: (d or {}).get(n))
+            g = g.dropna(subset=["accuracy", "compression"])
+            for m in methods:
+                mg = g[g["method"] == m].sort_values("compression")
+                if len(mg):
+                    ax.plot(mg["compression"], mg["accuracy"], "o-", color=colour[m], label=m, ms=4, lw=1)
+            dense = g[g["method"] == "dense"]
+            if len(dense):
+                ax.axhline(float(dense["accuracy"].iloc[-1]), color="black", lw=1, label="dense (no press)")
+            pts = [(-c, -a) for c, a in zip(g["compression"], g["accuracy"])]
+            front = sorted((-pts[i][0], -pts[i][1]) for i in pareto_front(pts)) if pts else []
+            if front:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="pre", color="grey", ls="--", lw=1,
+                        label="frontier")
+                ax.scatter([p[0] for p in front], [p[1] for p in front], marker="*", s=80, color="grey", zorder=4)
+            ax.set_xlabel("measured compression (1 - bytes held / dense)")
+            ax.set_ylabel("accuracy")
+            ax.set_xlim(-0.02, 1.0)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(True, alpha=0.3)
+            ax.set_title(task + (f" ({setting})" if task == "multiturn" else "") + (f", {n} tokens" if n else ""))
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()

@@ -23,9 +23,9 @@ classes come from the tokens, which one attention layer does not see: ``set_toke
 gives the special and punctuation masks [B, L] before the prefill (inside a model,
 ``models.hf_decode`` passes the prompt's ids and the tokenizer's special and punctuation
 ids to ``set_tokens``); without them the first token is special and there is no punctuation. Heads
-keep different counts: the cache is one tensor as wide as the widest head, the others' slots
-past their count empty (masked; ``bytes_held`` falls only when every head compresses). The
-policy per head is in ``press_details()``. Decode tokens are appended and kept (the paper
+keep different counts: each (batch, KV head) then holds its own rows (``methods.press.PressCache``),
+so ``bytes_held``, measured from the tensors, is what the per-head policies keep. The policy
+per head is in ``press_details()``. Decode tokens are appended and kept (the paper
 also applies each head's policy to new tokens: not done here).
 """
 from __future__ import annotations

@@ -20,7 +20,9 @@ its observation window, H2O all of them) and the cached keys; scorer presses ran
 new tensors and frees the old ones: ``bytes_held`` is measured from the tensors the cache
 owns after compaction (the runner also records the allocator's peak). Decode steps append the
 new tokens after the kept ones and read every held key (exact attention over them); the step's
-``positions`` are each head's own kept positions.
+``positions`` are each head's own kept positions. Presses whose heads keep different counts
+(RazorAttention, FastGen: ``keep`` padded with -1) get a ``PressCache`` that stores each
+(batch, KV head)'s rows in its own tensors, so the bytes held are those of a per-head store.
 
 Inside a model (``models.hf_decode``) each layer's press is told, before its prefill, its
 layer index and the model's layer count (``set_layer``: PyramidKV's budget by depth, the
@@ -49,7 +51,106 @@ import torch
 
 from methods import masks
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
-from methods.decode import DecodePath, KVCache, sdpa
+from methods.decode import DecodePath, KVCache, causal_prefill, sdpa
+
+COMPENSATION = -2  # position of a compensation token (RazorAttention) in ``head_pos``
+
+
+class PressCache(KVCache):
+    """The cache of a press. ``compact(keep)`` with the same count for every (batch, KV head)
+    keeps the dense layout ([B, Hkv, n + spare, D], as ``KVCache.compact``); with different
+    counts (``keep`` padded with -1: RazorAttention's retrieval heads, FastGen's per-head
+    policies) each (batch, KV head) gets its own K and V tensors of its kept rows plus the
+    spare decode slots (``rows``), so ``bytes_held``, measured from the tensors, counts what a
+    per-head store holds (no padding). ``head_pos`` stays a padded [B, Hkv, max + spare] map of
+    positions (bookkeeping, like ``pos``, not counted); ``keys()``/``values()`` of a ragged
+    cache are padded copies (zeros where a head holds nothing), made on demand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: list | None = None  # ragged: rows[b][h] = (k [n_bh + spare, D], v)
+        self.lens: list | None = None  # ragged: tokens held per (b, h)
+
+    @property
+    def capacity(self) -> int:
+        return self.head_pos.shape[2] if self.rows is not None else self.k.shape[2]
+
+    def bytes_held(self) -> int:
+        if self.rows is None:
+            return super().bytes_held()
+        own = sum(t.numel() * t.element_size() for row in self.rows for kv in row for t in kv)
+        return int(own + sum(t.numel() * t.element_size() for t in self.aux.values()))
+
+    def compact(self, keep: torch.Tensor) -> None:
+        super().compact(keep)
+        if not bool((keep < 0).any()):
+            return
+        B, Hkv, n, D = self.batch, self.num_kv_heads, self.length, self.head_dim
+        spare = self.k.shape[2] - n
+        held = self.head_pos[:, :, :n] != -1
+        counts = held.sum(-1)
+        hp = torch.full((B, Hkv, int(counts.max()) + spare), -1, dtype=torch.long, device=self.device)
+        self.rows, self.lens = [], counts.tolist()
+        for b in range(B):
+            row = []
+            for h in range(Hkv):
+                idx, c = held[b, h].nonzero().flatten(), self.lens[b][h]
+                kv = []
+                for x in (self.k, self.v):
+                    t = torch.zeros(c + spare, D, dtype=self.dtype, device=self.device)
+                    t[:c] = x[b, h, idx]
+                    kv.append(t)
+                row.append(tuple(kv))
+                hp[b, h, :c] = self.head_pos[b, h, idx]
+            self.rows.append(row)
+        self.k = self.k.new_zeros(B, Hkv, 0, D)  # the padded tensors are freed
+        self.v = self.v.new_zeros(B, Hkv, 0, D)
+        self.head_pos, self.pos = hp, torch.full((hp.shape[2],), -1, dtype=torch.long, device=self.device)
+        self.length = int(counts.max())
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rows is None:
+            return super().append(k, v)
+        n = k.shape[2]
+        for b, row in enumerate(self.rows):
+            for h, (kh, vh) in enumerate(row):
+                c = self.lens[b][h]
+                if c + n > kh.shape[0]:
+                    raise AttentionInputError(
+                        f"KVCache: {c} held + {n} new tokens exceed KV head {h}'s capacity of {kh.shape[0]} "
+                        f"tokens (build the cache with a larger capacity)")
+                kh[c:c + n], vh[c:c + n] = k[b, h], v[b, h]
+                self.head_pos[b, h, c:c + n] = torch.arange(self.seen, self.seen + n, device=self.device)
+                self.lens[b][h] = c + n
+        self.seen += n
+        self.length = max(max(r) for r in self.lens)
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, pos0: int) -> None:
+        if self.rows is not None:
+            raise AttentionInputError("KVCache: a cache holding per-head rows takes new tokens by append only")
+        super().write(slot, k, v, pos0)
+
+    def head_kv(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) held by (batch b, KV head h)."""
+        if self.rows is None:
+            return self.k[b, h, :self.length], self.v[b, h, :self.length], self.head_positions()[b, h]
+        c = self.lens[b][h]
+        kh, vh = self.rows[b][h]
+        return kh[:c], vh[:c], self.head_pos[b, h, :c]
+
+    def _padded(self, i: int) -> torch.Tensor:
+        out = torch.zeros(self.batch, self.num_kv_heads, self.length, self.head_dim, dtype=self.dtype,
+                          device=self.device)
+        for b, row in enumerate(self.rows):
+            for h, kv in enumerate(row):
+                out[b, h, :self.lens[b][h]] = kv[i][:self.lens[b][h]]
+        return out
+
+    def keys(self) -> torch.Tensor:
+        return super().keys() if self.rows is None else self._padded(0)
+
+    def values(self) -> torch.Tensor:
+        return super().values() if self.rows is None else self._padded(1)
 
 
 def kept_count(length: int, ratio: float) -> int:
@@ -86,7 +187,7 @@ class Press(DecodePath, AttentionMethod):
         return masked_attention(q, k, v, mask)
 
     def prefill_output(self, q, k, v):
-        return self(q, k, v, causal=True)
+        return causal_prefill(q, k, v)  # exact, through SDPA (no [L, L] matrix: light at 8k)
 
     def cost(self, tq, tk, causal) -> Cost:
         return Cost(flops=dense_flops(self.num_heads, self.head_dim, tq, tk, causal), density=1.0,
@@ -117,6 +218,12 @@ class Press(DecodePath, AttentionMethod):
         calibrate use them; the others ignore them). ``period``: T = 2 P of P tokens repeated."""
         return None
 
+    def calibrate_model(self, presses: dict) -> dict:
+        """Called once after every layer's ``calibrate_layer`` with {layer index: that layer's
+        press}, for presses that choose across layers (RazorAttention's retrieval heads);
+        returns updated reports by layer ({} here)."""
+        return {}
+
     needs_calibration = False  # True: the press cannot run before calibrate_layer (or its own settings)
     calibration_text = None  # "repeated": P tokens repeated twice (RazorAttention); "text": plain text
 
@@ -125,19 +232,38 @@ class Press(DecodePath, AttentionMethod):
         cache.compact(self.compress(cache, q, self.layer_idx))
         return out
 
+    def new_cache(self, batch: int, tokens: int, dtype=torch.float32, device="cpu") -> KVCache:
+        return PressCache(batch, self.num_kv_heads, self.head_dim, self.cache_capacity(int(tokens)), dtype, device)
+
     def attend_selected(self, q_t, cache: KVCache, sel) -> torch.Tensor:
         """Exact attention over every held key of each head; empty slots (position -1) masked,
-        and ``aux["slot_bias"]`` [B, Hkv, capacity], where a press sets it, added to the scores
-        (RazorAttention's compensation token: log of the tokens it stands for)."""
+        and a compensation token (position ``COMPENSATION``) given ``aux["compensation"]``
+        [B, Hkv] added to its score (RazorAttention: log of the tokens it stands for). A cache
+        holding per-head rows (``PressCache.rows``) is read head by head."""
         if sel.slots is not None or cache.head_pos is None:
             return super().attend_selected(q_t, cache, sel)
-        S, g = cache.length, q_t.shape[1] // cache.num_kv_heads
-        filled = cache.head_pos[:, :, :S] != -1
-        bias = cache.aux.get("slot_bias")
+        comp = cache.aux.get("compensation")
+        g = q_t.shape[1] // cache.num_kv_heads
+        if getattr(cache, "rows", None) is not None:
+            out = torch.empty_like(q_t)
+            for b in range(cache.batch):
+                for h in range(cache.num_kv_heads):
+                    k, v, pos = cache.head_kv(b, h)
+                    add = None
+                    if comp is not None:
+                        add = torch.where(pos == COMPENSATION, comp[b, h], 0.0).to(q_t.dtype).view(1, 1, 1, -1)
+                    out[b:b + 1, h * g:(h + 1) * g] = sdpa(q_t[b:b + 1, h * g:(h + 1) * g], k[None, None],
+                                                           v[None, None], add)
+            return out
+        S = cache.length
+        hp = cache.head_pos[:, :, :S]
+        filled = hp != -1
         k, v = cache.keys(), cache.values()
-        if bias is None and bool(filled.all()):
+        if comp is None and bool(filled.all()):
             return sdpa(q_t, k, v)
-        add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device) if bias is None else bias[:, :, :S].to(q_t.dtype)
+        add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device)
+        if comp is not None:
+            add = torch.where(hp == COMPENSATION, comp[:, :, None].to(q_t.dtype), add)
         add = add.masked_fill(~filled, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
         return sdpa(q_t, k, v, add)
 
@@ -187,4 +313,4 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Ten
     return torch.softmax(s, dim=-1)
 
 
-__all__ = ["Press", "kept_count", "window_attention"]
+__all__ = ["COMPENSATION", "Press", "PressCache", "kept_count", "window_attention"]

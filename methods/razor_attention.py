@@ -2,8 +2,10 @@
 buffer, the dropped tokens folded into one compensation token.
 
 Tang, Lin, Lin, Han, Hong, Yao, Wang, "RazorAttention: Efficient KV Cache Compression Through
-Retrieval Heads" (ICLR 2025; arXiv 2407.15891), Sec. 3, Alg. 1 (RoPE models), Eq. 4-5. No
-official code is public: the shares and sizes below are our reading of the paper.
+Retrieval Heads" (ICLR 2025; arXiv 2407.15891), Sec. 3, Alg. 1 (RoPE models), Eq. 4-5. The
+paper's code is not public; the head selection (shares, ranking over the whole model, the
+max over a KV group's query heads) follows the authors' company's released calibration tool
+(Huawei msModelSlim, ``ra_compression``); buffer sizes are our reading of the paper.
 
 Retrieval heads (Sec. 3.2) are found on calibration text: a sequence of P random tokens
 repeated twice, run through the model. For a query at position i in the second copy (i >= P):
@@ -12,10 +14,18 @@ repeated twice, run through the model. For a query at position i in the second c
     induction(h) = mean_i P_h[i, i - P + 1]    (attends the token that followed it)
 
 ``calibrate(q, k, period)`` takes one layer's q [B, H, 2P, D], k [B, Hkv, 2P, D] on that text;
-a KV head's score is the largest of its query heads' (its cache serves all of them), and the
-retrieval KV heads are the top ``induction_share`` by induction score plus the top
-``echo_share`` by echo score (at least one each; defaults 14% and 1%). ``retrieval_heads``
-names them directly instead. A press with neither is refused before the prefill.
+a KV head's score is the largest of its query heads' (its cache serves all of them). The
+retrieval KV heads are chosen among all the model's KV heads (``selection="model"``, the
+default, as Huawei's released tool for the paper does, msModelSlim ``RARopeCompressor`` and
+its ``ra_compress`` analysis: all layers' KV-head scores ranked together): the top
+round(N ``induction_share``) of the N KV heads by induction score plus the top round(N
+``echo_share``) by echo score (defaults 14% and 1%, the tool's and the paper's). Inside a model
+``models.hf_decode.calibrate`` scores every layer (``calibrate_layer``) and then hands all the
+layers' presses to ``calibrate_model``, which ranks them together; a press calibrated alone
+ranks its own layer's heads by the same rule. ``selection="layer"`` is the per-layer reading
+(at least one of each kind per layer: max(1, ceil(Hkv share)); with SmolLM2's 3 KV heads a
+layer, it keeps every layer partly whole). ``retrieval_heads`` names a layer's heads directly
+instead. A press with none of these is refused before the prefill.
 
 Non-retrieval heads (Alg. 1): with N prefill tokens the buffer is L_h = max(S_0, int(N (1 -
 ratio))) recent tokens (``min_window`` S_0) plus the first ``num_sink`` N_0; the N_d dropped
@@ -28,12 +38,11 @@ and decode attends (Eq. 5)
     o = (N_d e^{q k^ / sqrt(d)} v^ + sum_{m kept} e^{q k_m / sqrt(d)} v_m)
         / (N_d e^{q k^ / sqrt(d)} + sum_{m kept} e^{q k_m / sqrt(d)})
 
-i.e. softmax with log N_d added to the compensation token's score (``aux["slot_bias"]``,
-counted in ``bytes_held``). Retrieval heads attend over their whole cache. The cache is one
-tensor [B, Hkv, n, D] with n the longest head's count: while a retrieval head keeps all N the
-others' slots past their buffer are empty (masked), so ``bytes_held`` falls only when no head
-of the layer is a retrieval head (a per-head ragged store, as the paper's, would hold less;
-kvpress's head-wise presses mask likewise). The compensation slot's position is -2.
+i.e. softmax with log N_d added to the compensation token's score (``aux["compensation"]``
+[B, Hkv], counted in ``bytes_held``; the token's position is ``COMPENSATION``). Retrieval heads
+attend over their whole cache. When a layer has both kinds, each KV head holds its own rows
+(``methods.press.PressCache``: the retrieval heads N, the others N_0 + L_h + 1), so
+``bytes_held``, measured from the tensors, falls by what the non-retrieval heads dropped.
 """
 from __future__ import annotations
 
@@ -43,9 +52,17 @@ import torch
 
 from methods.base import AttentionInputError
 from methods.decode import DecodePath, KVCache
-from methods.press import Press
+from methods.press import COMPENSATION, Press
 
-COMPENSATION = -2  # position of the compensation token in ``head_pos``
+SELECTIONS = ("model", "layer")
+
+
+def top_heads(scores: dict, share: float) -> set:
+    """The (layer, KV head) pairs of the round(N share) largest of ``scores`` ({layer: [score per
+    KV head]}), N the number of pairs (ties: the lower layer, then the lower head)."""
+    pairs = sorted(((float(x), li, h) for li, row in scores.items() for h, x in enumerate(row)),
+                   key=lambda t: (-t[0], t[1], t[2]))
+    return {(li, h) for _, li, h in pairs[:round(len(pairs) * share)]}
 
 
 class RazorAttention(Press):
@@ -56,14 +73,17 @@ class RazorAttention(Press):
     official_test = None
 
     def __init__(self, ratio: float = 0.8, num_sink: int = 4, min_window: int = 1024, induction_share: float = 0.14,
-                 echo_share: float = 0.01, retrieval_heads: list | None = None, impl: str = "reference",
-                 **structural):
+                 echo_share: float = 0.01, retrieval_heads: list | None = None, selection: str = "model",
+                 impl: str = "reference", **structural):
         super().__init__(ratio=ratio, impl=impl, **structural)
         if num_sink < 0 or min_window < 1:
             raise ValueError(f"RazorAttention: num_sink must be >= 0 and min_window >= 1, got {num_sink}, {min_window}")
         if not (0 <= induction_share <= 1 and 0 <= echo_share <= 1):
             raise ValueError(f"RazorAttention: induction_share and echo_share must be in [0, 1], got "
                              f"{induction_share}, {echo_share}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"RazorAttention: selection must be one of {SELECTIONS}, got {selection!r}")
+        self.selection = selection
         self.num_sink, self.min_window = int(num_sink), int(min_window)
         self.induction_share, self.echo_share = float(induction_share), float(echo_share)
         self.retrieval: list[int] | None = None
@@ -77,7 +97,7 @@ class RazorAttention(Press):
 
     def decode_params(self) -> dict:
         return {"ratio": self.ratio, "num_sink": self.num_sink, "min_window": self.min_window,
-                "retrieval": None if self.retrieval is None else tuple(self.retrieval)}
+                "selection": self.selection, "retrieval": None if self.retrieval is None else tuple(self.retrieval)}
 
     # ---- retrieval heads from calibration text ----------------------------------------------
     def calibrate(self, q, k=None, period: int | None = None) -> dict:
@@ -97,12 +117,32 @@ class RazorAttention(Press):
         echo = p[:, :, i, i - P].mean((0, 2))  # [H]
         ind = p[:, :, i[:-1], i[:-1] - P + 1].mean((0, 2))
         echo_kv, ind_kv = echo.view(Hkv, -1).amax(1), ind.view(Hkv, -1).amax(1)
-        n_ind = max(1, math.ceil(self.induction_share * Hkv)) if self.induction_share > 0 else 0
-        n_echo = max(1, math.ceil(self.echo_share * Hkv)) if self.echo_share > 0 else 0
-        heads = set(ind_kv.topk(n_ind).indices.tolist()) | set(echo_kv.topk(n_echo).indices.tolist())
-        self.retrieval = sorted(heads)
         self.head_scores = {"echo": echo_kv.tolist(), "induction": ind_kv.tolist()}
+        if self.selection == "layer":
+            n_ind = max(1, math.ceil(self.induction_share * Hkv)) if self.induction_share > 0 else 0
+            n_echo = max(1, math.ceil(self.echo_share * Hkv)) if self.echo_share > 0 else 0
+            heads = set(ind_kv.topk(n_ind).indices.tolist()) | set(echo_kv.topk(n_echo).indices.tolist())
+            self.retrieval = sorted(heads)
+        else:  # this layer alone, until calibrate_model ranks every layer's heads together
+            self.calibrate_model({self.layer_idx: self})
         return self.head_scores
+
+    def calibrate_model(self, presses: dict) -> dict:
+        """Retrieval heads chosen among every layer's KV heads (``selection="model"``):
+        ``presses`` {layer index: its calibrated RazorAttention}; sets each one's retrieval heads
+        and returns {layer: {"retrieval_heads": [...], "echo": [...], "induction": [...]}}."""
+        if self.selection == "layer":
+            return {}
+        missing = [i for i, p in presses.items() if getattr(p, "head_scores", None) is None]
+        if missing:
+            raise AttentionInputError(f"RazorAttention.calibrate_model: layers {missing} were not calibrated")
+        chosen = top_heads({i: p.head_scores["induction"] for i, p in presses.items()}, self.induction_share) | \
+            top_heads({i: p.head_scores["echo"] for i, p in presses.items()}, self.echo_share)
+        out = {}
+        for i, p in presses.items():
+            p.retrieval = sorted(h for li, h in chosen if li == i)
+            out[i] = {"retrieval_heads": list(p.retrieval), **p.head_scores}
+        return out
 
     calibration_text = "repeated"
 
@@ -139,24 +179,26 @@ class RazorAttention(Press):
         s, w = self.buffer(L)
         nd = L - s - w
         small = s + w + (1 if nd else 0)
-        n = L if self.retrieval else small
-        keep = torch.full((cache.batch, Hkv, n), -1, dtype=torch.long, device=cache.device)
-        mine = torch.cat([torch.arange(s), torch.arange(L - w, L)]).to(cache.device)
         others = [h for h in range(Hkv) if h not in self.retrieval]
+        keep = torch.full((cache.batch, Hkv, L if self.retrieval else small), -1, dtype=torch.long, device=cache.device)
+        # non-retrieval heads: sinks, the recent buffer, then slot s (a dropped token's) holding the compensation
+        mine = torch.cat([torch.arange(s), torch.arange(L - w, L), torch.arange(s, s + (1 if nd else 0))])
         for h in range(Hkv):
-            keep[:, h, :L if h in self.retrieval else s + w] = torch.arange(L, device=cache.device) \
-                if h in self.retrieval else mine
-        if nd:  # Eq. 4: the dropped tokens' mean key and value, per non-retrieval head
+            if h in self.retrieval:
+                keep[:, h] = torch.arange(L, device=cache.device)
+            else:
+                keep[:, h, :small] = mine.to(cache.device)
+        if nd and others:  # Eq. 4: the dropped tokens' mean key and value, per non-retrieval head
             k_hat = cache.keys()[:, others, s:L - w].float().mean(2)
             v_hat = cache.values()[:, others, s:L - w].float().mean(2)
-        cache.compact(keep)
+            cache.k[:, others, s] = k_hat.to(cache.dtype)
+            cache.v[:, others, s] = v_hat.to(cache.dtype)
+        cache.compact(keep)  # mixed heads: each KV head its own rows (PressCache)
         if nd and others:
-            cache.k[:, others, s + w] = k_hat.to(cache.dtype)
-            cache.v[:, others, s + w] = v_hat.to(cache.dtype)
             cache.head_pos[:, others, s + w] = COMPENSATION
-            bias = torch.zeros(cache.batch, Hkv, cache.capacity, dtype=torch.float32, device=cache.device)
-            bias[:, others, s + w] = math.log(nd)  # Eq. 5: the compensation token counts N_d times
-            cache.aux["slot_bias"] = bias
+            comp = torch.zeros(cache.batch, Hkv, dtype=torch.float32, device=cache.device)
+            comp[:, others] = math.log(nd)  # Eq. 5: the compensation token counts N_d times
+            cache.aux["compensation"] = comp
         self.last_kept = small
         return out
 
@@ -164,4 +206,4 @@ class RazorAttention(Press):
         return {**super().press_details(), "retrieval_heads": self.retrieval, "head_scores": self.head_scores}
 
 
-__all__ = ["RazorAttention"]
+__all__ = ["COMPENSATION", "RazorAttention", "top_heads"]

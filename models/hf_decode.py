@@ -254,7 +254,8 @@ def calibrate(model, input_ids, period: int | None = None) -> dict:
     layer's method on its own q [B, H, T, D], k, v [B, Hkv, T, D]: a press's
     ``calibrate_layer(q, k, v, period)`` (``period``: the repeat length of text made of P tokens
     repeated twice, RazorAttention's) on the first batch, a decode path that
-    ``needs_calibration`` (Loki, Double Sparsity) ``calibrate([(q, k), ...])`` on every batch.
+    ``needs_calibration`` (Loki, Double Sparsity) ``calibrate([(q, k), ...])`` on every batch;
+    then the presses' ``calibrate_model({layer: press})`` once, for a choice across layers.
     ``input_ids``: token ids [B, T] (unpadded), or a list of them. Layers kept dense
     (``dense_layers``) are left out. Returns what each calibrated layer's method reports (True
     for a decode path), by layer index."""
@@ -285,6 +286,11 @@ def calibrate(model, input_ids, period: int | None = None) -> dict:
         elif getattr(meth, "needs_calibration", False):
             meth.calibrate([(q, k) for q, k, _ in stores[m.layer_idx]])
             out[m.layer_idx] = True
+    # then, once, a choice across the layers (RazorAttention's retrieval heads among all KV heads)
+    layers = {m.layer_idx: m._attnbench_method for m in mods if isinstance(out.get(m.layer_idx), dict)
+              and hasattr(getattr(m, "_attnbench_method", None), "calibrate_model")}
+    if layers:
+        out.update(next(iter(layers.values())).calibrate_model(layers))
     return out
 
 

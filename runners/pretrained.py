@@ -48,6 +48,26 @@ def model_inputs(cfg) -> dict:
     return {"model_file": str(cache_dir() / folder / gguf)}
 
 
+def check_press_task(cfg) -> None:
+    """A KV-cache press (``methods.press``) answers only through a compressed cache: refused,
+    before anything is built or loaded, on a task that does not generate through one
+    (``runs_on_press``: needle, ruler, multiturn); task=fidelity measures the method on a dense
+    model's q/k/v and takes any method."""
+    from hydra.utils import get_class
+
+    from methods.press import Press
+
+    try:
+        method, task = get_class(str(cfg.method._target_)), get_class(str(cfg.task._target_))
+    except (AttributeError, ImportError, ValueError):
+        return  # a composed config without a class path: the build reports it
+    if isinstance(method, type) and issubclass(method, Press) and not issubclass(task, Fidelity) \
+            and not getattr(task, "runs_on_press", False):
+        raise ValueError(f"method={getattr(method, 'name', method.__name__)} is a KV-cache press: it runs on tasks "
+                         f"that generate through the compressed cache (task=needle, ruler or multiturn), not "
+                         f"task={task.__name__.lower()} (its forward pass keeps no cache to compress)")
+
+
 @dataclass
 class PretrainedRunner:
     """conf/runner/pretrained.yaml."""
@@ -61,6 +81,7 @@ class PretrainedRunner:
     timed_tasks: list | None = None  # tasks whose records time the prefill (None: all but fidelity)
 
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
+        check_press_task(cfg)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         if device.type == "cpu":

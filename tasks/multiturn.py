@@ -148,6 +148,8 @@ def multiturn(model, lengths, needles: int = 4, turns: int = 2, trials: int = 4,
 class MultiTurn(Task):
     """conf/task/multiturn.yaml: runner=pretrained only (a real model and its chat template)."""
 
+    runs_on_press = True  # on a pretrained model it generates through a KV-cache press's session
+
     def evaluate(self, *args, **kwargs):
         raise ValueError("task=multiturn runs on a pretrained model: use model=smollm2_135m (runner=pretrained)")
 

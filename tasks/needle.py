@@ -80,6 +80,8 @@ class Needle(Task):
     """The needle grid (conf/task/needle.yaml) for the evaluation runner: every (length, depth)
     cell, ``samples`` prompts each, filler from the ``corpus``' test documents."""
 
+    runs_on_press = True  # on a pretrained model it generates through a KV-cache press's session
+
     def evaluate(self, model, device, amp, max_new_tokens: int, seed: int) -> dict:
         t, tok = self.cfg, ByteTokenizer()
         hay = filler(t.corpus)

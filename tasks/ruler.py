@@ -126,6 +126,8 @@ class Ruler(Task):
     """The RULER-like suite (conf/task/ruler.yaml) for the evaluation runner: each task at each
     length, ``samples`` prompts each, filler from the ``corpus``' test documents."""
 
+    runs_on_press = True  # on a pretrained model it generates through a KV-cache press's session
+
     def evaluate(self, model, device, amp, max_new_tokens: int, seed: int) -> dict:
         t, tok = self.cfg, ByteTokenizer()
         hay = filler(t.corpus)

@@ -34,6 +34,56 @@ def test_rows_table_and_frontier(tmp_path):
     assert snap["accuracy"] == 0.75 and abs(snap["compression"] - 0.45) < 1e-12
     assert df[df["method"] == "dense"].iloc[0]["compression"] == 0.0
     text = kv_compression.table(df)
-    assert "| snapkv | 0.75 (0.45) |" in text and "recovery 0.95: 1.00 (0.10)" in text and "no press: 1.00 (0.00)" in text
+    assert "| snapkv | 0.75 (0.45) {256: 0.75, 512: 0.75} |" in text and "recovery 0.95: 1.00 (0.10)" in text and "no press: 1.00 (0.00)" in text
     assert "### multiturn (query_agnostic)" in text and "0.25 (0.80) [0.50, 0.00]" in text
     assert kv_compression.frontier(df, tmp_path / "f.png").stat().st_size > 1000
+    assert snap["by_length"] == {256: 0.75, 512: 0.75} and "0.75 (0.45) {256: 0.75, 512: 0.75}" in text
+
+
+def test_accuracy_per_prompt_length(tmp_path):
+    """Records of two prompt lengths: the per-length accuracies (``<task>@<n>``) in the rows and
+    the table's cells; one row of frontier panels per length."""
+    rec = _rec("snapkv", "ruler", 0.5, 0.5, ratio=0.5)
+    rec["metrics"].update({"ruler@4000": 0.75, "ruler@8000": 0.25})
+    store = tmp_path / "r.jsonl"
+    store.write_text(json.dumps(rec) + "\n" + json.dumps(_rec("dense", "ruler", 1.0)) + "\n")
+    df = kv_compression.rows(store)
+    assert df[df["method"] == "snapkv"].iloc[0]["by_length"] == {4000: 0.75, 8000: 0.25}
+    assert "0.50 (0.50) {4000: 0.75, 8000: 0.25}" in kv_compression.table(df)
+    import matplotlib.image
+
+    one = matplotlib.image.imread(kv_compression.frontier(df.assign(by_length=[{}] * len(df)), tmp_path / "a.png"))
+    two = matplotlib.image.imread(kv_compression.frontier(df, tmp_path / "b.png"))
+    assert two.shape[0] > 1.8 * one.shape[0]  # two rows of panels
+
+
+def test_the_sweep_runs_dense_first_then_one_ratio_at_a_time_over_every_task_and_press(tmp_path):
+    """scripts/kv_compression.py's plan: every (task, press, ratio) once and FastGen at each
+    recovery; dense first; ratio slot i of every task before slot i + 1 (a budget cut loses the
+    last slots of every task alike); each run composes as the CLI's config."""
+    from scripts.kv_compression import FASTGEN_RECOVERY, PRESSES, RATIOS, TASKS, jobs
+
+    plan = jobs(PRESSES, RATIOS, TASKS, ["query_agnostic"], [4000, 8000], False)
+    key = lambda o: next(x for x in o if x.startswith("method="))[7:]  # noqa: E731
+    knob = lambda o: next((x.split("=")[1] for x in o if x.startswith(("press.ratio=", "method.recovery="))), None)  # noqa: E731
+    task = lambda o: next(x for x in o if x.startswith("task="))[5:]  # noqa: E731
+    assert [key(o) for o in plan[:3]] == ["dense"] * 3 and {task(o) for o in plan[:3]} == set(TASKS)
+    got = {(task(o), key(o), knob(o)) for o in plan[3:]}
+    want = {(t, p, str(r)) for t in TASKS for p in PRESSES if p != "fastgen" for r in RATIOS} | \
+        {(t, "fastgen", str(r)) for t in TASKS for r in FASTGEN_RECOVERY}
+    assert got == want and len(plan) == 3 + len(want)
+    slot = [RATIOS.index(float(knob(o))) if key(o) != "fastgen" else FASTGEN_RECOVERY.index(float(knob(o)))
+            for o in plan[3:]]
+    assert slot == sorted(slot)
+    assert all("task.token_lengths=[4000,8000]" in o for o in plan)
+    assert all("press.setting=query_agnostic" in o for o in plan[3:] if task(o) == "multiturn")
+    from hydra import compose, initialize_config_dir
+
+    from methods import CONF_DIR
+    from runners import with_press
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for o in plan:
+            cfg = with_press(compose(config_name="config", overrides=[*o, f"store={tmp_path / 'r.jsonl'}",
+                                                                      "+runner.timed_tasks=[]"]))
+            assert list(cfg.task.token_lengths) == [4000, 8000] and cfg.runner.timed_tasks == []

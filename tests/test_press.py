@@ -167,6 +167,34 @@ def test_prefill_is_exact_and_bytes_held_shrink_by_the_ratio(name):
     assert cache.bytes_held() == pytest.approx(full * n / L)
 
 
+def test_a_press_cache_with_different_counts_per_head_holds_each_head_own_rows():
+    """compact with -1 padding: each (batch, KV head) gets tensors of its kept rows plus the
+    spare slots; bytes_held is their sum; appends go after each head's own rows; a head past its
+    capacity is refused."""
+    from methods.press import PressCache
+
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(B, HKV, 10, D, generator=g), torch.randn(B, HKV, 10, D, generator=g)
+    cache = PressCache(B, HKV, D, 12)
+    cache.append(k, v)
+    keep = torch.tensor([[[0, 3, 9, -1, -1], [1, 2, 4, 6, 8]], [[5, -1, -1, -1, -1], [0, 1, 2, 3, 4]]])
+    cache.compact(keep)
+    counts = [[3, 5], [1, 5]]
+    assert cache.bytes_held() == 2 * sum(c + 2 for row in counts for c in row) * D * 4
+    kt, vt = torch.randn(B, HKV, 1, D, generator=g), torch.randn(B, HKV, 1, D, generator=g)
+    cache.append(kt, vt)
+    for b in range(B):
+        for h in range(HKV):
+            kept = [int(i) for i in keep[b, h] if i >= 0]
+            kh, vh, pos = cache.head_kv(b, h)
+            assert pos.tolist() == [*kept, 10]
+            assert torch.equal(kh, torch.cat([k[b, h, kept], kt[b, h]])) and torch.equal(vh, torch.cat([v[b, h, kept], vt[b, h]]))
+            assert torch.equal(cache.keys()[b, h, :len(kept) + 1], kh)  # the padded copy
+    cache.append(kt, vt)
+    with pytest.raises(AttentionInputError, match="capacity"):
+        cache.append(kt, vt)
+
+
 def test_decode_slots_left_after_compaction():
     """A cache built for L + 3 tokens keeps room for the 3 decode tokens after compaction."""
     m, cache, _ = _pressed("streaming_llm_press", ratio=0.5, spare=3)
@@ -259,10 +287,17 @@ def test_razor_attention_keeps_retrieval_heads_whole_and_compensates_the_others(
     m.prefill(q, k, v, cache)
     kept = sorted([*range(4), *range(18, 24)])
     dropped = list(range(4, 18))
-    width = L if retrieval else len(kept) + 1
-    assert cache.k.shape[2] == width + 1  # + the decode token's slot
-    want_bytes = 2 * B * HKV * (width + 1) * D * 4 + B * HKV * (width + 1) * 4  # K, V + the score bias
-    assert cache.bytes_held() == want_bytes
+    # per (batch, KV head): a retrieval head holds all L, the others 4 + 6 + 1; each + the decode slot
+    rows = sum(L + 1 if h in retrieval else len(kept) + 2 for h in range(HKV))
+    assert cache.bytes_held() == 2 * B * rows * D * 4 + B * HKV * 4  # K, V + log N_d per head
+    for b in range(B):
+        for h in range(HKV):
+            kh, vh, pos = cache.head_kv(b, h)
+            want = list(range(L)) if h in retrieval else [*kept, -2]  # -2: the compensation token
+            assert pos.tolist() == want
+            if h not in retrieval:
+                torch.testing.assert_close(kh[-1], k[b, h, dropped].mean(0))
+                torch.testing.assert_close(vh[-1], v[b, h, dropped].mean(0))
     qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(5)) for n in (H, HKV, HKV))
     out = m.decode(qt, kt, vt, cache)
     for b in range(B):
@@ -284,26 +319,18 @@ def test_razor_attention_keeps_retrieval_heads_whole_and_compensates_the_others(
             torch.testing.assert_close(out[b, h, 0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_razor_attention_calibration_finds_the_induction_and_echo_heads():
-    """Repeated random tokens (P = 8): KV head 0's queries look for the token after the earlier
-    copy (induction), KV head 1's for the same token (echo), heads 2 and 3 at random. Scores
-    recomputed here by loops."""
-    P, Hkv, Hq = 8, 4, 8
-    m = methods.load("razor_attention", num_heads=Hq, head_dim=D, num_kv_heads=Hkv)
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(P, D, generator=g)
-    k = torch.cat([base, base]).expand(1, Hkv, 2 * P, D).clone()
-    q = torch.randn(1, Hq, 2 * P, D, generator=g)
-    for i in range(P, 2 * P):
-        q[0, 0:2, i] = 6 * base[(i - P + 1) % P]  # induction (query heads 0, 1 -> KV head 0)
-        q[0, 2:4, i] = 6 * base[i - P]  # echo (KV head 1)
-    scores = m.calibrate(q, k, P)
+def _echo_induction_by_loops(q, k, P):
+    """Per KV head: the largest over its query heads of the mean causal softmax on the same
+    token's earlier copy (echo) and on the token after it (induction), written out with loops."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    g = Hq // Hkv
+    echo, ind = [], []
     for hk in range(Hkv):
-        echo, ind = [], []
-        for h in range(hk * 2, hk * 2 + 2):
+        es, is_ = [], []
+        for h in range(hk * g, (hk + 1) * g):
             pe, pi = 0.0, 0.0
             for i in range(P, 2 * P):
-                s = [float(q[0, h, i].double() @ k[0, hk, j].double()) / math.sqrt(D) if j <= i else -math.inf
+                s = [float(q[0, h, i].double() @ k[0, hk, j].double()) / math.sqrt(q.shape[-1]) if j <= i else -math.inf
                      for j in range(2 * P)]
                 mx = max(s)
                 e = [math.exp(x - mx) for x in s]
@@ -311,11 +338,72 @@ def test_razor_attention_calibration_finds_the_induction_and_echo_heads():
                 pe += p[i - P] / P
                 if i < 2 * P - 1:
                     pi += p[i - P + 1] / (P - 1)
-            echo.append(pe)
-            ind.append(pi)
-        assert scores["echo"][hk] == pytest.approx(max(echo), rel=1e-6)
-        assert scores["induction"][hk] == pytest.approx(max(ind), rel=1e-6)
+            es.append(pe)
+            is_.append(pi)
+        echo.append(max(es))
+        ind.append(max(is_))
+    return echo, ind
+
+
+def _repeated_qk(P, Hq, Hkv, strengths, seed=1):
+    """Keys of P random tokens repeated twice; query head pair 2 hk + {0, 1} of KV head hk looks
+    for the token after the earlier copy (induction) with strength strengths[hk][0] and for the
+    same token (echo) with strengths[hk][1]."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(P, D, generator=g)
+    k = torch.cat([base, base]).expand(1, Hkv, 2 * P, D).clone()
+    q = torch.randn(1, Hq, 2 * P, D, generator=g)
+    for hk, (si, se) in enumerate(strengths):
+        for i in range(P, 2 * P):
+            q[0, 2 * hk, i] = si * base[(i - P + 1) % P] + q[0, 2 * hk, i] * 0.1
+            q[0, 2 * hk + 1, i] = se * base[i - P] + q[0, 2 * hk + 1, i] * 0.1
+    return q, k
+
+
+def test_razor_attention_calibration_finds_the_induction_and_echo_heads():
+    """Repeated random tokens (P = 8): KV head 0's queries look for the token after the earlier
+    copy (induction), KV head 1's for the same token (echo), heads 2 and 3 at random. Scores
+    recomputed here by loops. Per layer (selection=layer): at least one head of each kind; alone
+    (selection=model, one layer of 4 KV heads): round(4 x 0.14) = 1 induction head, round(4 x
+    0.01) = 0 echo heads."""
+    P, Hkv, Hq = 8, 4, 8
+    q, k = _repeated_qk(P, Hq, Hkv, [(6, 0), (0, 6), (0, 0), (0, 0)])
+    m = methods.load("razor_attention", num_heads=Hq, head_dim=D, num_kv_heads=Hkv, selection="layer")
+    scores = m.calibrate(q, k, P)
+    echo, ind = _echo_induction_by_loops(q, k, P)
+    assert scores["echo"] == pytest.approx(echo, rel=1e-6) and scores["induction"] == pytest.approx(ind, rel=1e-6)
     assert m.retrieval == [0, 1]
+    alone = methods.load("razor_attention", num_heads=Hq, head_dim=D, num_kv_heads=Hkv)
+    alone.calibrate(q, k, P)
+    assert alone.retrieval == [0]
+
+
+def test_razor_attention_picks_retrieval_heads_among_all_the_model_kv_heads():
+    """Five layers of 4 KV heads (N = 20) with induction and echo strengths drawn per head: the
+    retrieval heads are the round(20 x 0.2) = 4 of largest induction score over all layers plus
+    the round(20 x 0.1) = 2 of largest echo score, ranked here from the loop-computed scores;
+    layers without any keep no head whole (selection=layer would keep one in every layer)."""
+    P, Hkv, Hq, layers = 8, 4, 8, 5
+    g = torch.Generator().manual_seed(3)
+    presses, ind_all, echo_all = {}, {}, {}
+    for li in range(layers):
+        strengths = (torch.rand(Hkv, 2, generator=g) * 6).tolist()
+        q, k = _repeated_qk(P, Hq, Hkv, strengths, seed=10 + li)
+        p = methods.load("razor_attention", num_heads=Hq, head_dim=D, num_kv_heads=Hkv, induction_share=0.2,
+                         echo_share=0.1)
+        p.set_layer(li, layers)
+        p.calibrate_layer(q, k, None, period=P)
+        presses[li] = p
+        echo_all[li], ind_all[li] = _echo_induction_by_loops(q, k, P)
+    got = presses[0].calibrate_model(presses)
+    by_ind = sorted(((ind_all[li][h], li, h) for li in range(layers) for h in range(Hkv)), reverse=True)[:4]
+    by_echo = sorted(((echo_all[li][h], li, h) for li in range(layers) for h in range(Hkv)), reverse=True)[:2]
+    want = {(li, h) for _, li, h in by_ind} | {(li, h) for _, li, h in by_echo}
+    for li in range(layers):
+        assert presses[li].retrieval == sorted(h for l2, h in want if l2 == li)
+        assert got[li]["retrieval_heads"] == presses[li].retrieval
+    assert 4 <= sum(len(p.retrieval) for p in presses.values()) == len(want) <= 6
+    assert any(not p.retrieval for p in presses.values())  # the shares are of the model, not of each layer
 
 
 def test_razor_attention_refuses_to_run_without_retrieval_heads():
@@ -349,6 +437,7 @@ def test_fastgen_picks_the_cheapest_policy_that_recovers_the_attention(recovery)
     m.set_token_classes(special, punct)
     cache = m.new_cache(B, L + 1)
     m.prefill(q, k, v, cache)
+    rows = 0
     for b in range(B):
         for hk in range(HKV):
             col = [0.0] * L
@@ -364,6 +453,9 @@ def test_fastgen_picks_the_cheapest_policy_that_recovers_the_attention(recovery)
             pick = next(i for i, c in enumerate(ladder) if sum(col[j] for j in c) / L >= recovery - 1e-6 or i == 4)
             assert m.policies[b][hk] == FASTGEN_LADDER[pick]
             assert {p for p in cache.head_positions()[b, hk].tolist() if p >= 0} == ladder[pick]
+            rows += len(ladder[pick]) + 1  # its kept tokens + the decode slot
+    # bytes measured from the tensors: each (batch, KV head) holds its own rows, no padding
+    assert cache.bytes_held() == 2 * rows * D * 4
     # decode: each head over its own kept tokens (the others' empty slots masked) and the new one
     qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(2)) for n in (H, HKV, HKV))
     out = m.decode(qt, kt, vt, cache)
@@ -447,7 +539,7 @@ def test_eigen_attention_refuses_bad_calibration_and_foreign_caches():
     ("pyramidkv", ["method.window_size=8", "method.num_layers=4", "method.layer_idx=3"], True),
     ("random_press", [], True),
     ("razor_attention", ["method.retrieval_heads=[]", "method.min_window=8"], True),
-    ("razor_attention", ["method.retrieval_heads=[1]", "method.min_window=8"], False),
+    ("razor_attention", ["method.retrieval_heads=[1]", "method.min_window=8"], True),  # head 0 frees its rows
     ("fastgen", ["method.recovery=0.3"], None),
     ("eigen_attention", [], True),
 ])
