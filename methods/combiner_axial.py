@@ -43,7 +43,14 @@ import math
 
 import torch
 
-from methods.base import AttentionInputError, AttentionMethod, Cost, check_int, dense_flops, repeat_kv
+from methods.base import (
+    AttentionInputError,
+    AttentionMethod,
+    Cost,
+    check_int,
+    dense_flops,
+    repeat_kv,
+)
 
 REGIONS = ("all", "others")
 SUMMARIES = ("none", "wsum")
