@@ -21,7 +21,8 @@ JOBS=${JOBS:-12}
 EXPERIMENT=${EXPERIMENT:-mqar/default}
 mkdir -p "$(dirname "$STORE")"
 if [ "${LAUNCHER:-gpu_pool}" = gpu_pool ]; then
-    POOL="[$(yes 0 | head -n "$JOBS" | paste -sd, -)]"
+    POOL=$(printf '0%.0s,' $(seq "$JOBS"))  # GPU 0, JOBS times
+    POOL="[${POOL%,}]"
     LAUNCH=(hydra/launcher=gpu_pool "hydra.launcher.gpus=$POOL")
 else
     LAUNCH=(hydra/launcher=local "hydra.launcher.n_jobs=$JOBS")
