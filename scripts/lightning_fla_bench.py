@@ -6,8 +6,8 @@ Rows, per length T (B=1, H heads of d, bf16, causal):
   ours tiled (decay)     methods.lightning.tiled_causal with TransNormerLLM's decay (the
                          official slopes, methods.lightning.Lightning(decay=True).log_decay())
   ours tiled (no decay)  the same without decay (TransNormer)
-  ours triton            methods.kernels.lightning, where such a kernel exists (it does not yet:
-                         the row says so)
+  ours triton            methods.kernels.lightning.lightning_causal (decay / no decay): one
+                         program per (head, value block) walking the chunks in order
   fla simple_gla (decay) fla.ops.simple_gla.chunk_simple_gla with g_gamma = the same log decays,
                          scale 1: the same product, fla's chunked Triton kernel
   fla linear_attn        fla.ops.linear_attn.chunk_linear_attn(normalize=False), scale 1: the
@@ -69,9 +69,11 @@ def candidates(H: int, d: int, block: int):
     }
     try:
         from methods.kernels import lightning as kern  # a Triton kernel, once there is one
-        out["ours triton"] = (lambda q, k, v: kern.lightning_causal(q, k, v, ld.to(q.device)), None)
+        out["ours triton (decay)"] = (lambda q, k, v: kern.lightning_causal(q, k, v, ld.to(q.device)), None)
+        out["ours triton (no decay)"] = (lambda q, k, v: kern.lightning_causal(q, k, v, None), None)
     except ImportError:
-        out["ours triton"] = (None, "no Triton kernel for Lightning yet (methods/kernels/lightning.py absent)")
+        out["ours triton (decay)"] = out["ours triton (no decay)"] = (
+            None, "no Triton kernel for Lightning (methods/kernels/lightning.py absent)")
     if ops is None:
         out["fla simple_gla (decay)"] = out["fla linear_attn"] = (None, why)
     else:
@@ -113,7 +115,8 @@ def main(argv=None) -> None:
     lines = [f"# Lightning causal product vs fla and cuDNN dense ({torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, B=1, H={H}, d={d}, bf16, forward)", ""]
     q, k, v = qkv(2048)
-    for ref, other in (("ours tiled (decay)", "fla simple_gla (decay)"), ("ours tiled (no decay)", "fla linear_attn")):
+    for ref, other in (("ours tiled (decay)", "fla simple_gla (decay)"), ("ours tiled (no decay)", "fla linear_attn"),
+                       ("ours tiled (decay)", "ours triton (decay)")):
         f_ref, f_o = cands[ref][0], cands[other][0]
         if f_o is None:
             lines.append(f"check {ref} vs {other}: skipped ({cands[other][1]})")
@@ -141,8 +144,9 @@ def main(argv=None) -> None:
                 cells.append(f"error: {type(e).__name__}: {str(e)[:60]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    for ours, theirs in (("ours tiled (decay)", "fla simple_gla (decay)"), ("ours triton", "fla simple_gla (decay)"),
-                         ("ours tiled (no decay)", "fla linear_attn")):
+    for ours, theirs in (("ours tiled (decay)", "fla simple_gla (decay)"),
+                         ("ours triton (decay)", "fla simple_gla (decay)"),
+                         ("ours tiled (no decay)", "fla linear_attn"), ("ours triton (no decay)", "fla linear_attn")):
         ratios = [f"T={T}: {res[ours, T] / res[theirs, T]:.2f}x" for T in lens if (ours, T) in res and (theirs, T) in res]
         lines.append(f"{ours} / {theirs}: " + (", ".join(ratios) if ratios else "n/a") + " (target <= 1.2x)")
     text = "\n".join(lines) + "\n"
