@@ -45,3 +45,32 @@ def test_kernel_refuses_bad_shapes_and_decays():
         kern.lightning_causal(q, q, q, torch.tensor([0.1, -0.1]))
     with pytest.raises(ValueError, match="chunk"):
         kern.lightning_causal(q, q, q, chunk=8)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_lightning_impl_triton_equals_the_reference(decay):
+    """Lightning(impl=triton) takes the kernel for a causal forward prefill (and the PyTorch
+    tiling with a gradient, or a cache longer than the queries): each equal to impl=reference."""
+    import methods
+    from tests.conftest import seeded_qkv
+
+    q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=40, D=16, dtype=torch.float32)
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, decay=decay, block_size=16)
+    tri, ref = methods.load("lightning", impl="triton", **kw), methods.load("lightning", impl="reference", **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(tri(q, k, v, causal=True), ref(q, k, v, causal=True), rtol=1e-4, atol=1e-4)
+        qs = q[:, :, -5:]  # Tq < Tk: the PyTorch tiling
+        torch.testing.assert_close(tri(qs, k, v, causal=True), ref(qs, k, v, causal=True), rtol=1e-4, atol=1e-4)
+    qg = q.clone().requires_grad_()
+    out = tri(qg, k, v, causal=True)  # with a gradient: the PyTorch tiling, differentiable
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    calls = []
+    orig = kern.lightning_causal
+    try:
+        kern.lightning_causal = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+        with torch.no_grad():
+            tri(q, k, v, causal=True)
+    finally:
+        kern.lightning_causal = orig
+    assert calls, "impl=triton did not take the kernel for a causal forward prefill"
