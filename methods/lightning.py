@@ -29,7 +29,11 @@ impl=reference  the explicit attention-matrix form, (Q K^T (.) M) V: T x T memor
 impl=lightning  Lightning Attention's tiling in PyTorch, blocks of ``block_size`` tokens: inside
                 a block the masked product [(Q_i K_i^T) (.) M] V_i, across blocks the running
                 state KV = lambda^B KV + (lambda^(B-1-j) K_i)^T V_i read by lambda^(j+1) Q_i KV
-                (``tiled_causal``): O(T) memory. A Triton kernel is future work.
+                (``tiled_causal``): O(T) memory.
+impl=triton     the same tiling in Triton (``methods.kernels.lightning.lightning_causal``) for
+                causal forward prefill (Tq == Tk, no gradient, power-of-two head dims >= 16,
+                block_size 16-128, CUDA or the interpreter); otherwise the PyTorch tiling, as
+                Performer's impl=triton does.
 
 Padded keys (key_padding_mask) are zeroed: they add nothing to S, and keep their positions (the
 decay counts them). The kernel and the norm are learned with the model: the method is trained
@@ -114,7 +118,7 @@ class Lightning(AttentionMethod):
     trainable = True  # the model learns keys and queries for the kernel (no weights here)
     training_free = False
     supports_decode = True  # models decode with the method itself (end-aligned causal)
-    impls = ("reference", "lightning")
+    impls = ("reference", "lightning", "triton")
 
     def __init__(self, activation: str = "silu", norm: str = "heads", decay: bool = False,
                  layer_idx: int = 0, num_layers: int = 1, block_size: int = 64,
@@ -137,7 +141,7 @@ class Lightning(AttentionMethod):
 
     @property
     def real_kernel(self) -> bool:
-        return self.impl == "lightning"  # the tiled path never forms the T x T matrix
+        return self.impl in ("lightning", "triton")  # the tiled paths never form the T x T matrix
 
     def log_decay(self) -> torch.Tensor | None:
         """log lambda_h per query head: [H] (fp64), or None without decay."""
@@ -193,10 +197,24 @@ class Lightning(AttentionMethod):
             m = torch.where(dist >= 0, torch.exp(lam.view(-1, 1, 1) * dist.clamp_min(0)),
                             torch.zeros((), dtype=fq.dtype, device=q.device))  # [H|1, Tq, Tk]
             o = ((fq @ fk.transpose(-1, -2)) * m) @ vv
+        elif self.impl == "triton" and self._triton_ok(fq, vv, tq, tk):
+            from methods.kernels.lightning import lightning_causal
+
+            o = lightning_causal(fq, fk, vv, ld, chunk=self.block_size)
         else:
             fq = F.pad(fq, (0, 0, tk - tq, 0))  # queries end-aligned: pad the front, drop it
             o = tiled_causal(fq, fk, vv, self.block_size, ld)[:, :, tk - tq:]
         return self.normalise(o).to(q.dtype)
+
+    def _triton_ok(self, fq, vv, tq, tk) -> bool:
+        """The kernel serves causal prefill forward passes; training takes the PyTorch tiling."""
+        from methods.kernels.lightning import usable
+
+        d, e = fq.shape[-1], vv.shape[-1]
+        grad = torch.is_grad_enabled() and (fq.requires_grad or vv.requires_grad)
+        return (usable(fq) and tq == tk and not grad and self.block_size in (16, 32, 64, 128)
+                and fq.dtype != torch.float64
+                and d >= 16 and not d & (d - 1) and e >= 16 and not e & (e - 1))
 
     def decode(self, q, k, v) -> torch.Tensor:
         """A decode step over the whole cache (end-aligned, causal); ``step`` is the O(1) form."""

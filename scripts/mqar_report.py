@@ -1,0 +1,107 @@
+"""results/mqar/ from the MQAR records (scripts/mqar_table.sh): table.md (one row per method:
+test and validation recall accuracy, the attention's recurrent state in bytes per sequence,
+whether it stays constant with length, steps, training time; failures with their error, and
+the methods asked for without a record as "not run") and recall_vs_state.png (test accuracy
+against state bytes, log scale; the newest record of each method).
+
+    python scripts/mqar_report.py --store results/mqar/records.jsonl --methods a,b --out results/mqar
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def newest(store: Path) -> dict:
+    recs = {}
+    for line in store.read_text().splitlines() if store.exists() else []:
+        if line.strip():
+            r = json.loads(line)
+            if r.get("task") == "mqar":
+                recs[r["method"]] = r  # appended in time order: the last one wins
+    return recs
+
+
+def rows(recs: dict, wanted: list[str]) -> list[dict]:
+    out = []
+    for m in wanted + sorted(set(recs) - set(wanted)):
+        r = recs.get(m)
+        if r is None:
+            out.append({"method": m, "status": "not run (no record: out of the budget or not reached)"})
+            continue
+        met, tr = r.get("metrics") or {}, r.get("train") or {}
+        out.append({"method": m, "status": r["status"] if r["status"] != "ok" else "ok",
+                    "test_acc": met.get("test_acc"), "val_acc": met.get("val_acc"),
+                    "state_bytes": met.get("state_bytes"), "state_constant": met.get("state_constant"),
+                    "steps": tr.get("steps"), "wall_s": tr.get("wall_s"),
+                    "error": (r.get("error") or "")[:120]})
+    return out
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def table(rs: list[dict], setting: str) -> str:
+    lines = [f"MQAR, {setting}. Test recall accuracy (answers only), the attention's recurrent state in bytes "
+             "per sequence at the task's length (constant: the same at twice the length), training steps and time.",
+             "", "| method | status | test acc | val acc | state bytes | constant | steps | train s | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(rs, key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0)))
+    for r in order:
+        lines.append(f"| {r['method']} | {r['status']} | {fmt(r.get('test_acc'), '.3f')} | "
+                     f"{fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('state_bytes'), '.3g')} | "
+                     f"{'' if r.get('state_constant') is None else ('yes' if r['state_constant'] else 'no')} | "
+                     f"{fmt(r.get('steps'), 'd')} | {fmt(r.get('wall_s'), '.0f')} | {r.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rs: list[dict], path: Path, setting: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [r for r in rs if r.get("test_acc") is not None and r.get("state_bytes")]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in pts:
+        ax.scatter(r["state_bytes"], r["test_acc"], marker="o" if r.get("state_constant") else "s")
+        ax.annotate(r["method"], (r["state_bytes"], r["test_acc"]), fontsize=7, xytext=(3, 2),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("recurrent state per sequence (bytes; squares: grows with length)")
+    ax.set_ylabel("MQAR test recall accuracy")
+    ax.set_title(f"MQAR recall vs state size ({setting})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def setting_of(recs: dict) -> str:
+    for r in recs.values():
+        c, t = r.get("config") or {}, r.get("train") or {}
+        task, model = c.get("task") or {}, c.get("model") or {}
+        return (f"{task.get('num_kv_pairs')} pairs in {task.get('max_len')} tokens, vocab {task.get('vocab_size')}; "
+                f"LM {model.get('depth')} layers of width {model.get('dim')}; {t.get('steps')} steps, "
+                f"{r.get('device')} {(r.get('env') or {}).get('gpu') or ''}".strip())
+    return "no records"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="results/mqar/records.jsonl")
+    ap.add_argument("--methods", default="", help="comma-separated: the methods asked for")
+    ap.add_argument("--out", default="results/mqar")
+    a = ap.parse_args(argv)
+    recs = newest(Path(a.store))
+    rs = rows(recs, [m for m in a.methods.split(",") if m])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setting = setting_of(recs)
+    (out / "table.md").write_text(table(rs, setting))
+    plot(rs, out / "recall_vs_state.png", setting)
+    print(f"{out / 'table.md'}, {out / 'recall_vs_state.png'}: {len(rs)} methods, {len(recs)} with a record")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# MQAR (tasks/mqar.py, Zoology's multi-query associative recall) on one GPU: each method's small
+# LM (conf/experiment/mqar/default.yaml: 16 pairs in 256 tokens, 2 layers of width 128) trained
+# on MQAR, JOBS runs at a time on the one GPU (hydra/launcher=gpu_pool with GPU 0 listed JOBS
+# times), then results/mqar/: the records, table.md and recall_vs_state.png (test recall
+# accuracy against the attention's recurrent state in bytes per sequence).
+#   bash scripts/mqar_table.sh [STORE] [extra Hydra overrides...]
+#   METHODS=a,b,...  (default: every conf/method/*.yaml)   STEPS=... (default 3000: the budget
+#   that fits 9 minutes of one H200; the experiment's own is 8000)   JOBS=... (default 12)
+#   BUDGET_S=... (default 500: runs still going then are stopped; the table says "not run")
+#   LAUNCHER=local on a machine without GPU (the CPU check: JOBS=2 and experiment=mqar/smoke)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STORE=${1:-results/mqar/records.jsonl}
+shift || true
+AB=${ATTNBENCH:-attnbench}
+PY=${PYTHON:-python}
+ALL=$(ls conf/method/*.yaml | xargs -n1 basename | sed 's/\.yaml$//' | paste -sd, -)
+METHODS=${METHODS:-$ALL}
+JOBS=${JOBS:-12}
+EXPERIMENT=${EXPERIMENT:-mqar/default}
+mkdir -p "$(dirname "$STORE")"
+if [ "${LAUNCHER:-gpu_pool}" = gpu_pool ]; then
+    POOL=$(printf '0%.0s,' $(seq "$JOBS"))  # GPU 0, JOBS times
+    POOL="[${POOL%,}]"
+    LAUNCH=(hydra/launcher=gpu_pool "hydra.launcher.gpus=$POOL")
+else
+    LAUNCH=(hydra/launcher=local "hydra.launcher.n_jobs=$JOBS")
+fi
+timeout --signal=INT --kill-after=20 "${BUDGET_S:-500}" \
+    $AB -m "${LAUNCH[@]}" experiment="$EXPERIMENT" method="$METHODS" runner.steps="${STEPS:-3000}" \
+        store="$STORE" "$@" \
+    || echo "mqar: some runs failed or ran out of the budget (the table says which)"
+$PY scripts/mqar_report.py --store "$STORE" --methods "$METHODS" --out "$(dirname "$STORE")"
