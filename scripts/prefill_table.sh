@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The prefill-sparsity table (issue 25) on one GPU: every prefill method (SampleAttention,
+# SpargeAttn, HyperAttention, SeerAttention at its threshold and top-k points, MoA, S2, Star,
+# HiP, MInference vertical-slash, NSA) and dense cuDNN SDPA, in two parts of one device call each:
+#   PART=kernel  the attention operation alone at SmolLM2-135M's head layout (B=1, H=9, Hkv=3,
+#                D=64, bf16, causal) at 8k, 32k and 128k tokens (runner=kernel): index time,
+#                attention time, total, density, and attention recall on the fidelity task's
+#                structured inputs of each length (1024 query rows sampled)
+#   PART=real    SmolLM2-135M with every layer through the method at 8k (runner=pretrained):
+#                perplexity (2 windows of 8192 tokens of Austen), needle at 8000 tokens
+#                (depths 0, 0.5, 1; 5 prompts each), recall and density on q/k/v captured from
+#                the model (layers 0, 10, 20, 29), the model's prefill time and its index time
+# then results/prefill/table.md and recall_vs_time.png (python -m analysis.prefill).
+#   PART=kernel bash scripts/prefill_table.sh     # GPU call 1
+#   PART=real bash scripts/prefill_table.sh       # GPU call 2 (trains SeerAttention's gate first
+#                                                 # where SEER_GATE is absent: SEER_STEPS per layer)
+#   REPORT_ONLY=1 bash scripts/prefill_table.sh   # the table and figure again from the records
+#   SIZE=cpu OUT=/tmp/prefill bash scripts/prefill_table.sh   # the whole pipeline at tiny lengths on CPU
+# METHODS / TRITON_METHODS / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for none);
+# LENS overrides the kernel lengths (e.g. LENS=[131072] for a re-run of one length). Extra
+# arguments are Hydra overrides for every run. Runs whose ok record exists are skipped, so a
+# part cut short by the device's time limit resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/prefill}
+KSTORE=${KSTORE:-$OUT/kernel.jsonl}
+RSTORE=${RSTORE:-$OUT/real.jsonl}
+AB=${ATTNBENCH:-attnbench}
+PY=${PYTHON:-python}
+PART=${PART:-all}
+SIZE=${SIZE:-gpu}
+CACHE=${ATTNBENCH_CACHE:-$HOME/.cache/attnbench}
+SEER_GATE=${SEER_GATE:-$CACHE/seer_gates/smollm2_135m_b179c9523d0e_b64_h128.pt}
+SEER_STEPS=${SEER_STEPS:-100}
+# the paths: Triton where the method has one, FlexAttention for HiP, the reference for
+# HyperAttention (its only path: dense weights, true quality, not true speed)
+DENSE=${DENSE-dense}
+TRITON_METHODS=${TRITON_METHODS-minference,nsa,sample_attention,sparge,moa,s2_attention,star_attention}
+SEER=${SEER-seer_attention}
+FLEX_METHODS=${FLEX_METHODS-hip}
+REF_METHODS=${REF_METHODS-hyper_attention}
+mkdir -p "$OUT"
+run() { $AB "$@" || echo "prefill_table: attnbench $* failed (its records say why)"; }
+
+if [ "$SIZE" = cpu ]; then
+    KARGS=(device=cpu dtype=float32 model.num_heads=4 model.num_kv_heads=2 model.head_dim=16
+           "runner.seq_lens=${LENS:-[256,512]}" task.max_len=256 runner.warmup=1 runner.repeats=2
+           runner.gate_len=128 +runner.recall_rows=64)
+    RARGS=(experiment=real device=cpu task.seq_len=512 "task.token_lengths=[512]" "task.depths=[0.0,1.0]"
+           task.trials=1 task.batch_size=2 "task.layers=[0,29]" runner.timing_len=512 impl=null)
+    SEER_TRAIN=(--device cpu --seq-len 256 --windows 2 --steps 2)
+    # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
+    HIP=(method.top_k=64 method.window=32)
+    DENSE_BACKEND=auto   # no cuDNN on a CPU
+    HYPER=(method.min_seq_len=128 method.block_size=64 method.sample_size=64)
+else
+    KARGS=(device=cuda dtype=bfloat16 model.num_heads=9 model.num_kv_heads=3 model.head_dim=64
+           "runner.seq_lens=${LENS:-[8192,32768,131072]}" task.max_len=4096 runner.warmup=3 runner.rep_ms=50
+           +runner.recall_rows=1024)
+    RARGS=(experiment=real_gpu task.seq_len=8192 task.prose_windows=2 "task.token_lengths=[8000]"
+           "task.depths=[0.0,0.5,1.0]" task.trials=5 runner.repeats=5 "+runner.timed_tasks=[perplexity]")
+    SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
+    HIP=()
+    HYPER=()
+    DENSE_BACKEND=cudnn
+fi
+KARGS+=(runner.causal=true runner.backward=false "store=$KSTORE")
+RARGS+=(task=perplexity,needle,fidelity "store=$RSTORE")
+# SeerAttention: the trained gate where it exists (the kernel part runs layer 0's gate: this is
+# SmolLM2's head layout), else the untrained gate, which the records then name
+if [ -f "$SEER_GATE" ]; then SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE");
+else SEER_ARGS=(method.gate=untrained); fi
+
+if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = kernel ]; }; then
+    echo "prefill_table: kernel part, $(date -u +%T)"
+    [ -n "$DENSE" ] && run -m runner=kernel method=dense "method.backend=$DENSE_BACKEND" "${KARGS[@]}" "$@"
+    [ -n "$TRITON_METHODS" ] && run -m runner=kernel "method=$TRITON_METHODS" method.impl=triton "${KARGS[@]}" "$@"
+    [ -n "$SEER" ] && run -m runner=kernel method=seer_attention method.impl=triton method.selection=threshold,topk \
+        "${SEER_ARGS[@]}" "${KARGS[@]}" "$@"
+    [ -n "$FLEX_METHODS" ] && run -m runner=kernel "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${KARGS[@]}" "$@"
+    # HyperAttention's reference builds [T, T] weights: 8k and 32k only
+    [ -n "$REF_METHODS" ] && run -m runner=kernel "method=$REF_METHODS" "${HYPER[@]}" "${KARGS[@]}" \
+        "runner.seq_lens=${HYPER_LENS:-$( [ "$SIZE" = cpu ] && echo '[256,512]' || echo '[8192,32768]')}" "$@"
+fi
+if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; then
+    echo "prefill_table: real-model part, $(date -u +%T)"
+    if [ -n "$SEER" ] && [ ! -f "$SEER_GATE" ]; then
+        echo "prefill_table: training SeerAttention's gate into $SEER_GATE ($(date -u +%T))"
+        $PY scripts/train_seer_gate.py "${SEER_TRAIN[@]}" --out "$SEER_GATE" \
+            && SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE") \
+            || echo "prefill_table: gate training failed: SeerAttention runs its untrained gate"
+    fi
+    [ -n "$DENSE" ] && run -m method=dense "${RARGS[@]}" "$@"
+    [ -n "$TRITON_METHODS" ] && run -m "method=$TRITON_METHODS" method.impl=triton "${RARGS[@]}" "$@"
+    [ -n "$SEER" ] && run -m method=seer_attention method.impl=triton method.selection=threshold,topk \
+        "${SEER_ARGS[@]}" "${RARGS[@]}" "$@"
+    [ -n "$FLEX_METHODS" ] && run -m "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${RARGS[@]}" "$@"
+    [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RARGS[@]}" "$@"
+fi
+echo "prefill_table: report, $(date -u +%T)"
+$PY -m analysis.prefill --kernel "$KSTORE" --real "$RSTORE" --out "$OUT"
