@@ -16,10 +16,11 @@
 #                                                 # where SEER_GATE is absent: SEER_STEPS per layer)
 #   REPORT_ONLY=1 bash scripts/prefill_table.sh   # the table and figure again from the records
 #   SIZE=cpu OUT=/tmp/prefill bash scripts/prefill_table.sh   # the whole pipeline at tiny lengths on CPU
-# METHODS / TRITON_METHODS / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for none);
-# LENS overrides the kernel lengths (e.g. LENS=[131072] for a re-run of one length). Extra
-# arguments are Hydra overrides for every run. Runs whose ok record exists are skipped, so a
-# part cut short by the device's time limit resumes where it stopped.
+# DENSE / TRITON_METHODS / SEER / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for
+# none); KLENS1 (first pass, every method) and KLENS2 (second pass, not HyperAttention) are the
+# kernel lengths. Each part stops starting runs after BUDGET_S seconds (default 510) and cuts
+# the run in progress there; runs whose ok record exists are skipped, so the same command again
+# resumes where it stopped. Extra arguments are Hydra overrides for every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/prefill}
@@ -30,7 +31,10 @@ PY=${PYTHON:-python}
 PART=${PART:-all}
 SIZE=${SIZE:-gpu}
 CACHE=${ATTNBENCH_CACHE:-$HOME/.cache/attnbench}
+# SeerAttention's gate file: SEER_GATE, else scripts/train_seer_gate.py's default name in the
+# cache, else the name the earlier GPU session used (seer_gates/gate.pt); trained where absent
 SEER_GATE=${SEER_GATE:-$CACHE/seer_gates/smollm2_135m_b179c9523d0e_b64_h128.pt}
+[ -f "$SEER_GATE" ] || [ ! -f "$CACHE/seer_gates/gate.pt" ] || SEER_GATE=$CACHE/seer_gates/gate.pt
 SEER_STEPS=${SEER_STEPS:-100}
 # the paths: Triton where the method has one, FlexAttention for HiP, the reference for
 # HyperAttention (its only path: dense weights, true quality, not true speed)
@@ -40,11 +44,10 @@ SEER=${SEER-seer_attention}
 FLEX_METHODS=${FLEX_METHODS-hip}
 REF_METHODS=${REF_METHODS-hyper_attention}
 mkdir -p "$OUT"
-run() { $AB "$@" || echo "prefill_table: attnbench $* failed (its records say why)"; }
 
 if [ "$SIZE" = cpu ]; then
     KARGS=(device=cpu dtype=float32 model.num_heads=4 model.num_kv_heads=2 model.head_dim=16
-           "runner.seq_lens=${LENS:-[256,512]}" task.max_len=256 runner.warmup=1 runner.repeats=2
+           task.max_len=256 runner.warmup=1 runner.repeats=2
            runner.gate_len=128 +runner.recall_rows=64)
     RARGS=(experiment=real device=cpu task.seq_len=512 "task.token_lengths=[512]" "task.depths=[0.0,1.0]"
            task.trials=1 task.batch_size=2 "task.layers=[0,29]" runner.timing_len=512 impl=null)
@@ -52,10 +55,12 @@ if [ "$SIZE" = cpu ]; then
     # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
     HIP=(method.top_k=64 method.window=32)
     DENSE_BACKEND=auto   # no cuDNN on a CPU
+    KLENS1=${KLENS1-[256]}
+    KLENS2=${KLENS2-[512]}
     HYPER=(method.min_seq_len=128 method.block_size=64 method.sample_size=64)
 else
     KARGS=(device=cuda dtype=bfloat16 model.num_heads=9 model.num_kv_heads=3 model.head_dim=64
-           "runner.seq_lens=${LENS:-[8192,32768,131072]}" task.max_len=4096 runner.warmup=3 runner.rep_ms=50
+           task.max_len=4096 runner.warmup=3 runner.rep_ms=50
            +runner.recall_rows=1024)
     RARGS=(experiment=real_gpu task.seq_len=8192 task.prose_windows=2 "task.token_lengths=[8000]"
            "task.depths=[0.0,0.5,1.0]" task.trials=5 runner.repeats=5 "+runner.timed_tasks=[perplexity]")
@@ -63,7 +68,10 @@ else
     HIP=()
     HYPER=()
     DENSE_BACKEND=cudnn
+    KLENS1=${KLENS1-[8192,32768]}
+    KLENS2=${KLENS2-[131072]}
 fi
+BUDGET_S=${BUDGET_S:-510}
 KARGS+=(runner.causal=true runner.backward=false "store=$KSTORE")
 RARGS+=(task=perplexity,needle,fidelity "store=$RSTORE")
 # SeerAttention: the trained gate where it exists (the kernel part runs layer 0's gate: this is
@@ -71,31 +79,48 @@ RARGS+=(task=perplexity,needle,fidelity "store=$RSTORE")
 if [ -f "$SEER_GATE" ]; then SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE");
 else SEER_ARGS=(method.gate=untrained); fi
 
+# every attnbench call gets the part's time left (BUDGET_S per part, default 510 s: a device call
+# of 9 minutes with room for the report); what does not fit is skipped and said so, and a re-run
+# of the part resumes there (finished records are skipped)
+run() {
+    local left=$((BUDGET_S - $(date +%s) + PART_START))
+    if [ "$left" -lt 20 ]; then echo "prefill_table: part budget ${BUDGET_S}s spent: skipped attnbench $*"; return 0; fi
+    timeout "$left" $AB "$@" || echo "prefill_table: attnbench $* failed or ran out of time (records say what finished)"
+}
+group() {  # group <lengths or ""> <extra overrides...>: every method group of the part once
+    local lens=$1; shift
+    local L=(); [ -n "$lens" ] && L=("runner.seq_lens=$lens")
+    [ -n "$DENSE" ] && run -m "$@" method=dense "method.backend=$DENSE_BACKEND" "${L[@]}" "${EXTRA[@]}"
+    [ -n "$TRITON_METHODS" ] && run -m "$@" "method=$TRITON_METHODS" method.impl=triton "${L[@]}" "${EXTRA[@]}"
+    [ -n "$SEER" ] && run -m "$@" method=seer_attention method.impl=triton method.selection=threshold,topk \
+        "${SEER_ARGS[@]}" "${L[@]}" "${EXTRA[@]}"
+    [ -n "$FLEX_METHODS" ] && run -m "$@" "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${L[@]}" "${EXTRA[@]}"
+    return 0
+}
+EXTRA=("$@")
 if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = kernel ]; }; then
-    echo "prefill_table: kernel part, $(date -u +%T)"
-    [ -n "$DENSE" ] && run -m runner=kernel method=dense "method.backend=$DENSE_BACKEND" "${KARGS[@]}" "$@"
-    [ -n "$TRITON_METHODS" ] && run -m runner=kernel "method=$TRITON_METHODS" method.impl=triton "${KARGS[@]}" "$@"
-    [ -n "$SEER" ] && run -m runner=kernel method=seer_attention method.impl=triton method.selection=threshold,topk \
-        "${SEER_ARGS[@]}" "${KARGS[@]}" "$@"
-    [ -n "$FLEX_METHODS" ] && run -m runner=kernel "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${KARGS[@]}" "$@"
-    # HyperAttention's reference builds [T, T] weights: 8k and 32k only
+    PART_START=$(date +%s)
+    echo "prefill_table: kernel part, $(date -u +%T), budget ${BUDGET_S}s"
+    # length-major: every method at the short lengths first, then the longest
+    group "$KLENS1" runner=kernel "${KARGS[@]}"
+    # HyperAttention's reference builds [T, T] weights: the short lengths only
     [ -n "$REF_METHODS" ] && run -m runner=kernel "method=$REF_METHODS" "${HYPER[@]}" "${KARGS[@]}" \
-        "runner.seq_lens=${HYPER_LENS:-$( [ "$SIZE" = cpu ] && echo '[256,512]' || echo '[8192,32768]')}" "$@"
+        "runner.seq_lens=$KLENS1" "${EXTRA[@]}"
+    [ -n "$KLENS2" ] && group "$KLENS2" runner=kernel "${KARGS[@]}"
 fi
 if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; then
-    echo "prefill_table: real-model part, $(date -u +%T)"
+    PART_START=$(date +%s)
+    echo "prefill_table: real-model part, $(date -u +%T), budget ${BUDGET_S}s"
     if [ -n "$SEER" ] && [ ! -f "$SEER_GATE" ]; then
         echo "prefill_table: training SeerAttention's gate into $SEER_GATE ($(date -u +%T))"
-        $PY scripts/train_seer_gate.py "${SEER_TRAIN[@]}" --out "$SEER_GATE" \
-            && SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE") \
-            || echo "prefill_table: gate training failed: SeerAttention runs its untrained gate"
+        if timeout "$((BUDGET_S / 3))" $PY scripts/train_seer_gate.py "${SEER_TRAIN[@]}" --out "$SEER_GATE"; then
+            SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE")
+        else
+            echo "prefill_table: gate training failed or ran out of time: SeerAttention runs its untrained gate"
+        fi
     fi
-    [ -n "$DENSE" ] && run -m method=dense "${RARGS[@]}" "$@"
-    [ -n "$TRITON_METHODS" ] && run -m "method=$TRITON_METHODS" method.impl=triton "${RARGS[@]}" "$@"
-    [ -n "$SEER" ] && run -m method=seer_attention method.impl=triton method.selection=threshold,topk \
-        "${SEER_ARGS[@]}" "${RARGS[@]}" "$@"
-    [ -n "$FLEX_METHODS" ] && run -m "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${RARGS[@]}" "$@"
-    [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RARGS[@]}" "$@"
+    group "" "${RARGS[@]}"
+    [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RARGS[@]}" "${EXTRA[@]}"
 fi
 echo "prefill_table: report, $(date -u +%T)"
 $PY -m analysis.prefill --kernel "$KSTORE" --real "$RSTORE" --out "$OUT"

@@ -171,3 +171,27 @@ def test_prefill_family_check_refuses_without_cuda_and_unknown_methods(capsys):
         with pytest.raises(SystemExit):
             mod.main(["--methods", "sparge"])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_seer_topk_is_an_equal_budget_operating_point_and_threshold_has_no_knob():
+    from methods import budget
+
+    q, k, v = seeded_qkv(B=1, H=2, Hkv=1, T=128, D=8, dtype=torch.float32, seed=5)
+    kw = dict(num_heads=2, num_kv_heads=1, head_dim=8, impl="reference", gate="untrained", block_size=8,
+              hidden_size=8, last_block_dense=False)
+    torch.manual_seed(0)
+    m = methods.load("seer_attention", selection="topk", **kw)
+    for target in (0.3, 0.6):
+        fit = budget.fit_density(m, q, k, v, True, target)
+        assert fit.knob == "nz_ratio" and 0 < fit.value <= 1
+        grid = []
+        for r in torch.linspace(0.02, 1.0, 50).tolist():
+            g = methods.load("seer_attention", selection="topk", nz_ratio=r, **kw)
+            g.load_state_dict(m.state_dict())  # the same gate
+            with torch.no_grad():
+                g(q, k, v, causal=True)
+            grid.append(abs(g.last_density - target))
+        assert abs(fit.density - target) <= min(grid) + 1e-12
+    assert budget.knob(methods.load("seer_attention", selection="threshold", **kw)) is None
+    d = methods.load("seer_attention", selection="topk", nz_ratio=0.25, **kw).describe(q, k, v, True)
+    assert d["operating_point"] == "topk nz_ratio 0.25"
