@@ -72,7 +72,10 @@ def kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
         dens = r.get("metric.density_measured")
         if dens is None or pd.isna(dens):
             dens = r.get("cost.density")
-        out.append({"label": r["label"], "method": r["method"], "impl": r["impl"], "seq_len": int(r["seq_len"]),
+        impl = r["impl"]
+        if r["method"] == BASELINE and isinstance(r.get("backend"), str):
+            impl = r["backend"]  # the SDPA backend that ran (sdpa:cudnn_attention)
+        out.append({"label": r["label"], "method": r["method"], "impl": impl, "seq_len": int(r["seq_len"]),
                     "status": failure(r["status"], r["error"]),
                     "index_ms": r.get("metric.index_ms"), "attention_ms": r.get("metric.attention_ms"),
                     "total_ms": total, "density": dens, "recall": r.get("metric.recall")})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prefill-sparsity table (issue 25) on one GPU: every prefill method (SampleAttention,
 # SpargeAttn, HyperAttention, SeerAttention at its threshold and top-k points, MoA, S2, Star,
-# HiP, MInference vertical-slash, NSA) and dense cuDNN SDPA, in two parts of one device call each:
+# HiP, MInference vertical-slash, NSA) and dense SDPA (cuDNN), in two parts of one device call each:
 #   PART=kernel  the attention operation alone at SmolLM2-135M's head layout (B=1, H=9, Hkv=3,
 #                D=64, bf16, causal) at 8k, 32k and 128k tokens (runner=kernel): index time,
 #                attention time, total, density, and attention recall on the fidelity task's
@@ -67,7 +67,8 @@ else
     SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
     HIP=()
     HYPER=()
-    DENSE_BACKEND=cudnn
+    DENSE_BACKEND=${DENSE_BACKEND:-auto}   # PyTorch's pick, named in the records: cuDNN on the H200 at
+                                          # these shapes (results/efficiency); DENSE_BACKEND=cudnn forces it
     KLENS1=${KLENS1-[8192,32768]}
     KLENS2=${KLENS2-[131072]}
 fi
