@@ -23,6 +23,7 @@
 # resumes where it stopped. Extra arguments are Hydra overrides for every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1   # progress lines as they happen (a device call's stdout is a pipe)
 OUT=${OUT:-results/prefill}
 KSTORE=${KSTORE:-$OUT/kernel.jsonl}
 RSTORE=${RSTORE:-$OUT/real.jsonl}
@@ -114,7 +115,8 @@ if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; th
     echo "prefill_table: real-model part, $(date -u +%T), budget ${BUDGET_S}s"
     if [ -n "$SEER" ] && [ ! -f "$SEER_GATE" ]; then
         echo "prefill_table: training SeerAttention's gate into $SEER_GATE ($(date -u +%T))"
-        if timeout "$((BUDGET_S / 3))" $PY scripts/train_seer_gate.py "${SEER_TRAIN[@]}" --out "$SEER_GATE"; then
+        if timeout "$((BUDGET_S / 3))" $PY scripts/train_seer_gate.py "${SEER_TRAIN[@]}" --out "$SEER_GATE" \
+                && [ -f "$SEER_GATE" ]; then
             SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE")
         else
             echo "prefill_table: gate training failed or ran out of time: SeerAttention runs its untrained gate"

@@ -195,3 +195,63 @@ def test_seer_topk_is_an_equal_budget_operating_point_and_threshold_has_no_knob(
     assert budget.knob(methods.load("seer_attention", selection="threshold", **kw)) is None
     d = methods.load("seer_attention", selection="topk", nz_ratio=0.25, **kw).describe(q, k, v, True)
     assert d["operating_point"] == "topk nz_ratio 0.25"
+
+
+@pytest.mark.parametrize("size", ["gpu", "cpu"])
+def test_prefill_table_script_commands_compose_and_build(size, compose_cfg, tmp_path):
+    """Every attnbench call scripts/prefill_table.sh makes (GPU and CPU sizes, both parts), its
+    sweeps expanded: the overrides compose, the runner takes them, and each method builds at the
+    call's shape (a renamed key fails here, not in a GPU call). The calls are caught by an
+    ATTNBENCH that writes its arguments down; nothing runs."""
+    import itertools
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    from runners import with_impl
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "ab.sh"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "SIZE": size, "OUT": str(tmp_path / "out"), "ATTNBENCH": str(fake), "PYTHON": "true",
+           "SEER_GATE": str(tmp_path / "absent.pt"), "ATTNBENCH_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run(["bash", str(root / "scripts/prefill_table.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+    assert len(calls) == 14  # kernel: 4 groups x 2 passes + HyperAttention; real: 4 groups + HyperAttention
+    seen, built = set(), 0
+    for call in calls:
+        assert call[0] == "-m"
+        args = [a for a in call[1:] if not a.startswith("store=")]
+        sweeps = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")]
+                  if "," in a and not a.split("=", 1)[1].startswith("[") else [a] for a in args]
+        for combo in itertools.product(*sweeps):
+            cfg = with_impl(compose_cfg(*combo, tiny=False))
+            runner = instantiate(cfg.runner)
+            kernel = type(runner).__name__ == "KernelRunner"
+            if kernel:
+                m = cfg.model
+                shape = dict(num_heads=m.num_heads, head_dim=m.head_dim, num_kv_heads=m.num_kv_heads)
+                assert runner.recall_rows and runner.causal is True
+            else:
+                shape = dict(num_heads=9, head_dim=64, num_kv_heads=3)  # SmolLM2-135M
+                assert cfg.task.seq_len == (8192 if size == "gpu" else 512)
+                if size == "gpu":
+                    assert runner.timed_tasks == ["perplexity"] and cfg.task.token_lengths == [8000]
+            if size == "gpu" and kernel:
+                assert (m.num_heads, m.num_kv_heads, m.head_dim) == (9, 3, 64) and cfg.dtype == "bfloat16"
+            method = methods.build(cfg.method, max_seq_len=8192, **shape)
+            assert method.impl == cfg.method.impl
+            seen.add((cfg.method._target_.rsplit(".", 1)[1], "kernel" if kernel else cfg.task._target_))
+            built += 1
+    names = {n for n, _ in seen}
+    assert names == {"Dense", "MInference", "NSA", "SampleAttention", "SpargeAttn", "MoA", "S2Attention",
+                     "StarAttention", "SeerAttention", "HiP", "HyperAttention"}
+    assert all((n, t) in seen for n in names for t in ("kernel", "tasks.perplexity.Perplexity",
+                                                        "tasks.needle.Needle", "tasks.fidelity.Fidelity"))
