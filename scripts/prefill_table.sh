@@ -56,6 +56,9 @@ if [ "$SIZE" = cpu ]; then
     # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
     HIP=(method.top_k=64 method.window=32)
     DENSE_BACKEND=auto   # no cuDNN on a CPU
+    # inside the model on a CPU the fast paths fall back to eager FlexAttention (tens of seconds a
+    # forward): the reference paths there; the kernel part keeps the GPU's impls (their fallbacks)
+    RFAST=reference RFLEX=reference
     KLENS1=${KLENS1-[256]}
     KLENS2=${KLENS2-[512]}
     HYPER=(method.min_seq_len=128 method.block_size=64 method.sample_size=64)
@@ -68,6 +71,7 @@ else
     SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
     HIP=()
     HYPER=()
+    RFAST=triton RFLEX=flex
     DENSE_BACKEND=${DENSE_BACKEND:-auto}   # PyTorch's pick, named in the records: cuDNN on the H200 at
                                           # these shapes (results/efficiency); DENSE_BACKEND=cudnn forces it
     KLENS1=${KLENS1-[8192,32768]}
@@ -89,14 +93,14 @@ run() {
     if [ "$left" -lt 20 ]; then echo "prefill_table: part budget ${BUDGET_S}s spent: skipped attnbench $*"; return 0; fi
     timeout "$left" $AB "$@" || echo "prefill_table: attnbench $* failed or ran out of time (records say what finished)"
 }
-group() {  # group <lengths or ""> <extra overrides...>: every method group of the part once
-    local lens=$1; shift
+group() {  # group <lengths or ""> <fast impl> <flex impl> <extra overrides...>: every method group once
+    local lens=$1 fast=$2 flex=$3; shift 3
     local L=(); [ -n "$lens" ] && L=("runner.seq_lens=$lens")
     [ -n "$DENSE" ] && run -m "$@" method=dense "method.backend=$DENSE_BACKEND" "${L[@]}" "${EXTRA[@]}"
-    [ -n "$TRITON_METHODS" ] && run -m "$@" "method=$TRITON_METHODS" method.impl=triton "${L[@]}" "${EXTRA[@]}"
-    [ -n "$SEER" ] && run -m "$@" method=seer_attention method.impl=triton method.selection=threshold,topk \
+    [ -n "$TRITON_METHODS" ] && run -m "$@" "method=$TRITON_METHODS" "method.impl=$fast" "${L[@]}" "${EXTRA[@]}"
+    [ -n "$SEER" ] && run -m "$@" method=seer_attention "method.impl=$fast" method.selection=threshold,topk \
         "${SEER_ARGS[@]}" "${L[@]}" "${EXTRA[@]}"
-    [ -n "$FLEX_METHODS" ] && run -m "$@" "method=$FLEX_METHODS" method.impl=flex "${HIP[@]}" "${L[@]}" "${EXTRA[@]}"
+    [ -n "$FLEX_METHODS" ] && run -m "$@" "method=$FLEX_METHODS" "method.impl=$flex" "${HIP[@]}" "${L[@]}" "${EXTRA[@]}"
     return 0
 }
 EXTRA=("$@")
@@ -104,11 +108,11 @@ if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = kernel ]; }; 
     PART_START=$(date +%s)
     echo "prefill_table: kernel part, $(date -u +%T), budget ${BUDGET_S}s"
     # length-major: every method at the short lengths first, then the longest
-    group "$KLENS1" runner=kernel "${KARGS[@]}"
+    group "$KLENS1" triton flex runner=kernel "${KARGS[@]}"
     # HyperAttention's reference builds [T, T] weights: the short lengths only
     [ -n "$REF_METHODS" ] && run -m runner=kernel "method=$REF_METHODS" "${HYPER[@]}" "${KARGS[@]}" \
         "runner.seq_lens=$KLENS1" "${EXTRA[@]}"
-    [ -n "$KLENS2" ] && group "$KLENS2" runner=kernel "${KARGS[@]}"
+    [ -n "$KLENS2" ] && group "$KLENS2" triton flex runner=kernel "${KARGS[@]}"
 fi
 if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; then
     PART_START=$(date +%s)
@@ -122,7 +126,7 @@ if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; th
             echo "prefill_table: gate training failed or ran out of time: SeerAttention runs its untrained gate"
         fi
     fi
-    group "" "${RARGS[@]}"
+    group "" "$RFAST" "$RFLEX" "${RARGS[@]}"
     [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RARGS[@]}" "${EXTRA[@]}"
 fi
 echo "prefill_table: report, $(date -u +%T)"
