@@ -18,7 +18,10 @@ gives the bound: the record carries the achieved density beside the target.
 
 MInference's knob depends on its pattern: a_shape the window, vertical_slash the number of
 slashes (the verticals as configured), block_sparse the blocks per query block (a searched
-pattern file has none: its budgets are per head).
+pattern file has none: its budgets are per head). SeerAttention's knob is its top-k share of
+the visible blocks (``nz_ratio``) under ``selection=topk``; under ``selection=threshold`` (its
+official default) the density falls as the threshold grows, so that operating point has no knob
+here (run it at ``selection=topk`` for an equal-budget comparison).
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ def knob(method) -> tuple[str, bool, Callable] | None:
             return None  # searched: budgets per head, from its pattern file
         name, bounds = MINFERENCE_KNOBS[method.pattern]
         return name, True, bounds
+    if method.name == "seer_attention":
+        return ("nz_ratio", False, lambda m, tq, tk: (1e-4, 1.0)) if method.selection == "topk" else None
     return KNOBS.get(method.name)
 
 
@@ -104,7 +109,7 @@ def fit_density(method, q, k, v, causal: bool, target: float, steps: int = 14) -
         raise ValueError(f"target density must be a number in (0, 1], got {target!r}")
     spec = knob(method)
     if spec is None:
-        have = sorted([*KNOBS, "minference"])
+        have = sorted([*KNOBS, "minference", "seer_attention (selection=topk)"])
         raise ValueError(f"{type(method).__name__} has no budget knob for an equal-budget run "
                          f"(methods with one: {', '.join(have)})")
     name, integer, bounds = spec

@@ -16,7 +16,10 @@ hidden]):
 
 (the official gate uses a single linear layer on K when hidden == D and Q has one pooling; with
 the default hidden 128 both exist). Selection: ``threshold`` (official default method) keeps
-block j where G_ij >= threshold; ``topk`` keeps the ceil(nz_ratio * visible) best blocks. The
+block j where G_ij >= threshold; ``topk`` (the official code's other method, ``nz_ratio``)
+keeps the ceil(nz_ratio * visible) best blocks: both selectable (``selection``), the records
+name the operating point (``describe``), and top-k is the budget knob of equal-budget runs
+(``methods.budget``: nz_ratio). The
 diagonal block is always kept (a reading: so that no causal query is left with no key) and,
 with ``last_block_dense`` (official default True), the last query block keeps every block.
 The attention is then exact softmax attention over the kept blocks (and causality):
@@ -171,7 +174,10 @@ class SeerAttention(SparseMethod):
                 "gate_path": self.gate_path, "layer": self.layer}
 
     def describe(self, q, k, v, causal, key_padding_mask=None) -> dict:
-        return {"gate": self.gate if not self.gate_path else f"trained ({Path(self.gate_path).name}, layer {self.layer})"}
+        point = (f"threshold {self.threshold:g}" if self.selection == "threshold"
+                 else f"topk nz_ratio {self.nz_ratio:g}")
+        return {"gate": self.gate if not self.gate_path else f"trained ({Path(self.gate_path).name}, layer {self.layer})",
+                "operating_point": point}
 
     # ---- the gate -------------------------------------------------------------------------
     def _visible(self, tq, tk, causal, device, key_padding_mask=None):

@@ -58,6 +58,10 @@ class KernelRunner:
     # the method's budget knob is fitted per length on the timed inputs (methods.budget); not in
     # conf/runner/kernel.yaml, so that the run_ids of the other runs stay as they were
     target_density: float | None = None
+    # attention recall at every length (``+runner.recall_rows=1024``): on the fidelity task's
+    # structured inputs at that length, averaged over this many query rows spread over the
+    # sequence (``tasks.recall.sampled_recall``: no [T, T] map); not in the YAML, as above
+    recall_rows: int | None = None
 
     def run(self, cfg: DictConfig) -> list[records.RunRecord]:
         task = instantiate(cfg.task)
@@ -147,6 +151,9 @@ class KernelRunner:
             rec.metrics["density_achieved"] = (method.last_density if method.last_density is not None
                                                else rec.cost["density"])
 
+        if self.recall_rows:
+            self._recall(rec, method, task, shape, T, device, dtype, seed)
+
         with torch.no_grad():
             fwd = lambda: method(q, k, v, causal=causal)  # noqa: E731
             rec.latency_ms["forward"] = bench.time_ms(fwd, device, self.warmup, self.repeats, self.rep_ms)
@@ -170,6 +177,31 @@ class KernelRunner:
 
             rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
         return method  # the method measured (at the fitted budget in an equal-budget run)
+
+    def _recall(self, rec, method, task, shape, T, device, dtype, seed) -> None:
+        """metrics.recall, recall_min and recall_density on structured inputs of length T (rows
+        sampled: ``recall_rows``); a failure (memory) is noted in details.recall, the timing goes on."""
+        from tasks.fidelity import structured_qkv
+        from tasks.recall import sampled_recall
+
+        B, H, Hkv, D = shape
+        t = task.cfg
+        how = (f"structured inputs (tasks.fidelity: {int(t.num_dominant)} dominant keys per query, "
+               f"dominance {float(t.dominance)}), {T} tokens, {min(int(self.recall_rows), T)} query rows sampled")
+        try:
+            q, k, _ = structured_qkv(B, H, Hkv, T, D, device, dtype, seed + T, self.causal,
+                                     int(t.num_dominant), float(t.dominance))
+            r = sampled_recall(method, q, k, self.causal, rows=int(self.recall_rows))
+        except Exception as exc:  # noqa: BLE001 - recall is extra: the record keeps its timing
+            rec.details["recall"] = f"{how}: failed ({type(exc).__name__}: {str(exc)[:200]})"
+            return
+        finally:
+            gc.collect()
+        if r is None:
+            rec.details["recall"] = f"{how}: not available (the method chooses no keys, or only through a [T, T] map)"
+            return
+        rec.details["recall"] = how
+        rec.metrics.update({"recall": r["recall"], "recall_min": r["recall_min"], "recall_density": r["density"]})
 
     def _at_budget(self, rec, method, q, k, v):
         """The method with its budget knob fitted to ``target_density`` on q, k, v (or as it is,

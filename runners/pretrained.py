@@ -8,7 +8,9 @@ record per run, in one pass:
            (it supplies the real q/k/v) and the method is measured on what it captures
   measure  the task's quality metrics; the prefill latency and peak memory of one forward
            pass at the task's length through the method (logits of the last position only,
-           as a prefill before generation computes them)
+           as a prefill before generation computes them); for a method that builds an index
+           (``has_index``), one more forward under ``index_timing(True)``: ``metrics.index_ms``,
+           the index steps of all layers summed (synced), and ``metrics.index_layers``
   record   the model's name and file hash, the text source and the tokens evaluated
 
 A KV-cache press (``methods.press``) runs in a model built on ``models.hf_decode``: a press that
@@ -163,6 +165,23 @@ class PretrainedRunner:
         rec.details["timer"] = rec.latency_ms["prefill"].pop("timer")
         rec.details["prefill"] = f"one forward of {n} tokens, logits of the last position only"
         rec.peak_mem_bytes["prefill"], rec.details["memory"] = bench.peak_memory_bytes(fwd, device)
+        rec.metrics.update(self._index_time(model, fwd))
+
+    @staticmethod
+    def _index_time(model, fwd) -> dict:
+        """{index_ms, index_share} of a prefill through a method that builds an index
+        (``has_index``): one more forward under ``index_timing(True)`` (synced), the index steps of
+        all layers summed; index_share = index_ms / the prefill's p50 is left to the tables. {}
+        where no layer's method builds an index (or none did in that call: A-shape heads)."""
+        from methods.base import index_timing
+
+        built = [m._attnbench_method for m in model.modules() if hasattr(m, "_attnbench_method")]
+        if not any(getattr(m, "has_index", False) for m in built):
+            return {}
+        with torch.no_grad(), index_timing(True):
+            fwd()
+        times = [m.last_index_ms for m in built if getattr(m, "has_index", False) and m.last_index_ms is not None]
+        return {"index_ms": float(sum(times)), "index_layers": len(times)} if times else {}
 
     @staticmethod
     def _ran_real_kernel(model) -> bool:
