@@ -295,22 +295,28 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
     for i in range(L, T):
         out = m.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache)
         left = i - win  # the key that left the window joins its nearest list
-        recall = []
+        recall, scanned = [], 0
         for b in range(B):
             for kvh in range(HKV):
                 cent, lists, linked = index[b, kvh]
                 lists[_nearest(k[b, kvh, left], cent)].add(left)
+                group = set()
                 for h in range(kvh * G, (kvh + 1) * G):
                     qh, keys = q[b, h, i], k[b, kvh, :i + 1]
                     probed = _top(cent @ qh, nprobe)
                     cand = set().union(*(lists[c] | linked[c] for c in probed))
+                    group |= cand
                     got = _top(keys @ qh, topk, sorted(cand))
                     static = set(range(sinks)) | set(range(i + 1 - win, i + 1))
                     assert _positions(m, b, h) == static | got
                     torch.testing.assert_close(out[b, h, 0], softmax_attend(qh, keys, v[b, kvh, :i + 1], static | got))
                     indexed = sorted(set().union(*lists.values()))
                     recall.append(len(got & _top(keys @ qh, topk, indexed)) / topk)
+                scanned += len(group)
         assert m.last_step["stats"]["topk_recall"] == pytest.approx(sum(recall) / len(recall))
+        # the search read the centroids and the probed lists' keys (each once per KV head), no other key
+        assert m.last_step["index_bytes"] == (B * HKV * C + scanned) * D * 8
+        assert scanned < B * HKV * (i + 1 - win - sinks)
         assert not m.last_step["clamped"]
 
 
