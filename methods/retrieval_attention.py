@@ -57,7 +57,7 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, distinct_rows
 from methods.squeezed_attention import _nearest, kmeans
 
 
@@ -239,13 +239,13 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
         H, G = self.num_heads, self.num_heads // Hkv
         cand, real, n = sel.extra["cand"], sel.extra["real"], sel.extra["indexed"]
+        C = cache.aux["centroids"].shape[2]
+        sel.index_bytes = (B * Hkv * C + distinct_rows(cand, real, B, Hkv)) * cache.row_bytes()
+        info = super().step_info(cache, sel)
+        if self.step_record != "full":  # the bytes only (model generation)
+            return info
         retrieved = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
         retrieved = retrieved.scatter(-1, torch.where(sel.extra["found"], sel.extra["top"], S), True)[..., :S]
-        scanned = torch.zeros(B, Hkv, S + 1, dtype=torch.bool, device=cand.device)
-        scanned.scatter_(-1, torch.where(real, cand, S).view(B, Hkv, -1), True)
-        C = cache.aux["centroids"].shape[2]
-        sel.index_bytes = float(B * Hkv * C * cache.row_bytes() + int(scanned[..., :S].sum()) * cache.row_bytes())
-        info = super().step_info(cache, sel)
         if n == 0:
             info["stats"] = {"topk_recall": 1.0, "scanned_fraction": 1.0}
             return info

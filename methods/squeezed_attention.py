@@ -246,9 +246,11 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         under = sel.extra.get("under")
         if under is not None:  # the L2 centroids and sizes under a kept L1 cluster, each (batch, KV head) once
             B, Hkv = cache.batch, cache.num_kv_heads
-            rows = int(under.view(B, Hkv, self.num_heads // Hkv, -1).any(2).sum())
-            sel.index_bytes = sel.extra["base_bytes"] + float(rows * (cache.row_bytes() + 4))
+            rows = under.view(B, Hkv, self.num_heads // Hkv, -1).any(2).sum()  # on device
+            sel.index_bytes = sel.extra["base_bytes"] + rows * (cache.row_bytes() + 4)
         info = super().step_info(cache, sel)
+        if self.step_record != "full":  # the bytes only (model generation)
+            return info
         kept = sel.extra.get("kept")
         info["stats"] = {"kept_fraction": 1.0 if kept is None else float(kept.float().mean())}
         return info

@@ -187,6 +187,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         else:
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))
+        layer.path.step_record = "bytes"  # only the bytes, on device: no host synchronisation per step
         if hasattr(layer.path, "set_layer"):  # a press: its layer of the model's (PyramidKV's budget)
             layer.path.set_layer(module.layer_idx, module.config.num_hidden_layers)
         if hasattr(layer.path, "set_tokens") and layer.token_info is not None:  # FastGen's token classes
@@ -399,7 +400,7 @@ class Session:
     def stats(self) -> list[dict]:
         return [{"path": type(la.path).__name__, "decode_fallback": la.path.decode_fallback,
                  "bytes_held": la.kv.bytes_held(),
-                 "bytes_read_per_step": sum(la.bytes_read) / max(1, len(la.bytes_read)),
+                 "bytes_read_per_step": float(sum(la.bytes_read)) / max(1, len(la.bytes_read)),  # one sync
                  **(la.path.press_details() if hasattr(la.path, "press_details") else {})}
                 for la in self.cache.layers]
 
