@@ -30,6 +30,9 @@ themselves):
           their lists and links (a key listed twice counted once); only they are gathered and
           scored, so a step reads the C centroids and the probed lists, not every key; the
           ``top_k`` candidates of largest q . k_j (exact) are retrieved.
+          Cost note: the search gathers nprobe x (longest list + decode growth + links) key
+          slots per query head, padding masked; with an unbalanced k-means (a few long lists)
+          the step's time grows past what the bytes count (the distinct real rows scanned).
   attend  exact attention over static + retrieved keys; the paper computes the two parts on GPU
           and CPU and merges them by their log-sum-exp, which is the same softmax:
               o = softmax(q K_R^T / sqrt(D)) V_R,   R = sinks + window + retrieved
