@@ -224,6 +224,17 @@ class Selection:
     extra: dict = field(default_factory=dict)
 
 
+def distinct_rows(slots: torch.Tensor, valid: torch.Tensor | None, batch: int, num_kv_heads: int) -> torch.Tensor:
+    """How many distinct valid rows ``slots`` [B, H, n] name, each (batch, KV head, row) once:
+    a 0-dim device tensor (no host synchronisation; a sort of the group's slots, no cache-length
+    mask)."""
+    x = slots if valid is None else torch.where(valid, slots, -1)
+    x = x.reshape(batch, num_kv_heads, -1).sort(dim=-1).values
+    new = x >= 0
+    new[..., 1:] &= x[..., 1:] != x[..., :-1]
+    return new.sum()
+
+
 def gather_heads(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` [B, Hkv, S, D] at ``slots`` [B, H, n] (query head h reads KV head
     h // (H / Hkv), as ``repeat_kv`` pairs them): [B, H, n, D]. Slots out of range (padding,
@@ -357,6 +368,10 @@ class DecodePath:
 
     decode_fallback: str | None = None  # "dense": the method has no decode path of its own
     last_step: dict | None = None
+    # what ``step_info`` records: "full" (floats, positions per query head, statistics) or
+    # "bytes" (model generation: only the bytes, as device tensors; no host synchronisation in
+    # the accounting, no positions; models.hf_decode sets it and sums the bytes once at the end)
+    step_record: str = "full"
     needs_calibration: bool = False  # True: ``calibrate(samples)`` must run before the prefill
 
     # ---- what the path is -----------------------------------------------------------------
@@ -478,23 +493,29 @@ class DecodePath:
 
     # ---- accounting -------------------------------------------------------------------------
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
-        """What a step read: positions per query head, index and K/V bytes, clamping."""
+        """What a step read: positions per query head, index and K/V bytes, clamping. With
+        ``step_record = "bytes"`` only the bytes, as device tensors (no host synchronisation)."""
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
+        full = self.step_record == "full"
+        positions = None
         if sel.slots is None and cache.head_pos is not None:  # a pressed cache: each head its own tokens
-            kv_rows = int((cache.head_positions() != -1).sum())  # empty slots are not read
-            positions = cache.head_positions().repeat_interleave(self.num_heads // Hkv, 1)
+            kv_rows = (cache.head_positions() != -1).sum()  # empty slots are not read
+            if full:
+                positions = cache.head_positions().repeat_interleave(self.num_heads // Hkv, 1)
         elif sel.slots is None:
-            kv_rows, positions = B * Hkv * S, None
+            kv_rows = B * Hkv * S
         else:
-            H, n = sel.slots.shape[1], sel.slots.shape[2]
-            valid = torch.ones_like(sel.slots, dtype=torch.bool) if sel.valid is None else sel.valid
-            hit = torch.zeros(B, Hkv, S, dtype=torch.int32, device=cache.device)
-            hit.scatter_add_(2, sel.slots.clamp(0, S - 1).reshape(B, Hkv, -1),
-                             valid.reshape(B, Hkv, -1).to(torch.int32))
-            kv_rows = int((hit > 0).sum())
-            held = gather_heads(cache.head_positions().unsqueeze(-1), sel.slots)[..., 0]
-            positions = torch.where(valid, held, -1).view(B, H, n)
+            kv_rows = distinct_rows(sel.slots, sel.valid, B, Hkv)
+            if full:
+                H, n = sel.slots.shape[1], sel.slots.shape[2]
+                valid = torch.ones_like(sel.slots, dtype=torch.bool) if sel.valid is None else sel.valid
+                held = gather_heads(cache.head_positions().unsqueeze(-1), sel.slots)[..., 0]
+                positions = torch.where(valid, held, -1).view(B, H, n)
         kv_bytes = 2.0 * kv_rows * cache.row_bytes()
+        if not full:
+            return {"index_bytes": sel.index_bytes, "kv_bytes": kv_bytes, "bytes_read": sel.index_bytes + kv_bytes,
+                    "clamped": sel.clamped}
+        kv_bytes = float(kv_bytes)
         return {"positions": positions, "index_bytes": float(sel.index_bytes), "kv_bytes": kv_bytes,
                 "bytes_read": float(sel.index_bytes) + kv_bytes, "clamped": bool(sel.clamped)}
 

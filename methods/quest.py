@@ -17,7 +17,10 @@ the heads of a group use the same summaries); attention over those keys is exact
 (``methods.decode.select_then_attend``: the Triton gather kernel on CUDA).
 
 Defaults as the official code: page (chunk) size 16; token budget 1024 (the paper evaluates
-256-4096). The prefill is dense (the official code runs flash attention for every prompt).
+256-4096). ``page_size`` is a knob: a step reads the summaries of every page, 2 S / page_size
+rows per KV head, so at long contexts they bound the speed-up (with pages of 16 at S = 128k the
+summaries alone are 1/8 of K); larger pages cut them, at a coarser selection.
+``scripts/decode_table.sh`` adds such a row (``QUEST_PAGE``, 64 by default) beside the default. The prefill is dense (the official code runs flash attention for every prompt).
 A budget of at least the pages held reads every page: it is clamped to the cache, and
 ``last_step["clamped"]`` says so.
 Model-level choices of the paper that are not part of one attention layer: its first two layers

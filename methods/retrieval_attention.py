@@ -23,19 +23,30 @@ themselves):
           argmax_c q_i . c (the query-to-key links; 0: a plain IVF over keys); each list keeps
           its ``max_links`` most linked keys (a degree bound, as a graph index has; None: the mean
           list size). A key leaving the recent window joins the list of its nearest centroid.
+          The lists are stored padded ([B, Hkv, C, longest list + the tokens the cache can still
+          take]) with a count per list, so that an append and a search keep fixed shapes: no host
+          synchronisation per step (capturable in a CUDA graph).
   search  per query head: the ``nprobe`` centroids of largest q . c; candidates = the keys of
-          their lists; the ``top_k`` candidates of largest q . k_j (exact) are retrieved.
+          their lists and links (a key listed twice counted once); only they are gathered and
+          scored, so a step reads the C centroids and the probed lists, not every key; the
+          ``top_k`` candidates of largest q . k_j (exact) are retrieved.
+          Cost note: the search gathers nprobe x (longest list + decode growth + links) key
+          slots per query head, padding masked; with an unbalanced k-means (a few long lists)
+          the step's time grows past what the bytes count (the distinct real rows scanned).
   attend  exact attention over static + retrieved keys; the paper computes the two parts on GPU
           and CPU and merges them by their log-sum-exp, which is the same softmax:
               o = softmax(q K_R^T / sqrt(D)) V_R,   R = sinks + window + retrieved
 
+A fork of the released code (minsikky/RetrievalAttention, benchmark/config.py) builds the
+graph form: each prefill query's q_knn = 32 nearest keys linked, key degree capped at 64; this
+module keeps the IVF form above (the closest one tested here without a graph library).
 Defaults: top_k 100, 128 sinks and a window of 512 (as we read the paper's setting; the public
 repository ships its successor's binaries, not this configuration), nprobe 8 of ceil(sqrt(n))
 lists (about 2% of the keys at 128k: the paper's "1-3% of keys scanned"), 16 links per query,
 at most the mean list size of linked keys per list.
 A top_k of at least the indexed keys retrieves them all (``last_step["clamped"]``). The prefill
-is dense. The reference scores every key exactly (for the recall statistic) but counts as read
-only what the search touches.
+is dense. ``step_info`` (outside the timed phases) scores every key exactly for the recall
+statistic; the bytes count only what the search touched.
 
 Bytes per step (``last_step``): the centroids and the candidate keys scanned (``index_bytes``,
 each (batch, KV head, key) once) and the K/V rows attended. ``last_step["stats"]``:
@@ -49,10 +60,8 @@ import math
 import torch
 
 from methods.base import AttentionMethod, Cost, dense_flops
-from methods.decode import DecodePath, DensePrefill, KVCache, Selection
+from methods.decode import DecodePath, DensePrefill, KVCache, Selection, distinct_rows
 from methods.squeezed_attention import _nearest, kmeans
-
-STATIC, FLAT = -1, -2  # assign: a static key (sink or window; or an empty slot), an indexed key with no centroid
 
 
 class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
@@ -96,20 +105,38 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         return self.num_sink, max(self.num_sink, length - self.window)
 
     def build_index(self, cache: KVCache) -> None:
-        B, Hkv, cap, D = cache.k.shape
+        """k-means over the indexed keys and the inverted lists: ``lists`` [B, Hkv, C, cap] (key
+        positions, -1 padding; cap = the longest list plus the tokens the cache can still take, so
+        that a decode step appends in place, without a host synchronisation) and ``counts`` [B,
+        Hkv, C]. Nothing indexed yet: one list (a zero centroid, always probed) that collects the
+        keys leaving the window (a flat scan of them)."""
+        B, Hkv, _, D = cache.k.shape
         a, b = self.indexed_range(cache.length)
-        cache.aux["assign"] = torch.full((B, Hkv, cap), STATIC, dtype=torch.int32, device=cache.device)
-        if b <= a:
-            return  # nothing to index yet: keys leaving the window are scanned flat (FLAT)
-        n = b - a
-        C = min(n, self.num_clusters_set or math.ceil(math.sqrt(n)))
-        c, labels = kmeans(cache.k[:, :, a:b], C, self.kmeans_iters)
+        n, grow = max(0, b - a), cache.capacity - cache.length
+        if n == 0:
+            c = torch.zeros(B, Hkv, 1, D, dtype=cache.dtype, device=cache.device)
+            labels = torch.zeros(B, Hkv, 0, dtype=torch.long, device=cache.device)
+            cache.aux["flat"] = True
+        else:
+            c, labels = kmeans(cache.k[:, :, a:b], min(n, self.num_clusters_set or math.ceil(math.sqrt(n))),
+                               self.kmeans_iters)
+        C = c.shape[2]
+        counts = torch.zeros(B, Hkv, C, dtype=torch.long, device=cache.device)
+        counts.scatter_add_(2, labels, torch.ones_like(labels))
+        width = max(1, (int(counts.max()) if n else 0) + grow)
+        lists = torch.full((B, Hkv, C * width), -1, dtype=torch.long, device=cache.device)
+        if n:  # each key at its rank within its list (a stable sort by label keeps position order)
+            lab, order = labels.sort(dim=-1, stable=True)
+            first = counts.cumsum(-1) - counts  # where each list starts in the sorted order
+            rank = torch.arange(n, device=cache.device) - first.gather(2, lab)
+            lists.scatter_(2, lab * width + rank, order + a)
         cache.aux["centroids"] = c.to(cache.dtype)
-        cache.aux["assign"][:, :, a:b] = labels.to(torch.int32)
+        cache.aux["lists"] = lists.view(B, Hkv, C, width)
+        cache.aux["counts"] = counts
 
     def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
         out = super().prefill(q, k, v, cache)  # checks, stores, clusters (build_index)
-        if "centroids" in cache.aux and self.query_links:
+        if "flat" not in cache.aux and self.query_links:
             cache.aux["links"] = self._links(q, cache)
         return out
 
@@ -147,91 +174,94 @@ class RetrievalAttention(DensePrefill, DecodePath, AttentionMethod):
         return out
 
     def update_index(self, cache: KVCache, k_t, v_t) -> None:
+        """The key that left the window appended to the list of its nearest centroid (on device:
+        the list's count says where)."""
         p = cache.seen - 1 - self.window  # the token that left the window
         if p < self.num_sink:
             return
-        if "centroids" not in cache.aux:
-            cache.aux["assign"][:, :, p] = FLAT
-            return
-        cache.aux["assign"][:, :, p] = _nearest(cache.k[:, :, p:p + 1].to(cache.aux["centroids"].dtype),
-                                                cache.aux["centroids"])[..., 0].to(torch.int32)
+        c, counts, lists = cache.aux["centroids"], cache.aux["counts"], cache.aux["lists"]
+        B, Hkv, C, width = lists.shape
+        near = _nearest(cache.k[:, :, p:p + 1].to(c.dtype), c)  # [B, Hkv, 1]
+        at = near * width + counts.gather(2, near).clamp_max(width - 1)  # width covers every append
+        lists.view(B, Hkv, C * width).scatter_(2, at, torch.full_like(at, p))
+        counts.scatter_add_(2, near, torch.ones_like(near))
 
     # ---- the search -------------------------------------------------------------------------------
-    def static_mask(self, cache: KVCache) -> torch.Tensor:
-        pos = cache.positions()
-        return (pos < self.num_sink) | (pos >= cache.seen - self.window)  # [S]
-
-    def candidates(self, q_t, cache: KVCache) -> torch.Tensor:
-        """The keys the search scans for each query head: [B, H, S] bool."""
+    def candidates(self, q_t, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys the search scans for each query head: the lists (and links) of its ``nprobe``
+        centroids of largest q . c, as positions [B, H, M] sorted, and which are real [B, H, M]
+        (not padding, not a repeat of a key already listed)."""
         B, H, _, D = q_t.shape
-        Hkv, S, G = cache.num_kv_heads, cache.length, H // cache.num_kv_heads
-        assign = cache.aux["assign"][:, :, :S].unsqueeze(2)  # [B, Hkv, 1, S]: a group's heads share it
-        cand = (assign == FLAT).expand(B, Hkv, G, S).reshape(B, H, S)
-        if "centroids" not in cache.aux:
-            return cand
-        c = cache.aux["centroids"]
-        z = (q_t.to(c.dtype).view(B, Hkv, G, D) @ c.transpose(-1, -2)).view(B, H, -1)  # [B, H, C]
-        probe = z.topk(min(self.nprobe, c.shape[2]), dim=-1).indices  # [B, H, nprobe]
-        probed = torch.zeros_like(z, dtype=torch.bool).scatter(-1, probe, True).view(B, Hkv, G, -1)
-        hit = probed.gather(-1, assign.clamp_min(0).long().expand(B, Hkv, G, S)) & (assign >= 0)
-        cand |= hit.view(B, H, S)
-        if "links" in cache.aux:
-            links = cache.aux["links"]  # [B, Hkv, C, E]: the lists of the probed centroids, per query head
-            E, P = links.shape[-1], probe.shape[-1]
-            idx = probe.view(B, Hkv, G * P, 1).expand(-1, -1, -1, E)
-            got = links.gather(2, idx).view(B, H, P * E).long()
-            hit = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
-            hit.scatter_(-1, torch.where(got >= 0, got, S), True)
-            cand |= hit[..., :S]
-        return cand
+        Hkv, G = cache.num_kv_heads, H // cache.num_kv_heads
+        c, lists = cache.aux["centroids"], cache.aux["lists"]
+        z = (q_t.to(c.dtype).view(B, Hkv, G, D) @ c.transpose(-1, -2)).view(B, Hkv, -1)  # [B, Hkv, G C]
+        probe = z.view(B, Hkv, G, -1).topk(min(self.nprobe, c.shape[2]), dim=-1).indices  # [B, Hkv, G, P]
+        P = probe.shape[-1]
+        parts = []
+        for table in (lists, cache.aux.get("links")):
+            if table is not None:  # [B, Hkv, C, E]: the rows of the probed centroids, per query head
+                E = table.shape[-1]
+                got = table.gather(2, probe.reshape(B, Hkv, G * P, 1).expand(-1, -1, -1, E))
+                parts.append(got.reshape(B, H, P * E).long())
+        cand = torch.cat(parts, -1).sort(dim=-1).values
+        real = cand >= 0
+        real[..., 1:] &= cand[..., 1:] != cand[..., :-1]
+        return cand, real
 
     def select(self, q_t, cache: KVCache) -> Selection:
         """The static keys (sinks, window) and the top_k candidates of largest q . k: slots [B, H,
-        static + top_k], a retrieved slot invalid where fewer candidates were found. Slots are
-        positions here (nothing is evicted), so the static ones are known from the counts alone:
-        no host synchronisation, no sort of the cache's slots."""
+        static + top_k], a retrieved slot invalid where fewer candidates were found. Only the
+        probed lists' keys are gathered and scored. Slots are positions here (nothing is evicted),
+        so the static ones are known from the counts alone: no host synchronisation."""
         self._check_q(q_t, cache)
         B, H, _, D = q_t.shape
-        Hkv, S = cache.num_kv_heads, cache.length
+        Hkv, S, G = cache.num_kv_heads, cache.length, H // cache.num_kv_heads
         dt = torch.float64 if q_t.dtype == torch.float64 else torch.float32
-        cand = self.candidates(q_t, cache)
-        s = (q_t.view(B, Hkv, H // Hkv, D) @ cache.keys().transpose(-1, -2)).view(B, H, S).to(dt)
-        val, top = s.masked_fill(~cand, float("-inf")).topk(min(self.top_k, S), dim=-1)
+        cand, real = self.candidates(q_t, cache)
+        M = cand.shape[-1]
+        rows = cand.clamp_min(0).view(B, Hkv, G * M, 1).expand(-1, -1, -1, D)
+        keys = cache.k.gather(2, rows).view(B, H, M, D)
+        s = (keys @ q_t.to(keys.dtype).transpose(-1, -2))[..., 0].to(dt)  # [B, H, M]
+        val, j = s.masked_fill(~real, float("-inf")).topk(min(self.top_k, M), dim=-1)
+        found = val > float("-inf")
+        top = torch.where(found, cand.gather(-1, j), 0)
         cut = min(S, max(self.num_sink, S - self.window))  # static: [0, num_sink) and [cut, S)
         static = torch.cat([torch.arange(min(self.num_sink, S), device=q_t.device),
                             torch.arange(cut, S, device=q_t.device)]).expand(B, H, -1)
-        found = val > float("-inf")
         slots = torch.cat([static, top], -1)
         valid = torch.cat([torch.ones_like(static, dtype=torch.bool), found], -1)
         indexed = max(0, S - self.window - self.num_sink)  # the keys between the sinks and the window
         return Selection(slots=slots, valid=valid, clamped=self.top_k >= indexed > 0,
-                         extra={"cand": cand, "top": top, "found": found, "q": q_t, "indexed": indexed})
+                         extra={"cand": cand, "real": real, "top": top, "found": found, "q": q_t,
+                                "indexed": indexed})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
-        """Adds what the search read (centroids, candidate keys) and the statistics (counted here,
-        outside the timed phases): the recall of the exact top_k of the indexed keys, the share
-        of them scanned."""
+        """Adds what the search read (centroids, candidate keys: each (batch, KV head, key) once)
+        and the statistics (counted here, outside the timed phases): the recall of the exact
+        top_k of the indexed keys, the share of them scanned."""
         B, Hkv, S = cache.batch, cache.num_kv_heads, cache.length
         H, G = self.num_heads, self.num_heads // Hkv
-        cand, n = sel.extra["cand"], sel.extra["indexed"]
+        cand, real, n = sel.extra["cand"], sel.extra["real"], sel.extra["indexed"]
+        C = cache.aux["centroids"].shape[2]
+        sel.index_bytes = (B * Hkv * C + distinct_rows(cand, real, B, Hkv)) * cache.row_bytes()
+        info = super().step_info(cache, sel)
+        if self.step_record != "full":  # the bytes only (model generation)
+            return info
         retrieved = torch.zeros(B, H, S + 1, dtype=torch.bool, device=cand.device)
         retrieved = retrieved.scatter(-1, torch.where(sel.extra["found"], sel.extra["top"], S), True)[..., :S]
-        scanned = cand.view(B, Hkv, G, S).any(2)
-        C = cache.aux["centroids"].shape[2] if "centroids" in cache.aux else 0
-        sel.index_bytes = float(B * Hkv * C * cache.row_bytes() + int(scanned.sum()) * cache.row_bytes())
-        info = super().step_info(cache, sel)
         if n == 0:
             info["stats"] = {"topk_recall": 1.0, "scanned_fraction": 1.0}
             return info
         q = sel.extra["q"]
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         s = (q.to(dt).view(B, Hkv, G, -1) @ cache.keys().to(dt).transpose(-1, -2)).view(B, H, S)
-        indexed = (cache.aux["assign"][:, :, :S] != STATIC).repeat_interleave(G, 1)
+        pos = torch.arange(S, device=q.device)
+        indexed = (pos >= self.num_sink) & (pos < S - self.window)
         k = min(self.top_k, n)
         true = s.masked_fill(~indexed, float("-inf")).topk(k, dim=-1).indices
         recall = retrieved.gather(-1, true).float().sum(-1) / k
         info["stats"] = {"topk_recall": float(recall.mean()),
-                         "scanned_fraction": float((cand & indexed).float().sum(-1).mean()) / n}
+                         "scanned_fraction": float(real.float().sum(-1).mean()) / n}
         return info
 
 

@@ -25,8 +25,25 @@ clustered (the observation window and each generated token: the paper attends th
     o = softmax(q K_R^T / sqrt(D)) V_R,   R = {j : S_label(j) >= T} + unclustered keys
 
 Defaults as the official scripts: 5% of the keys as centroids, an observation window of 100,
-sparsity 0.7 (their 70% setting; the paper also reports 90%). Not implemented: the
-hierarchical (two-level) lookup. k-means (``kmeans``) starts from n / C evenly spaced keys
+sparsity 0.7 (their 70% setting; the paper also reports 90%).
+
+``hierarchical=True``: the two-level lookup (Sec. 4.2; ``offline_clustering.py
+--hierarchical_lookup``). The fine (L2) level clusters the keys into C2 = floor(percent_clusters /
+100 * n) centroids as above; the coarse (L1) level clusters the L2 centroids into C1 =
+max(1, floor(percent_clusters_l1 / 100 * n)) (at most C2) centroids (k-means of the L2
+centroids, as the official ``run_clustering(centroids_l2, ...)``); an L1 cluster's size N_i is
+the number of keys under it. Two global thresholds are calibrated as above: T1 at the
+``sparsity_l1`` quantile of the L1 scores (the official ``--percentile_lower``, 0.5), T2 at
+``sparsity`` of the L2 scores. At decode a query scores the L1 centroids, keeps those with S1_i >=
+T1, then scores the L2 centroids under the kept L1 clusters, with the L2 denominator summed over
+those only (the official online code zeroes N_j of an L2 cluster whose parent was pruned), and
+reads the keys of the L2 clusters with S2_j >= T2. Defaults as the paper's hierarchical setting:
+L1 1%, L2 5% (``percent_clusters``), L1 threshold at 0.5. Threshold selection only. The
+reference computes every L2 score (masked); ``index_bytes`` counts what the lookup needs: the
+L1 centroids and sizes, the L2 centroids and sizes under the kept L1 clusters (each (batch, KV
+head) once) and the labels.
+
+k-means (``kmeans``) starts from n / C evenly spaced keys
 (deterministic) and runs ``kmeans_iters`` Lloyd iterations on the L2 distance.
 
 Bytes per step (``last_step``): the centroids, their sizes N_i and each clustered key's label
@@ -90,7 +107,9 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     impls = ("reference",)
 
     def __init__(self, percent_clusters: float = 5.0, sparsity: float = 0.7, observation_window: int = 100,
-                 selection: str = "threshold", kmeans_iters: int = 10, impl: str = "reference", **structural):
+                 selection: str = "threshold", kmeans_iters: int = 10, hierarchical: bool = False,
+                 percent_clusters_l1: float = 1.0, sparsity_l1: float = 0.5, impl: str = "reference",
+                 **structural):
         super().__init__(impl=impl, **structural)
         if not 0 < percent_clusters <= 100:
             raise ValueError(f"SqueezedAttention: percent_clusters must be in (0, 100], got {percent_clusters}")
@@ -101,6 +120,14 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
                              f"{observation_window}, {kmeans_iters}")
         if selection not in SELECTIONS:
             raise ValueError(f"SqueezedAttention: selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        if not 0 < percent_clusters_l1 <= 100:
+            raise ValueError(f"SqueezedAttention: percent_clusters_l1 must be in (0, 100], got {percent_clusters_l1}")
+        if not 0 <= sparsity_l1 < 1:
+            raise ValueError(f"SqueezedAttention: sparsity_l1 must be in [0, 1), got {sparsity_l1}")
+        if hierarchical and selection != "threshold":
+            raise ValueError(f"SqueezedAttention: the hierarchical lookup needs selection='threshold', got {selection!r}")
+        self.hierarchical, self.percent_clusters_l1 = bool(hierarchical), float(percent_clusters_l1)
+        self.sparsity_l1 = float(sparsity_l1)
         self.percent_clusters, self.sparsity = float(percent_clusters), float(sparsity)
         self.observation_window, self.selection = int(observation_window), selection
         self.kmeans_iters = int(kmeans_iters)
@@ -112,7 +139,9 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     # ---- decode ---------------------------------------------------------------------------------
     def decode_params(self) -> dict:
         return {"percent_clusters": self.percent_clusters, "observation_window": self.observation_window,
-                "kmeans_iters": self.kmeans_iters, "sparsity": self.sparsity}
+                "kmeans_iters": self.kmeans_iters, "sparsity": self.sparsity, "hierarchical": self.hierarchical,
+                **({"percent_clusters_l1": self.percent_clusters_l1, "sparsity_l1": self.sparsity_l1}
+                   if self.hierarchical else {})}
 
     def num_clusters(self, n: int) -> int:
         return max(1, math.floor(self.percent_clusters / 100 * n))
@@ -120,7 +149,11 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
     def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
         out = super().prefill(q, k, v, cache)  # checks, stores, clusters (build_index)
         if "centroids" in cache.aux:
-            cache.aux["threshold"] = self._calibrate(q, cache)
+            cache.aux["threshold"] = self._calibrate(q, cache, cache.aux["centroids"], cache.aux["counts"],
+                                                     self.sparsity)
+            if self.hierarchical:
+                cache.aux["threshold_l1"] = self._calibrate(q, cache, cache.aux["centroids_l1"],
+                                                            cache.aux["counts_l1"], self.sparsity_l1)
         return out
 
     def build_index(self, cache: KVCache) -> None:
@@ -131,33 +164,42 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         cache.aux["centroids"] = c.to(cache.dtype)
         cache.aux["labels"] = labels.to(torch.int32)
         cache.aux["counts"] = cluster_sizes(labels, c.shape[2])  # N_i
+        if self.hierarchical:  # L1: k-means of the L2 centroids; N_i: the keys under each
+            C1 = min(c.shape[2], max(1, math.floor(self.percent_clusters_l1 / 100 * n)))
+            c1, parent = kmeans(c, C1, self.kmeans_iters)
+            cache.aux["centroids_l1"] = c1.to(cache.dtype)
+            cache.aux["parent"] = parent  # [B, Hkv, C2]: each L2 centroid's L1 cluster
+            cache.aux["counts_l1"] = torch.zeros_like(cache.aux["counts"][..., :C1]).scatter_add_(
+                -1, parent, cache.aux["counts"])
 
-    def log_scores(self, q, cache: KVCache) -> torch.Tensor:
-        """log S_i of every centroid for queries q [B, H, T, D]: [B, H, T, C] (fp32, fp64 inputs fp64)."""
+    def log_scores(self, q, cache: KVCache, centroids=None, counts=None) -> torch.Tensor:
+        """log S_i of every centroid (default: the L2 level's) for queries q [B, H, T, D]: [B, H, T, C]
+        (fp32, fp64 inputs fp64). ``counts`` [B, Hkv, C] or, per query head, [B, H, C]."""
         B, H, T, D = q.shape
         Hkv = cache.num_kv_heads
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        c = cache.aux["centroids"].to(dt)  # [B, Hkv, C, D]
+        c = (cache.aux["centroids"] if centroids is None else centroids).to(dt)  # [B, Hkv, C, D]
         C = c.shape[2]
-        count = cache.aux["counts"].to(dt)
-        z = (q.to(dt).reshape(B, Hkv, H // Hkv * T, D) @ c.transpose(-1, -2)) / math.sqrt(D)  # [B, Hkv, G T, C]
-        log_den = torch.logsumexp(z + count.log().unsqueeze(2), dim=-1, keepdim=True)
+        count = (cache.aux["counts"] if counts is None else counts).to(dt)
+        z = (q.to(dt).reshape(B, Hkv, H // Hkv, T, D) @ c.unsqueeze(2).transpose(-1, -2)) / math.sqrt(D)
+        logn = count.log().view(B, Hkv, -1, 1, C)  # [B, Hkv, 1 or G, 1, C]
+        log_den = torch.logsumexp(z + logn, dim=-1, keepdim=True)
         return (z - log_den).view(B, H, T, C)
 
-    def _calibrate(self, q, cache: KVCache) -> torch.Tensor:
+    def _calibrate(self, q, cache: KVCache, centroids, counts, sparsity: float) -> torch.Tensor:
         """T: the ``sparsity`` quantile of S_label(j) over clustered keys j and the observation
         window's queries (a weighted quantile over clusters, each weighing its N_i keys)."""
-        if self.sparsity == 0:
+        if sparsity == 0:
             return torch.zeros((), dtype=torch.float64)  # every cluster passes
         L, w = q.shape[2], self.observation_window
         obs = q[:, :, max(0, L - w):]
-        s = self.log_scores(obs, cache).exp()  # [B, H, Tw, C]
+        s = self.log_scores(obs, cache, centroids, counts).exp()  # [B, H, Tw, C]
         B, H, Tw, C = s.shape
         Hkv = cache.num_kv_heads
-        weight = cache.aux["counts"].to(s.dtype).repeat_interleave(H // Hkv, 1).unsqueeze(2).expand(B, H, Tw, C)
+        weight = counts.to(s.dtype).repeat_interleave(H // Hkv, 1).unsqueeze(2).expand(B, H, Tw, C)
         vals, order = s.flatten().sort()
         cum = weight.flatten()[order].cumsum(0)
-        i = int(torch.searchsorted(cum, self.sparsity * float(cum[-1])))
+        i = int(torch.searchsorted(cum, sparsity * float(cum[-1])))
         return vals[min(i, vals.numel() - 1)].double().cpu()
 
     def select(self, q_t, cache: KVCache) -> Selection:
@@ -168,15 +210,26 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         Hkv, S = cache.num_kv_heads, cache.length
         labels = cache.aux["labels"].long()  # [B, Hkv, n]
         n, C = labels.shape[2], cache.aux["centroids"].shape[2]
-        logs = self.log_scores(q_t, cache)[:, :, 0]  # [B, H, C]
-        if self.selection == "threshold":
+        G = H // Hkv
+        extra = {}
+        if self.hierarchical:  # L1 first; the L2 denominator over the kept L1 clusters' children only
+            logs1 = self.log_scores(q_t, cache, cache.aux["centroids_l1"], cache.aux["counts_l1"])[:, :, 0]
+            keep1 = logs1.exp() >= float(cache.aux["threshold_l1"])  # [B, H, C1]
+            parent = cache.aux["parent"].unsqueeze(2).expand(-1, -1, G, -1)  # [B, Hkv, G, C2]
+            under = keep1.view(B, Hkv, G, -1).gather(-1, parent).view(B, H, C)  # [B, H, C2]
+            counts = cache.aux["counts"].repeat_interleave(G, 1) * under
+            logs = self.log_scores(q_t, cache, counts=counts)[:, :, 0]
+            keep = (logs.exp() >= float(cache.aux["threshold"])) & under
+            extra["under"] = under
+        elif self.selection == "threshold":
+            logs = self.log_scores(q_t, cache)[:, :, 0]  # [B, H, C]
             keep = logs.exp() >= float(cache.aux["threshold"])
         else:  # the largest S_i until (1 - sparsity) of the clustered keys
+            logs = self.log_scores(q_t, cache)[:, :, 0]
             count = cache.aux["counts"].to(logs.dtype).repeat_interleave(H // Hkv, 1)
             order = logs.argsort(-1, descending=True)
             before = count.gather(-1, order).cumsum(-1) - count.gather(-1, order)  # keys of the clusters ahead
             keep = torch.zeros_like(logs, dtype=torch.bool).scatter(-1, order, before < (1 - self.sparsity) * n)
-        G = H // Hkv
         kept = keep.view(B, Hkv, G, C).gather(-1, labels.unsqueeze(2).expand(-1, -1, G, -1)).view(B, H, n)
         valid = torch.ones(B, H, S, dtype=torch.bool, device=q_t.device)  # the observation window: always read
         valid[:, :, :n] = kept
@@ -184,10 +237,20 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         # synchronisation to count the kept keys, no sort); the gather kernel skips invalid rows
         slots = torch.arange(S, device=q_t.device).expand(B, H, S)
         index_bytes = float(B * Hkv * (C * (cache.row_bytes() + 4) + n * 4))  # centroids, N_i, labels (int32)
-        return Selection(slots=slots, valid=valid, index_bytes=index_bytes, extra={"kept": kept})
+        if self.hierarchical:  # the L1 centroids and sizes; the L2 ones are counted in step_info
+            index_bytes = float(B * Hkv * (cache.aux["centroids_l1"].shape[2] * (cache.row_bytes() + 4) + n * 4))
+        extra["base_bytes"] = index_bytes
+        return Selection(slots=slots, valid=valid, index_bytes=index_bytes, extra={"kept": kept, **extra})
 
     def step_info(self, cache: KVCache, sel: Selection) -> dict:
+        under = sel.extra.get("under")
+        if under is not None:  # the L2 centroids and sizes under a kept L1 cluster, each (batch, KV head) once
+            B, Hkv = cache.batch, cache.num_kv_heads
+            rows = under.view(B, Hkv, self.num_heads // Hkv, -1).any(2).sum()  # on device
+            sel.index_bytes = sel.extra["base_bytes"] + rows * (cache.row_bytes() + 4)
         info = super().step_info(cache, sel)
+        if self.step_record != "full":  # the bytes only (model generation)
+            return info
         kept = sel.extra.get("kept")
         info["stats"] = {"kept_fraction": 1.0 if kept is None else float(kept.float().mean())}
         return info

@@ -187,6 +187,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         else:
             m = _method(module, H, D, key.shape[1])
         layer.path = decode_path(m.to(query.device))
+        layer.path.step_record = "bytes"  # only the bytes, on device: no host synchronisation per step
         if hasattr(layer.path, "set_layer"):  # a press: its layer of the model's (PyramidKV's budget)
             layer.path.set_layer(module.layer_idx, module.config.num_hidden_layers)
         if hasattr(layer.path, "set_tokens") and layer.token_info is not None:  # FastGen's token classes
@@ -298,6 +299,26 @@ def _cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def check_method_layers(model) -> None:
+    """Refuses, before any generation, a model in which no layer would run its method: every
+    attention layer sliding-window (they keep their window whatever the method) or among the
+    first ``dense_layers``; a dense method is let through (the model as it is)."""
+    cfg = getattr(model.config, "attnbench_method", None)
+    if cfg is None:
+        return  # not loaded through hf_decode.load: attention() refuses it at the first call
+    name = str(cfg.get("name") or cfg.get("_target_", "")) if isinstance(cfg, dict) else str(cfg)
+    if name in ("dense", "methods.dense.Dense"):
+        return
+    attn = _attention_modules(model)
+    dense = getattr(model.config, "attnbench_dense_layers", 0)
+    sliding = [m.layer_idx for m in attn if sliding_window(m) is not None]
+    if attn and all(m.layer_idx in sliding or m.layer_idx < dense for m in attn):
+        raise AttentionInputError(
+            f"{NAME}: no layer of this model would run the method {name!r}: of its {len(attn)} attention "
+            f"layers {len(sliding)} are sliding-window (they keep their window) and the first {dense} "
+            f"are dense; use a model with full-attention layers (or method=dense)")
+
+
 class Session:
     """One generation over a ``ContractCache`` of ``tokens`` slots per layer: ``prefill`` the
     prompt (each layer's path stores it; a press compresses it there, once), then ``step`` /
@@ -307,6 +328,7 @@ class Session:
     tensors, after the prefill and now; on CUDA the allocator's count beside them."""
 
     def __init__(self, model, tokens: int, classes: tuple | None = None):
+        check_method_layers(model)
         self.model, self.tokens = model, int(tokens)
         self.cache = ContractCache(model, self.tokens)
         self.kw = cache_kwarg(model)
@@ -384,7 +406,7 @@ class Session:
     def stats(self) -> list[dict]:
         return [{"path": type(la.path).__name__, "decode_fallback": la.path.decode_fallback,
                  "bytes_held": la.kv.bytes_held(),
-                 "bytes_read_per_step": sum(la.bytes_read) / max(1, len(la.bytes_read)),
+                 "bytes_read_per_step": float(sum(la.bytes_read)) / max(1, len(la.bytes_read)),  # one sync
                  **(la.path.press_details() if hasattr(la.path, "press_details") else {})}
                 for la in self.cache.layers]
 
@@ -418,5 +440,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, forced: torch.
     return Generated(torch.cat(toks, 1), logits, s.stats())
 
 
-__all__ = ["ContractCache", "ContractLayer", "attention", "sliding_window", "register", "load", "generate", "cache_kwarg", "Generated",
+__all__ = ["ContractCache", "ContractLayer", "attention", "sliding_window", "check_method_layers", "register", "load", "generate", "cache_kwarg", "Generated",
            "Session", "calibrate", "token_classes", "NAME"]

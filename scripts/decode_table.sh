@@ -11,6 +11,10 @@
 #       # every method with a decode path; the selectors read BUDGET keys per step (each under its
 #       # own name: token_budget, k, top_k; Squeezed Attention has no budget, Twilight's is its
 #       # base's before top-p); the prefill lengths and STEPS (default 32) as given
+#   QUEST_PAGE=64 (default; 0: none): when METHODS has quest, one extra row, clearly not the
+#       default configuration: Quest with pages of QUEST_PAGE keys at the longest length
+#       (labelled by its page_size in the table); its page summaries, 2 L / page_size rows per
+#       KV head per step, are the bound on Quest's speed-up at 128k with the official pages of 16
 # Extra arguments are Hydra overrides for every run (e.g. runner.inputs=random).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +34,15 @@ budget_of() {  # the override that sets a selector's budget to $BUDGET keys (non
 }
 if [ -z "${REPORT_ONLY:-}" ]; then
     if [ "${SIZE:-gpu}" = cpu ]; then
-        ARGS=(device=cpu dtype=float32 model.num_heads=4 model.num_kv_heads=2 model.head_dim=16
-              "runner.seq_lens=[${SEQ_LENS:-256,1024}]" "runner.steps=${STEPS:-8}" runner.warmup=1
-              runner.cpu_threads=2)
+        LENS=${SEQ_LENS:-256,1024}
+        BASE=(device=cpu dtype=float32 model.num_heads=4 model.num_kv_heads=2 model.head_dim=16
+              "runner.steps=${STEPS:-8}" runner.warmup=1 runner.cpu_threads=2)
     else
-        ARGS=(device=cuda dtype=bfloat16 model.num_heads=32 model.num_kv_heads=8 model.head_dim=128
-              "runner.seq_lens=[${SEQ_LENS:-1024,4096,16384,32768,131072}]" "runner.steps=${STEPS:-32}")
+        LENS=${SEQ_LENS:-1024,4096,16384,32768,131072}
+        BASE=(device=cuda dtype=bfloat16 model.num_heads=32 model.num_kv_heads=8 model.head_dim=128
+              "runner.steps=${STEPS:-32}")
     fi
+    ARGS=("${BASE[@]}" "runner.seq_lens=[$LENS]")
     if [ -z "${BUDGET:-}" ]; then
         $AB -m runner=decode "method=$METHODS" "store=$STORE" "${ARGS[@]}" "$@" \
             || echo "decode_table: some runs failed (their records say why)"
@@ -57,6 +63,12 @@ if [ -z "${REPORT_ONLY:-}" ]; then
             $AB -m runner=decode "method=${GROUPS_[$b]}" "store=$STORE" "${ARGS[@]}" $extra "$@" \
                 || echo "decode_table: some runs of ${GROUPS_[$b]} failed (their records say why)"
         done
+    fi
+    if [ "${QUEST_PAGE:-64}" != 0 ] && [[ ",$METHODS," == *,quest,* ]]; then
+        # the extra Quest row: larger pages at the longest length (not the default configuration)
+        $AB -m runner=decode method=quest "store=$STORE" "${BASE[@]}" "runner.seq_lens=[${LENS##*,}]" \
+            "++method.page_size=${QUEST_PAGE:-64}" ${BUDGET:+$(budget_of quest)} "$@" \
+            || echo "decode_table: the Quest page_size=${QUEST_PAGE:-64} row failed (its record says why)"
     fi
 fi
 ${PYTHON:-python} -m analysis.leaderboard --store "$STORE" --decode-dir "$OUT" | grep "^decode report"

@@ -242,6 +242,72 @@ def test_squeezed_attention_reads_the_passing_clusters(selection):
         assert m.last_step["index_bytes"] == B * HKV * (C * (D * 8 + 4) + n * 4)  # centroids, sizes, labels
 
 
+def _quantile(scores_of, label_of, n, sp, L, w):
+    """The sp-quantile of every clustered key's S over the observation queries, every head."""
+    per_key = sorted(scores_of(b, h, t)[label_of(b, h // G, j)]
+                     for b in range(B) for h in range(H) for t in range(L - w, L) for j in range(n))
+    return per_key[math.ceil(sp * len(per_key)) - 1]
+
+
+def test_squeezed_attention_hierarchical_lookup():
+    """Two levels (the official --hierarchical_lookup): L2 = k-means of the keys, L1 = k-means of
+    the L2 centroids; T1, T2 global quantiles of each level's scores; at decode the L1 clusters
+    over T1, then their L2 children over T2 with the L2 denominator over the children only."""
+    L, T, w, pc, pc1, sp, sp1, iters = 60, 66, 6, 20.0, 6.0, 0.6, 0.5, 4
+    m = load("squeezed_attention", percent_clusters=pc, sparsity=sp, observation_window=w, kmeans_iters=iters,
+             hierarchical=True, percent_clusters_l1=pc1, sparsity_l1=sp1)
+    q, k, v = qkv(T, seed=9)
+    cache = m.new_cache(B, T, q.dtype)
+    m.prefill(q[:, :, :L], k[:, :, :L], v[:, :, :L], cache)
+    n = L - w
+    C2, C1 = math.floor(pc / 100 * n), math.floor(pc1 / 100 * n)
+    ref = {}
+    for b in range(B):
+        for kvh in range(HKV):
+            c2, lab = _lloyd(k[b, kvh, :n], C2, iters)
+            c1, par = _lloyd(c2, C1, iters)
+            n2 = [lab.count(i) for i in range(C2)]
+            n1 = [sum(n2[j] for j in range(C2) if par[j] == i) for i in range(C1)]
+            torch.testing.assert_close(cache.aux["centroids_l1"][b, kvh], c1)
+            ref[b, kvh] = c2, lab, n2, c1, par, n1
+    r = lambda b, h: ref[b, h // G]  # noqa: E731
+    T1 = _quantile(lambda b, h, t: _squeezed_scores(q[b, h, t], r(b, h)[3], r(b, h)[5]),
+                   lambda b, kvh, j: ref[b, kvh][4][ref[b, kvh][1][j]], n, sp1, L, w)
+    T2 = _quantile(lambda b, h, t: _squeezed_scores(q[b, h, t], r(b, h)[0], r(b, h)[2]),
+                   lambda b, kvh, j: ref[b, kvh][1][j], n, sp, L, w)
+    assert float(cache.aux["threshold_l1"]) == pytest.approx(T1, rel=1e-9)
+    assert float(cache.aux["threshold"]) == pytest.approx(T2, rel=1e-9)
+    partial = False
+    for i in range(L, T):
+        out = m.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache)
+        l2_rows = 0
+        for b in range(B):
+            for kvh in range(HKV):
+                c2, lab, n2, c1, par, n1 = ref[b, kvh]
+                group = set()
+                for h in range(kvh * G, (kvh + 1) * G):
+                    s1 = _squeezed_scores(q[b, h, i], c1, n1)
+                    under = {j for j in range(C2) if s1[par[j]] >= T1}
+                    group |= under
+                    partial |= 0 < len(under) < C2
+                    keep = set()
+                    if under:
+                        s2 = _squeezed_scores(q[b, h, i], c2, [n2[j] if j in under else 0 for j in range(C2)])
+                        keep = {j for j in under if s2[j] >= T2}
+                    idx = {j for j in range(n) if lab[j] in keep} | set(range(n, i + 1))
+                    assert _positions(m, b, h) == idx
+                    torch.testing.assert_close(out[b, h, 0], softmax_attend(q[b, h, i], k[b, kvh, :i + 1],
+                                                                     v[b, kvh, :i + 1], idx))
+                l2_rows += len(group)
+        assert m.last_step["index_bytes"] == B * HKV * (C1 * (D * 8 + 4) + n * 4) + l2_rows * (D * 8 + 4)
+    assert partial  # the L1 level pruned something and kept something
+
+
+def test_squeezed_attention_hierarchical_needs_a_threshold():
+    with pytest.raises(ValueError, match="hierarchical"):
+        load("squeezed_attention", hierarchical=True, selection="fraction")
+
+
 @pytest.mark.parametrize("kw", [dict(sparsity=0.0), dict(sparsity=0.0, selection="fraction"),
                                 dict(sparsity=0.9, observation_window=64)])  # nothing clustered
 def test_squeezed_attention_without_pruning_is_dense(kw):
@@ -295,22 +361,28 @@ def test_retrieval_attention_searches_its_query_linked_ivf(max_links):
     for i in range(L, T):
         out = m.decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache)
         left = i - win  # the key that left the window joins its nearest list
-        recall = []
+        recall, scanned = [], 0
         for b in range(B):
             for kvh in range(HKV):
                 cent, lists, linked = index[b, kvh]
                 lists[_nearest(k[b, kvh, left], cent)].add(left)
+                group = set()
                 for h in range(kvh * G, (kvh + 1) * G):
                     qh, keys = q[b, h, i], k[b, kvh, :i + 1]
                     probed = _top(cent @ qh, nprobe)
                     cand = set().union(*(lists[c] | linked[c] for c in probed))
+                    group |= cand
                     got = _top(keys @ qh, topk, sorted(cand))
                     static = set(range(sinks)) | set(range(i + 1 - win, i + 1))
                     assert _positions(m, b, h) == static | got
                     torch.testing.assert_close(out[b, h, 0], softmax_attend(qh, keys, v[b, kvh, :i + 1], static | got))
                     indexed = sorted(set().union(*lists.values()))
                     recall.append(len(got & _top(keys @ qh, topk, indexed)) / topk)
+                scanned += len(group)
         assert m.last_step["stats"]["topk_recall"] == pytest.approx(sum(recall) / len(recall))
+        # the search read the centroids and the probed lists' keys (each once per KV head), no other key
+        assert m.last_step["index_bytes"] == (B * HKV * C + scanned) * D * 8
+        assert scanned < B * HKV * (i + 1 - win - sinks)
         assert not m.last_step["clamped"]
 
 

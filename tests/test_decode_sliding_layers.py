@@ -63,3 +63,34 @@ def test_calibration_leaves_the_sliding_layers_out(tiny_gemma):
     assert sorted(hf_decode.calibrate(model, _ids(3, 20))) == [1]
     got = hf_decode.generate(model, _ids(), NEW)
     assert [s["path"] for s in got.stats] == ["SinkWindowAdapter", "Loki", "SinkWindowAdapter"]
+
+
+def test_a_model_of_only_sliding_layers_is_refused_before_generation(tmp_path):
+    """Every layer sliding-window: no layer would run the method, so generation is refused
+    before the prefill (no layer's cache filled); dense decode of the same model runs."""
+    from methods.base import AttentionInputError
+
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=128,
+        sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention"],
+        attn_logit_softcapping=None, final_logit_softcapping=None)
+    torch.manual_seed(0)
+    transformers.Gemma3ForCausalLM(cfg).save_pretrained(tmp_path)
+    model = hf_decode.load(str(tmp_path), "quest", token_budget=8, page_size=4)
+    calls = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(AttentionInputError, match="no layer of this model would run the method 'quest'"):
+        hf_decode.generate(model, _ids(), 2)
+    assert not calls  # refused before any forward
+    got = hf_decode.generate(hf_decode.load(str(tmp_path), "dense", impl="reference"), _ids(), 2)
+    assert got.tokens.shape == (2, 2)
+
+
+def test_dense_layers_covering_the_full_layers_are_refused(tiny_gemma):
+    """The one full-attention layer (index 1) among the first two dense ones: nothing runs Quest."""
+    from methods.base import AttentionInputError
+
+    with pytest.raises(AttentionInputError, match="no layer of this model"):
+        hf_decode.generate(hf_decode.load(tiny_gemma, "quest", dense_layers=2, token_budget=8, page_size=4), _ids(), 2)
+    hf_decode.generate(hf_decode.load(tiny_gemma, "quest", dense_layers=1, token_budget=8, page_size=4), _ids(), 2)
