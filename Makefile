@@ -73,8 +73,10 @@ kernels: $(STAMP)
 	$(PY) -m analysis.leaderboard --store results/local/records.jsonl --out results/local/leaderboard.md --plot results/local/latency_memory.png
 
 # The layer contracts (pyproject.toml, [tool.importlinter]) and ruff, then the suite.
+# PYTEST_ARGS: more pytest options (e.g. -x, -k decode).
+PYTEST_ARGS ?=
 test: lint
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
