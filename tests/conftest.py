@@ -14,7 +14,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from methods import CONF_DIR, available  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(2)
+# Two threads on the 2-core CI machine; one per worker under pytest-xdist (`pytest -n 2`), so
+# that the workers do not oversubscribe the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # Small settings under which every method and runner finishes in seconds on a CPU.
 TINY = [

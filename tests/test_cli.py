@@ -22,23 +22,16 @@ def _run(args, tmp_path, env_extra=None):
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_multirun_impl_sweep(tmp_path):
+def test_multirun_impl_sweep_then_the_leaderboard_command_on_its_store(tmp_path):
+    """One sweep (without a logger) feeds the leaderboard command: no subprocess sweep twice."""
     p = _run(["-m", "method=dense", "impl=reference,sdpa"], tmp_path)
     assert p.returncode == 0, p.stderr
     recs = read(tmp_path / "r.jsonl")
     assert sorted((r["impl"], r["seq_len"]) for r in recs) == [
         ("reference", 64), ("reference", 96), ("sdpa", 64), ("sdpa", 96)]
     assert all(r["status"] == "ok" for r in recs)
+    assert not (tmp_path / "wandb").exists()  # logger=none (the default): nothing is tracked
 
-
-def test_unknown_method_on_the_command_line(tmp_path):
-    p = _run(["method=nope"], tmp_path)
-    assert p.returncode != 0
-    assert "nope" in p.stderr and "dense" in p.stderr  # Hydra lists the available options
-
-
-def test_leaderboard_command(tmp_path):
-    assert _run(["-m", "impl=reference,sdpa"], tmp_path).returncode == 0
     out = tmp_path / "lb.md"
     p = subprocess.run([sys.executable, "-m", "analysis.leaderboard", "--store",
                         str(tmp_path / "r.jsonl"), "--out", str(out), "--plot",
@@ -49,10 +42,17 @@ def test_leaderboard_command(tmp_path):
     assert (tmp_path / "lat.png").stat().st_size > 1000
 
 
-def test_leaderboard_without_store_says_so(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "analysis.leaderboard", "--store",
-                        str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 1 and "no results store" in p.stderr
+def test_unknown_method_on_the_command_line(tmp_path):
+    p = _run(["method=nope"], tmp_path)
+    assert p.returncode != 0
+    assert "nope" in p.stderr and "dense" in p.stderr  # Hydra lists the available options
+
+
+def test_leaderboard_without_store_says_so(tmp_path, capsys):
+    from analysis import leaderboard
+
+    assert leaderboard.main(["--store", str(tmp_path / "none.jsonl")]) == 1
+    assert "no results store" in capsys.readouterr().err
 
 
 def test_every_experiment_composes_and_runs_on_cpu(compose_cfg, store, tmp_path, monkeypatch):
@@ -173,13 +173,19 @@ def test_two_job_sweep_through_submitit_local(tmp_path):
     assert all(r["status"] == "ok" for r in recs)
 
 
-def test_slurm_launcher_config_composes(tmp_path):
-    p = subprocess.run([*EXE, "hydra/launcher=cluster", "hydra.launcher.partition=gpu",
-                        "--cfg", "hydra", "-p", "hydra.launcher"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from methods import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=cluster", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    text = OmegaConf.to_yaml(cfg.hydra.launcher)
     for key in ("partition: gpu", "gpus_per_node: 1", "array_parallelism: 64", "timeout_min: 120",
                 "SlurmLauncher"):
-        assert key in p.stdout
+        assert key in text
 
 
 def test_wandb_logger_offline_leaves_a_run_directory_with_the_metrics(tmp_path):
@@ -196,11 +202,6 @@ def test_wandb_logger_offline_leaves_a_run_directory_with_the_metrics(tmp_path):
         assert key in data
     rec = read(tmp_path / "r.jsonl")[0]
     assert json.dumps(rec["metrics"]["rel_err_random"]).encode() in data
-
-
-def test_without_a_logger_nothing_is_tracked(tmp_path):
-    p = _run([], tmp_path)
-    assert p.returncode == 0 and not (tmp_path / "wandb").exists()
 
 
 def test_efficiency_script_commands_compose_and_build(compose_cfg):

@@ -330,9 +330,16 @@ def test_two_sweeps_never_share_an_output_folder(tmp_path):
     assert first.returncode == 0, out[-2000:]
     assert second.returncode == 1 and "is in use by another sweep" in second.stdout + second.stderr
     assert not (tmp_path / "r2.jsonl").exists() or records.read(tmp_path / "r2.jsonl") == []
-    # and the default folder is unique per sweep: a timestamp to the microsecond
-    dirs = [subprocess.run([*EXE, "--cfg", "hydra", "-p", "hydra.sweep.dir"], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True).stdout.strip() for _ in range(2)]
+    # and the default folder is unique per sweep: a timestamp to the microsecond (composed in
+    # process, as each sweep's process composes it when it starts)
+    from hydra import compose, initialize_config_dir
+
+    from methods import CONF_DIR
+
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            dirs.append(compose(config_name="config", return_hydra_config=True).hydra.sweep.dir)
     assert dirs[0] != dirs[1] and all(d.startswith("results/local/multirun/") for d in dirs)
 
 

@@ -195,14 +195,14 @@ def test_nsa_selection_kernel_cpu(dtype, bs, launch):
 
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2)])  # groups of 1 and 3 (padded to 4)
 def test_nsa_selection_by_block_in_token_chunks_cpu(heads, monkeypatch):
-    """The selection by key block over chunks of 64 tokens (the partial outputs' memory bound),
-    its log-sum-exp as the per-token kernel's."""
+    """The selection by key block over chunks of 64 tokens (the partial outputs' memory bound; 100
+    tokens: a whole chunk and a partial one), its log-sum-exp as the per-token kernel's."""
     monkeypatch.setattr(nsa_selected, "NSA_BLOCK_BYTES", 1)
-    out, ref = nsa_case(torch.float32, "cpu", 150, 16, 16, 4, *heads, launch=(1, 64, 4, 2))
+    out, ref = nsa_case(torch.float32, "cpu", 100, 16, 16, 4, *heads, launch=(1, 64, 4, 2))
     _check(out, ref, torch.float32)
-    q, k, v = _inputs(1, heads[0], heads[1], 150, 16, torch.float32, "cpu", 2)
-    sel = torch.randint(0, 10, (1, heads[1], 150, 4)).clamp_max((torch.arange(150) // 16).view(1, 1, 150, 1))
-    lse = [torch.empty(1, heads[0], 150) for _ in range(2)]
+    q, k, v = _inputs(1, heads[0], heads[1], 100, 16, torch.float32, "cpu", 2)
+    sel = torch.randint(0, 10, (1, heads[1], 100, 4)).clamp_max((torch.arange(100) // 16).view(1, 1, 100, 1))
+    lse = [torch.empty(1, heads[0], 100) for _ in range(2)]
     orders = [(0, 0, 2, 2), (1, 64, 4, 2)]
     outs = [nsa_selected.nsa_selected_attention(q, k, v, sel, 16, launch=c, lse=x) for c, x in zip(orders, lse)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

