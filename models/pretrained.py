@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -153,14 +155,27 @@ def checkpoint(name: str) -> tuple[Path, str]:
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                  dtype=torch.float32)
-        tmp = saved.with_name(saved.name + ".partial")
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=saved.name + ".", suffix=".partial", dir=saved.parent))
         base.hf_quantizer = None  # the weights are dequantized: save them as plain fp32 tensors
         base.config.__dict__.pop("quantization_config", None)
         base.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(saved)
+        publish(tmp, saved)
         del base
     return saved, sha
+
+
+def publish(tmp: Path, saved: Path) -> None:
+    """Move a finished checkpoint folder ``tmp`` (this process's own) to ``saved``. Two processes
+    may dequantize the same model at once (two jobs started together on a fresh cache): the first
+    rename wins and the other's copy, identical, is discarded."""
+    try:
+        tmp.rename(saved)
+    except OSError:
+        if not (saved / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PretrainedLM(torch.nn.Module):

@@ -46,3 +46,26 @@ def test_a_method_that_cannot_attend_causally_is_a_failed_record(tmp_path):
     (rec,) = _run(tmp_path, "task=perplexity", "method=nystrom", "task.seq_len=256", "task.prose_stride=128")
     assert rec["status"] != "ok" and "cannot attend causally" in rec["error"]
     assert not rec["latency_ms"]  # nothing was measured
+
+
+def test_publish_keeps_the_first_finished_checkpoint(tmp_path):
+    """Two processes dequantizing the same model at once (two jobs on a fresh cache): the second
+    rename finds the folder already there and discards its own copy instead of failing the run
+    (it failed a GPU run with 'Directory not empty'); a target that is not a finished checkpoint
+    still raises."""
+    from models.pretrained import publish
+
+    saved = tmp_path / "hf" / "abc"
+    first, second = tmp_path / "hf" / "a.partial", tmp_path / "hf" / "b.partial"
+    for d in (first, second):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(d.name)
+    publish(first, saved)
+    assert (saved / "config.json").read_text() == "a.partial" and not first.exists()
+    publish(second, saved)
+    assert (saved / "config.json").read_text() == "a.partial" and not second.exists()
+    broken, third = tmp_path / "hf" / "broken", tmp_path / "hf" / "c.partial"
+    (broken / "x").mkdir(parents=True)
+    third.mkdir()
+    with pytest.raises(OSError):
+        publish(third, broken)
