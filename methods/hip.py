@@ -60,6 +60,7 @@ class HiP(SparseMethod):
             raise ValueError(f"HiP: top_k={top_k} must be at least one key block (block_k={block_k})")
         self.top_k, self.block_q, self.block_k, self.window = top_k, block_q, block_k, window
         self._kpm = None
+        self._lay = None
 
     def ranges(self, tq, tk, causal, device=None) -> torch.Tensor:
         """[nq] number of key blocks in each query block's range."""
@@ -121,21 +122,42 @@ class HiP(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         lay = self.block_layout(q, k, causal, self._kpm)
+        self._lay = lay  # reused by flex_layout (called after mask_mod for the same inputs)
+        words = pack_bits(lay)  # 64 key blocks a word: at 128k the bool layout passes 2^31 elements
         off, bq, bk, w = k.shape[2] - q.shape[2], self.block_q, self.block_k, self.window
 
         def hip_mask(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             near = (d < w) if causal else (d.abs() < w)
-            return lay[b, h, q_idx // bq, kv_idx // bk] | near
+            j = kv_idx // bk
+            return (((words[b, h, q_idx // bq, j // 64] >> (j % 64)) & 1) != 0) | near
 
         return hip_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The blocks of ``mask_mod`` at FlexAttention's ``block``: the tree search's layout
+        (built by ``mask_mod``) coarsened (``flex.coarsen``), with the local window's band
+        (``flex.band``). Full blocks are those wholly inside one of the two (a block covered
+        only by their union stays partial: correct, the mask function runs there). None where
+        block_q or block_k does not divide ``block``."""
+        from methods.kernels import flex
+
+        tq, tk = q.shape[2], k.shape[2]
+        lay = flex.coarsen(self._lay, self.block_q, self.block_k, block, tq, tk)
+        if lay is None:
+            return None
+        w = self.window
+        if w == 0:  # no window (band's lo > hi would still touch blocks crossing the diagonal)
+            return lay
+        b_any, b_full = flex.band(tq, tk, block, 0 if causal else 1 - w, w - 1, q.device)
+        return lay[0] | b_any, lay[1] | b_full
 
     def attend(self, q, k, v, causal, key_padding_mask):
         self._kpm = key_padding_mask  # padded keys are never representatives
         try:
             return super().attend(q, k, v, causal, key_padding_mask)
         finally:
-            self._kpm = None
+            self._kpm = self._lay = None
 
     def cost(self, tq, tk, causal) -> Cost:
         """The budget: each query keeps at most top_k + window keys (of those it may see); and
@@ -150,3 +172,17 @@ class HiP(SparseMethod):
         index = 2.0 * tq * 2 * K * self.block_k * levels * self.head_dim
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+def pack_bits(lay: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
+    """[..., n] bool -> [..., ceil(n / 64)] int64, bit j % 64 of word j // 64 = lay[..., j]
+    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows."""
+    n = lay.shape[-1]
+    nw = -(-n // 64)
+    flat = lay.reshape(-1, n)
+    out = torch.empty(flat.shape[0], nw, dtype=torch.int64, device=lay.device)
+    bits = torch.ones(64, dtype=torch.int64, device=lay.device) << torch.arange(64, device=lay.device)
+    for a in range(0, flat.shape[0], rows):
+        x = torch.nn.functional.pad(flat[a:a + rows], (0, nw * 64 - n)).view(-1, nw, 64)
+        out[a:a + rows] = (x.to(torch.int64) * bits).sum(-1)
+    return out.view(*lay.shape[:-1], nw)

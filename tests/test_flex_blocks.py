@@ -11,7 +11,8 @@ from tests.conftest import seeded_qkv
 BLK = 16  # FlexAttention's block in these tests (128 on a GPU): T = 88 leaves a partial last block
 T = 88
 
-CASES = {  # name: (method, kwargs, causal settings, full blocks exactly those of the mask)
+CASES = {  # name: (method, kwargs, causal settings, full blocks: exactly those of the mask (True), none
+    # (False), or some of the mask's wholly kept blocks (None: a block kept only by a union stays partial)
     "sliding_window": ("sliding_window", dict(window=20), (False, True), True),
     "bigbird": ("bigbird", dict(block_size=8, num_window_blocks=3, num_random_blocks=2), (False, True), True),
     "minference-a_shape": ("minference", dict(pattern="a_shape", num_sink=20, window=24), (True,), True),
@@ -21,6 +22,8 @@ CASES = {  # name: (method, kwargs, causal settings, full blocks exactly those o
                                                 forced_sink=2, forced_local=3), (True,), False),
     "minference-vs-lines": ("minference", dict(pattern="vertical_slash", vertical_size=6, slash_size=4,
                                                forced_sink=2, forced_local=3, slash_mode="lines"), (True,), False),
+    "hip": ("hip", dict(top_k=8, block_q=8, block_k=2, window=6), (False, True), None),
+    "hip-no-window": ("hip", dict(top_k=16, block_q=4, block_k=4, window=0), (False, True), True),
 }
 
 
@@ -67,7 +70,7 @@ def test_block_lists_equal_the_element_mask_and_the_reference(case):
         assert not (full & ~el_all).any()  # a full block is wholly kept (no mask function runs there)
         if exact_full:
             assert torch.equal(full.expand_as(el_all), el_all)
-        else:
+        elif exact_full is False:
             assert not full.any()
         if name == "minference":  # the vertical-slash cells by chunks of one block row: the same blocks
             m.vs_cells = 1
@@ -101,3 +104,17 @@ def test_nsa_block_lists_equal_the_element_mask_and_the_reference():
         full = listed(bm.full_kv_num_blocks, bm.full_kv_indices, nk)
         assert torch.equal((part | full).expand_as(el_any), el_any)
         assert torch.equal(full.expand_as(el_all), el_all)
+
+
+def test_hip_packed_layout_is_the_layout():
+    """HiP's mask function reads its layout from 64-bit words (the bool layout passes 2^31
+    elements at 128k): every bit, the sign bit included, is the layout's."""
+    from methods.hip import pack_bits
+
+    g = torch.Generator().manual_seed(0)
+    lay = torch.rand(2, 3, 5, 150, generator=g) < 0.5
+    lay[..., 63] = True  # the sign bit of the first word
+    words = pack_bits(lay, rows=4)
+    j = torch.arange(150)
+    unpacked = ((words[..., j // 64] >> (j % 64)) & 1) != 0
+    assert words.shape == (2, 3, 5, 3) and torch.equal(unpacked, lay)
