@@ -82,11 +82,20 @@ class BiFormer(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         lay, r = self.layout(q, k, self._kpm), self.region_size
+        self._lay = lay  # reused by flex_layout (called after mask_mod for the same inputs)
 
         def biformer_mask(b, h, q_idx, kv_idx):
             return lay[b, h, q_idx // r, kv_idx // r]
 
         return biformer_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The routed regions (the layout ``mask_mod`` built) at FlexAttention's ``block``
+        (``flex.coarsen``); None where region_size does not divide it."""
+        from methods.kernels import flex
+
+        r = self.region_size
+        return flex.coarsen(self._lay, r, r, block, q.shape[2], k.shape[2])
 
     def attend(self, q, k, v, causal, key_padding_mask):
         self._kpm = key_padding_mask

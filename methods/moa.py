@@ -72,6 +72,17 @@ class MoA(SparseMethod):
 
         return moa_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """Per head: the sink columns (``flex.columns``) and the band q - k < window[h]
+        (``flex.band``)."""
+        from methods.kernels import flex
+
+        tq, tk, H = q.shape[2], k.shape[2], q.shape[1]
+        win = torch.tensor(self.windows(tk), device=q.device).view(H, 1, 1)
+        s_any, s_full = flex.columns(torch.arange(tk, device=q.device) < self.num_sink, block, tq)
+        w_any, w_full = flex.band(tq, tk, block, -(2**40), win - 1, q.device)
+        return s_any | w_any, s_full | w_full
+
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 

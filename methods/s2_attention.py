@@ -76,6 +76,14 @@ class S2Attention(SparseMethod):
 
         return s2_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """The block layout (``layout``) at FlexAttention's ``block`` (``flex.coarsen``); None
+        where block_size does not divide it."""
+        from methods.kernels import flex
+
+        T, bs = q.shape[2], self.block_size
+        return flex.coarsen(self.layout(math.ceil(T / bs), causal, q.device), bs, bs, block, T, T)
+
     def layout(self, n: int, causal: bool, device=None) -> torch.Tensor:
         """[H, n, n] bool: the key blocks of each query block (Tq == Tk = n blocks)."""
         i = torch.arange(n, device=device).view(1, n, 1)

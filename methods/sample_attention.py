@@ -101,12 +101,23 @@ class SampleAttention(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         cols = self.index(q, k, self._kpm)
+        self._cols = cols  # reused by flex_layout (called after mask_mod for the same inputs)
         off, w = k.shape[2] - q.shape[2], self.window(k.shape[2])
 
         def sample_mask(b, h, q_idx, kv_idx):
             return (q_idx + off - kv_idx < w) | cols[b, h, kv_idx]
 
         return sample_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The sampled key columns (the index ``mask_mod`` built, ``flex.columns``) and the
+        local band q - k < window (``flex.band``)."""
+        from methods.kernels import flex
+
+        tq, tk = q.shape[2], k.shape[2]
+        c_any, c_full = flex.columns(self._cols, block, tq)
+        w_any, w_full = flex.band(tq, tk, block, -(2**40), self.window(tk) - 1, q.device)
+        return c_any | w_any, c_full | w_full
 
     def attend(self, q, k, v, causal, key_padding_mask):
         self._kpm = key_padding_mask  # the sampling ignores padded keys

@@ -81,6 +81,22 @@ class StarAttention(SparseMethod):
 
         return star_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """At FlexAttention's ``block``: a block is touched where some query of it is a query
+        token (p >= C), or reaches back to its context block's start, or the block holds
+        anchor keys; wholly kept where one of the three holds for all its pairs (the start
+        of a query's context block grows with it: the extremes are the block's ends)."""
+        tq, tk = q.shape[2], k.shape[2]
+        C, bs, anchor = self.split(tk)
+        nq, nk = math.ceil(tq / block), math.ceil(tk / block)
+        ps = torch.arange(nq, device=q.device).view(nq, 1) * block + (tk - tq)
+        pe = torch.clamp(ps + block - 1, max=tk - 1)
+        ks = torch.arange(nk, device=q.device).view(1, nk) * block
+        ke = torch.clamp(ks + block - 1, max=tk - 1)
+        any_ = (pe >= C) | (ke >= (ps // bs) * bs) | (ks < anchor)
+        full = (ps >= C) | (ks >= (pe // bs) * bs) | (ke < anchor)
+        return any_, full
+
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk
 

@@ -51,6 +51,17 @@ class StreamingLLM(SinkWindowDecode, SparseMethod):
 
         return sink_window
 
+    def flex_layout(self, q, k, causal, block):
+        """The sink columns (``flex.columns``) and the band q - k < window (``flex.band``)."""
+        import torch
+
+        from methods.kernels import flex
+
+        tq, tk = q.shape[2], k.shape[2]
+        s_any, s_full = flex.columns(torch.arange(tk, device=q.device) < self.num_sink, block, tq)
+        w_any, w_full = flex.band(tq, tk, block, -(2**40), self.window - 1, q.device)
+        return s_any | w_any, s_full | w_full
+
     def prefill_output(self, q, k, v):
         return self(q, k, v, causal=True)
 

@@ -23,6 +23,12 @@ CASES = {  # name: (method, kwargs, causal settings, full blocks: exactly those 
     "minference-vs-lines": ("minference", dict(pattern="vertical_slash", vertical_size=6, slash_size=4,
                                                forced_sink=2, forced_local=3, slash_mode="lines"), (True,), False),
     "hip": ("hip", dict(top_k=8, block_q=8, block_k=2, window=6), (False, True), None),
+    "streaming_llm": ("streaming_llm", dict(num_sink=20, window=24), (True,), None),
+    "moa": ("moa", dict(alpha=8, beta=0.2, num_sink=20), (True,), None),
+    "s2_attention": ("s2_attention", dict(block_size=8, local_blocks=2, vert_stride=3), (False, True), True),
+    "biformer": ("biformer", dict(region_size=8, topk=3, shared_routing=False), (False,), True),
+    "sample_attention": ("sample_attention", dict(alpha=0.9, row_ratio=0.1, window_ratio=0.15), (True,), None),
+    "star_attention": ("star_attention", dict(num_hosts=3, query_len=20, anchor_size=12), (True,), None),
     "hip-no-window": ("hip", dict(top_k=16, block_q=4, block_k=4, window=0), (False, True), True),
 }
 

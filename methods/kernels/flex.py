@@ -75,6 +75,15 @@ def band(tq: int, tk: int, block: int, lo, hi, device=None):
     return (dmax >= lo) & (dmin <= hi), (dmin >= lo) & (dmax <= hi)
 
 
+def columns(keep, block: int, tq: int):
+    """(any, full) [.., nq, nk] for key columns ``keep`` [.., tk] bool (every query row): the
+    blocks holding a kept column, and those whose columns are all kept."""
+    tk = keep.shape[-1]
+    nq, nk = math.ceil(tq / block), math.ceil(tk / block)
+    x = torch.nn.functional.pad(keep, (0, nk * block - tk)).view(*keep.shape[:-1], 1, nk, block)
+    return x.any(-1).expand(*keep.shape[:-1], nq, nk), x.all(-1).expand(*keep.shape[:-1], nq, nk)
+
+
 def coarsen(lay, rows: int, cols: int, block: int, tq: int, tk: int):
     """(any, full) at ``block`` of a layout [.., nq, nk] bool of ``rows`` x ``cols`` blocks
     (each a divisor of ``block``), or None where they do not divide it."""
