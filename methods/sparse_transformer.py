@@ -76,6 +76,33 @@ class SparseTransformer(SparseMethod):
 
         return sparse_transformer_mask
 
+    def flex_layout(self, q, k, causal, block):
+        """A1 and A2 at FlexAttention's ``block`` from the block's position ranges: strided A1
+        a band (``flex.band``), A2 the blocks whose offset range q - k holds a multiple of l;
+        fixed A1 the blocks whose l-blocks meet, A2 the summary columns (``flex.columns``).
+        Per head (split) or their union (merged: a block kept only by the union stays partial)."""
+        from methods.kernels import flex
+
+        H, tq, tk, l = q.shape[1], q.shape[2], k.shape[2], self.stride
+        dev = q.device
+        nq, nk = -(-tq // block), -(-tk // block)
+        ps = torch.arange(nq, device=dev).view(nq, 1) * block + (tk - tq)
+        pe = torch.clamp(ps + block - 1, max=tk - 1)
+        ks = torch.arange(nk, device=dev).view(1, nk) * block
+        ke = torch.clamp(ks + block - 1, max=tk - 1)
+        if self.pattern == "strided":
+            a1 = flex.band(tq, tk, block, -l, l, dev)
+            dmin, dmax = ps - ke, pe - ks
+            a2 = (torch.div(dmax, l, rounding_mode="floor") * l >= dmin, (dmin <= dmax) & (l == 1))
+        else:
+            a1 = ((ps // l <= ke // l) & (ks // l <= pe // l), (ps // l == pe // l) & (ps // l == ks // l) &
+                  (ks // l == ke // l))
+            a2 = flex.columns(torch.arange(tk, device=dev) % l >= l - self.summary, block, tq)
+        if self.heads == "split":
+            even = (torch.arange(H, device=dev) % 2 == 0).view(H, 1, 1)
+            return torch.where(even, a1[0], a2[0]), torch.where(even, a1[1], a2[1])
+        return a1[0] | a2[0], a1[1] | a2[1]
+
     def row_counts(self, tq: int, tk: int, causal: bool):
         """Keys of A1, A2 and of both for every query row, in closed form: three [Tq] int64
         tensors (O(T), for long sequences; the test counts the loop-built pattern)."""

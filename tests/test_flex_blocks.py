@@ -29,6 +29,14 @@ CASES = {  # name: (method, kwargs, causal settings, full blocks: exactly those 
     "biformer": ("biformer", dict(region_size=8, topk=3, shared_routing=False), (False,), True),
     "sample_attention": ("sample_attention", dict(alpha=0.9, row_ratio=0.1, window_ratio=0.15), (True,), None),
     "star_attention": ("star_attention", dict(num_hosts=3, query_len=20, anchor_size=12), (True,), None),
+    "sparse_transformer-strided": ("sparse_transformer", dict(pattern="strided", stride=12), (False, True), None),
+    "sparse_transformer-strided-1": ("sparse_transformer", dict(pattern="strided", stride=1), (False, True), True),
+    "sparse_transformer-fixed": ("sparse_transformer", dict(pattern="fixed", stride=8, summary=3), (False, True),
+                                 None),
+    "sparse_transformer-fixed-split": ("sparse_transformer", dict(pattern="fixed", stride=24, summary=5,
+                                                                  heads="split"), (False, True), True),
+    "sparse_transformer-strided-split": ("sparse_transformer", dict(pattern="strided", stride=20, heads="split"),
+                                         (False, True), True),
     "hip-no-window": ("hip", dict(top_k=16, block_q=4, block_k=4, window=0), (False, True), True),
 }
 
