@@ -89,11 +89,19 @@ class SEA(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         sel, b = self.selected(q, k, causal, self._kpm), self.block_size
+        self._sel = sel  # reused by flex_layout (called after mask_mod for the same inputs)
 
         def sea_mask(bi, h, q_idx, kv_idx):
             return sel[bi, h, q_idx, kv_idx // b]
 
         return sea_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The selected key blocks of every query row (``mask_mod``'s index) at FlexAttention's
+        ``block`` (``flex.coarsen``, rows of one query); None where block_size does not divide it."""
+        from methods.kernels import flex
+
+        return flex.coarsen(self._sel, 1, self.block_size, block, q.shape[2], k.shape[2])
 
     def attend(self, q, k, v, causal, key_padding_mask):
         self._kpm = key_padding_mask

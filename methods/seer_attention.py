@@ -250,6 +250,7 @@ class SeerAttention(SparseMethod):
     # ---- the attention -------------------------------------------------------------------------
     def mask_mod(self, q, k, causal):
         lay = self.block_layout(q, k, causal, self._kpm)
+        self._lay = lay  # reused by flex_layout (called after mask_mod for the same inputs)
         bs = self.block_size
         off = k.shape[2] - q.shape[2]
         first = off // bs
@@ -258,6 +259,14 @@ class SeerAttention(SparseMethod):
             return lay[b, h, (q_idx + off) // bs - first, kv_idx // bs]
 
         return seer_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The gate's block layout (``mask_mod``'s index; Tq == Tk here) at FlexAttention's
+        ``block`` (``flex.coarsen``); None where block_size does not divide it."""
+        from methods.kernels import flex
+
+        bs = self.block_size
+        return flex.coarsen(self._lay, bs, bs, block, q.shape[2], k.shape[2])
 
     def attend(self, q, k, v, causal, key_padding_mask):
         self._kpm = key_padding_mask

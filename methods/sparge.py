@@ -132,12 +132,20 @@ class SpargeAttn(SparseMethod):
 
     def mask_mod(self, q, k, causal):
         bmap = self.block_map(q, k, causal)
+        self._bmap = bmap  # reused by flex_layout (called after mask_mod for the same inputs)
         bq, bk = self.block_q, self.block_k
 
         def sparge_mask(b, h, q_idx, kv_idx):
             return bmap[b, h, q_idx // bq, kv_idx // bk]
 
         return sparge_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The block map (``mask_mod``'s index) at FlexAttention's ``block`` (``flex.coarsen``);
+        None where block_q or block_k does not divide it."""
+        from methods.kernels import flex
+
+        return flex.coarsen(self._bmap, self.block_q, self.block_k, block, q.shape[2], k.shape[2])
 
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk

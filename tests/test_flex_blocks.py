@@ -37,6 +37,10 @@ CASES = {  # name: (method, kwargs, causal settings, full blocks: exactly those 
                                                                   heads="split"), (False, True), True),
     "sparse_transformer-strided-split": ("sparse_transformer", dict(pattern="strided", stride=20, heads="split"),
                                          (False, True), True),
+    "sea": ("sea", dict(block_size=8, top_k_blocks=3, num_features=16), (False, True), True),
+    "seer_attention": ("seer_attention", dict(block_size=8, hidden_size=16, gate="untrained", selection="topk",
+                                              nz_ratio=0.4), (False, True), True),
+    "sparge": ("sparge", dict(block_q=16, block_k=8, sim_threshold=0.0, cdf_threshold=0.6), (False, True), True),
     "hip-no-window": ("hip", dict(top_k=16, block_q=4, block_k=4, window=0), (False, True), True),
 }
 
@@ -65,6 +69,7 @@ def test_block_lists_equal_the_element_mask_and_the_reference(case):
     q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=T, D=16)
     ref = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl="reference", **kw).double()
     m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl="flex", **kw).double()
+    ref.load_state_dict(m.state_dict())  # methods with weights (SeerAttention's gate): the same
     m.flex_block_size = BLK
     nk = -(-T // BLK)
     for causal in settings:
