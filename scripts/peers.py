@@ -16,7 +16,8 @@ nsa      the NSA paper's shape: 64 query heads, 4 KV heads, D=128, blocks of 64,
          kernel, and SDPA causal (cuDNN) with grouped-query attention.
 
 Each row is one JSON line (name, shape, length, latency, peak memory, error); a markdown
-table is printed at the end. fla missing or failing is recorded as an error row.
+table is printed at the end. fla missing or failing is recorded as an error row. Every row
+carries the runners' ``env`` (``peer_env``: clocks, driver, CUDA, cuDNN, peer versions).
 """
 from __future__ import annotations
 
@@ -110,6 +111,22 @@ def nsa_rows(T, H=64, Hkv=4, D=128):
     return rows, dict(H=H, Hkv=Hkv, D=D)
 
 
+def peer_env(device) -> dict:
+    """The runners' ``env`` (runners.records.environment: versions, CUDA, cuDNN, peers, GPU name,
+    driver and clocks at the start) plus ``fla``: the imported flash-linear-attention's version,
+    or why it did not import."""
+    from runners.records import environment
+
+    env = environment(device)
+    try:
+        import fla
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except ImportError as exc:
+        env["fla"] = f"missing: {exc}"
+    return env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/efficiency/peers.jsonl")
@@ -132,16 +149,7 @@ def main(argv=None) -> int:
         raise SystemExit("scripts/peers.py times GPU kernels: no CUDA device here")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-        import fla
-
-        env["fla"] = getattr(fla, "__version__", "?")
-    except ImportError as exc:
-        env["fla"] = f"missing: {exc}"
+    env = peer_env("cuda")
     table = []
     for suite, lens, build in (("linear", args.linear_lens, linear_rows), ("nsa", args.lens, nsa_rows)):
         if suite not in args.suites:
