@@ -102,7 +102,7 @@ class BiFormer(SparseMethod):
         try:
             return super().attend(q, k, v, causal, key_padding_mask)
         finally:
-            self._kpm = None
+            self._kpm = self._lay = None  # the index flex_layout reused: not held between calls
 
     def triton_attend(self, q, k, v, causal, key_padding_mask):
         from methods.kernels import block_sparse as bsk

@@ -124,7 +124,7 @@ class SampleAttention(SparseMethod):
         try:
             return super().attend(q, k, v, causal, key_padding_mask)
         finally:
-            self._kpm = None
+            self._kpm = self._cols = None  # the index flex_layout reused: not held between calls
 
     vs_block = 64  # square tile of the vertical-slash kernel
 

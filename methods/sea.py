@@ -108,7 +108,7 @@ class SEA(SparseMethod):
         try:
             return super().attend(q, k, v, causal, key_padding_mask)
         finally:
-            self._kpm = None
+            self._kpm = self._sel = None  # the index flex_layout reused: not held between calls
 
     def cost(self, tq, tk, causal) -> Cost:
         b, h, d, m = self.block_size, self.num_heads, self.head_dim, self.estimator.num_features

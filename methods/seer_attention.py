@@ -273,7 +273,7 @@ class SeerAttention(SparseMethod):
         try:
             return super().attend(q, k, v, causal, key_padding_mask)
         finally:
-            self._kpm = None
+            self._kpm = self._lay = None  # the index flex_layout reused: not held between calls
 
     def _wants_grad(self, *tensors) -> bool:
         """Gradients of the inputs only: the gate's weights get none through the attention (the
