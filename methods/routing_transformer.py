@@ -104,6 +104,7 @@ class RoutingTransformer(SparseMethod):
     def mask_mod(self, q, k, causal):
         k = repeat_kv(k, q.shape[1] // k.shape[1])
         mq, mk = self.members(q), self.members(k)
+        self._members = (mq, mk)  # reused by flex_layout (called after mask_mod for the same inputs)
         if self.training and torch.is_grad_enabled():
             self._update(q, k, mq.float(), mk.float())
         bq, bk = pack_bits(mq), pack_bits(mk)  # [B, H, T, W] int64: O(T) memory, not T x T
@@ -118,6 +119,28 @@ class RoutingTransformer(SparseMethod):
             return keep
 
         return routing_mask
+
+    def flex_layout(self, q, k, causal, block):
+        """The blocks some query and some key of which share a cluster (each block's cluster
+        sets, OR-ed over its tokens, meet), with the local window's band (``flex.band``).
+        Cluster pairs are not blockwise: only the window's blocks are marked full."""
+        from methods.kernels import flex
+
+        (mq, mk), self._members = self._members, None  # not held between calls
+        tq, tk = q.shape[2], k.shape[2]
+
+        def per_block(m, t):  # [B, H, t, C] -> [B, H, ceil(t / block), C]: any token of the block
+            n = -(-t // block)
+            m = F.pad(m, (0, 0, 0, n * block - t))
+            return m.view(*m.shape[:2], n, block, m.shape[-1]).any(3).to(torch.float32)
+
+        any_ = (per_block(mq, tq) @ per_block(mk, tk).transpose(-1, -2)) > 0
+        full = torch.zeros_like(any_)
+        if self.local_window:
+            w = self.local_window
+            b_any, b_full = flex.band(tq, tk, block, 1 - w, w - 1, q.device)
+            any_, full = any_ | b_any, full | b_full
+        return any_, full
 
     @torch.no_grad()
     def _update(self, q, k, mq, mk) -> None:

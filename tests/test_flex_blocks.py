@@ -41,6 +41,9 @@ CASES = {  # name: (method, kwargs, causal settings, full blocks: exactly those 
     "seer_attention": ("seer_attention", dict(block_size=8, hidden_size=16, gate="untrained", selection="topk",
                                               nz_ratio=0.4), (False, True), True),
     "sparge": ("sparge", dict(block_q=16, block_k=8, sim_threshold=0.0, cdf_threshold=0.6), (False, True), True),
+    "routing_transformer": ("routing_transformer", dict(num_clusters=4, local_window=5), (False, True), None),
+    "routing_transformer-no-window": ("routing_transformer", dict(num_clusters=3, balanced=False), (False, True),
+                                      False),
     "hip-no-window": ("hip", dict(top_k=16, block_q=4, block_k=4, window=0), (False, True), True),
 }
 
@@ -70,6 +73,7 @@ def test_block_lists_equal_the_element_mask_and_the_reference(case):
     ref = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl="reference", **kw).double()
     m = methods.load(name, num_heads=4, num_kv_heads=2, head_dim=16, impl="flex", **kw).double()
     ref.load_state_dict(m.state_dict())  # methods with weights (SeerAttention's gate): the same
+    m.eval()  # the Routing Transformer's k-means steps only in training (mask_mod below runs with grad on)
     m.flex_block_size = BLK
     nk = -(-T // BLK)
     for causal in settings:
