@@ -174,10 +174,12 @@ class HiP(SparseMethod):
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
 
 
-def pack_bits(lay: torch.Tensor, rows: int = 1 << 14) -> torch.Tensor:
+def pack_bits(lay: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """[..., n] bool -> [..., ceil(n / 64)] int64, bit j % 64 of word j // 64 = lay[..., j]
-    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows."""
+    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows
+    (default: 2^26 bits a chunk, a 512 MiB int64 temporary)."""
     n = lay.shape[-1]
+    rows = rows or max(1, (1 << 26) // max(n, 1))
     nw = -(-n // 64)
     flat = lay.reshape(-1, n)
     out = torch.empty(flat.shape[0], nw, dtype=torch.int64, device=lay.device)
