@@ -59,6 +59,48 @@ REGIONS = ("all", "others")
 POOLINGS = ("max", "mean")
 
 
+def side(length: int | None, t: int) -> int:
+    """The span (row) length: the configured one, or ceil(sqrt(T)) when None (as the official code)."""
+    return length if length is not None else max(1, math.ceil(math.sqrt(t)))
+
+
+def split_spans(q, k, v, key_padding_mask, s: int):
+    """q, k, v [B, H(q), T, D] -> ([B, H, n, s, D] each: keys and values repeated to the query heads,
+    in fp32 (fp64 for fp64 inputs), q scaled by 1/sqrt(D), zero-padded to n * s positions), and real
+    [B, 1, n, s] (a real key: not padding, not past T)."""
+    B, H, T, D = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = repeat_kv(k, H // k.shape[1]).to(dt), repeat_kv(v, H // v.shape[1]).to(dt)
+    q = q.to(dt) / math.sqrt(D)
+    n = math.ceil(T / s)
+    pad = n * s - T
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        real = torch.nn.functional.pad(real, (0, pad), value=False)
+    return (*(t.view(B, H, n, s, D) for t in (q, k, v)), real.view(B, 1, n, s))
+
+
+def seen_regions(n: int, causal: bool, noncausal_regions: str, device) -> torch.Tensor:
+    """[n(query span), n(region)] bool: the spans a query's span sees as regions (causal: the earlier
+    ones; non-causal: all, or all others with ``noncausal_regions: others``)."""
+    a = torch.arange(n, device=device)
+    if causal:
+        return a[None, :] < a[:, None]
+    if noncausal_regions == "others":
+        return a[None, :] != a[:, None]
+    return torch.ones(n, n, dtype=torch.bool, device=device)
+
+
+def pair_counts(tk: int, s: int, causal: bool, noncausal_regions: str) -> tuple[int, int, list[int]]:
+    """(direct key pairs, query-region pairs, span lengths) of T = tk keys in spans of s."""
+    n = math.ceil(tk / s)
+    lens = [min(s, tk - r * s) for r in range(n)]
+    if causal:
+        return sum(m * (m + 1) // 2 for m in lens), sum(r * m for r, m in enumerate(lens)), lens
+    return sum(m * m for m in lens), tk * (n if noncausal_regions == "all" else n - 1), lens
+
+
 class Combiner(AttentionMethod):
     name = "combiner"
     # what the README's method table says (python -m analysis.readme)
@@ -83,7 +125,7 @@ class Combiner(AttentionMethod):
         return True  # only the T x (s + T / s) factorized scores are computed
 
     def span(self, t: int) -> int:
-        return self.span_len if self.span_len is not None else max(1, math.ceil(math.sqrt(t)))
+        return side(self.span_len, t)
 
     def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
         super().check_inputs(q, k, v, causal, key_padding_mask)
@@ -102,19 +144,9 @@ class Combiner(AttentionMethod):
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, T, D = q.shape
-        odt = q.dtype
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        k, v = repeat_kv(k, H // k.shape[1]).to(dt), repeat_kv(v, H // v.shape[1]).to(dt)
-        q = q.to(dt) / math.sqrt(D)
-        s = min(self.span(T), T)
-        n = math.ceil(T / s)
-        pad = n * s - T
-        real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-        if pad:
-            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            real = torch.nn.functional.pad(real, (0, pad), value=False)
-        q, k, v = (t.view(B, H, n, s, D) for t in (q, k, v))
-        real = real.view(B, 1, n, s)
+        odt, s = q.dtype, min(self.span(T), T)
+        q, k, v, real = split_spans(q, k, v, key_padding_mask, s)
+        n = real.shape[2]
         # direct expectation: i's own span (causal: up to i)
         direct = torch.einsum("bhnid,bhnjd->bhnij", q, k)  # [B, H, n, s, s]
         ok_direct = real[:, :, :, None, :]
@@ -128,13 +160,7 @@ class Combiner(AttentionMethod):
         w = torch.softmax(w, -1).nan_to_num(0.0)
         v_r = torch.einsum("bhnj,bhnjd->bhnd", w, v)  # [B, H, n, D]
         region = torch.einsum("bhnid,bhrd->bhnir", q, k_r)  # [B, H, n(query span), s, n(region)]
-        a = torch.arange(n, device=q.device)
-        if causal:
-            ok_region = a[None, :] < a[:, None]  # earlier spans only
-        elif self.noncausal_regions == "others":
-            ok_region = a[None, :] != a[:, None]
-        else:
-            ok_region = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        ok_region = seen_regions(n, causal, self.noncausal_regions, q.device)
         ok_region = ok_region[None, None, :, None, :] & valid[:, :, None, None, :]
         region = region.masked_fill(~ok_region, float("-inf"))
         # one softmax over the direct keys and the regions (Z_i)
@@ -147,14 +173,7 @@ class Combiner(AttentionMethod):
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim
         s = min(self.span(tk), max(tk, 1))
-        n = math.ceil(tk / s)
-        lens = [min(s, tk - r * s) for r in range(n)]
-        if causal:
-            direct = sum(m * (m + 1) // 2 for m in lens)
-            regions = sum(r * m for r, m in enumerate(lens))
-        else:
-            direct = sum(m * m for m in lens)
-            regions = tk * (n if self.noncausal_regions == "all" else n - 1)
+        direct, regions, _ = pair_counts(tk, s, causal, self.noncausal_regions)
         # scores and weighted sums of the direct keys and the regions, each span's local
         # expectation (one pooled query over its s keys), the pooling
         flops = h * (4.0 * d * (direct + regions) + 4.0 * d * tk + 2.0 * d * tk)

@@ -39,20 +39,11 @@ is False (the fidelity task measures it in a pretrained model).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from methods.base import (
-    AttentionInputError,
-    AttentionMethod,
-    Cost,
-    check_int,
-    dense_flops,
-    repeat_kv,
-)
+from methods.base import AttentionInputError, AttentionMethod, Cost, check_int, dense_flops
+from methods.combiner import REGIONS, pair_counts, seen_regions, side, split_spans
 
-REGIONS = ("all", "others")
 SUMMARIES = ("none", "wsum")
 
 
@@ -80,7 +71,7 @@ class CombinerAxial(AttentionMethod):
         return True  # only the T x (m + T / m) factorized scores and the row attentions are computed
 
     def row(self, t: int) -> int:
-        return self.row_len if self.row_len is not None else max(1, math.ceil(math.sqrt(t)))
+        return side(self.row_len, t)
 
     def check_inputs(self, q, k, v, causal, key_padding_mask) -> None:
         super().check_inputs(q, k, v, causal, key_padding_mask)
@@ -92,19 +83,9 @@ class CombinerAxial(AttentionMethod):
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, T, D = q.shape
-        odt = q.dtype
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        k, v = repeat_kv(k, H // k.shape[1]).to(dt), repeat_kv(v, H // v.shape[1]).to(dt)
-        q = q.to(dt) / math.sqrt(D)
-        m = min(self.row(T), T)
-        n = math.ceil(T / m)
-        pad = n * m - T
-        real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-        if pad:
-            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            real = torch.nn.functional.pad(real, (0, pad), value=False)
-        q, k, v = (t.view(B, H, n, m, D) for t in (q, k, v))
-        real = real.view(B, 1, n, m)
+        odt, m = q.dtype, min(self.row(T), T)
+        q, k, v, real = split_spans(q, k, v, key_padding_mask, m)
+        n = real.shape[2]
         ok_key = real[:, :, :, None, :]  # [B, 1, n, 1(query col), m(key col)]
         # row attention of every position over its whole row: the local expectations
         logits = torch.einsum("bhrid,bhrjd->bhrij", q, k)  # [B, H, n, m, m]
@@ -118,13 +99,7 @@ class CombinerAxial(AttentionMethod):
         direct = logits.masked_fill(~ok_direct, float("-inf"))
         # regions: row r seen through (r, col(i))
         region = torch.einsum("bhqcd,bhrcd->bhqcr", q, key_row)  # [B, H, n(query row), m(col), n(region row)]
-        a = torch.arange(n, device=q.device)
-        if causal:
-            ok_rows = a[None, :] < a[:, None]  # earlier rows only
-        elif self.noncausal_regions == "others":
-            ok_rows = a[None, :] != a[:, None]
-        else:
-            ok_rows = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        ok_rows = seen_regions(n, causal, self.noncausal_regions, q.device)  # earlier rows only when causal
         has_key = real.any(-1)  # [B, 1, n]
         # the position (r, c) standing for row r: in the sequence (its query exists) and, with
         # row_summary none, a real key; its row holds a real key. [B, 1, m(col), n(region row)]
@@ -142,14 +117,7 @@ class CombinerAxial(AttentionMethod):
     def cost(self, tq, tk, causal) -> Cost:
         h, d = self.num_heads, self.head_dim
         m = min(self.row(tk), max(tk, 1))
-        n = math.ceil(tk / m)
-        lens = [min(m, tk - r * m) for r in range(n)]
-        if causal:
-            direct = sum(x * (x + 1) // 2 for x in lens)
-            regions = sum(r * x for r, x in enumerate(lens))
-        else:
-            direct = sum(x * x for x in lens)
-            regions = tk * (n if self.noncausal_regions == "all" else n - 1)
+        direct, regions, lens = pair_counts(tk, m, causal, self.noncausal_regions)
         rows = sum(x * x for x in lens)  # every position's attention over its whole row
         flops = h * (4.0 * d * (direct + regions) + 4.0 * d * rows
                      + (2.0 * d * rows if self.row_summary == "wsum" else 0.0))
