@@ -123,7 +123,7 @@ class HiP(SparseMethod):
     def mask_mod(self, q, k, causal):
         lay = self.block_layout(q, k, causal, self._kpm)
         self._lay = lay  # reused by flex_layout (called after mask_mod for the same inputs)
-        words = pack_bits(lay)  # 64 key blocks a word: at 128k the bool layout passes 2^31 elements
+        words = masks.pack_bits(lay)  # 64 key blocks a word: at 128k the bool layout passes 2^31 elements
         off, bq, bk, w = k.shape[2] - q.shape[2], self.block_q, self.block_k, self.window
 
         def hip_mask(b, h, q_idx, kv_idx):
@@ -173,18 +173,3 @@ class HiP(SparseMethod):
         return Cost(flops=self.num_heads * (4.0 * pairs * self.head_dim + index), density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
 
-
-def pack_bits(lay: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """[..., n] bool -> [..., ceil(n / 64)] int64, bit j % 64 of word j // 64 = lay[..., j]
-    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows
-    (default: 2^26 bits a chunk, a 512 MiB int64 temporary)."""
-    n = lay.shape[-1]
-    rows = rows or max(1, (1 << 26) // max(n, 1))
-    nw = -(-n // 64)
-    flat = lay.reshape(-1, n)
-    out = torch.empty(flat.shape[0], nw, dtype=torch.int64, device=lay.device)
-    bits = torch.ones(64, dtype=torch.int64, device=lay.device) << torch.arange(64, device=lay.device)
-    for a in range(0, flat.shape[0], rows):
-        x = torch.nn.functional.pad(flat[a:a + rows], (0, nw * 64 - n)).view(-1, nw, 64)
-        out[a:a + rows] = (x.to(torch.int64) * bits).sum(-1)
-    return out.view(*lay.shape[:-1], nw)

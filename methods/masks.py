@@ -105,3 +105,19 @@ def causal_pairs(tq: int, tk: int) -> int:
     if tq <= tk:
         return tq * (tk - tq) + tq * (tq + 1) // 2
     return tk * (tk + 1) // 2  # queries before the first key see nothing
+
+
+def pack_bits(lay: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """[..., n] bool -> [..., ceil(n / 64)] int64, bit j % 64 of word j // 64 = lay[..., j]
+    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows
+    (default: 2^26 bits a chunk, a 512 MiB int64 temporary)."""
+    n = lay.shape[-1]
+    rows = rows or max(1, (1 << 26) // max(n, 1))
+    nw = -(-n // 64)
+    flat = lay.reshape(-1, n)
+    out = torch.empty(flat.shape[0], nw, dtype=torch.int64, device=lay.device)
+    bits = torch.ones(64, dtype=torch.int64, device=lay.device) << torch.arange(64, device=lay.device)
+    for a in range(0, flat.shape[0], rows):
+        x = torch.nn.functional.pad(flat[a:a + rows], (0, nw * 64 - n)).view(-1, nw, 64)
+        out[a:a + rows] = (x.to(torch.int64) * bits).sum(-1)
+    return out.view(*lay.shape[:-1], nw)

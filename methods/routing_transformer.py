@@ -45,16 +45,6 @@ from methods import masks
 from methods.base import Cost, SparseMethod, repeat_kv
 
 
-def pack_bits(m: torch.Tensor) -> torch.Tensor:
-    """[..., C] bool -> [..., ceil(C / 62)] int64: cluster memberships as bit sets."""
-    C = m.shape[-1]
-    words = []
-    for a in range(0, C, 62):
-        part = m[..., a:a + 62].long()
-        words.append((part << torch.arange(part.shape[-1], device=m.device)).sum(-1))
-    return torch.stack(words, -1)
-
-
 class RoutingTransformer(SparseMethod):
     name = "routing_transformer"
     # what the README's method table says (python -m analysis.readme)
@@ -107,7 +97,7 @@ class RoutingTransformer(SparseMethod):
         self._members = (mq, mk)  # reused by flex_layout (called after mask_mod for the same inputs)
         if self.training and torch.is_grad_enabled():
             self._update(q, k, mq.float(), mk.float())
-        bq, bk = pack_bits(mq), pack_bits(mk)  # [B, H, T, W] int64: O(T) memory, not T x T
+        bq, bk = masks.pack_bits(mq), masks.pack_bits(mk)  # [B, H, T, W] int64: O(T) memory, not T x T
         win, off, words = self.local_window, k.shape[2] - q.shape[2], bq.shape[-1]
 
         def routing_mask(b, h, q_idx, kv_idx):

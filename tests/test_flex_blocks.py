@@ -132,7 +132,7 @@ def test_nsa_block_lists_equal_the_element_mask_and_the_reference():
 def test_hip_packed_layout_is_the_layout():
     """HiP's mask function reads its layout from 64-bit words (the bool layout passes 2^31
     elements at 128k): every bit, the sign bit included, is the layout's."""
-    from methods.hip import pack_bits
+    from methods.masks import pack_bits
 
     g = torch.Generator().manual_seed(0)
     lay = torch.rand(2, 3, 5, 150, generator=g) < 0.5
