@@ -25,15 +25,16 @@ def methods_block() -> tuple[str, str]:
 
 
 def efficiency_block() -> tuple[str, str]:
-    """Forward latency (p50, ms) per length, and the useful TFLOP/s and the speedup over SDPA's
-    default backend at the summary length, one table per setting; errors and OOM shown as such.
+    """Forward latency (p50, ms) per length, and the quality (output error on structured inputs),
+    density, useful TFLOP/s and speedup over SDPA's default backend at the summary length beside
+    it, one table per setting; errors and OOM shown as such.
     ``timed`` names the passes each run timed: a forward+backward run's row shows its forward
     time here (its backward is in results/efficiency/leaderboard.md)."""
     parts = []
     for title, g in settings(load(EFFICIENCY_STORE)):
         t = kernel_table(g)
-        keep = ["method", "impl", "timed", "real kernel"] + [
-            c for c in t.columns if c.startswith(("fwd ms", "useful TFLOP/s", "speedup"))]
+        keep = ["method", "impl", "timed", "real kernel"] + [c for c in t.columns if c == "rel err (structured)"] + [
+            c for c in t.columns if c.startswith(("fwd ms", "density", "useful TFLOP/s", "speedup"))]
         parts.append(f"*{title}* (forward p50, ms)\n\n" + t[keep].to_markdown(index=False, disable_numparse=True))
     return str(EFFICIENCY_STORE.relative_to(ROOT)), "\n\n".join(parts)
 
