@@ -72,8 +72,9 @@ def needle_accuracy(model, tok, lengths, depths, trials: int, seed: int = 0) -> 
             for _ in range(trials):
                 value = str(rng.randint(1_000_000, 9_999_999))
                 prompt, answer = real_text.needle_prompt(tok, hay[rng.randrange(0, len(hay) - n):], n, d, value)
-                forced = torch.tensor([answer + answer[-1:]])  # the last one is never fed
-                g = hf_decode.generate(model, torch.tensor([prompt]), len(answer) + 1, forced=forced)
+                dev = next(model.parameters()).device
+                forced = torch.tensor([answer + answer[-1:]], device=dev)  # the last one is never fed
+                g = hf_decode.generate(model, torch.tensor([prompt], device=dev), len(answer) + 1, forced=forced)
                 hits.setdefault(f"{n}@{d:g}", []).append(real_text.answered(tok, g.tokens[0].tolist(), answer))
     flat = [h for v in hits.values() for h in v]
     return {"needle_accuracy": sum(flat) / len(flat), "needle_trials": len(flat),
@@ -91,13 +92,17 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=int, default=256, help="tokens each sparse method reads (above)")
     ap.add_argument("--methods", default=None, help="only these method names, comma separated")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="float32 (the CPU default) or bfloat16 (the CUDA default)")
     ap.add_argument("--out", default=None, help="write <out>.jsonl and <out>.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dense = pretrained.load("smollm2_135m")  # makes sure the dequantized checkpoint exists
     saved = pretrained.model_file("smollm2_135m")[0].parent / "hf" / dense.asset["sha256"][:16]
     tok = dense.tokenizer
-    ids = _tokens(tok, corpora.prose("austen"), 2000, args.prompt).unsqueeze(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    ids = _tokens(tok, corpora.prose("austen"), 2000, args.prompt).unsqueeze(0).to(device)
     del dense
     lengths = [int(x) for x in args.needle_lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",")]
@@ -112,13 +117,14 @@ def main(argv=None) -> None:
     print(head + "\n" + lines[1], flush=True)
     for name, kw in chosen:
         t0 = time.time()
-        model = hf_decode.load(str(saved), name, **kw)
+        model = hf_decode.load(str(saved), name, dtype=dtype, **kw).to(device)
         g = hf_decode.generate(model, ids, args.steps, forced=None if ref is None else ref.tokens)
         if ref is None:
             ref = g
         lp = [torch.log_softmax(x.double(), -1) for x in g.logits]
         lq = [torch.log_softmax(x.double(), -1) for x in ref.logits]
         row = {"method": name, "kwargs": kw, "phases": phases(name, kw, g.stats), "model": "smollm2_135m",
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
                "prompt": args.prompt, "steps": args.steps,
                "greedy_agree": float((g.tokens == ref.tokens).double().mean()),
                "kl_dense_method": sum(float((b.exp() * (b - a)).sum()) for a, b in zip(lp, lq)) / len(lp),
@@ -143,7 +149,8 @@ def write(args, lengths, depths, rows, lines) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    note = (f"SmolLM2-135M-Instruct, CPU, budget {args.budget} tokens, fidelity prompt {args.prompt} tokens x "
+    device = rows[0]["device"] if rows else args.device
+    note = (f"SmolLM2-135M-Instruct, {device}, {rows[0]['dtype'] if rows else ''}, budget {args.budget} tokens, fidelity prompt {args.prompt} tokens x "
             f"{args.steps} steps; needle lengths {lengths}, depths {depths}, {args.trials} trials each "
             f"(`python scripts/decode_real.py` with these options).")
     out.with_suffix(".md").write_text(note + "\n\n" + "\n".join(lines) + "\n")
