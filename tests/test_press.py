@@ -149,6 +149,43 @@ def test_decode_on_the_compressed_cache_is_softmax_over_the_kept_keys(name):
         assert m.last_step["kv_bytes"] == 2 * B * HKV * (len(kept[0][0]) + step + 1) * D * 4
 
 
+@pytest.mark.parametrize("name", [*PRESSES, "razor_attention"])
+def test_a_decode_step_runs_sdpa_without_cudnn_and_reads_nothing_back(name, monkeypatch):
+    """Inside a model (models.hf_decode: step_record "bytes") a decode step calls SDPA with
+    cuDNN's backend off (cuDNN builds an execution graph per key length: PyramidKV's layers,
+    each with its own length growing every step, took ~600 ms a step on an H200, SnapKV ~50)
+    and reads no tensor back to the host; PyramidKV's deeper layer and RazorAttention's per-head
+    rows included. The spied step gives the same output as an unspied one."""
+    if name == "razor_attention":
+        m = _razor(ratio=0.8, min_window=6, retrieval_heads=[1])  # per-head rows
+    else:
+        m = _load(name, **({"num_layers": 4, "layer_idx": 1} if name == "pyramidkv" else {}))
+    m.step_record = "bytes"
+    q, k, v = _qkv()
+    step = [torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(3)) for n in (H, HKV, HKV)]
+    caches = [m.new_cache(B, L + 2) for _ in range(2)]
+    for c in caches:
+        m.prefill(q, k, v, c)
+    want = m.decode(*step, caches[0])
+    cudnn, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*a, **kw)
+
+    def read_back(*a, **kw):
+        raise AssertionError("a decode step read a tensor back to the host")
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        for attr in ("__bool__", "item", "tolist", "__int__", "__float__"):
+            mp.setattr(torch.Tensor, attr, read_back)
+        out = m.decode(*step, caches[1])
+    assert cudnn and not any(cudnn) and torch.backends.cuda.cudnn_sdp_enabled() == before
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", PRESSES)
 def test_prefill_is_exact_and_bytes_held_shrink_by_the_ratio(name):
     m = _load(name, ratio=0.5)
