@@ -149,15 +149,20 @@ def test_decode_on_the_compressed_cache_is_softmax_over_the_kept_keys(name):
         assert m.last_step["kv_bytes"] == 2 * B * HKV * (len(kept[0][0]) + step + 1) * D * 4
 
 
-@pytest.mark.parametrize("name", [*PRESSES, "razor_attention"])
+@pytest.mark.parametrize("name", [*PRESSES, "razor_attention", "fastgen"])
 def test_a_decode_step_runs_sdpa_without_cudnn_and_reads_nothing_back(name, monkeypatch):
     """Inside a model (models.hf_decode: step_record "bytes") a decode step calls SDPA with
     cuDNN's backend off (cuDNN builds an execution graph per key length: PyramidKV's layers,
     each with its own length growing every step, took ~600 ms a step on an H200, SnapKV ~50)
-    and reads no tensor back to the host; PyramidKV's deeper layer and RazorAttention's per-head
-    rows included. The spied step gives the same output as an unspied one."""
+    and reads no tensor back to the host; PyramidKV's deeper layer, RazorAttention's and FastGen's
+    per-head rows included. The spied step gives the same output as an unspied one."""
     if name == "razor_attention":
         m = _razor(ratio=0.8, min_window=6, retrieval_heads=[1])  # per-head rows
+    elif name == "fastgen":
+        m = methods.load("fastgen", num_heads=H, head_dim=D, num_kv_heads=HKV, recovery=0.7)  # heads differ: per-head rows
+        special = torch.zeros(B, L, dtype=torch.bool)
+        special[:, 0] = True
+        m.set_token_classes(special, torch.zeros(B, L, dtype=torch.bool))
     else:
         m = _load(name, **({"num_layers": 4, "layer_idx": 1} if name == "pyramidkv" else {}))
     m.step_record = "bytes"
@@ -166,6 +171,7 @@ def test_a_decode_step_runs_sdpa_without_cudnn_and_reads_nothing_back(name, monk
     caches = [m.new_cache(B, L + 2) for _ in range(2)]
     for c in caches:
         m.prefill(q, k, v, c)
+    assert (caches[0].rows is not None) == (name in ("razor_attention", "fastgen"))  # per-head rows
     want = m.decode(*step, caches[0])
     cudnn, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
