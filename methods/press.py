@@ -48,12 +48,22 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from methods import masks
 from methods.base import AttentionInputError, AttentionMethod, Cost, dense_flops, masked_attention
 from methods.decode import DecodePath, KVCache, causal_prefill, sdpa
 
 COMPENSATION = -2  # position of a compensation token (RazorAttention) in ``head_pos``
+# The SDPA backends a decode step may use: all but cuDNN's. On sm90/sm100 with cuDNN >= 9.15
+# torch puts cuDNN attention first, and it builds (23-37 ms of host time) and caches one
+# execution graph per problem shape, the key length included. A pressed cache's key length
+# grows by one each step and differs between layers where the budgets do (PyramidKV) and
+# between heads (RazorAttention, FastGen): a graph build for each, every step (PyramidKV took
+# ~600 ms per step on an H200 against SnapKV's ~50, whose layers share one length). Flash
+# attention (fp16/bf16), memory-efficient attention or the math path have no per-shape build;
+# on the CPU the choice is the same as without the restriction (cuDNN is CUDA only).
+STEP_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class PressCache(KVCache):
@@ -239,7 +249,12 @@ class Press(DecodePath, AttentionMethod):
         """Exact attention over every held key of each head; empty slots (position -1) masked,
         and a compensation token (position ``COMPENSATION``) given ``aux["compensation"]``
         [B, Hkv] added to its score (RazorAttention: log of the tokens it stands for). A cache
-        holding per-head rows (``PressCache.rows``) is read head by head."""
+        holding per-head rows (``PressCache.rows``) is read head by head. SDPA runs on
+        ``STEP_BACKENDS`` (no cuDNN: no graph build per key length); no host synchronisation."""
+        with sdpa_kernel(STEP_BACKENDS):
+            return self._attend_held(q_t, cache, sel)
+
+    def _attend_held(self, q_t, cache: KVCache, sel) -> torch.Tensor:
         if sel.slots is not None or cache.head_pos is None:
             return super().attend_selected(q_t, cache, sel)
         comp = cache.aux.get("compensation")
@@ -257,14 +272,16 @@ class Press(DecodePath, AttentionMethod):
             return out
         S = cache.length
         hp = cache.head_pos[:, :, :S]
-        filled = hp != -1
         k, v = cache.keys(), cache.values()
-        if comp is None and bool(filled.all()):
+        # a PressCache in the dense layout has no empty slot (a keep padded with -1 gives per-head
+        # rows), so it needs no look at its positions (a host synchronisation per step)
+        holes = not isinstance(cache, PressCache) and not bool((hp != -1).all())
+        if comp is None and not holes:
             return sdpa(q_t, k, v)
-        add = torch.zeros(filled.shape, dtype=q_t.dtype, device=q_t.device)
+        add = torch.zeros(hp.shape, dtype=q_t.dtype, device=q_t.device)
         if comp is not None:
             add = torch.where(hp == COMPENSATION, comp[:, :, None].to(q_t.dtype), add)
-        add = add.masked_fill(~filled, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
+        add = add.masked_fill(hp == -1, float("-inf")).repeat_interleave(g, 1).unsqueeze(2)  # [B, H, 1, S]
         return sdpa(q_t, k, v, add)
 
     def compress(self, cache: KVCache, q: torch.Tensor | None = None, layer_idx: int | None = None) -> torch.Tensor:
@@ -313,4 +330,4 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Ten
     return torch.softmax(s, dim=-1)
 
 
-__all__ = ["COMPENSATION", "Press", "PressCache", "kept_count", "window_attention"]
+__all__ = ["COMPENSATION", "STEP_BACKENDS", "Press", "PressCache", "kept_count", "window_attention"]

@@ -3,9 +3,11 @@ buffer, the dropped tokens folded into one compensation token.
 
 Tang, Lin, Lin, Han, Hong, Yao, Wang, "RazorAttention: Efficient KV Cache Compression Through
 Retrieval Heads" (ICLR 2025; arXiv 2407.15891), Sec. 3, Alg. 1 (RoPE models), Eq. 4-5. The
-paper's code is not public; the head selection (shares, ranking over the whole model, the
-max over a KV group's query heads) follows the authors' company's released calibration tool
-(Huawei msModelSlim, ``ra_compression``); buffer sizes are our reading of the paper.
+paper's code is not public; the authors' company (Huawei) released it as tools: the head
+selection (shares, ranking over the whole model, the max over a KV group's query heads) follows
+msModelSlim's ``ra_compression`` (``RARopeCompressor``, ``ra_rope_tools.py``) and MindSpore
+Golden-Stick's ``RazorAttention`` (the same rule); what a non-retrieval head keeps follows
+Golden-Stick's deployment code (below), the paper's reading an option.
 
 Retrieval heads (Sec. 3.2) are found on calibration text: a sequence of P random tokens
 repeated twice, run through the model. For a query at position i in the second copy (i >= P):
@@ -27,22 +29,36 @@ ranks its own layer's heads by the same rule. ``selection="layer"`` is the per-l
 layer, it keeps every layer partly whole). ``retrieval_heads`` names a layer's heads directly
 instead. A press with none of these is refused before the prefill.
 
-Non-retrieval heads (Alg. 1): with N prefill tokens the buffer is L_h = max(S_0, int(N (1 -
-ratio))) recent tokens (``min_window`` S_0) plus the first ``num_sink`` N_0; the N_d dropped
-tokens D become one compensation token (Eq. 4)
+Non-retrieval heads. Defaults as the authors' company's released deployment code (MindSpore
+Golden-Stick, mindspore-ai/golden-stick: ``RAConfig`` in
+``mindspore_gs/sequence_compress/razor_attention/ra_config.py``, sink_size 4, local_capacity
+256, use_virtual_token True; the cache cut in ``DeployRACompressCell._compress`` of
+``mindspore_gs/experimental/long_context_compress/razor_attention/wrappers/vllm_mindspore/
+attention_wrappers.py``): a head keeps ``local_capacity`` entries of the N prefill tokens in all,
+whatever the ratio (``ratio=None``, the default): the first ``num_sink`` tokens N_0, the
+compensation token and the local_capacity - N_0 - 1 most recent tokens (a prompt of at most
+local_capacity tokens is kept whole). The paper's reading (Alg. 1), ``ratio`` given (in (0, 1),
+the share evicted: ``press.ratio``): the first N_0 tokens plus a recent buffer of L_h = max(S_0,
+int(N (1 - ratio))) tokens (``min_window`` S_0, our choice 1024) plus the compensation token. Either way the
+N_d dropped tokens D become one compensation token (Eq. 4)
 
     k^ = (1 / N_d) sum_{m in D} k_m,     v^ = (1 / N_d) sum_{m in D} v_m
 
-and decode attends (Eq. 5)
+``compensation="mean"`` (the default, the deployment code's virtual token: its decode runs
+plain paged attention over the cut cache): decode attends over it as over any kept key. ``compensation="weighted"`` (the paper's Eq. 5) counts it N_d
+times:
 
     o = (N_d e^{q k^ / sqrt(d)} v^ + sum_{m kept} e^{q k_m / sqrt(d)} v_m)
         / (N_d e^{q k^ / sqrt(d)} + sum_{m kept} e^{q k_m / sqrt(d)})
 
 i.e. softmax with log N_d added to the compensation token's score (``aux["compensation"]``
-[B, Hkv], counted in ``bytes_held``; the token's position is ``COMPENSATION``). Retrieval heads
-attend over their whole cache. When a layer has both kinds, each KV head holds its own rows
-(``methods.press.PressCache``: the retrieval heads N, the others N_0 + L_h + 1), so
-``bytes_held``, measured from the tensors, falls by what the non-retrieval heads dropped.
+[B, Hkv], counted in ``bytes_held``). ``compensation="none"`` (use_virtual_token False) drops
+D outright; the deployment code then gives the slot to one more recent token (local_capacity -
+N_0 recent). The compensation token's position is ``COMPENSATION``. Retrieval heads attend
+over their whole cache. When a layer has both kinds, each KV head holds its own rows
+(``methods.press.PressCache``: the retrieval heads N, the others their sinks, buffer and
+compensation token), so ``bytes_held``, measured from the tensors, falls by what the
+non-retrieval heads dropped.
 """
 from __future__ import annotations
 
@@ -55,6 +71,7 @@ from methods.decode import DecodePath, KVCache
 from methods.press import COMPENSATION, Press
 
 SELECTIONS = ("model", "layer")
+COMPENSATIONS = ("mean", "weighted", "none")
 
 
 def top_heads(scores: dict, share: float) -> set:
@@ -72,19 +89,27 @@ class RazorAttention(Press):
     kind = "KV-cache compression (press): retrieval heads full, others sinks + buffer + compensation"
     official_test = None
 
-    def __init__(self, ratio: float = 0.8, num_sink: int = 4, min_window: int = 1024, induction_share: float = 0.14,
+    def __init__(self, ratio: float | None = None, num_sink: int = 4, local_capacity: int = 256,
+                 compensation: str = "mean", min_window: int = 1024, induction_share: float = 0.14,
                  echo_share: float = 0.01, retrieval_heads: list | None = None, selection: str = "model",
                  impl: str = "reference", **structural):
         super().__init__(ratio=ratio, impl=impl, **structural)
         if num_sink < 0 or min_window < 1:
             raise ValueError(f"RazorAttention: num_sink must be >= 0 and min_window >= 1, got {num_sink}, {min_window}")
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"RazorAttention: compensation must be one of {COMPENSATIONS}, got {compensation!r}")
+        if local_capacity < num_sink + 2:
+            raise ValueError(f"RazorAttention: local_capacity (entries a non-retrieval head keeps: sinks, the "
+                             f"compensation token, recent tokens) must be >= num_sink + 2 = {num_sink + 2}, "
+                             f"got {local_capacity}")
         if not (0 <= induction_share <= 1 and 0 <= echo_share <= 1):
             raise ValueError(f"RazorAttention: induction_share and echo_share must be in [0, 1], got "
                              f"{induction_share}, {echo_share}")
         if selection not in SELECTIONS:
             raise ValueError(f"RazorAttention: selection must be one of {SELECTIONS}, got {selection!r}")
         self.selection = selection
-        self.num_sink, self.min_window = int(num_sink), int(min_window)
+        self.num_sink, self.min_window, self.local_capacity = int(num_sink), int(min_window), int(local_capacity)
+        self.compensation = compensation
         self.induction_share, self.echo_share = float(induction_share), float(echo_share)
         self.retrieval: list[int] | None = None
         self.head_scores: dict | None = None
@@ -97,7 +122,7 @@ class RazorAttention(Press):
 
     def decode_params(self) -> dict:
         return {"ratio": self.ratio, "num_sink": self.num_sink, "min_window": self.min_window,
-                "selection": self.selection, "retrieval": None if self.retrieval is None else tuple(self.retrieval)}
+                "local_capacity": self.local_capacity, "compensation": self.compensation, "selection": self.selection, "retrieval": None if self.retrieval is None else tuple(self.retrieval)}
 
     # ---- retrieval heads from calibration text ----------------------------------------------
     def calibrate(self, q, k=None, period: int | None = None) -> dict:
@@ -161,13 +186,18 @@ class RazorAttention(Press):
 
     # ---- the press ------------------------------------------------------------------------------
     def buffer(self, length: int) -> tuple[int, int]:
-        """(sinks, recent buffer) a non-retrieval head keeps of ``length`` tokens."""
+        """(sinks, recent tokens) a non-retrieval head keeps of ``length`` tokens; the others
+        are dropped (folded into the compensation token unless compensation="none")."""
         s = min(self.num_sink, length)
+        if self.ratio is None:  # the deployment code: local_capacity entries in all
+            if length <= self.local_capacity:
+                return s, length - s
+            return s, self.local_capacity - s - (0 if self.compensation == "none" else 1)
         return s, min(length - s, max(self.min_window, int(length * (1.0 - self.ratio))))
 
     def budget(self, length: int, layer_idx: int | None = None) -> int:
         s, w = self.buffer(length)
-        return s + w + (1 if length > s + w else 0)
+        return s + w + (1 if length > s + w and self.compensation != "none" else 0)
 
     def prefill(self, q, k, v, cache: KVCache) -> torch.Tensor:
         if self.retrieval is None:
@@ -178,27 +208,29 @@ class RazorAttention(Press):
         L, Hkv = cache.length, cache.num_kv_heads
         s, w = self.buffer(L)
         nd = L - s - w
-        small = s + w + (1 if nd else 0)
+        comp = 1 if nd and self.compensation != "none" else 0
+        small = s + w + comp
         others = [h for h in range(Hkv) if h not in self.retrieval]
         keep = torch.full((cache.batch, Hkv, L if self.retrieval else small), -1, dtype=torch.long, device=cache.device)
         # non-retrieval heads: sinks, the recent buffer, then slot s (a dropped token's) holding the compensation
-        mine = torch.cat([torch.arange(s), torch.arange(L - w, L), torch.arange(s, s + (1 if nd else 0))])
+        mine = torch.cat([torch.arange(s), torch.arange(L - w, L), torch.arange(s, s + comp)])
         for h in range(Hkv):
             if h in self.retrieval:
                 keep[:, h] = torch.arange(L, device=cache.device)
             else:
                 keep[:, h, :small] = mine.to(cache.device)
-        if nd and others:  # Eq. 4: the dropped tokens' mean key and value, per non-retrieval head
+        if comp and others:  # Eq. 4: the dropped tokens' mean key and value, per non-retrieval head
             k_hat = cache.keys()[:, others, s:L - w].float().mean(2)
             v_hat = cache.values()[:, others, s:L - w].float().mean(2)
             cache.k[:, others, s] = k_hat.to(cache.dtype)
             cache.v[:, others, s] = v_hat.to(cache.dtype)
         cache.compact(keep)  # mixed heads: each KV head its own rows (PressCache)
-        if nd and others:
+        if comp and others:
             cache.head_pos[:, others, s + w] = COMPENSATION
-            comp = torch.zeros(cache.batch, Hkv, dtype=torch.float32, device=cache.device)
-            comp[:, others] = math.log(nd)  # Eq. 5: the compensation token counts N_d times
-            cache.aux["compensation"] = comp
+            if self.compensation == "weighted":
+                weight = torch.zeros(cache.batch, Hkv, dtype=torch.float32, device=cache.device)
+                weight[:, others] = math.log(nd)  # Eq. 5: the compensation token counts N_d times
+                cache.aux["compensation"] = weight
         self.last_kept = small
         return out
 

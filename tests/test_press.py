@@ -149,6 +149,49 @@ def test_decode_on_the_compressed_cache_is_softmax_over_the_kept_keys(name):
         assert m.last_step["kv_bytes"] == 2 * B * HKV * (len(kept[0][0]) + step + 1) * D * 4
 
 
+@pytest.mark.parametrize("name", [*PRESSES, "razor_attention", "fastgen"])
+def test_a_decode_step_runs_sdpa_without_cudnn_and_reads_nothing_back(name, monkeypatch):
+    """Inside a model (models.hf_decode: step_record "bytes") a decode step calls SDPA with
+    cuDNN's backend off (cuDNN builds an execution graph per key length: PyramidKV's layers,
+    each with its own length growing every step, took ~600 ms a step on an H200, SnapKV ~50)
+    and reads no tensor back to the host; PyramidKV's deeper layer, RazorAttention's and FastGen's
+    per-head rows included. The spied step gives the same output as an unspied one."""
+    if name == "razor_attention":
+        m = _razor(ratio=0.8, min_window=6, retrieval_heads=[1])  # per-head rows
+    elif name == "fastgen":
+        m = methods.load("fastgen", num_heads=H, head_dim=D, num_kv_heads=HKV, recovery=0.7)  # heads differ: per-head rows
+        special = torch.zeros(B, L, dtype=torch.bool)
+        special[:, 0] = True
+        m.set_token_classes(special, torch.zeros(B, L, dtype=torch.bool))
+    else:
+        m = _load(name, **({"num_layers": 4, "layer_idx": 1} if name == "pyramidkv" else {}))
+    m.step_record = "bytes"
+    q, k, v = _qkv()
+    step = [torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(3)) for n in (H, HKV, HKV)]
+    caches = [m.new_cache(B, L + 2) for _ in range(2)]
+    for c in caches:
+        m.prefill(q, k, v, c)
+    assert (caches[0].rows is not None) == (name in ("razor_attention", "fastgen"))  # per-head rows
+    want = m.decode(*step, caches[0])
+    cudnn, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*a, **kw)
+
+    def read_back(*a, **kw):
+        raise AssertionError("a decode step read a tensor back to the host")
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        for attr in ("__bool__", "item", "tolist", "__int__", "__float__"):
+            mp.setattr(torch.Tensor, attr, read_back)
+        out = m.decode(*step, caches[1])
+    assert cudnn and not any(cudnn) and torch.backends.cuda.cudnn_sdp_enabled() == before
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", PRESSES)
 def test_prefill_is_exact_and_bytes_held_shrink_by_the_ratio(name):
     m = _load(name, ratio=0.5)
@@ -241,6 +284,8 @@ def test_a_press_on_a_cache_it_cannot_handle_is_refused():
     ("snapkv", {"kernel_size": 4}, "kernel_size"), ("snapkv", {"pooling": "sum"}, "pooling"),
     ("h2o", {"recent_share": 1.5}, "recent_share"), ("pyramidkv", {"layer_idx": 32}, "layer_idx"),
     ("pyramidkv", {"beta": 0.5}, "beta"), ("streaming_llm_press", {"num_sink": -1}, "num_sink"),
+    ("razor_attention", {"compensation": "sum"}, "compensation"),
+    ("razor_attention", {"local_capacity": 5}, "local_capacity"),  # 4 sinks + compensation + >= 1 recent
 ])
 def test_bad_hyperparameters_are_named(name, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -279,9 +324,10 @@ def _razor(**kw):
 
 @pytest.mark.parametrize("retrieval", [[1], []])
 def test_razor_attention_keeps_retrieval_heads_whole_and_compensates_the_others(retrieval):
-    """Non-retrieval heads: 4 sinks + max(6, int(24 * 0.2)) = 6 recent + one compensation token
-    (Eq. 4: the mean of the 14 dropped keys and values); decode against Eq. 5 written here."""
-    m = _razor(ratio=0.8, min_window=6, retrieval_heads=retrieval)
+    """The paper's reading (a ratio, compensation="weighted"). Non-retrieval heads: 4 sinks +
+    max(6, int(24 * 0.2)) = 6 recent + one compensation token (Eq. 4: the mean of the 14 dropped
+    keys and values); decode against Eq. 5 written here."""
+    m = _razor(ratio=0.8, min_window=6, retrieval_heads=retrieval, compensation="weighted")
     q, k, v = _qkv()
     cache = m.new_cache(B, L + 1)
     m.prefill(q, k, v, cache)
@@ -404,6 +450,42 @@ def test_razor_attention_picks_retrieval_heads_among_all_the_model_kv_heads():
         assert got[li]["retrieval_heads"] == presses[li].retrieval
     assert 4 <= sum(len(p.retrieval) for p in presses.values()) == len(want) <= 6
     assert any(not p.retrieval for p in presses.values())  # the shares are of the model, not of each layer
+
+
+@pytest.mark.parametrize("compensation", ["mean", "none"])
+@pytest.mark.parametrize("retrieval", [[1], []])
+def test_razor_attention_official_defaults_keep_a_fixed_local_capacity(compensation, retrieval):
+    """Huawei's deployment code (Golden-Stick RAConfig / DeployRACompressCell._compress): no
+    ratio, 4 sinks, local_capacity entries per non-retrieval head (12 here, of 24 tokens):
+    "mean": 4 sinks + the mean of the 13 dropped tokens + 7 recent, attended as a plain key;
+    "none": 4 sinks + 8 recent. Decode against softmax over those keys written here; a prompt
+    of at most local_capacity tokens is kept whole."""
+    m = _razor(local_capacity=12, retrieval_heads=retrieval, compensation=compensation)
+    assert m.ratio is None and m.num_sink == 4
+    assert methods.load("razor_attention", num_heads=H, head_dim=D, num_kv_heads=HKV).local_capacity == 256
+    q, k, v = _qkv()
+    cache = m.new_cache(B, L + 1)
+    m.prefill(q, k, v, cache)
+    recent = list(range(17, L)) if compensation == "mean" else list(range(16, L))
+    dropped = list(range(4, recent[0]))
+    rows = sum(L + 1 if h in retrieval else 12 + 1 for h in range(HKV))
+    assert cache.bytes_held() == 2 * B * rows * D * 4 and "compensation" not in cache.aux
+    qt, kt, vt = (torch.randn(B, n, 1, D, generator=torch.Generator().manual_seed(6)) for n in (H, HKV, HKV))
+    out = m.decode(qt, kt, vt, cache)
+    for b in range(B):
+        for h in range(H):
+            hk = h // G
+            keep = list(range(L)) if hk in retrieval else [*range(4), *recent]
+            kk, vv = torch.cat([k[b, hk, keep], kt[b, hk]]).double(), torch.cat([v[b, hk, keep], vt[b, hk]]).double()
+            if hk not in retrieval and compensation == "mean":
+                kk = torch.cat([kk, k[b, hk, dropped].double().mean(0, keepdim=True)])
+                vv = torch.cat([vv, v[b, hk, dropped].double().mean(0, keepdim=True)])
+            ref = torch.softmax(kk @ qt[b, h, 0].double() / math.sqrt(D), 0) @ vv
+            torch.testing.assert_close(out[b, h, 0].double(), ref, rtol=1e-5, atol=1e-5)
+    short = _razor(local_capacity=L, retrieval_heads=retrieval, compensation=compensation)
+    c2 = short.new_cache(B, L)
+    short.prefill(q, k, v, c2)
+    assert all(c2.head_kv(b, h)[2].tolist() == list(range(L)) for b in range(B) for h in range(HKV))
 
 
 def test_razor_attention_refuses_to_run_without_retrieval_heads():
@@ -538,8 +620,8 @@ def test_eigen_attention_refuses_bad_calibration_and_foreign_caches():
     ("h2o", [], True),
     ("pyramidkv", ["method.window_size=8", "method.num_layers=4", "method.layer_idx=3"], True),
     ("random_press", [], True),
-    ("razor_attention", ["method.retrieval_heads=[]", "method.min_window=8"], True),
-    ("razor_attention", ["method.retrieval_heads=[1]", "method.min_window=8"], True),  # head 0 frees its rows
+    ("razor_attention", ["method.retrieval_heads=[]", "method.local_capacity=16"], True),
+    ("razor_attention", ["method.retrieval_heads=[1]", "method.local_capacity=16"], True),  # head 0 frees its rows
     ("fastgen", ["method.recovery=0.3"], None),
     ("eigen_attention", [], True),
 ])
