@@ -78,7 +78,9 @@ def kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
         out.append({"label": r["label"], "method": r["method"], "impl": impl, "seq_len": int(r["seq_len"]),
                     "status": failure(r["status"], r["error"]),
                     "index_ms": r.get("metric.index_ms"), "attention_ms": r.get("metric.attention_ms"),
-                    "total_ms": total, "density": dens, "recall": r.get("metric.recall")})
+                    "total_ms": total, "density": dens, "recall": r.get("metric.recall"),
+                    "hardness": {k[len("metric.hardness_"):]: r[k] for k in r.index
+                                 if k.startswith("metric.hardness_") and pd.notna(r[k])}})
     out = pd.DataFrame(out)
     for c in ("index_ms", "attention_ms", "total_ms", "density", "recall"):
         out[c] = pd.to_numeric(out[c], errors="coerce")
@@ -129,6 +131,17 @@ def real_rows(df: pd.DataFrame) -> pd.DataFrame:
     for c in cols[1:-1]:
         out[c] = pd.to_numeric(out[c], errors="coerce")
     return out
+
+
+def hardness_line(kernel: pd.DataFrame, n: int) -> str:
+    """The hardness parameters the records carry at length ``n`` (HyperAttention's alpha and
+    kappa on the timed inputs, paper Sec. 1.1), one line; "" where none does."""
+    g = kernel[(kernel["seq_len"] == n) & kernel["hardness"].map(bool)] if "hardness" in kernel else kernel[:0]
+    if g.empty:
+        return ""
+    each = [f"{r['label']}: " + ", ".join(f"{k} = {v:.3g}" for k, v in sorted(r["hardness"].items()))
+            for _, r in g.iterrows()]
+    return "Hardness of these inputs (the method's own diagnostic, exact): " + "; ".join(each) + "."
 
 
 def tables(kernel: pd.DataFrame, real: pd.DataFrame) -> list[tuple[int, pd.DataFrame]]:
@@ -241,6 +254,9 @@ def report(kernel_store, real_store, out_dir) -> list[Path]:
              f"{', '.join(map(str, gpu)) or kdf['device'].iloc[0]}, {kdf['dtype'].iloc[0]})"]
     for n, t in tables(kernel, real):
         parts.append(f"## {n} tokens\n\n" + t.to_markdown(index=False, disable_numparse=True))
+        hard = hardness_line(kernel, n)
+        if hard:
+            parts.append(hard)
     parts.append(NOTE)
     (out / "table.md").write_text("\n\n".join(parts) + "\n")
     written = [out / "table.md"]

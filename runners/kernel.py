@@ -153,6 +153,7 @@ class KernelRunner:
 
         if self.recall_rows:
             self._recall(rec, method, task, shape, T, device, dtype, seed)
+        self._hardness(rec, method, q, k, T)
 
         with torch.no_grad():
             fwd = lambda: method(q, k, v, causal=causal)  # noqa: E731
@@ -177,6 +178,25 @@ class KernelRunner:
 
             rec.peak_mem_bytes["forward_backward"], _ = bench.peak_memory_bytes(step, device)
         return method  # the method measured (at the fitted budget in an equal-budget run)
+
+    HARDNESS_MAX_LEN = 16384  # the hardness parameters are exact and quadratic (a [T, T] map per head)
+
+    def _hardness(self, rec, method, q, k, T: int) -> None:
+        """A method's own diagnostic of its inputs, where it defines one (HyperAttention's alpha
+        and kappa, ``hardness(q, k)``): ``metrics.hardness_<name>`` on the timed inputs, up to
+        HARDNESS_MAX_LEN tokens (above: ``details.hardness`` says it was not computed)."""
+        fn = getattr(method, "hardness", None)
+        if not callable(fn):
+            return
+        if T > self.HARDNESS_MAX_LEN:
+            rec.details["hardness"] = f"not computed above {self.HARDNESS_MAX_LEN} tokens (exact, quadratic)"
+            return
+        try:
+            with torch.no_grad():
+                rec.metrics.update({f"hardness_{n}": float(v) for n, v in fn(q, k).items()})
+            rec.details["hardness"] = f"{type(method).__name__}.hardness on the timed q, k ({T} tokens)"
+        except torch.cuda.OutOfMemoryError as exc:
+            rec.details["hardness"] = f"failed ({type(exc).__name__})"
 
     def _recall(self, rec, method, task, shape, T, device, dtype, seed) -> None:
         """metrics.recall, recall_min and recall_density on structured inputs of length T (rows

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,15 @@ FASTGEN_RECOVERY = [0.95, 0.8, 0.99, 0.9]
 TASKS = ["needle", "ruler", "multiturn"]
 
 
-GPU_TRIALS = 1  # prompts per cell on the GPU (needle: per depth; RULER: per task; multi-turn: contexts)
+GPU_TRIALS = 1  # prompts per cell on the GPU (needle: per depth; multi-turn: contexts)
+RULER_TRIALS = 2  # RULER prompts per (task, length) on the GPU
+# the RULER families dense SmolLM2-135M answers at all at 4000 tokens (CPU probe, 3 prompts each:
+# niah_single 2/3, niah_multiquery 0.5, niah_multivalue 0.33; niah_multikey, vt, cwe and fwe 0):
+# a family dense scores 0 on cannot show what a press loses
+RULER_TASKS = ["niah_single", "niah_multivalue", "niah_multiquery"]
+# and at 8000 tokens (its window is 8192) dense answers none of 3 niah_single prompts (same probe;
+# the GPU run's dense records at 8000 show it too): the presses' RULER runs at 2000 and 4000
+RULER_LENGTHS = [2000, 4000]
 
 
 def task_overrides(task: str, lengths: list[int], tiny: bool, trials: int | None = None) -> list[str]:
@@ -47,25 +57,31 @@ def task_overrides(task: str, lengths: list[int], tiny: bool, trials: int | None
         return [f"task.token_lengths={ls}", "task.depths=[0.5]" if tiny else "task.depths=[0.1,0.5,0.9]",
                 f"task.trials={n}", "task.batch_size=1"]
     if task == "ruler":
+        n = trials if trials is not None else (1 if tiny else RULER_TRIALS)
         return [f"task.token_lengths={ls}", "task.tasks=[niah_single]" if tiny else
-                "task.tasks=[niah_single,niah_multikey,vt]", f"task.trials={n}", f"task.max_new_tokens={12 if tiny else 24}"]
+                f"task.tasks=[{','.join(RULER_TASKS)}]", f"task.trials={n}", f"task.max_new_tokens={12 if tiny else 24}"]
     if task == "multiturn":
         return [f"task.token_lengths={ls}", f"task.trials={n}", f"task.needles={2 if tiny else 4}", "task.turns=2"]
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
 def jobs(presses, ratios, tasks, settings, lengths, tiny: bool, recoveries=FASTGEN_RECOVERY,
-         trials: int | None = None) -> list[list[str]]:
+         trials: int | None = None, ruler_lengths: list[int] | None = None) -> list[list[str]]:
     """The runs, dense first, then one ratio (and one FastGen recovery) at a time over every
     task and press, in the order given: a run cut short by ``--budget-s`` loses the last
-    ratios of every task alike, not a whole task."""
-    cells = []  # (task base overrides, the press setting overrides)
+    ratios of every task alike, not a whole task. RULER runs at ``ruler_lengths`` (default:
+    ``lengths``); dense RULER at those and ``lengths`` both (where dense scores 0 no press can
+    show a loss: the record says where that is)."""
+    cells = []  # (task base overrides, the press setting overrides, dense's base)
     for task in tasks:
-        base = ["model=smollm2_135m", f"task={task}", *task_overrides(task, lengths, tiny, trials)]
+        ls = ruler_lengths if task == "ruler" and ruler_lengths else lengths
+        base = ["model=smollm2_135m", f"task={task}", *task_overrides(task, ls, tiny, trials)]
+        wide = ["model=smollm2_135m", f"task={task}", *task_overrides(task, sorted({*ls, *lengths}), tiny, trials)]
         for setting in (settings if task == "multiturn" else ["query_aware"]):
-            cells.append((base, [f"press.setting={setting}"] if task == "multiturn" else []))
+            cells.append((base, [f"press.setting={setting}"] if task == "multiturn" else [], wide))
     dense = ["method=dense", f"impl={'reference' if tiny else 'sdpa'}"]
-    out = [[*base, *dense, *(["task.setting=" + st[0].split("=")[1]] if st else [])] for base, st in cells]
+    out = [[*wide, *dense, *(["task.setting=" + st[0].split("=")[1]] if st else [])] for _, st, wide in cells]
+    cells = [(base, st) for base, st, _ in cells]
     for i in range(max(len(ratios), len(recoveries))):
         for base, st in cells:
             for press in presses:
@@ -143,6 +159,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-tiny", action="store_true", help="CPU smoke run: 256 tokens, one prompt per cell")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt tokens (default 4000 8000; --cpu-tiny: 256)")
+    ap.add_argument("--ruler-lengths", type=int, nargs="+", default=None,
+                    help=f"RULER's prompt tokens (default {' '.join(map(str, RULER_LENGTHS))} on the GPU, "
+                         "--lengths with --cpu-tiny)")
     ap.add_argument("--presses", nargs="+", default=PRESSES)
     ap.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     ap.add_argument("--recoveries", type=float, nargs="+", default=FASTGEN_RECOVERY, help="FastGen's recovery values")
@@ -155,6 +174,12 @@ def main(argv=None) -> None:
                     help="start no run after this many seconds (the rest are listed; rerun to resume)")
     ap.add_argument("--out", default="results/kv_compression")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (--cpu-tiny; one is fastest on a shared CPU)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes sharing the grid (one GPU: decode steps are launch-bound, so several "
+                         "processes fill it); each claims the next run not done or claimed by another "
+                         "(runners.records.claim), the first writes the report after all have finished")
+    ap.add_argument("--report-only", action="store_true", help="only the table and plot from the records")
+    ap.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
     args = ap.parse_args(argv)
     lengths = args.lengths or ([256] if args.cpu_tiny else [4000, 8000])
     bad = [r for r in args.ratios if not 0 < r < 1]
@@ -164,9 +189,16 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "records.jsonl"
 
+    if args.report_only:
+        return report(store, lengths, args.cpu_tiny, time.time())
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    children = [subprocess.Popen([sys.executable, __file__, *raw, "--workers", "1", "--no-report"])
+                for _ in range(args.workers - 1)]
+
     from hydra import compose, initialize_config_dir
 
-    from analysis import kv_compression
     from methods import CONF_DIR
     from runners import run
 
@@ -176,8 +208,9 @@ def main(argv=None) -> None:
     # no prefill timing in these records (runner.timed_tasks=[]): the sweep measures accuracy and bytes
     common = [f"store={store}", "+runner.timed_tasks=[]"] + (
         ["device=cpu", "dtype=float32", f"runner.cpu_threads={args.threads}"] if args.cpu_tiny else [])
+    ruler_lengths = args.ruler_lengths or (lengths if args.cpu_tiny else RULER_LENGTHS)
     todo = jobs(args.presses, args.ratios, args.tasks, args.multiturn_settings, lengths, args.cpu_tiny,
-                args.recoveries, args.trials)
+                args.recoveries, args.trials, ruler_lengths)
     print(f"{len(todo)} runs, {', '.join(map(str, lengths))} tokens", flush=True)
     t0, left = time.time(), []
     for i, overrides in enumerate(todo):
@@ -195,11 +228,23 @@ def main(argv=None) -> None:
               f"{meter.line()}", flush=True)
     if left:
         print(f"budget of {args.budget_s:.0f}s spent: {len(left)} runs not started (rerun to resume):", *left, sep="\n  ")
-    table = kv_compression.table(kv_compression.rows(store))
-    (out / "table.md").write_text(table)
-    kv_compression.frontier(kv_compression.rows(store), out / "frontier.png",
+    failed = [c.args for c in children if c.wait() != 0]
+    if failed:
+        print(f"{len(failed)} worker(s) failed (their runs are not in the store; rerun to resume)")
+    if not args.no_report:
+        report(store, lengths, args.cpu_tiny, t0)
+
+
+def report(store: Path, lengths, cpu_tiny: bool, t0: float) -> None:
+    """table.md and frontier.png beside the store, from its records."""
+    from analysis import kv_compression
+
+    rows = kv_compression.rows(store)
+    table = kv_compression.table(rows)
+    (store.parent / "table.md").write_text(table)
+    kv_compression.frontier(rows, store.parent / "frontier.png",
                             title=f"SmolLM2-135M, {', '.join(map(str, lengths))} tokens"
-                            + (" (CPU smoke run)" if args.cpu_tiny else ""))
+                            + (" (CPU smoke run)" if cpu_tiny else ""))
     print(table)
     print(f"done in {time.time() - t0:.0f}s")
 

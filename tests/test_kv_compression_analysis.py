@@ -87,3 +87,43 @@ def test_the_sweep_runs_dense_first_then_one_ratio_at_a_time_over_every_task_and
             cfg = with_press(compose(config_name="config", overrides=[*o, f"store={tmp_path / 'r.jsonl'}",
                                                                       "+runner.timed_tasks=[]"]))
             assert list(cfg.task.token_lengths) == [4000, 8000] and cfg.runner.timed_tasks == []
+
+
+def test_the_sweeps_workers_split_the_grid_and_run_each_run_once(tmp_path):
+    """--workers 2: two processes on one store; every planned run is recorded exactly once (the
+    runs' claims make a work queue), and the report is written after both finished."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from models import pretrained
+
+    if not (pretrained.cache_dir() / "smollm2_135m" / "MANIFEST.json").exists():
+        pytest.skip("SmolLM2 is not fetched (python scripts/fetch_assets.py)")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "kv"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "kv_compression.py"), "--cpu-tiny", "--tasks", "needle",
+                           "--presses", "streaming_llm_press", "random_press", "--ratios", "0.5", "--workers", "2",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(r["method"] for r in recs) == ["dense", "random_press", "streaming_llm_press"]
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+    assert proc.stdout.count("done in") == 1 and (out / "table.md").exists() and (out / "frontier.png").exists()
+    assert "skipped" in proc.stdout  # the other worker met each run claimed or done
+
+
+def test_ruler_runs_at_its_own_lengths_and_dense_at_every_length():
+    """--ruler-lengths: the presses' RULER runs at those lengths; dense RULER at those and the
+    other tasks' lengths (its record shows where dense itself scores nothing); other tasks unchanged."""
+    from scripts.kv_compression import RULER_TASKS, jobs
+
+    plan = jobs(["snapkv"], [0.5], ["needle", "ruler"], ["query_agnostic"], [4000, 8000], False,
+                ruler_lengths=[2000, 4000])
+    ruler = [o for o in plan if "task=ruler" in o]
+    assert len(ruler) == 2 and "method=dense" in ruler[0] and "method=snapkv" in ruler[1]
+    assert "task.token_lengths=[2000,4000,8000]" in ruler[0] and "task.token_lengths=[2000,4000]" in ruler[1]
+    assert all(f"task.tasks=[{','.join(RULER_TASKS)}]" in o for o in ruler)
+    assert all("task.token_lengths=[4000,8000]" in o for o in plan if "task=needle" in o)

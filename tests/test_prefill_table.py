@@ -114,6 +114,8 @@ def test_prefill_report_table_and_figure(compose_cfg, store, tmp_path):
     run(compose_cfg("method=dense", "runner.seq_lens=[48,96]", "runner.causal=true"))
     run(compose_cfg("method=star_attention", "method.num_hosts=3", "method.query_len=8", "method.impl=reference",
                     "runner.seq_lens=[48,96]", "runner.causal=true", "+runner.recall_rows=16"))
+    run(compose_cfg("method=hyper_attention", "method.min_seq_len=16", "method.block_size=16",
+                    "method.sample_size=8", "runner.seq_lens=[48]", "runner.causal=true"))
     written = prefill.report(store, str(tmp_path / "none.jsonl"), tmp_path / "out")
     assert [p.name for p in written] == ["table.md", "recall_vs_time.png"]
     assert (tmp_path / "out" / "recall_vs_time.png").stat().st_size > 0
@@ -130,6 +132,10 @@ def test_prefill_report_table_and_figure(compose_cfg, store, tmp_path):
     assert "## 48 tokens" in text and "## 96 tokens" in text
     dense_line = next(ln for ln in text.splitlines() if ln.startswith("| dense "))
     assert "| 1.00 " in dense_line  # dense against itself
+    h = df[df["method"] == "hyper_attention"].iloc[-1]
+    line = next(ln for ln in text.splitlines() if ln.startswith("Hardness"))
+    assert f"alpha = {h['metric.hardness_alpha']:.3g}" in line and f"kappa = {h['metric.hardness_kappa']:.3g}" in line
+    assert text.count("Hardness") == 1  # at 48 tokens only: no method at 96 has the diagnostic
 
 
 def test_real_rows_join_by_label_with_the_8k_table():
@@ -255,3 +261,29 @@ def test_prefill_table_script_commands_compose_and_build(size, compose_cfg, tmp_
                      "StarAttention", "SeerAttention", "HiP", "HyperAttention"}
     assert all((n, t) in seen for n in names for t in ("kernel", "tasks.perplexity.Perplexity",
                                                         "tasks.needle.Needle", "tasks.fidelity.Fidelity"))
+
+
+def test_kernel_runner_records_a_methods_hardness_on_the_timed_inputs(compose_cfg, monkeypatch):
+    """HyperAttention's alpha and kappa (its ``hardness``) land in the record, computed on the
+    q, k of the timed length; above the runner's cap they are skipped and the record says so."""
+    from methods.hyper_attention import HyperAttention
+    from runners import run
+    from runners.kernel import KernelRunner
+
+    seen = []
+
+    def spy(self, q, k):
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        return {"alpha": 1.5 + len(seen), "kappa": 2.0}
+
+    monkeypatch.setattr(HyperAttention, "hardness", spy)
+    monkeypatch.setattr(KernelRunner, "HARDNESS_MAX_LEN", 64)
+    recs = run(compose_cfg("method=hyper_attention", "method.min_seq_len=16", "method.block_size=16",
+                           "method.sample_size=8", "runner.seq_lens=[48,96]", "runner.causal=true"))
+    assert [r.status for r in recs] == ["ok", "ok"], [r.error for r in recs]
+    assert len(seen) == 1 and seen[0][0][2] == 48 and seen[0][1][2] == 48  # one call, on the 48-token q, k
+    assert recs[0].metrics["hardness_alpha"] == 2.5 and recs[0].metrics["hardness_kappa"] == 2.0
+    assert "48 tokens" in recs[0].details["hardness"]
+    assert "hardness_alpha" not in recs[1].metrics and "not computed above 64" in recs[1].details["hardness"]
+    plain = run(compose_cfg("method=sliding_window", "method.impl=reference", "runner.seq_lens=[48]"))
+    assert plain and "hardness" not in plain[0].details  # a method without the diagnostic: nothing
