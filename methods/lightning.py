@@ -31,9 +31,13 @@ impl=lightning  Lightning Attention's tiling in PyTorch, blocks of ``block_size`
                 state KV = lambda^B KV + (lambda^(B-1-j) K_i)^T V_i read by lambda^(j+1) Q_i KV
                 (``tiled_causal``): O(T) memory.
 impl=triton     the same tiling in Triton (``methods.kernels.lightning.lightning_causal``) for
-                causal forward prefill (Tq == Tk, no gradient, power-of-two head dims >= 16,
-                block_size 16-128, CUDA or the interpreter); otherwise the PyTorch tiling, as
-                Performer's impl=triton does.
+                causal self-attention (Tq == Tk, power-of-two head dims >= 16, block_size
+                16-128, fp32/fp16/bf16, CUDA or the interpreter), forward and backward: the
+                gradients are Lightning Attention-2's Alg. 2 in the same kernel (dQ by the
+                running KV state forward, dK and dV by the running dKV state backward, each
+                chunk's own masked block product inside), so training runs on the kernels;
+                otherwise (Tq < Tk, fp64, other shapes, CPU without the interpreter) the
+                PyTorch tiling, as Performer's impl=triton does.
 
 Padded keys (key_padding_mask) are zeroed: they add nothing to S, and keep their positions (the
 decay counts them). The kernel and the norm are learned with the model: the method is trained
@@ -207,12 +211,12 @@ class Lightning(AttentionMethod):
         return self.normalise(o).to(q.dtype)
 
     def _triton_ok(self, fq, vv, tq, tk) -> bool:
-        """The kernel serves causal prefill forward passes; training takes the PyTorch tiling."""
+        """The kernel serves causal self-attention (forward and backward, Tq == Tk); a cache
+        longer than the queries, fp64 or other shapes take the PyTorch tiling."""
         from methods.kernels.lightning import usable
 
         d, e = fq.shape[-1], vv.shape[-1]
-        grad = torch.is_grad_enabled() and (fq.requires_grad or vv.requires_grad)
-        return (usable(fq) and tq == tk and not grad and self.block_size in (16, 32, 64, 128)
+        return (usable(fq) and tq == tk and self.block_size in (16, 32, 64, 128)
                 and fq.dtype != torch.float64
                 and d >= 16 and not d & (d - 1) and e >= 16 and not e & (e - 1))
 

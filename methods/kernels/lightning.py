@@ -8,11 +8,27 @@ as the official kernel does: inside a chunk the masked, decayed product
 [(Q_c K_c^T) (.) M] V_c with M_ij = lambda^(i-j) (i >= j); across chunks the state
 S [d, BV] (fp32, on chip) read as lambda^(i+1) Q_c S and updated as
 S = lambda^C S + (lambda^(C-1-j) K_c)^T V_c. O(T) memory, nothing of size T x T.
+The backward (Lightning Attention-2, Alg. 2 "backward pass"; ``_LightningCausal``) is three
+walks of the same kernel with the operands exchanged, REV walking the positions from the end:
+
+    dQ = walk(dO, V, K)           dq_i = sum_{j <= i} lambda^(i-j) (do_i . v_j) k_j
+    dK = walk_rev(V, dO, Q)       dk_j = sum_{i >= j} lambda^(i-j) (v_j . do_i) q_i
+    dV = walk_rev(K, Q, dO)       dv_j = sum_{i >= j} lambda^(i-j) (k_j . q_i) do_i
+
+so that inside a chunk each is the paper's intra-block product ([(dO V^T) (.) M] K for dQ,
+[(dO V^T) (.) M]^T Q for dK, [(Q K^T) (.) M]^T dO for dV) and across chunks its inter-block
+state: KV carried forward for dQ, dKV = lambda^C dKV + (lambda^(a+1) Q_c)^T dO_c carried
+backward for dK and dV. The official kernels (OpenNLPLab/lightning-attention,
+lightning_attn/ops/triton/lightning_attn2.py) split each gradient into an intra-block kernel
+(parallel over chunks) and an inter-block one (sequential); here the two parts share one walk,
+parallel over (batch x head, value-column block) as the forward is. lambda is a fixed rate per
+head (TransNormerLLM's), so it has no gradient.
 The reference is ``methods.lightning.tiled_causal`` (the same tiling in PyTorch); the tests
-compare against the explicit matrix. Not yet a path of ``methods.lightning.Lightning``
-(scripts/lightning_fla_bench.py times it against fla). Runs on CUDA, or on CPU tensors under
-``TRITON_INTERPRET=1``. Parallelism is B * H * d_v / BV programs: at B = 1 that is few programs
-for a GPU (the limit of this one-pass design; fla splits the chunks over programs in two passes).
+compare against the explicit matrix and its autograd gradients. ``methods.lightning.Lightning``
+takes it with impl=triton (scripts/lightning_fla_bench.py times it against fla). Runs on CUDA,
+or on CPU tensors under ``TRITON_INTERPRET=1``. Parallelism is B * H * d_v / BV programs per
+walk: at B = 1 that is few programs for a GPU (the limit of this one-pass design; fla splits the
+chunks over programs in two passes).
 """
 from __future__ import annotations
 
@@ -27,7 +43,7 @@ if triton is not None:
 
     @triton.jit
     def _lightning_fwd(Q, K, V, O, LD, T, H, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                       BV: tl.constexpr):
+                       BV: tl.constexpr, REV: tl.constexpr):
         bh = tl.program_id(0)
         vb = tl.program_id(1)
         ld = tl.load(LD + bh % H)  # log lambda (fp32, <= 0)
@@ -44,8 +60,10 @@ if triton is not None:
         q_base, v_base = Q + bh * T * D, V + bh * T * E
         k_base, o_base = K + bh * T * D, O + bh * T * E
         for c0 in range(0, T, C):
-            rows = c0 + offs_c
+            rows = c0 + offs_c  # the step along the walk; REV walks the positions from the end
             rm = rows < T
+            if REV:
+                rows = T - 1 - rows
             q = tl.load(q_base + rows[:, None] * D + offs_d[None, :], mask=rm[:, None], other=0.0)
             k = tl.load(k_base + rows[:, None] * D + offs_d[None, :], mask=rm[:, None], other=0.0)
             vm = rm[:, None] & (offs_v < E)[None, :]
@@ -57,10 +75,54 @@ if triton is not None:
             state = state * block_decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v)
 
 
+def _launch(q, k, v, ld, chunk: int, block_v: int, reverse: bool) -> torch.Tensor:
+    """One walk of ``_lightning_fwd`` over contiguous q, k [B, H, T, d], v [B, H, T, e] of one
+    dtype, ld [H] fp32: o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j, or with ``reverse``
+    the same over j >= i (the positions walked from the end)."""
+    B, H, T, D = q.shape
+    E = v.shape[-1]
+    bv = min(block_v, E)
+    out = torch.empty(B, H, T, E, device=v.device, dtype=v.dtype)
+    if T:
+        _lightning_fwd[(B * H, math.ceil(E / bv))](q, k, v, out, ld, T, H, D=D, E=E, C=chunk, BV=bv, REV=reverse,
+                                                   num_warps=4 if D * bv <= 64 * 64 else 8)
+    return out
+
+
+class _LightningCausal(torch.autograd.Function):
+    """The causal product with its backward (Lightning Attention-2, Alg. 2), each gradient one
+    walk of the forward kernel with the operands exchanged:
+
+        dq_i = sum_{j <= i} lambda^(i-j) (do_i . v_j) k_j    forward walk, state sum lambda^. k v^T
+        dk_j = sum_{i >= j} lambda^(i-j) (v_j . do_i) q_i    backward walk, state sum lambda^. q do^T
+        dv_j = sum_{i >= j} lambda^(i-j) (k_j . q_i) do_i    backward walk, the same state transposed
+
+    Inside a chunk each is the paper's masked block product ([(dO V^T) (.) M] K,
+    [(dO V^T) (.) M]^T Q, [(Q K^T) (.) M]^T dO), across chunks its running state: KV forward
+    for dQ, dKV backward for dK and dV. lambda is a fixed rate per head: no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ld, chunk, block_v):
+        ctx.save_for_backward(q, k, v, ld)
+        ctx.chunk, ctx.block_v = chunk, block_v
+        return _launch(q, k, v, ld, chunk, block_v, False)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, ld = ctx.saved_tensors
+        do = do.to(v.dtype).contiguous()
+        c, bv = ctx.chunk, ctx.block_v
+        dq = _launch(do, v, k, ld, c, bv, False) if ctx.needs_input_grad[0] else None
+        dk = _launch(v, do, q, ld, c, bv, True) if ctx.needs_input_grad[1] else None
+        dv = _launch(k, q, do, ld, c, bv, True) if ctx.needs_input_grad[2] else None
+        return dq, dk, dv, None, None, None
+
+
 def lightning_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None = None,
                      chunk: int = 64, block_v: int = 64) -> torch.Tensor:
     """sum_{j <= i} lambda_h^(i-j) (q_i . k_j) v_j: q, k [B, H, T, d], v [B, H, T, e] (one head
-    of keys per query head), log_decay [H] (log lambda <= 0; None: lambda = 1); out in v's dtype."""
+    of keys per query head), log_decay [H] (log lambda <= 0; None: lambda = 1); out in v's dtype.
+    Differentiable in q, k and v through the backward kernels (``_LightningCausal``)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -71,15 +133,12 @@ def lightning_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
     if D & (D - 1) or D < 16 or E & (E - 1) or E < 16 or chunk not in (16, 32, 64, 128):
         raise ValueError(f"lightning kernel: power-of-two head dims >= 16 and a chunk of 16-128 tokens; "
                          f"got d={D}, e={E}, chunk={chunk}")
+    if block_v & (block_v - 1) or block_v < 16:
+        raise ValueError(f"lightning kernel: block_v must be a power of two >= 16, got {block_v}")
     if log_decay is not None and (log_decay.shape != (H,) or bool((log_decay > 0).any())):
         raise ValueError(f"lightning kernel: log_decay must be [H={H}] and <= 0, got {tuple(log_decay.shape)}")
     ld = torch.zeros(H, device=q.device, dtype=torch.float32) if log_decay is None else \
-        log_decay.to(device=q.device, dtype=torch.float32).contiguous()
+        log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
     dt = v.dtype
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
-    bv = min(block_v, E)
-    out = torch.empty(B, H, T, E, device=v.device, dtype=dt)
-    if T:
-        _lightning_fwd[(B * H, math.ceil(E / bv))](q, k, v, out, ld, T, H, D=D, E=E, C=chunk, BV=bv,
-                                                   num_warps=4 if D * bv <= 64 * 64 else 8)
-    return out
+    return _LightningCausal.apply(q, k, v, ld, chunk, block_v)
