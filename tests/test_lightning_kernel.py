@@ -71,7 +71,7 @@ def test_kernel_gradients_equal_autograd_of_the_explicit_product(decay, T, chunk
 
 
 def test_kernel_gradient_only_where_asked():
-    """A gradient for v alone: q and k get none, and dv is the explicit form's."""
+    """A gradient asked for v alone (q and k constants): dv is the explicit form's."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
     vg = v.clone().requires_grad_()

@@ -21,8 +21,9 @@ state: KV carried forward for dQ, dKV = lambda^C dKV + (lambda^(a+1) Q_c)^T dO_c
 backward for dK and dV. The official kernels (OpenNLPLab/lightning-attention,
 lightning_attn/ops/triton/lightning_attn2.py) split each gradient into an intra-block kernel
 (parallel over chunks) and an inter-block one (sequential); here the two parts share one walk,
-parallel over (batch x head, value-column block) as the forward is. lambda is a fixed rate per
-head (TransNormerLLM's), so it has no gradient.
+and the three walks run in one launch (``_lightning_bwd``, grid axis 2 picks dQ, dK or dV),
+parallel over (batch x head, output-column block, gradient): three times the forward's programs.
+lambda is a fixed rate per head (TransNormerLLM's), so it has no gradient.
 The reference is ``methods.lightning.tiled_causal`` (the same tiling in PyTorch); the tests
 compare against the explicit matrix and its autograd gradients. ``methods.lightning.Lightning``
 takes it with impl=triton (scripts/lightning_fla_bench.py times it against fla). Runs on CUDA,
@@ -42,11 +43,10 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _lightning_fwd(Q, K, V, O, LD, T, H, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                       BV: tl.constexpr, REV: tl.constexpr):
-        bh = tl.program_id(0)
-        vb = tl.program_id(1)
-        ld = tl.load(LD + bh % H)  # log lambda (fp32, <= 0)
+    def _walk(Q, K, V, O, ld, T, bh, vb, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+              BV: tl.constexpr, REV: tl.constexpr):
+        """o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j for value columns [vb BV, (vb+1) BV)
+        of row bh (q, k [T, D], v, o [T, E]); REV: the same over j >= i (walked from the end)."""
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         offs_v = vb * BV + tl.arange(0, BV)
@@ -74,24 +74,53 @@ if triton is not None:
             tl.store(o_base + rows[:, None] * E + offs_v[None, :], o.to(O.dtype.element_ty), mask=vm)
             state = state * block_decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v)
 
+    @triton.jit
+    def _lightning_fwd(Q, K, V, O, LD, T, H, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                       BV: tl.constexpr):
+        bh = tl.program_id(0)
+        ld = tl.load(LD + bh % H)  # log lambda (fp32, <= 0)
+        _walk(Q, K, V, O, ld, T, bh, tl.program_id(1), D, E, C, BV, False)
 
-def _launch(q, k, v, ld, chunk: int, block_v: int, reverse: bool) -> torch.Tensor:
-    """One walk of ``_lightning_fwd`` over contiguous q, k [B, H, T, d], v [B, H, T, e] of one
-    dtype, ld [H] fp32: o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j, or with ``reverse``
-    the same over j >= i (the positions walked from the end)."""
+    @triton.jit
+    def _lightning_bwd(Q, K, V, DO, DQ, DK, DV, LD, T, H, D: tl.constexpr, E: tl.constexpr,
+                       C: tl.constexpr, BV: tl.constexpr):
+        """The three gradient walks in one launch (axis 2 picks one): dQ = walk(dO, V, K),
+        dK = walk_rev(V, dO, Q), dV = walk_rev(K, Q, dO)."""
+        bh = tl.program_id(0)
+        vb = tl.program_id(1)
+        which = tl.program_id(2)
+        ld = tl.load(LD + bh % H)
+        if which == 0:
+            if vb * BV < D:
+                _walk(DO, V, K, DQ, ld, T, bh, vb, E, D, C, BV, False)
+        elif which == 1:
+            if vb * BV < D:
+                _walk(V, DO, Q, DK, ld, T, bh, vb, E, D, C, BV, True)
+        else:
+            if vb * BV < E:
+                _walk(K, Q, DO, DV, ld, T, bh, vb, D, E, C, BV, True)
+
+
+def _launch(q, k, v, ld, chunk: int, block_v: int) -> torch.Tensor:
+    """``_lightning_fwd`` over contiguous q, k [B, H, T, d], v [B, H, T, e] of one dtype, ld [H]
+    fp32: o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j."""
     B, H, T, D = q.shape
     E = v.shape[-1]
     bv = min(block_v, E)
     out = torch.empty(B, H, T, E, device=v.device, dtype=v.dtype)
     if T:
-        _lightning_fwd[(B * H, math.ceil(E / bv))](q, k, v, out, ld, T, H, D=D, E=E, C=chunk, BV=bv, REV=reverse,
-                                                   num_warps=4 if D * bv <= 64 * 64 else 8)
+        _lightning_fwd[(B * H, math.ceil(E / bv))](q, k, v, out, ld, T, H, D=D, E=E, C=chunk, BV=bv,
+                                                   num_warps=_warps(D, bv))
     return out
+
+
+def _warps(d: int, bv: int) -> int:
+    return 4 if d * bv <= 64 * 64 else 8
 
 
 class _LightningCausal(torch.autograd.Function):
     """The causal product with its backward (Lightning Attention-2, Alg. 2), each gradient one
-    walk of the forward kernel with the operands exchanged:
+    walk of the forward's ``_walk`` with the operands exchanged (one launch for the three):
 
         dq_i = sum_{j <= i} lambda^(i-j) (do_i . v_j) k_j    forward walk, state sum lambda^. k v^T
         dk_j = sum_{i >= j} lambda^(i-j) (v_j . do_i) q_i    backward walk, state sum lambda^. q do^T
@@ -105,16 +134,19 @@ class _LightningCausal(torch.autograd.Function):
     def forward(ctx, q, k, v, ld, chunk, block_v):
         ctx.save_for_backward(q, k, v, ld)
         ctx.chunk, ctx.block_v = chunk, block_v
-        return _launch(q, k, v, ld, chunk, block_v, False)
+        return _launch(q, k, v, ld, chunk, block_v)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, ld = ctx.saved_tensors
+        B, H, T, D = q.shape
+        E = v.shape[-1]
         do = do.to(v.dtype).contiguous()
-        c, bv = ctx.chunk, ctx.block_v
-        dq = _launch(do, v, k, ld, c, bv, False) if ctx.needs_input_grad[0] else None
-        dk = _launch(v, do, q, ld, c, bv, True) if ctx.needs_input_grad[1] else None
-        dv = _launch(k, q, do, ld, c, bv, True) if ctx.needs_input_grad[2] else None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bv = min(ctx.block_v, D, E)
+        if T:
+            _lightning_bwd[(B * H, math.ceil(max(D, E) / bv), 3)](
+                q, k, v, do, dq, dk, dv, ld, T, H, D=D, E=E, C=ctx.chunk, BV=bv, num_warps=_warps(max(D, E), bv))
         return dq, dk, dv, None, None, None
 
 
