@@ -6,9 +6,10 @@ Rows, per length T (B=1, H heads of d, bf16 unless --dtype, causal):
   ours tiled (decay)     methods.lightning.tiled_causal with TransNormerLLM's decay (the
                          official slopes, methods.lightning.Lightning(decay=True).log_decay())
   ours tiled (no decay)  the same without decay (TransNormer)
-  ours triton            methods.kernels.lightning.lightning_causal (decay / no decay): one
-                         program per (head, value block) walking the chunks in order; its
-                         backward three such walks (dQ forward, dK and dV from the end)
+  ours triton bv=..      methods.kernels.lightning.lightning_causal (decay / no decay): one
+                         program per (head, block of bv value columns) walking the chunks in
+                         order; its backward three such walks in one launch (dQ forward, dK
+                         and dV from the end); a row per --block-v
   fla simple_gla (decay) fla.ops.simple_gla.chunk_simple_gla with g_gamma = the same log decays,
                          scale 1: the same product, fla's chunked Triton kernel
   fla linear_attn        fla.ops.linear_attn.chunk_linear_attn(normalize=False), scale 1: the
@@ -73,8 +74,9 @@ def ms(fn, reps: int, dev: str = "cuda") -> float:
     return statistics.median(times)
 
 
-def candidates(H: int, d: int, block: int, dev: str = "cuda"):
-    """name -> function of (q, k, v) in [B, H, T, d] (ours, SDPA) or None and a reason."""
+def candidates(H: int, d: int, block: int, dev: str = "cuda", block_vs=(64,)):
+    """name -> function of (q, k, v) in [B, H, T, d] (ours, SDPA) or None and a reason; a
+    Triton row per value-column block in ``block_vs`` (the kernel's programs per head: d / bv)."""
     ld = Lightning(decay=True, num_heads=H, num_kv_heads=H, head_dim=d).log_decay().to(dev, torch.float32)
     ops, why = fla_ops()
     out = {
@@ -82,12 +84,16 @@ def candidates(H: int, d: int, block: int, dev: str = "cuda"):
         "ours tiled (no decay)": (lambda q, k, v: tiled_causal(q, k, v, block, None), None),
     }
     try:
-        from methods.kernels import lightning as kern  # a Triton kernel, once there is one
-        out["ours triton (decay)"] = (lambda q, k, v: kern.lightning_causal(q, k, v, ld), None)
-        out["ours triton (no decay)"] = (lambda q, k, v: kern.lightning_causal(q, k, v, None), None)
-    except ImportError:
-        out["ours triton (decay)"] = out["ours triton (no decay)"] = (
-            None, "no Triton kernel for Lightning (methods/kernels/lightning.py absent)")
+        from methods.kernels import lightning as kern
+        for bv in block_vs:
+            out[f"ours triton bv={bv} (decay)"] = (
+                lambda q, k, v, bv=bv: kern.lightning_causal(q, k, v, ld, chunk=block, block_v=bv), None)
+            out[f"ours triton bv={bv} (no decay)"] = (
+                lambda q, k, v, bv=bv: kern.lightning_causal(q, k, v, None, chunk=block, block_v=bv), None)
+    except ImportError as e:  # triton absent
+        for bv in block_vs:
+            out[f"ours triton bv={bv} (decay)"] = out[f"ours triton bv={bv} (no decay)"] = (
+                None, f"no Triton kernel ({e})")
     if ops is None:
         out["fla simple_gla (decay)"] = out["fla linear_attn"] = (None, why)
     else:
@@ -123,10 +129,15 @@ def rel_err(ref, got) -> float:
     return float((ref - got).norm() / ref.norm())
 
 
-CHECKS = (("ours tiled (decay)", "fla simple_gla (decay)"), ("ours tiled (no decay)", "fla linear_attn"),
-          ("ours tiled (decay)", "ours triton (decay)"), ("ours tiled (no decay)", "ours triton (no decay)"))
-RATIOS = (("ours tiled (decay)", "fla simple_gla (decay)"), ("ours triton (decay)", "fla simple_gla (decay)"),
-          ("ours tiled (no decay)", "fla linear_attn"), ("ours triton (no decay)", "fla linear_attn"))
+def pairs(names):
+    """(checks, ratios): each fla and Triton row checked against ours tiled of the same decay;
+    each of ours timed against fla's row of the same decay."""
+    fla = {"(decay)": "fla simple_gla (decay)", "(no decay)": "fla linear_attn"}
+    tiled = {"(decay)": "ours tiled (decay)", "(no decay)": "ours tiled (no decay)"}
+    checks = [(tiled[s], fla[s]) for s in fla]
+    checks += [(tiled[n[n.index("("):]], n) for n in names if n.startswith("ours triton")]
+    ratios = [(n, fla[n[n.index("("):]]) for n in names if n.startswith("ours ")]
+    return checks, ratios
 
 
 def main(argv=None) -> None:
@@ -135,6 +146,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block", type=int, default=64, help="our tiling's block (the method's default)")
+    ap.add_argument("--block-v", default="64,32", help="the kernel's value-column blocks, a Triton row each "
+                    "(64: the method's default; smaller: more programs per head)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (comma-separated)")
     ap.add_argument("--out", default="results/local/lightning_fla.md")
@@ -148,7 +161,8 @@ def main(argv=None) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("lightning_fla_bench: needs a CUDA GPU")
     H, d, dev, dt = a.heads, a.dim, a.device, DTYPES[a.dtype]
-    cands = candidates(H, d, a.block, dev)
+    cands = candidates(H, d, a.block, dev, [int(b) for b in a.block_v.split(",")])
+    checks, ratios = pairs(list(cands))
     g = torch.Generator(device=dev).manual_seed(0)
 
     def qkv(T):  # features as a model would give them: SiLU, scaled so the decayed sums stay in range
@@ -171,7 +185,7 @@ def main(argv=None) -> None:
 
         lines += [f"## {mode}", ""]
         q, k, v, do = qkv(min(2048, max(lens)))
-        for ref, other in CHECKS:
+        for ref, other in checks:
             f_ref, f_o = cands[ref][0], cands[other][0]
             if f_o is None:
                 lines.append(f"check {ref} vs {other}: skipped ({cands[other][1]})")
@@ -206,10 +220,9 @@ def main(argv=None) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
         lines.append("")
-        for ours, theirs in RATIOS:
-            ratios = [f"T={T}: {res[ours, T] / res[theirs, T]:.2f}x" for T in lens
-                      if (ours, T) in res and (theirs, T) in res]
-            lines.append(f"{mode} {ours} / {theirs}: " + (", ".join(ratios) if ratios else "n/a")
+        for ours, theirs in ratios:
+            rs = [f"T={T}: {res[ours, T] / res[theirs, T]:.2f}x" for T in lens if (ours, T) in res and (theirs, T) in res]
+            lines.append(f"{mode} {ours} / {theirs}: " + (", ".join(rs) if rs else "n/a")
                          + " (target <= 1.2x)")
         lines.append("")
     text = "\n".join(lines) + "\n"
