@@ -70,6 +70,22 @@ def test_kernel_gradients_equal_autograd_of_the_explicit_product(decay, T, chunk
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def test_kernel_gradients_in_fp16():
+    """fp16 operands (the products take fp16, accumulate in fp32): gradients in fp16, within
+    fp16 rounding of the explicit form's on the same fp16-rounded inputs."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, do = (torch.randn(1, 2, 40, 16, generator=g).half() for _ in range(4))
+    ld = -torch.tensor([0.1, 0.5])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad(kern.lightning_causal(*leaves, ld, chunk=16), leaves, do)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(explicit(*ref, ld), ref, do.double())
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == torch.float16, name
+        err = float((a.double() - b).norm() / b.norm())
+        assert err < 3e-3, f"d{name}: relative error {err:.1e}"
+
+
 def test_kernel_gradient_only_where_asked():
     """A gradient asked for v alone (q and k constants): dv is the explicit form's."""
     g = torch.Generator().manual_seed(5)
