@@ -23,15 +23,16 @@ def explicit(q, k, v, log_decay):
     return out
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("T,chunk,e,block_v", [(40, 16, 32, 16), (16, 16, 16, 64), (7, 32, 16, 16)])
-def test_kernel_equals_the_explicit_decayed_product(decay, T, chunk, e, block_v):
+def test_kernel_equals_the_explicit_decayed_product(decay, T, chunk, e, block_v, two_pass):
     g = torch.Generator().manual_seed(T + e)
     B, H, d = 2, 3, 16
     q, k = (torch.randn(B, H, T, d, generator=g) for _ in range(2))
     v = torch.randn(B, H, T, e, generator=g)
     ld = -torch.tensor([0.05, 0.3, 1.0]) if decay else None
-    got = kern.lightning_causal(q, k, v, ld, chunk=chunk, block_v=block_v)
+    got = kern.lightning_causal(q, k, v, ld, chunk=chunk, block_v=block_v, two_pass=two_pass)
     want = explicit(q, k, v, ld)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
@@ -50,19 +51,23 @@ def test_kernel_refuses_bad_shapes_and_decays():
         kern.lightning_causal(q, q, q, block_v=24)
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("decay", [False, True])
-@pytest.mark.parametrize("T,chunk,d,e,block_v", [(40, 16, 16, 32, 16), (7, 32, 32, 16, 16), (48, 16, 16, 16, 64)])
-def test_kernel_gradients_equal_autograd_of_the_explicit_product(decay, T, chunk, d, e, block_v):
+@pytest.mark.parametrize("T,chunk,d,e,block_v", [(40, 16, 16, 32, 16), (7, 32, 32, 16, 16), (48, 16, 16, 16, 64),
+                                                 (20, 16, 128, 32, 16)])
+def test_kernel_gradients_equal_autograd_of_the_explicit_product(decay, T, chunk, d, e, block_v, two_pass):
     """dQ, dK, dV of the kernel path (Alg. 2's backward) against autograd through the explicit
     decayed matrix in fp64: lengths that are and are not a multiple of the chunk, one chunk
-    longer than the sequence, d != e, value blocks narrower than e."""
+    longer than the sequence, d != e, value blocks narrower than e, d = 128 (two blocks of state
+    rows in the two-pass states); one pass and two."""
     g = torch.Generator().manual_seed(3 * T + d)
     B, H = 2, 3
     q, k = (torch.randn(B, H, T, d, generator=g) for _ in range(2))
     v, do = (torch.randn(B, H, T, e, generator=g) for _ in range(2))
     ld = -torch.tensor([0.05, 0.3, 1.0]) if decay else None
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = torch.autograd.grad(kern.lightning_causal(*leaves, ld, chunk=chunk, block_v=block_v), leaves, do)
+    out = kern.lightning_causal(*leaves, ld, chunk=chunk, block_v=block_v, two_pass=two_pass)
+    got = torch.autograd.grad(out, leaves, do)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     want = torch.autograd.grad(explicit(*ref, ld), ref, do.double())
     for name, a, b in zip("qkv", got, want):
@@ -70,14 +75,15 @@ def test_kernel_gradients_equal_autograd_of_the_explicit_product(decay, T, chunk
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_kernel_gradients_in_fp16():
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_kernel_gradients_in_fp16(two_pass):
     """fp16 operands (the products take fp16, accumulate in fp32): gradients in fp16, within
     fp16 rounding of the explicit form's on the same fp16-rounded inputs."""
     g = torch.Generator().manual_seed(11)
     q, k, v, do = (torch.randn(1, 2, 40, 16, generator=g).half() for _ in range(4))
     ld = -torch.tensor([0.1, 0.5])
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = torch.autograd.grad(kern.lightning_causal(*leaves, ld, chunk=16), leaves, do)
+    got = torch.autograd.grad(kern.lightning_causal(*leaves, ld, chunk=16, two_pass=two_pass), leaves, do)
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     want = torch.autograd.grad(explicit(*ref, ld), ref, do.double())
     for name, a, b in zip("qkv", got, want):
