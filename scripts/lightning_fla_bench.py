@@ -10,6 +10,9 @@ Rows, per length T (B=1, H heads of d, bf16 unless --dtype, causal):
                          program per (head, block of bv value columns) walking the chunks in
                          order; its backward three such walks in one launch (dQ forward, dK
                          and dV from the end); a row per --block-v
+  ours triton 2-pass bv  the same with two_pass=True (fla's chunked form): a sequential pass
+                         stores the state before every chunk, a second computes all chunks at
+                         once (backward: forward and reversed states, then dQ, dK, dV)
   fla simple_gla (decay) fla.ops.simple_gla.chunk_simple_gla with g_gamma = the same log decays,
                          scale 1: the same product, fla's chunked Triton kernel
   fla linear_attn        fla.ops.linear_attn.chunk_linear_attn(normalize=False), scale 1: the
@@ -85,15 +88,14 @@ def candidates(H: int, d: int, block: int, dev: str = "cuda", block_vs=(64,)):
     }
     try:
         from methods.kernels import lightning as kern
-        for bv in block_vs:
-            out[f"ours triton bv={bv} (decay)"] = (
-                lambda q, k, v, bv=bv: kern.lightning_causal(q, k, v, ld, chunk=block, block_v=bv), None)
-            out[f"ours triton bv={bv} (no decay)"] = (
-                lambda q, k, v, bv=bv: kern.lightning_causal(q, k, v, None, chunk=block, block_v=bv), None)
+        for two, bv in ((two, bv) for two in (False, True) for bv in block_vs):
+            tag = f"ours triton {'2-pass ' if two else ''}bv={bv}"
+            out[f"{tag} (decay)"] = (lambda q, k, v, bv=bv, two=two: kern.lightning_causal(
+                q, k, v, ld, chunk=block, block_v=bv, two_pass=two), None)
+            out[f"{tag} (no decay)"] = (lambda q, k, v, bv=bv, two=two: kern.lightning_causal(
+                q, k, v, None, chunk=block, block_v=bv, two_pass=two), None)
     except ImportError as e:  # triton absent
-        for bv in block_vs:
-            out[f"ours triton bv={bv} (decay)"] = out[f"ours triton bv={bv} (no decay)"] = (
-                None, f"no Triton kernel ({e})")
+        out["ours triton (decay)"] = out["ours triton (no decay)"] = (None, f"no Triton kernel ({e})")
     if ops is None:
         out["fla simple_gla (decay)"] = out["fla linear_attn"] = (None, why)
     else:
