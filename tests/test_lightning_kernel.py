@@ -117,8 +117,9 @@ def _norm_attention_written_out(q, k, v, decay):
     return o * torch.rsqrt((o * o).mean((1, 3), keepdim=True) + 1e-6)
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("decay", [False, True])
-def test_lightning_impl_triton_trains_through_the_kernel(decay):
+def test_lightning_impl_triton_trains_through_the_kernel(decay, two_pass):
     """Lightning(impl=triton) with a gradient takes the kernel (forward and backward), GQA and a
     length not a multiple of the block: output and dq, dk, dv equal autograd through NormAttention
     written out in the test."""
@@ -127,16 +128,17 @@ def test_lightning_impl_triton_trains_through_the_kernel(decay):
 
     q, k, v = seeded_qkv(B=2, H=4, Hkv=2, T=37, D=16, dtype=torch.float32)
     m = methods.load("lightning", impl="triton", num_heads=4, num_kv_heads=2, head_dim=16, decay=decay,
-                     block_size=16)
+                     block_size=16, two_pass=two_pass)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    calls, orig = [], kern._LightningCausal.backward
+    fn = kern._LightningCausal2 if two_pass else kern._LightningCausal
+    calls, orig = [], fn.backward
     try:
-        kern._LightningCausal.backward = staticmethod(lambda ctx, do: calls.append(1) or orig(ctx, do))
+        fn.backward = staticmethod(lambda ctx, do: calls.append(1) or orig(ctx, do))
         out = m(*leaves, causal=True)
         do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         got = torch.autograd.grad(out, leaves, do)
     finally:
-        kern._LightningCausal.backward = staticmethod(orig)
+        fn.backward = staticmethod(orig)
     assert calls, "impl=triton did not take the backward kernel"
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     want_out = _norm_attention_written_out(*ref, decay)
@@ -174,3 +176,10 @@ def test_lightning_impl_triton_equals_the_reference(decay):
     finally:
         kern.lightning_causal = orig
     assert calls, "impl=triton did not take the kernel for a causal forward prefill"
+
+
+def test_lightning_two_pass_must_be_a_bool():
+    import methods
+
+    with pytest.raises(ValueError, match="two_pass"):
+        methods.load("lightning", impl="triton", num_heads=2, num_kv_heads=2, head_dim=16, two_pass="yes")
