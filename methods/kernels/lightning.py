@@ -28,8 +28,12 @@ The reference is ``methods.lightning.tiled_causal`` (the same tiling in PyTorch)
 compare against the explicit matrix and its autograd gradients. ``methods.lightning.Lightning``
 takes it with impl=triton (scripts/lightning_fla_bench.py times it against fla). Runs on CUDA,
 or on CPU tensors under ``TRITON_INTERPRET=1``. Parallelism is B * H * d_v / BV programs per
-walk: at B = 1 that is few programs for a GPU (the limit of this one-pass design; fla splits the
-chunks over programs in two passes).
+walk: at B = 1 that is few programs for a GPU (the limit of the one-pass design). ``two_pass``
+(``_LightningCausal2``) splits the chunks over programs as fla's chunk_simple_gla does: a
+sequential pass (``_states``, B * H * (d / 64) * (e / BV) programs) stores the state before
+every chunk, [B H, T / C, d, e] in the inputs' dtype, and a second (``_outputs``) computes every
+chunk at once; its backward computes the forward states S and the reversed states R (dKV) in
+one launch and then the chunks of dQ (reading S^T), dK (R^T) and dV (R) in one.
 """
 from __future__ import annotations
 
