@@ -51,6 +51,7 @@ if triton is not None:
               BV: tl.constexpr, REV: tl.constexpr):
         """o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j for value columns [vb BV, (vb+1) BV)
         of row bh (q, k [T, D], v, o [T, E]); REV: the same over j >= i (walked from the end)."""
+        bh = bh.to(tl.int64)  # offsets past 2^31 elements at long T and many heads
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         offs_v = vb * BV + tl.arange(0, BV)
@@ -111,6 +112,7 @@ if triton is not None:
                 BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr):
         """S[bh, c] [D, E] = the state before walk chunk c, sum_j lambda^(cC - 1 - j) k_j v_j^T
         over the walk's earlier positions j (REV: walked from the end); rows kb BK.., cols vb BV.."""
+        bh = bh.to(tl.int64)
         offs_c = tl.arange(0, C)
         offs_k = kb * BK + tl.arange(0, BK)
         offs_v = vb * BV + tl.arange(0, BV)
@@ -135,6 +137,7 @@ if triton is not None:
         """Walk chunk c alone: its masked, decayed block product plus lambda^(i+1) q_i S_c, the
         state [D, BV] read at S + (bh NC + c) SZ + row s_r + col s_c (a transposed state by
         its strides)."""
+        bh = bh.to(tl.int64)
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         offs_v = vb * BV + tl.arange(0, BV)
