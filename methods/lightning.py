@@ -31,9 +31,16 @@ impl=lightning  Lightning Attention's tiling in PyTorch, blocks of ``block_size`
                 state KV = lambda^B KV + (lambda^(B-1-j) K_i)^T V_i read by lambda^(j+1) Q_i KV
                 (``tiled_causal``): O(T) memory.
 impl=triton     the same tiling in Triton (``methods.kernels.lightning.lightning_causal``) for
-                causal forward prefill (Tq == Tk, no gradient, power-of-two head dims >= 16,
-                block_size 16-128, CUDA or the interpreter); otherwise the PyTorch tiling, as
-                Performer's impl=triton does.
+                causal self-attention (Tq == Tk, power-of-two head dims >= 16, block_size
+                16-128, fp32/fp16/bf16, CUDA or the interpreter), forward and backward: the
+                gradients are Lightning Attention-2's Alg. 2 in the same kernel (dQ by the
+                running KV state forward, dK and dV by the running dKV state backward, each
+                chunk's own masked block product inside), so training runs on the kernels;
+                otherwise (Tq < Tk, fp64, other shapes, CPU without the interpreter) the
+                PyTorch tiling, as Performer's impl=triton does. ``two_pass=true`` takes the
+                kernel's two-pass form (fla's chunked form: the state before every chunk stored
+                by one sequential pass, then all chunks at once; more parallel at small B * H,
+                T / block_size states of d x d in memory); false walks the chunks in one pass.
 
 Padded keys (key_padding_mask) are zeroed: they add nothing to S, and keep their positions (the
 decay counts them). The kernel and the norm are learned with the model: the method is trained
@@ -121,7 +128,7 @@ class Lightning(AttentionMethod):
     impls = ("reference", "lightning", "triton")
 
     def __init__(self, activation: str = "silu", norm: str = "heads", decay: bool = False,
-                 layer_idx: int = 0, num_layers: int = 1, block_size: int = 64,
+                 layer_idx: int = 0, num_layers: int = 1, block_size: int = 64, two_pass: bool = False,
                  impl: str = "lightning", **structural):
         super().__init__(impl=impl, **structural)
         if activation not in ACTIVATIONS:
@@ -136,6 +143,9 @@ class Lightning(AttentionMethod):
             raise ValueError(f"Lightning: layer_idx must be in [0, num_layers={num_layers}), got {layer_idx!r}")
         if int(block_size) != block_size or block_size < 1:
             raise ValueError(f"Lightning: block_size must be a positive integer, got {block_size!r}")
+        if not isinstance(two_pass, bool):
+            raise ValueError(f"Lightning: two_pass must be true or false, got {two_pass!r}")
+        self.two_pass = two_pass
         self.activation, self.norm, self.decay = activation, norm, decay
         self.layer_idx, self.num_layers, self.block_size = int(layer_idx), int(num_layers), int(block_size)
 
@@ -200,19 +210,19 @@ class Lightning(AttentionMethod):
         elif self.impl == "triton" and self._triton_ok(fq, vv, tq, tk):
             from methods.kernels.lightning import lightning_causal
 
-            o = lightning_causal(fq, fk, vv, ld, chunk=self.block_size)
+            o = lightning_causal(fq, fk, vv, ld, chunk=self.block_size, two_pass=self.two_pass)
         else:
             fq = F.pad(fq, (0, 0, tk - tq, 0))  # queries end-aligned: pad the front, drop it
             o = tiled_causal(fq, fk, vv, self.block_size, ld)[:, :, tk - tq:]
         return self.normalise(o).to(q.dtype)
 
     def _triton_ok(self, fq, vv, tq, tk) -> bool:
-        """The kernel serves causal prefill forward passes; training takes the PyTorch tiling."""
+        """The kernel serves causal self-attention (forward and backward, Tq == Tk); a cache
+        longer than the queries, fp64 or other shapes take the PyTorch tiling."""
         from methods.kernels.lightning import usable
 
         d, e = fq.shape[-1], vv.shape[-1]
-        grad = torch.is_grad_enabled() and (fq.requires_grad or vv.requires_grad)
-        return (usable(fq) and tq == tk and not grad and self.block_size in (16, 32, 64, 128)
+        return (usable(fq) and tq == tk and self.block_size in (16, 32, 64, 128)
                 and fq.dtype != torch.float64
                 and d >= 16 and not d & (d - 1) and e >= 16 and not e & (e - 1))
 
