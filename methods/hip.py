@@ -123,14 +123,17 @@ class HiP(SparseMethod):
     def mask_mod(self, q, k, causal):
         lay = self.block_layout(q, k, causal, self._kpm)
         self._lay = lay  # reused by flex_layout (called after mask_mod for the same inputs)
-        words = masks.pack_bits(lay)  # 64 key blocks a word: at 128k the bool layout passes 2^31 elements
+        # 8 key blocks a byte: at 128k the bool layout passes 2^31 elements; bytes, not int64 words,
+        # because the compiled kernel stages this per-element gather in shared memory (int64 words
+        # asked an H200 for 368 KiB: "No valid triton configs", session 13)
+        words = masks.pack_bits(lay, word_bits=8)
         off, bq, bk, w = k.shape[2] - q.shape[2], self.block_q, self.block_k, self.window
 
         def hip_mask(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             near = (d < w) if causal else (d.abs() < w)
             j = kv_idx // bk
-            return (((words[b, h, q_idx // bq, j // 64] >> (j % 64)) & 1) != 0) | near
+            return (((words[b, h, q_idx // bq, j // 8].to(torch.int32) >> (j % 8)) & 1) != 0) | near
 
         return hip_mask
 

@@ -107,17 +107,22 @@ def causal_pairs(tq: int, tk: int) -> int:
     return tk * (tk + 1) // 2  # queries before the first key see nothing
 
 
-def pack_bits(lay: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """[..., n] bool -> [..., ceil(n / 64)] int64, bit j % 64 of word j // 64 = lay[..., j]
-    (the top bit as the sign: the sum of distinct powers of two is exact), by chunks of rows
-    (default: 2^26 bits a chunk, a 512 MiB int64 temporary)."""
+def pack_bits(lay: torch.Tensor, rows: int | None = None, word_bits: int = 64) -> torch.Tensor:
+    """[..., n] bool -> [..., ceil(n / word_bits)] words (int64 for 64 bits, the top bit as the
+    sign: the sum of distinct powers of two is exact; uint8 for 8), bit j % word_bits of word
+    j // word_bits = lay[..., j], by chunks of rows (default: 2^26 bits a chunk, a 512 MiB int64
+    temporary). Bytes suit a mask function that gathers one word per (query, key) element: a
+    compiled FlexAttention kernel stages such a [BLOCK_M, BLOCK_N] gather in shared memory, and
+    int64 words there overflow an H200's (368 KiB asked for, 227 KiB exist)."""
+    if word_bits not in (8, 64):
+        raise ValueError(f"word_bits must be 8 or 64, got {word_bits}")
     n = lay.shape[-1]
     rows = rows or max(1, (1 << 26) // max(n, 1))
-    nw = -(-n // 64)
+    nw = -(-n // word_bits)
     flat = lay.reshape(-1, n)
-    out = torch.empty(flat.shape[0], nw, dtype=torch.int64, device=lay.device)
-    bits = torch.ones(64, dtype=torch.int64, device=lay.device) << torch.arange(64, device=lay.device)
+    out = torch.empty(flat.shape[0], nw, dtype=torch.int64 if word_bits == 64 else torch.uint8, device=lay.device)
+    bits = torch.ones(word_bits, dtype=torch.int64, device=lay.device) << torch.arange(word_bits, device=lay.device)
     for a in range(0, flat.shape[0], rows):
-        x = torch.nn.functional.pad(flat[a:a + rows], (0, nw * 64 - n)).view(-1, nw, 64)
-        out[a:a + rows] = (x.to(torch.int64) * bits).sum(-1)
+        x = torch.nn.functional.pad(flat[a:a + rows], (0, nw * word_bits - n)).view(-1, nw, word_bits)
+        out[a:a + rows] = (x.to(torch.int64) * bits).sum(-1).to(out.dtype)
     return out.view(*lay.shape[:-1], nw)

@@ -129,15 +129,18 @@ def test_nsa_block_lists_equal_the_element_mask_and_the_reference():
         assert torch.equal(full.expand_as(el_all), el_all)
 
 
-def test_hip_packed_layout_is_the_layout():
-    """HiP's mask function reads its layout from 64-bit words (the bool layout passes 2^31
-    elements at 128k): every bit, the sign bit included, is the layout's."""
+@pytest.mark.parametrize("word_bits,dtype", [(64, torch.int64), (8, torch.uint8)])
+def test_packed_layout_is_the_layout(word_bits, dtype):
+    """masks.pack_bits: 64-bit words (Routing Transformer's cluster sets) or bytes (HiP's layout,
+    read per element by its mask function): every bit, the sign bit included, is the layout's."""
     from methods.masks import pack_bits
 
     g = torch.Generator().manual_seed(0)
     lay = torch.rand(2, 3, 5, 150, generator=g) < 0.5
-    lay[..., 63] = True  # the sign bit of the first word
-    words = pack_bits(lay, rows=4)
+    lay[..., word_bits - 1] = True  # the top bit of the first word
+    words = pack_bits(lay, rows=4, word_bits=word_bits)
     j = torch.arange(150)
-    unpacked = ((words[..., j // 64] >> (j % 64)) & 1) != 0
-    assert words.shape == (2, 3, 5, 3) and torch.equal(unpacked, lay)
+    unpacked = ((words[..., j // word_bits].to(torch.int64) >> (j % word_bits)) & 1) != 0
+    assert words.dtype == dtype and words.shape == (2, 3, 5, -(-150 // word_bits)) and torch.equal(unpacked, lay)
+    with pytest.raises(ValueError, match="word_bits"):
+        pack_bits(lay, word_bits=32)
