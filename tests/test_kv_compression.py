@@ -372,3 +372,43 @@ def test_a_press_on_a_task_without_a_compressed_cache_is_refused_before_loading(
     for task in ("needle", "ruler", "multiturn", "fidelity"):
         check_press_task(cfg(f"method={method}", f"task={task}"))
     check_press_task(cfg("method=dense", "task=perplexity"))
+
+
+# ---- Eigen Attention in a rotary model -------------------------------------------------------------
+def _low_rank_llama(path, rank_dims: int):
+    """A tiny GQA Llama (head dim 8) whose k_proj and v_proj write each KV head's keys and values
+    (before the rotary embedding) into its first ``rank_dims`` dimensions only."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.view(2, 8, 32)[:, rank_dims:] = 0
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_eigen_attention_projects_the_keys_before_their_rotation(tmp_path):
+    """Eigen Attention's RoPE path (official LlamaEigenAttention: the cache holds pre-rotary
+    low-rank keys, projected back up and rotated at each attention). In a Llama whose keys and
+    values lie in 4 of 8 dimensions before the rotation, rank 4 (ratio 0.5) from calibration
+    text loses nothing: generation through the press (prefill, then decode steps under teacher
+    forcing) equals the eager model's logits. A basis fitted to the keys after the rotation
+    cannot: RoPE turns dimension i into i + 4 by position, so rotated keys fill all 8."""
+    path = _low_rank_llama(tmp_path, 4)
+    model = hf_decode.load(path, "eigen_attention", ratio=0.5)
+    got_cal = hf_decode.calibrate(model, torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(5)))
+    assert all(r["keys"] == "pre-rotary" and r["rank"] == 4 for r in got_cal.values())
+    P, N = 40, 6
+    ids = torch.randint(0, 64, (2, P), generator=torch.Generator().manual_seed(1))
+    forced = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(2))
+    got = hf_decode.generate(model, ids, N, forced=forced)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.cat([ids, forced], 1)).logits
+    for j, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=1e-5, atol=1e-5)
+    for s in got.stats:  # rank 4 of 8 per token and KV head, plus the two bases [Hkv, 8, 4] fp32
+        assert s["keys"].startswith("pre-rotary") and s["bytes_held"] == 2 * 2 * 2 * (P + N) * 4 * 4 + 2 * 2 * 8 * 4 * 4
