@@ -462,3 +462,20 @@ def test_fastgen_generation_equals_the_model_with_each_heads_evicted_tokens_mask
         want = ref(input_ids=text).logits
     for j, logits in enumerate(got):
         torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=1e-4, atol=1e-4)
+
+
+@needs_smol
+def test_multiturn_turns_on_one_cache_equal_each_turn_without_a_cache(smol_path):
+    """The second turn on the cache (prefill the context, feed turn 1's question and gold answer,
+    then turn 2's) predicts what one cache-free forward of the whole conversation so far
+    predicts, at every answer position of both turns: through FastGen at recovery 1 (every head
+    keeps every token) against the model without a press (tasks.multiturn's reference)."""
+    tok = pretrained_tok(smol_path)
+    trial = multiturn.make_trial(tok, _prose(tok, 1500, skip=0), 300, needles=3, turns=2, seed=1)
+    from models.smollm2_135m import SmolLM2
+
+    dense, pressed = SmolLM2(method=_cfg("dense")), SmolLM2(method=_cfg("fastgen", recovery=1.0))
+    want = multiturn.answer_turns(dense.eval(), trial, "query_agnostic")
+    got = multiturn.answer_turns(pressed.eval(), trial, "query_agnostic")
+    assert not dense.pressed and pressed.pressed
+    assert got == want and [len(p) for p in got] == [len(a) + 1 for a in trial["answers"]]
