@@ -163,9 +163,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     B, H, T, D = query.shape
     if scaling is not None and abs(scaling * D ** 0.5 - 1) > 1e-4:
         raise ValueError(f"attnbench methods use the scale 1/sqrt({D}); this model uses {scaling}")
+    rope = getattr(module, "_attnbench_rope", None)  # this call's rotary cos, sin (``_keep_rope``)
     store = getattr(module, "_attnbench_calibration", None)
     if store is not None:  # calibrate(): dense causal attention, q/k/v kept for the layer's method
         store.append((query.detach(), key.detach(), value.detach()))
+        module._attnbench_calibration_rope.append(rope)
         out = _dense_causal(query, key, value, sliding_window(module, kwargs))
         return out.transpose(1, 2).contiguous(), None
     layer = getattr(module, "_attnbench_decode_layer", None)
@@ -194,10 +196,14 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             layer.path.set_tokens(*layer.token_info)
         layer.kv = layer.path.new_cache(B, layer.tokens, key.dtype, key.device)
         layer.kv.layer_idx, layer.kv.shared = module.layer_idx, layer.shared
+        if rope is not None and hasattr(layer.path, "set_rope"):  # Eigen Attention: its keys before the rotation
+            layer.path.set_rope(*rope)
         out = layer.path.prefill(query, key, value, layer.kv)
     else:
         if T != 1:
             raise AttentionInputError(f"{NAME}: after the prefill a step takes one token, got {T}")
+        if rope is not None and hasattr(layer.path, "set_rope"):
+            layer.path.set_rope(*rope)
         out = layer.path.decode(query, key, value, layer.kv)
         layer.bytes_read.append(layer.path.last_step["bytes_read"])
     return out.transpose(1, 2).contiguous(), None
@@ -211,6 +217,13 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def _keep_rope(module, args, kwargs) -> None:
+    """Forward pre-hook of an attention module: the rotary cos, sin it is given for this call's
+    tokens (``position_embeddings``, applied before the attention function sees q and k), kept
+    for a press that works on the keys before their rotation (Eigen Attention: ``set_rope``)."""
+    module._attnbench_rope = kwargs.get("position_embeddings")
+
+
 def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int = 0, method_cfg=None,
          **method_kwargs):
     """``from_pretrained`` with attention through ``method``'s decode path (or ``method_cfg``'s,
@@ -222,6 +235,8 @@ def load(path_or_name: str, method: str = "dense", dtype=None, dense_layers: int
     model = AutoModelForCausalLM.from_pretrained(path_or_name, attn_implementation=NAME, dtype=dtype)
     model.config.attnbench_method = method_cfg if method_cfg is not None else {"name": method, **method_kwargs}
     model.config.attnbench_dense_layers = int(dense_layers)
+    for m in _attention_modules(model):
+        m.register_forward_pre_hook(_keep_rope, with_kwargs=True)
     return model.eval()
 
 
@@ -264,15 +279,16 @@ def calibrate(model, input_ids, period: int | None = None) -> dict:
     mods = _attention_modules(model)
     if not mods:
         raise ValueError("calibrate: found no attention modules (with layer_idx) in the model")
-    stores = {}
+    stores, ropes = {}, {}
     for m in mods:
         stores[m.layer_idx] = m._attnbench_calibration = []
+        ropes[m.layer_idx] = m._attnbench_calibration_rope = []
     try:
         for ids in batches:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         for m in mods:
-            del m._attnbench_calibration
+            del m._attnbench_calibration, m._attnbench_calibration_rope
     out = {}
     for m in mods:
         if (m.layer_idx < getattr(m.config, "attnbench_dense_layers", 0) or not stores[m.layer_idx]
@@ -282,6 +298,8 @@ def calibrate(model, input_ids, period: int | None = None) -> dict:
         meth = _method(m, q.shape[1], q.shape[3], k.shape[1]).to(q.device)
         if hasattr(meth, "set_layer"):
             meth.set_layer(m.layer_idx, m.config.num_hidden_layers)
+        if hasattr(meth, "set_rope") and ropes[m.layer_idx][0] is not None:  # the rotation of these keys
+            meth.set_rope(*ropes[m.layer_idx][0])
         if hasattr(meth, "calibrate_layer"):
             out[m.layer_idx] = meth.calibrate_layer(q, k, v, period)
         elif getattr(meth, "needs_calibration", False):

@@ -372,3 +372,110 @@ def test_a_press_on_a_task_without_a_compressed_cache_is_refused_before_loading(
     for task in ("needle", "ruler", "multiturn", "fidelity"):
         check_press_task(cfg(f"method={method}", f"task={task}"))
     check_press_task(cfg("method=dense", "task=perplexity"))
+
+
+# ---- Eigen Attention in a rotary model -------------------------------------------------------------
+def _low_rank_llama(path, rank_dims: int):
+    """A tiny GQA Llama (head dim 8) whose k_proj and v_proj write each KV head's keys and values
+    (before the rotary embedding) into its first ``rank_dims`` dimensions only."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.view(2, 8, 32)[:, rank_dims:] = 0
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_eigen_attention_projects_the_keys_before_their_rotation(tmp_path):
+    """Eigen Attention's RoPE path (official LlamaEigenAttention: the cache holds pre-rotary
+    low-rank keys, projected back up and rotated at each attention). In a Llama whose keys and
+    values lie in 4 of 8 dimensions before the rotation, rank 4 (ratio 0.5) from calibration
+    text loses nothing: generation through the press (prefill, then decode steps under teacher
+    forcing) equals the eager model's logits. A basis fitted to the keys after the rotation
+    cannot: RoPE turns dimension i into i + 4 by position, so rotated keys fill all 8."""
+    path = _low_rank_llama(tmp_path, 4)
+    model = hf_decode.load(path, "eigen_attention", ratio=0.5)
+    got_cal = hf_decode.calibrate(model, torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(5)))
+    assert all(r["keys"] == "pre-rotary" and r["rank"] == 4 for r in got_cal.values())
+    P, N = 40, 6
+    ids = torch.randint(0, 64, (2, P), generator=torch.Generator().manual_seed(1))
+    forced = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(2))
+    got = hf_decode.generate(model, ids, N, forced=forced)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.cat([ids, forced], 1)).logits
+    for j, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=1e-5, atol=1e-5)
+    for s in got.stats:  # rank 4 of 8 per token and KV head, plus the two bases [Hkv, 8, 4] fp32
+        assert s["keys"].startswith("pre-rotary") and s["bytes_held"] == 2 * 2 * 2 * (P + N) * 4 * 4 + 2 * 2 * 8 * 4 * 4
+
+
+# ---- FastGen in a model: per-head kept tokens -------------------------------------------------------
+_KEPT: dict = {}  # layer -> allowed prompt columns [B, Hkv, P] for the rows after the prompt
+
+
+def _masked_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager causal attention of the whole sequence in which every row after the prompt sees,
+    per KV head, only the prompt tokens ``_KEPT[layer]`` (and every later token)."""
+    B, H, T, D = query.shape
+    allowed = torch.ones(T, T, dtype=torch.bool).tril().expand(B, key.shape[1], T, T).clone()
+    kept = _KEPT[module.layer_idx]
+    P = kept.shape[-1]
+    allowed[:, :, P:, :P] &= kept[:, :, None, :]
+    allowed = allowed.repeat_interleave(H // key.shape[1], 1)
+    k, v = (x.repeat_interleave(H // key.shape[1], 1) for x in (key, value))
+    s = (query @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).contiguous(), None
+
+
+@needs_smol
+def test_fastgen_generation_equals_the_model_with_each_heads_evicted_tokens_masked(smol_path):
+    """FastGen inside SmolLM2-135M (recovery 0.95 on 200 tokens of prose: its KV heads pick
+    different policies, so each holds its own rows): prefill, then decode steps under teacher
+    forcing; the logits equal the eager model's in which each layer's KV head, for every row
+    after the prompt, sees only the prompt tokens its cache holds (read from the cache's
+    positions) and the later tokens."""
+    from transformers import AttentionInterface, AutoTokenizer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("fastgen_reference", _masked_reference)
+    AttentionMaskInterface.register("fastgen_reference", sdpa_mask)
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    P, N = 200, 6
+    text = torch.tensor([_prose(tok, P + N)])
+    ids, forced = text[:, :P], text[:, P:]
+    s = hf_decode.Session(hf_decode.load(smol_path, "fastgen", recovery=0.95), P + N,
+                          classes=hf_decode.token_classes(tok))
+    got = [s.prefill(ids)] + s.feed(forced[:, :-1])
+    layers = s.cache.layers
+    assert any(la.kv.rows is not None for la in layers)  # some heads keep fewer tokens than others
+    for i, la in enumerate(layers):
+        hp = la.kv.head_pos
+        _KEPT[i] = (hp[:, :, :, None] == torch.arange(P)).any(2)
+    assert not all(bool(k.all()) for k in _KEPT.values())  # something was evicted
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smol_path, attn_implementation="fastgen_reference").eval()
+    with torch.no_grad():
+        want = ref(input_ids=text).logits
+    for j, logits in enumerate(got):
+        torch.testing.assert_close(logits, want[:, P - 1 + j], rtol=1e-4, atol=1e-4)
+
+
+@needs_smol
+def test_multiturn_turns_on_one_cache_equal_each_turn_without_a_cache(smol_path):
+    """The second turn on the cache (prefill the context, feed turn 1's question and gold answer,
+    then turn 2's) predicts what one cache-free forward of the whole conversation so far
+    predicts, at every answer position of both turns: through FastGen at recovery 1 (every head
+    keeps every token) against the model without a press (tasks.multiturn's reference)."""
+    tok = pretrained_tok(smol_path)
+    trial = multiturn.make_trial(tok, _prose(tok, 1500, skip=0), 300, needles=3, turns=2, seed=1)
+    from models.smollm2_135m import SmolLM2
+
+    dense, pressed = SmolLM2(method=_cfg("dense")), SmolLM2(method=_cfg("fastgen", recovery=1.0))
+    want = multiturn.answer_turns(dense.eval(), trial, "query_agnostic")
+    got = multiturn.answer_turns(pressed.eval(), trial, "query_agnostic")
+    assert not dense.pressed and pressed.pressed
+    assert got == want and [len(p) for p in got] == [len(a) + 1 for a in trial["answers"]]
