@@ -101,7 +101,8 @@ class Twilight(DecodePath, AttentionMethod):
         if base == "quest":
             from methods.quest import Quest
 
-            self.base = Quest(page_size=int(page_size), **kw, **shape)
+            # the official Twilight's Quest (twilight/pyimpl/quest.py, quest_selector): plain top pages
+            self.base = Quest(page_size=int(page_size), **{"keep_last_page": False, **kw}, **shape)
         else:
             from methods.double_sparsity import DoubleSparsity
 

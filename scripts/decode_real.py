@@ -45,6 +45,8 @@ from tasks.real_text import _tokens
 def methods(b: int) -> list[tuple[str, dict]]:
     return [("dense", {"impl": "reference"}), ("quest", {"token_budget": b}),
             ("quest", {"token_budget": b, "dense_layers": 2}),  # the paper's first two layers dense
+            # the official accuracy script's page choice (plain top pages, the page being written not kept)
+            ("quest", {"token_budget": b, "dense_layers": 2, "keep_last_page": False}),
             ("sparq", {}), ("streaming_llm", {"num_sink": 4, "window": b, "impl": "reference"}),
             ("sliding_window", {"window": b, "impl": "reference"}),
             ("nsa", {"impl": "reference", "block_size": 32, "num_selected": max(1, b // 32), "window": b // 2}),

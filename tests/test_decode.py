@@ -36,7 +36,8 @@ def test_methods_without_a_decode_path_decode_densely_and_say_so(name, fallback)
 
 # ---- Quest ----------------------------------------------------------------------------------
 def _quest_reference(q, keys, values, page_size, budget):
-    """Quest for one query head, from Sec. 3.3 and the official evaluation/quest_attention.py:
+    """Quest for one query head, from Sec. 3.3 and the official evaluation/quest_attention.py
+    (``keep_last_page=False``; the system's rule, the default: tests/test_quest.py):
     per-page channel min/max (pages from slot 0, the last one partial), the bound
     U = sum_i max(q_i M_i, q_i m_i), the top max(3, budget // page) pages, exact attention."""
     S = keys.shape[0]
@@ -56,7 +57,7 @@ def _quest_reference(q, keys, values, page_size, budget):
 @pytest.mark.parametrize("budget", [12, 20])
 def test_quest_decode_against_the_official_page_selection(budget):
     page = 4
-    m = load("quest", page_size=page, token_budget=budget)
+    m = load("quest", page_size=page, token_budget=budget, keep_last_page=False)  # the script's rule
     q, k, v = qkv(46)
     taken = 0
     for i, out, _ in steps(m, q, k, v, 37):  # decode crosses page boundaries (40, 44)
