@@ -381,7 +381,10 @@ class NSADecode(_Adapter):
               ``window`` most recent keys, gated with the compressed output (Eq. 5)
 
     so that the step's output equals the prefill's row t. Bytes read: the compressed keys and
-    values (index), and the K/V rows of the selected blocks and the window (each row once)."""
+    values (index), and the K/V rows of the selected blocks and the window (each row once).
+    ``select`` and ``attend_selected`` read nothing back to the host (sizes from the config and
+    ``cache.length``, masks instead of ``x[mask]``): ``runner=decode`` can replay them from a
+    CUDA graph (tests/test_decode_sync.py)."""
 
     def decode_params(self) -> dict:
         return self.method.hyperparameters()

@@ -418,7 +418,10 @@ class SparseKDecode(_Adapter):
     the SparseK operator over their scores gives the weights p and the top k of them are read
     with their weights, the ``window`` most recent keys with weight 1 (readings (1)-(4) of the
     module docstring), so that the step's output equals the prefill's row t. Bytes read: the
-    candidates' scores (index) and the K/V rows of the top k (weight > 0) and the window."""
+    candidates' scores (index) and the K/V rows of the top k (weight > 0) and the window.
+    ``select`` and ``attend_selected`` read nothing back to the host (the row and the window's
+    span as Python ints, no count of pairs): ``runner=decode`` can replay them from a CUDA graph
+    (tests/test_decode_sync.py)."""
 
     def decode_params(self) -> dict:
         return self.method.hyperparameters()
