@@ -170,13 +170,18 @@ class NSA(SparseMethod):
         n = p.shape[-1]
         start = torch.arange(n, device=p.device) * d  # first token of each compressed block
         first, last = start // bs, (start + l - 1) // bs  # the selection blocks it overlaps
-        imp = p.new_zeros(*p.shape[:-1], nsel)
-        for o in range(int((last - first).max()) + 1 if n else 0):
+        # the most selection blocks one compressed block overlaps, from the config on the host
+        # (no read-back: a decode step replays from a CUDA graph): the overlap depends only on
+        # its start i * d modulo bs, which repeats within bs blocks
+        span = max(((i * d + l - 1) // bs - (i * d) // bs for i in range(min(n, bs))), default=-1) + 1
+        imp = p.new_zeros(*p.shape[:-1], nsel + 1)  # column nsel: where the overlaps past a block's end go
+        for o in range(span):
             j = first + o
             hit = j <= last
             shared = torch.minimum(start + l, (j + 1) * bs) - torch.maximum(start, j * bs)
-            imp.index_add_(-1, j[hit], p[..., hit] * (shared[hit] / d).to(p.dtype))
-        return imp
+            w = torch.where(hit, shared / d, 0.0).to(p.dtype)  # masks, not x[mask]: static shapes
+            imp.index_add_(-1, torch.where(hit, j, nsel), p * w)
+        return imp[..., :nsel]
 
     def select(self, importance, t0: int = 0):
         """[B, Hkv, c, nsel] importance of queries t0 .. t0 + c - 1 -> their chosen blocks:
@@ -376,7 +381,10 @@ class NSADecode(_Adapter):
               ``window`` most recent keys, gated with the compressed output (Eq. 5)
 
     so that the step's output equals the prefill's row t. Bytes read: the compressed keys and
-    values (index), and the K/V rows of the selected blocks and the window (each row once)."""
+    values (index), and the K/V rows of the selected blocks and the window (each row once).
+    ``select`` and ``attend_selected`` read nothing back to the host (sizes from the config and
+    ``cache.length``, masks instead of ``x[mask]``): ``runner=decode`` can replay them from a
+    CUDA graph (tests/test_decode_sync.py)."""
 
     def decode_params(self) -> dict:
         return self.method.hyperparameters()

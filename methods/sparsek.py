@@ -360,9 +360,12 @@ class SparseK(AttentionMethod):
         idx, wsel, _ = self._soft_mask_rows(u, rows, tk, kpm)
         return self._gather_chunk(q.to(dt), k, v, idx, wsel, rows, kpm, rep, dt, scale)
 
-    def _gather_chunk(self, qc, k, v, idx, wsel, rows, kpm, rep, dt, scale):
+    def _gather_chunk(self, qc, k, v, idx, wsel, rows, kpm, rep, dt, scale, span=None):
         """Selected keys are gathered ([c, k, D] per head); the window is the contiguous slab of
-        keys (rows[0] - window, rows[-1]] shared by the chunk, masked to each query's band."""
+        keys (rows[0] - window, rows[-1]] shared by the chunk, masked to each query's band.
+        ``span``: (rows[0], rows[-1]) as Python ints where the caller knows them (the decode
+        step): then nothing is read back to the host (a CUDA graph can replay it) and the
+        count of pairs is not taken (None)."""
         B, Hkv, c, kk = idx.shape
         D, w = k.shape[-1], self.window
         gi = idx.reshape(B, Hkv, c * kk, 1).expand(-1, -1, -1, D)
@@ -370,7 +373,8 @@ class SparseK(AttentionMethod):
         vs = repeat_kv(torch.gather(v, 2, gi).to(dt).view(B, Hkv, c * kk, D), rep)
         H = Hkv * rep
         s_sel = (qc.unsqueeze(-2) @ ks.view(B, H, c, kk, D).transpose(-1, -2)).squeeze(-2) * scale  # [B, H, c, k]
-        lo, hi = max(0, int(rows[0]) - w + 1), int(rows[-1]) + 1
+        first, last = (int(rows[0]), int(rows[-1])) if span is None else span
+        lo, hi = max(0, first - w + 1), last + 1
         kw, vw = repeat_kv(k[:, :, lo:hi].to(dt), rep), repeat_kv(v[:, :, lo:hi].to(dt), rep)  # slab
         pos = torch.arange(lo, hi, device=qc.device).view(1, -1)
         band = (pos <= rows.view(-1, 1)) & (pos > rows.view(-1, 1) - w)  # [c, slab]
@@ -381,7 +385,7 @@ class SparseK(AttentionMethod):
         m = torch.cat([repeat_kv(wsel, rep), band.to(dt).expand(B, H, -1, -1)], -1)
         p = _weighted_softmax(torch.cat([s_sel, s_win], -1), m)
         out = (p[..., :kk].unsqueeze(-2) @ vs.view(B, H, c, kk, D)).squeeze(-2) + p[..., kk:] @ vw
-        count = int((m > 0).sum())  # pairs really attended (selected with weight > 0, window)
+        count = None if span is not None else int((m > 0).sum())  # pairs really attended (weight > 0, window)
         return out, count
 
     def decode_adapter(self) -> SparseKDecode:
@@ -414,7 +418,10 @@ class SparseKDecode(_Adapter):
     the SparseK operator over their scores gives the weights p and the top k of them are read
     with their weights, the ``window`` most recent keys with weight 1 (readings (1)-(4) of the
     module docstring), so that the step's output equals the prefill's row t. Bytes read: the
-    candidates' scores (index) and the K/V rows of the top k (weight > 0) and the window."""
+    candidates' scores (index) and the K/V rows of the top k (weight > 0) and the window.
+    ``select`` and ``attend_selected`` read nothing back to the host (the row and the window's
+    span as Python ints, no count of pairs): ``runner=decode`` can replay them from a CUDA graph
+    (tests/test_decode_sync.py)."""
 
     def decode_params(self) -> dict:
         return self.method.hyperparameters()
@@ -438,7 +445,7 @@ class SparseKDecode(_Adapter):
         self._check_q(q_t, cache)
         m, S = self.method, cache.length
         t, rep, w = S - 1, self.num_heads // self.num_kv_heads, m.window
-        rows = torch.tensor([t], device=q_t.device)
+        rows = torch.full((1,), t, dtype=torch.long, device=q_t.device)  # a fill, not a copy from the host
         with torch.no_grad():
             idx, wsel, ok = m._soft_mask_rows(cache.aux["score"][:, :, :S], rows, S, None)  # [B, Hkv, 1, k']
         win = torch.arange(max(0, t - w + 1), t + 1, device=q_t.device).expand(*idx.shape[:2], -1)
@@ -447,11 +454,11 @@ class SparseKDecode(_Adapter):
         cand = max(0, t - w + 1)  # the candidates' scores are read
         index_bytes = float(cache.batch * cache.num_kv_heads * cand * cache.aux["score"].element_size())
         return Selection(slots=slots, valid=valid.repeat_interleave(rep, 1), index_bytes=index_bytes,
-                         extra={"idx": idx, "wsel": wsel, "rows": rows})
+                         extra={"idx": idx, "wsel": wsel, "rows": rows, "span": (t, t)})
 
     def attend_selected(self, q_t, cache: KVCache, sel: Selection) -> torch.Tensor:
         x, dt = sel.extra, self._dt(cache)
         out, _ = self.method._gather_chunk(q_t.to(dt), cache.keys(), cache.values(), x["idx"], x["wsel"], x["rows"],
                                            None, self.num_heads // self.num_kv_heads, dt,
-                                           1.0 / math.sqrt(q_t.shape[-1]))
+                                           1.0 / math.sqrt(q_t.shape[-1]), span=x["span"])
         return out.to(q_t.dtype)

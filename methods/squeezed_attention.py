@@ -212,18 +212,20 @@ class SqueezedAttention(DensePrefill, DecodePath, AttentionMethod):
         n, C = labels.shape[2], cache.aux["centroids"].shape[2]
         G = H // Hkv
         extra = {}
+        # T (and T1) are 0-dim tensors held on the host (``_calibrate``): compared as scalars,
+        # with no read-back, so the step replays from a CUDA graph
         if self.hierarchical:  # L1 first; the L2 denominator over the kept L1 clusters' children only
             logs1 = self.log_scores(q_t, cache, cache.aux["centroids_l1"], cache.aux["counts_l1"])[:, :, 0]
-            keep1 = logs1.exp() >= float(cache.aux["threshold_l1"])  # [B, H, C1]
+            keep1 = logs1.exp() >= cache.aux["threshold_l1"]  # [B, H, C1]
             parent = cache.aux["parent"].unsqueeze(2).expand(-1, -1, G, -1)  # [B, Hkv, G, C2]
             under = keep1.view(B, Hkv, G, -1).gather(-1, parent).view(B, H, C)  # [B, H, C2]
             counts = cache.aux["counts"].repeat_interleave(G, 1) * under
             logs = self.log_scores(q_t, cache, counts=counts)[:, :, 0]
-            keep = (logs.exp() >= float(cache.aux["threshold"])) & under
+            keep = (logs.exp() >= cache.aux["threshold"]) & under
             extra["under"] = under
         elif self.selection == "threshold":
             logs = self.log_scores(q_t, cache)[:, :, 0]  # [B, H, C]
-            keep = logs.exp() >= float(cache.aux["threshold"])
+            keep = logs.exp() >= cache.aux["threshold"]
         else:  # the largest S_i until (1 - sparsity) of the clustered keys
             logs = self.log_scores(q_t, cache)[:, :, 0]
             count = cache.aux["counts"].to(logs.dtype).repeat_interleave(H // Hkv, 1)
