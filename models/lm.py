@@ -102,13 +102,19 @@ class DecoderLM(nn.Module):
         """The attention method of the first layer (what the record describes)."""
         return self.blocks[0].method
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> logits [B, T, vocab]."""
+    def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> logits [B, T, vocab]; with ``select`` (bool [B, T]) only the selected
+        positions' logits, [N, vocab] in row-major order (a loss on a few positions, e.g. MQAR's
+        answers, then skips the vocabulary projection everywhere else)."""
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's window of {self.max_len}")
+        if select is not None and select.shape != tokens.shape:
+            raise ValueError(f"select has shape {tuple(select.shape)}, the tokens {tuple(tokens.shape)}")
         x = self.embed(tokens.long())
         for b in self.blocks:
             x = b(x)
+        if select is not None:
+            x = x[select]
         return self.head(self.norm(x))
 
     @torch.no_grad()

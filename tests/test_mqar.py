@@ -94,13 +94,14 @@ def test_answer_accuracy_counts_the_answers_only():
     x, ans = mqar.generate(6, 4, 32, 64, seed=0)
 
     class Oracle(torch.nn.Module):  # predicts the next token of x itself except at one answer
-        def forward(self, inp):
+        def forward(self, inp, select=None):
             assert torch.equal(inp, x[:, :-1])  # one batch of all six
             nxt = x[:, 1:].clone()
             j = ans[0, 1:].nonzero()[0, 0]
             nxt[0, j] = (nxt[0, j] + 1) % 64  # one wrong answer
             nxt[:, 0] = 0  # a wrong non-answer prediction does not count
-            return torch.nn.functional.one_hot(nxt, 64).float()
+            out = torch.nn.functional.one_hot(nxt, 64).float()
+            return out if select is None else out[select]
 
     acc = mqar.answer_accuracy(Oracle(), (x, ans), "cpu", torch.autocast("cpu", enabled=False), 6)
     assert acc == pytest.approx(1 - 1 / 24)
