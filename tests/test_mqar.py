@@ -105,3 +105,19 @@ def test_answer_accuracy_counts_the_answers_only():
 
     acc = mqar.answer_accuracy(Oracle(), (x, ans), "cpu", torch.autocast("cpu", enabled=False), 6)
     assert acc == pytest.approx(1 - 1 / 24)
+
+
+def test_lm_logits_at_selected_positions_are_the_full_logits_there():
+    from omegaconf import OmegaConf
+
+    from models.lm import DecoderLM
+    torch.manual_seed(0)
+    x, ans = mqar.generate(3, 4, 32, 64, seed=0)
+    lm = DecoderLM(OmegaConf.create({"_target_": "methods.dense.Dense", "_partial_": True}), 64, 32,
+                   dim=32, depth=2, heads=2, head_dim=16, mlp_dim=64)
+    full = lm(x[:, :-1])
+    sel = ans[:, 1:]
+    assert sel.sum() == 12
+    torch.testing.assert_close(lm(x[:, :-1], select=sel), full[sel])
+    with pytest.raises(ValueError, match="select has shape"):
+        lm(x[:, :-1], select=sel[:, 1:])
