@@ -83,11 +83,14 @@ class DecoderLM(nn.Module):
 
     def __init__(self, method, vocab_size: int, max_len: int, dim: int = 256, depth: int = 4,
                  heads: int = 4, num_kv_heads: int | None = None, head_dim: int = 64,
-                 mlp_dim: int = 683, tie_embeddings: bool = True, **_ignored):
+                 mlp_dim: int = 683, tie_embeddings: bool = True, embed_std: float = 0.02, **_ignored):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's init: small logits at the start
+        # GPT-2's 0.02 by default (small logits at the start); the other layers keep PyTorch's
+        # init, so the token signal starts small beside them: MQAR (recall of a token's
+        # identity) learns only with a larger embed_std (conf/experiment/mqar/default.yaml)
+        nn.init.normal_(self.embed.weight, std=float(embed_std))
         self.causal = True
         self.blocks = nn.ModuleList(LMBlock(dim, heads, num_kv_heads or heads, head_dim, mlp_dim,
                                             method, max_len) for _ in range(depth))

@@ -121,3 +121,19 @@ def test_lm_logits_at_selected_positions_are_the_full_logits_there():
     torch.testing.assert_close(lm(x[:, :-1], select=sel), full[sel])
     with pytest.raises(ValueError, match="select has shape"):
         lm(x[:, :-1], select=sel[:, 1:])
+
+
+def test_dense_learns_a_tiny_mqar(compose_cfg, tmp_path, monkeypatch):
+    """The experiment's LM (embedding scale, untied head) with dense attention recalls 4 pairs
+    in 32 tokens in a few hundred steps; with the former init (GPT-2's 0.02 and a tied head)
+    it stayed near guessing among the context's values (~0.3)."""
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    cfg = compose_cfg("experiment=mqar/smoke", "method=dense", f"runner.checkpoint_dir={tmp_path}/ck",
+                      f"store={tmp_path}/mqar.jsonl", "task.max_len=32", "task.num_kv_pairs=4",
+                      "task.vocab_size=128", "task.num_train=20000", "task.num_val=256", "task.num_test=256",
+                      "model.dim=64", "model.heads=1", "model.num_kv_heads=1", "model.head_dim=64",
+                      "model.mlp_dim=128", "runner.steps=450", "runner.batch_size=64", "runner.lr=2e-3",
+                      "runner.warmup_steps=20", "runner.eval_every=450", "runner.ckpt_every=450", tiny=False)
+    rec = run(cfg)[0]
+    assert rec.status == "ok", rec.error
+    assert rec.metrics["test_acc"] > 0.9, rec.metrics
