@@ -12,9 +12,10 @@
 # time, full-vocabulary logits, a host sync every step) made 2000 steps in ~450 s per run, ~35
 # steps/s over the GPU; logits at the answers only cut a CPU step 2.5-6x (the vocabulary
 # projection was most of it), so >= 70 steps/s is assumed: 45 causal methods x 600 steps
-# = 27k steps, ~390 s, leaving ~100 s of the 500 for start-up and Triton compiles. 600 steps is
-# too few for dense to learn 16 pairs in 256 tokens (it was at chance after 2000): the table at
-# this budget ranks early training only; a faithful table needs several calls (METHODS=...).
+# = 27k steps, ~390 s, leaving ~100 s of the 500 for start-up and Triton compiles. Whether 600
+# steps let dense learn 16 pairs in 256 tokens is not yet known (the first call's 0.088 after
+# 2000 steps came from the former embedding init, fixed since; at 4 pairs in 32 tokens on the CPU
+# dense needs ~400 steps): if not, split the methods over several calls (METHODS=...).
 #   LAUNCHER=local on a machine without GPU (the CPU check: JOBS=2 and experiment=mqar/smoke)
 set -euo pipefail
 cd "$(dirname "$0")/.."
