@@ -83,11 +83,14 @@ class DecoderLM(nn.Module):
 
     def __init__(self, method, vocab_size: int, max_len: int, dim: int = 256, depth: int = 4,
                  heads: int = 4, num_kv_heads: int | None = None, head_dim: int = 64,
-                 mlp_dim: int = 683, tie_embeddings: bool = True, **_ignored):
+                 mlp_dim: int = 683, tie_embeddings: bool = True, embed_std: float = 0.02, **_ignored):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's init: small logits at the start
+        # GPT-2's 0.02 by default (small logits at the start); the other layers keep PyTorch's
+        # init, so the token signal starts small beside them: MQAR (recall of a token's
+        # identity) learns only with a larger embed_std (conf/experiment/mqar/default.yaml)
+        nn.init.normal_(self.embed.weight, std=float(embed_std))
         self.causal = True
         self.blocks = nn.ModuleList(LMBlock(dim, heads, num_kv_heads or heads, head_dim, mlp_dim,
                                             method, max_len) for _ in range(depth))
@@ -102,13 +105,19 @@ class DecoderLM(nn.Module):
         """The attention method of the first layer (what the record describes)."""
         return self.blocks[0].method
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> logits [B, T, vocab]."""
+    def forward(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> logits [B, T, vocab]; with ``select`` (bool [B, T]) only the selected
+        positions' logits, [N, vocab] in row-major order (a loss on a few positions, e.g. MQAR's
+        answers, then skips the vocabulary projection everywhere else)."""
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's window of {self.max_len}")
+        if select is not None and select.shape != tokens.shape:
+            raise ValueError(f"select has shape {tuple(select.shape)}, the tokens {tuple(tokens.shape)}")
         x = self.embed(tokens.long())
         for b in self.blocks:
             x = b(x)
+        if select is not None:
+            x = x[select]
         return self.head(self.norm(x))
 
     @torch.no_grad()

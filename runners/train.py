@@ -11,6 +11,7 @@ for a fixed seed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -45,8 +46,13 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     batch is known without replaying the ones before it (what resuming relies on)."""
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size]
+    return _epoch_perm(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """One epoch's permutation, drawn once (not at every step of the epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def _take(x, idx):
@@ -186,6 +192,18 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
     n, bs, steps = len(y), int(r.batch_size), int(r.steps)
     lm = data.get("kind") == "lm"
     weights = data.get("loss_weight")
+    pending: list[torch.Tensor] = []  # the losses of the steps since the last read-back
+
+    def flush() -> float:
+        """Move the pending losses into state["losses"] (one host sync); the last one."""
+        lv = torch.stack(pending)
+        if world > 1:  # the global batch's mean loss, as one process would see it
+            dist.all_reduce(lv)
+            lv = lv / world
+        state["losses"].extend(lv.tolist())
+        pending.clear()
+        return state["losses"][-1]
+
     model.train()
     bar = tqdm(total=steps, initial=state["step"], desc=f"train {rec.method}", unit="step",
                disable=rank != 0 or None)
@@ -195,13 +213,15 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         idx = batch_indices(n, bs, step, int(cfg.seed)).chunk(world)[rank]  # this rank's share
         xb, yb = to_device(_take(x, idx), device), y[idx].to(device)
         with amp:
-            if lm:  # next-token prediction on a window of max_len + 1 tokens
+            if lm and weights is not None:  # a weighted mean over the tokens (task.answer_weight);
+                w = weights[idx][:, 1:].to(device).float()  # logits only where the weight is > 0
+                sel = w > 0
+                logits = net(xb[:, :-1], select=sel)
+                loss = F.cross_entropy(logits.float(), xb[:, 1:][sel].long(), reduction="none")
+                loss = (loss * w[sel]).sum() / w.sum()
+            elif lm:  # next-token prediction on a window of max_len + 1 tokens
                 logits = net(xb[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), xb[:, 1:].long().flatten(),
-                                       reduction="none" if weights is not None else "mean")
-                if weights is not None:  # a weighted mean over the tokens (task.answer_weight)
-                    w = weights[idx][:, 1:].to(device).float().flatten()
-                    loss = (loss * w).sum() / w.sum()
+                loss = F.cross_entropy(logits.float().flatten(0, 1), xb[:, 1:].long().flatten())
             else:
                 logits = net(*xb) if isinstance(xb, tuple) else net(xb)
                 loss = F.cross_entropy(logits.float(), yb)
@@ -213,15 +233,13 @@ def _train(r: TrainRunner, cfg, task, model, data, device, dtype, ckdir: Path, r
         sched.step()
         state["step"] += 1
         state["tokens"] += int(bs * (x[0].shape[1] if isinstance(x, tuple) else x.shape[1]))
-        lv = loss.detach()
-        if world > 1:  # the global batch's mean loss, as one process would see it
-            dist.all_reduce(lv)
-            lv = lv / world
-        lv = lv.item()
-        state["losses"].append(lv)
+        pending.append(loss.detach())  # read back in bulk: no host sync every step
         bar.update()
-        bar.set_postfix(loss=f"{lv:.3f}")
-        if (state["step"] % int(r.eval_every) == 0 or state["step"] == steps) and rank == 0:
+        evaluate = state["step"] % int(r.eval_every) == 0 or state["step"] == steps
+        if evaluate or state["step"] % int(r.ckpt_every) == 0 or len(pending) >= 100:
+            lv = flush()
+            bar.set_postfix(loss=f"{lv:.3f}")
+        if evaluate and rank == 0:
             acc = task.validate(model, data["val"], device, amp, int(r.eval_batch_size), r.eval_batches)
             bar.set_postfix(loss=f"{lv:.3f}", val=f"{acc:.3f}")
             if acc > state["best_val"]:

@@ -79,7 +79,8 @@ def plot(rs: list[dict], path: Path, setting: str) -> None:
 
 def setting_of(recs: dict) -> str:
     for r in recs.values():
-        c, t = r.get("config") or {}, r.get("train") or {}
+        c = r.get("config") or {}
+        t = c.get("runner") or {}  # the steps asked for (a failed run has no "train")
         task, model = c.get("task") or {}, c.get("model") or {}
         return (f"{task.get('num_kv_pairs')} pairs in {task.get('max_len')} tokens, vocab {task.get('vocab_size')}; "
                 f"LM {model.get('depth')} layers of width {model.get('dim')}; {t.get('steps')} steps, "

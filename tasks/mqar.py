@@ -94,12 +94,12 @@ def answer_accuracy(model, split, device, amp, batch_size: int, max_batches: int
         if max_batches is not None and b >= max_batches:
             break
         xb, mb = x[a:a + batch_size].to(device), ans[a:a + batch_size, 1:].to(device)
-        with amp:
-            pred = model(xb[:, :-1]).argmax(-1)
-        correct += int(((pred == xb[:, 1:]) & mb).sum())
+        with amp:  # the logits at the answers only
+            pred = model(xb[:, :-1], select=mb).argmax(-1)
+        correct += (pred == xb[:, 1:][mb]).sum()
         total += int(mb.sum())
     model.train(was_training)
-    return correct / max(1, total)
+    return int(correct) / max(1, total)
 
 
 class MQAR(Task):

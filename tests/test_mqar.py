@@ -94,13 +94,46 @@ def test_answer_accuracy_counts_the_answers_only():
     x, ans = mqar.generate(6, 4, 32, 64, seed=0)
 
     class Oracle(torch.nn.Module):  # predicts the next token of x itself except at one answer
-        def forward(self, inp):
+        def forward(self, inp, select=None):
             assert torch.equal(inp, x[:, :-1])  # one batch of all six
             nxt = x[:, 1:].clone()
             j = ans[0, 1:].nonzero()[0, 0]
             nxt[0, j] = (nxt[0, j] + 1) % 64  # one wrong answer
             nxt[:, 0] = 0  # a wrong non-answer prediction does not count
-            return torch.nn.functional.one_hot(nxt, 64).float()
+            out = torch.nn.functional.one_hot(nxt, 64).float()
+            return out if select is None else out[select]
 
     acc = mqar.answer_accuracy(Oracle(), (x, ans), "cpu", torch.autocast("cpu", enabled=False), 6)
     assert acc == pytest.approx(1 - 1 / 24)
+
+
+def test_lm_logits_at_selected_positions_are_the_full_logits_there():
+    from omegaconf import OmegaConf
+
+    from models.lm import DecoderLM
+    torch.manual_seed(0)
+    x, ans = mqar.generate(3, 4, 32, 64, seed=0)
+    lm = DecoderLM(OmegaConf.create({"_target_": "methods.dense.Dense", "_partial_": True}), 64, 32,
+                   dim=32, depth=2, heads=2, head_dim=16, mlp_dim=64)
+    full = lm(x[:, :-1])
+    sel = ans[:, 1:]
+    assert sel.sum() == 12
+    torch.testing.assert_close(lm(x[:, :-1], select=sel), full[sel])
+    with pytest.raises(ValueError, match="select has shape"):
+        lm(x[:, :-1], select=sel[:, 1:])
+
+
+def test_dense_learns_a_tiny_mqar(compose_cfg, tmp_path, monkeypatch):
+    """The experiment's LM (embedding scale, untied head) with dense attention recalls 4 pairs
+    in 32 tokens in a few hundred steps; with the former init (GPT-2's 0.02 and a tied head)
+    it stayed near guessing among the context's values (~0.3)."""
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    cfg = compose_cfg("experiment=mqar/smoke", "method=dense", f"runner.checkpoint_dir={tmp_path}/ck",
+                      f"store={tmp_path}/mqar.jsonl", "task.max_len=32", "task.num_kv_pairs=4",
+                      "task.vocab_size=128", "task.num_train=20000", "task.num_val=256", "task.num_test=256",
+                      "model.dim=64", "model.heads=1", "model.num_kv_heads=1", "model.head_dim=64",
+                      "model.mlp_dim=128", "runner.steps=450", "runner.batch_size=64", "runner.lr=2e-3",
+                      "runner.warmup_steps=20", "runner.eval_every=450", "runner.ckpt_every=450", tiny=False)
+    rec = run(cfg)[0]
+    assert rec.status == "ok", rec.error
+    assert rec.metrics["test_acc"] > 0.9, rec.metrics
