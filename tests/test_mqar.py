@@ -130,7 +130,7 @@ def test_dense_learns_a_tiny_mqar(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
     cfg = compose_cfg("experiment=mqar/smoke", "method=dense", f"runner.checkpoint_dir={tmp_path}/ck",
                       f"store={tmp_path}/mqar.jsonl", "task.max_len=32", "task.num_kv_pairs=4",
-                      "task.vocab_size=128", "task.num_train=20000", "task.num_val=256", "task.num_test=256",
+                      "task.vocab_size=128", "task.num_train=6000", "task.num_val=256", "task.num_test=256",
                       "model.dim=64", "model.heads=1", "model.num_kv_heads=1", "model.head_dim=64",
                       "model.mlp_dim=128", "runner.steps=450", "runner.batch_size=64", "runner.lr=2e-3",
                       "runner.warmup_steps=20", "runner.eval_every=450", "runner.ckpt_every=450", tiny=False)
