@@ -35,8 +35,13 @@ if [ "${LAUNCHER:-gpu_pool}" = gpu_pool ]; then
 else
     LAUNCH=(hydra/launcher=local "hydra.launcher.n_jobs=$JOBS")
 fi
+# the same step budget for every method: warm-up a tenth of it (the experiment's 400 of 8000 would
+# leave a 600-step run two thirds in warm-up), one evaluation at the end
+STEPS=${STEPS:-600}
+BUDGET_ARGS=(runner.steps="$STEPS" runner.warmup_steps=$((STEPS / 10)) runner.eval_every="$STEPS"
+             runner.ckpt_every="$STEPS")
 timeout --signal=INT --kill-after=20 "${BUDGET_S:-500}" \
-    $AB -m "${LAUNCH[@]}" experiment="$EXPERIMENT" method="$METHODS" runner.steps="${STEPS:-600}" \
+    $AB -m "${LAUNCH[@]}" experiment="$EXPERIMENT" method="$METHODS" "${BUDGET_ARGS[@]}" \
         store="$STORE" "$@" \
     || echo "mqar: some runs failed or ran out of the budget (the table says which)"
 $PY scripts/mqar_report.py --store "$STORE" --methods "$METHODS" --out "$(dirname "$STORE")"
