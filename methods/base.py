@@ -462,7 +462,7 @@ class SparseMethod(AttentionMethod):
             if self.static_mask and key_padding_mask is None:
                 cache.clear()  # one shape at a time: block masks of long sequences are large
                 cache[key] = bm
-        self.last_density = min(1.0, flex.block_density(bm, pairs))
+        self.last_density = min(1.0, flex.block_density(bm, pairs, B, H))
         out, self._compiled = flex.attention(q, k, v, bm)
         self.last_kernel_config = {"path": "flex", "block_size": list(bm.BLOCK_SIZE), "compiled": self._compiled,
                                    "block_mask": getattr(self, "last_flex_build", "cached")}

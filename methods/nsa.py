@@ -311,7 +311,7 @@ class NSA(SparseMethod):
                 if key_padding_mask is not None else self._flex_block_masks(chosen, mods, T, rep)
             (o_slc, c1), (o_win, c2) = (flex.attention(q, k, v, bm) for bm in bms)
             self._compiled = c1 and c2
-            self.last_density = sum(flex.block_density(bm, pairs) for bm in bms)
+            self.last_density = sum(flex.block_density(bm, pairs, B, H) for bm in bms)
         return self._combine(q, o_cmp, o_slc, o_win)
 
     def _flex_block_masks(self, chosen, mods, T, rep):

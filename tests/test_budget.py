@@ -119,3 +119,22 @@ def test_kernel_runner_records_target_and_achieved_density(compose_cfg, store):
     assert float(t.loc["sliding_window", "density @10%"]) < float(t.loc["sliding_window", "density @20%"])
     assert t.loc["dense", "density @20%"] == "-"  # dense ran at 10% only
     assert "Equal budget" in render(load(store))
+
+
+def test_flex_density_counts_a_shared_mask_for_every_head():
+    """A FlexAttention block mask built once for all batch rows and heads (leading sizes 1) is
+    visited by each of them: the density is the work of one head over the pairs of one head, so
+    it is the same at B=2, H=3 as at B=1, H=1 (before the fix it was B * H times too small, and an
+    equal-budget fit of the sliding window at H=32 ran the whole sequence while reporting 3%)."""
+    Tl, blk = 512, 128
+    for w, want in ((1, (Tl // blk) * blk * blk / (Tl * (Tl + 1) / 2)), (Tl, 1.0)):
+        got = []
+        for b, h in ((1, 1), (2, 3)):
+            m = methods.load("sliding_window", num_heads=h, num_kv_heads=h, head_dim=D, impl="flex", window=w)
+            assert m.flex_block_size == blk
+            q, k, v = (torch.randn(b, h, Tl, D) for _ in range(3))
+            with torch.no_grad():
+                m(q, k, v, causal=True)
+            assert m.last_path == "flex"
+            got.append(m.last_density)
+        assert got == pytest.approx([want, want]), (w, got)

@@ -108,13 +108,16 @@ def clip(any_, full, tq: int, tk: int, block: int, causal: bool):
     return any_ & vis, full & any_ & inside & edge
 
 
-def block_density(bm, pairs: float) -> float:
-    """Work the kernel really does: visited blocks x block area over the allowed pairs."""
+def block_density(bm, pairs: float, batch: int, heads: int) -> float:
+    """Work the kernel really does: visited blocks x block area over the allowed pairs (of all
+    ``batch`` x ``heads``). A mask built once for every batch row or head (leading size 1) is
+    visited by each of them: its blocks count ``batch`` or ``heads`` times."""
     n = bm.kv_num_blocks.sum()
     if bm.full_kv_num_blocks is not None:
         n = n + bm.full_kv_num_blocks.sum()
+    mb, mh = bm.kv_num_blocks.shape[:2]
     bq, bk = bm.BLOCK_SIZE
-    return float(n) * bq * bk / pairs
+    return float(n) * (batch // mb) * (heads // mh) * bq * bk / pairs
 
 
 def usable(q, k, v) -> bool:
