@@ -137,3 +137,20 @@ def test_dense_learns_a_tiny_mqar(compose_cfg, tmp_path, monkeypatch):
     rec = run(cfg)[0]
     assert rec.status == "ok", rec.error
     assert rec.metrics["test_acc"] > 0.9, rec.metrics
+
+
+def test_table_experiment_is_the_small_size_over_the_default_lm(compose_cfg):
+    """scripts/mqar_table.sh's default experiment: 8 pairs in 128 tokens over 512 symbols on the
+    default experiment's LM (its untied head and embedding scale kept), 1500 steps."""
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parent.parent / "scripts" / "mqar_table.sh").read_text()
+    assert re.search(r"EXPERIMENT=\$\{EXPERIMENT:-mqar/small\}", script)
+    small = compose_cfg("experiment=mqar/small", "method=dense", tiny=False)
+    default = compose_cfg("experiment=mqar/default", "method=dense", tiny=False)
+    assert (small.task.num_kv_pairs, small.task.max_len, small.task.vocab_size) == (8, 128, 512)
+    assert (small.runner.steps, small.runner.warmup_steps) == (1500, 150)
+    for key in ("dim", "depth", "heads", "head_dim", "mlp_dim", "embed_std", "tie_embeddings"):
+        assert small.model[key] == default.model[key], key
+    assert small.runner.lr == default.runner.lr and small.runner.weight_decay == default.runner.weight_decay
