@@ -26,6 +26,8 @@ module's choice. With block_size >= C the method is exact causal attention.
 The pattern depends on the shape only (``static_mask``); ``impl=triton`` visits the tiles of
 ``methods.kernels.block_sparse`` when the blocks, the anchor and the query start fall on
 tile boundaries (tile gcd(block, anchor, C, 64) >= 16), else the flex path runs.
+Across processes, each rank one host: ``methods.star_distributed.star_attention_distributed``
+(the same output; tested with gloo processes on the CPU, not yet run on several GPUs).
 """
 from __future__ import annotations
 
