@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--block", type=int, default=64, help="our tiling's block (the method's default)")
     ap.add_argument("--block-v", default="64,32", help="the kernel's value-column blocks, a Triton row each "
-                    "(64: the method's default; smaller: more programs per head)")
+                    "(32: the kernel's default since session 14; 64 the one before; smaller: more programs per head)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (comma-separated)")
     ap.add_argument("--untimed", default="", help="comma-separated row-name prefixes checked but not timed "
