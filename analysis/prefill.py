@@ -3,7 +3,8 @@
   kernel records (runner=kernel, SmolLM2's head layout, one per method and length): index time,
       attention time and their total (forward p50), the total against dense (cuDNN SDPA) at
       the same length, density, and attention recall on the structured inputs of that length
-  real records (runner=pretrained, SmolLM2-135M at 8k): perplexity, needle accuracy, attention
+  real records (runner=pretrained, SmolLM2-135M at 8k): perplexity, needle accuracy, RULER-like
+      accuracy (at the shorter lengths where the dense model answers some of it), attention
       recall and density on q/k/v captured from the model on prose, the model's prefill time
       and the index time of its layers summed
 
@@ -34,7 +35,8 @@ do not sync between the two steps); x dense: total / dense's total at the same l
 faster); density: share of the causal pairs computed (as the running path counts them); recall:
 share of dense attention mass on the keys the method computes, on the fidelity task's structured
 inputs at that length (query rows sampled); real: on q/k/v captured from SmolLM2-135M on prose
-(layers 0, 10, 20, 29); ppl, needle: inside SmolLM2-135M (all 30 layers through the method);
+(layers 0, 10, 20, 29); ppl, needle, ruler: inside SmolLM2-135M (all 30 layers through the method;
+ruler: RULER-like NIAH tasks, mean over the lengths run, 2000 and 4000 tokens on the GPU);
 model prefill ms: one forward of the model; model index ms: the index steps of its 30 layers in
 one forward, summed (synced)."""
 
@@ -97,10 +99,12 @@ def real_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per label of the runner=pretrained records: ppl, needle (mean over the lengths
     run), real recall and density, model prefill and index ms; failures by task."""
     df = _rows(df[df["runner"] == "pretrained"]) if len(df) else df
-    cols = ["label", "ppl", "needle", "real_recall", "real_density", "model_prefill_ms", "model_index_ms", "real_status"]
+    cols = ["label", "ppl", "needle", "ruler", "real_recall", "real_density", "model_prefill_ms", "model_index_ms",
+            "real_status"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     needle_cols = [c for c in df if c.startswith("metric.needle@")]
+    ruler_cols = [c for c in df if c.startswith("metric.ruler@")]
     out = []
     for lab, g in df.groupby("label", sort=False):
         row, bad = {"label": lab}, []
@@ -115,12 +119,14 @@ def real_rows(df: pd.DataFrame) -> pd.DataFrame:
                 return None
             return r
 
-        ppl, ndl, fid = last("perplexity"), last("needle"), last("fidelity")
+        ppl, ndl, fid, rul = last("perplexity"), last("needle"), last("fidelity"), last("ruler")
         row["ppl"] = None if ppl is None else ppl.get("metric.perplexity")
         row["model_prefill_ms"] = None if ppl is None else ppl.get("latency.prefill.p50")
         row["model_index_ms"] = None if ppl is None else ppl.get("metric.index_ms")
         row["needle"] = (None if ndl is None or not needle_cols
                          else pd.to_numeric(ndl[needle_cols], errors="coerce").mean())
+        row["ruler"] = (None if rul is None or not ruler_cols  # mean over the RULER lengths run
+                        else pd.to_numeric(rul[ruler_cols], errors="coerce").mean())
         row["real_recall"] = None if fid is None else fid.get("metric.recall")
         row["real_density"] = None if fid is None else fid.get("metric.recall_density")
         if fid is not None and lab == BASELINE:
@@ -163,10 +169,11 @@ def tables(kernel: pd.DataFrame, real: pd.DataFrame) -> list[tuple[int, pd.DataF
                 m = m.iloc[0] if len(m) else None
 
                 def get(c, f, m=m):
-                    return "-" if m is None else _fmt(m[c], f)
+                    return "-" if m is None else _fmt(m.get(c), f)
 
                 row.update({"real recall": get("real_recall", "{:.3f}"), "real density": get("real_density", "{:.3f}"),
                             "ppl": get("ppl", "{:.2f}"), "needle": get("needle", "{:.0%}"),
+                            "ruler": get("ruler", "{:.0%}"),
                             "model prefill ms": get("model_prefill_ms", "{:.0f}"),
                             "model index ms": get("model_index_ms", "{:.1f}")})
                 if m is not None and m["real_status"] != "ok":

@@ -8,7 +8,9 @@ run with runners.bench (triton.testing.do_bench, p20/p50/p80) after a warm-up:
 linear   H=32, D=128, causal: fla ``chunk_linear_attn`` (q, k of width D), attnbench's
          Performer (impl=chunked and impl=triton, feature maps included) with m=128 features
          (the same state size D x D as fla) and its default m=256, the Triton kernels alone
-         (features given; the fused kernel at two value-block sizes), and SDPA (cuDNN).
+         (features given; the fused kernel at three value-block sizes), fla's kernel on the
+         Performer's features (PyTorch feature map + ``chunk_linear_attn``: the Performer run
+         through fla, against which the fused Performer kernel compares), and SDPA (cuDNN).
 nsa      the NSA paper's shape: 64 query heads, 4 KV heads, D=128, blocks of 64, 16 selected,
          window 512: attnbench NSA impl=triton (all three branches, index building included),
          fla ``parallel_nsa`` (compression + selection; its window branch needs flash_attn,
@@ -60,7 +62,7 @@ def linear_rows(T, H=32, D=128):
     fq, fk = (x.abs() for x in (q, k))  # 128 "features" per token, as fla's D
     rows.append(("attnbench causal_linear_attention (features given), M=128",
                  lambda: causal_linear_attention(fq, fk, v)))
-    for m, bv in itertools.product((128, 256), (64, 128)):
+    for m, bv in itertools.product((128, 256), (32, 64, 128)):
         w = torch.randn(m, D, device="cuda", generator=g)
         rows.append((f"attnbench performer_causal (fused), M={m}, block_v={bv}",
                      lambda w=w, b=bv: performer_causal(q, k, v, w, block_v=b)))
@@ -70,6 +72,16 @@ def linear_rows(T, H=32, D=128):
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # fla: [B, T, H, D]
         kw = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
         rows.append(("fla chunk_linear_attn", lambda: chunk_linear_attn(qt, kt, vt, normalize=True, **kw)))
+        # the Performer on fla: the same feature map (attnbench's PyTorch phi, m=128), laid out
+        # as fla takes it, then fla's chunked kernel with its normaliser (scale 1: phi carries it)
+        perf = methods.load("performer", num_heads=H, head_dim=D, num_features=128, max_seq_len=T).cuda()
+
+        def fla_performer(p=perf):
+            fq, fk = (p.features(x, is_q).to(x.dtype).transpose(1, 2).contiguous()
+                      for x, is_q in ((q, True), (k, False)))
+            return chunk_linear_attn(fq, fk, vt, scale=1.0, normalize=True, **kw)
+
+        rows.append(("fla chunk_linear_attn on Performer features (m=128, PyTorch feature map)", fla_performer))
     except Exception as exc:  # noqa: BLE001 - a missing peer is a row saying so
         rows.append(("fla chunk_linear_attn", exc))
     return rows, dict(H=H, Hkv=H, D=D)

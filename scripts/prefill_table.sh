@@ -10,10 +10,14 @@
 #                perplexity (2 windows of 8192 tokens of Austen), needle at 8000 tokens
 #                (depths 0, 0.5, 1; 5 prompts each), recall and density on q/k/v captured from
 #                the model (layers 0, 10, 20, 29), the model's prefill time and its index time
+#   PART=ruler   SmolLM2-135M through each method on RULER-like NIAH tasks (niah_single,
+#                niah_multivalue, niah_multiquery; 4 prompts each) at 2000 and 4000 tokens: at
+#                8000 the dense model answers none of it (results/kv_compression/ruler_probe.md)
 # then results/prefill/table.md and recall_vs_time.png (python -m analysis.prefill).
 #   PART=kernel bash scripts/prefill_table.sh     # GPU call 1
 #   PART=real bash scripts/prefill_table.sh       # GPU call 2 (trains SeerAttention's gate first
 #                                                 # where SEER_GATE is absent: SEER_STEPS per layer)
+#   PART=ruler bash scripts/prefill_table.sh      # GPU call 3 (the trained gate from call 2)
 #   REPORT_ONLY=1 bash scripts/prefill_table.sh   # the table and figure again from the records
 #   SIZE=cpu OUT=/tmp/prefill bash scripts/prefill_table.sh   # the whole pipeline at tiny lengths on CPU
 # DENSE / TRITON_METHODS / SEER / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for
@@ -52,6 +56,8 @@ if [ "$SIZE" = cpu ]; then
            runner.gate_len=128 +runner.recall_rows=64)
     RARGS=(experiment=real device=cpu task.seq_len=512 "task.token_lengths=[512]" "task.depths=[0.0,1.0]"
            task.trials=1 task.batch_size=2 "task.layers=[0,29]" runner.timing_len=512 impl=null)
+    RULER=(experiment=real device=cpu "task.token_lengths=[256]" "task.tasks=[niah_single]" task.trials=1
+           task.max_new_tokens=4 runner.timing_len=256 impl=null)
     SEER_TRAIN=(--device cpu --seq-len 256 --windows 2 --steps 2)
     # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
     HIP=(method.top_k=64 method.window=32)
@@ -68,6 +74,8 @@ else
            +runner.recall_rows=1024)
     RARGS=(experiment=real_gpu task.seq_len=8192 task.prose_windows=2 "task.token_lengths=[8000]"
            "task.depths=[0.0,0.5,1.0]" task.trials=5 runner.repeats=5 "+runner.timed_tasks=[perplexity]")
+    RULER=(experiment=real_gpu "task.token_lengths=[2000,4000]" "task.tasks=[niah_single,niah_multivalue,niah_multiquery]"
+           task.trials=4 task.max_new_tokens=24 "+runner.timed_tasks=[perplexity]")
     SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
     HIP=()
     HYPER=()
@@ -80,6 +88,7 @@ fi
 BUDGET_S=${BUDGET_S:-510}
 KARGS+=(runner.causal=true runner.backward=false "store=$KSTORE")
 RARGS+=(task=perplexity,needle,fidelity "store=$RSTORE")
+RULER=(task=ruler "${RULER[@]}" "store=$RSTORE")
 # SeerAttention: the trained gate where it exists (the kernel part runs layer 0's gate: this is
 # SmolLM2's head layout), else the untrained gate, which the records then name
 if [ -f "$SEER_GATE" ]; then SEER_ARGS=(method.gate=trained "method.gate_path=$SEER_GATE");
@@ -128,6 +137,12 @@ if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = real ]; }; th
     fi
     group "" "$RFAST" "$RFLEX" "${RARGS[@]}"
     [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RARGS[@]}" "${EXTRA[@]}"
+fi
+if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = ruler ]; }; then
+    PART_START=$(date +%s)
+    echo "prefill_table: RULER part, $(date -u +%T), budget ${BUDGET_S}s"
+    group "" "$RFAST" "$RFLEX" "${RULER[@]}"
+    [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RULER[@]}" "${EXTRA[@]}"
 fi
 echo "prefill_table: report, $(date -u +%T)"
 $PY -m analysis.prefill --kernel "$KSTORE" --real "$RSTORE" --out "$OUT"

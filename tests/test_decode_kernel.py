@@ -165,3 +165,23 @@ def test_bf16_decode_on_gpu_matches_sdpa():
     out, _ = decode.decode_attention(q, k, v)
     ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_launch_for_reads_the_bucket_at_or_below_the_shape(tmp_path):
+    import json
+
+    entries = [{"head_dim": 128, "batch_kv": bk, "n_keys": n, "block_n": bn, "num_warps": 4, "num_stages": 2,
+                "programs_per_sm": pps, "gpu": "test"}
+               for bk, n, bn, pps in [(8, 32768, 32, 1), (8, 131072, 64, 2), (64, 32768, 128, 3)]]
+    path = tmp_path / "launch.json"
+    path.write_text(json.dumps({"entries": entries}))
+    pick = lambda *a: (lambda e: (e["block_n"], e["programs_per_sm"]))(decode.launch_for(*a, path=str(path)))  # noqa: E731
+    assert pick(128, 8, 32768) == (32, 1)
+    assert pick(128, 8, 100000) == (32, 1)     # the largest length at or below
+    assert pick(128, 8, 1 << 20) == (64, 2)
+    assert pick(128, 8, 1024) == (32, 1)       # below every bucket: the smallest
+    assert pick(128, 32, 1 << 20) == (64, 2)   # batch x KV heads 32: the bucket of 8
+    assert pick(128, 64, 1 << 20) == (128, 3)
+    assert pick(128, 4, 32768) == (32, 1)
+    assert decode.launch_for(64, 8, 32768, path=str(path))["source"] == "default"  # no entry for the head dim
+    assert decode.launch_for(64, 8, 32768, path=str(path))["block_n"] == decode.DECODE_LAUNCH["block_n"]

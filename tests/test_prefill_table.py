@@ -230,7 +230,7 @@ def test_prefill_table_script_commands_compose_and_build(size, compose_cfg, tmp_
                        timeout=120)
     assert p.returncode == 0, p.stderr
     calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
-    assert len(calls) == 14  # kernel: 4 groups x 2 passes + HyperAttention; real: 4 groups + HyperAttention
+    assert len(calls) == 19  # kernel: 4 groups x 2 passes + HyperAttention; real, RULER: 4 groups + HyperAttention each
     seen, built = set(), 0
     for call in calls:
         assert call[0] == "-m"
@@ -247,9 +247,12 @@ def test_prefill_table_script_commands_compose_and_build(size, compose_cfg, tmp_
                 assert runner.recall_rows and runner.causal is True
             else:
                 shape = dict(num_heads=9, head_dim=64, num_kv_heads=3)  # SmolLM2-135M
-                assert cfg.task.seq_len == (8192 if size == "gpu" else 512)
-                if size == "gpu":
-                    assert runner.timed_tasks == ["perplexity"] and cfg.task.token_lengths == [8000]
+                if cfg.task._target_ == "tasks.ruler.Ruler":  # RULER at the lengths the dense model answers
+                    assert cfg.task.token_lengths == ([2000, 4000] if size == "gpu" else [256])
+                else:
+                    assert cfg.task.seq_len == (8192 if size == "gpu" else 512)
+                    if size == "gpu":
+                        assert runner.timed_tasks == ["perplexity"] and cfg.task.token_lengths == [8000]
             if size == "gpu" and kernel:
                 assert (m.num_heads, m.num_kv_heads, m.head_dim) == (9, 3, 64) and cfg.dtype == "bfloat16"
             method = methods.build(cfg.method, max_seq_len=8192, **shape)
@@ -260,7 +263,8 @@ def test_prefill_table_script_commands_compose_and_build(size, compose_cfg, tmp_
     assert names == {"Dense", "MInference", "NSA", "SampleAttention", "SpargeAttn", "MoA", "S2Attention",
                      "StarAttention", "SeerAttention", "HiP", "HyperAttention"}
     assert all((n, t) in seen for n in names for t in ("kernel", "tasks.perplexity.Perplexity",
-                                                        "tasks.needle.Needle", "tasks.fidelity.Fidelity"))
+                                                        "tasks.needle.Needle", "tasks.fidelity.Fidelity",
+                                                        "tasks.ruler.Ruler"))
 
 
 def test_kernel_runner_records_a_methods_hardness_on_the_timed_inputs(compose_cfg, monkeypatch):
@@ -287,3 +291,24 @@ def test_kernel_runner_records_a_methods_hardness_on_the_timed_inputs(compose_cf
     assert "hardness_alpha" not in recs[1].metrics and "not computed above 64" in recs[1].details["hardness"]
     plain = run(compose_cfg("method=sliding_window", "method.impl=reference", "runner.seq_lens=[48]"))
     assert plain and "hardness" not in plain[0].details  # a method without the diagnostic: nothing
+
+
+def test_real_rows_average_the_ruler_lengths_and_name_a_failed_ruler_run():
+    import pandas as pd
+
+    from analysis import prefill
+
+    def rec(method, task, t, status="ok", **metrics):
+        return {"runner": "pretrained", "method": method, "method_params": {}, "task": task, "time": t,
+                "status": status, "error": None if status == "ok" else "boom",
+                **{f"metric.{k}": v for k, v in metrics.items()}}
+
+    df = pd.DataFrame([rec("dense", "ruler", 1, **{"ruler@2000": 0.5, "ruler@4000": 0.25}),
+                       rec("sparge", "ruler", 2, **{"ruler@2000": 0.75, "ruler@4000": 0.0}),
+                       rec("sparge", "ruler", 3, **{"ruler@2000": 1.0, "ruler@4000": 1.0}),  # the newest counts
+                       rec("hip", "ruler", 4, status="failed")])
+    rows = prefill.real_rows(df).set_index("label")
+    assert rows.loc["dense", "ruler"] == pytest.approx(0.375)
+    assert rows.loc["sparge", "ruler"] == pytest.approx(1.0)
+    assert rows.loc["hip", "ruler"] != rows.loc["hip", "ruler"]  # NaN
+    assert rows.loc["hip", "real_status"].startswith("ruler: ")

@@ -30,15 +30,50 @@ written in the test. Scores are computed in base 2 (``_common.LOG2E``).
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from methods.kernels._common import LOG2E, triton, usable  # noqa: F401 - usable re-exported
 
 # launch settings: keys per tile, warps, pipeline stages; programs per SM that the split count
-# aims at (scripts/decode_bench.py times alternatives)
+# aims at. The defaults, where the launch table (``LAUNCH_FILE``, written by
+# ``scripts/decode_bench.py --tune``: the fastest setting per shape on the GPU it ran on) has no
+# entry for the head dim
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+LAUNCH_FILE = Path(__file__).with_name("decode_launch.json")
+
+
+@functools.lru_cache(maxsize=4)
+def launch_table(path: str | None = None) -> tuple[dict, ...]:
+    """The entries of the decode launch table (empty where there is none)."""
+    p = Path(path) if path else LAUNCH_FILE
+    if not p.exists():
+        return ()
+    return tuple(json.loads(p.read_text())["entries"])
+
+
+def launch_for(head_dim: int, batch_kv: int, n_keys: int, path: str | None = None) -> dict:
+    """Launch settings {block_n, num_warps, num_stages, programs_per_sm, source} for a decode
+    step over ``batch_kv`` (batch x KV heads) caches of ``n_keys`` keys each: the table entry of
+    this head dim at the largest ``batch_kv`` bucket at or below it (the smallest where all are
+    above), and in it the largest ``n_keys`` bucket at or below (likewise); ``DECODE_LAUNCH``
+    where the table has no entry for the head dim."""
+    rows = [e for e in launch_table(path) if e["head_dim"] == head_dim]
+    if not rows:
+        return {**DECODE_LAUNCH, "source": "default"}
+
+    def bucket(rows, key, value):
+        below = [e[key] for e in rows if e[key] <= value]
+        b = max(below) if below else min(e[key] for e in rows)
+        return [e for e in rows if e[key] == b]
+
+    e = bucket(bucket(rows, "batch_kv", batch_kv), "n_keys", n_keys)[0]
+    return {**{k: e[k] for k in DECODE_LAUNCH},
+            "source": f"decode_launch.json: {e.get('gpu')}, D={head_dim} B*Hkv={e['batch_kv']} T={e['n_keys']}"}
 
 if triton is not None:
     import triton.language as tl
@@ -92,9 +127,9 @@ if triton is not None:
                 ok = ok & (((own[None, :] >> offs_g[:, None]) & 1) != 0)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.dot(q, tl.trans(k)), qk_scale, v, ok)
         row = bh * tl.num_programs(1) * BLOCK_G + s * BLOCK_G + offs_g  # [B*Hkv, S, BLOCK_G]
-        tl.store(M + row, m_i)
-        tl.store(L + row, l_i)
-        tl.store(OUT + row[:, None] * D + offs_d[None, :], acc)
+        tl.store(M + row, m_i, mask=g_ok)  # the padding rows of the group are never merged
+        tl.store(L + row, l_i, mask=g_ok)
+        tl.store(OUT + row[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
 
     @triton.jit
     def _decode_merge(OUT, M, L, O, LSE, sob, soh, splits, hkv,
@@ -131,11 +166,13 @@ def _num_sms(device) -> int:
     return 4  # the interpreter: a few splits, so that the merge is exercised
 
 
-def num_splits(batch: int, kv_heads: int, n_keys: int, device, block_n: int | None = None) -> int:
+def num_splits(batch: int, kv_heads: int, n_keys: int, device, block_n: int | None = None,
+               programs_per_sm: int | None = None) -> int:
     """Pieces per (batch, KV head): enough programs to fill the GPU (``programs_per_sm`` per
     SM), never fewer than one tile of keys per piece."""
     block_n = block_n or DECODE_LAUNCH["block_n"]
-    want = -(-DECODE_LAUNCH["programs_per_sm"] * _num_sms(device) // max(1, batch * kv_heads))
+    pps = programs_per_sm or DECODE_LAUNCH["programs_per_sm"]
+    want = -(-pps * _num_sms(device) // max(1, batch * kv_heads))
     return max(1, min(want, -(-n_keys // block_n)))
 
 
@@ -172,9 +209,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         if owners.stride(-1) != 1:
             owners = owners.contiguous()
     BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot takes at least 16 rows
-    block_n = block_n or DECODE_LAUNCH["block_n"]
     n_keys = T if indices is None else indices.shape[-1]
-    S = splits or num_splits(B, Hkv, max(1, n_keys), q.device, block_n)
+    launch = launch_for(D, B * Hkv, n_keys) if q.is_cuda else DECODE_LAUNCH
+    block_n = block_n or launch["block_n"]
+    S = splits or num_splits(B, Hkv, max(1, n_keys), q.device, block_n, launch["programs_per_sm"])
     split_len = -(-max(1, n_keys) // S)
     split_len = -(-split_len // block_n) * block_n  # whole tiles per split
     S = -(-max(1, n_keys) // split_len)
@@ -193,7 +231,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         sib, sih, sob, soh, n_keys, T, split_len, Hkv, scale * LOG2E,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_N=block_n, HAS_LENS=lengths is not None, HAS_IDX=indices is not None,
         HAS_OWN=owners is not None,
-        num_warps=num_warps or DECODE_LAUNCH["num_warps"], num_stages=num_stages or DECODE_LAUNCH["num_stages"])
+        num_warps=num_warps or launch["num_warps"], num_stages=num_stages or launch["num_stages"])
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, device=q.device, dtype=torch.float32)
     _decode_merge[(B * H,)](part, m, l, out, lse, out.stride(0), out.stride(1), S, Hkv,
