@@ -194,12 +194,16 @@ def main(argv=None) -> None:
             if f_o is None:
                 lines.append(f"check {ref} vs {other}: skipped ({cands[other][1]})")
                 continue
+            t0 = time.perf_counter()
             try:
                 err = rel_err(call(f_ref, q, k, v, do), call(f_o, q, k, v, do))
                 what = "outputs" if not bwd else "dq, dk, dv"
                 lines.append(f"check {ref} vs {other} at T={q.shape[2]} ({what}): rel err {err:.2e}")
             except Exception as e:  # noqa: BLE001 - a failing check says why, the rest still runs
                 lines.append(f"check {ref} vs {other}: error: {type(e).__name__}: {str(e)[:100]}")
+            # as it happens, with its wall time (compiles and autotuning included): a run cut short
+            # still shows where its time went
+            print(f"{lines[-1]} [{time.perf_counter() - t0:.1f} s]", flush=True)
         lines += ["", "| row | " + " | ".join(f"T={t} ms" for t in lens) + " |", "|---|" + "---|" * len(lens)]
         res = {}
         untimed = tuple(p.strip() for p in a.untimed.split(",") if p.strip())
