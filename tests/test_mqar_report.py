@@ -29,3 +29,11 @@ def test_table_rows_failures_not_run_and_newest(tmp_path):
     order = [ln.split("|")[1].strip() for ln in lines if ln.startswith("| ") and "method" not in ln]
     assert order[:2] == ["dense", "based"]  # best recall first
     assert (tmp_path / "recall_vs_state.png").stat().st_size > 0
+
+
+def test_presses_and_decode_selectors_are_marked_as_dense_forward():
+    assert mqar_report.dense_forward("h2o").startswith("dense: a KV-cache press")
+    assert mqar_report.dense_forward("quest").startswith("dense: a decode-time selector")
+    assert mqar_report.dense_forward("eigen_attention") == ""  # a press whose own forward is not dense
+    assert mqar_report.dense_forward("nsa") == "" and mqar_report.dense_forward("dense") == ""
+    assert mqar_report.dense_forward("not_a_method") == ""
