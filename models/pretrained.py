@@ -26,6 +26,7 @@ sliding-window layer asked to run the method.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -199,11 +200,32 @@ class PretrainedLM(torch.nn.Module):
                 f"{self.asset['name']} runs a KV-cache press: generate through session(tokens), not forward")
         return self.lm(**inputs)
 
+    @contextlib.contextmanager
+    def decoding(self):
+        """Within it the model generates on a KV cache: its attention through ``models.hf_decode``
+        (the prompt through the method's prefill, then one decode step per token through the
+        method's decode path, dense decode where it has none), so ``session(tokens)`` works for
+        any method; the model's own attention path is restored after. A press model always
+        decodes so: nothing changes for it."""
+        if self.pressed:
+            yield self
+            return
+        hf_decode.register()
+        before = self.lm.config._attn_implementation
+        self.lm.set_attn_implementation(hf_decode.NAME)
+        self._decoding = True
+        try:
+            yield self
+        finally:
+            self._decoding = False
+            self.lm.set_attn_implementation(before)
+
     def session(self, tokens: int) -> hf_decode.Session:
         """A generation of ``tokens`` tokens in all through the press (``hf_decode.Session``),
-        the prompt's token classes handed on (FastGen)."""
-        if not self.pressed:
-            raise ValueError("session: the model does not run a KV-cache press (it has no decode path)")
+        the prompt's token classes handed on (FastGen); for any method inside ``decoding()``."""
+        if not (self.pressed or getattr(self, "_decoding", False)):
+            raise ValueError("session: the model does not run a KV-cache press; generate on a cache inside "
+                             "model.decoding()")
         if self._classes is None:
             self._classes = hf_decode.token_classes(self.tokenizer)
         return hf_decode.Session(self.lm, tokens, self._classes)

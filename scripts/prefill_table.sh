@@ -11,8 +11,11 @@
 #                (depths 0, 0.5, 1; 5 prompts each), recall and density on q/k/v captured from
 #                the model (layers 0, 10, 20, 29), the model's prefill time and its index time
 #   PART=ruler   SmolLM2-135M through each method on RULER-like NIAH tasks (niah_single,
-#                niah_multivalue, niah_multiquery; 4 prompts each) at 2000 and 4000 tokens: at
-#                8000 the dense model answers none of it (results/kv_compression/ruler_probe.md)
+#                niah_multivalue, niah_multiquery; 4 prompts each) at 2000 and 4000 tokens (at
+#                8000 the dense model answers none of it: results/kv_compression/ruler_probe.md),
+#                the prompt through the method's prefill, then decode steps on the KV cache
+#                (task.generation=cache, MInference's protocol: one prefill a prompt; a full
+#                prefill per generated token took ~1 min a prompt on a shared H200, session 15)
 # then results/prefill/table.md and recall_vs_time.png (python -m analysis.prefill).
 #   PART=kernel bash scripts/prefill_table.sh     # GPU call 1
 #   PART=real bash scripts/prefill_table.sh       # GPU call 2 (trains SeerAttention's gate first
@@ -57,7 +60,7 @@ if [ "$SIZE" = cpu ]; then
     RARGS=(experiment=real device=cpu task.seq_len=512 "task.token_lengths=[512]" "task.depths=[0.0,1.0]"
            task.trials=1 task.batch_size=2 "task.layers=[0,29]" runner.timing_len=512 impl=null)
     RULER=(experiment=real device=cpu "task.token_lengths=[256]" "task.tasks=[niah_single]" task.trials=1
-           task.max_new_tokens=4 runner.timing_len=256 impl=null)
+           task.max_new_tokens=4 task.generation=cache runner.timing_len=256 impl=null)
     SEER_TRAIN=(--device cpu --seq-len 256 --windows 2 --steps 2)
     # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
     HIP=(method.top_k=64 method.window=32)
@@ -75,7 +78,7 @@ else
     RARGS=(experiment=real_gpu task.seq_len=8192 task.prose_windows=2 "task.token_lengths=[8000]"
            "task.depths=[0.0,0.5,1.0]" task.trials=5 runner.repeats=5 "+runner.timed_tasks=[perplexity]")
     RULER=(experiment=real_gpu "task.token_lengths=[2000,4000]" "task.tasks=[niah_single,niah_multivalue,niah_multiquery]"
-           task.trials=4 task.max_new_tokens=24 "+runner.timed_tasks=[perplexity]")
+           task.trials=4 task.max_new_tokens=24 task.generation=cache "+runner.timed_tasks=[perplexity]")
     SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
     HIP=()
     HYPER=()

@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -210,36 +211,58 @@ def press_summary(model, setting: str) -> dict:
     return out
 
 
+GENERATION = {
+    "prefill_each": "no KV cache: every new token a full prefill through the method",
+    "cache": "on a KV cache: the prompt through the method's prefill, each new token one decode step "
+             "(the method's decode path; dense decode where it has none)",
+}
+
+
+def check_generation(mode: str) -> str:
+    if mode not in GENERATION:
+        raise ValueError(f"generation must be one of {', '.join(GENERATION)}; got {mode!r}")
+    return mode
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, desc: str = "generate",
-             tails: list[int] | None = None) -> list[str]:
+             tails: list[int] | None = None, generation: str = "prefill_each") -> list[str]:
     """Greedy continuations (decoded text) of ``prompts``, one at a time, up to
-    ``max_new_tokens`` or the end-of-turn token. Without a KV cache: every new token is a full
-    prefill through the method (its prefill path, the one every method has; NSA and others
-    have no decode step), so the answer is what the method computes, at prefill cost. With a
-    press (``pressed``): the prompt's first ``len - tail`` tokens prefilled and compressed once,
-    its last ``tails[i]`` tokens (the query-agnostic setting) and each new token one decode step."""
+    ``max_new_tokens`` or the end-of-turn token. ``generation="prefill_each"`` (no KV cache):
+    every new token is a full prefill through the method (its prefill path, the one every method
+    has), so the answer is what the method computes, at prefill cost. ``"cache"`` (the
+    prefill-sparsity papers' protocol: sparse prefill, then decoding): the prompt through the
+    method's prefill once, then one decode step per token on the cache (``model.decoding()``).
+    With a press (``pressed``), always on the cache: the prompt's first ``len - tail`` tokens
+    prefilled and compressed once, its last ``tails[i]`` tokens (the query-agnostic setting) and
+    each new token one decode step."""
+    check_generation(generation)
     dev, tok, out = _device(model), model.tokenizer, []
     stop = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
-    for i, p in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
-        if pressed(model):
+    on_cache = pressed(model) or generation == "cache"
+    ctx = model.decoding() if on_cache and not pressed(model) else contextlib.nullcontext()
+    with ctx:
+        for i, p in enumerate(tqdm(prompts, desc=desc, unit="prompt", leave=False)):
+            if not on_cache:
+                x = torch.tensor([p], device=dev)
+                for _ in range(int(max_new_tokens)):
+                    nxt = model(input_ids=x, logits_to_keep=1).logits[0, -1].argmax()
+                    x = torch.cat([x, nxt.view(1, 1)], dim=1)
+                    if int(nxt) in stop:
+                        break
+                out.append(tok.decode(x[0, len(p):].tolist(), skip_special_tokens=True))
+                continue
             cut = len(p) - (tails[i] if tails else 0)
             s = model.session(len(p) + int(max_new_tokens))
             logits = s.prefill(torch.tensor([p[:cut]], device=dev))
             if cut < len(p):
                 logits = s.feed(torch.tensor([p[cut:]], device=dev))[-1]
             new = s.greedy(logits, int(max_new_tokens), stop)
-            _log_session(model, s)
+            if pressed(model):
+                _log_session(model, s)
             out.append(tok.decode(new, skip_special_tokens=True))
-            continue
-        x = torch.tensor([p], device=dev)
-        for _ in range(int(max_new_tokens)):
-            nxt = model(input_ids=x, logits_to_keep=1).logits[0, -1].argmax()
-            x = torch.cat([x, nxt.view(1, 1)], dim=1)
-            if int(nxt) in stop:
-                break
-        out.append(tok.decode(x[0, len(p):].tolist(), skip_special_tokens=True))
     return out
+
 
 
 def _continues_number(tokenizer, token_id: int) -> bool:

