@@ -18,7 +18,7 @@ Phase 2  the query (the last ``query_len`` positions, broadcast to every host) a
 Every rank gets the whole q, k, v (so that one call can be checked against the emulation) and
 reads only its blocks' rows of them; the output, all-reduced, is the whole [B, H, T, D] on every
 rank. Any backend: gloo on CPUs (tests/test_star_distributed.py runs 2 and 3 processes), NCCL on
-GPUs (not yet run on several GPUs).
+GPUs (`scripts/star_distributed_bench.py`, run by `scripts/two_gpu.sh`; not yet run on several GPUs).
 """
 from __future__ import annotations
 

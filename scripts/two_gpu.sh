@@ -3,7 +3,8 @@
 #  1. a local multirun of 4 efficiency jobs through hydra/launcher=gpu_pool: each job in its
 #     own process that sees only the GPU it took, two at a time;
 #  2. the small LM trained with DDP (torchrun, NCCL) on both GPUs, and with one process on
-#     one GPU, same global batch and steps; their loss curves compared step by step.
+#     one GPU, same global batch and steps; their loss curves compared step by step;
+#  3. Star Attention with each GPU one of its hosts (scripts/star_distributed_bench.py; STAR_LENS).
 #   bash scripts/two_gpu.sh [OUTDIR]      (default results/multi_gpu)
 #   STEPS=... (default 300)  LEN=... (training window, default 1024)
 # -> OUTDIR/{sweep.jsonl,single.jsonl,ddp.jsonl,*.log,summary.md}
@@ -31,6 +32,9 @@ $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m runners.cli "${T
 CUDA_VISIBLE_DEVICES=0 $AB "${TRAIN[@]}" store="$OUT/single.jsonl" \
     runner.checkpoint_dir="$OUT/ck-single" hydra.run.dir="$OUT/h-single" > "$OUT/single.log" 2>&1 || echo "single failed: $OUT/single.log"
 rm -rf "$OUT/ck-ddp" "$OUT/ck-single"
+# Star Attention with each GPU a host (issue 25): NCCL, against the one-GPU emulation and dense
+$PY -m torch.distributed.run --standalone --nproc_per_node=2 scripts/star_distributed_bench.py \
+    --lens ${STAR_LENS:-8192 16384 32768} --out "$OUT/star" > "$OUT/star.log" 2>&1 || echo "star failed: $OUT/star.log"
 
 {
     echo "# Two GPUs: one-GPU-per-job sweep and DDP training"
@@ -44,5 +48,9 @@ rm -rf "$OUT/ck-ddp" "$OUT/ck-single"
     echo "## DDP (torchrun, NCCL, 2 GPUs) against one process on one GPU"
     echo
     $PY -m analysis.multi_gpu ddp "$OUT/single.jsonl" "$OUT/ddp.jsonl" || true
+    echo
+    echo "## Star Attention, one host per GPU (scripts/star_distributed_bench.py)"
+    echo
+    cat "$OUT/star/table.md" 2>/dev/null || echo "(no table: $OUT/star.log)"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"

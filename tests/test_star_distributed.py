@@ -66,3 +66,28 @@ def test_refuses_without_a_process_group():
     m = methods.load("star_attention", num_heads=H, num_kv_heads=HKV, head_dim=D, impl="reference")
     with pytest.raises(RuntimeError, match="init_process_group"):
         star_attention_distributed(m, *inputs())
+
+
+def test_bench_script_runs_on_two_gloo_processes_and_matches_the_emulation(tmp_path):
+    """scripts/star_distributed_bench.py as the GPU call runs it (torch.distributed.run), on the
+    CPU: one record per length, the distributed output equal to the one-process emulation."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "scripts/star_distributed_bench.py"), "--device", "cpu", "--lens", "96", "160",
+           "--reps", "1", "--query-len", "8", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [(r["T"], r["world"], r["backend"]) for r in rows] == [(96, 2, "gloo"), (160, 2, "gloo")]
+    for r in rows:
+        assert r["rel_err_vs_emulation"] < 1e-5
+        assert r["distributed_ms"]["median"] > 0 and r["emulation_ms"] > 0 and r["dense_sdpa_ms"] > 0
+    assert "| 96 | 2 |" in (tmp_path / "table.md").read_text()
+    alone = subprocess.run([sys.executable, str(root / "scripts/star_distributed_bench.py")], capture_output=True,
+                           text=True, timeout=60, cwd=root)
+    assert alone.returncode != 0 and "torch.distributed.run" in alone.stderr
