@@ -154,6 +154,10 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (comma-separated)")
     ap.add_argument("--untimed", default="", help="comma-separated row-name prefixes checked but not timed "
                     "(e.g. 'ours tiled': the PyTorch tiling's fwd+bwd is ~100x the kernels' and takes minutes)")
+    ap.add_argument("--only", default="", help="comma-separated row-name prefixes: only these rows are timed "
+                    "(the others say so), e.g. 'ours triton bv=32' and 'fla' in two runs, each in its own time")
+    ap.add_argument("--no-checks", action="store_true", help="skip the agreement checks at 2k (their compiles "
+                    "and autotuning come first otherwise)")
     ap.add_argument("--out", default="results/local/lightning_fla.md")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (TRITON_INTERPRET=1, "
@@ -188,8 +192,9 @@ def main(argv=None) -> None:
                 return (fn(q, k, v),)
 
         lines += [f"## {mode}", ""]
+        t_mode = time.perf_counter()
         q, k, v, do = qkv(min(2048, max(lens)))
-        for ref, other in checks:
+        for ref, other in ([] if a.no_checks else checks):
             f_ref, f_o = cands[ref][0], cands[other][0]
             if f_o is None:
                 lines.append(f"check {ref} vs {other}: skipped ({cands[other][1]})")
@@ -207,6 +212,7 @@ def main(argv=None) -> None:
         lines += ["", "| row | " + " | ".join(f"T={t} ms" for t in lens) + " |", "|---|" + "---|" * len(lens)]
         res = {}
         untimed = tuple(p.strip() for p in a.untimed.split(",") if p.strip())
+        only = tuple(p.strip() for p in a.only.split(",") if p.strip())
         for name, (fn, why) in cands.items():
             cells = []
             for T in lens:
@@ -215,6 +221,9 @@ def main(argv=None) -> None:
                     continue
                 if untimed and name.startswith(untimed):
                     cells.append("not timed (--untimed)")
+                    continue
+                if only and not name.startswith(only):
+                    cells.append("not timed (--only)")
                     continue
                 try:
                     q, k, v, do = qkv(T)
@@ -230,7 +239,7 @@ def main(argv=None) -> None:
                     if dev == "cuda":
                         torch.cuda.empty_cache()
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            print(lines[-1], flush=True)
+            print(f"{lines[-1]} [{time.perf_counter() - t_mode:.0f} s into the mode]", flush=True)
         lines.append("")
         for ours, theirs in ratios:
             rs = [f"T={T}: {res[ours, T] / res[theirs, T]:.2f}x" for T in lens if (ours, T) in res and (theirs, T) in res]
