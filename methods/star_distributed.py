@@ -15,8 +15,11 @@ Phase 2  the query (the last ``query_len`` positions, broadcast to every host) a
              l = log sum_r exp(l_r),    o = sum_r exp(l_r - l) o_r
          (an all-gather of the partials), which is exact attention over the whole cache.
 
-Every rank gets the whole q, k, v (so that one call can be checked against the emulation) and
-reads only its blocks' rows of them; the output, all-reduced, is the whole [B, H, T, D] on every
+Both phases' key lists put the keys every query row sees first, so each is one causal mask
+aligned to the last key (row i sees keys 0 .. i + offset): computed by FlexAttention with its
+log-sum-exp (compiled on CUDA) unless the method's ``impl`` is ``reference``, where the scores
+are written out in fp32. Every rank gets the whole q, k, v (so that one call can be checked
+against the emulation) and reads only its blocks' rows of them; the output, all-reduced, is the whole [B, H, T, D] on every
 rank. Any backend: gloo on CPUs (tests/test_star_distributed.py runs 2 and 3 processes), NCCL on
 GPUs (`scripts/star_distributed_bench.py`, run by `scripts/two_gpu.sh`; not yet run on several GPUs).
 """
@@ -30,9 +33,23 @@ import torch.distributed as dist
 from methods.base import repeat_kv
 
 
-def _partial(q, k, v, mask, scale):
-    """(softmax(q k^T) v, logsumexp) over the allowed keys (mask [tq, tk] bool); rows without
-    keys: output 0, lse -inf."""
+def _partial(q, k, v, offset: int, scale, fast: bool):
+    """(softmax(q k^T) v in fp32, logsumexp [B, H, tq, 1]) where query row i sees the keys
+    0 .. i + ``offset`` (a causal mask aligned to the last key: both phases' key lists put the
+    keys every row sees first). ``fast``: FlexAttention with its log-sum-exp (compiled on CUDA:
+    no [tq, tk] scores in memory); else the scores written out in fp32. No keys: output 0,
+    lse -inf."""
+    B, H, tq, D = q.shape
+    tk = k.shape[2]
+    if tk == 0:
+        return q.new_zeros(B, H, tq, D, dtype=torch.float32), q.new_full((B, H, tq, 1), float("-inf"), dtype=torch.float32)
+    if fast:
+        from methods.kernels import flex
+
+        bm = flex.block_mask(lambda b, h, i, j: j <= i + offset, None, None, tq, tk, q.device)
+        out, lse, _ = flex.attention_lse(q, k, v, bm, scale=scale)
+        return out.float(), lse.float().unsqueeze(-1)
+    mask = torch.arange(tk, device=q.device).view(1, -1) <= torch.arange(tq, device=q.device).view(-1, 1) + offset
     s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
@@ -56,6 +73,7 @@ def star_attention_distributed(method, q: torch.Tensor, k: torch.Tensor, v: torc
     k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
     C, bs, anchor = method.split(T)
     scale = D ** -0.5
+    fast = getattr(method, "impl", "reference") != "reference"  # FlexAttention; reference: scores written out
     dev = q.device
     out = torch.zeros(B, H, T, D, device=dev, dtype=torch.float32)
     blocks = [i for i in range(math.ceil(C / bs)) if i % world == rank]
@@ -63,17 +81,16 @@ def star_attention_distributed(method, q: torch.Tensor, k: torch.Tensor, v: torc
         s, e = i * bs, min((i + 1) * bs, C)
         a = min(anchor, s)
         keys = torch.cat([torch.arange(a, device=dev), torch.arange(s, e, device=dev)])
-        p = torch.arange(s, e, device=dev).view(-1, 1)
-        mask = keys.view(1, -1) <= p  # anchor keys are all before the block; own block causal
-        o, _ = _partial(q[:, :, s:e], k[:, :, keys], v[:, :, keys], mask, scale)
+        # anchor keys are all before the block (every row sees them); its own block causally
+        o, _ = _partial(q[:, :, s:e], k[:, :, keys], v[:, :, keys], a, scale, fast)
         out[:, :, s:e] = o
     if T > C:  # phase 2: the query against this host's cache, combined over the hosts
         own = [torch.arange(i * bs, min((i + 1) * bs, C), device=dev) for i in blocks]
         if rank == world - 1:
             own.append(torch.arange(C, T, device=dev))  # the query host holds the query's keys
         keys = torch.cat(own) if own else torch.zeros(0, dtype=torch.long, device=dev)
-        mask = keys.view(1, -1) <= torch.arange(C, T, device=dev).view(-1, 1)
-        o, lse = _partial(q[:, :, C:], k[:, :, keys], v[:, :, keys], mask, scale)
+        n_ctx = sum(len(x) for x in own[:len(blocks)])  # the cached context keys: every query row sees them
+        o, lse = _partial(q[:, :, C:], k[:, :, keys], v[:, :, keys], n_ctx, scale, fast)
         os_ = [torch.empty_like(o) for _ in range(world)]
         ls = [torch.empty_like(lse) for _ in range(world)]
         dist.all_gather(os_, o.contiguous(), group=group)

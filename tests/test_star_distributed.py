@@ -16,6 +16,10 @@ CASES = {  # name: (world, StarAttention kwargs)
     "two hosts, one block each": (2, dict(num_hosts=2, query_len=8)),
     "three ranks, seven blocks, anchor 4": (3, dict(num_hosts=3, block_size=5, anchor_size=4, query_len=5)),
     "no query": (2, dict(num_hosts=2, query_len=0)),
+    # FlexAttention with its log-sum-exp (eager on the CPU) instead of the scores written out
+    "flex path, three ranks": (3, dict(num_hosts=3, block_size=5, anchor_size=4, query_len=5, impl="flex")),
+    "flex path, a rank without blocks": (4, dict(num_hosts=4, block_size=16, anchor_size=16, query_len=8,
+                                                 impl="flex")),
 }
 
 
@@ -28,7 +32,7 @@ def inputs():
 def _worker(rank, world, kw, store, out_path):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        m = methods.load("star_attention", num_heads=H, num_kv_heads=HKV, head_dim=D, impl="reference", **kw)
+        m = methods.load("star_attention", num_heads=H, num_kv_heads=HKV, head_dim=D, **{"impl": "reference", **kw})
         q, k, v = inputs()
         out = star_attention_distributed(m, q, k, v)
         torch.save(out, f"{out_path}.{rank}")
@@ -53,7 +57,7 @@ def test_ranks_compute_the_star_pattern(case, tmp_path):
     world, kw = CASES[case]
     mp.spawn(_worker, args=(world, kw, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world, join=True)
     outs = [torch.load(tmp_path / f"out.{r}") for r in range(world)]
-    m = methods.load("star_attention", num_heads=H, num_kv_heads=HKV, head_dim=D, impl="reference", **kw)
+    m = methods.load("star_attention", num_heads=H, num_kv_heads=HKV, head_dim=D, **{"impl": "reference", **kw})
     q, k, v = inputs()
     want = star_by_hand(q, k, v, *m.split(T))
     for o in outs:  # every rank holds the whole output

@@ -137,3 +137,18 @@ def attention(q, k, v, bm, scale=None) -> tuple[torch.Tensor, bool]:
         warnings.simplefilter("ignore", UserWarning)
         out = flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
     return out, False
+
+
+def attention_lse(q, k, v, bm, scale=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """flex_attention(q, k, v) under block mask ``bm`` with its log-sum-exp per query row
+    (natural log, [B, H, Tq]); returns (output, lse, ran_compiled)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type == "cuda":
+        out, lse = _compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=True)
+        return out, lse, True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out, lse = flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=True)
+    return out, lse, False
