@@ -25,6 +25,10 @@ a second kernel merges the pieces of each head (log-sum-exp merge):
     each selected position once, under its first owner). Returns (out [B, H, D] in q's
     dtype, lse [B, H] fp32, natural log; -inf for a head that saw no key, whose output is 0).
 
+Launch settings (keys per tile, warps, stages, programs per SM, hence the split count): on
+CUDA the dense path reads them from ``decode_launch.json`` by shape (``launch_for``; written by
+``scripts/decode_bench.py --tune``), the gather path and the interpreter use ``DECODE_LAUNCH``.
+
 Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``; tests compare with a softmax
 written in the test. Scores are computed in base 2 (``_common.LOG2E``).
 """
@@ -210,7 +214,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
             owners = owners.contiguous()
     BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot takes at least 16 rows
     n_keys = T if indices is None else indices.shape[-1]
-    launch = launch_for(D, B * Hkv, n_keys) if q.is_cuda else DECODE_LAUNCH
+    # the tuned table is for reading the whole cache; the gather path's scattered rows keep the
+    # defaults (the dense shapes' settings made it 15-25% slower: results/decode/kernel_bench.md)
+    launch = launch_for(D, B * Hkv, n_keys) if q.is_cuda and indices is None else DECODE_LAUNCH
     block_n = block_n or launch["block_n"]
     S = splits or num_splits(B, Hkv, max(1, n_keys), q.device, block_n, launch["programs_per_sm"])
     split_len = -(-max(1, n_keys) // S)
