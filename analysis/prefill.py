@@ -253,6 +253,15 @@ def report(kernel_store, real_store, out_dir) -> list[Path]:
     kdf = load(kernel_store) if Path(kernel_store).exists() else pd.DataFrame()
     rdf = load(real_store) if real_store and Path(real_store).exists() else pd.DataFrame()
     kernel, real = kernel_rows(kdf), real_rows(rdf)
+    if kernel.empty and not real.empty:  # a real-model part alone (e.g. PART=ruler): its table only
+        env = rdf[["device", "dtype"]].drop_duplicates().astype(str).agg(", ".join, axis=1).tolist()
+        t = real.assign(**{c: real[c].map(lambda v, f=f: _fmt(v, f)) for c, f in (
+            ("ppl", "{:.2f}"), ("needle", "{:.0%}"), ("ruler", "{:.0%}"), ("real_recall", "{:.3f}"),
+            ("real_density", "{:.3f}"), ("model_prefill_ms", "{:.0f}"), ("model_index_ms", "{:.1f}"))})
+        t = t[[c for c in t if t[c].ne("-").any() or c in ("label", "real_status")]]  # columns with a value
+        (out / "table.md").write_text(f"# Prefill methods inside SmolLM2-135M ({'; '.join(env)})\n\n"
+                                      + t.to_markdown(index=False, disable_numparse=True) + "\n\n" + NOTE + "\n")
+        return [out / "table.md"]
     if kernel.empty:
         raise ValueError(f"no runner=kernel records in {kernel_store}")
     shape = kdf["shape"].dropna().unique()

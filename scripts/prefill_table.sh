@@ -23,7 +23,8 @@
 #   PART=ruler bash scripts/prefill_table.sh      # GPU call 3 (the trained gate from call 2)
 #   REPORT_ONLY=1 bash scripts/prefill_table.sh   # the table and figure again from the records
 #   SIZE=cpu OUT=/tmp/prefill bash scripts/prefill_table.sh   # the whole pipeline at tiny lengths on CPU
-# DENSE / TRITON_METHODS / SEER / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for
+# RULER_LENS / RULER_TASKS / RULER_TRIALS / RULER_TOKENS resize the RULER part (Hydra lists for the
+# first two). DENSE / TRITON_METHODS / SEER / FLEX_METHODS / REF_METHODS narrow a part (comma lists, "" for
 # none); KLENS1 (first pass, every method) and KLENS2 (second pass, not HyperAttention) are the
 # kernel lengths. Each part stops starting runs after BUDGET_S seconds (default 510) and cuts
 # the run in progress there; runs whose ok record exists are skipped, so the same command again
@@ -59,8 +60,9 @@ if [ "$SIZE" = cpu ]; then
            runner.gate_len=128 +runner.recall_rows=64)
     RARGS=(experiment=real device=cpu task.seq_len=512 "task.token_lengths=[512]" "task.depths=[0.0,1.0]"
            task.trials=1 task.batch_size=2 "task.layers=[0,29]" runner.timing_len=512 impl=null)
-    RULER=(experiment=real device=cpu "task.token_lengths=[256]" "task.tasks=[niah_single]" task.trials=1
-           task.max_new_tokens=4 task.generation=cache runner.timing_len=256 impl=null)
+    RULER=(experiment=real device=cpu "task.token_lengths=${RULER_LENS:-[256]}" "task.tasks=${RULER_TASKS:-[niah_single]}"
+           "task.trials=${RULER_TRIALS:-1}" "task.max_new_tokens=${RULER_TOKENS:-4}" task.generation=cache
+           runner.timing_len=256 impl=null)
     SEER_TRAIN=(--device cpu --seq-len 256 --windows 2 --steps 2)
     # at these lengths HiP's top-k and HyperAttention's exact threshold are scaled down
     HIP=(method.top_k=64 method.window=32)
@@ -77,8 +79,9 @@ else
            +runner.recall_rows=1024)
     RARGS=(experiment=real_gpu task.seq_len=8192 task.prose_windows=2 "task.token_lengths=[8000]"
            "task.depths=[0.0,0.5,1.0]" task.trials=5 runner.repeats=5 "+runner.timed_tasks=[perplexity]")
-    RULER=(experiment=real_gpu "task.token_lengths=[2000,4000]" "task.tasks=[niah_single,niah_multivalue,niah_multiquery]"
-           task.trials=4 task.max_new_tokens=24 task.generation=cache "+runner.timed_tasks=[perplexity]")
+    RULER=(experiment=real_gpu "task.token_lengths=${RULER_LENS:-[2000,4000]}"
+           "task.tasks=${RULER_TASKS:-[niah_single,niah_multivalue,niah_multiquery]}" "task.trials=${RULER_TRIALS:-4}"
+           "task.max_new_tokens=${RULER_TOKENS:-24}" task.generation=cache "+runner.timed_tasks=[perplexity]")
     SEER_TRAIN=(--device cuda --seq-len 4096 --windows 8 --steps "$SEER_STEPS")
     HIP=()
     HYPER=()
@@ -148,4 +151,4 @@ if [ -z "${REPORT_ONLY:-}" ] && { [ "$PART" = all ] || [ "$PART" = ruler ]; }; t
     [ -n "$REF_METHODS" ] && run -m "method=$REF_METHODS" "${HYPER[@]}" "${RULER[@]}" "${EXTRA[@]}"
 fi
 echo "prefill_table: report, $(date -u +%T)"
-$PY -m analysis.prefill --kernel "$KSTORE" --real "$RSTORE" --out "$OUT"
+$PY -m analysis.prefill --kernel "$KSTORE" --real "$RSTORE" --out "$OUT"   # real rows alone where no kernel part ran
