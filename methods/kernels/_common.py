@@ -14,7 +14,9 @@ Tensors are [B, H, T, D] (queries) and [B, Hkv, T, D] (keys, values; grouped-que
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,14 @@ LOG2E = 1.4426950408889634
 # block, MHA 118 -> 18 ms, groups of 16 heads 15 per token against 27)
 NSA_LAUNCH = {"compressed": (128, 64, 8, 3), "importance": (256, 32, 8, 3), "importance_mha": (128, 32, 4, 2, 1),
               "selected": (0, 0, 2, 2), "selected_small": (1, 256, 4, 1), "topn": 1}
+
+
+def read_entries(path: Path) -> tuple[dict, ...]:
+    """The ``entries`` of a launch-settings table (a JSON file a tuning script wrote: the tile
+    table, the decode launch table); empty where the file is absent."""
+    if not path.exists():
+        return ()
+    return tuple(json.loads(path.read_text())["entries"])
 
 
 def usable(q: torch.Tensor) -> bool:

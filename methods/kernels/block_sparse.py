@@ -14,13 +14,21 @@ Reference: ``methods.base.masked_attention`` with the matching mask (tests/test_
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from methods.kernels._common import LOG2E, _check, _delta, _num_warps, _tile, triton, usable  # noqa: F401 - usable re-exported
+from methods.kernels._common import (  # noqa: F401 - usable re-exported
+    LOG2E,
+    _check,
+    _delta,
+    _num_warps,
+    _tile,
+    read_entries,
+    triton,
+    usable,
+)
 
 BIG = 2**30  # "no window"
 
@@ -175,10 +183,7 @@ SPARSE_BELOW = 0.25  # a window under this fraction of the length is a sparse ca
 @functools.lru_cache(maxsize=4)
 def tile_table(path: str | None = None) -> tuple[dict, ...]:
     """The entries of the tile table (``TILES_FILE``; empty where there is none)."""
-    p = Path(path) if path else TILES_FILE
-    if not p.exists():
-        return ()
-    return tuple(json.loads(p.read_text())["entries"])
+    return read_entries(Path(path) if path else TILES_FILE)
 
 
 def tiles_for(head_dim: int, seq_len: int, dtype, causal: bool, window: int | None = None,

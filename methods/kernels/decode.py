@@ -35,13 +35,12 @@ written in the test. Scores are computed in base 2 (``_common.LOG2E``).
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from methods.kernels._common import LOG2E, triton, usable  # noqa: F401 - usable re-exported
+from methods.kernels._common import LOG2E, read_entries, triton, usable  # noqa: F401 - usable re-exported
 
 # launch settings: keys per tile, warps, pipeline stages; programs per SM that the split count
 # aims at. The defaults, where the launch table (``LAUNCH_FILE``, written by
@@ -54,10 +53,7 @@ LAUNCH_FILE = Path(__file__).with_name("decode_launch.json")
 @functools.lru_cache(maxsize=4)
 def launch_table(path: str | None = None) -> tuple[dict, ...]:
     """The entries of the decode launch table (empty where there is none)."""
-    p = Path(path) if path else LAUNCH_FILE
-    if not p.exists():
-        return ()
-    return tuple(json.loads(p.read_text())["entries"])
+    return read_entries(Path(path) if path else LAUNCH_FILE)
 
 
 def launch_for(head_dim: int, batch_kv: int, n_keys: int, path: str | None = None) -> dict:
