@@ -126,29 +126,26 @@ def usable(q, k, v) -> bool:
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
-def attention(q, k, v, bm, scale=None) -> tuple[torch.Tensor, bool]:
-    """flex_attention(q, k, v) under block mask ``bm``; returns (output, ran_compiled)."""
+def _flex(q, k, v, bm, scale, return_lse: bool):
+    """flex_attention under block mask ``bm``: compiled on CUDA, eager elsewhere; returns
+    (its result, ran_compiled)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    gqa = k.shape[1] != q.shape[1]
+    kw = dict(block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1], return_lse=return_lse)
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa), True
+        return _compiled_flex()(q, k, v, **kw), True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        out = flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
-    return out, False
+        return flex_attention(q, k, v, **kw), False
+
+
+def attention(q, k, v, bm, scale=None) -> tuple[torch.Tensor, bool]:
+    """flex_attention(q, k, v) under block mask ``bm``; returns (output, ran_compiled)."""
+    return _flex(q, k, v, bm, scale, False)
 
 
 def attention_lse(q, k, v, bm, scale=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """flex_attention(q, k, v) under block mask ``bm`` with its log-sum-exp per query row
     (natural log, [B, H, Tq]); returns (output, lse, ran_compiled)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    gqa = k.shape[1] != q.shape[1]
-    if q.device.type == "cuda":
-        out, lse = _compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=True)
-        return out, lse, True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        out, lse = flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=True)
-    return out, lse, False
+    (out, lse), compiled = _flex(q, k, v, bm, scale, True)
+    return out, lse, compiled
