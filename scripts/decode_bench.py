@@ -31,22 +31,24 @@ from methods.kernels import decode  # noqa: E402
 HBM_TBS = 4.8  # H200 HBM3e peak, TB/s
 
 
-def _time(fn, graph: bool, reps: int = 50) -> float:
-    """Median ms of one call (CUDA events), eager or replayed from a captured CUDA graph."""
+def _graph(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
     fn()
     torch.cuda.synchronize()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    else:
-        run = fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _time(fn, graph: bool, reps: int = 50) -> float:
+    """Median ms of one call (CUDA events), eager or replayed from a captured CUDA graph."""
+    run = _graph(fn) if graph else fn
     for _ in range(3):
         run()
     times = []
@@ -154,21 +156,11 @@ def profile(B, H, Hkv, T, D, reps=20) -> dict:
     from torch.profiler import profile as prof
 
     q, k, v = _cache(B, H, Hkv, T, D)
-    fn = lambda: decode.decode_attention(q, k, v)  # noqa: E731
-    step_ms = _time(fn, True)
-    fn()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
+    replay = _graph(lambda: decode.decode_attention(q, k, v))
+    step_ms = _time(replay, False)  # the replay, timed as one call
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(reps):
-            g.replay()
+            replay()
         torch.cuda.synchronize()
     us = {}
     for e in p.key_averages():
