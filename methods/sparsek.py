@@ -31,7 +31,9 @@ Gradients reach the scoring network through p (the operator's Jacobian on its fr
 With k and the window covering every key it is exact attention.
 
 impl=reference  soft mask materialised [B, H, T, T]
-impl=triton     the gather path's selection (per chunk; its bisection in one kernel), then one
+impl=triton     per chunk of queries, the selection in one Triton kernel (each row's k-th best
+                score, tau and pairs: ``methods.kernels.sparsek.sparsek_select``, from the
+                shared candidates sorted once per call and the chunk's newer ones), then one
                 Triton kernel (``methods.kernels.sparsek.sparsek_tile_attention``) per
                 tile of 64 queries: the candidates any of its rows can select, read once in
                 score order and masked per row by its k-th best score, then its window
@@ -152,31 +154,21 @@ class SparseK(AttentionMethod):
         return top.indices, torch.gather(p, -1, top.indices) * ok, ok
 
     @torch.no_grad()
-    def _soft_mask_rows_fast(self, u, rows, tk, kpm, plan: bool = False, presorted=None, row0=None):
+    def _soft_mask_rows_fast(self, u, rows, tk, kpm):
         """The same (idx, weight, valid) as ``_soft_mask_rows``, without a [c, T] pass per
         bisection step: the candidates shared by the chunk (j <= rows[0] - window) are sorted
         once, so each row's sum_j clip(u_j - tau, 0, 1) is two binary searches on them plus
         its own newer candidates (fewer than c); the top-k come from the sorted shared part and
-        the newer candidates. Forward only (the gradient needs every row's free set).
-        ``plan``: instead, the tile kernel's inputs (``block_sparse.sparsek_tile_attention``):
-        the sorted shared candidates, the newer ones that can be in a top-k, tau, each row's
-        k-th best score, and the pairs attended. ``presorted``: (values, positions) of all of
-        u sorted (padding as -big), from which each chunk takes its shared part in order
-        (one sort per call instead of one per chunk). ``row0``: rows[0] as a Python int where the
-        caller knows it (rows ascend by one), saving a device-to-host copy."""
+        the newer candidates. Forward only (the gradient needs every row's free set)."""
         B, Hkv, T = u.shape
         w, c, dt = self.window, len(rows), u.dtype
         lim = rows - w  # [c]: the last candidate of each row
-        first = int(rows[0]) if row0 is None else row0
+        first = int(rows[0])
         s0, s1 = max(first - w + 1, 0), max(first + c - w, 0)  # shared: j < s0; newer: s0 <= j < s1
         big = torch.finfo(dt).max / 4
         shared = u[..., :s0]
         ok_sh = torch.ones_like(shared, dtype=torch.bool) if kpm is None else kpm[:, None, :s0].expand_as(shared)
-        if presorted is not None:  # the shared part of the whole sorted sequence: j < s0, in order
-            keep = presorted[1] < s0  # s0 per row (a permutation of 0 .. T-1)
-            sv, order = (x[keep].view(B, Hkv, s0) for x in presorted)
-        else:
-            sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
+        sv, order = torch.where(ok_sh, shared, torch.full_like(shared, -big)).sort(-1)  # padding first
         L = sv.shape[-1]
         n_sh = ok_sh.sum(-1, keepdim=True)  # [B, Hkv, 1] valid shared candidates (the last n_sh)
         cs = torch.nn.functional.pad(torch.where(sv > -big, sv, 0.0).cumsum(-1), (1, 0))
@@ -237,8 +229,6 @@ class SparseK(AttentionMethod):
         # a newer candidate below the shared part's k-th best is in no row's top-k: the pool
         # keeps the newer ones at or above it (all, where the shared part has fewer than k)
         new_ok, new_j = ok_new.expand(B, Hkv, c, -1), jn.view(1, 1, 1, -1).expand(B, Hkv, c, -1)
-        newp, newv = jn.view(1, 1, -1).expand(B, Hkv, -1), new if kpm is None else torch.where(
-            kpm[:, None, s0:s1], new, -float("inf"))  # the kernel's newer list: all of them
         if take == kk_top and new.shape[-1]:
             thr = torch.where(top_sh_ok[..., -1:], top_sh_v[..., -1:], -float("inf"))  # [B, Hkv, 1]
             mp = int((new >= thr).sum(-1).max())
@@ -247,7 +237,6 @@ class SparseK(AttentionMethod):
                 new_ok = torch.gather(new_ok, -1, keep_i.unsqueeze(2).expand(-1, -1, c, -1)) & (keep_v > -big).unsqueeze(2)
                 new_j = (keep_i + s0).unsqueeze(2).expand(-1, -1, c, -1)
                 newc = keep_v.unsqueeze(2)
-                newp, newv = keep_i + s0, torch.where(new_ok.any(2), keep_v, -float("inf"))
         pool_v = torch.cat([top_sh_v.unsqueeze(2).expand(-1, -1, c, -1).masked_fill(~top_sh_ok.unsqueeze(2), -float("inf")),
                             newc.expand(-1, -1, c, -1).masked_fill(~new_ok, -float("inf"))], -1)
         pool_i = torch.cat([top_sh_i.unsqueeze(2).expand(-1, -1, c, -1), new_j], -1)
@@ -255,37 +244,42 @@ class SparseK(AttentionMethod):
             padn = kk_top - pool_v.shape[-1]
             pool_v = torch.nn.functional.pad(pool_v, (0, padn), value=-float("inf"))
             pool_i = torch.nn.functional.pad(pool_i, (0, padn), value=0)
-        if plan:  # the kernel needs each row's k-th best, not its top-k list; the pairs counted
-            # are those the kernel attends (u >= kth, weight > 0)
-            kth = self._kth_best(top_sh_v.masked_fill(~top_sh_ok, -float("inf")), newc.squeeze(2), new_ok) \
-                if take == kk_top else pool_v.topk(kk_top, dim=-1).values[..., -1]  # [B, Hkv, c]
-            pairs = ((pool_v >= kth.unsqueeze(-1)) & (pool_v > tau.unsqueeze(-1))).sum()  # on the device
-            return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs)
         top = pool_v.topk(kk_top, dim=-1)
         idx = pool_i.gather(-1, top.indices)
         ok = torch.isfinite(top.values)
         wsel = ((top.values - tau.unsqueeze(-1)).clamp(0, 1) * ok).nan_to_num(0.0)
         return idx, wsel.to(dt), ok
 
-    @staticmethod
-    def _kth_best(top, new, ok):
-        """Each row's k-th best of the union of ``top`` [B, Hkv, k] (the shared part's best k,
-        descending, -inf where none) and the newer candidates ``new`` [B, Hkv, m] it sees (``ok``
-        [B, Hkv, c, m]): if t of the union's best k are newer, the k-th best is min(top[k-1-t],
-        the t-th newer), and it is the largest of these over t. [B, Hkv, c], without a sort of
-        the k + m per row (-inf where the union holds fewer than k)."""
-        kk, c = top.shape[-1], ok.shape[2]
-        kth = top[..., kk - 1:].expand(-1, -1, c)  # t = 0
-        if not new.shape[-1]:
-            return kth
-        new, order = new.sort(-1, descending=True)
-        ok = ok.gather(-1, order.unsqueeze(2).expand(-1, -1, c, -1))
-        t = ok.cumsum(-1)  # the newer candidate's rank among the row's newer ones (1-based)
-        at = kk - t  # index into top of the k-th best when t of them are newer; -1 .. : none
-        tops = torch.cat([top, torch.full_like(top[..., :1], float("inf"))], -1).unsqueeze(2).expand(-1, -1, c, -1)
-        cand = torch.minimum(tops.gather(-1, torch.where(at >= 1, at - 1, kk)), new.unsqueeze(2))
-        cand = torch.where(ok & (at >= 0), cand, -float("inf"))
-        return torch.maximum(kth, cand.amax(-1))
+    @torch.no_grad()
+    def _kernel_plan(self, u, presorted, first: int, c: int, tk: int) -> dict:
+        """The tile kernel's inputs for the c query rows at key positions first .. first + c - 1
+        (no padding): the shared candidates (j < first - window + 1, the same for every row of
+        the chunk) sorted, taken from ``presorted`` (all of u sorted once per call: values,
+        positions); the chunk's newer candidates in descending score order, cut to those that
+        can be in a row's top k or weigh (at least the shared k-th best - 1: a row's tau is at
+        least its k-th best - 1, which is at least that); then each row's k-th best, tau and
+        pairs attended in one kernel (``kernels.sparsek.sparsek_select``). Besides the kernel:
+        the shared part's compaction, its prefix sums and the newer part's sort, with two reads
+        back to the host (the compaction's size and the newer part's cut)."""
+        from methods.kernels.sparsek import sparsek_select
+
+        B, Hkv, _ = u.shape
+        w, k = self.window, self.k
+        s0, s1 = max(first - w + 1, 0), min(max(first + c - w, 0), tk)  # shared: j < s0; newer: s0 <= j < s1
+        gv, gp = presorted
+        at = (gp < s0).view(-1).nonzero().squeeze(1)  # the shared part of the sorted whole, in order
+        sv, order = gv.view(-1)[at].view(B, Hkv, s0), gp.view(-1)[at].view(B, Hkv, s0)
+        cs = torch.nn.functional.pad(sv.cumsum(-1), (1, 0))
+        newv, newp = u[..., s0:s1].sort(-1, descending=True)
+        newp = newp + s0
+        if s0 >= k and s1 > s0:  # newer ones below the shared k-th best - 1 neither enter a top k nor weigh
+            m = int((newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1).max())
+            newv, newp = newv[..., :m], newp[..., :m]
+        iters = 50 if u.dtype == torch.float64 else 24
+        flat = lambda x: x.reshape(B * Hkv, x.shape[-1])  # noqa: E731
+        kth, tau, pairs = (x.view(B, Hkv, c) for x in sparsek_select(
+            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, iters))
+        return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs.sum())
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, tq, D = q.shape
@@ -314,7 +308,7 @@ class SparseK(AttentionMethod):
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
                 from methods.kernels.sparsek import sparsek_tile_attention
 
-                plan = self._soft_mask_rows_fast(u, rows, tk, None, plan=True, presorted=presorted, row0=a + off)
+                plan = self._kernel_plan(u, presorted, a + off, b - a, tk)
                 outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
                 window = masks.window_pairs(a + off, b + off, self.window)
                 counted = counted + plan["pairs"] * rep + B * H * window  # a tensor: no host sync per chunk

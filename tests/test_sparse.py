@@ -416,26 +416,31 @@ def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_sparsek_plan_kth_best_is_each_rows_kth_candidate(padded):
-    """The kernel's plan: each row's k-th best candidate score (-inf with fewer than k) and
-    the pairs it attends (those the full row-wise selection weights above 0)."""
-    T, w, c, kk = 300, 16, 64, 20
-    m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=kk, window=w, query_chunk=c)
-    u = torch.randn(2, 2, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
-    kpm = None
-    if padded:
-        kpm = torch.ones(2, T, dtype=torch.bool)
-        kpm[1, 100:130] = False
-    for r0 in (0, w + 3, 150, T - c):  # no candidates yet, fewer than k, many
-        rows = torch.arange(r0, min(r0 + c, T))
-        plan = m._soft_mask_rows_fast(u, rows, T, kpm, plan=True)
-        j = torch.arange(T)
-        cand = (j <= rows.view(-1, 1) - w).view(1, 1, len(rows), T) & (True if kpm is None else kpm[:, None, None])
+@pytest.mark.parametrize("scale", [0.2, 3.0])  # most candidates fractional (weights in (0, 1)); few
+def test_sparsek_kernel_plan_is_each_rows_kth_best_threshold_and_pairs(scale):
+    """The kernel path's selection (``SparseK._kernel_plan``: one kernel per chunk, in the
+    interpreter here): each row's k-th best candidate score (-inf-like with fewer than k), its
+    tau (sum_j clip(u_j - tau, 0, 1) = k over the candidates j <= row - window, computed here
+    from an independent sort), and the pairs attended. Chunks with no candidates, fewer than
+    k, shared parts shorter than k, and newer lists longer than the kernel's tile of 64."""
+    T, w, kk = 400, 16, 20
+    m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=kk, window=w)
+    u = torch.randn(2, 2, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+    presorted = u.sort(-1)
+    for first, c in ((0, 10), (w + 3, 30), (30, 150), (150, 100), (T - 130, 130)):
+        plan = m._kernel_plan(u, presorted, first, c, T)
+        rows = torch.arange(first, first + c)
+        cand = (torch.arange(T) <= rows.view(-1, 1) - w).view(1, 1, c, T)
         vals = torch.where(cand, u.unsqueeze(2), -float("inf")).sort(-1, descending=True).values
-        torch.testing.assert_close(plan["kth"], vals[..., kk - 1], rtol=0, atol=0)
-        _, wsel, _ = m._soft_mask_rows(u, rows, T, kpm)  # the full bisection's weights
-        assert plan["pairs"] == int((wsel > 0).sum())
+        n = cand.sum(-1).expand(2, 2, -1)
+        many = n > kk
+        torch.testing.assert_close(plan["kth"][many], vals[..., kk - 1][many], rtol=0, atol=0)
+        assert bool((plan["kth"][~many] < -1e29).all()) and bool((plan["tau"][~many] < -1e29).all())
+        tau = plan["tau"].unsqueeze(-1)
+        mass = torch.where(cand, (u.unsqueeze(2) - tau).clamp(0, 1), 0.0).sum(-1)
+        torch.testing.assert_close(mass[many], torch.full_like(mass[many], float(kk)), rtol=0, atol=1e-9)
+        want_pairs = torch.where(many, kk, n).sum()  # distinct scores: the best k, or every candidate
+        assert int(plan["pairs"]) == int(want_pairs)
 
 
 @pytest.mark.parametrize("name,kw", [("sliding_window", dict(window=9)),

@@ -2,8 +2,10 @@
 
 sparsek_tile_attention(q, k, v, plan, pos0, window): each query tile attends its candidate keys
 (in score order, kept above the row's threshold, weighted by the mask value) and its local
-window; q [B, H, c, D], k, v [B, Hkv, T, D]. sparsek_bisect: per row, the threshold whose
-clipped mask sums to k, by bisection in one kernel. Forward only (no autograd Function).
+window; q [B, H, c, D], k, v [B, Hkv, T, D]. sparsek_select: per row of a chunk, the k-th best
+candidate score, the threshold whose clipped mask sums to k (bisection) and the pairs attended,
+in one kernel (the tile attention's inputs). sparsek_bisect: the threshold alone (the gather
+path's forward selection). Forward only (no autograd Function).
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ if triton is not None:
 def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
                            block_n: int = 64):
     """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
-    (``SparseK._soft_mask_rows_fast(..., plan=True)`` gives ``plan``): a tile reads its rows'
+    (``SparseK._kernel_plan`` gives ``plan``): a tile reads its rows'
     candidates once, in score order, instead of each row gathering its own k keys. Row i
     attends key j with weight clip(u_j - tau_i, 0, 1) when u_j >= kth_i (its k-th best
     candidate score) and j <= pos_i - window, and its window with weight 1 (ties at the k-th
@@ -185,3 +187,99 @@ def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
     _sparsek_bisect[(math.ceil(C / R), BH)](sv, cs, new, newp, lim.to(torch.int32).contiguous(), lo, hi, kk,
                                             L, M, C, iters, R=R, TILE=64, num_warps=4)
     return lo, hi
+
+
+# ---- The kernel path's whole selection for a chunk of rows: k-th best, tau, pairs ------------
+if triton is not None:
+
+    @triton.jit
+    def _sparsek_select(SV, CS, NEW, NEWP, KTH, TAU, PAIRS, L, M, C, FIRST, WIN, K, ITERS,
+                        R: tl.constexpr, TILE: tl.constexpr):
+        """Rows FIRST + r (r < C) of one (batch, KV head). A row's candidates are the keys
+        j <= row - WIN: the chunk's shared ones (every j < the chunk's first row - WIN + 1:
+        sorted ascending in SV, prefix sums CS) and the newer ones it sees (NEW, NEWP: the
+        chunk's newer keys in descending score order, those that can be in a top-k or hold a
+        weight; row r sees those at positions <= its limit). Out: the row's k-th best score
+        (KTH; -big with fewer than K candidates), tau with sum_j clip(u_j - tau, 0, 1) = K
+        (TAU; -big where every candidate is selected with weight 1) and the count of keys it
+        attends (PAIRS: candidates >= KTH)."""
+        bh = tl.program_id(1).to(tl.int64)
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        live = r < C
+        lim = FIRST + r - WIN  # the last candidate
+        n = tl.maximum(lim + 1, 0)  # candidates
+        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+        big = 1.0e30
+        # k-th best of shared + seen newer: if t of the best K are newer (the t-th seen newer x_t),
+        # it is min(the shared (K - t)-th best, x_t); the largest of these over t
+        at0 = L - K + 0 * r  # [R]: the shared K-th best's index (negative: fewer than K shared)
+        kth = tl.load(sv + tl.maximum(at0, 0), mask=live & (at0 >= 0), other=-big)
+        seen = tl.zeros([R], tl.int32)
+        for j0 in range(0, M, TILE):
+            j = j0 + tl.arange(0, TILE)
+            x = tl.load(new + j, mask=j < M, other=-big)
+            p = tl.load(newp + j, mask=j < M, other=0)
+            vis = (j < M)[None, :] & (p[None, :] <= lim[:, None])
+            t = seen[:, None] + tl.cumsum(vis.to(tl.int32), axis=1)  # 1-based rank among the seen
+            at = at0[:, None] + t
+            a = tl.load(sv + tl.maximum(at, 0), mask=vis & (t < K) & (at >= 0) & live[:, None], other=-big)
+            a = tl.where(t >= K, big, a)
+            kth = tl.maximum(kth, tl.max(tl.where(vis & (t <= K), tl.minimum(a, x[None, :]), -big), 1))
+            seen += tl.sum(vis.to(tl.int32), 1)
+        full = n <= K
+        kth = tl.where(full, -big, kth)
+        # tau in [kth - 1, kth): f(kth - 1) >= K (the best K give 1 each), f(kth) < K
+        lo, hi = kth - 1.0, kth
+        a_lo = tl.zeros([R], tl.int32)
+        a_hi = a_lo + L
+        b_lo, b_hi = a_lo, a_hi
+        kf = K * 1.0
+        for _ in range(ITERS):
+            mid = (lo + hi) / 2
+            a = _count_sorted(sv, mid, a_lo, a_hi, True)  # shared entries <= tau
+            b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # shared entries < tau + 1
+            f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
+            for j0 in range(0, M, TILE):
+                j = j0 + tl.arange(0, TILE)
+                x = tl.load(new + j, mask=j < M, other=-big)
+                p = tl.load(newp + j, mask=j < M, other=0)
+                clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
+                f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
+            more = f > kf
+            lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
+            a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
+            b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
+        tau = tl.where(full, -big, (lo + hi) / 2)
+        # pairs: candidates >= kth (kth > tau: each has a weight)
+        ge = L - _count_sorted(sv, kth, tl.zeros([R], tl.int32), tl.zeros([R], tl.int32) + L, False)
+        for j0 in range(0, M, TILE):
+            j = j0 + tl.arange(0, TILE)
+            x = tl.load(new + j, mask=j < M, other=-big)
+            p = tl.load(newp + j, mask=j < M, other=0)
+            ge += tl.sum(((j < M)[None, :] & (p[None, :] <= lim[:, None]) & (x[None, :] >= kth[:, None])).to(tl.int32), 1)
+        pairs = tl.where(full, n, ge)
+        tl.store(KTH + bh * C + r, kth, mask=live)
+        tl.store(TAU + bh * C + r, tau, mask=live)
+        tl.store(PAIRS + bh * C + r, pairs, mask=live)
+
+
+def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int, iters: int = 24):
+    """The kernel path's selection for ``rows`` query rows at key positions first .. first +
+    rows - 1 (``SparseK._kernel_plan``): sv [BH, L] the shared candidates sorted ascending, cs
+    [BH, L + 1] their prefix sums; new, newp [BH, M] newer candidates in descending score
+    order with their positions (only those that can be in a top-k or weigh: the rest may be left
+    out). Returns (kth, tau, pairs), each [BH, rows]. ``iters`` halvings of tau's bracket
+    [kth - 1, kth): 24 reach fp32's resolution at scores of order 1."""
+    BH, L = sv.shape
+    M = new.shape[-1]
+    sv, cs = sv.contiguous(), cs.to(sv.dtype).contiguous()
+    if not L:  # the kernel indexes the shared arrays: one unread slot
+        sv, cs = sv.new_zeros(BH, 1), cs.new_zeros(BH, 2)
+    new = new.to(sv.dtype).contiguous() if M else sv.new_zeros(BH, 1)
+    newp = newp.to(torch.int32).contiguous() if M else torch.zeros(BH, 1, dtype=torch.int32, device=sv.device)
+    kth = torch.empty(BH, rows, dtype=sv.dtype, device=sv.device)
+    tau, pairs = torch.empty_like(kth), torch.empty(BH, rows, dtype=torch.int32, device=sv.device)
+    R = 32
+    _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, kth, tau, pairs, L, M, rows, first, window, k,
+                                               iters, R=R, TILE=64, num_warps=4)
+    return kth, tau, pairs
