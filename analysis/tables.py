@@ -172,30 +172,31 @@ def per_task_settings(df: pd.DataFrame) -> pd.Series:
 
 def lra_table(df: pd.DataFrame) -> pd.DataFrame:
     """The LRA table: test accuracy (%) per method (rows) and task (columns) from training
-    records, with the average over the tasks present; a failed run shows its status, a task
-    not run shows "-" (the newest record of each method, task and setting counts: runs of one
-    task that differ in a setting that changes the result, e.g. steps or batch size, are rows of
-    their own, named by it)."""
+    records, with the average over the tasks (only for rows that finished every task that any
+    row finished: averages over different tasks do not compare); over several seeds "mean ± half-width of
+    the 95% bootstrap interval" (``_cell``: the newest record of each seed); a failed run shows
+    its status, a task not run shows "-" (runs of one task that differ in a setting that changes
+    the result, e.g. steps or batch size, are rows of their own, named by it)."""
     df = df[(df["runner"] == "train") & df["task"].astype(str).str.startswith("lra/")].copy()
     if df.empty:
         return pd.DataFrame()
     df["label"] = with_setting(variants(df), per_task_settings(df))
+    ran = {t for t in LRA_TASKS if ((df["task"] == f"lra/{t}") & (df["status"] == "ok")).any()}
     rows = []
     for label, g in df.groupby("label", sort=True):
-        row, accs = {"method": label}, []
+        row, accs = {"method": label}, {}
         for t in LRA_TASKS:
-            r = g[g["task"] == f"lra/{t}"].sort_values("time")
+            r = g[g["task"] == f"lra/{t}"].sort_values("time", kind="stable")
             if r.empty:
                 row[t] = "-"
                 continue
-            r = r.iloc[-1]
-            if r["status"] != "ok":
-                row[t] = failure(r["status"], r["error"])
-                continue
-            acc = 100 * float(r["metric.test_acc"])
-            accs.append(acc)
-            row[t] = f"{acc:.2f}"
-        row["avg"] = f"{sum(accs) / len(accs):.2f}" if accs else "-"
+            seeds = [x for _, x in r.groupby("seed", dropna=False, sort=True).tail(1).iterrows()]
+            row[t] = _cell(seeds, "metric.test_acc", "{:.2f}", 100)
+            if all(x["status"] == "ok" for x in seeds):
+                accs[t] = 100 * sum(float(x["metric.test_acc"]) for x in seeds) / len(seeds)
+        row["seeds"] = ",".join(str(int(x)) for x in sorted(g["seed"].dropna().unique()))
+        # over the same tasks for every row: those any run of the table finished
+        row["avg"] = f"{sum(accs.values()) / len(accs):.2f}" if accs and set(accs) == ran else "-"
         rows.append(row)
     return pd.DataFrame(rows)
 

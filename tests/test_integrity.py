@@ -255,6 +255,33 @@ def test_the_lra_table_never_puts_a_smoke_accuracy_in_a_full_runs_cell(tmp_path)
     assert t.loc["dense", "text"] == "60.00"  # one setting of text: no label
 
 
+def test_the_lra_table_averages_the_seeds_and_shows_a_failed_seed(tmp_path):
+    """Three seeds of one method and task: their mean and the 95% bootstrap half-width (each
+    seed's newest record), not the newest seed alone; a failed seed shows as the failure."""
+    from analysis.tables import lra_table
+
+    lra = dict(runner="train", task="lra/listops", config={"runner": {"steps": 300}})
+    recs = [_rec("dense", 2000, run_id=f"d{s}", metrics={"test_acc": a}, time=f"2026-01-01T00:00:0{s}", **lra)
+            for s, a in ((0, 0.30), (1, 0.34), (2, 0.38))]
+    recs.append(_rec("dense", 2000, run_id="d2-old", metrics={"test_acc": 0.99}, time="2025-01-01T00:00:00", **lra))
+    recs += [_rec("linformer", 2000, run_id=f"l{s}", metrics={"test_acc": 0.5}, time=f"2026-01-01T00:00:0{s}", **lra)
+             for s in (0, 1)]
+    recs.append(_rec("linformer", 2000, status="error", run_id="l2", time="2026-01-01T00:00:05", **lra))
+    for r, seed in zip(recs, (0, 1, 2, 2, 0, 1, 2)):
+        r["seed"] = seed
+    t = lra_table(load(_store(tmp_path / "r.jsonl", recs))).set_index("method")
+    mean, half = t.loc["dense", "listops"].split(" ± ")
+    assert float(mean) == pytest.approx(34.0) and 0 < float(half) <= 4.0
+    assert t.loc["dense", "seeds"] == "0,1,2" and float(t.loc["dense", "avg"]) == pytest.approx(34.0)
+    assert "error" in t.loc["linformer", "listops"] and t.loc["linformer", "avg"] == "-"
+    recs.append(_rec("dense", 4000, run_id="t0", metrics={"test_acc": 0.6}, task="lra/text", runner="train"))
+    t = lra_table(load(_store(tmp_path / "r2.jsonl", recs))).set_index("method")
+    assert float(t.loc["dense", "avg"]) == pytest.approx(47.0)  # (34 + 60) / 2
+    recs.append(_rec("performer", 4000, run_id="p0", metrics={"test_acc": 0.7}, task="lra/text", runner="train"))
+    t = lra_table(load(_store(tmp_path / "r3.jsonl", recs))).set_index("method")
+    assert t.loc["performer", "avg"] == "-"  # text only: not comparable with dense's two tasks
+
+
 def test_reproduce_refuses_records_of_several_settings(tmp_path):
     from analysis.reproduce import table
 
