@@ -27,7 +27,7 @@ WRAP = {"md": "**{}**", "latex": "\\textbf{{{}}}", "html": "<b>{}</b>"}
 
 def lra_notes(df: pd.DataFrame) -> str:
     """What the LRA table's cells are read from, where it differs from LRA: the image data set
-    of the records (Fashion-MNIST here, CIFAR-10 in LRA) and what "not run: data absent" means."""
+    of the records (Fashion-MNIST here, CIFAR-10 in LRA) and what its "not run" cells mean."""
     import json
 
     rows = df[df["task"].astype(str) == "lra/image"] if "task" in df else df.iloc[:0]
@@ -37,9 +37,15 @@ def lra_notes(df: pd.DataFrame) -> str:
         notes.append("image: Fashion-MNIST (28 x 28 = 784 grayscale pixels, tasks/lra/image.py); the "
                      "original LRA Image task is CIFAR-10 (32 x 32 = 1024 pixels), not reachable here.")
     lra = df[df["task"].astype(str).str.startswith("lra/")] if "task" in df else df.iloc[:0]
-    if "status" in lra and (lra["status"] == "skipped").any():
+    why = lra.loc[lra["status"] == "skipped", "error"].astype(str) if {"status", "error"} <= set(lra) \
+        else pd.Series(dtype=str)
+    if why.str.startswith("not run: data absent").any():
         notes.append("not run: data absent: the task's data is not on this machine (the records say "
                      "which file or command).")
+    if why.str.startswith("not run: forward is dense attention").any():
+        notes.append("not run: forward is dense attention: a KV-cache press or decode-time selector, whose "
+                     "forward pass is dense attention, was not trained (runner.skip_dense_forward): its row "
+                     "would be dense attention's.")
     return "".join(f"\n{n}\n" for n in notes)
 
 

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+import methods
 from runners import records
 from runners.device import autocast, resolve_device, resolve_dtype
 from tasks.base import to_device
@@ -70,6 +71,14 @@ def distributed(device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+class DenseForward(Exception):
+    """With ``runner.skip_dense_forward``: the method's forward pass is dense attention
+    (``methods.dense_forward``), so training it would train dense attention: the run records
+    status skipped, "not run: forward is dense attention (<why>)"."""
+
+    not_run = "forward is dense attention"
+
+
 @dataclass
 class TrainRunner:
     """conf/runner/train.yaml."""
@@ -90,6 +99,7 @@ class TrainRunner:
     resume: bool
     cpu_threads: int
     force: bool
+    skip_dense_forward: bool = False  # methods whose forward is dense attention: a "not run" record
 
     def output_dirs(self) -> dict:
         """Where the run writes besides the store (checked before it starts)."""
@@ -128,6 +138,9 @@ class TrainRunner:
         r = self
         ckdir = Path(r.checkpoint_dir) / rec.run_id
         try:
+            why = methods.dense_forward(cfg.method.get("_target_", "")) if r.skip_dense_forward else ""
+            if why:  # before any data or model: its training would be dense attention's
+                raise DenseForward(why)
             task = instantiate(cfg.task)
             data = task.load()
             model = instantiate(cfg.model, method=cfg.method, vocab_size=data["vocab_size"],

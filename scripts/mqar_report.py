@@ -24,26 +24,14 @@ def newest(store: Path) -> dict:
 
 
 def dense_forward(method: str) -> str:
-    """Why a method's MQAR forward pass is dense attention, or "": KV-cache presses and the
-    decode-time selectors (``methods.decode.DensePrefill``) act on a cache or a decode step that
-    a one-pass evaluation never reaches, so their row measures dense attention."""
-    import importlib
-
+    """Why a method's MQAR forward pass is dense attention, or "" (``methods.dense_forward``):
+    their row measures dense attention."""
     import methods
-    from methods.decode import DensePrefill
-    from methods.press import Press
 
     try:
-        target = str(methods.compose_method(method)["_target_"])
+        return methods.dense_forward(str(methods.compose_method(method)["_target_"]))
     except ValueError:  # not a method of conf/method (a record from elsewhere)
         return ""
-    mod, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(mod), name)
-    if issubclass(cls, Press) and cls.attend is Press.attend:  # (Eigen Attention's own forward is not dense)
-        return "dense: a KV-cache press (acts on a cache this pass does not keep)"
-    if issubclass(cls, DensePrefill):
-        return "dense: a decode-time selector (its prefill is exact attention)"
-    return ""
 
 
 def rows(recs: dict, wanted: list[str]) -> list[dict]:

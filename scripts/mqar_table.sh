@@ -10,6 +10,9 @@
 #     method, dense included, stayed at chance after 600 steps on the H200, session 14:
 #     results/mqar/gpu_s14_600steps/; it needs tens of thousands of steps)
 #   METHODS=a,b,...  (default: every conf/method/*.yaml)   STEPS=... (default 1500)   JOBS=... (default 12)
+#   DENSE_FORWARD=skip | train (default: train, as the session-15 table ran them). skip: the KV-cache
+#     presses and decode-time selectors (forward = dense attention, methods.dense_forward) record
+#     "not run: forward is dense attention" instead of training
 #   BUDGET_S=... (default 500: runs still going then are stopped; the table says "not run"; the
 #     same command with the same STORE resumes, finished runs skipped)
 # Time, from session 14's H200 run at the default size (6 runs at a time beside two quality jobs):
@@ -40,6 +43,7 @@ fi
 STEPS=${STEPS:-1500}
 BUDGET_ARGS=(runner.steps="$STEPS" runner.warmup_steps=$((STEPS / 10)) runner.eval_every="$STEPS"
              runner.ckpt_every="$STEPS")
+[ "${DENSE_FORWARD:-train}" = train ] || BUDGET_ARGS+=(runner.skip_dense_forward=true)
 timeout --signal=INT --kill-after=20 "${BUDGET_S:-500}" \
     $AB -m "${LAUNCH[@]}" experiment="$EXPERIMENT" method="$METHODS" "${BUDGET_ARGS[@]}" \
         store="$STORE" "$@" \

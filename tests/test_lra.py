@@ -101,6 +101,34 @@ def test_smoke_trains_with_one_method_of_each_family(lra_cfg, representative):
     assert all(torch.isfinite(torch.tensor(rec.train["loss_curve"])))
 
 
+def test_skip_dense_forward_records_a_press_as_not_run_and_trains_the_rest(lra_cfg, monkeypatch):
+    """runner.skip_dense_forward: a KV-cache press and a decode-time selector (forward = dense
+    attention) record "not run: forward is dense attention" before any data is built; a method
+    with its own forward (Eigen Attention, a press that attends with its reduced keys) trains."""
+    from analysis.records import load
+    from analysis.render import lra_notes
+    from analysis.tables import lra_table
+    from tasks.lra.listops import ListOps
+
+    def no_data(self):
+        raise AssertionError("data built for a skipped run")
+
+    for m, why in (("h2o", "KV-cache press"), ("quest", "decode-time selector")):
+        with monkeypatch.context() as mp:
+            mp.setattr(ListOps, "load", no_data)
+            rec = run(lra_cfg(f"method={m}", "runner.skip_dense_forward=true", "runner.steps=2",
+                              "runner.eval_every=2"))[0]
+        assert rec.status == "skipped" and rec.error.startswith("not run: forward is dense attention (") \
+            and why in rec.error, rec.error
+    rec = run(lra_cfg("method=eigen_attention", "runner.skip_dense_forward=true", "runner.steps=2",
+                      "runner.eval_every=2"))[0]
+    assert rec.status == "ok", rec.error
+    table = lra_table(load(rec.config["store"])).set_index("method")
+    assert table.loc["h2o", "listops"] == "not run: forward is dense attention"
+    notes = lra_notes(load(rec.config["store"]))
+    assert "forward is dense attention" in notes and "data absent" not in notes
+
+
 def test_listops_easy_setting_learns_well_above_chance(lra_cfg):
     rec = run(lra_cfg("runner.steps=300", "task.num_train=2000", "runner.eval_every=100",
                       "runner.ckpt_every=100"))[0]
