@@ -30,7 +30,7 @@ def test_peer_rows_carry_the_runners_env(monkeypatch, tmp_path):
     monkeypatch.setattr(records, "gpu_clocks", lambda index=0: dict(clocks))
 
     def failing(T):  # a suite whose one kernel failed to build: an error row, nothing timed
-        return [("kernel", RuntimeError("not run"))], {"heads": 2}
+        return [("kernel", RuntimeError("not run"), None)], {"heads": 2}
 
     monkeypatch.setattr(peers, "linear_rows", failing)
     monkeypatch.setattr(peers, "nsa_rows", failing)
@@ -48,3 +48,35 @@ def test_peer_rows_carry_the_runners_env(monkeypatch, tmp_path):
         assert set(env["peers"]) == set(records.PEERS)
         assert env["fla"]  # its version, or why it did not import
         assert r["error"] == "RuntimeError: not run"
+
+
+def test_peer_rows_carry_their_error_against_the_row_they_name(monkeypatch, tmp_path):
+    """Each row that names a reference records ||out - ref|| / ||ref|| against that row's output
+    (fla's [B, T, H, D] layout and (output, state) tuples read back to [B, H, T, D]); a row
+    without one, or whose reference failed, records none."""
+    peers = _script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(peers, "peer_env", lambda device: {})
+    monkeypatch.setattr(peers, "_time", lambda fn: ({"p50": 1.0}, 0))
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 2, 8, 4, generator=g)
+    noise = torch.randn(1, 2, 8, 4, generator=g)
+
+    def rows(T):
+        return [("base", lambda: ref, None),
+                ("close", lambda: ref + 0.01 * noise, "base"),
+                ("fla layout", lambda: ((ref + 0.1 * noise).transpose(1, 2), None), "base"),
+                ("broken", RuntimeError("no peer"), None),
+                ("against broken", lambda: ref, "broken")], {"heads": 2}
+
+    monkeypatch.setattr(peers, "linear_rows", rows)
+    out = tmp_path / "peers.jsonl"
+    assert peers.main(["--out", str(out), "--linear-lens", "8", "--suites", "linear"]) == 0
+    got = {r["name"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for name, scale in (("close", 0.01), ("fla layout", 0.1)):
+        want = float((scale * noise).norm() / ref.norm())
+        assert abs(got[name]["rel_err"] - want) < 1e-6 and got[name]["rel_err_vs"] == "base"
+    assert "rel_err" not in got["base"] and "rel_err" not in got["against broken"]
+    assert got["broken"]["error"] == "RuntimeError: no peer"
+    assert "| linear | close | 8 | 1.000 | " in peers.row_line(got["close"])
