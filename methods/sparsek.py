@@ -251,35 +251,37 @@ class SparseK(AttentionMethod):
         return idx, wsel.to(dt), ok
 
     @torch.no_grad()
-    def _kernel_plan(self, u, presorted, first: int, c: int, tk: int) -> dict:
+    def _kernel_plan(self, u, shared, first: int, c: int, tk: int) -> dict:
         """The tile kernel's inputs for the c query rows at key positions first .. first + c - 1
-        (no padding): the shared candidates (j < first - window + 1, the same for every row of
-        the chunk) sorted, taken from ``presorted`` (all of u sorted once per call: values,
-        positions); the chunk's newer candidates in descending score order, cut to those that
-        can be in a row's top k or weigh (at least the shared k-th best - 1: a row's tau is at
-        least its k-th best - 1, which is at least that); then each row's k-th best, tau and
-        pairs attended in one kernel (``kernels.sparsek.sparsek_select``). Besides the kernel:
-        the shared part's compaction, its prefix sums and the newer part's sort, with two reads
-        back to the host (the compaction's size and the newer part's cut)."""
+        (no padding): the shared candidates (j < s0 = first - window + 1, the same for every row
+        of the chunk) sorted ascending with their positions, from ``shared`` (the previous
+        chunk's, or None) merged with the keys that joined them; the chunk's newer candidates in
+        descending score order, of which each head counts those that can be in a row's top k or
+        weigh (``n_new``: at least the shared k-th best - 1, since a row's tau is at least its
+        k-th best - 1, which is at least that); then each row's k-th best, tau and pairs attended
+        in one kernel (``kernels.sparsek.sparsek_select``). Nothing is read back to the host:
+        the sizes follow from first, c and the window. The plan's ``shared`` is the next chunk's."""
         from methods.kernels.sparsek import sparsek_select
 
         B, Hkv, _ = u.shape
         w, k = self.window, self.k
         s0, s1 = max(first - w + 1, 0), min(max(first + c - w, 0), tk)  # shared: j < s0; newer: s0 <= j < s1
-        gv, gp = presorted
-        at = (gp < s0).view(-1).nonzero().squeeze(1)  # the shared part of the sorted whole, in order
-        sv, order = gv.view(-1)[at].view(B, Hkv, s0), gp.view(-1)[at].view(B, Hkv, s0)
+        sv, order = shared if shared is not None else (u[..., :0], torch.zeros_like(u[..., :0], dtype=torch.long))
+        if s0 > sv.shape[-1]:  # the keys that became shared since the last chunk, merged in
+            add_v, add_p = u[..., sv.shape[-1]:s0].sort(-1)
+            sv, order = _merge_sorted(sv, order, add_v, add_p + sv.shape[-1])
         cs = torch.nn.functional.pad(sv.cumsum(-1), (1, 0))
         newv, newp = u[..., s0:s1].sort(-1, descending=True)
         newp = newp + s0
+        n_new = None
         if s0 >= k and s1 > s0:  # newer ones below the shared k-th best - 1 neither enter a top k nor weigh
-            m = int((newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1).max())
-            newv, newp = newv[..., :m], newp[..., :m]
+            n_new = (newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1)  # [B, Hkv], on the device
         iters = 50 if u.dtype == torch.float64 else 24
         flat = lambda x: x.reshape(B * Hkv, x.shape[-1])  # noqa: E731
         kth, tau, pairs = (x.view(B, Hkv, c) for x in sparsek_select(
-            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, iters))
-        return dict(sv=sv, order=order, newp=newp, newv=newv, tau=tau, kth=kth, pairs=pairs.sum())
+            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, iters, n_new=n_new))
+        return dict(sv=sv, order=order, newp=newp, newv=newv, n_new=n_new, tau=tau, kth=kth, pairs=pairs.sum(),
+                    shared=(sv, order))
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, tq, D = q.shape
@@ -294,7 +296,7 @@ class SparseK(AttentionMethod):
         kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
         chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
         self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
-        presorted = u.sort(-1) if kernel else None  # the kernel path's chunks take their shared part from it
+        shared = None  # the kernel path: the shared candidates sorted, grown chunk by chunk
         self._on_gpu = q.is_cuda
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
@@ -308,7 +310,8 @@ class SparseK(AttentionMethod):
             if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
                 from methods.kernels.sparsek import sparsek_tile_attention
 
-                plan = self._kernel_plan(u, presorted, a + off, b - a, tk)
+                plan = self._kernel_plan(u, shared, a + off, b - a, tk)
+                shared = plan["shared"]
                 outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
                 window = masks.window_pairs(a + off, b + off, self.window)
                 counted = counted + plan["pairs"] * rep + B * H * window  # a tensor: no host sync per chunk
@@ -394,6 +397,18 @@ class SparseK(AttentionMethod):
         flops = 4.0 * self.num_heads * self.head_dim * pairs + 2.0 * self.num_kv_heads * tk * self.head_dim
         return Cost(flops=flops, density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+def _merge_sorted(av, ap, bv, bp):
+    """Merge two ascending rows (values av, bv [..., La], [..., Lb] with payloads ap, bp) into one
+    ascending row of La + Lb: each entry's place is its index plus the count of the other row's
+    entries before it (a's first among equal values), found by binary search."""
+    ia = torch.arange(av.shape[-1], device=av.device) + torch.searchsorted(bv.contiguous(), av.contiguous(), right=False)
+    ib = torch.arange(bv.shape[-1], device=bv.device) + torch.searchsorted(av.contiguous(), bv.contiguous(), right=True)
+    shape = (*av.shape[:-1], av.shape[-1] + bv.shape[-1])
+    v = av.new_empty(shape).scatter_(-1, ia, av).scatter_(-1, ib, bv)
+    p = ap.new_empty(shape).scatter_(-1, ia, ap).scatter_(-1, ib, bp)
+    return v, p
 
 
 def _weighted_softmax(s, m):

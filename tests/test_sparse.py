@@ -426,9 +426,13 @@ def test_sparsek_kernel_plan_is_each_rows_kth_best_threshold_and_pairs(scale):
     T, w, kk = 400, 16, 20
     m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=kk, window=w)
     u = torch.randn(2, 2, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
-    presorted = u.sort(-1)
+    shared = None
     for first, c in ((0, 10), (w + 3, 30), (30, 150), (150, 100), (T - 130, 130)):
-        plan = m._kernel_plan(u, presorted, first, c, T)
+        plan = m._kernel_plan(u, shared, first, c, T)
+        shared = plan["shared"]  # grown chunk by chunk, as attend does
+        s0 = max(first - w + 1, 0)
+        torch.testing.assert_close(plan["sv"], u[..., :s0].sort(-1).values, rtol=0, atol=0)
+        assert bool((torch.gather(u, -1, plan["order"]) == plan["sv"]).all())
         rows = torch.arange(first, first + c)
         cand = (torch.arange(T) <= rows.view(-1, 1) - w).view(1, 1, c, T)
         vals = torch.where(cand, u.unsqueeze(2), -float("inf")).sort(-1, descending=True).values
@@ -492,3 +496,44 @@ def test_nsa_chosen_bits_pack_the_selected_blocks():
         want = {int(j) for j in sel[idx] if j >= 0}
         got = {j for j in range(nsel) if (int(bits[idx][j // 8]) >> (j % 8)) & 1}
         assert got == want, idx
+
+
+def test_sparsek_kernel_path_reads_nothing_back_to_the_host_between_its_kernels(monkeypatch):
+    """impl=triton's chunk loop (the shared part merged in, the newer part cut by a count the
+    kernels read, the pairs summed on the device) calls no read-back between its kernels: the
+    only one is the density at the end of the call. The kernels themselves run unspied (the
+    interpreter reads its tensors on the host)."""
+    from methods.kernels import sparsek as kern
+
+    state = {"inside": False, "reads": []}
+
+    def spy(name, original):
+        def f(self, *a, **kw):
+            if not state["inside"]:
+                state["reads"].append(name)
+            return original(self, *a, **kw)
+        return f
+
+    def unspied(fn):
+        def f(*a, **kw):
+            state["inside"] = True
+            try:
+                return fn(*a, **kw)
+            finally:
+                state["inside"] = False
+        return f
+
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=16, k=7, window=9)
+    m = methods.load("sparsek", impl="triton", **kw)
+    m.kernel_chunk = 64
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=300, D=16)
+    with torch.no_grad():
+        want = m(q, k, v, causal=True)
+    monkeypatch.setattr(kern, "sparsek_select", unspied(kern.sparsek_select))
+    monkeypatch.setattr(kern, "sparsek_tile_attention", unspied(kern.sparsek_tile_attention))
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    with torch.no_grad():
+        got = m(q, k, v, causal=True)
+    assert m.last_path == "triton" and state["reads"] == ["__float__"]  # last_density, once
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -42,7 +42,7 @@ if triton is not None:
 
     @triton.jit
     def _sparsek_tile_fwd(
-        Q, K, V, O, SV, ORD, START, NEWP, NEWV, TAU, KTH,
+        Q, K, V, O, SV, ORD, START, NEWP, NEWV, NNEW, TAU, KTH,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         H, REP, C, L, MP, NT, POS0, WIN, TK, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -70,9 +70,10 @@ if triton is not None:
         for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):  # the shared ones, from the tile's start
             acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, ORD + bhk * L,
                                                SV + bhk * L, j0, L, lim, tau, kth, qk_scale, BLOCK_N)
-        for j0 in range(0, MP, BLOCK_N):  # the chunk's newer ones
+        n_new = tl.load(NNEW + bhk)  # this head's newer candidates (the first of its row of MP)
+        for j0 in range(0, n_new, BLOCK_N):  # the chunk's newer ones
             acc, m_i, l_i = _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, NEWP + bhk * MP,
-                                               NEWV + bhk * MP, j0, MP, lim, tau, kth, qk_scale, BLOCK_N)
+                                               NEWV + bhk * MP, j0, n_new, lim, tau, kth, qk_scale, BLOCK_N)
         first = POS0 + qt * BLOCK_M
         for j0 in range(tl.maximum(first - WIN + 1, 0), tl.minimum(first + BLOCK_M, TK), BLOCK_N):
             kp = j0 + tl.arange(0, BLOCK_N)
@@ -98,6 +99,9 @@ def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=No
     Hkv = k.shape[1]
     sv, order, newp, newv, tau, kth = (plan[n] for n in ("sv", "order", "newp", "newv", "tau", "kth"))
     L, mp = sv.shape[-1], newp.shape[-1]
+    n_new = plan.get("n_new")  # [B, Hkv] newer candidates per head (the first of each row); None: all
+    n_new = torch.full((B * Hkv,), mp, dtype=torch.int32, device=q.device) if n_new is None else \
+        n_new.reshape(B * Hkv).to(torch.int32).contiguous()
     nt = math.ceil(c / block_m)
     # each tile starts at the first shared candidate that its most permissive row (lowest kth) admits
     pad = torch.nn.functional.pad(kth, (0, nt * block_m - c), value=float("inf"))
@@ -108,7 +112,7 @@ def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=No
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     _sparsek_tile_fwd[(nt, B * H)](
-        q, k, v, out, flat(sv), flat(order, torch.int32), flat(start), flat(newp, torch.int32), flat(newv),
+        q, k, v, out, flat(sv), flat(order, torch.int32), flat(start), flat(newp, torch.int32), flat(newv), n_new,
         flat(tau), flat(kth),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         H, H // Hkv, c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E,
@@ -193,7 +197,7 @@ def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
 if triton is not None:
 
     @triton.jit
-    def _sparsek_select(SV, CS, NEW, NEWP, KTH, TAU, PAIRS, L, M, C, FIRST, WIN, K, ITERS,
+    def _sparsek_select(SV, CS, NEW, NEWP, NNEW, KTH, TAU, PAIRS, L, MS, C, FIRST, WIN, K, ITERS,
                         R: tl.constexpr, TILE: tl.constexpr):
         """Rows FIRST + r (r < C) of one (batch, KV head). A row's candidates are the keys
         j <= row - WIN: the chunk's shared ones (every j < the chunk's first row - WIN + 1:
@@ -208,7 +212,8 @@ if triton is not None:
         live = r < C
         lim = FIRST + r - WIN  # the last candidate
         n = tl.maximum(lim + 1, 0)  # candidates
-        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * MS, NEWP + bh * MS
+        M = tl.load(NNEW + bh)  # this head's newer candidates: the first M of its row of MS
         big = 1.0e30
         # k-th best of shared + seen newer: if t of the best K are newer (the t-th seen newer x_t),
         # it is min(the shared (K - t)-th best, x_t); the largest of these over t
@@ -263,13 +268,14 @@ if triton is not None:
         tl.store(PAIRS + bh * C + r, pairs, mask=live)
 
 
-def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int, iters: int = 24):
+def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int, iters: int = 24, n_new=None):
     """The kernel path's selection for ``rows`` query rows at key positions first .. first +
     rows - 1 (``SparseK._kernel_plan``): sv [BH, L] the shared candidates sorted ascending, cs
     [BH, L + 1] their prefix sums; new, newp [BH, M] newer candidates in descending score
     order with their positions (only those that can be in a top-k or weigh: the rest may be left
-    out). Returns (kth, tau, pairs), each [BH, rows]. ``iters`` halvings of tau's bracket
-    [kth - 1, kth): 24 reach fp32's resolution at scores of order 1."""
+    out). ``n_new`` [BH]: how many of each row of ``new`` count (the rest are padding; None: all),
+    read by the kernel, not the host. Returns (kth, tau, pairs), each [BH, rows]. ``iters``
+    halvings of tau's bracket [kth - 1, kth): 24 reach fp32's resolution at scores of order 1."""
     BH, L = sv.shape
     M = new.shape[-1]
     sv, cs = sv.contiguous(), cs.to(sv.dtype).contiguous()
@@ -279,7 +285,9 @@ def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int
     newp = newp.to(torch.int32).contiguous() if M else torch.zeros(BH, 1, dtype=torch.int32, device=sv.device)
     kth = torch.empty(BH, rows, dtype=sv.dtype, device=sv.device)
     tau, pairs = torch.empty_like(kth), torch.empty(BH, rows, dtype=torch.int32, device=sv.device)
+    n_new = torch.full((BH,), M, dtype=torch.int32, device=sv.device) if n_new is None else \
+        n_new.reshape(BH).to(torch.int32).contiguous()
     R = 32
-    _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, kth, tau, pairs, L, M, rows, first, window, k,
-                                               iters, R=R, TILE=64, num_warps=4)
+    _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, n_new, kth, tau, pairs, L, max(M, 1), rows, first,
+                                               window, k, iters, R=R, TILE=64, num_warps=4)
     return kth, tau, pairs
