@@ -37,7 +37,10 @@ impl=triton     per chunk of queries, the selection in one Triton kernel (each r
                 Triton kernel (``methods.kernels.sparsek.sparsek_tile_attention``) per
                 tile of 64 queries: the candidates any of its rows can select, read once in
                 score order and masked per row by its k-th best score, then its window
-                (forward, unpadded batches; else the gather path)
+                (unpadded batches; else the gather path). With gradients the same walk
+                runs backward (``sparsek_tile_backward``, ``_SparseKKernel``: dQ per tile,
+                dK, dV and the scores' gradient added per key, the operator's mean term by
+                prefix sums over the rows, whose tau never decreases)
 impl=gather     per chunk of queries, the k selected keys are gathered and the window is a
                 contiguous slab of keys: memory grows with k + window per query (and the
                 chunk), not with the square of the length. Without gradients the threshold
@@ -278,10 +281,10 @@ class SparseK(AttentionMethod):
             n_new = (newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1)  # [B, Hkv], on the device
         iters = 50 if u.dtype == torch.float64 else 24
         flat = lambda x: x.reshape(B * Hkv, x.shape[-1])  # noqa: E731
-        kth, tau, pairs = (x.view(B, Hkv, c) for x in sparsek_select(
+        kth, tau, pairs, nfree = (x.view(B, Hkv, c) for x in sparsek_select(
             flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, iters, n_new=n_new))
         return dict(sv=sv, order=order, newp=newp, newv=newv, n_new=n_new, tau=tau, kth=kth, pairs=pairs.sum(),
-                    shared=(sv, order))
+                    nfree=nfree, shared=(sv, order))
 
     def attend(self, q, k, v, causal, key_padding_mask):
         B, H, tq, D = q.shape
@@ -293,11 +296,18 @@ class SparseK(AttentionMethod):
         scale = 1.0 / math.sqrt(D)
         outs, counted = [], 0
         grad = torch.is_grad_enabled() and (u.requires_grad or any(t.requires_grad for t in (q, k, v)))
-        kernel = self.impl == "triton" and key_padding_mask is None and not grad and self._usable(q)
+        kernel = self.impl == "triton" and key_padding_mask is None and self._usable(q)
         chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
         self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
-        shared = None  # the kernel path: the shared candidates sorted, grown chunk by chunk
         self._on_gpu = q.is_cuda
+        if kernel:  # methods/kernels/sparsek.py: a query tile's candidates read once, then its window
+            if grad:  # with the kernels' backward
+                out = _SparseKKernel.apply(q, k, v, u, self, off, chunk, scale)
+            else:
+                out, _, counted = self._kernel_forward(q, k, v, u, off, chunk, scale, keep_lse=False)
+                self._counted = counted
+            self.last_density = float(self._counted) / float(B * H * masks.causal_pairs(tq, tk))
+            return out.to(q.dtype)
         for a in range(0, tq, chunk):
             b = min(a + chunk, tq)
             rows = torch.arange(a, b, device=q.device) + off
@@ -306,15 +316,6 @@ class SparseK(AttentionMethod):
                                   rep, dt, scale, use_reentrant=False)  # so memory holds one chunk
                 outs.append(o)
                 counted += n
-                continue
-            if kernel:  # methods/kernels/block_sparse.py: a query tile's candidates read once, then its window
-                from methods.kernels.sparsek import sparsek_tile_attention
-
-                plan = self._kernel_plan(u, shared, a + off, b - a, tk)
-                shared = plan["shared"]
-                outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale))
-                window = masks.window_pairs(a + off, b + off, self.window)
-                counted = counted + plan["pairs"] * rep + B * H * window  # a tensor: no host sync per chunk
                 continue
             fast = self.impl != "reference" and not (torch.is_grad_enabled() and u.requires_grad)
             select = self._soft_mask_rows_fast if fast else self._soft_mask_rows
@@ -337,6 +338,25 @@ class SparseK(AttentionMethod):
                 counted += n
         self.last_density = float(counted) / float(B * H * masks.causal_pairs(tq, tk))
         return torch.cat(outs, 2).to(q.dtype)
+
+    def _kernel_forward(self, q, k, v, u, off: int, chunk: int, scale: float, keep_lse: bool):
+        """The kernel path's forward, chunk by chunk (``_kernel_plan``, then
+        ``sparsek_tile_attention``): (out, each row's log2-sum-exp2 [B, H, tq] fp32 when
+        ``keep_lse``, the pairs attended as a device tensor: no host read per chunk)."""
+        from methods.kernels.sparsek import sparsek_tile_attention
+
+        B, H, tq, _ = q.shape
+        tk, rep = k.shape[2], H // k.shape[1]
+        outs, lses, counted, shared = [], [], 0, None
+        for a in range(0, tq, chunk):
+            b = min(a + chunk, tq)
+            plan = self._kernel_plan(u.detach(), shared, a + off, b - a, tk)
+            shared = plan["shared"]
+            lse = torch.empty(B, H, b - a, device=q.device, dtype=torch.float32) if keep_lse else None
+            outs.append(sparsek_tile_attention(q[:, :, a:b], k, v, plan, a + off, self.window, scale, lse=lse))
+            lses.append(lse)
+            counted = counted + plan["pairs"] * rep + B * H * masks.window_pairs(a + off, b + off, self.window)
+        return torch.cat(outs, 2), (torch.cat(lses, 2) if keep_lse else None), counted
 
     @staticmethod
     def _usable(q) -> bool:
@@ -397,6 +417,67 @@ class SparseK(AttentionMethod):
         flops = 4.0 * self.num_heads * self.head_dim * pairs + 2.0 * self.num_kv_heads * tk * self.head_dim
         return Cost(flops=flops, density=pairs / dense_pairs,
                     kv_bytes=2.0 * self.num_kv_heads * tk * self.head_dim * 2)
+
+
+class _SparseKKernel(torch.autograd.Function):
+    """The kernel path with gradients (training): the forward keeps each row's log-sum-exp; the
+    backward walks the chunks again (their selection recomputed, ``SparseK._kernel_plan``) with
+    ``sparsek_tile_backward``: dQ per tile, dK and dV added per key, and the scores' gradient
+    through the weights w_ij = clip(u_j - tau_i, 0, 1) of the selected pairs. That gradient is
+    the operator's: per row, on its free set F_i (0 < w < 1), du_j = g_ij - mean_{F_i} g (g_ij =
+    dL/dw_ij, 0 off the top k), so
+
+        du_j = sum_{i: j in F_i, j selected} g_ij  -  sum_{i: j in F_i} gbar_i,   gbar_i = A_i / |F_i|
+
+    The first sum and A_i (row sums of g over the free selected pairs, summed over the query
+    heads sharing the KV head) come from the kernel. For the second: tau_i does not decrease
+    along the rows (each row's candidates include the previous row's), so the rows with
+    tau_i < u_j < tau_i + 1 are one interval, found by binary search over tau, and the sum is a
+    difference of prefix sums of gbar."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, u, method, off, chunk, scale):
+        out, lse, counted = method._kernel_forward(q, k, v, u, off, chunk, scale, keep_lse=True)
+        method._counted = counted
+        ctx.save_for_backward(q, k, v, u, out, lse)
+        ctx.method, ctx.off, ctx.chunk, ctx.scale = method, off, chunk, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        from methods.kernels.sparsek import sparsek_tile_backward
+
+        q, k, v, u, out, lse = ctx.saved_tensors
+        m, off, chunk, scale = ctx.method, ctx.off, ctx.chunk, ctx.scale
+        B, H, tq, D = q.shape
+        Hkv, tk = k.shape[1], k.shape[2]
+        do = do.contiguous()
+        delta = (do.float() * out.float()).sum(-1)  # [B, H, tq]
+        dk = torch.zeros(B, Hkv, tk, D, device=q.device, dtype=torch.float32)
+        dv, du = torch.zeros_like(dk), torch.zeros(B, Hkv, tk, device=q.device, dtype=torch.float32)
+        dqs, rows_a, taus, nfree, shared = [], [], [], [], None
+        with torch.no_grad():
+            for a in range(0, tq, chunk):
+                b = min(a + chunk, tq)
+                plan = m._kernel_plan(u.detach(), shared, a + off, b - a, tk)
+                shared = plan["shared"]
+                dq, a_row = sparsek_tile_backward(q[:, :, a:b], k, v, do[:, :, a:b], lse[..., a:b], delta[..., a:b],
+                                                  plan, a + off, m.window, dk, dv, du, scale)
+                dqs.append(dq)
+                rows_a.append(a_row)
+                taus.append(plan["tau"])
+                nfree.append(plan["nfree"])
+            A = torch.cat(rows_a, 2).view(B, Hkv, H // Hkv, tq).sum(2)  # [B, Hkv, tq]
+            tau, nf = torch.cat(taus, 2).contiguous(), torch.cat(nfree, 2)
+            gbar = torch.where(nf > 0, A / nf.clamp_min(1), 0.0)
+            G = torch.nn.functional.pad(gbar.cumsum(-1), (1, 0))  # [B, Hkv, tq + 1]
+            uu = u.detach().float().contiguous()
+            hi = torch.searchsorted(tau.float(), uu, right=False)  # rows with tau < u_j: [0, hi)
+            lo = torch.searchsorted(tau.float(), uu - 1, right=True)  # rows with tau > u_j - 1: [lo, tq)
+            first = (torch.arange(tk, device=q.device) + m.window - off).clamp(0, tq)  # j <= pos_i - window
+            lo = torch.maximum(lo, first.expand_as(lo))
+            du -= torch.where(hi > lo, G.gather(-1, hi) - G.gather(-1, lo.clamp(max=tq)), 0.0)
+        return (torch.cat(dqs, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), du.to(u.dtype), None, None, None, None)
 
 
 def _merge_sorted(av, ap, bv, bp):

@@ -42,7 +42,7 @@ run -m method=sliding_window,bigbird,nsa,performer method.impl=triton experiment
 run -m method=minference method.pattern=a_shape,vertical_slash,block_sparse method.impl=triton \
     experiment=efficiency/causal "$@"
 run -m method=sliding_window,bigbird method.impl=triton experiment=efficiency/noncausal "$@"
-# SparseK: its selection stays a PyTorch pass per query chunk (the kernel does the attention)
+# SparseK: per query chunk, its selection kernel then its tile attention kernel
 run -m method=sparsek method.impl=triton experiment=efficiency/causal 'runner.seq_lens=[4096,16384,65536]' "$@"
 fi
 if want backward; then  # forward + backward, trainable paths
@@ -62,6 +62,9 @@ run -m method=dense runner.backward=true experiment=efficiency/causal model.num_
 run -m method=nsa method.impl=triton,flex runner.backward=true experiment=efficiency/causal model.num_heads=64 \
     model.num_kv_heads=4 'runner.seq_lens=[16384,65536]' "$@"
 run -m method=sparsek runner.backward=true experiment=efficiency/causal 'runner.seq_lens=[4096,16384]' "$@"
+# SparseK's kernels with their backward (methods/kernels/sparsek.py: sparsek_tile_backward)
+run -m method=sparsek method.impl=triton runner.backward=true experiment=efficiency/causal \
+    'runner.seq_lens=[4096,16384,65536]' "$@"
 run -m method=dense,linformer,nystrom runner.backward=true experiment=efficiency/noncausal \
     'runner.seq_lens=[4096,16384,65536]' "$@"
 fi

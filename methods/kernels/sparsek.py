@@ -5,7 +5,9 @@ sparsek_tile_attention(q, k, v, plan, pos0, window): each query tile attends its
 window; q [B, H, c, D], k, v [B, Hkv, T, D]. sparsek_select: per row of a chunk, the k-th best
 candidate score, the threshold whose clipped mask sums to k (bisection) and the pairs attended,
 in one kernel (the tile attention's inputs). sparsek_bisect: the threshold alone (the gather
-path's forward selection). Forward only (no autograd Function).
+path's forward selection). sparsek_tile_backward: the tile attention's gradients (dQ; dK, dV
+and the scores' gradient through the weights by atomic adds); methods.sparsek._SparseKKernel
+is the autograd Function around both.
 """
 from __future__ import annotations
 
@@ -42,10 +44,10 @@ if triton is not None:
 
     @triton.jit
     def _sparsek_tile_fwd(
-        Q, K, V, O, SV, ORD, START, NEWP, NEWV, NNEW, TAU, KTH,
+        Q, K, V, O, LSE, SV, ORD, START, NEWP, NEWV, NNEW, TAU, KTH,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
         H, REP, C, L, MP, NT, POS0, WIN, TK, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr,
     ):
         """Rows of a query tile (key positions POS0 + row) of head h: the shared candidates in
         ascending score order from the tile's START (the first that some row's k-th best
@@ -84,41 +86,164 @@ if triton is not None:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=rin[:, None])
+        if STORE_LSE:  # base 2: m + log2(l), for the backward
+            tl.store(LSE + bh * C + rows, m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)), mask=rin)
 
 
-def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
-                           block_n: int = 64):
-    """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
-    (``SparseK._kernel_plan`` gives ``plan``): a tile reads its rows'
-    candidates once, in score order, instead of each row gathering its own k keys. Row i
-    attends key j with weight clip(u_j - tau_i, 0, 1) when u_j >= kth_i (its k-th best
-    candidate score) and j <= pos_i - window, and its window with weight 1 (ties at the k-th
-    best all enter; the gather path takes k of them). q [B, H, c, D]; k, v [B, Hkv, Tk, D]."""
-    q, k, v = _check(q, k, v)
+def _tile_inputs(q, plan: dict, block_m: int):
+    """The plan's tensors flattened per (batch, KV head), each tile's first shared candidate
+    (the first its most permissive row, lowest kth, admits) and the newer candidates' counts."""
     B, H, c, D = q.shape
-    Hkv = k.shape[1]
     sv, order, newp, newv, tau, kth = (plan[n] for n in ("sv", "order", "newp", "newv", "tau", "kth"))
+    Hkv = sv.shape[1]
     L, mp = sv.shape[-1], newp.shape[-1]
     n_new = plan.get("n_new")  # [B, Hkv] newer candidates per head (the first of each row); None: all
     n_new = torch.full((B * Hkv,), mp, dtype=torch.int32, device=q.device) if n_new is None else \
         n_new.reshape(B * Hkv).to(torch.int32).contiguous()
     nt = math.ceil(c / block_m)
-    # each tile starts at the first shared candidate that its most permissive row (lowest kth) admits
     pad = torch.nn.functional.pad(kth, (0, nt * block_m - c), value=float("inf"))
     low = pad.view(B, Hkv, nt, block_m).amin(-1)
     start = (torch.searchsorted(sv.contiguous(), low.contiguous(), right=False) if L else torch.zeros_like(low))
-    start = start.to(torch.int32)
     flat = lambda x, dt=None: (x.reshape(B * Hkv, -1) if x.numel() else x.new_zeros(B * Hkv, 1)).to(dt or x.dtype).contiguous()  # noqa: E731
+    return (flat(sv), flat(order, torch.int32), flat(start, torch.int32), flat(newp, torch.int32), flat(newv), n_new,
+            flat(tau), flat(kth)), (L, mp, nt)
+
+
+def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
+                           block_n: int = 64, lse: torch.Tensor | None = None):
+    """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
+    (``SparseK._kernel_plan`` gives ``plan``): a tile reads its rows'
+    candidates once, in score order, instead of each row gathering its own k keys. Row i
+    attends key j with weight clip(u_j - tau_i, 0, 1) when u_j >= kth_i (its k-th best
+    candidate score) and j <= pos_i - window, and its window with weight 1 (ties at the k-th
+    best all enter; the gather path takes k of them). q [B, H, c, D]; k, v [B, Hkv, Tk, D].
+    ``lse`` [B, H, c] fp32: filled with each row's log2-sum-exp2 of its weighted scores (the
+    backward's, ``sparsek_tile_backward``)."""
+    q, k, v = _check(q, k, v)
+    B, H, c, D = q.shape
+    ins, (L, mp, nt) = _tile_inputs(q, plan, block_m)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     _sparsek_tile_fwd[(nt, B * H)](
-        q, k, v, out, flat(sv), flat(order, torch.int32), flat(start), flat(newp, torch.int32), flat(newv), n_new,
-        flat(tau), flat(kth),
+        q, k, v, out, out if lse is None else lse, *ins,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        H, H // Hkv, c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=4, num_stages=2,
+        H, H // k.shape[1], c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=D, STORE_LSE=lse is not None, num_warps=4, num_stages=2,
     )
     return out
+
+
+# ---- The backward of the tile attention: dQ per tile, dK, dV and dU (scores) by atomic adds ----
+if triton is not None:
+
+    @triton.jit
+    def _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt, svt, D,
+                           offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, CAND: tl.constexpr):
+        """One block of keys at positions kp (``live``) for the tile's rows, under ``ok``:
+        probabilities recomputed from the forward's LSE (base 2), then dS = P (dP - delta);
+        dQ += dS K scale; dK += dS^T Q scale and dV += P^T dO (atomic: other tiles add to the
+        same keys). CAND: the keys are candidates weighted w = clip(u - tau, 0, 1): the score's
+        gradient through w, dS / w on the free pairs (0 < w < 1), is added to the row's sum
+        (a_row) and to the key's score gradient (dU, atomic)."""
+        k = tl.load(kbase + kp[None, :] * skt + offs_d[:, None], mask=live[None, :], other=0.0)  # [D, N]
+        v = tl.load(vbase + kp[:, None] * svt + offs_d[None, :], mask=live[:, None], other=0.0)  # [N, D]
+        t = tl.dot(q, k) * qk_scale
+        if CAND:
+            w = tl.minimum(tl.maximum(u[None, :] - tau[:, None], 0.0), 1.0)
+            ok = ok & (w > 0)
+            t += tl.log2(tl.where(ok, w, 1.0)).to(tl.float32)
+        p = tl.where(ok, tl.exp2(t - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), tl.trans(k)).to(tl.float32) * sm_scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32) * sm_scale
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
+        tl.atomic_add(dkbase + kp[:, None] * D + offs_d[None, :], dk, mask=live[:, None])
+        tl.atomic_add(dvbase + kp[:, None] * D + offs_d[None, :], dv, mask=live[:, None])
+        if CAND:
+            g = tl.where(ok & (w < 1.0), ds / tl.where(ok, w, 1.0), 0.0)
+            a_row += tl.sum(g, 1)
+            tl.atomic_add(dubase + kp, tl.sum(g, 0), mask=live)
+        return dq, a_row
+
+    @triton.jit
+    def _sparsek_tile_bwd(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DU, AROW, SV, ORD, START, NEWP, NEWV, NNEW, TAU, KTH,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+        H, REP, C, L, MP, NT, POS0, WIN, TK, qk_scale, sm_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        """The forward's walk (``_sparsek_tile_fwd``) again for the gradients: DQ, DO [B, H, C, D]
+        and LSE, DELTA (rowsum dO * O), AROW [B, H, C] (fp32, per query head); DK, DV [B, Hkv, TK,
+        D] and DU [B, Hkv, TK] fp32, added to."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        bhk = b * (H // REP) + hk
+        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        rin = rows < C
+        pos = POS0 + rows
+        lim = pos - WIN
+        offs_d = tl.arange(0, D)
+        qoff = b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :]
+        q = tl.load(Q + qoff, mask=rin[:, None], other=0.0)
+        do = tl.load(DO + bh * C * D + rows[:, None] * D + offs_d[None, :], mask=rin[:, None], other=0.0)
+        lse = tl.load(LSE + bh * C + rows, mask=rin, other=float("inf"))
+        delta = tl.load(DELTA + bh * C + rows, mask=rin, other=0.0)
+        tau = tl.load(TAU + bhk * C + rows, mask=rin, other=0.0)
+        kth = tl.load(KTH + bhk * C + rows, mask=rin, other=float("inf"))
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        a_row = tl.zeros([BLOCK_M], tl.float32)
+        kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
+        dkbase, dvbase, dubase = DK + bhk * TK * D, DV + bhk * TK * D, DU + bhk * TK
+        for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):  # the shared candidates
+            jj = j0 + tl.arange(0, BLOCK_N)
+            live = jj < L
+            kp = tl.load(ORD + bhk * L + jj, mask=live, other=0)
+            u = tl.load(SV + bhk * L + jj, mask=live, other=float("-inf"))
+            ok = rin[:, None] & live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None])
+            dq, a_row = _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt,
+                                           svt, D, offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, True)
+        n_new = tl.load(NNEW + bhk)
+        for j0 in range(0, n_new, BLOCK_N):  # the chunk's newer candidates
+            jj = j0 + tl.arange(0, BLOCK_N)
+            live = jj < n_new
+            kp = tl.load(NEWP + bhk * MP + jj, mask=live, other=0)
+            u = tl.load(NEWV + bhk * MP + jj, mask=live, other=float("-inf"))
+            ok = rin[:, None] & live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None])
+            dq, a_row = _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt,
+                                           svt, D, offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, True)
+        first = POS0 + qt * BLOCK_M
+        for j0 in range(tl.maximum(first - WIN + 1, 0), tl.minimum(first + BLOCK_M, TK), BLOCK_N):  # the window
+            kp = j0 + tl.arange(0, BLOCK_N)
+            live = kp < TK
+            ok = rin[:, None] & (kp[None, :] <= pos[:, None]) & (kp[None, :] > lim[:, None]) & live[None, :]
+            dq, a_row = _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt,
+                                           svt, D, offs_d, kp, live, ok, lse, tau, qk_scale, sm_scale, False)
+        tl.store(DQ + bh * C * D + rows[:, None] * D + offs_d[None, :], dq, mask=rin[:, None])
+        tl.store(AROW + bh * C + rows, a_row, mask=rin)
+
+
+def sparsek_tile_backward(q, k, v, do, lse, delta, plan: dict, pos0: int, window: int, dk, dv, du, scale=None,
+                          block_m: int = 64, block_n: int = 64):
+    """The gradients of ``sparsek_tile_attention`` for one chunk of query rows: returns (dq [B, H,
+    c, D] fp32, a_row [B, H, c] fp32: each row's sum over its free selected pairs of dL/dw_ij,
+    the weight's gradient) and adds into dk, dv [B, Hkv, Tk, D] and du [B, Hkv, Tk] (fp32,
+    contiguous) the keys' gradients and the scores' gradient through the weights. ``lse`` the
+    forward's (base 2), ``delta`` rowsum(dO * O) [B, H, c] fp32."""
+    q, k, v = _check(q, k, v)
+    B, H, c, D = q.shape
+    ins, (L, mp, nt) = _tile_inputs(q, plan, block_m)
+    dq = torch.empty(B, H, c, D, device=q.device, dtype=torch.float32)
+    a_row = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _sparsek_tile_bwd[(nt, B * H)](
+        q, k, v, do.to(q.dtype).contiguous(), lse.contiguous(), delta.contiguous(), dq, dk, dv, du, a_row, *ins,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        H, H // k.shape[1], c, L, mp, nt, pos0, window, k.shape[2], scale * LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=4, num_stages=1,
+    )
+    return dq, a_row
 
 
 # ---- SparseK's threshold search: bisection per row, in one kernel ---------------------------
@@ -197,7 +322,7 @@ def sparsek_bisect(sv, cs, new, newp, lim, lo, hi, kk, iters: int):
 if triton is not None:
 
     @triton.jit
-    def _sparsek_select(SV, CS, NEW, NEWP, NNEW, KTH, TAU, PAIRS, L, MS, C, FIRST, WIN, K, ITERS,
+    def _sparsek_select(SV, CS, NEW, NEWP, NNEW, KTH, TAU, PAIRS, NFREE, L, MS, C, FIRST, WIN, K, ITERS,
                         R: tl.constexpr, TILE: tl.constexpr):
         """Rows FIRST + r (r < C) of one (batch, KV head). A row's candidates are the keys
         j <= row - WIN: the chunk's shared ones (every j < the chunk's first row - WIN + 1:
@@ -206,7 +331,8 @@ if triton is not None:
         weight; row r sees those at positions <= its limit). Out: the row's k-th best score
         (KTH; -big with fewer than K candidates), tau with sum_j clip(u_j - tau, 0, 1) = K
         (TAU; -big where every candidate is selected with weight 1) and the count of keys it
-        attends (PAIRS: candidates >= KTH)."""
+        attends (PAIRS: candidates >= KTH); NFREE: the candidates with weight in (0, 1) (the free
+        set of the operator's Jacobian: tau < u < tau + 1)."""
         bh = tl.program_id(1).to(tl.int64)
         r = tl.program_id(0) * R + tl.arange(0, R)
         live = r < C
@@ -263,6 +389,15 @@ if triton is not None:
             p = tl.load(newp + j, mask=j < M, other=0)
             ge += tl.sum(((j < M)[None, :] & (p[None, :] <= lim[:, None]) & (x[None, :] >= kth[:, None])).to(tl.int32), 1)
         pairs = tl.where(full, n, ge)
+        zero = tl.zeros([R], tl.int32)
+        free = _count_sorted(sv, tau + 1, zero, zero + L, False) - _count_sorted(sv, tau, zero, zero + L, True)
+        for j0 in range(0, M, TILE):
+            j = j0 + tl.arange(0, TILE)
+            x = tl.load(new + j, mask=j < M, other=-big)
+            p = tl.load(newp + j, mask=j < M, other=0)
+            inside = (x[None, :] > tau[:, None]) & (x[None, :] < tau[:, None] + 1.0)
+            free += tl.sum(((j < M)[None, :] & (p[None, :] <= lim[:, None]) & inside).to(tl.int32), 1)
+        tl.store(NFREE + bh * C + r, tl.where(full, 0, free), mask=live)
         tl.store(KTH + bh * C + r, kth, mask=live)
         tl.store(TAU + bh * C + r, tau, mask=live)
         tl.store(PAIRS + bh * C + r, pairs, mask=live)
@@ -274,7 +409,7 @@ def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int
     [BH, L + 1] their prefix sums; new, newp [BH, M] newer candidates in descending score
     order with their positions (only those that can be in a top-k or weigh: the rest may be left
     out). ``n_new`` [BH]: how many of each row of ``new`` count (the rest are padding; None: all),
-    read by the kernel, not the host. Returns (kth, tau, pairs), each [BH, rows]. ``iters``
+    read by the kernel, not the host. Returns (kth, tau, pairs, nfree), each [BH, rows]. ``iters``
     halvings of tau's bracket [kth - 1, kth): 24 reach fp32's resolution at scores of order 1."""
     BH, L = sv.shape
     M = new.shape[-1]
@@ -285,9 +420,10 @@ def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int
     newp = newp.to(torch.int32).contiguous() if M else torch.zeros(BH, 1, dtype=torch.int32, device=sv.device)
     kth = torch.empty(BH, rows, dtype=sv.dtype, device=sv.device)
     tau, pairs = torch.empty_like(kth), torch.empty(BH, rows, dtype=torch.int32, device=sv.device)
+    nfree = torch.empty_like(pairs)
     n_new = torch.full((BH,), M, dtype=torch.int32, device=sv.device) if n_new is None else \
         n_new.reshape(BH).to(torch.int32).contiguous()
     R = 32
-    _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, n_new, kth, tau, pairs, L, max(M, 1), rows, first,
-                                               window, k, iters, R=R, TILE=64, num_warps=4)
-    return kth, tau, pairs
+    _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, n_new, kth, tau, pairs, nfree, L, max(M, 1), rows,
+                                               first, window, k, iters, R=R, TILE=64, num_warps=4)
+    return kth, tau, pairs, nfree
