@@ -21,7 +21,7 @@ DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "config_key", "d
 # (the ``timed`` column), whether it was forced or resumed; device and dtype are taken resolved
 NOT_SETTING = ("store", "seed", "impl", "method", "hydra", "logger", "device", "dtype", "runner.force",
                "runner.seq_lens", "runner.backward", "runner.checkpoint_dir", "runner.resume",
-               "task.batch_size")  # task.batch_size: prompts scored per forward (needle, lm_harness): memory, not results
+               "runner.skip_dense_forward", "task.batch_size")  # task.batch_size: prompts scored per forward (needle, lm_harness): memory, not results
 FIRST = ("runner.steps", "runner.batch_size", "model.batch_size")  # named first in a setting label
 PASSES = ("forward", "backward")
 

@@ -72,10 +72,12 @@ class RunRecord:
 
 def run_id(config: dict, **extra) -> str:
     """Hash of everything that shapes a result: the resolved config (without where it is
-    stored or whether it was forced) plus per-record keys such as the sequence length."""
+    stored, whether it was forced, or whether methods whose forward is dense attention were
+    skipped: a run that trains is the same run either way) plus per-record keys such as the
+    sequence length."""
     cfg = {k: v for k, v in config.items() if k not in ("store",)}
     if isinstance(cfg.get("runner"), dict):
-        cfg["runner"] = {k: v for k, v in cfg["runner"].items() if k != "force"}
+        cfg["runner"] = {k: v for k, v in cfg["runner"].items() if k not in ("force", "skip_dense_forward")}
     blob = json.dumps({"config": cfg, **extra}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

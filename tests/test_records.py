@@ -102,6 +102,9 @@ def test_run_id_ignores_store_and_force():
     assert records.run_id(a, seq_len=3) == records.run_id(b, seq_len=3)
     assert records.run_id(a, seq_len=3) != records.run_id(a, seq_len=4)
     assert records.run_id(a) != records.run_id(c)
+    # a store written before runner.skip_dense_forward existed keeps its run_ids (resumes skip them)
+    d = {"method": {"impl": "sdpa"}, "store": "x", "runner": {"force": False, "n": 1, "skip_dense_forward": True}}
+    assert records.run_id(a, seq_len=3) == records.run_id(d, seq_len=3)
 
 
 def test_record_rejects_unknown_status():
