@@ -14,7 +14,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRUCTURAL = ("num_heads", "head_dim", "max_seq_len", "num_kv_heads")
 STRUCTURAL_DEFAULTS = {"num_heads": 8, "head_dim": 64, "max_seq_len": 4096}
 
-__all__ = ["AttentionInputError", "AttentionMethod", "Cost", "available", "build", "dense_forward", "load", "CONF_DIR"]
+__all__ = ["AttentionInputError", "AttentionMethod", "Cost", "available", "build", "load", "CONF_DIR"]
 
 
 def available() -> list[str]:
@@ -61,24 +61,3 @@ def load(name: str, **kwargs) -> AttentionMethod:
         )
     cfg = OmegaConf.merge(cfg, kwargs)
     return build(cfg, **structural)
-
-
-def dense_forward(target: str) -> str:
-    """Why the forward pass of the method class ``target`` (a config's ``_target_``, e.g.
-    "methods.h2o.H2O") is dense attention, or "": KV-cache presses (which act on a cache) and
-    decode-time selectors (``methods.decode.DensePrefill``: their prefill is exact attention).
-    A one-pass task (training, MQAR, LRA) measures dense attention through them."""
-    import importlib
-
-    from methods.decode import DensePrefill
-    from methods.press import Press
-
-    mod, _, name = str(target).rpartition(".")
-    cls = getattr(importlib.import_module(mod), name, None)
-    if not isinstance(cls, type):
-        return ""
-    if issubclass(cls, Press) and cls.attend is Press.attend:  # (Eigen Attention's own forward is not dense)
-        return "dense: a KV-cache press (acts on a cache this pass does not keep)"
-    if issubclass(cls, DensePrefill):
-        return "dense: a decode-time selector (its prefill is exact attention)"
-    return ""

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-import methods
+from methods.dense_forward import dense_forward
 from runners import records
 from runners.device import autocast, resolve_device, resolve_dtype
 from tasks.base import to_device
@@ -138,7 +138,7 @@ class TrainRunner:
         r = self
         ckdir = Path(r.checkpoint_dir) / rec.run_id
         try:
-            why = methods.dense_forward(cfg.method.get("_target_", "")) if r.skip_dense_forward else ""
+            why = dense_forward(cfg.method.get("_target_", "")) if r.skip_dense_forward else ""
             if why:  # before any data or model: its training would be dense attention's
                 raise DenseForward(why)
             task = instantiate(cfg.task)

@@ -27,9 +27,10 @@ def dense_forward(method: str) -> str:
     """Why a method's MQAR forward pass is dense attention, or "" (``methods.dense_forward``):
     their row measures dense attention."""
     import methods
+    from methods.dense_forward import dense_forward
 
     try:
-        return methods.dense_forward(str(methods.compose_method(method)["_target_"]))
+        return dense_forward(str(methods.compose_method(method)["_target_"]))
     except ValueError:  # not a method of conf/method (a record from elsewhere)
         return ""
 
