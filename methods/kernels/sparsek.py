@@ -26,6 +26,18 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _tile_rows(H, REP, C, POS0, WIN, BLOCK_M: tl.constexpr):
+        """This program's query tile (axis 0) and (batch, query head) (axis 1): its KV head, the
+        rows, which are real, their key positions and their last candidate (position - WIN)."""
+        qt = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // REP
+        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos = POS0 + rows
+        return qt, bh, b, h, hk, b * (H // REP) + hk, rows, rows < C, pos, pos - WIN
+
+    @triton.jit
     def _sparsek_cand_step(acc, m_i, l_i, q, kbase, vbase, skt, svt, offs_d, POS, VAL, j0, n, lim, tau, kth,
                            qk_scale, BLOCK_N: tl.constexpr):
         """Candidates j0 .. j0 + BLOCK_N - 1 of a list of n (key positions POS, scores VAL) for
@@ -52,15 +64,7 @@ if triton is not None:
         """Rows of a query tile (key positions POS0 + row) of head h: the shared candidates in
         ascending score order from the tile's START (the first that some row's k-th best
         admits), the chunk's newer candidates NEWP/NEWV, then the window (pos - WIN, pos]."""
-        qt = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        hk = h // REP
-        bhk = b * (H // REP) + hk
-        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-        rin = rows < C
-        pos = POS0 + rows
-        lim = pos - WIN
+        qt, bh, b, h, hk, bhk, rows, rin, pos, lim = _tile_rows(H, REP, C, POS0, WIN, BLOCK_M)
         offs_d = tl.arange(0, D)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :], mask=rin[:, None], other=0.0)
         tau = tl.load(TAU + bhk * C + rows, mask=rin, other=0.0)
@@ -175,15 +179,7 @@ if triton is not None:
         """The forward's walk (``_sparsek_tile_fwd``) again for the gradients: DQ, DO [B, H, C, D]
         and LSE, DELTA (rowsum dO * O), AROW [B, H, C] (fp32, per query head); DK, DV [B, Hkv, TK,
         D] and DU [B, Hkv, TK] fp32, added to."""
-        qt = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        hk = h // REP
-        bhk = b * (H // REP) + hk
-        rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-        rin = rows < C
-        pos = POS0 + rows
-        lim = pos - WIN
+        qt, bh, b, h, hk, bhk, rows, rin, pos, lim = _tile_rows(H, REP, C, POS0, WIN, BLOCK_M)
         offs_d = tl.arange(0, D)
         qoff = b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :]
         q = tl.load(Q + qoff, mask=rin[:, None], other=0.0)
