@@ -18,10 +18,12 @@ COLUMNS = ["run_id", "time", "method", "impl", "real_kernel", "model", "task", "
 DERIVED = ["gpu", "backend", "timed", "shape", "method_params", "config_key", "decode_path", "decode_fallback"]
 # config keys that do not change a result, or that rows already show: where it is stored, the
 # method (the row's label), the seed (averaged), the lengths (one record each), the passes timed
-# (the ``timed`` column), whether it was forced or resumed; device and dtype are taken resolved
+# (the ``timed`` column), whether it was forced or resumed, whether dense-forward methods were
+# skipped, the CPU threads a run used; device and dtype are taken resolved
 NOT_SETTING = ("store", "seed", "impl", "method", "hydra", "logger", "device", "dtype", "runner.force",
                "runner.seq_lens", "runner.backward", "runner.checkpoint_dir", "runner.resume",
-               "runner.skip_dense_forward", "task.batch_size")  # task.batch_size: prompts scored per forward (needle, lm_harness): memory, not results
+               "runner.skip_dense_forward", "runner.cpu_threads",
+               "task.batch_size")  # task.batch_size: prompts scored per forward (needle, lm_harness): memory, not results
 FIRST = ("runner.steps", "runner.batch_size", "model.batch_size")  # named first in a setting label
 PASSES = ("forward", "backward")
 
