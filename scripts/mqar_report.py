@@ -5,6 +5,10 @@ the methods asked for without a record as "not run") and recall_vs_state.png (te
 against state bytes, log scale; the newest record of each method).
 
     python scripts/mqar_report.py --store results/mqar/records.jsonl --methods a,b --out results/mqar
+
+Several ``--store`` files (e.g. a GPU sweep and CPU runs of the methods it did not reach) make one
+table, the newest record of each method counting, with the device of each row; their records
+must share the task, model and step budget (an error names the difference otherwise).
 """
 from __future__ import annotations
 
@@ -13,14 +17,30 @@ import json
 from pathlib import Path
 
 
-def newest(store: Path) -> dict:
+def newest(*stores: Path) -> dict:
+    """The newest MQAR record of each method over ``stores`` (each appended in time order)."""
     recs = {}
-    for line in store.read_text().splitlines() if store.exists() else []:
-        if line.strip():
-            r = json.loads(line)
-            if r.get("task") == "mqar":
-                recs[r["method"]] = r  # appended in time order: the last one wins
+    for store in stores:
+        for line in store.read_text().splitlines() if store.exists() else []:
+            if line.strip():
+                r = json.loads(line)
+                if r.get("task") == "mqar" and (r["method"] not in recs or
+                                               str(r.get("time", "")) >= str(recs[r["method"]].get("time", ""))):
+                    recs[r["method"]] = r
     return recs
+
+
+def device_of(r: dict) -> str:
+    return (r.get("env") or {}).get("gpu") or str(r.get("device") or "?")
+
+
+def setting_key(r: dict) -> tuple:
+    """What a row's result depends on besides the method and device: the task's size, the model
+    and the steps asked for."""
+    c = r.get("config") or {}
+    task, model, runner = c.get("task") or {}, c.get("model") or {}, c.get("runner") or {}
+    return (task.get("num_kv_pairs"), task.get("max_len"), task.get("vocab_size"), model.get("depth"),
+            model.get("dim"), runner.get("steps"))
 
 
 def dense_forward(method: str) -> str:
@@ -47,7 +67,7 @@ def rows(recs: dict, wanted: list[str]) -> list[dict]:
                     "test_acc": met.get("test_acc"), "val_acc": met.get("val_acc"),
                     "state_bytes": met.get("state_bytes"), "state_constant": met.get("state_constant"),
                     "steps": tr.get("steps"), "wall_s": tr.get("wall_s"),
-                    "error": (r.get("error") or "")[:120], "forward": dense_forward(m)})
+                    "error": (r.get("error") or "")[:120], "forward": dense_forward(m), "device": device_of(r)})
     return out
 
 
@@ -61,14 +81,15 @@ def table(rs: list[dict], setting: str) -> str:
              "The KV-cache presses and decode-time selectors train and answer here through their forward pass, "
              "which is dense attention (column `forward`): their rows measure dense attention, and their state "
              "bytes (the compressed cache) is not what answered.",
-             "", "| method | status | test acc | val acc | state bytes | constant | steps | train s | forward | error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| method | status | test acc | val acc | state bytes | constant | steps | train s | device | forward | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rs, key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0)))
     for r in order:
         lines.append(f"| {r['method']} | {r['status']} | {fmt(r.get('test_acc'), '.3f')} | "
                      f"{fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('state_bytes'), '.3g')} | "
                      f"{'' if r.get('state_constant') is None else ('yes' if r['state_constant'] else 'no')} | "
-                     f"{fmt(r.get('steps'), 'd')} | {fmt(r.get('wall_s'), '.0f')} | {r.get('forward', '')} | "
+                     f"{fmt(r.get('steps'), 'd')} | {fmt(r.get('wall_s'), '.0f')} | {r.get('device', '')} | "
+                     f"{r.get('forward', '')} | "
                      f"{r.get('error', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -94,23 +115,30 @@ def plot(rs: list[dict], path: Path, setting: str) -> None:
 
 
 def setting_of(recs: dict) -> str:
+    """The setting every record shares (ValueError naming the methods of another one), and the
+    device where there is one for all."""
+    keys = {}
+    for m, r in recs.items():
+        keys.setdefault(setting_key(r), []).append(m)
+    if len(keys) > 1:
+        raise ValueError("MQAR records of different settings (pairs, tokens, vocab, depth, width, steps) in one "
+                         "table: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in keys.items()))
     for r in recs.values():
-        c = r.get("config") or {}
-        t = c.get("runner") or {}  # the steps asked for (a failed run has no "train")
-        task, model = c.get("task") or {}, c.get("model") or {}
-        return (f"{task.get('num_kv_pairs')} pairs in {task.get('max_len')} tokens, vocab {task.get('vocab_size')}; "
-                f"LM {model.get('depth')} layers of width {model.get('dim')}; {t.get('steps')} steps, "
-                f"{r.get('device')} {(r.get('env') or {}).get('gpu') or ''}".strip())
+        pairs, tokens, vocab, depth, dim, steps = setting_key(r)
+        devices = {device_of(x) for x in recs.values()}
+        where = devices.pop() if len(devices) == 1 else "the device in each row"
+        return (f"{pairs} pairs in {tokens} tokens, vocab {vocab}; LM {depth} layers of width {dim}; {steps} steps, "
+                f"{where}")
     return "no records"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="results/mqar/records.jsonl")
+    ap.add_argument("--store", nargs="+", default=["results/mqar/records.jsonl"])
     ap.add_argument("--methods", default="", help="comma-separated: the methods asked for")
     ap.add_argument("--out", default="results/mqar")
     a = ap.parse_args(argv)
-    recs = newest(Path(a.store))
+    recs = newest(*map(Path, a.store))
     rs = rows(recs, [m for m in a.methods.split(",") if m])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,3 +37,27 @@ def test_presses_and_decode_selectors_are_marked_as_dense_forward():
     assert mqar_report.dense_forward("eigen_attention") == ""  # a press whose own forward is not dense
     assert mqar_report.dense_forward("nsa") == "" and mqar_report.dense_forward("dense") == ""
     assert mqar_report.dense_forward("not_a_method") == ""
+
+
+def test_several_stores_make_one_table_with_each_rows_device(tmp_path):
+    """A GPU store and a CPU store of the methods it did not reach: one table, the newest record
+    of each method, the device per row; records of another setting are refused by name."""
+    import pytest
+
+    gpu, cpu = tmp_path / "gpu.jsonl", tmp_path / "cpu.jsonl"
+    g = [dict(_rec("dense", acc=0.9, state=8192), device="cuda", env={"gpu": "NVIDIA H200"}, time="2026-12-01"),
+         dict(_rec("sea", status="error", error="stopped"), device="cuda", env={"gpu": "NVIDIA H200"}, time="2026-12-01")]
+    c = [dict(_rec("sea", acc=0.7, state=8192), time="2026-12-04")]
+    gpu.write_text("".join(json.dumps(r) + "\n" for r in g))
+    cpu.write_text("".join(json.dumps(r) + "\n" for r in c))
+    mqar_report.main(["--store", str(gpu), str(cpu), "--methods", "dense,sea", "--out", str(tmp_path)])
+    text = (tmp_path / "table.md").read_text()
+    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "method" not in ln}
+    assert "NVIDIA H200" in rows["dense"] and "| cpu |" in rows["sea"] and "0.700" in rows["sea"]
+    assert "the device in each row" in text
+    other = tmp_path / "other.jsonl"
+    r = _rec("based", acc=0.5, state=2048)
+    r["config"]["task"]["num_kv_pairs"] = 16
+    other.write_text(json.dumps(r) + "\n")
+    with pytest.raises(ValueError, match="based"):
+        mqar_report.main(["--store", str(gpu), str(other), "--out", str(tmp_path)])
