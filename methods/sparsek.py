@@ -264,7 +264,7 @@ class SparseK(AttentionMethod):
         k-th best - 1, which is at least that); then each row's k-th best, tau and pairs attended
         in one kernel (``kernels.sparsek.sparsek_select``). Nothing is read back to the host:
         the sizes follow from first, c and the window. The plan's ``shared`` is the next chunk's."""
-        from methods.kernels.sparsek import sparsek_select
+        from methods.kernels.sparsek import select_iters, sparsek_select
 
         B, Hkv, _ = u.shape
         w, k = self.window, self.k
@@ -279,10 +279,9 @@ class SparseK(AttentionMethod):
         n_new = None
         if s0 >= k and s1 > s0:  # newer ones below the shared k-th best - 1 neither enter a top k nor weigh
             n_new = (newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1)  # [B, Hkv], on the device
-        iters = 50 if u.dtype == torch.float64 else 24
         flat = lambda x: x.reshape(B * Hkv, x.shape[-1])  # noqa: E731
         kth, tau, pairs, nfree = (x.view(B, Hkv, c) for x in sparsek_select(
-            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, iters, n_new=n_new))
+            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, select_iters(u.dtype), n_new=n_new))
         return dict(sv=sv, order=order, newp=newp, newv=newv, n_new=n_new, tau=tau, kth=kth, pairs=pairs.sum(),
                     nfree=nfree, shared=(sv, order))
 
@@ -300,7 +299,12 @@ class SparseK(AttentionMethod):
         chunk = tq if self.impl == "reference" else max(self.query_chunk, self.kernel_chunk) if kernel else self.query_chunk
         self.last_path = "triton" if kernel else ("reference" if self.impl == "reference" else "gather")
         self._on_gpu = q.is_cuda
+        self.last_kernel_config = {"path": self.last_path, "query_chunk": chunk}  # runner=kernel records it
         if kernel:  # methods/kernels/sparsek.py: a query tile's candidates read once, then its window
+            from methods.kernels import sparsek as kern
+
+            self.last_kernel_config.update(tile_rows=kern.TILE_ROWS, tile_keys=kern.TILE_KEYS,
+                                           select_rows=kern.SELECT_ROWS, select_iters=kern.select_iters(u.dtype))
             if grad:  # with the kernels' backward
                 out = _SparseKKernel.apply(q, k, v, u, self, off, chunk, scale)
             else:

@@ -381,6 +381,8 @@ def test_sparsek_kernel_by_chunks_equals_reference(T, chunk):
     with torch.no_grad():
         got, want = m(q, k, v, causal=True), ref(q, k, v, causal=True)
     assert m.last_path == "triton" and m.last_density == pytest.approx(ref.last_density)
+    cfg = m.last_kernel_config  # what runner=kernel records as details.kernel_config
+    assert cfg["path"] == "triton" and cfg["query_chunk"] == max(chunk, 10) and cfg["tile_rows"] == 64
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

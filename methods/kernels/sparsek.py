@@ -17,6 +17,15 @@ import torch
 
 from methods.kernels._common import LOG2E, _check, triton, usable  # noqa: F401 - usable re-exported
 
+TILE_ROWS = TILE_KEYS = 64  # the tile attention's query rows and key columns per step (forward and backward)
+SELECT_ROWS = 32  # rows per program of the selection kernel
+
+
+def select_iters(dtype) -> int:
+    """Halvings of tau's bracket [kth - 1, kth): to below the dtype's resolution at scores of order 1."""
+    return 50 if dtype == torch.float64 else 24
+
+
 if triton is not None:
     import triton.language as tl
 
@@ -113,8 +122,8 @@ def _tile_inputs(q, plan: dict, block_m: int):
             flat(tau), flat(kth)), (L, mp, nt)
 
 
-def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = 64,
-                           block_n: int = 64, lse: torch.Tensor | None = None):
+def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=None, block_m: int = TILE_ROWS,
+                           block_n: int = TILE_KEYS, lse: torch.Tensor | None = None):
     """SparseK's attention by query tiles for rows at key positions pos0 .. pos0 + c - 1
     (``SparseK._kernel_plan`` gives ``plan``): a tile reads its rows'
     candidates once, in score order, instead of each row gathering its own k keys. Row i
@@ -221,7 +230,7 @@ if triton is not None:
 
 
 def sparsek_tile_backward(q, k, v, do, lse, delta, plan: dict, pos0: int, window: int, dk, dv, du, scale=None,
-                          block_m: int = 64, block_n: int = 64):
+                          block_m: int = TILE_ROWS, block_n: int = TILE_KEYS):
     """The gradients of ``sparsek_tile_attention`` for one chunk of query rows: returns (dq [B, H,
     c, D] fp32, a_row [B, H, c] fp32: each row's sum over its free selected pairs of dL/dw_ij,
     the weight's gradient) and adds into dk, dv [B, Hkv, Tk, D] and du [B, Hkv, Tk] (fp32,
@@ -419,7 +428,7 @@ def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int
     nfree = torch.empty_like(pairs)
     n_new = torch.full((BH,), M, dtype=torch.int32, device=sv.device) if n_new is None else \
         n_new.reshape(BH).to(torch.int32).contiguous()
-    R = 32
+    R = SELECT_ROWS
     _sparsek_select[(math.ceil(rows / R), BH)](sv, cs, new, newp, n_new, kth, tau, pairs, nfree, L, max(M, 1), rows,
                                                first, window, k, iters, R=R, TILE=64, num_warps=4)
     return kth, tau, pairs, nfree
