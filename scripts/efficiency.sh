@@ -21,7 +21,12 @@ cd "$(dirname "$0")/.."
 STORE=${1:-results/efficiency/records.jsonl}
 shift || true
 AB=${ATTNBENCH:-attnbench}
-run() { $AB "$@" store="$STORE" || echo "attnbench $* failed (its records say why)"; }
+# each command's wall time is printed (issue 28, target 5: the whole table in 10 minutes of one GPU)
+run() {
+    local t0=$SECONDS
+    $AB "$@" store="$STORE" || echo "attnbench $* failed (its records say why)"
+    echo "efficiency.sh: $(( SECONDS - t0 )) s: $*"
+}
 want() { [ "${PART:-all}" = all ] || [[ " ${PART} " == *" $1 "* ]]; }
 
 if want causal; then
