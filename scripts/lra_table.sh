@@ -71,8 +71,11 @@ for task in ${TASKS:-listops pathfinder image text retrieval}; do
     EXTRA=($(budget_args "$task"))
     [ "${DENSE_FORWARD:-skip}" = train ] || EXTRA+=(runner.skip_dense_forward=true)
     echo "- $task: MODE=${MODE:-budget} seeds $SEEDS ${EXTRA[*]:-(the LRA configuration)}" >> "$(dirname "$STORE")/budget.md"
-    # one run alone first: it builds the task's data cache that the parallel runs then read
-    first=${METHODS%%,*}
+    # one run alone first: it builds the task's data cache that the parallel runs then read (a method
+    # that trains: a skipped dense-forward one would stop before building it)
+    first=$($PY -c "import sys, methods; from methods.dense_forward import dense_forward as d
+ms = sys.argv[1].split(',')
+print(next((m for m in ms if not d(str(methods.compose_method(m)['_target_']))), ms[0]))" "$METHODS")
     $AB experiment=lra/$task$SFX method="$first" seed="${SEEDS%%,*}" store="$STORE" "${EXTRA[@]}" "$@" \
         || echo "lra/$task: $first failed (its record says why)"
     timeout --signal=INT --kill-after=20 "${BUDGET_S:-240}" \
