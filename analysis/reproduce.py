@@ -73,7 +73,8 @@ def ours(entry: dict, root: Path = ROOT) -> float | None:
         if base.empty:
             return None
         return float(base.iloc[-1]["latency.forward.p50"] / row["latency.forward.p50"])
-    return float(row[f"metric.{sel['metric']}"]) * float(sel.get("scale", 1))
+    per_seed = rows.groupby("seed", dropna=False, sort=True).tail(1)  # several seeds: their mean
+    return float(per_seed[f"metric.{sel['metric']}"].astype(float).mean()) * float(sel.get("scale", 1))
 
 
 def table(entries: list[dict], root: Path = ROOT) -> pd.DataFrame:

@@ -295,6 +295,24 @@ def test_reproduce_refuses_records_of_several_settings(tmp_path):
     assert row["within"] == "-"
 
 
+def test_reproduce_compares_the_mean_over_seeds(tmp_path):
+    """Seeds of one setting: the published number is compared with their mean (each seed's
+    newest record), not with whichever seed ran last."""
+    from analysis.reproduce import table
+
+    recs = [_rec("nsa", 4096, run_id=f"s{s}", config=FULL, metrics={"rel_err_random": e},
+                 time=f"2026-01-01T00:00:0{s}") for s, e in ((0, 0.1), (1, 0.3))]
+    recs.append(_rec("nsa", 4096, run_id="s1-old", config=FULL, metrics={"rel_err_random": 0.9},
+                     time="2025-01-01T00:00:00"))
+    for r, seed in zip(recs, (0, 1, 1)):
+        r["seed"] = seed
+    _store(tmp_path / "r.jsonl", recs)
+    entry = {"id": "x", "metric": "err", "value": 0.2, "tolerance": 0.05, "source": "paper",
+             "ours": {"store": "r.jsonl", "method": "nsa", "seq_len": 4096, "metric": "rel_err_random"}}
+    row = table([entry], root=tmp_path).iloc[0]
+    assert row["ours"] == "0.20" and row["within"] == "yes"
+
+
 # --- item 5: orphans and collisions -------------------------------------------------------------
 
 def test_a_claim_is_exclusive_and_ends_with_its_holder(tmp_path):
