@@ -269,10 +269,10 @@ class SparseK(AttentionMethod):
         B, Hkv, _ = u.shape
         w, k = self.window, self.k
         s0, s1 = max(first - w + 1, 0), min(max(first + c - w, 0), tk)  # shared: j < s0; newer: s0 <= j < s1
-        sv, order = shared if shared is not None else (u[..., :0], torch.zeros_like(u[..., :0], dtype=torch.long))
+        sv, order = shared if shared is not None else (u[..., :0], torch.zeros_like(u[..., :0], dtype=torch.int32))
         if s0 > sv.shape[-1]:  # the keys that became shared since the last chunk, merged in
             add_v, add_p = u[..., sv.shape[-1]:s0].sort(-1)
-            sv, order = _merge_sorted(sv, order, add_v, add_p + sv.shape[-1])
+            sv, order = _merge_sorted(sv, order, add_v, (add_p + sv.shape[-1]).to(torch.int32))  # int32: as the kernels read it
         cs = torch.nn.functional.pad(sv.cumsum(-1), (1, 0))
         newv, newp = u[..., s0:s1].sort(-1, descending=True)
         newp = newp + s0

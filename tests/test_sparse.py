@@ -434,7 +434,7 @@ def test_sparsek_kernel_plan_is_each_rows_kth_best_threshold_and_pairs(scale):
         shared = plan["shared"]  # grown chunk by chunk, as attend does
         s0 = max(first - w + 1, 0)
         torch.testing.assert_close(plan["sv"], u[..., :s0].sort(-1).values, rtol=0, atol=0)
-        assert bool((torch.gather(u, -1, plan["order"]) == plan["sv"]).all())
+        assert bool((torch.gather(u, -1, plan["order"].long()) == plan["sv"]).all())
         rows = torch.arange(first, first + c)
         cand = (torch.arange(T) <= rows.view(-1, 1) - w).view(1, 1, c, T)
         vals = torch.where(cand, u.unsqueeze(2), -float("inf")).sort(-1, descending=True).values
