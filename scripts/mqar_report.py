@@ -55,6 +55,36 @@ def dense_forward(method: str) -> str:
         return ""
 
 
+def density_at_length(r: dict) -> float | None:
+    """The share of causal query-key pairs the record's method attends at the task's length
+    (``last_density`` after one forward of its ``reference`` path on random inputs, the record's
+    method settings and heads; None where it has none or fails): 1.0 (or more, for methods whose
+    branches overlap) means that, at this length, the method is dense attention and its row
+    measures dense attention. The reference path counts pairs; a FlexAttention path counts
+    blocks of 128, which a short sequence fills."""
+    import torch
+
+    import methods
+
+    c = r.get("config") or {}
+    model, task = c.get("model") or {}, c.get("task") or {}
+    try:
+        T, H, D = int(task["max_len"]), int(model["heads"]), int(model["head_dim"])
+        cfg = dict(c["method"])
+        if "impl" in cfg:
+            cfg["impl"] = "reference"
+        m = methods.build(cfg, num_heads=H, head_dim=D, max_seq_len=T,
+                          num_kv_heads=int(model.get("num_kv_heads") or H))
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, T, D, generator=g) for _ in range(3))
+        with torch.no_grad():
+            m(q, k, v, causal=True)
+        d = getattr(m, "last_density", None)
+        return None if d is None else float(d)
+    except Exception:  # noqa: BLE001 - a method that cannot run here shows no density, not a failure
+        return None
+
+
 def rows(recs: dict, wanted: list[str]) -> list[dict]:
     out = []
     for m in wanted + sorted(set(recs) - set(wanted)):
@@ -67,7 +97,8 @@ def rows(recs: dict, wanted: list[str]) -> list[dict]:
                     "test_acc": met.get("test_acc"), "val_acc": met.get("val_acc"),
                     "state_bytes": met.get("state_bytes"), "state_constant": met.get("state_constant"),
                     "steps": tr.get("steps"), "wall_s": tr.get("wall_s"),
-                    "error": (r.get("error") or "")[:120], "forward": dense_forward(m), "device": device_of(r)})
+                    "error": (r.get("error") or "")[:120], "forward": dense_forward(m), "device": device_of(r),
+                    "density": density_at_length(r) if r["status"] == "ok" else None})
     return out
 
 
@@ -81,12 +112,16 @@ def table(rs: list[dict], setting: str) -> str:
              "The KV-cache presses and decode-time selectors train and answer here through their forward pass, "
              "which is dense attention (column `forward`): their rows measure dense attention, and their state "
              "bytes (the compressed cache) is not what answered.",
-             "", "| method | status | test acc | val acc | state bytes | constant | steps | train s | device | forward | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`density`: the share of causal pairs the method attends at the task's length (one forward of its "
+             "reference path on random inputs with the record's settings): at 1.000 or more the method is dense "
+             "attention at this length, and its row measures dense attention.",
+             "", "| method | status | test acc | val acc | density | state bytes | constant | steps | train s | device | "
+             "forward | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rs, key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0)))
     for r in order:
         lines.append(f"| {r['method']} | {r['status']} | {fmt(r.get('test_acc'), '.3f')} | "
-                     f"{fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('state_bytes'), '.3g')} | "
+                     f"{fmt(r.get('val_acc'), '.3f')} | {fmt(r.get('density'), '.3f')} | {fmt(r.get('state_bytes'), '.3g')} | "
                      f"{'' if r.get('state_constant') is None else ('yes' if r['state_constant'] else 'no')} | "
                      f"{fmt(r.get('steps'), 'd')} | {fmt(r.get('wall_s'), '.0f')} | {r.get('device', '')} | "
                      f"{r.get('forward', '')} | "

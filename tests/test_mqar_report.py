@@ -61,3 +61,25 @@ def test_several_stores_make_one_table_with_each_rows_device(tmp_path):
     other.write_text(json.dumps(r) + "\n")
     with pytest.raises(ValueError, match="based"):
         mqar_report.main(["--store", str(gpu), str(other), "--out", str(tmp_path)])
+
+
+def test_density_column_says_when_a_sparse_method_is_dense_at_the_task_length():
+    """A sliding window at least as long as the task's sequence attends every causal pair
+    (density 1: its row measures dense attention); a shorter one attends fewer; a record whose
+    method cannot be built shows none."""
+    from omegaconf import OmegaConf
+
+    import methods
+
+    method = OmegaConf.to_container(methods.compose_method("sliding_window"))
+
+    def rec(window):
+        r = _rec("sliding_window", acc=0.5, state=8192)
+        r["config"]["method"] = {**method, "window": window}
+        r["config"]["task"]["max_len"] = 32
+        r["config"]["model"].update(heads=2, head_dim=16)
+        return r
+
+    assert mqar_report.density_at_length(rec(64)) == 1.0
+    assert 0 < mqar_report.density_at_length(rec(4)) < 0.5
+    assert mqar_report.density_at_length(_rec("dense", acc=0.5, state=1)) is None  # no method config
