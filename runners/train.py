@@ -71,6 +71,43 @@ def distributed(device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+class NoBudget(Exception):
+    """With ``runner.target_density``: the method has no budget knob (``methods.budget.KNOBS``),
+    so no run at that density exists: status skipped, "not run: no budget knob (<why>)"."""
+
+    not_run = "no budget knob"
+
+
+def fit_budget(model, T: int, target: float, rec, seed: int) -> None:
+    """Every layer's attention method at the budget that reaches ``target`` density at ``T``
+    tokens: the knob fitted once (``methods.budget.fit_density``) on the first layer's method
+    through its reference path (which counts pairs; a FlexAttention path counts blocks of 128,
+    which a short sequence fills) on seeded random inputs of the layer's heads, then set in
+    every layer. The record carries the fit (``details.budget``) and the achieved density
+    (``metrics.density_achieved``, ``metrics.target_density``). NoBudget where there is no knob."""
+    import copy
+
+    from methods import budget
+
+    first = model.blocks[0].method if hasattr(model, "blocks") else model.method
+    if budget.knob(first) is None:
+        raise NoBudget(f"{type(first).__name__} has no budget knob (methods.budget.KNOBS)")
+    ref = copy.deepcopy(first).cpu()
+    if "reference" in getattr(ref, "impls", ()):
+        ref.impl = "reference"
+    g = torch.Generator().manual_seed(seed)
+    H, Hkv, D = ref.num_heads, ref.num_kv_heads, ref.head_dim
+    q = torch.randn(1, H, T, D, generator=g)
+    k, v = (torch.randn(1, Hkv, T, D, generator=g) for _ in range(2))
+    fit = budget.fit_density(ref, q, k, v, True, target)
+    for block in getattr(model, "blocks", []):
+        impl = block.method.impl
+        block.method = budget.with_budget(block.method, fit.value)
+        block.method.impl = impl
+    rec.details["budget"] = fit.record()
+    rec.metrics["target_density"], rec.metrics["density_achieved"] = float(target), float(fit.density)
+
+
 class DenseForward(Exception):
     """With ``runner.skip_dense_forward``: the method's forward pass is dense attention
     (``methods.dense_forward``), so training it would train dense attention: the run records
@@ -100,6 +137,9 @@ class TrainRunner:
     cpu_threads: int
     force: bool
     skip_dense_forward: bool = False  # methods whose forward is dense attention: a "not run" record
+    # equal budget (``+runner.target_density=0.25``): every layer's method at the budget that reaches
+    # this density at the task's length (methods.budget; absent from conf: run_ids unchanged)
+    target_density: float | None = None
 
     def output_dirs(self) -> dict:
         """Where the run writes besides the store (checked before it starts)."""
@@ -146,6 +186,8 @@ class TrainRunner:
             model = instantiate(cfg.model, method=cfg.method, vocab_size=data["vocab_size"],
                                 num_classes=data["num_classes"], max_len=int(cfg.task.max_len),
                                 pad_id=data["pad_id"], cls_id=data.get("cls_id"), _recursive_=False).to(device)
+            if r.target_density is not None:
+                fit_budget(model, int(cfg.task.max_len), float(r.target_density), rec, int(cfg.seed))
             rec.causal = bool(getattr(model, "causal", True))
             _train(r, cfg, task, model, data, device, dtype, ckdir, rec, rank, world)
         except Exception as exc:  # noqa: BLE001 - recorded; a sweep goes on

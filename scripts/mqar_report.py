@@ -40,7 +40,7 @@ def setting_key(r: dict) -> tuple:
     c = r.get("config") or {}
     task, model, runner = c.get("task") or {}, c.get("model") or {}, c.get("runner") or {}
     return (task.get("num_kv_pairs"), task.get("max_len"), task.get("vocab_size"), model.get("depth"),
-            model.get("dim"), runner.get("steps"))
+            model.get("dim"), runner.get("steps"), runner.get("target_density"))
 
 
 def dense_forward(method: str) -> str:
@@ -98,7 +98,7 @@ def rows(recs: dict, wanted: list[str]) -> list[dict]:
                     "state_bytes": met.get("state_bytes"), "state_constant": met.get("state_constant"),
                     "steps": tr.get("steps"), "wall_s": tr.get("wall_s"),
                     "error": (r.get("error") or "")[:120], "forward": dense_forward(m), "device": device_of(r),
-                    "density": density_at_length(r) if r["status"] == "ok" else None})
+                    "density": met.get("density_achieved", density_at_length(r) if r["status"] == "ok" else None)})
     return out
 
 
@@ -156,14 +156,16 @@ def setting_of(recs: dict) -> str:
     for m, r in recs.items():
         keys.setdefault(setting_key(r), []).append(m)
     if len(keys) > 1:
-        raise ValueError("MQAR records of different settings (pairs, tokens, vocab, depth, width, steps) in one "
+        raise ValueError("MQAR records of different settings (pairs, tokens, vocab, depth, width, steps, target "
+                         "density) in one "
                          "table: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in keys.items()))
     for r in recs.values():
-        pairs, tokens, vocab, depth, dim, steps = setting_key(r)
+        pairs, tokens, vocab, depth, dim, steps, target = setting_key(r)
         devices = {device_of(x) for x in recs.values()}
         where = devices.pop() if len(devices) == 1 else "the device in each row"
-        return (f"{pairs} pairs in {tokens} tokens, vocab {vocab}; LM {depth} layers of width {dim}; {steps} steps, "
-                f"{where}")
+        budget = "" if target is None else f"every method at the budget for density {target} (its knob fitted); "
+        return (f"{pairs} pairs in {tokens} tokens, vocab {vocab}; LM {depth} layers of width {dim}; {budget}"
+                f"{steps} steps, {where}")
     return "no records"
 
 

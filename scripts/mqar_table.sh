@@ -13,6 +13,8 @@
 #   DENSE_FORWARD=skip | train (default: train, as the session-15 table ran them). skip: the KV-cache
 #     presses and decode-time selectors (forward = dense attention, methods.dense_forward) record
 #     "not run: forward is dense attention" instead of training
+#   TARGET_DENSITY=0.25: each method with a budget knob (methods.budget.KNOBS) trains at the budget that
+#     keeps that share of the causal pairs at the task's length; those without one record "not run"
 #   BUDGET_S=... (default 500: runs still going then are stopped; the table says "not run"; the
 #     same command with the same STORE resumes, finished runs skipped)
 # Time, from session 14's H200 run at the default size (6 runs at a time beside two quality jobs):
@@ -46,6 +48,9 @@ STEPS=${STEPS:-1500}
 BUDGET_ARGS=(runner.steps="$STEPS" runner.warmup_steps=$((STEPS / 10)) runner.eval_every="$STEPS"
              runner.ckpt_every="$STEPS")
 [ "${DENSE_FORWARD:-train}" = train ] || BUDGET_ARGS+=(runner.skip_dense_forward=true)
+# equal budget: every sparse method at the knob that keeps this share of the causal pairs at the task's
+# length (at 128 tokens nearly every sparse method's default budget is the whole sequence: dense)
+[ -z "${TARGET_DENSITY:-}" ] || BUDGET_ARGS+=("+runner.target_density=$TARGET_DENSITY")
 timeout --signal=INT --kill-after=20 "${BUDGET_S:-500}" \
     $AB -m "${LAUNCH[@]}" experiment="$EXPERIMENT" method="$METHODS" "${BUDGET_ARGS[@]}" \
         store="$STORE" "$@" \

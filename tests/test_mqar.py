@@ -154,3 +154,39 @@ def test_table_experiment_is_the_small_size_over_the_default_lm(compose_cfg):
     for key in ("dim", "depth", "heads", "head_dim", "mlp_dim", "embed_std", "tie_embeddings"):
         assert small.model[key] == default.model[key], key
     assert small.runner.lr == default.runner.lr and small.runner.weight_decay == default.runner.weight_decay
+
+
+def test_equal_budget_training_fits_every_layers_knob_to_the_target_density(compose_cfg, tmp_path, monkeypatch):
+    """+runner.target_density: the sliding window trains at the window whose share of causal
+    pairs at the task's length is nearest the target (fitted once, on the reference path, set
+    in every layer; the record says so); a method without a budget knob records "not run"."""
+    monkeypatch.setenv("ATTNBENCH_DATA", str(tmp_path / "data"))
+    common = (f"runner.checkpoint_dir={tmp_path}/ck", f"store={tmp_path}/mqar.jsonl", "runner.steps=2",
+              "runner.eval_every=2", "+runner.target_density=0.3")
+    cfg = compose_cfg("experiment=mqar/smoke", "method=sliding_window", *common, tiny=False)
+    rec = run(cfg)[0]
+    assert rec.status == "ok", rec.error
+    fit = rec.details["budget"]
+    T = rec.seq_len
+    assert fit["knob"] == "window" and 1 <= fit["value"] < T
+    w = int(fit["value"])  # the share of causal pairs a window of w keeps, computed here
+    pairs = sum(min(w, i + 1) for i in range(T)) / (T * (T + 1) / 2)
+    assert rec.metrics["density_achieved"] == pytest.approx(pairs) and abs(pairs - 0.3) < 0.05
+    assert rec.metrics["target_density"] == 0.3
+    rec = run(compose_cfg("experiment=mqar/smoke", "method=based", *common, tiny=False))[0]
+    assert rec.status == "skipped" and rec.error.startswith("not run: no budget knob")
+
+
+def test_fit_budget_sets_every_layer_and_keeps_its_path():
+    from types import SimpleNamespace
+
+    from models.lm import DecoderLM
+    from runners.train import fit_budget
+
+    cfg = methods.compose_method("sliding_window")
+    model = DecoderLM(cfg, vocab_size=16, max_len=64, dim=32, depth=3, heads=2, head_dim=16)
+    rec = SimpleNamespace(details={}, metrics={})
+    fit_budget(model, 64, 0.5, rec, seed=0)
+    windows = {b.method.window for b in model.blocks}
+    assert windows == {rec.details["budget"]["value"]} and next(iter(windows)) < 64
+    assert {b.method.impl for b in model.blocks} == {cfg.impl}  # fitted on the reference path, run on its own
