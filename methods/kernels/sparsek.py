@@ -150,6 +150,17 @@ def sparsek_tile_attention(q, k, v, plan: dict, pos0: int, window: int, scale=No
 if triton is not None:
 
     @triton.jit
+    def _cand_block(POS, VAL, j0, n, rin, lim, kth, BLOCK_N: tl.constexpr):
+        """Candidates j0 .. j0 + BLOCK_N - 1 of a list of n (positions POS, scores VAL): their
+        positions, scores, which exist, and which of the tile's rows select them (j <= the row's
+        limit, u_j >= its k-th best)."""
+        jj = j0 + tl.arange(0, BLOCK_N)
+        live = jj < n
+        kp = tl.load(POS + jj, mask=live, other=0)
+        u = tl.load(VAL + jj, mask=live, other=float("-inf"))
+        return kp, u, live, rin[:, None] & live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None])
+
+    @triton.jit
     def _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt, svt, D,
                            offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, CAND: tl.constexpr):
         """One block of keys at positions kp (``live``) for the tile's rows, under ``ok``:
@@ -202,20 +213,12 @@ if triton is not None:
         kbase, vbase = K + b * skb + hk * skh, V + b * svb + hk * svh
         dkbase, dvbase, dubase = DK + bhk * TK * D, DV + bhk * TK * D, DU + bhk * TK
         for j0 in range(tl.load(START + bhk * NT + qt), L, BLOCK_N):  # the shared candidates
-            jj = j0 + tl.arange(0, BLOCK_N)
-            live = jj < L
-            kp = tl.load(ORD + bhk * L + jj, mask=live, other=0)
-            u = tl.load(SV + bhk * L + jj, mask=live, other=float("-inf"))
-            ok = rin[:, None] & live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None])
+            kp, u, live, ok = _cand_block(ORD + bhk * L, SV + bhk * L, j0, L, rin, lim, kth, BLOCK_N)
             dq, a_row = _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt,
                                            svt, D, offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, True)
         n_new = tl.load(NNEW + bhk)
         for j0 in range(0, n_new, BLOCK_N):  # the chunk's newer candidates
-            jj = j0 + tl.arange(0, BLOCK_N)
-            live = jj < n_new
-            kp = tl.load(NEWP + bhk * MP + jj, mask=live, other=0)
-            u = tl.load(NEWV + bhk * MP + jj, mask=live, other=float("-inf"))
-            ok = rin[:, None] & live[None, :] & (kp[None, :] <= lim[:, None]) & (u[None, :] >= kth[:, None])
+            kp, u, live, ok = _cand_block(NEWP + bhk * MP, NEWV + bhk * MP, j0, n_new, rin, lim, kth, BLOCK_N)
             dq, a_row = _sparsek_bwd_block(dq, a_row, q, do, lse, delta, kbase, vbase, dkbase, dvbase, dubase, skt,
                                            svt, D, offs_d, kp, live, ok, u, tau, qk_scale, sm_scale, True)
         first = POS0 + qt * BLOCK_M
