@@ -39,6 +39,8 @@ KNOBS: dict[str, tuple[str, bool, Callable]] = {
     "hip": ("top_k", True, lambda m, tq, tk: (m.block_k, max(m.block_k, tk))),
     "nsa": ("num_selected", True, lambda m, tq, tk: (1, math.ceil(tk / m.block_size))),
     "sample_attention": ("alpha", False, lambda m, tq, tk: (1e-4, 1.0)),
+    "sea": ("top_k_blocks", True, lambda m, tq, tk: (1, math.ceil(tk / m.block_size))),
+    "streaming_llm": ("window", True, lambda m, tq, tk: (1, tk)),
     "sparge": ("cdf_threshold", False, lambda m, tq, tk: (0.0, 1.0)),
 }
 MINFERENCE_KNOBS = {  # pattern -> (knob, bounds)

@@ -24,9 +24,12 @@ CASES = {  # name, hyperparameters (small), the knob's values to try by brute fo
                         slash_mode="lines"), range(0, T + 1)),
     "minference_bs": (dict(pattern="block_sparse", block_size=8), range(1, T // 8 + 1)),
     "minference_a": (dict(pattern="a_shape", num_sink=4), range(1, T + 1)),
+    "sea": (dict(block_size=8, num_features=16), range(1, T // 8 + 1)),
+    "streaming_llm": (dict(num_sink=2), range(1, T + 1)),
 }
 KNOB = {"sliding_window": "window", "bigbird": "num_window_blocks", "hip": "top_k", "nsa": "num_selected",
-        "minference": "slash_size", "minference_bs": "top_k_blocks", "minference_a": "window"}
+        "minference": "slash_size", "minference_bs": "top_k_blocks", "minference_a": "window",
+        "sea": "top_k_blocks", "streaming_llm": "window"}
 
 
 def build(case, **kw):
