@@ -264,7 +264,7 @@ class SparseK(AttentionMethod):
         k-th best - 1, which is at least that); then each row's k-th best, tau and pairs attended
         in one kernel (``kernels.sparsek.sparsek_select``). Nothing is read back to the host:
         the sizes follow from first, c and the window. The plan's ``shared`` is the next chunk's."""
-        from methods.kernels.sparsek import select_iters, sparsek_select
+        from methods.kernels.sparsek import sparsek_select
 
         B, Hkv, _ = u.shape
         w, k = self.window, self.k
@@ -281,7 +281,7 @@ class SparseK(AttentionMethod):
             n_new = (newv >= sv[..., s0 - k:s0 - k + 1] - 1).sum(-1)  # [B, Hkv], on the device
         flat = lambda x: x.reshape(B * Hkv, x.shape[-1])  # noqa: E731
         kth, tau, pairs, nfree = (x.view(B, Hkv, c) for x in sparsek_select(
-            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, select_iters(u.dtype), n_new=n_new))
+            flat(sv), flat(cs), flat(newv), flat(newp), first, c, w, k, n_new=n_new))
         return dict(sv=sv, order=order, newp=newp, newv=newv, n_new=n_new, tau=tau, kth=kth, pairs=pairs.sum(),
                     nfree=nfree, shared=(sv, order))
 
@@ -308,8 +308,7 @@ class SparseK(AttentionMethod):
             if grad:  # with the kernels' backward
                 out = _SparseKKernel.apply(q, k, v, u, self, off, chunk, scale)
             else:
-                out, _, counted = self._kernel_forward(q, k, v, u, off, chunk, scale, keep_lse=False)
-                self._counted = counted
+                out, _, self._counted = self._kernel_forward(q, k, v, u, off, chunk, scale, keep_lse=False)
             self.last_density = float(self._counted) / float(B * H * masks.causal_pairs(tq, tk))
             return out.to(q.dtype)
         for a in range(0, tq, chunk):

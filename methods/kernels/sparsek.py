@@ -271,21 +271,20 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, ITERS,
-                        R: tl.constexpr, TILE: tl.constexpr):
-        """Rows of one (batch, KV head): bisection on tau of f(tau) = sum clip(u - tau, 0, 1)
-        over the row's candidates = the shared ones (sorted SV, prefix sums CS: two counts by
-        binary search) and the newer ones NEW at positions NEWP <= LIM[row]; (LO, HI) in, the
-        final bracket out. The counts at the bracket's ends bound the counts at its middle, so
-        each search narrows as the bracket does."""
-        bh = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * R + tl.arange(0, R)
-        live = rows < C
-        lo = tl.load(LO + bh * C + rows, mask=live, other=0.0)
-        hi = tl.load(HI + bh * C + rows, mask=live, other=0.0)
-        kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
-        lim = tl.load(LIM + rows, mask=live, other=-1)
-        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+    def _newer(new, newp, j0, M, lim, TILE: tl.constexpr):
+        """Newer candidates j0 .. j0 + TILE - 1 of M (scores, -inf past M) and which of them each
+        row sees (position <= its limit lim [R]): (x [TILE], vis [R, TILE])."""
+        j = j0 + tl.arange(0, TILE)
+        x = tl.load(new + j, mask=j < M, other=float("-inf"))
+        p = tl.load(newp + j, mask=j < M, other=0)
+        return x, (j < M)[None, :] & (p[None, :] <= lim[:, None])
+
+    @triton.jit
+    def _bisect_tau(sv, cs, new, newp, lim, lo, hi, kk, L, M, ITERS, R: tl.constexpr, TILE: tl.constexpr):
+        """ITERS halvings of each row's bracket (lo, hi) on tau of f(tau) = sum clip(u - tau, 0, 1)
+        over its candidates = the shared ones (sorted sv, prefix sums cs: two counts by binary
+        search) and the newer ones it sees: where f > kk the root is above. The counts at the
+        bracket's ends bound the counts at its middle, so each search narrows as the bracket does."""
         a_lo = tl.zeros([R], tl.int32)  # entries <= lo (a lower bound), <= hi (an upper bound)
         a_hi = a_lo + L
         b_lo, b_hi = a_lo, a_hi  # the same for entries < lo + 1, < hi + 1
@@ -295,15 +294,29 @@ if triton is not None:
             b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # entries < tau + 1
             f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
             for j0 in range(0, M, TILE):
-                j = j0 + tl.arange(0, TILE)
-                x = tl.load(new + j, mask=j < M, other=0.0)
-                p = tl.load(newp + j, mask=j < M, other=0)
-                clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
-                f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
+                x, vis = _newer(new, newp, j0, M, lim, TILE)
+                f += tl.sum(tl.where(vis, tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0), 0.0), 1)
             more = f > kk
             lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
             a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
             b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
+        return lo, hi
+
+    @triton.jit
+    def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, ITERS,
+                        R: tl.constexpr, TILE: tl.constexpr):
+        """Rows of one (batch, KV head): bisection on tau (``_bisect_tau``) over the row's
+        candidates = the shared ones (SV, CS) and the newer ones NEW at positions NEWP <=
+        LIM[row]; (LO, HI) in, the final bracket out."""
+        bh = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        live = rows < C
+        lo = tl.load(LO + bh * C + rows, mask=live, other=0.0)
+        hi = tl.load(HI + bh * C + rows, mask=live, other=0.0)
+        kk = tl.load(KK + bh * C + rows, mask=live, other=0.0)
+        lim = tl.load(LIM + rows, mask=live, other=-1)
+        sv, cs, new, newp = SV + bh * L, CS + bh * (L + 1), NEW + bh * M, NEWP + bh * M
+        lo, hi = _bisect_tau(sv, cs, new, newp, lim, lo, hi, kk, L, M, ITERS, R, TILE)
         tl.store(LO + bh * C + rows, lo, mask=live)
         tl.store(HI + bh * C + rows, hi, mask=live)
 
@@ -355,10 +368,7 @@ if triton is not None:
         kth = tl.load(sv + tl.maximum(at0, 0), mask=live & (at0 >= 0), other=-big)
         seen = tl.zeros([R], tl.int32)
         for j0 in range(0, M, TILE):
-            j = j0 + tl.arange(0, TILE)
-            x = tl.load(new + j, mask=j < M, other=-big)
-            p = tl.load(newp + j, mask=j < M, other=0)
-            vis = (j < M)[None, :] & (p[None, :] <= lim[:, None])
+            x, vis = _newer(new, newp, j0, M, lim, TILE)
             t = seen[:, None] + tl.cumsum(vis.to(tl.int32), axis=1)  # 1-based rank among the seen
             at = at0[:, None] + t
             a = tl.load(sv + tl.maximum(at, 0), mask=vis & (t < K) & (at >= 0) & live[:, None], other=-big)
@@ -368,59 +378,37 @@ if triton is not None:
         full = n <= K
         kth = tl.where(full, -big, kth)
         # tau in [kth - 1, kth): f(kth - 1) >= K (the best K give 1 each), f(kth) < K
-        lo, hi = kth - 1.0, kth
-        a_lo = tl.zeros([R], tl.int32)
-        a_hi = a_lo + L
-        b_lo, b_hi = a_lo, a_hi
-        kf = K * 1.0
-        for _ in range(ITERS):
-            mid = (lo + hi) / 2
-            a = _count_sorted(sv, mid, a_lo, a_hi, True)  # shared entries <= tau
-            b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # shared entries < tau + 1
-            f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
-            for j0 in range(0, M, TILE):
-                j = j0 + tl.arange(0, TILE)
-                x = tl.load(new + j, mask=j < M, other=-big)
-                p = tl.load(newp + j, mask=j < M, other=0)
-                clip = tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0)
-                f += tl.sum(tl.where((j < M)[None, :] & (p[None, :] <= lim[:, None]), clip, 0.0), 1)
-            more = f > kf
-            lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
-            a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
-            b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
+        lo, hi = _bisect_tau(sv, cs, new, newp, lim, kth - 1.0, kth, K * 1.0, L, M, ITERS, R, TILE)
         tau = tl.where(full, -big, (lo + hi) / 2)
         # pairs: candidates >= kth (kth > tau: each has a weight)
         ge = L - _count_sorted(sv, kth, tl.zeros([R], tl.int32), tl.zeros([R], tl.int32) + L, False)
         for j0 in range(0, M, TILE):
-            j = j0 + tl.arange(0, TILE)
-            x = tl.load(new + j, mask=j < M, other=-big)
-            p = tl.load(newp + j, mask=j < M, other=0)
-            ge += tl.sum(((j < M)[None, :] & (p[None, :] <= lim[:, None]) & (x[None, :] >= kth[:, None])).to(tl.int32), 1)
+            x, vis = _newer(new, newp, j0, M, lim, TILE)
+            ge += tl.sum((vis & (x[None, :] >= kth[:, None])).to(tl.int32), 1)
         pairs = tl.where(full, n, ge)
         zero = tl.zeros([R], tl.int32)
         free = _count_sorted(sv, tau + 1, zero, zero + L, False) - _count_sorted(sv, tau, zero, zero + L, True)
         for j0 in range(0, M, TILE):
-            j = j0 + tl.arange(0, TILE)
-            x = tl.load(new + j, mask=j < M, other=-big)
-            p = tl.load(newp + j, mask=j < M, other=0)
-            inside = (x[None, :] > tau[:, None]) & (x[None, :] < tau[:, None] + 1.0)
-            free += tl.sum(((j < M)[None, :] & (p[None, :] <= lim[:, None]) & inside).to(tl.int32), 1)
+            x, vis = _newer(new, newp, j0, M, lim, TILE)
+            free += tl.sum((vis & (x[None, :] > tau[:, None]) & (x[None, :] < tau[:, None] + 1.0)).to(tl.int32), 1)
         tl.store(NFREE + bh * C + r, tl.where(full, 0, free), mask=live)
         tl.store(KTH + bh * C + r, kth, mask=live)
         tl.store(TAU + bh * C + r, tau, mask=live)
         tl.store(PAIRS + bh * C + r, pairs, mask=live)
 
 
-def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int, iters: int = 24, n_new=None):
+def sparsek_select(sv, cs, new, newp, first: int, rows: int, window: int, k: int, iters: int | None = None,
+                   n_new=None):
     """The kernel path's selection for ``rows`` query rows at key positions first .. first +
     rows - 1 (``SparseK._kernel_plan``): sv [BH, L] the shared candidates sorted ascending, cs
     [BH, L + 1] their prefix sums; new, newp [BH, M] newer candidates in descending score
     order with their positions (only those that can be in a top-k or weigh: the rest may be left
     out). ``n_new`` [BH]: how many of each row of ``new`` count (the rest are padding; None: all),
     read by the kernel, not the host. Returns (kth, tau, pairs, nfree), each [BH, rows]. ``iters``
-    halvings of tau's bracket [kth - 1, kth): 24 reach fp32's resolution at scores of order 1."""
+    halvings of tau's bracket [kth - 1, kth) (None: ``select_iters``)."""
     BH, L = sv.shape
     M = new.shape[-1]
+    iters = select_iters(sv.dtype) if iters is None else iters
     sv, cs = sv.contiguous(), cs.to(sv.dtype).contiguous()
     if not L:  # the kernel indexes the shared arrays: one unread slot
         sv, cs = sv.new_zeros(BH, 1), cs.new_zeros(BH, 2)
