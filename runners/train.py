@@ -79,17 +79,21 @@ class NoBudget(Exception):
 
 
 def fit_budget(model, T: int, target: float, rec, seed: int) -> None:
-    """Every layer's attention method at the budget that reaches ``target`` density at ``T``
-    tokens: the knob fitted once (``methods.budget.fit_density``) on the first layer's method
-    through its reference path (which counts pairs; a FlexAttention path counts blocks of 128,
-    which a short sequence fills) on seeded random inputs of the layer's heads, then set in
-    every layer. The record carries the fit (``details.budget``) and the achieved density
-    (``metrics.density_achieved``, ``metrics.target_density``). NoBudget where there is no knob."""
+    """Every attention method of ``model`` at the budget that reaches ``target`` density at ``T``
+    tokens (causal as the model is): the knob fitted once (``methods.budget.fit_density``) on the
+    first method through its reference path (which counts pairs; a FlexAttention path counts
+    blocks of 128, which a short sequence fills) on seeded random inputs of its heads, then set
+    in every one, each keeping its own path. The record carries the fit (``details.budget``) and
+    the achieved density (``metrics.density_achieved``, ``metrics.target_density``). NoBudget
+    where there is no knob."""
     import copy
 
     from methods import budget
+    from methods.base import AttentionMethod
 
-    first = model.blocks[0].method if hasattr(model, "blocks") else model.method
+    slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, AttentionMethod)]
+    first = slots[0][2]
     if budget.knob(first) is None:
         raise NoBudget(f"{type(first).__name__} has no budget knob (methods.budget.KNOBS)")
     ref = copy.deepcopy(first).cpu()
@@ -99,11 +103,9 @@ def fit_budget(model, T: int, target: float, rec, seed: int) -> None:
     H, Hkv, D = ref.num_heads, ref.num_kv_heads, ref.head_dim
     q = torch.randn(1, H, T, D, generator=g)
     k, v = (torch.randn(1, Hkv, T, D, generator=g) for _ in range(2))
-    fit = budget.fit_density(ref, q, k, v, True, target)
-    for block in getattr(model, "blocks", []):
-        impl = block.method.impl
-        block.method = budget.with_budget(block.method, fit.value)
-        block.method.impl = impl
+    fit = budget.fit_density(ref, q, k, v, bool(getattr(model, "causal", True)), target)
+    for parent, name, child in slots:
+        setattr(parent, name, budget.with_budget(child, fit.value))  # a copy of each: its own path kept
     rec.details["budget"] = fit.record()
     rec.metrics["target_density"], rec.metrics["density_achieved"] = float(target), float(fit.density)
 

@@ -178,15 +178,22 @@ def test_equal_budget_training_fits_every_layers_knob_to_the_target_density(comp
 
 
 def test_fit_budget_sets_every_layer_and_keeps_its_path():
+    """Every attention method of the model (a decoder's, and an LRA encoder's, which sits one
+    module deeper and attends both ways) at the fitted knob, each on its own path."""
     from types import SimpleNamespace
 
     from models.lm import DecoderLM
+    from models.lra_encoder import LRAEncoder
     from runners.train import fit_budget
 
     cfg = methods.compose_method("sliding_window")
-    model = DecoderLM(cfg, vocab_size=16, max_len=64, dim=32, depth=3, heads=2, head_dim=16)
-    rec = SimpleNamespace(details={}, metrics={})
-    fit_budget(model, 64, 0.5, rec, seed=0)
-    windows = {b.method.window for b in model.blocks}
-    assert windows == {rec.details["budget"]["value"]} and next(iter(windows)) < 64
-    assert {b.method.impl for b in model.blocks} == {cfg.impl}  # fitted on the reference path, run on its own
+    for model, get in ((DecoderLM(cfg, vocab_size=16, max_len=64, dim=32, depth=3, heads=2, head_dim=16),
+                        lambda b: b.method),
+                       (LRAEncoder(cfg, vocab_size=16, num_classes=2, max_len=64, dim=32, depth=2, heads=2,
+                                   head_dim=16, causal=False), lambda b: b.attn.method)):
+        rec = SimpleNamespace(details={}, metrics={})
+        fit_budget(model, 64, 0.5, rec, seed=0)
+        windows = {get(b).window for b in model.blocks}
+        assert windows == {rec.details["budget"]["value"]} and next(iter(windows)) < 64
+        assert {get(b).impl for b in model.blocks} == {cfg.impl}  # fitted on the reference path, run on its own
+        assert 0.4 < rec.metrics["density_achieved"] < 0.6
