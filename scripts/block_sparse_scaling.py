@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods import masks  # noqa: E402
 from methods.kernels import block_sparse as bsk  # noqa: E402
 from runners import bench, records  # noqa: E402
+from tasks.fidelity import errors  # noqa: E402
 
 
 def causal_layout(nq: int, nk: int, block_m: int, block_n: int, density: float, heads: int, seed: int,
@@ -66,8 +67,7 @@ def kept_pairs(layout: torch.Tensor, T: int, block_m: int, block_n: int) -> floa
 
 
 def rel_err(out, ref) -> float:
-    out, ref = out.float(), ref.float()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    return errors(out, ref)["rel_err"]
 
 
 def kernel(T: int, D: int, H: int, density: float, dtype, device, seed: int, grad: bool):

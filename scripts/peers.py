@@ -41,13 +41,13 @@ SDPA = "SDPA causal (cuDNN)"  # the linear suite's baseline: most rows' error is
 
 
 def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| in fp32 over the whole output: out in attnbench's layout [B, H, T, D]
-    or fla's [B, T, H, D] (transposed back), or fla's (output, final state)."""
+    """||out - ref|| / ||ref|| over the whole output (``tasks.fidelity.errors``): out in
+    attnbench's layout [B, H, T, D] or fla's [B, T, H, D] (transposed back), or fla's (output,
+    final state)."""
+    from tasks.fidelity import errors
+
     out = out[0] if isinstance(out, tuple) else out
-    if out.shape != ref.shape:
-        out = out.transpose(1, 2)
-    out, ref = out.float(), ref.float()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    return errors(out if out.shape == ref.shape else out.transpose(1, 2), ref)["rel_err"]
 
 
 def _time(fn):
