@@ -1,22 +1,12 @@
 """scripts/block_sparse_scaling.py (issue 28, target 1's density scaling and backward) on the
 CPU: the Triton interpreter at a toy size, no timings; the full-density kernel equals SDPA
 (outputs and gradients) and the sparse layouts keep the diagonal and about the density asked."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
-
-def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "block_sparse_scaling.py"
-    spec = importlib.util.spec_from_file_location("block_sparse_scaling", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from scripts import block_sparse_scaling as s
 
 
 def test_full_density_equals_sdpa_and_sparse_layouts_keep_the_diagonal():
-    s = _script()
     cpu = torch.device("cpu")
     full = s.measure(256, 16, 2, 1.0, torch.float32, cpu, backward=True)
     assert full["density"] == 1.0 and full["rel_err_vs_exact"] < 1e-5 and full["grad_rel_err_vs_sdpa"] < 1e-5
