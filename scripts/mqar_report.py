@@ -13,20 +13,17 @@ must share the task, model and step budget (an error names the difference otherw
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def newest(*stores: Path) -> dict:
-    """The newest MQAR record of each method over ``stores`` (each appended in time order)."""
+    """The newest MQAR record of each method over ``stores`` (``runners.records.read``)."""
+    from runners import records
+
     recs = {}
-    for store in stores:
-        for line in store.read_text().splitlines() if store.exists() else []:
-            if line.strip():
-                r = json.loads(line)
-                if r.get("task") == "mqar" and (r["method"] not in recs or
-                                               str(r.get("time", "")) >= str(recs[r["method"]].get("time", ""))):
-                    recs[r["method"]] = r
+    for r in sorted((r for store in stores for r in records.read(store) if r.get("task") == "mqar"),
+                    key=lambda r: str(r.get("time", ""))):
+        recs[r["method"]] = r  # in time order: the last one wins
     return recs
 
 
@@ -98,7 +95,8 @@ def rows(recs: dict, wanted: list[str]) -> list[dict]:
                     "state_bytes": met.get("state_bytes"), "state_constant": met.get("state_constant"),
                     "steps": tr.get("steps"), "wall_s": tr.get("wall_s"),
                     "error": (r.get("error") or "")[:120], "forward": dense_forward(m), "device": device_of(r),
-                    "density": met.get("density_achieved", density_at_length(r) if r["status"] == "ok" else None)})
+                    "density": met["density_achieved"] if "density_achieved" in met else
+                    density_at_length(r) if r["status"] == "ok" else None})
     return out
 
 

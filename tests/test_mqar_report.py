@@ -1,12 +1,16 @@
 """scripts/mqar_report.py: one row per method asked for, failures with their error, methods
 without a record as not run, the newest record of a method counting, and the plot written."""
+import itertools
 import json
 
 from scripts import mqar_report
 
+_IDS = itertools.count()  # records need a run_id (runners.records.read)
+
 
 def _rec(method, status="ok", acc=None, state=None, error=None):
-    return {"method": method, "task": "mqar", "status": status, "error": error, "device": "cpu",
+    return {"run_id": f"{method}-{next(_IDS)}", "method": method, "task": "mqar", "status": status, "error": error,
+            "device": "cpu",
             "metrics": {} if acc is None else {"test_acc": acc, "val_acc": acc, "state_bytes": state,
                                                "state_constant": state is not None and state < 5000},
             "train": {"steps": 7, "wall_s": 1.0},
