@@ -135,10 +135,16 @@ class SparseK(AttentionMethod):
         return {"k": self.k, "window": self.window, "position_slope": self.position_slope}
 
     def scores(self, k):
-        """u = k w + b + position_slope * j over the keys' positions j: [B, Hkv, T]."""
-        u = self.score(k.to(self.score.weight.dtype)).squeeze(-1)
+        """u = k w + b + position_slope * j over the keys' positions j: [B, Hkv, T], computed in
+        float32 at least (k and the scorer upcast). In bfloat16 the position term (j up to the
+        sequence length) would be rounded to steps of 1 above u = 128, and the weights
+        clip(u - tau, 0, 1) with it: a relative output error of 0.15 at 1.5k tokens, slope 0.1,
+        against 0.026 for the same attention with float32 scores (session 17)."""
+        w = self.score.weight
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        u = torch.nn.functional.linear(k.to(dtype), w.to(dtype)).squeeze(-1) + self.score.bias.to(dtype)
         if self.position_slope:
-            u = u + self.position_slope * torch.arange(k.shape[2], device=k.device, dtype=u.dtype)
+            u = u + self.position_slope * torch.arange(k.shape[2], device=k.device, dtype=dtype)
         return u
 
     def _soft_mask_rows(self, u, rows, tk, kpm):

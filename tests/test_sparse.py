@@ -567,11 +567,12 @@ def test_sparsek_kernel_gradients_equal_the_reference(slope):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
 def test_sparsek_kernel_forward_and_gradients_on_gpu(dtype, tol):
     """The compiled kernels (not the interpreter: real atomics, real tiles) at a size with many
     chunks and tiles: output and the gradients of q, k, v and the scorer against impl=reference
-    in float64 on the same inputs, relative to each tensor's largest entry."""
+    in float64 on the same inputs, relative to each tensor's largest entry. float32: the kernels'
+    dots run in TF32; bfloat16: the scores stay float32 (SparseK.scores), the attention is bf16."""
     kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, k=32, window=64, position_slope=0.1)
     m = methods.load("sparsek", impl="triton", **kw).cuda().to(dtype)
     ref = methods.load("sparsek", impl="reference", **kw).cuda().double()
@@ -589,3 +590,20 @@ def test_sparsek_kernel_forward_and_gradients_on_gpu(dtype, tol):
     for name, got, want in zip(("out", "q", "k", "v", "w"), *results):
         err = float((got.double() - want).abs().max() / want.abs().max())
         assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+def test_sparsek_in_bfloat16_keeps_its_scores_in_float32(impl):
+    """A bfloat16 SparseK with a position term (u_j up to 150 here) selects and weights keys as
+    the float64 one does: the scores are computed in float32 (in bf16, u rounded to steps of 1
+    above 128 moved the weights clip(u - tau, 0, 1) wholesale: an error of 0.15 to 0.19)."""
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, k=32, window=64, position_slope=0.1)
+    m = methods.load("sparsek", impl=impl, **kw).to(torch.bfloat16)
+    ref = methods.load("sparsek", impl="reference", **kw).double()
+    ref.load_state_dict(m.state_dict())
+    assert m.scores(torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)).dtype == torch.float32
+    q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=1500, D=64, dtype=torch.float32)
+    with torch.no_grad():
+        got = m(*(t.bfloat16() for t in (q, k, v)), causal=True).double()
+        want = ref(*(t.double() for t in (q, k, v)), causal=True)
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05
