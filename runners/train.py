@@ -91,8 +91,14 @@ def fit_budget(model, T: int, target: float, rec, seed: int) -> None:
     from methods import budget
     from methods.base import AttentionMethod
 
-    slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, AttentionMethod)]
+    def outermost(parent):  # the model's attention methods, not the parts inside one (SEA's Performer estimator)
+        for name, child in parent.named_children():
+            if isinstance(child, AttentionMethod):
+                yield parent, name, child
+            else:
+                yield from outermost(child)
+
+    slots = list(outermost(model))
     first = slots[0][2]
     if budget.knob(first) is None:
         raise NoBudget(f"{type(first).__name__} has no budget knob (methods.budget.KNOBS)")

@@ -197,3 +197,22 @@ def test_fit_budget_sets_every_layer_and_keeps_its_path():
         assert windows == {rec.details["budget"]["value"]} and next(iter(windows)) < 64
         assert {get(b).impl for b in model.blocks} == {cfg.impl}  # fitted on the reference path, run on its own
         assert 0.4 < rec.metrics["density_achieved"] < 0.6
+
+
+def test_fit_budget_sets_the_outer_method_not_the_parts_inside_it():
+    """SEA holds a Performer (its estimator), itself an attention method: the budget is SEA's
+    knob, set on SEA in every layer; the estimator inside is left as it is (it was taken for a
+    layer's method and failed the run: "Performer has no budget knob", session 17 on the H200)."""
+    from types import SimpleNamespace
+
+    from models.lm import DecoderLM
+    from runners.train import fit_budget
+
+    model = DecoderLM(methods.compose_method("sea"), vocab_size=16, max_len=128, dim=32, depth=2, heads=2,
+                      head_dim=16)
+    estimators = [b.method.estimator for b in model.blocks]
+    rec = SimpleNamespace(details={}, metrics={})
+    fit_budget(model, 128, 0.25, rec, seed=0)
+    assert rec.details["budget"]["knob"] == "top_k_blocks"
+    assert {b.method.top_k_blocks for b in model.blocks} == {rec.details["budget"]["value"]}
+    assert all(type(b.method.estimator) is type(e) for b, e in zip(model.blocks, estimators))
