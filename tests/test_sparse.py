@@ -567,12 +567,14 @@ def test_sparsek_kernel_gradients_equal_the_reference(slope):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
 def test_sparsek_kernel_forward_and_gradients_on_gpu(dtype, tol):
     """The compiled kernels (not the interpreter: real atomics, real tiles) at a size with many
     chunks and tiles: output and the gradients of q, k, v and the scorer against impl=reference
-    in float64 on the same inputs, relative to each tensor's largest entry. float32: the kernels'
-    dots run in TF32; bfloat16: the scores stay float32 (SparseK.scores), the attention is bf16."""
+    in float64 on the same inputs (rounded to the dtype: the selection moves with a 0.4% change
+    of k), relative to each tensor's largest entry. float32: the kernels' dots run in TF32;
+    bfloat16: the scores stay float32 (SparseK.scores), the attention is bf16 (on the CPU the
+    gather path's errors are 0.3-0.7% here)."""
     kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, k=32, window=64, position_slope=0.1)
     m = methods.load("sparsek", impl="triton", **kw).cuda().to(dtype)
     ref = methods.load("sparsek", impl="reference", **kw).cuda().double()
@@ -582,7 +584,7 @@ def test_sparsek_kernel_forward_and_gradients_on_gpu(dtype, tol):
     go = torch.randn(1, 4, 1500, 64, generator=torch.Generator().manual_seed(7))
     results = []
     for mod, dt in ((m, dtype), (ref, torch.float64)):
-        x = [t.cuda().to(dt).requires_grad_() for t in (q, k, v)]
+        x = [t.cuda().to(dtype).to(dt).requires_grad_() for t in (q, k, v)]  # the same (rounded) inputs
         out = mod(*x, causal=True)
         (out * go.cuda().to(dt)).sum().backward()
         results.append([out] + [t.grad for t in x] + [mod.score.weight.grad])
@@ -605,5 +607,5 @@ def test_sparsek_in_bfloat16_keeps_its_scores_in_float32(impl):
     q, k, v = seeded_qkv(B=1, H=4, Hkv=2, T=1500, D=64, dtype=torch.float32)
     with torch.no_grad():
         got = m(*(t.bfloat16() for t in (q, k, v)), causal=True).double()
-        want = ref(*(t.double() for t in (q, k, v)), causal=True)
-    assert float((got - want).abs().max() / want.abs().max()) < 0.05
+        want = ref(*(t.bfloat16().double() for t in (q, k, v)), causal=True)  # the same rounded inputs
+    assert float((got - want).abs().max() / want.abs().max()) < 0.02
