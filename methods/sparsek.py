@@ -120,13 +120,16 @@ class SparseK(AttentionMethod):
     _on_gpu = False
 
     def __init__(self, k: int = 256, window: int = 256, query_chunk: int = 256, impl: str = "gather",
-                 kernel_chunk: int = 1024, position_slope: float = 0.0, **structural):
+                 kernel_chunk: int = 2048, position_slope: float = 0.0, **structural):
         super().__init__(impl=impl, **structural)
         for name, value in (("k", k), ("window", window), ("query_chunk", query_chunk), ("kernel_chunk", kernel_chunk)):
             check_int("SparseK", name, value)
         self.k, self.window, self.query_chunk = k, window, query_chunk
         # the kernel holds nothing per chunk, so its selection takes at least this many queries
-        # at a time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head)
+        # at a time (fewer PyTorch passes; the selection's memory is chunk^2 floats per KV head).
+        # 2048 since session 17 on the H200 (results/efficiency/kernels/sparsek_chunk_93896d5.jsonl,
+        # 64k, B=1, H=32, D=128): forward 49.0 ms (1024: 67.6, launch-bound: 38.6 ms of kernels),
+        # backward 144 ms (1024: 109); forward + backward 196 against 182, dense 232
         self.kernel_chunk = kernel_chunk
         self.score = nn.Linear(self.head_dim, 1)  # the scoring network (shared by the KV heads)
         self.position_slope = float(position_slope)
