@@ -130,9 +130,9 @@ def _markdown(df: pd.DataFrame) -> str:
                      "Each method's budget knob fitted per length to the target density on the timed "
                      "inputs (methods/budget.py); rel err on the fidelity task's structured (and random) "
                      "inputs at that budget; density: what the fitted knob achieved.\n")
-    bad = failures_table(df)
-    if not bad.empty:
-        parts.append(f"### Failed runs ({len(bad)})\n\n" + bad.to_markdown(index=False, disable_numparse=True) + "\n")
+    for title, t in (("Failed runs", failures_table(df)), ("Not run", failures_table(df, skipped=True))):
+        if not t.empty:
+            parts.append(f"### {title} ({len(t)})\n\n" + t.to_markdown(index=False, disable_numparse=True) + "\n")
     return "\n".join(parts) if parts else NO_RECORDS
 
 

@@ -334,10 +334,15 @@ def decode_table(df: pd.DataFrame) -> pd.DataFrame:
         columns="_o").reset_index(drop=True)
 
 
-def failures_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Every record that did not succeed, with its reason in full: what ran, where, and why it
-    failed (the tables show the status and the start of the reason)."""
-    bad = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
+def failures_table(df: pd.DataFrame, skipped: bool = False) -> pd.DataFrame:
+    """Every record that failed (status error, oom, failed_correctness), with its reason in
+    full: what ran, where, and why (the tables show the status and the start of the reason).
+    ``skipped=True``: the records deliberately not run instead (status skipped, "not run: ..."
+    with the reason: data absent, no budget knob, forward is dense attention), which are not
+    failures."""
+    if "status" not in df:
+        return pd.DataFrame()
+    bad = df[df["status"] == "skipped"] if skipped else df[~df["status"].isin(["ok", "skipped"])]
     rows = [{"method": r["method"], "impl": r["impl"], "runner": r["runner"], "task": r["task"],
              "length": "-" if pd.isna(r["seq_len"]) else int(r["seq_len"]), "device": r["device"],
              "status": r["status"], "reason": " ".join(str(r["error"] or "-").replace("|", "/").split())[:300]}
@@ -362,9 +367,9 @@ def tables(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     budget = budget_table(df)
     if not budget.empty:
         out.append(("Equal budget: quality at a target density", budget))
-    bad = failures_table(df)
-    if not bad.empty:
-        out.append(("Failed runs", bad))
+    for title, t in (("Failed runs", failures_table(df)), ("Not run", failures_table(df, skipped=True))):
+        if not t.empty:
+            out.append((title, t))
     return out
 
 

@@ -65,6 +65,21 @@ def test_a_store_where_every_record_failed_shows_each_failure_with_its_reason(tm
     assert "### Failed runs (3)" in text
     lra = text.split("### Long Range Arena")[1].split("###")[0]
     assert "error: ValueError" in lra
+    assert "### Not run" not in text
+
+
+def test_runs_deliberately_not_run_are_listed_apart_from_the_failures(tmp_path):
+    """A skipped record ("not run: <why>") is not a failure: it has its own section with its
+    reason, and the failures section counts only the real failures."""
+    path = _store(tmp_path / "r.jsonl", [
+        _rec("nystrom", 96, status="error"),
+        _rec("h2o", 0, status="skipped", runner="train", task="lra/listops",
+             error="not run: forward is dense attention (a KV-cache press)")])
+    text = render(load(path))
+    assert "### Failed runs (1)" in text and "### Not run (1)" in text
+    failed, not_run = text.split("### Failed runs (1)")[1].split("### Not run (1)")
+    assert "nystrom" in failed and "h2o" not in failed
+    assert "h2o" in not_run and "forward is dense attention" in not_run
 
 
 def test_a_run_whose_records_all_failed_exits_non_zero(tmp_path):
