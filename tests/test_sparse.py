@@ -419,12 +419,19 @@ def test_sparsek_fast_selection_equals_the_full_one(padded, bisect, monkeypatch)
 
 
 @pytest.mark.parametrize("scale", [0.2, 3.0])  # most candidates fractional (weights in (0, 1)); few
-def test_sparsek_kernel_plan_is_each_rows_kth_best_threshold_and_pairs(scale):
+@pytest.mark.parametrize("iters", [None, 20])
+def test_sparsek_kernel_plan_is_each_rows_kth_best_threshold_and_pairs(scale, iters, monkeypatch):
     """The kernel path's selection (``SparseK._kernel_plan``: one kernel per chunk, in the
     interpreter here): each row's k-th best candidate score (-inf-like with fewer than k), its
     tau (sum_j clip(u_j - tau, 0, 1) = k over the candidates j <= row - window, computed here
     from an independent sort), and the pairs attended. Chunks with no candidates, fewer than
-    k, shared parts shorter than k, and newer lists longer than the kernel's tile of 64."""
+    k, shared parts shorter than k, and newer lists longer than the kernel's tile of 64.
+    tau is exact (the root of f's linear piece once no breakpoint is inside the bracket): with
+    20 halvings, where a bisection alone would stop 1e-6 from it, the mass is k to 1e-9."""
+    from methods.kernels import sparsek as kern
+
+    if iters is not None:
+        monkeypatch.setattr(kern, "select_iters", lambda dtype: iters)
     T, w, kk = 400, 16, 20
     m = methods.load("sparsek", num_heads=4, num_kv_heads=2, head_dim=16, k=kk, window=w)
     u = torch.randn(2, 2, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale

@@ -280,27 +280,59 @@ if triton is not None:
         return x, (j < M)[None, :] & (p[None, :] <= lim[:, None])
 
     @triton.jit
+    def _f_counts(sv, cs, new, newp, lim, t, a_lo, a_hi, b_lo, b_hi, L, M, TILE: tl.constexpr):
+        """f(t) = sum clip(u - t, 0, 1) over a row's candidates, with the counts it rests on: the
+        shared entries <= t (a) and < t + 1 (b), each searched in its bracket [lo, hi] (sorted sv,
+        prefix sums cs), and the seen newer entries <= t (na) and < t + 1 (nb)."""
+        a = _count_sorted(sv, t, a_lo, a_hi, True)
+        b = _count_sorted(sv, t + 1, b_lo, b_hi, False)
+        f = (L - b).to(t.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - t * (b - a).to(t.dtype)
+        na, nb = a * 0, a * 0
+        for j0 in range(0, M, TILE):
+            x, vis = _newer(new, newp, j0, M, lim, TILE)
+            f += tl.sum(tl.where(vis, tl.minimum(tl.maximum(x[None, :] - t[:, None], 0.0), 1.0), 0.0), 1)
+            na += tl.sum((vis & (x[None, :] <= t[:, None])).to(tl.int32), 1)
+            nb += tl.sum((vis & (x[None, :] < t[:, None] + 1.0)).to(tl.int32), 1)
+        return f, a, b, na, nb
+
+    @triton.jit
     def _bisect_tau(sv, cs, new, newp, lim, lo, hi, kk, L, M, ITERS, R: tl.constexpr, TILE: tl.constexpr):
-        """ITERS halvings of each row's bracket (lo, hi) on tau of f(tau) = sum clip(u - tau, 0, 1)
-        over its candidates = the shared ones (sorted sv, prefix sums cs: two counts by binary
-        search) and the newer ones it sees: where f > kk the root is above. The counts at the
-        bracket's ends bound the counts at its middle, so each search narrows as the bracket does."""
-        a_lo = tl.zeros([R], tl.int32)  # entries <= lo (a lower bound), <= hi (an upper bound)
-        a_hi = a_lo + L
-        b_lo, b_hi = a_lo, a_hi  # the same for entries < lo + 1, < hi + 1
-        for _ in range(ITERS):
+        """tau of f(tau) = sum clip(u - tau, 0, 1) = kk over each row's candidates (the shared
+        ones: sorted sv, prefix sums cs; the newer ones it sees), f decreasing, in the bracket
+        (lo, hi) (f(lo) > kk >= f(hi)). f is piecewise linear with breakpoints at the scores u
+        and u - 1: halve each row's bracket until none lies inside it (the counts of entries
+        <= t and < t + 1 are the same at both ends), then the root of that linear piece is
+        exact: lo + (f(lo) - kk) / (f(lo) - f(hi)) (hi - lo), returned as lo = hi (so is an end
+        where f = kk). At most ITERS halvings (rows with a breakpoint still inside return their
+        bracket); the counts at the
+        bracket's ends bound those at its middle, so each search narrows as the bracket does."""
+        zero = tl.zeros([R], tl.int32)
+        f_lo, a_lo, b_lo, na_lo, nb_lo = _f_counts(sv, cs, new, newp, lim, lo, zero, zero + L, zero, zero + L, L,
+                                                   M, TILE)
+        f_hi, a_hi, b_hi, na_hi, nb_hi = _f_counts(sv, cs, new, newp, lim, hi, a_lo, zero + L, b_lo, zero + L, L,
+                                                   M, TILE)
+        inside = (a_lo != a_hi) | (b_lo != b_hi) | (na_lo != na_hi) | (nb_lo != nb_hi)  # a breakpoint
+        it = tl.full([], 0, tl.int32)  # a tensor: a loop-carried Python int would change type
+        while (tl.max(inside.to(tl.int32), 0) > 0) & (it < ITERS):
             mid = (lo + hi) / 2
-            a = _count_sorted(sv, mid, a_lo, a_hi, True)  # entries <= tau
-            b = _count_sorted(sv, mid + 1, b_lo, b_hi, False)  # entries < tau + 1
-            f = (L - b).to(mid.dtype) + (tl.load(cs + b) - tl.load(cs + a)) - mid * (b - a).to(mid.dtype)
-            for j0 in range(0, M, TILE):
-                x, vis = _newer(new, newp, j0, M, lim, TILE)
-                f += tl.sum(tl.where(vis, tl.minimum(tl.maximum(x[None, :] - mid[:, None], 0.0), 1.0), 0.0), 1)
-            more = f > kk
+            f, a, b, na, nb = _f_counts(sv, cs, new, newp, lim, mid, a_lo, a_hi, b_lo, b_hi, L, M, TILE)
+            more = f > kk  # the root is above mid
             lo, hi = tl.where(more, mid, lo), tl.where(more, hi, mid)
+            f_lo, f_hi = tl.where(more, f, f_lo), tl.where(more, f_hi, f)
             a_lo, a_hi = tl.where(more, a, a_lo), tl.where(more, a_hi, a)
             b_lo, b_hi = tl.where(more, b, b_lo), tl.where(more, b_hi, b)
-        return lo, hi
+            na_lo, na_hi = tl.where(more, na, na_lo), tl.where(more, na_hi, na)
+            nb_lo, nb_hi = tl.where(more, nb, nb_lo), tl.where(more, nb_hi, nb)
+            inside = (a_lo != a_hi) | (b_lo != b_hi) | (na_lo != na_hi) | (nb_lo != nb_hi)
+            it += 1
+        linear = ~inside & (f_lo > f_hi)
+        t = lo + (f_lo - kk) / tl.where(linear, f_lo - f_hi, 1.0) * (hi - lo)
+        t = tl.minimum(tl.maximum(t, lo), hi)
+        # an end where f is kk is a root (the breakpoint under the root of a row whose k-th best
+        # weighs exactly 1 at tau = kth - 1 never leaves the bracket)
+        t = tl.where(f_hi == kk, hi, tl.where(f_lo == kk, lo, t))
+        exact = linear | (f_hi == kk) | (f_lo == kk)
+        return tl.where(exact, t, lo), tl.where(exact, t, hi)
 
     @triton.jit
     def _sparsek_bisect(SV, CS, NEW, NEWP, LIM, LO, HI, KK, L, M, C, ITERS,
