@@ -36,14 +36,7 @@ JOBS=${JOBS:-12}
 SEEDS=${SEEDS:-0,1,2}
 SFX=${EXPERIMENT_SUFFIX:-}
 mkdir -p "$(dirname "$STORE")"
-if [ "${LAUNCHER:-gpu_pool}" = gpu_pool ]; then
-    POOL=$(printf '0%.0s,' $(seq "$JOBS"))  # GPU 0, JOBS times
-    LAUNCH=(hydra/launcher=gpu_pool "hydra.launcher.gpus=[${POOL%,}]")
-else
-    # JOBS processes share the CPU: torch threads per run = cores / JOBS (the runner's default of 2
-    # threads each with JOBS=2 on 2 cores ran 4 spinning threads: several times slower, session 16)
-    LAUNCH=(hydra/launcher=local "hydra.launcher.n_jobs=$JOBS" "runner.cpu_threads=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))")
-fi
+source scripts/launch_pool.sh  # LAUNCH: JOBS runs at a time on GPU 0, or on the CPU
 budget_args() {  # the budget mode's overrides for task $1
     [ "${MODE:-budget}" = budget ] || return 0
     local s

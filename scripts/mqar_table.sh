@@ -33,15 +33,7 @@ METHODS=${METHODS:-$ALL}
 JOBS=${JOBS:-12}
 EXPERIMENT=${EXPERIMENT:-mqar/small}
 mkdir -p "$(dirname "$STORE")"
-if [ "${LAUNCHER:-gpu_pool}" = gpu_pool ]; then
-    POOL=$(printf '0%.0s,' $(seq "$JOBS"))  # GPU 0, JOBS times
-    POOL="[${POOL%,}]"
-    LAUNCH=(hydra/launcher=gpu_pool "hydra.launcher.gpus=$POOL")
-else
-    # JOBS processes share the CPU: torch threads per run = cores / JOBS (the runner's default of 2
-    # threads each with JOBS=2 on 2 cores ran 4 spinning threads: several times slower, session 16)
-    LAUNCH=(hydra/launcher=local "hydra.launcher.n_jobs=$JOBS" "runner.cpu_threads=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))")
-fi
+source scripts/launch_pool.sh  # LAUNCH: JOBS runs at a time on GPU 0, or on the CPU
 # the same step budget for every method: warm-up a tenth of it (mqar/default's 400 of 8000 would
 # leave a 600-step run two thirds in warm-up), one evaluation at the end
 STEPS=${STEPS:-1500}
