@@ -304,8 +304,8 @@ if triton is not None:
         <= t and < t + 1 are the same at both ends), then the root of that linear piece is
         exact: lo + (f(lo) - kk) / (f(lo) - f(hi)) (hi - lo), returned as lo = hi (so is an end
         where f = kk). At most ITERS halvings (rows with a breakpoint still inside return their
-        bracket); the counts at the
-        bracket's ends bound those at its middle, so each search narrows as the bracket does."""
+        bracket); the counts at the bracket's ends bound those at its middle, so each search
+        narrows as the bracket does."""
         zero = tl.zeros([R], tl.int32)
         f_lo, a_lo, b_lo, na_lo, nb_lo = _f_counts(sv, cs, new, newp, lim, lo, zero, zero + L, zero, zero + L, L,
                                                    M, TILE)
